@@ -1,0 +1,139 @@
+//! An address space (port I/O or MMIO) mapping ranges to devices.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// A device on a bus. `offset` is relative to the start of the range the
+/// device was inserted at; `data.len()` is the access width (1, 2, 4 or 8).
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("range {base:#x}+{len:#x} overlaps a device already at {other:#x}")]
+    Overlap { base: u64, len: u64, other: u64 },
+    #[error("empty range at {0:#x}")]
+    EmptyRange(u64),
+}
+
+struct Entry {
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
+}
+
+/// Ranges are fixed once the VM runs, so vCPU threads share the bus read-only
+/// and lock only the one device an access hits.
+#[derive(Default)]
+pub struct Bus {
+    ranges: BTreeMap<u64, Entry>,
+}
+
+impl Bus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        if len == 0 {
+            return Err(BusError::EmptyRange(base));
+        }
+        let end = base.saturating_add(len);
+        // The only candidates for overlap: the last range starting below `end`.
+        if let Some((&other, e)) = self.ranges.range(..end).next_back() {
+            if other.saturating_add(e.len) > base {
+                return Err(BusError::Overlap { base, len, other });
+            }
+        }
+        self.ranges.insert(base, Entry { len, device });
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
+        let (&base, e) = self.ranges.range(..=addr).next_back()?;
+        (addr - base < e.len).then_some((addr - base, &e.device))
+    }
+
+    /// Returns false when no device claims `addr`; `data` is then untouched.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((offset, dev)) => {
+                lock(dev).read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Returns false when no device claims `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((offset, dev)) => {
+                lock(dev).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A device that panicked while holding its lock is left as it was: the
+/// process aborts on panic (release profile), so poisoning only matters in
+/// tests, where we want to see the state anyway.
+fn lock(dev: &Arc<Mutex<dyn BusDevice>>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+    dev.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.writes.push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn dispatches_by_offset() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x3f8, 8).unwrap();
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x3fd, &mut b));
+        assert_eq!(b, [5]);
+        assert!(bus.write(0x3f8, &[0x41]));
+        assert!(!bus.read(0x400, &mut b));
+        assert!(!bus.write(0x3f7, &[0]));
+        assert_eq!(dev.lock().unwrap().writes, vec![(0, vec![0x41])]);
+    }
+
+    #[test]
+    fn rejects_overlap_and_empty() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x60, 1).unwrap();
+        bus.insert(dev.clone(), 0x64, 1).unwrap();
+        assert_eq!(
+            bus.insert(dev.clone(), 0x5f, 2),
+            Err(BusError::Overlap { base: 0x5f, len: 2, other: 0x60 })
+        );
+        assert_eq!(bus.insert(dev.clone(), 0x61, 0), Err(BusError::EmptyRange(0x61)));
+        // Adjacent ranges are fine.
+        bus.insert(dev, 0x61, 3).unwrap();
+    }
+}
