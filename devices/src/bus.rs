@@ -20,6 +20,9 @@ pub enum BusError {
 
 struct Entry {
     len: u64,
+    /// Added to the offset within the range, for devices that answer at
+    /// several discontiguous ranges (the i8042 at 0x60 and 0x64).
+    dev_offset: u64,
     device: Arc<Mutex<dyn BusDevice>>,
 }
 
@@ -41,6 +44,17 @@ impl Bus {
         base: u64,
         len: u64,
     ) -> Result<(), BusError> {
+        self.insert_at_offset(device, base, len, 0)
+    }
+
+    /// Like `insert`, but the device sees offsets starting at `dev_offset`.
+    pub fn insert_at_offset(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+        dev_offset: u64,
+    ) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::EmptyRange(base));
         }
@@ -51,13 +65,13 @@ impl Bus {
                 return Err(BusError::Overlap { base, len, other });
             }
         }
-        self.ranges.insert(base, Entry { len, device });
+        self.ranges.insert(base, Entry { len, dev_offset, device });
         Ok(())
     }
 
     fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
         let (&base, e) = self.ranges.range(..=addr).next_back()?;
-        (addr - base < e.len).then_some((addr - base, &e.device))
+        (addr - base < e.len).then_some((addr - base + e.dev_offset, &e.device))
     }
 
     /// Returns false when no device claims `addr`; `data` is then untouched.
@@ -135,5 +149,18 @@ mod tests {
         assert_eq!(bus.insert(dev.clone(), 0x61, 0), Err(BusError::EmptyRange(0x61)));
         // Adjacent ranges are fine.
         bus.insert(dev, 0x61, 3).unwrap();
+    }
+
+    #[test]
+    fn second_window_sees_its_offset() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x60, 1).unwrap();
+        bus.insert_at_offset(dev.clone(), 0x64, 1, 4).unwrap();
+        bus.write(0x64, &[0xfe]);
+        bus.write(0x60, &[0xf4]);
+        let mut b = [0u8];
+        assert!(!bus.read(0x61, &mut b));
+        assert_eq!(dev.lock().unwrap().writes, vec![(4, vec![0xfe]), (0, vec![0xf4])]);
     }
 }

@@ -1,0 +1,298 @@
+//! Linux direct boot: the kernel image, initrd, command line and zero page.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::{bzimage::BzImage, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
+
+use crate::layout::*;
+use crate::GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the kernel image: {0}")]
+    ReadKernel(#[source] std::io::Error),
+    #[error("not a bzImage or ELF kernel: {0}")]
+    LoadKernel(#[source] linux_loader::loader::Error),
+    #[error("the kernel has no 64-bit entry point (XLF_KERNEL_64); it cannot be booted directly")]
+    No64BitEntry,
+    #[error("the kernel's boot protocol {0:#x} is too old (2.06 or later is needed)")]
+    OldBootProtocol(u16),
+    #[error("cannot read the initrd: {0}")]
+    ReadInitrd(#[source] std::io::Error),
+    #[error("the initrd ({size} bytes) does not fit in guest RAM below {limit:#x} above the kernel")]
+    InitrdTooLarge { size: u64, limit: u64 },
+    #[error("the kernel command line is {len} bytes; this kernel takes at most {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("too many e820 entries")]
+    TooManyE820Entries,
+    #[error("cannot write the boot parameters to guest memory: {0}")]
+    WriteBootParams(#[source] linux_loader::configurator::Error),
+    #[error("cannot write to guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How the boot vCPU must enter the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelEntry {
+    /// 64-bit boot protocol: long mode, `rsi` = zero page.
+    Linux64 { entry: GuestAddress, zero_page: GuestAddress },
+}
+
+/// A loaded bzImage: where it sits and its setup header.
+pub struct LoadedKernel {
+    entry: GuestAddress,
+    /// End of the area the kernel may use while decompressing itself.
+    end: u64,
+    header: linux_loader::loader::bootparam::setup_header,
+}
+
+/// Loads a bzImage at 1 MiB (its `code32_start`).
+pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKernel> {
+    let res = BzImage::load(mem, None, file, Some(GuestAddress(HIGH_MEMORY_START)))
+        .map_err(Error::LoadKernel)?;
+    // `load` only returns Ok for a bzImage, which always has a setup header.
+    let header = res.setup_header.ok_or(Error::LoadKernel(
+        linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::InvalidBzImage),
+    ))?;
+    if header.version < 0x0206 {
+        return Err(Error::OldBootProtocol(header.version));
+    }
+    if header.xloadflags & 1 == 0 {
+        return Err(Error::No64BitEntry);
+    }
+    let load = res.kernel_load.raw_value();
+    // The kernel decompresses in place within init_size of its load address.
+    let end = load.max(u64::from(header.pref_address)) + u64::from(header.init_size);
+    Ok(LoadedKernel {
+        // The 64-bit entry sits 0x200 past the 32-bit one (boot protocol).
+        entry: GuestAddress(load + 0x200),
+        end: end.max(res.kernel_end),
+        header,
+    })
+}
+
+/// What the rest of the machine asks of the boot parameters.
+pub struct BootSetup<'a> {
+    pub cmdline: &'a str,
+    pub initrd: Option<&'a mut File>,
+    /// Address of the ACPI RSDP, if there are ACPI tables.
+    pub rsdp: Option<GuestAddress>,
+    /// MMIO ranges (base, size) to mark reserved in the e820 map.
+    pub reserved: &'a [(u64, u64)],
+}
+
+/// Loads the initrd and command line, writes the zero page, and returns the
+/// entry state for the boot vCPU.
+pub fn configure(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    setup: BootSetup<'_>,
+) -> Result<KernelEntry> {
+    let mut params = boot_params { hdr: kernel.header, ..Default::default() };
+    params.hdr.type_of_loader = 0xff; // "undefined" loader
+    params.hdr.loadflags |= linux_loader::loader::bootparam::CAN_USE_HEAP as u8;
+    params.hdr.heap_end_ptr = 0xfe00;
+    params.hdr.vid_mode = 0xffff; // "normal"
+
+    write_cmdline(mem, &mut params, setup.cmdline)?;
+
+    if let Some(file) = setup.initrd {
+        let (addr, size) = load_initrd(mem, kernel, file)?;
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    if let Some(rsdp) = setup.rsdp {
+        params.acpi_rsdp_addr = rsdp.raw_value();
+    }
+    fill_e820(mem, &mut params, setup.reserved)?;
+
+    let zero_page = GuestAddress(ZERO_PAGE_START);
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        &BootParams::new::<boot_params>(&params, zero_page),
+        mem,
+    )
+    .map_err(Error::WriteBootParams)?;
+    Ok(KernelEntry::Linux64 { entry: kernel.entry, zero_page })
+}
+
+fn write_cmdline(mem: &GuestMemoryMmap, params: &mut boot_params, cmdline: &str) -> Result<()> {
+    if cmdline.contains('\0') {
+        return Err(Error::CmdlineNul);
+    }
+    // cmdline_size excludes the terminating NUL.
+    let max = (params.hdr.cmdline_size as usize).min(CMDLINE_MAX_SIZE - 1);
+    if cmdline.len() > max {
+        return Err(Error::CmdlineTooLong { len: cmdline.len(), max });
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))?;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32;
+    Ok(())
+}
+
+/// Puts the initrd as high as the kernel allows in low RAM (as bootloaders
+/// do), page aligned, and above what the kernel needs to decompress.
+fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, file: &mut File) -> Result<(u64, u64)> {
+    let size = file.seek(SeekFrom::End(0)).map_err(Error::ReadInitrd)?;
+    file.seek(SeekFrom::Start(0)).map_err(Error::ReadInitrd)?;
+    let low_end = mem.iter().next().map(|r| r.len()).unwrap_or(0);
+    let limit = low_end.min(u64::from(kernel.header.initrd_addr_max) + 1);
+    let too_large = Error::InitrdTooLarge { size, limit };
+    let addr = limit.checked_sub(size).ok_or(too_large)? & !0xfff;
+    if addr < kernel.end {
+        return Err(Error::InitrdTooLarge { size, limit });
+    }
+    let mut reader = file.take(size);
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut ReadAdapter(&mut reader), size as usize)
+        .map_err(|e| match e {
+            vm_memory::GuestMemoryError::IOError(io) => Error::ReadInitrd(io),
+            other => Error::GuestMemory(other),
+        })?;
+    Ok((addr, size))
+}
+
+/// `read_exact_volatile_from` wants `ReadVolatile`; `Take<&mut File>` is
+/// only `Read`.
+struct ReadAdapter<'a, R: Read>(&'a mut R);
+
+impl<R: Read> ReadVolatile for ReadAdapter<'_, R> {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
+        let mut tmp = vec![0u8; buf.len().min(1 << 20)];
+        let n = self.0.read(&mut tmp).map_err(vm_memory::VolatileMemoryError::IOError)?;
+        buf.copy_from(&tmp[..n]);
+        Ok(n)
+    }
+}
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+/// The e820 map: RAM below the EBDA, the EBDA/BIOS area reserved, RAM from
+/// 1 MiB, the given MMIO ranges reserved, and RAM above 4 GiB.
+fn fill_e820(mem: &GuestMemoryMmap, params: &mut boot_params, reserved: &[(u64, u64)]) -> Result<()> {
+    let mut entries = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+    ];
+    for region in mem.iter() {
+        let start = region.start_addr().raw_value();
+        let (start, len) = if start == 0 {
+            (HIGH_MEMORY_START, region.len() - HIGH_MEMORY_START)
+        } else {
+            (start, region.len())
+        };
+        entries.push((start, len, E820_RAM));
+    }
+    entries.extend(reserved.iter().map(|&(b, l)| (b, l, E820_RESERVED)));
+    entries.sort_by_key(|e| e.0);
+    if entries.len() > params.e820_table.len() {
+        return Err(Error::TooManyE820Entries);
+    }
+    for (slot, &(addr, size, type_)) in params.e820_table.iter_mut().zip(&entries) {
+        *slot = boot_e820_entry { addr, size, r#type: type_ };
+    }
+    params.e820_entries = entries.len() as u8;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem(size: u64) -> GuestMemoryMmap {
+        let ranges: Vec<_> =
+            ram_ranges(size).into_iter().map(|(b, l)| (GuestAddress(b), l as usize)).collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    #[test]
+    fn e820_covers_ram_and_reserved_ranges() {
+        let m = mem(4 << 30);
+        let mut p = boot_params::default();
+        fill_e820(&m, &mut p, &[(PCIE_ECAM_BASE, PCIE_ECAM_SIZE)]).unwrap();
+        let got: Vec<_> = p.e820_table[..p.e820_entries as usize]
+            .iter()
+            .map(|e| (e.addr, e.size, e.r#type))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, EBDA_START, E820_RAM),
+                (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+                (HIGH_MEMORY_START, MAX_BELOW_4G - HIGH_MEMORY_START, E820_RAM),
+                (PCIE_ECAM_BASE, PCIE_ECAM_SIZE, E820_RESERVED),
+                (FIRST_ADDR_PAST_4G, (4 << 30) - MAX_BELOW_4G, E820_RAM),
+            ]
+        );
+    }
+
+    #[test]
+    fn cmdline_is_bounded_and_nul_free() {
+        let m = mem(16 << 20);
+        let mut p = boot_params::default();
+        p.hdr.cmdline_size = 16;
+        write_cmdline(&m, &mut p, "console=ttyS0").unwrap();
+        assert_eq!(p.hdr.cmd_line_ptr, CMDLINE_START as u32);
+        let mut buf = [0u8; 14];
+        m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&buf, b"console=ttyS0\0");
+        assert!(matches!(
+            write_cmdline(&m, &mut p, "console=ttyS0 quiet"),
+            Err(Error::CmdlineTooLong { len: 19, max: 16 })
+        ));
+        assert!(matches!(write_cmdline(&m, &mut p, "a\0b"), Err(Error::CmdlineNul)));
+    }
+
+    fn fake_kernel() -> LoadedKernel {
+        let mut header = linux_loader::loader::bootparam::setup_header::default();
+        header.initrd_addr_max = 0x7fff_ffff;
+        LoadedKernel { entry: GuestAddress(0x100200), end: 0x200_0000, header }
+    }
+
+    #[test]
+    fn initrd_goes_high_and_page_aligned() {
+        let m = mem(64 << 20);
+        let path = std::env::temp_dir().join(format!("skiff-initrd-{}", std::process::id()));
+        std::fs::write(&path, vec![0xabu8; 5000]).unwrap();
+        let mut f = File::open(&path).unwrap();
+        let (addr, size) = load_initrd(&m, &fake_kernel(), &mut f).unwrap();
+        assert_eq!(size, 5000);
+        assert_eq!(addr % 4096, 0);
+        assert!(addr + size <= 64 << 20 && addr + size > (64 << 20) - 8192);
+        let b: u8 = m.read_obj(GuestAddress(addr + 4999)).unwrap();
+        assert_eq!(b, 0xab);
+
+        // Too large to fit above the kernel.
+        std::fs::write(&path, vec![0u8; 63 << 20]).unwrap();
+        let mut f = File::open(&path).unwrap();
+        assert!(matches!(
+            load_initrd(&m, &fake_kernel(), &mut f),
+            Err(Error::InitrdTooLarge { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn rejects_a_non_kernel() {
+        let m = mem(16 << 20);
+        let path = std::env::temp_dir().join(format!("skiff-notkernel-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let mut f = File::open(&path).unwrap();
+        assert!(matches!(load_kernel(&m, &mut f), Err(Error::LoadKernel(_))));
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,95 @@
+//! `skiff`: a KVM virtual machine monitor for QEMU's `microvm` machine, with
+//! QEMU's command line.
+//!
+//! Exit status, as scripts (and microvm.nix) rely on it: 0 when the guest
+//! powers off, resets with `-no-reboot`, or a termination signal arrives;
+//! `(V << 1) | 1` when the guest writes V to isa-debug-exit; 1 for a bad
+//! command line or a VM that cannot continue (with the reason on stderr).
+
+mod cli;
+mod config;
+mod console;
+mod control;
+mod logger;
+mod memory;
+mod serial_input;
+mod signals;
+mod vcpu;
+mod vm;
+
+use std::process::ExitCode;
+
+use config::VmConfig;
+use devices::VmEvent;
+use vm::RunEnd;
+
+fn main() -> ExitCode {
+    logger::init();
+    let args = std::env::args().skip(1);
+    let config = match cli::parse(args) {
+        Ok(cli::Action::Run(cfg)) => cfg,
+        Ok(cli::Action::Help) => {
+            print!("{}", cli::help_text());
+            return ExitCode::SUCCESS;
+        }
+        Ok(cli::Action::Version) => {
+            println!("{}", cli::version_text());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("skiff: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Whatever happens from here, the terminal is given back as it was.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        console::restore_terminal();
+        default_hook(info);
+    }));
+    let code = match run(&config) {
+        Ok(code) => code,
+        Err(msg) => {
+            console::restore_terminal();
+            eprintln!("skiff: {msg}");
+            1
+        }
+    };
+    console::restore_terminal();
+    // Exit codes from isa-debug-exit can exceed a u8 in theory; the OS keeps
+    // the low 8 bits, as with QEMU's exit().
+    ExitCode::from(code as u8)
+}
+
+fn run(cfg: &VmConfig) -> Result<i32, String> {
+    if cfg.sandbox {
+        log::warn!("-sandbox on: no seccomp filter is installed yet; running unconfined");
+    }
+    boot::cpu::check_features(&cfg.cpu.features).map_err(|e| e.to_string())?;
+    let mut files = vm::BootFiles::open(cfg).map_err(|e| e.to_string())?;
+    let console = console::console_target(cfg).map_err(|e| e.to_string())?;
+    let signal_evt = signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
+    if let console::ConsoleTarget::Stdio { signal } = console {
+        console::enter_raw_mode(signal);
+    }
+
+    let mut first = true;
+    loop {
+        let end = vm::run(cfg, &mut files, &console, first, signal_evt).map_err(|e| e.to_string())?;
+        first = false;
+        match end {
+            RunEnd::Guest(VmEvent::Reset) if !cfg.no_reboot => {
+                log::info!("guest reset: restarting the VM");
+                continue;
+            }
+            RunEnd::Guest(VmEvent::Reset) | RunEnd::Guest(VmEvent::PowerOff) => return Ok(0),
+            RunEnd::Guest(VmEvent::Exit(code)) => return Ok(code),
+            RunEnd::Signal(sig) => {
+                console::restore_terminal();
+                eprintln!("skiff: terminating on signal {sig}");
+                return Ok(0);
+            }
+            RunEnd::Fatal(msg) => return Err(msg),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! vCPU threads: run KVM_RUN and hand each exit to the port or MMIO bus.
+//! A vCPU knows no device; it only knows the two buses and how to tell the
+//! VMM that the machine must stop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use devices::{Bus, VmControl, VmEvent};
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::Killable;
+
+use crate::control::Control;
+
+/// Value a read from an address no device claims returns: all ones, as an
+/// ISA bus with pull-ups (and QEMU) answer. A guest probing for a device
+/// there sees "nothing here" at once.
+const UNASSIGNED_READ: u8 = 0xff;
+
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub control: Arc<Control>,
+    pub stop: Arc<AtomicBool>,
+}
+
+pub struct VcpuHandle(JoinHandle<()>);
+
+pub fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || run(index, vcpu, ctx))
+        .map(VcpuHandle)
+}
+
+impl VcpuHandle {
+    /// Interrupts KVM_RUN until the thread (which has seen `stop`) exits.
+    /// Kicks repeat because a signal that lands just before KVM_RUN is lost.
+    pub fn stop(self) {
+        while !self.0.is_finished() {
+            let _ = self.0.kill(crate::signals::vcpu_kick_signal());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = self.0.join();
+    }
+}
+
+fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    while !ctx.stop.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(UNASSIGNED_READ);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(UNASSIGNED_READ);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            // Triple fault: a PC resets (Linux's reboot=t relies on it).
+            Ok(VcpuExit::Shutdown) => {
+                ctx.control.request(VmEvent::Reset);
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                let event = match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_CRASH => VmEvent::Reset,
+                    other => {
+                        log::warn!("vcpu{index}: unknown system event {other}; ignored");
+                        continue;
+                    }
+                };
+                ctx.control.request(event);
+                return;
+            }
+            // The in-kernel LAPIC handles HLT; these are benign wakeups.
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kvm_run union
+                // holds the `internal` member.
+                let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                fail(&vcpu, &ctx, index, &format!("KVM internal error. Suberror: {suberror}"));
+                return;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                let msg = format!("KVM entry failed, hardware error {reason:#x} (cpu {cpu})");
+                fail(&vcpu, &ctx, index, &msg);
+                return;
+            }
+            Ok(other) => {
+                let what = format!("unexpected VM exit: {other:?}");
+                fail(&vcpu, &ctx, index, &what);
+                return;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: clear immediate_exit and look at `stop` again.
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                fail(&vcpu, &ctx, index, &format!("KVM_RUN failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// Stops the VM with the error and the vCPU's registers, as QEMU prints them.
+fn fail(vcpu: &VcpuFd, ctx: &VcpuContext, index: u32, what: &str) {
+    let mut msg = format!("vcpu{index}: {what}");
+    if let Ok(r) = vcpu.get_regs() {
+        msg += &format!(
+            "\nRAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}\n\
+             RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}\n\
+             R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}\n\
+             R12={:016x} R13={:016x} R14={:016x} R15={:016x}\n\
+             RIP={:016x} RFL={:08x}",
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags
+        );
+    }
+    if let Ok(s) = vcpu.get_sregs() {
+        msg += &format!(
+            "\nCS={:04x} base={:016x} SS={:04x} CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x} EFER={:016x}",
+            s.cs.selector, s.cs.base, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        );
+    }
+    ctx.control.fail(msg);
+}
