@@ -12,6 +12,7 @@ mod console;
 mod control;
 mod logger;
 mod memory;
+mod rtc_timer;
 mod serial_input;
 mod signals;
 mod vcpu;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use boot::layout::*;
 use boot::GuestMemoryMmap;
-use devices::legacy::{DebugExit, EventFdTrigger, Ged, Serial, I8042};
+use devices::legacy::{DebugExit, EventFdTrigger, Ged, Rtc, Serial, I8042};
 use devices::{Bus, BusDevice, VmEvent};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{DeviceConfig, VmConfig};
 use crate::console::ConsoleTarget;
 use crate::control::{Control, Outcome};
+use crate::rtc_timer::RtcTimer;
 use crate::serial_input::SerialInput;
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
 
@@ -150,6 +151,7 @@ impl BootFiles {
 /// The devices the event loop and (later) the monitor reach.
 struct Devices {
     serial: Option<(Arc<Mutex<Serial<EventFdTrigger>>>, EventFd, bool)>,
+    rtc: Option<(Arc<Mutex<Rtc<EventFdTrigger>>>, EventFd)>,
 }
 
 /// Builds and runs the machine once.
@@ -246,11 +248,20 @@ fn add_devices(
         }
     }
 
+    let mut rtc = None;
+    if platform.rtc {
+        let rearm = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let rearm2 = rearm.try_clone().map_err(io_err("eventfd"))?;
+        let dev = Arc::new(Mutex::new(Rtc::new(irq(RTC_IRQ)?, Some(rearm2))));
+        pio.insert(dev.clone(), u64::from(RTC_PORT), 2)?;
+        rtc = Some((dev, rearm));
+    }
+
     if platform.acpi {
         let ged = Arc::new(Mutex::new(Ged::new(irq(GED_IRQ)?, control.clone())));
         mmio.insert(ged, GED_MMIO_BASE, GED_MMIO_SIZE)?;
     }
-    Ok(Devices { serial })
+    Ok(Devices { serial, rtc })
 }
 
 /// Loads kernel and initrd, writes firmware tables and boot parameters.
@@ -357,6 +368,10 @@ fn event_loop(control: &Arc<Control>, signal_evt: &EventFd, devices: Devices) ->
         signal: signal_evt.try_clone().map_err(io_err("eventfd"))?,
     };
     em.add_subscriber(Arc::new(Mutex::new(watcher)));
+    if let Some((rtc, rearm)) = devices.rtc {
+        let timer = RtcTimer::new(rtc, rearm).map_err(io_err("timerfd"))?;
+        em.add_subscriber(Arc::new(Mutex::new(timer)));
+    }
     if let Some((serial, ready, true)) = devices.serial {
         let input = SerialInput::new(serial, ready).map_err(io_err("duplicating stdin"))?;
         em.add_subscriber(Arc::new(Mutex::new(input)));

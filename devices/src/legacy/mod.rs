@@ -4,11 +4,13 @@
 mod debug_exit;
 mod ged;
 mod i8042;
+mod rtc;
 mod serial;
 
 pub use debug_exit::DebugExit;
 pub use ged::{Ged, GED_EVT_POWER_BUTTON};
 pub use i8042::I8042;
+pub use rtc::Rtc;
 pub use serial::Serial;
 
 use vm_superio::Trigger;

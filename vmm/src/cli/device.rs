@@ -1,0 +1,231 @@
+//! `-device` and `-smbios`.
+
+use super::opts::QemuOpts;
+use super::CliError;
+use crate::config::{DeviceConfig, SmbiosType1};
+
+/// QEMU's isa-debug-exit defaults.
+const DEBUG_EXIT_IOBASE: u64 = 0x501;
+const DEBUG_EXIT_IOSIZE: u64 = 0x02;
+
+/// A `-device` as parsed: the device and its `id=`, if any.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Device {
+    pub config: DeviceConfig,
+    pub id: Option<String>,
+}
+
+/// QEMU devices microvm.nix uses that skiff does not have yet, told apart
+/// from unknown names so the error says "not yet" rather than "no such thing".
+fn planned(driver: &str) -> bool {
+    driver.starts_with("virtio-")
+        || driver.starts_with("vhost-")
+        || matches!(driver, "vfio-pci" | "pcie-root-port" | "pci-bridge" | "pcie-pci-bridge")
+}
+
+/// `-device [driver=]DRIVER[,id=ID][,prop=value...]`.
+pub(super) fn parse_device(label: &str, arg: &str) -> Result<Device, CliError> {
+    let err = |reason: String| CliError::Invalid { option: label.to_owned(), reason };
+    if arg.starts_with('{') {
+        return Err(err("JSON syntax is not supported".to_owned()));
+    }
+    let mut opts = QemuOpts::parse(label, arg, Some("driver"));
+    let driver = opts.take("driver").ok_or_else(|| opts.missing("driver"))?;
+    let properties: fn(&mut QemuOpts) -> Result<DeviceConfig, CliError> = match driver.as_str() {
+        // QEMU's i8042 properties (kbd-throttle, ...) are not modelled.
+        "i8042" => |_| Ok(DeviceConfig::I8042),
+        "isa-debug-exit" => isa_debug_exit,
+        d if planned(d) => return Err(err(format!("'{driver}' is not supported yet"))),
+        _ => return Err(err(format!("unknown device '{driver}'"))),
+    };
+    opts.relabel(format!("{label} {driver}"));
+    let id = opts.take_id()?;
+    let config = properties(&mut opts)?;
+    opts.finish()?;
+    Ok(Device { config, id })
+}
+
+/// `isa-debug-exit[,iobase=PORT][,iosize=N]`: a guest write of V to the port
+/// ends the VM with status (V << 1) | 1.
+fn isa_debug_exit(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
+    let iobase = opts.take_uint("iobase")?.unwrap_or(DEBUG_EXIT_IOBASE);
+    let iosize = opts.take_uint("iosize")?.unwrap_or(DEBUG_EXIT_IOSIZE);
+    if iosize == 0 {
+        return Err(opts.error("iosize must be at least 1"));
+    }
+    let ports =
+        || opts.error(format!("ports {iobase:#x}+{iosize:#x} do not fit in the 64 KiB I/O space"));
+    let end = iobase.checked_add(iosize).ok_or_else(ports)?;
+    if end > 0x1_0000 {
+        return Err(ports());
+    }
+    Ok(DeviceConfig::IsaDebugExit {
+        iobase: u16::try_from(iobase).map_err(|_| ports())?,
+        iosize: u16::try_from(iosize).map_err(|_| ports())?,
+    })
+}
+
+/// `-smbios type=1,field=value...`; several merge, later fields winning.
+pub(super) fn parse_smbios(
+    label: &str,
+    arg: &str,
+    smbios: &mut Option<SmbiosType1>,
+) -> Result<(), CliError> {
+    let mut opts = QemuOpts::parse(label, arg, None);
+    if opts.contains("file") {
+        return Err(opts.error("file= is not supported (only type=1)"));
+    }
+    let ty = opts.take_uint("type")?.ok_or_else(|| opts.missing("type"))?;
+    if ty != 1 {
+        return Err(opts.error(format!("type={ty} is not supported (only type=1)")));
+    }
+    opts.relabel(format!("{label} type=1"));
+    let uuid = opts.take("uuid");
+    if let Some(uuid) = uuid.as_ref().filter(|u| !uuid_wellformed(u)) {
+        return Err(opts.invalid_value(
+            "uuid",
+            uuid.clone(),
+            "a UUID like 01234567-89ab-cdef-0123-456789abcdef",
+        ));
+    }
+    let table = smbios.get_or_insert_with(SmbiosType1::default);
+    table.uuid = uuid.or(table.uuid.take());
+    for (key, field) in [
+        ("manufacturer", &mut table.manufacturer),
+        ("product", &mut table.product),
+        ("version", &mut table.version),
+        ("serial", &mut table.serial),
+        ("sku", &mut table.sku),
+        ("family", &mut table.family),
+    ] {
+        if let Some(value) = opts.take(key) {
+            *field = Some(value);
+        }
+    }
+    opts.finish()
+}
+
+/// QEMU's `qemu_uuid_parse` format: 8-4-4-4-12 hex digits.
+fn uuid_wellformed(uuid: &str) -> bool {
+    uuid.len() == 36
+        && uuid.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(arg: &str) -> Result<Device, String> {
+        parse_device("-device", arg).map_err(|e| e.to_string())
+    }
+
+    fn debug_exit(iobase: u16, iosize: u16) -> DeviceConfig {
+        DeviceConfig::IsaDebugExit { iobase, iosize }
+    }
+
+    #[test]
+    fn devices() {
+        assert_eq!(device("i8042"), Ok(Device { config: DeviceConfig::I8042, id: None }));
+        assert_eq!(
+            device("driver=i8042,id=kbd"),
+            Ok(Device { config: DeviceConfig::I8042, id: Some("kbd".into()) })
+        );
+        assert_eq!(device("isa-debug-exit").unwrap().config, debug_exit(0x501, 2));
+        assert_eq!(
+            device("isa-debug-exit,iobase=0xf4,iosize=0x04").unwrap().config,
+            debug_exit(0xf4, 4)
+        );
+        assert_eq!(
+            device("isa-debug-exit,iobase=244,iosize=1,id=exit").unwrap().config,
+            debug_exit(0xf4, 1)
+        );
+        assert_eq!(device("isa-debug-exit,iobase=0xfffe").unwrap().config, debug_exit(0xfffe, 2));
+    }
+
+    #[test]
+    fn device_errors() {
+        let err = |arg: &str| device(arg).unwrap_err();
+        assert_eq!(err("e1000"), "-device: unknown device 'e1000'");
+        assert_eq!(err(""), "-device: missing property 'driver'");
+        assert_eq!(err("id=x"), "-device: missing property 'driver'");
+        for driver in [
+            "virtio-rng-pci",
+            "virtio-blk-pci",
+            "vhost-user-fs-pci",
+            "vfio-pci",
+            "pcie-root-port",
+            "virtio-net-pci",
+            "virtio-net-device",
+        ] {
+            assert_eq!(err(driver), format!("-device: '{driver}' is not supported yet"));
+        }
+        assert_eq!(err("i8042,foo=1"), "-device i8042: unknown property 'foo'");
+        assert_eq!(err("isa-debug-exit,foo"), "-device isa-debug-exit: unknown property 'foo'");
+        assert!(err("isa-debug-exit,iobase=zz")
+            .starts_with("-device isa-debug-exit: invalid value 'zz' for 'iobase'"));
+        assert!(err("isa-debug-exit,iosize=-1").contains("'iosize'"));
+        assert_eq!(
+            err("isa-debug-exit,iosize=0"),
+            "-device isa-debug-exit: iosize must be at least 1"
+        );
+        assert!(err("isa-debug-exit,iobase=0xffff").contains("do not fit"));
+        assert!(err("isa-debug-exit,iobase=0x10000").contains("do not fit"));
+        assert!(err("isa-debug-exit,iobase=0,iosize=0x10000").contains("do not fit"));
+        assert!(err("isa-debug-exit,iobase=0xffffffffffffffff").contains("do not fit"));
+        assert!(err("i8042,id=1").starts_with("-device i8042: invalid value '1' for 'id'"));
+        assert_eq!(err("{\"driver\":\"i8042\"}"), "-device: JSON syntax is not supported");
+    }
+
+    fn smbios(args: &[&str]) -> Result<Option<SmbiosType1>, String> {
+        let mut table = None;
+        for arg in args {
+            parse_smbios("-smbios", arg, &mut table).map_err(|e| e.to_string())?;
+        }
+        Ok(table)
+    }
+
+    #[test]
+    fn smbios_type1() {
+        let table = smbios(&[
+            "type=1,manufacturer=ACME,product=P,version=1,,2,serial=S,sku=K,family=F",
+            "type=1,uuid=0123ABCD-89ab-cdef-0123-456789abcdef,product=Q",
+        ]);
+        let expected = SmbiosType1 {
+            manufacturer: Some("ACME".into()),
+            product: Some("Q".into()),
+            version: Some("1,2".into()),
+            serial: Some("S".into()),
+            uuid: Some("0123ABCD-89ab-cdef-0123-456789abcdef".into()),
+            sku: Some("K".into()),
+            family: Some("F".into()),
+        };
+        assert_eq!(table, Ok(Some(expected)));
+    }
+
+    #[test]
+    fn smbios_errors() {
+        let err = |arg: &str| smbios(&[arg]).unwrap_err();
+        assert_eq!(err("type=0"), "-smbios: type=0 is not supported (only type=1)");
+        assert_eq!(err("type=17,size=1"), "-smbios: type=17 is not supported (only type=1)");
+        assert_eq!(err("manufacturer=x"), "-smbios: missing property 'type'");
+        assert_eq!(err("file=/tmp/t"), "-smbios: file= is not supported (only type=1)");
+        assert_eq!(err("type=1,foo=x"), "-smbios type=1: unknown property 'foo'");
+        for uuid in [
+            "",
+            "0123",
+            "0123abcd-89ab-cdef-0123-456789abcdeg",
+            "0123abcd089ab-cdef-0123-456789abcdef",
+            "0123abcd-89ab-cdef-0123-456789abcdef0",
+            "0123abcd-89ab-cdef-0123-456789abcdé",
+        ] {
+            let e = err(&format!("type=1,uuid={uuid}"));
+            assert!(
+                e.starts_with(&format!("-smbios type=1: invalid value '{uuid}' for 'uuid'")),
+                "{e}"
+            );
+        }
+    }
+}

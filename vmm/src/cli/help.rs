@@ -1,0 +1,76 @@
+//! `-help`.
+
+const HELP: &str = "\
+usage: skiff [options]
+
+Skiff runs a KVM virtual machine like qemu-system-x86_64 -M microvm, with the
+same command-line syntax and meaning, for the subset of options below.
+Options take one or two leading dashes (-m, --m).
+
+Standard options:
+-h, -help                display this help and exit
+-version                 display version information and exit
+-name [guest=]NAME[,debug-threads=on|off][,process=NAME]
+                         set the guest name
+-M, -machine [type=]microvm[,accel=kvm][,acpi=on|off|auto][,pcie=on|off|auto]
+             [,pic=on|off|auto][,pit=on|off|auto][,rtc=on|off|auto]
+             [,usb=off|auto][,mem-merge=on|off][,isa-serial=on|off]
+             [,x-option-roms=on|off][,auto-kernel-cmdline=on|off]
+                         select the machine: only 'microvm'; accel is a
+                         ':'-separated list that must include kvm
+-accel kvm               use KVM (the only accelerator)
+-enable-kvm              same as -accel kvm
+-cpu host|max[,+FEATURE][,-FEATURE][,FEATURE=on|off]
+                         the host CPU (max is the same), with CPUID features
+                         added or removed
+-smp [cpus=]N[,sockets=S][,cores=C][,threads=T][,dies=1][,maxcpus=N]
+                         number of vCPUs (1 to 254) and their topology; missing
+                         values are derived as QEMU does; no CPU hotplug
+                         (maxcpus must equal cpus)
+-m [size=]SIZE           guest RAM (default 128M); suffixes K, M, G, T; a plain
+                         number is in MiB; no maxmem/slots (no memory hotplug)
+-smbios type=1[,manufacturer=S][,product=S][,version=S][,serial=S]
+              [,uuid=UUID][,sku=S][,family=S]
+                         set the SMBIOS system information
+-sandbox on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]
+               [,spawn=allow|deny][,resourcecontrol=allow|deny]
+                         confine skiff with seccomp (the policy switches are
+                         accepted; skiff's filter is fixed)
+
+Boot options:
+-kernel PATH             the Linux kernel (bzImage or ELF vmlinux)
+-initrd PATH             the initial ram disk
+-append CMDLINE          the kernel command line
+
+Devices:
+-device i8042[,id=ID]    PS/2 controller (i8042 reset reboots the guest)
+-device isa-debug-exit[,iobase=PORT][,iosize=N][,id=ID]
+                         writing V to PORT ends skiff with status (V << 1) | 1
+                         (default iobase=0x501, iosize=2)
+
+Character devices:
+-chardev stdio,id=ID[,signal=on|off]
+-chardev file,id=ID,path=PATH[,append=on|off]
+-chardev null,id=ID
+-chardev socket,id=ID,path=PATH[,server=on|off][,wait=on|off]
+                         Unix sockets only (also QEMU's server,nowait)
+-serial stdio|null|none|file:PATH|chardev:ID
+                         the next ISA serial port (COM1 to COM4)
+
+Display and behaviour:
+-nographic               no display (serial on stdio unless -nodefaults)
+-display none            no display
+-nodefaults              no default devices (no serial port on stdio)
+-no-user-config          accepted (skiff reads no configuration files)
+-no-reboot               exit instead of rebooting
+
+Every other QEMU option (for example -qmp, -monitor, -drive, -netdev, -numa,
+-object, -fw_cfg, -fsdev) and every other -device (for example virtio-blk-pci,
+virtio-net-pci, vhost-user-fs-pci, vfio-pci) is not supported yet: skiff
+stops with an error naming it rather than ignore it.
+";
+
+/// The `-help` text: every supported option and device.
+pub fn help_text() -> &'static str {
+    HELP
+}

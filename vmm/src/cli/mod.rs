@@ -1,0 +1,388 @@
+//! The QEMU-compatible command line.
+//!
+//! Skiff accepts the subset of `qemu-system-x86_64`'s options that the
+//! `microvm` machine needs (what microvm.nix emits), with QEMU's syntax and
+//! meaning, and parses each option once into a typed [`VmConfig`]. Anything
+//! else is rejected with an error naming the option, rather than ignored: a
+//! silently dropped option would boot a different VM than the user asked for.
+
+mod chardev;
+mod device;
+mod help;
+mod machine;
+mod opts;
+#[cfg(test)]
+mod tests;
+
+pub use help::help_text;
+
+use crate::config::{ChardevBackend, DeviceConfig, SerialConfig, VmConfig};
+use machine::SmpArgs;
+use opts::QemuOpts;
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Run(Box<VmConfig>),
+    Help,
+    Version,
+}
+
+/// A command-line error. Its message starts with the option at fault, as in
+/// `-M microvm: unknown property 'foo'`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}: unknown option")]
+    UnknownOption(String),
+    /// A QEMU option skiff does not implement (yet).
+    #[error("{0}: not supported yet (see -help for the supported options)")]
+    UnsupportedOption(String),
+    #[error("{0}: missing argument")]
+    MissingArgument(String),
+    /// A bare argument: QEMU's `qemu-system-x86_64 disk.img` shorthand.
+    #[error("{0}: unexpected argument (disk images are not supported)")]
+    Positional(String),
+    #[error("{option}: unknown property '{key}'")]
+    UnknownProperty { option: String, key: String },
+    #[error("{option}: missing property '{key}'")]
+    MissingProperty { option: String, key: String },
+    #[error("{option}: invalid value '{value}' for '{key}' (expected {expected})")]
+    InvalidValue { option: String, key: String, value: String, expected: &'static str },
+    #[error("{option}: invalid size '{value}'")]
+    InvalidSize { option: String, value: String },
+    #[error("{option}: {reason}")]
+    Invalid { option: String, reason: String },
+}
+
+/// `-version`.
+pub fn version_text() -> String {
+    format!("skiff {} (QEMU command-line compatible: microvm machine)", env!("CARGO_PKG_VERSION"))
+}
+
+/// Options that take no argument.
+#[derive(Clone, Copy, Debug)]
+enum Flag {
+    EnableKvm,
+    NoDefaults,
+    NoUserConfig,
+    NoReboot,
+    NoGraphic,
+    Help,
+    Version,
+}
+
+/// Options that take one argument (the next argv element, whatever it is).
+#[derive(Clone, Copy, Debug)]
+enum ArgOpt {
+    Machine,
+    Accel,
+    Memory,
+    Smp,
+    Cpu,
+    Kernel,
+    Initrd,
+    Append,
+    Name,
+    Display,
+    Chardev,
+    Serial,
+    Device,
+    Smbios,
+    Sandbox,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Opt {
+    Flag(Flag),
+    Arg(ArgOpt),
+}
+
+/// The supported options, by name without the leading dash.
+const OPTIONS: &[(&str, Opt)] = &[
+    ("M", Opt::Arg(ArgOpt::Machine)),
+    ("machine", Opt::Arg(ArgOpt::Machine)),
+    ("accel", Opt::Arg(ArgOpt::Accel)),
+    ("enable-kvm", Opt::Flag(Flag::EnableKvm)),
+    ("m", Opt::Arg(ArgOpt::Memory)),
+    ("smp", Opt::Arg(ArgOpt::Smp)),
+    ("cpu", Opt::Arg(ArgOpt::Cpu)),
+    ("kernel", Opt::Arg(ArgOpt::Kernel)),
+    ("initrd", Opt::Arg(ArgOpt::Initrd)),
+    ("append", Opt::Arg(ArgOpt::Append)),
+    ("name", Opt::Arg(ArgOpt::Name)),
+    ("nodefaults", Opt::Flag(Flag::NoDefaults)),
+    ("no-user-config", Opt::Flag(Flag::NoUserConfig)),
+    ("no-reboot", Opt::Flag(Flag::NoReboot)),
+    ("nographic", Opt::Flag(Flag::NoGraphic)),
+    ("display", Opt::Arg(ArgOpt::Display)),
+    ("chardev", Opt::Arg(ArgOpt::Chardev)),
+    ("serial", Opt::Arg(ArgOpt::Serial)),
+    ("device", Opt::Arg(ArgOpt::Device)),
+    ("smbios", Opt::Arg(ArgOpt::Smbios)),
+    ("sandbox", Opt::Arg(ArgOpt::Sandbox)),
+    ("h", Opt::Flag(Flag::Help)),
+    ("help", Opt::Flag(Flag::Help)),
+    ("version", Opt::Flag(Flag::Version)),
+];
+
+/// QEMU options that skiff does not implement yet: everything else microvm.nix
+/// can emit, and other common ones. Reported as "not supported yet" rather
+/// than "unknown option", which would suggest a typo.
+#[rustfmt::skip]
+const NOT_YET: &[&str] = &[
+    "qmp", "qmp-pretty", "monitor", "mon", "drive", "blockdev", "hda", "hdb", "hdc", "hdd",
+    "cdrom", "netdev", "nic", "net", "numa", "object", "fw_cfg", "run-with", "fsdev", "virtfs",
+    "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
+    "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
+    "mem-prealloc", "overcommit", "msg", "trace", "plugin", "action", "watchdog-action", "L",
+    "icount", "parallel", "debugcon", "audiodev", "usb", "usbdevice", "tpmdev", "add-fd", "set",
+    "uuid", "k", "no-shutdown", "no-hpet", "chroot", "runas", "option-rom", "pflash", "compat",
+    "preconfig", "async-teardown",
+];
+
+/// `-foo` and `--foo` name option `foo`; `-` alone is a positional argument,
+/// as in QEMU.
+fn option_name(arg: &str) -> Option<&str> {
+    let name = arg.strip_prefix('-').filter(|n| !n.is_empty())?;
+    Some(name.strip_prefix('-').unwrap_or(name))
+}
+
+/// `help` or `?` as an option argument: QEMU then lists the choices.
+fn is_help(arg: &str) -> bool {
+    arg == "help" || arg == "?"
+}
+
+/// Parses the command line (without argv\[0\]) into what to do.
+///
+/// `-h` and `-version` take effect where they appear, as in QEMU; errors in
+/// earlier options are still reported.
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError> {
+    let mut args = args.into_iter();
+    let mut builder = Builder::default();
+    while let Some(arg) = args.next() {
+        let Some(name) = option_name(&arg) else {
+            return Err(CliError::Positional(arg));
+        };
+        let Some(&(_, opt)) = OPTIONS.iter().find(|(n, _)| *n == name) else {
+            return Err(if NOT_YET.contains(&name) {
+                CliError::UnsupportedOption(format!("-{name}"))
+            } else {
+                CliError::UnknownOption(arg)
+            });
+        };
+        let label = format!("-{name}");
+        let action = match opt {
+            Opt::Flag(flag) => builder.flag(flag),
+            Opt::Arg(opt) => {
+                let value = args.next().ok_or_else(|| CliError::MissingArgument(label.clone()))?;
+                builder.option(opt, &label, value)?
+            }
+        };
+        if let Some(action) = action {
+            return Ok(action);
+        }
+    }
+    builder.finish().map(|config| Action::Run(Box::new(config)))
+}
+
+/// The configuration being built, and what later options are checked against.
+#[derive(Default)]
+struct Builder {
+    config: VmConfig,
+    /// `-smp` values; derived once all `-smp` are merged.
+    smp: Option<SmpArgs>,
+    device_ids: Vec<String>,
+}
+
+/// At most COM1..COM4, as QEMU's ISA serial ports.
+const MAX_SERIALS: usize = 4;
+
+impl Builder {
+    fn flag(&mut self, flag: Flag) -> Option<Action> {
+        match flag {
+            // KVM is the only accelerator there is.
+            Flag::EnableKvm => {}
+            Flag::NoDefaults => self.config.nodefaults = true,
+            // Skiff reads no configuration file.
+            Flag::NoUserConfig => {}
+            Flag::NoReboot => self.config.no_reboot = true,
+            Flag::NoGraphic => self.config.nographic = true,
+            Flag::Help => return Some(Action::Help),
+            Flag::Version => return Some(Action::Version),
+        }
+        None
+    }
+
+    fn option(
+        &mut self,
+        opt: ArgOpt,
+        label: &str,
+        arg: String,
+    ) -> Result<Option<Action>, CliError> {
+        let invalid = |reason: &str| CliError::Invalid {
+            option: label.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let config = &mut self.config;
+        match opt {
+            ArgOpt::Machine | ArgOpt::Cpu | ArgOpt::Device if is_help(&arg) => {
+                return Ok(Some(Action::Help))
+            }
+            ArgOpt::Machine => machine::parse_machine(label, &arg, &mut config.machine)?,
+            ArgOpt::Accel => machine::parse_accel(label, &arg)?,
+            ArgOpt::Memory => {
+                if let Some(size) = machine::parse_memory(label, &arg)? {
+                    config.mem_size = size;
+                }
+            }
+            ArgOpt::Smp => {
+                machine::parse_smp(label, &arg, self.smp.get_or_insert_with(SmpArgs::default))?
+            }
+            ArgOpt::Cpu => config.cpu = machine::parse_cpu(label, &arg)?,
+            // Paths are checked by the VMM, which opens them.
+            ArgOpt::Kernel | ArgOpt::Initrd if arg.is_empty() => return Err(invalid("empty path")),
+            ArgOpt::Kernel => config.kernel = Some(arg.into()),
+            ArgOpt::Initrd => config.initrd = Some(arg.into()),
+            ArgOpt::Append => config.append = arg,
+            ArgOpt::Name => config.name = parse_name(label, &arg)?.or(config.name.take()),
+            ArgOpt::Display => parse_display(label, &arg)?,
+            ArgOpt::Chardev => {
+                let chardev = chardev::parse_chardev(label, &arg)?;
+                if config.chardevs.iter().any(|c| c.id == chardev.id) {
+                    return Err(invalid(&format!("duplicate id '{}'", chardev.id)));
+                }
+                config.chardevs.push(chardev);
+            }
+            ArgOpt::Serial => {
+                if config.serials.len() == MAX_SERIALS {
+                    return Err(invalid("at most 4 serial ports are supported"));
+                }
+                config.serials.push(chardev::parse_serial(label, &arg)?);
+            }
+            ArgOpt::Device => {
+                let device = device::parse_device(label, &arg)?;
+                if let Some(id) = device.id {
+                    if self.device_ids.contains(&id) {
+                        return Err(invalid(&format!("duplicate id '{id}'")));
+                    }
+                    self.device_ids.push(id);
+                }
+                if device.config == DeviceConfig::I8042
+                    && config.devices.contains(&DeviceConfig::I8042)
+                {
+                    return Err(invalid("only one i8042 is supported"));
+                }
+                config.devices.push(device.config);
+            }
+            ArgOpt::Smbios => device::parse_smbios(label, &arg, &mut config.smbios)?,
+            ArgOpt::Sandbox => config.sandbox = parse_sandbox(label, &arg)?,
+        }
+        Ok(None)
+    }
+
+    /// Checks what depends on several options, whatever their order.
+    fn finish(mut self) -> Result<VmConfig, CliError> {
+        if let Some(smp) = self.smp {
+            self.config.smp = machine::resolve_smp("-smp", smp)?;
+        }
+        check_chardev_users(&self.config)?;
+        // As QEMU: these only make sense for a direct kernel boot.
+        if self.config.kernel.is_none() {
+            let requires_kernel = |option: &str| CliError::Invalid {
+                option: option.to_owned(),
+                reason: "only allowed with -kernel".to_owned(),
+            };
+            if self.config.initrd.is_some() {
+                return Err(requires_kernel("-initrd"));
+            }
+            if !self.config.append.is_empty() {
+                return Err(requires_kernel("-append"));
+            }
+        }
+        Ok(self.config)
+    }
+}
+
+/// Every `-serial chardev:ID` names a `-chardev`, no chardev feeds two serial
+/// ports, and only one character device owns stdio (QEMU: "cannot use stdio
+/// by multiple character devices").
+fn check_chardev_users(config: &VmConfig) -> Result<(), CliError> {
+    let serial_err = |reason: String| CliError::Invalid { option: "-serial".to_owned(), reason };
+    let mut used: Vec<&str> = Vec::new();
+    for serial in &config.serials {
+        if let SerialConfig::Chardev(id) = serial {
+            if !config.chardevs.iter().any(|c| c.id == *id) {
+                return Err(serial_err(format!(
+                    "chardev '{id}' is not defined (no -chardev with id={id})"
+                )));
+            }
+            if used.contains(&id.as_str()) {
+                return Err(serial_err(format!(
+                    "chardev '{id}' is already used by another serial port"
+                )));
+            }
+            used.push(id);
+        }
+    }
+    let stdio_serials = config.serials.iter().filter(|s| **s == SerialConfig::Stdio).count();
+    let stdio_chardevs = config
+        .chardevs
+        .iter()
+        .filter(|c| matches!(c.backend, ChardevBackend::Stdio { .. }))
+        .count();
+    if stdio_serials + stdio_chardevs > 1 {
+        let option = if stdio_serials > 0 { "-serial stdio" } else { "-chardev stdio" };
+        return Err(CliError::Invalid {
+            option: option.to_owned(),
+            reason: "stdio cannot be used by more than one character device".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// `-name [guest=]NAME[,debug-threads=on|off][,process=NAME]`.
+fn parse_name(label: &str, arg: &str) -> Result<Option<String>, CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("guest"));
+    let guest = opts.take("guest");
+    // Accepted: skiff names its threads anyway and keeps its process name.
+    opts.take_bool("debug-threads")?;
+    opts.take("process");
+    opts.finish()?;
+    Ok(guest)
+}
+
+/// `-display none`: skiff has no display.
+fn parse_display(label: &str, arg: &str) -> Result<(), CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("type"));
+    let ty = opts.take("type").ok_or_else(|| opts.missing("type"))?;
+    if ty != "none" {
+        return Err(opts
+            .error(format!("display '{ty}' is not supported (skiff has no display; use 'none')")));
+    }
+    opts.relabel(format!("{label} none"));
+    opts.finish()
+}
+
+/// `-sandbox on|off[,obsolete=..][,elevateprivileges=..][,spawn=..][,resourcecontrol=..]`.
+fn parse_sandbox(label: &str, arg: &str) -> Result<bool, CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("enable"));
+    let enable = opts.take_bool("enable")?.unwrap_or(false);
+    // QEMU's per-class switches are validated but ignored: skiff's seccomp
+    // policy is its own, fitted to what skiff does (it never spawns,
+    // changes privileges or uses obsolete system calls).
+    let classes: [(&str, &[&str], &'static str); 4] = [
+        ("obsolete", &["allow", "deny"], "allow or deny"),
+        ("elevateprivileges", &["allow", "deny", "children"], "allow, deny or children"),
+        ("spawn", &["allow", "deny"], "allow or deny"),
+        ("resourcecontrol", &["allow", "deny"], "allow or deny"),
+    ];
+    for (key, values, expected) in classes {
+        if let Some(value) = opts.take(key) {
+            if !values.contains(&value.as_str()) {
+                return Err(opts.invalid_value(key, value, expected));
+            }
+        }
+    }
+    opts.finish()?;
+    Ok(enable)
+}

@@ -1,0 +1,657 @@
+//! Tests of `parse` over whole command lines. The tokenizer and each option's
+//! value parsing are tested beside their code.
+
+use super::*;
+use crate::config::{ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, SmbiosType1, SmpConfig};
+
+fn args(line: &[&str]) -> Vec<String> {
+    line.iter().map(|s| s.to_string()).collect()
+}
+
+/// Parses `line`, expecting a VM to run.
+fn run(line: &[&str]) -> VmConfig {
+    match parse(args(line)) {
+        Ok(Action::Run(config)) => *config,
+        other => panic!("{line:?}: expected a config, got {other:?}"),
+    }
+}
+
+/// Parses `line`, expecting an error; returns its message.
+fn error(line: &[&str]) -> String {
+    match parse(args(line)) {
+        Err(err) => err.to_string(),
+        Ok(action) => panic!("{line:?}: expected an error, got {action:?}"),
+    }
+}
+
+/// Asserts that `line` fails with exactly `expected`.
+#[track_caller]
+fn fails(line: &[&str], expected: &str) {
+    assert_eq!(error(line), expected, "{line:?}");
+}
+
+/// Asserts that `line` fails with a message containing each of `parts`.
+#[track_caller]
+fn fails_with(line: &[&str], parts: &[&str]) {
+    let err = error(line);
+    for part in parts {
+        assert!(err.contains(part), "{line:?}: '{err}' does not contain '{part}'");
+    }
+}
+
+#[test]
+fn microvm_nix_command_line() {
+    #[rustfmt::skip]
+    let config = run(&[
+        "-name", "t",
+        "-M", "microvm,accel=kvm:tcg,acpi=on,mem-merge=on,pcie=off,pic=off,pit=off,rtc=on,usb=off",
+        "-m", "512M",
+        "-smp", "2",
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-kernel", "VMLINUZ",
+        "-initrd", "INITRD",
+        "-chardev", "stdio,id=stdio,signal=off",
+        "-serial", "chardev:stdio",
+        "-enable-kvm",
+        "-cpu", "host,+x2apic,-sgx",
+        "-device", "i8042",
+        "-append", "earlyprintk=ttyS0 console=ttyS0 reboot=t panic=-1",
+        "-nographic",
+    ]);
+    let expected = VmConfig {
+        name: Some("t".into()),
+        machine: MachineConfig {
+            acpi: OnOffAuto::On,
+            pcie: OnOffAuto::Off,
+            pic: OnOffAuto::Off,
+            pit: OnOffAuto::Off,
+            rtc: OnOffAuto::On,
+            usb: OnOffAuto::Off,
+            mem_merge: true,
+            ..MachineConfig::default()
+        },
+        mem_size: 512 << 20,
+        smp: SmpConfig { cpus: 2, sockets: 1, cores: 2, threads: 1 },
+        cpu: CpuConfig { features: vec![("x2apic".into(), true), ("sgx".into(), false)] },
+        kernel: Some("VMLINUZ".into()),
+        initrd: Some("INITRD".into()),
+        append: "earlyprintk=ttyS0 console=ttyS0 reboot=t panic=-1".into(),
+        no_reboot: true,
+        nodefaults: true,
+        nographic: true,
+        chardevs: vec![ChardevConfig {
+            id: "stdio".into(),
+            backend: ChardevBackend::Stdio { signal: false },
+        }],
+        serials: vec![SerialConfig::Chardev("stdio".into())],
+        devices: vec![DeviceConfig::I8042],
+        smbios: None,
+        sandbox: false,
+    };
+    assert_eq!(config, expected);
+}
+
+/// What microvm.nix emits by default today: everything up to its
+/// `-device virtio-rng-device` is understood, and that is refused by name.
+#[test]
+fn microvm_nix_default_command_line_stops_at_virtio_rng() {
+    #[rustfmt::skip]
+    let line = [
+        "-name", "vm",
+        "-M", "microvm,accel=kvm:tcg,acpi=on,mem-merge=on,pcie=off,pic=off,pit=off,rtc=on,usb=off",
+        "-m", "1024M",
+        "-smp", "1",
+        "-nodefaults", "-no-user-config", "-no-reboot",
+        "-kernel", "/nix/store/k/bzImage",
+        "-initrd", "/nix/store/i/initrd",
+        "-chardev", "stdio,id=stdio,signal=off",
+        "-smbios", "type=1,uuid=a67472e5-570e-5c8a-b18c-ae3c77701050",
+        "-serial", "chardev:stdio",
+        "-enable-kvm",
+        "-cpu", "host,+x2apic,-sgx",
+        "-device", "i8042",
+        "-append", " reboot=t panic=-1 ",
+        "-nographic",
+        "-sandbox", "on",
+        "-qmp", "unix:vm.sock,server,nowait",
+    ];
+    fails(&line, "-qmp: not supported yet (see -help for the supported options)");
+    let (without_qmp, _) = line.split_at(line.len() - 2);
+    let config = run(without_qmp);
+    assert!(config.sandbox);
+    assert_eq!(config.append, " reboot=t panic=-1 ");
+    assert_eq!(
+        config.smbios.and_then(|t| t.uuid).as_deref(),
+        Some("a67472e5-570e-5c8a-b18c-ae3c77701050")
+    );
+    let rng = [&["-device", "virtio-rng-device"], without_qmp].concat();
+    fails(&rng, "-device: 'virtio-rng-device' is not supported yet");
+}
+
+#[test]
+fn empty_command_line_is_all_defaults() {
+    assert_eq!(run(&[]), VmConfig::default());
+}
+
+#[test]
+fn help_and_version() {
+    for arg in ["-h", "-help", "--help", "--h"] {
+        assert_eq!(parse(args(&[arg])), Ok(Action::Help), "{arg}");
+    }
+    for arg in ["-version", "--version"] {
+        assert_eq!(parse(args(&[arg])), Ok(Action::Version), "{arg}");
+    }
+    for line in [["-M", "help"], ["-machine", "?"], ["-device", "help"], ["-cpu", "help"]] {
+        assert_eq!(parse(args(&line)), Ok(Action::Help), "{line:?}");
+    }
+    // Options after -h are not looked at; errors before it are reported.
+    assert_eq!(parse(args(&["-m", "1G", "-h", "-bogus"])), Ok(Action::Help));
+    fails(&["-bogus", "-h"], "-bogus: unknown option");
+
+    assert!(version_text().starts_with("skiff 0.1.0"));
+    let help = help_text();
+    for option in [
+        "-M",
+        "-machine",
+        "-accel",
+        "-enable-kvm",
+        "-m ",
+        "-smp",
+        "-cpu",
+        "-kernel",
+        "-initrd",
+        "-append",
+        "-name",
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-nographic",
+        "-display none",
+        "-chardev stdio",
+        "-chardev file",
+        "-chardev null",
+        "-chardev socket",
+        "-serial",
+        "-device i8042",
+        "-device isa-debug-exit",
+        "-smbios",
+        "-sandbox",
+        "-version",
+        "-qmp",
+        "-monitor",
+        "not supported",
+    ] {
+        assert!(help.contains(option), "help lacks {option}");
+    }
+}
+
+#[test]
+fn one_or_two_dashes() {
+    let config = run(&["--m", "256M", "--machine", "microvm,acpi=off", "--nodefaults"]);
+    assert_eq!(config.mem_size, 256 << 20);
+    assert_eq!(config.machine.acpi, OnOffAuto::Off);
+    assert!(config.nodefaults);
+    fails(&["---m", "1G"], "---m: unknown option");
+    fails(&["--", "x"], "--: unknown option");
+}
+
+#[test]
+fn unknown_and_unsupported_options() {
+    fails(&["-foo"], "-foo: unknown option");
+    fails(&["--foo"], "--foo: unknown option");
+    fails(&["-M=microvm"], "-M=microvm: unknown option");
+    for option in [
+        "-qmp",
+        "-monitor",
+        "-drive",
+        "-netdev",
+        "-numa",
+        "-object",
+        "-fw_cfg",
+        "-run-with",
+        "-fsdev",
+        "--qmp",
+    ] {
+        let name = option.trim_start_matches('-');
+        fails(
+            &[option, "x"],
+            &format!("-{name}: not supported yet (see -help for the supported options)"),
+        );
+    }
+}
+
+#[test]
+fn positional_arguments() {
+    fails(&["disk.img"], "disk.img: unexpected argument (disk images are not supported)");
+    fails(&["-nographic", "-"], "-: unexpected argument (disk images are not supported)");
+    fails_with(&[""], &["unexpected argument"]);
+}
+
+#[test]
+fn missing_arguments() {
+    for (name, _) in OPTIONS.iter().filter(|(_, opt)| matches!(opt, Opt::Arg(_))) {
+        let option = format!("-{name}");
+        fails(&[&option], &format!("{option}: missing argument"));
+    }
+    fails(&["-kernel"], "-kernel: missing argument");
+    // As in QEMU, the argument is the next element, whatever it looks like.
+    assert_eq!(run(&["-kernel", "k", "-append", "-nographic"]).append, "-nographic");
+}
+
+#[test]
+fn machine() {
+    let config = run(&["-machine", "type=microvm,isa-serial=off,x-option-roms=no,auto-kernel-cmdline=false,mem-merge=off,usb=auto,accel=tcg:kvm"]);
+    assert_eq!(
+        config.machine,
+        MachineConfig {
+            isa_serial: false,
+            option_roms: false,
+            auto_kernel_cmdline: false,
+            mem_merge: false,
+            ..MachineConfig::default()
+        }
+    );
+    // Several -M merge, later keys winning.
+    let config = run(&["-M", "microvm,acpi=off,pic=off", "-M", "acpi=on", "-M", "microvm,"]);
+    assert_eq!(config.machine.acpi, OnOffAuto::On);
+    assert_eq!(config.machine.pic, OnOffAuto::Off);
+    assert_eq!(run(&["-M", "microvm,accel=kvm"]).machine, MachineConfig::default());
+}
+
+#[test]
+fn machine_errors() {
+    fails(&["-M", "pc"], "-M: unknown machine 'pc' (only 'microvm' is supported)");
+    fails(
+        &["-machine", "type=q35"],
+        "-machine: unknown machine 'q35' (only 'microvm' is supported)",
+    );
+    fails(&["-M", "microvm,foo=1"], "-M microvm: unknown property 'foo'");
+    fails(
+        &["-M", "microvm,accel=tcg"],
+        "-M microvm: accel 'tcg' is not supported (skiff needs KVM)",
+    );
+    fails(&["-M", "microvm,accel="], "-M microvm: accel '' is not supported (skiff needs KVM)");
+    fails(
+        &["-M", "microvm,usb=on"],
+        "-M microvm: usb=on is not supported (there is no USB controller yet)",
+    );
+    fails(
+        &["-M", "microvm,acpi=yes"],
+        "-M microvm: invalid value 'yes' for 'acpi' (expected on, off or auto)",
+    );
+    fails(
+        &["-M", "microvm,mem-merge=auto"],
+        "-M microvm: invalid value 'auto' for 'mem-merge' (expected on or off)",
+    );
+    fails(&["-M", "microvm,ioapic2=off"], "-M microvm: unknown property 'ioapic2'");
+}
+
+#[test]
+fn accel() {
+    assert_eq!(run(&["-accel", "kvm", "-enable-kvm", "-accel", "accel=kvm"]), VmConfig::default());
+    fails(&["-accel", "tcg"], "-accel: accelerator 'tcg' is not supported (skiff needs KVM)");
+    fails(
+        &["-accel", "kvm:tcg"],
+        "-accel: accelerator 'kvm:tcg' is not supported (skiff needs KVM)",
+    );
+    fails(&["-accel", "kvm,kernel-irqchip=split"], "-accel kvm: unknown property 'kernel-irqchip'");
+    fails(&["-accel", "thread=single"], "-accel: missing property 'accel'");
+}
+
+#[test]
+fn memory() {
+    let mem = |arg: &str| run(&["-m", arg]).mem_size;
+    assert_eq!(mem("512M"), 512 << 20);
+    assert_eq!(mem("512"), 512 << 20);
+    assert_eq!(mem("size=512M"), 512 << 20);
+    assert_eq!(mem("size=512"), 512 << 20);
+    assert_eq!(mem("1G"), 1 << 30);
+    assert_eq!(mem("1g"), 1 << 30);
+    assert_eq!(mem("1.5G"), 3 << 29);
+    assert_eq!(mem("2097152K"), 2 << 30);
+    assert_eq!(mem("1048576B"), 1 << 20);
+    assert_eq!(mem("1T"), 1 << 40);
+    // Rounded up to 8 KiB, as QEMU.
+    assert_eq!(mem("1025K"), 1032 << 10);
+    // QEMU: a size ending in a digit is in MiB, even in hex.
+    assert_eq!(mem("0x100"), 256 << 20);
+    // Later -m win; an -m without size leaves it.
+    assert_eq!(run(&["-m", "1G", "-m", "2G"]).mem_size, 2 << 30);
+    assert_eq!(run(&["-m", "1G", "-m", ""]).mem_size, 1 << 30);
+}
+
+#[test]
+fn memory_errors() {
+    fails(&["-m", "12X"], "-m: invalid size '12X'");
+    fails(&["-m", "size=12X"], "-m: invalid size '12X'");
+    fails(&["-m", "size="], "-m: invalid size ''");
+    fails(&["-m", "-1"], "-m: invalid size '-1'");
+    fails(&["-m", "1MiB"], "-m: invalid size '1MiB'");
+    fails(&["-m", "0.5"], "-m: invalid size '0.5'");
+    fails(&["-m", "18446744073709551615"], "-m: invalid size '18446744073709551615'");
+    fails(&["-m", "16E"], "-m: invalid size '16E'");
+    fails(&["-m", "0"], "-m: size '0' is too small (at least 1M)");
+    fails(&["-m", "512K"], "-m: size '512K' is too small (at least 1M)");
+    fails(
+        &["-m", "1G,maxmem=2G"],
+        "-m: maxmem is not supported (the microvm machine has no memory hotplug)",
+    );
+    fails(
+        &["-m", "1G,slots=2"],
+        "-m: slots is not supported (the microvm machine has no memory hotplug)",
+    );
+    fails(&["-m", "1G,foo=2"], "-m: unknown property 'foo'");
+}
+
+#[test]
+fn smp() {
+    assert_eq!(run(&["-smp", "4"]).smp, SmpConfig { cpus: 4, sockets: 1, cores: 4, threads: 1 });
+    assert_eq!(
+        run(&["-smp", "cpus=4,sockets=2,cores=1,threads=2,dies=1,maxcpus=4"]).smp,
+        SmpConfig { cpus: 4, sockets: 2, cores: 1, threads: 2 }
+    );
+    assert_eq!(
+        run(&["-smp", "8", "-smp", "threads=2"]).smp,
+        SmpConfig { cpus: 8, sockets: 1, cores: 4, threads: 2 }
+    );
+    fails_with(&["-smp", "2,maxcpus=4"], &["-smp: ", "CPU hotplug is not supported"]);
+    fails_with(&["-smp", "4,sockets=3"], &["-smp: invalid CPU topology"]);
+    fails(&["-smp", "2,dies=2"], "-smp: dies=2 is not supported (only dies=1)");
+    fails(&["-smp", "2,bogus=2"], "-smp: unknown property 'bogus'");
+    fails_with(&["-smp", "255"], &["-smp: ", "at most 254"]);
+    // The topology is checked once all -smp are merged.
+    fails_with(&["-smp", "3", "-smp", "sockets=2"], &["-smp: invalid CPU topology"]);
+}
+
+#[test]
+fn cpu() {
+    assert_eq!(run(&["-cpu", "host"]).cpu, CpuConfig::default());
+    assert_eq!(run(&["-cpu", "max,-x2apic"]).cpu.features, vec![("x2apic".to_string(), false)]);
+    // The last -cpu wins.
+    assert_eq!(run(&["-cpu", "host,+sgx", "-cpu", "host"]).cpu, CpuConfig::default());
+    fails(
+        &["-cpu", "Skylake-Server"],
+        "-cpu: CPU model 'Skylake-Server' is not supported (only 'host' and 'max')",
+    );
+    fails_with(
+        &["-cpu", "host,vendor=GenuineIntel"],
+        &["-cpu host: invalid value 'GenuineIntel' for 'vendor'"],
+    );
+}
+
+#[test]
+fn boot_options() {
+    let config = run(&["-kernel", "/k", "-initrd", "/i", "-append", "console=ttyS0,115200 quiet"]);
+    assert_eq!(config.kernel, Some("/k".into()));
+    assert_eq!(config.initrd, Some("/i".into()));
+    assert_eq!(config.append, "console=ttyS0,115200 quiet");
+    assert_eq!(run(&["-kernel", "/a", "-kernel", "/b"]).kernel, Some("/b".into()));
+    // An empty -append is no -append.
+    assert_eq!(run(&["-append", ""]).append, "");
+    fails(&["-kernel", ""], "-kernel: empty path");
+    fails(&["-kernel", "k", "-initrd", ""], "-initrd: empty path");
+    fails(&["-initrd", "/i"], "-initrd: only allowed with -kernel");
+    fails(&["-append", "quiet"], "-append: only allowed with -kernel");
+}
+
+#[test]
+fn name() {
+    assert_eq!(run(&["-name", "vm1"]).name, Some("vm1".into()));
+    assert_eq!(run(&["-name", "guest=vm1,debug-threads=on,process=p"]).name, Some("vm1".into()));
+    assert_eq!(run(&["-name", "my,,vm"]).name, Some("my,vm".into()));
+    assert_eq!(run(&["-name", "a", "-name", "debug-threads=off"]).name, Some("a".into()));
+    fails(&["-name", "vm,foo=1"], "-name: unknown property 'foo'");
+    fails(
+        &["-name", "vm,debug-threads=2"],
+        "-name: invalid value '2' for 'debug-threads' (expected on or off)",
+    );
+}
+
+#[test]
+fn flags() {
+    let config =
+        run(&["-nodefaults", "-no-user-config", "-no-reboot", "-nographic", "-enable-kvm"]);
+    assert!(config.nodefaults && config.no_reboot && config.nographic);
+    assert_eq!(run(&["-display", "none"]), VmConfig::default());
+    assert_eq!(run(&["-display", "type=none"]), VmConfig::default());
+    fails(
+        &["-display", "gtk"],
+        "-display: display 'gtk' is not supported (skiff has no display; use 'none')",
+    );
+    fails(&["-display", "none,gl=on"], "-display none: unknown property 'gl'");
+}
+
+#[test]
+fn chardevs_and_serials() {
+    // -serial may name a -chardev defined after it.
+    let config = run(&[
+        "-serial",
+        "chardev:c1",
+        "-serial",
+        "none",
+        "-serial",
+        "file:/tmp/s",
+        "-serial",
+        "null",
+        "-chardev",
+        "socket,id=c1,path=/run/c1,server,nowait",
+    ]);
+    assert_eq!(
+        config.serials,
+        vec![
+            SerialConfig::Chardev("c1".into()),
+            SerialConfig::None,
+            SerialConfig::File("/tmp/s".into()),
+            SerialConfig::Null,
+        ]
+    );
+    assert_eq!(
+        config.chardevs,
+        vec![ChardevConfig {
+            id: "c1".into(),
+            backend: ChardevBackend::Socket { path: "/run/c1".into(), server: true, wait: false },
+        }]
+    );
+    assert_eq!(run(&["-serial", "stdio"]).serials, vec![SerialConfig::Stdio]);
+}
+
+#[test]
+fn chardev_and_serial_errors() {
+    fails(
+        &["-serial", "chardev:nope"],
+        "-serial: chardev 'nope' is not defined (no -chardev with id=nope)",
+    );
+    fails(&["-chardev", "null,id=a", "-chardev", "stdio,id=a"], "-chardev: duplicate id 'a'");
+    fails(
+        &["-chardev", "null,id=a", "-serial", "chardev:a", "-serial", "chardev:a"],
+        "-serial: chardev 'a' is already used by another serial port",
+    );
+    let five = ["-serial", "null"].repeat(5);
+    fails(&five, "-serial: at most 4 serial ports are supported");
+    fails(
+        &["-chardev", "stdio,id=a", "-serial", "stdio"],
+        "-serial stdio: stdio cannot be used by more than one character device",
+    );
+    fails(
+        &["-chardev", "stdio,id=a", "-chardev", "stdio,id=b"],
+        "-chardev stdio: stdio cannot be used by more than one character device",
+    );
+    fails_with(&["-serial", "pty"], &["-serial: 'pty' is not supported"]);
+    fails_with(&["-serial", "tcp::4444,server"], &["-serial: 'tcp::4444,server' is not supported"]);
+    fails(&["-chardev", "stdio,id=s,foo=1"], "-chardev stdio: unknown property 'foo'");
+    fails(&["-chardev", "stdio"], "-chardev stdio: missing property 'id'");
+}
+
+#[test]
+fn devices() {
+    let config =
+        run(&["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-device", "i8042,id=kbd"]);
+    assert_eq!(
+        config.devices,
+        vec![DeviceConfig::IsaDebugExit { iobase: 0xf4, iosize: 4 }, DeviceConfig::I8042]
+    );
+    fails(&["-device", "e1000"], "-device: unknown device 'e1000'");
+    fails(&["-device", "isa-debug-exit,foo=1"], "-device isa-debug-exit: unknown property 'foo'");
+    fails(&["-device", "i8042,foo=1"], "-device i8042: unknown property 'foo'");
+    fails(&["-device", "i8042", "-device", "i8042"], "-device: only one i8042 is supported");
+    fails(
+        &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
+        "-device: duplicate id 'x'",
+    );
+    for driver in [
+        "virtio-rng-pci",
+        "virtio-blk-pci",
+        "vhost-user-fs-pci",
+        "vfio-pci",
+        "pcie-root-port",
+        "virtio-net-pci",
+    ] {
+        fails(
+            &["-device", &format!("{driver},id=x")],
+            &format!("-device: '{driver}' is not supported yet"),
+        );
+    }
+}
+
+#[test]
+fn smbios() {
+    let config = run(&[
+        "-smbios",
+        "type=1,manufacturer=M,uuid=12345678-1234-1234-1234-123456789abc",
+        "-smbios",
+        "type=1,serial=S",
+    ]);
+    let expected = SmbiosType1 {
+        manufacturer: Some("M".into()),
+        uuid: Some("12345678-1234-1234-1234-123456789abc".into()),
+        serial: Some("S".into()),
+        ..SmbiosType1::default()
+    };
+    assert_eq!(config.smbios, Some(expected));
+    fails(&["-smbios", "type=2"], "-smbios: type=2 is not supported (only type=1)");
+    fails_with(
+        &["-smbios", "type=1,uuid=nope"],
+        &["-smbios type=1: invalid value 'nope' for 'uuid'"],
+    );
+}
+
+#[test]
+fn sandbox() {
+    assert!(run(&["-sandbox", "on"]).sandbox);
+    assert!(
+        run(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=children,spawn=deny,resourcecontrol=deny"
+        ])
+        .sandbox
+    );
+    assert!(!run(&["-sandbox", "off"]).sandbox);
+    assert!(!run(&["-sandbox", "on", "-sandbox", "enable=off"]).sandbox);
+    fails(
+        &["-sandbox", "maybe"],
+        "-sandbox: invalid value 'maybe' for 'enable' (expected on or off)",
+    );
+    fails(
+        &["-sandbox", "on,spawn=children"],
+        "-sandbox: invalid value 'children' for 'spawn' (expected allow or deny)",
+    );
+    fails(&["-sandbox", "on,foo=deny"], "-sandbox: unknown property 'foo'");
+}
+
+/// A tiny xorshift generator: reproducible odd inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        let len = u64::try_from(items.len()).unwrap_or(1);
+        let index = usize::try_from(self.next() % len).unwrap_or(0);
+        items[index]
+    }
+}
+
+#[test]
+fn odd_inputs_never_panic() {
+    const PIECES: &[&str] = &[
+        "",
+        ",",
+        ",,",
+        "=",
+        "==",
+        "-",
+        "--",
+        "+",
+        "no",
+        "on",
+        "off",
+        "auto",
+        "help",
+        "?",
+        "id",
+        "id=x",
+        "microvm",
+        "type=",
+        "0",
+        "0x",
+        "0xffffffffffffffff",
+        "18446744073709551616",
+        "4294967296",
+        "1.",
+        ".5",
+        "1.5G",
+        "16E",
+        "9E",
+        "K",
+        "é",
+        "ß=ü",
+        "\u{0}",
+        "\u{feff}",
+        " ",
+        "path=",
+        "size",
+        "maxcpus=0",
+        "sockets=4294967295",
+        "cores=4294967295",
+        "threads=4294967295",
+        "chardev:",
+        "file:",
+        "stdio",
+        "socket",
+        "server",
+        "nowait",
+        "uuid=",
+        "type=1",
+        "iobase=0xffff",
+    ];
+    let options: Vec<String> = OPTIONS
+        .iter()
+        .map(|(name, _)| format!("-{name}"))
+        .chain(["-qmp", "--", "-", "-bogus", ""].map(String::from))
+        .collect();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..20_000 {
+        let mut line = Vec::new();
+        for _ in 0..(rng.next() % 4) {
+            let index = usize::try_from(rng.next() % options.len() as u64).unwrap_or(0);
+            line.push(options[index].clone());
+            let value: String = (0..rng.next() % 5).map(|_| rng.pick(PIECES)).collect();
+            line.push(value);
+        }
+        let _ = parse(line);
+    }
+    // And every option with each piece alone.
+    for option in &options {
+        for piece in PIECES {
+            let _ = parse([option.clone(), piece.to_string()]);
+            let _ = parse([option.clone()]);
+        }
+    }
+}
