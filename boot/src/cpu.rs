@@ -115,9 +115,10 @@ pub fn check_features(features: &[(String, bool)]) -> Result<()> {
 }
 
 fn lookup(name: &str) -> Option<&'static (&'static str, u32, u32, Reg, u32)> {
-    // QEMU accepts '_' for '-' in feature names.
-    let name = name.replace('_', "-");
-    FEATURES.iter().find(|f| f.0 == name)
+    // QEMU accepts '_' and '.' for '-' in feature names (sse4_2 = sse4.2).
+    let norm = |s: &str| s.replace(['_', '.'], "-");
+    let name = norm(name);
+    FEATURES.iter().find(|f| norm(f.0) == name)
 }
 
 /// CPU topology as `-smp` describes it.

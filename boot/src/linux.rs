@@ -136,8 +136,8 @@ fn write_cmdline(mem: &GuestMemoryMmap, params: &mut boot_params, cmdline: &str)
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_START))?;
+    // cmdline_size stays as the kernel gave it: it is the kernel's limit.
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline.len() as u32;
     Ok(())
 }
 
@@ -246,7 +246,7 @@ mod tests {
         let mut p = boot_params::default();
         p.hdr.cmdline_size = 16;
         write_cmdline(&m, &mut p, "console=ttyS0").unwrap();
-        assert_eq!(p.hdr.cmd_line_ptr, CMDLINE_START as u32);
+        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         let mut buf = [0u8; 14];
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");

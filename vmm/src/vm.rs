@@ -169,6 +169,7 @@ pub fn run(
     vm.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     if platform.pit {
+        route_pit_to_pin2(&vm)?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
@@ -205,6 +206,34 @@ pub fn run(
         h.stop();
     }
     end
+}
+
+/// Routes GSI 0 to IOAPIC pin 2, as a PC wires the PIT and as the MADT's
+/// IRQ0→GSI2 override (and the MP table) tell the guest; KVM's default
+/// routing would send it to pin 0. The rest keep their identity routes.
+fn route_pit_to_pin2(vm: &VmFd) -> Result<()> {
+    use kvm_bindings::{
+        kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+        KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    };
+    let route = |gsi: u32, irqchip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+        e.u.irqchip.irqchip = irqchip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    let mut entries = Vec::new();
+    for gsi in (0..16u32).filter(|&g| g != 2) {
+        let (chip, pin) =
+            if gsi < 8 { (KVM_IRQCHIP_PIC_MASTER, gsi) } else { (KVM_IRQCHIP_PIC_SLAVE, gsi - 8) };
+        entries.push(route(gsi, chip, pin));
+    }
+    for gsi in (0..24u32).filter(|&g| g != 2) {
+        entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, if gsi == 0 { 2 } else { gsi }));
+    }
+    let routing = KvmIrqRouting::from_entries(&entries)
+        .map_err(|e| Error::Io { what: "GSI routing table", source: std::io::Error::other(format!("{e:?}")) })?;
+    vm.set_gsi_routing(&routing).map_err(kvm_err("KVM_SET_GSI_ROUTING"))
 }
 
 #[allow(clippy::too_many_arguments)]

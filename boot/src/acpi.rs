@@ -1,0 +1,787 @@
+//! ACPI tables for the `microvm` machine: RSDP -> XSDT -> {FADT -> DSDT, MADT}.
+//!
+//! The tables mirror QEMU's `hw/i386/acpi-microvm.c`: a hardware-reduced FADT
+//! whose sleep and reset registers live in the Generic Event Device (GED)
+//! register block, a MADT for the local APICs and the single IOAPIC, and a
+//! DSDT describing the ISA devices, the GED, a power button and the
+//! virtio-mmio transports. AML is produced with the `acpi_tables` crate.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::{Immutable, IntoBytes};
+
+use crate::layout::{
+    self, APIC_START, COM1_IRQ, COM1_PORT, GED_IRQ, I8042_IRQ, I8042_PORT, IOAPIC_START, RTC_IRQ,
+    RTC_PORT,
+};
+use crate::GuestMemoryMmap;
+
+/// Start of the ACPI area. The RSDP sits here, 16-byte aligned, so the
+/// legacy BIOS-area scan (0xE0000..0xFFFFF) finds it as well as
+/// `boot_params.acpi_rsdp_addr`.
+pub const ACPI_START: u64 = layout::ACPI_START;
+/// The tables must end below this address (start of high memory).
+pub const ACPI_END: u64 = layout::HIGH_MEMORY_START;
+/// Guest-physical address of the RSDP.
+pub const RSDP_ADDR: u64 = ACPI_START;
+
+/// IOAPIC id in the MADT; QEMU uses 0, which matches KVM's IOAPIC id register.
+pub const IOAPIC_ID: u8 = 0;
+
+// Generic Event Device registers, as QEMU microvm lays them out
+// (include/hw/i386/microvm.h, include/hw/acpi/generic_event_device.h).
+
+/// GED event selector register (32-bit, read-to-clear), read by `_EVT`.
+pub const GED_EVT_SEL: u64 = layout::GED_MMIO_BASE;
+/// Size of the GED event selector register.
+pub const GED_EVT_SEL_LEN: u32 = 4;
+/// GED register block holding the FADT sleep and reset registers.
+pub const GED_MMIO_BASE_REGS: u64 = layout::GED_MMIO_BASE + 0x200;
+/// Byte register: FADT SLEEP_CONTROL_REG.
+pub const GED_REG_SLEEP_CTL: u64 = GED_MMIO_BASE_REGS;
+/// Byte register: FADT SLEEP_STATUS_REG.
+pub const GED_REG_SLEEP_STS: u64 = GED_MMIO_BASE_REGS + 1;
+/// Byte register: FADT RESET_REG.
+pub const GED_REG_RESET: u64 = GED_MMIO_BASE_REGS + 2;
+/// Value the guest writes to [`GED_REG_RESET`] to reset the machine.
+pub const GED_RESET_VALUE: u8 = 0x42;
+/// Selector bit meaning "power button pressed".
+pub const GED_PWR_DOWN_EVT: u32 = 0x2;
+/// SLP_TYP field position in the sleep control register.
+pub const GED_SLP_TYP_POS: u8 = 2;
+/// SLP_TYP field mask (after shifting by [`GED_SLP_TYP_POS`]).
+pub const GED_SLP_TYP_MASK: u8 = 0x7;
+/// SLP_TYP value advertised by `\_S5_`: the guest writes
+/// `(GED_SLP_TYP_S5 << GED_SLP_TYP_POS) | GED_SLP_EN` to power off.
+pub const GED_SLP_TYP_S5: u8 = 5;
+/// SLP_EN bit in the sleep control register.
+pub const GED_SLP_EN: u8 = 0x20;
+
+/// Local APIC ids are 0..num_cpus; 0xFF is the xAPIC broadcast id.
+pub const MAX_CPUS: u8 = 254;
+/// virtio-mmio devices are named `VR00`..`VR99`.
+pub const MAX_VIRTIO_DEVICES: usize = 100;
+
+/// Default OEM id for all tables.
+pub const DEFAULT_OEM_ID: [u8; 6] = *b"SKIFF ";
+const OEM_TABLE_ID: [u8; 8] = *b"SKIFFVM ";
+const OEM_REVISION: u32 = 1;
+const HYPERVISOR_VENDOR_ID: [u8; 8] = *b"SKIFF\0\0\0";
+
+const HEADER_LEN: u32 = 36;
+const TABLE_ALIGN: usize = 16;
+
+// FADT IAPC_BOOT_ARCH flags (ACPI 6.5, table 5.11).
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+
+/// Which devices the tables describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcpiConfig {
+    /// Number of vCPUs; their local APIC ids are 0..num_cpus.
+    pub num_cpus: u8,
+    /// COM1 at 0x3F8, IRQ 4.
+    pub serial: bool,
+    /// PS/2 controller at 0x60/0x64 with the keyboard on IRQ 1 (no AUX port).
+    pub i8042: bool,
+    /// CMOS RTC at 0x70, IRQ 8.
+    pub rtc: bool,
+    /// Dual 8259 PIC present (MADT PCAT_COMPAT).
+    pub pic: bool,
+    /// PIT present: IRQ0 is overridden to GSI 2.
+    pub pit: bool,
+    /// virtio-mmio transports as (base, size, GSI), in `VRnn` order.
+    pub virtio_mmio: Vec<(u64, u32, u32)>,
+    /// OEM id stamped into every table.
+    pub oem_id: [u8; 6],
+}
+
+impl Default for AcpiConfig {
+    fn default() -> Self {
+        Self {
+            num_cpus: 1,
+            serial: false,
+            i8042: false,
+            rtc: false,
+            pic: false,
+            pit: false,
+            virtio_mmio: Vec::new(),
+            oem_id: DEFAULT_OEM_ID,
+        }
+    }
+}
+
+/// Errors from [`create_acpi_tables`].
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("invalid vCPU count {0} (must be 1..={MAX_CPUS})")]
+    InvalidCpuCount(u8),
+    #[error("too many virtio-mmio devices: {0} (at most {MAX_VIRTIO_DEVICES})")]
+    TooManyVirtioDevices(usize),
+    #[error("virtio-mmio window {base:#x}+{size:#x} does not fit below 4 GiB")]
+    VirtioAbove4G { base: u64, size: u32 },
+    #[error("ACPI tables end at {end:#x}, past {ACPI_END:#x}")]
+    TablesTooLarge { end: u64 },
+    #[error("failed to write ACPI tables to guest memory")]
+    GuestMemory(#[source] GuestMemoryError),
+}
+
+/// Writes RSDP, XSDT, FADT, MADT and DSDT to guest memory starting at
+/// [`ACPI_START`] and returns the RSDP address.
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    cfg: &AcpiConfig,
+) -> Result<GuestAddress, AcpiError> {
+    if cfg.num_cpus == 0 || cfg.num_cpus > MAX_CPUS {
+        return Err(AcpiError::InvalidCpuCount(cfg.num_cpus));
+    }
+
+    // The RSDP needs the XSDT address, which is known last: reserve its slot
+    // at the start of the image and fill it in at the end.
+    let mut image = vec![0u8; Rsdp::len()];
+    let dsdt_addr = push_table(&mut image, &dsdt(cfg)?);
+    let fadt_addr = push_table(&mut image, &to_bytes(&fadt(cfg, dsdt_addr)));
+    let madt_addr = push_table(&mut image, &madt(cfg));
+
+    let mut xsdt = XSDT::new(cfg.oem_id, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_addr = push_table(&mut image, &to_bytes(&xsdt));
+
+    image[..Rsdp::len()].copy_from_slice(&to_bytes(&Rsdp::new(cfg.oem_id, xsdt_addr)));
+
+    let end = ACPI_START + image.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TablesTooLarge { end });
+    }
+    mem.write_slice(&image, GuestAddress(ACPI_START))
+        .map_err(AcpiError::GuestMemory)?;
+    Ok(GuestAddress(RSDP_ADDR))
+}
+
+/// Appends `table` to the image at the next aligned offset and returns the
+/// guest address it will be loaded at.
+fn push_table(image: &mut Vec<u8>, table: &[u8]) -> u64 {
+    let offset = image.len().next_multiple_of(TABLE_ALIGN);
+    image.resize(offset, 0);
+    image.extend_from_slice(table);
+    ACPI_START + offset as u64
+}
+
+fn sdt(signature: [u8; 4], length: u32, revision: u8, cfg: &AcpiConfig) -> Sdt {
+    Sdt::new(
+        signature,
+        length,
+        revision,
+        cfg.oem_id,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    )
+}
+
+fn to_bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    aml.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// A byte-wide GED register as a SystemMemory generic address.
+fn ged_register(addr: u64) -> GAS {
+    GAS::new(
+        AddressSpace::SystemMemory,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        addr,
+    )
+}
+
+fn iapc_boot_arch(cfg: &AcpiConfig) -> u16 {
+    let mut flags = IAPC_BOOT_ARCH_VGA_NOT_PRESENT;
+    if cfg.i8042 {
+        flags |= IAPC_BOOT_ARCH_8042;
+    }
+    if !cfg.rtc {
+        flags |= IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
+    }
+    flags
+}
+
+/// Hardware-reduced FADT: no PM1/GPE blocks; sleep and reset go through the
+/// GED register block.
+fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> FADT {
+    let mut fadt = FADTBuilder::new(cfg.oem_id, OEM_TABLE_ID, OEM_REVISION)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .dsdt_64(dsdt_addr);
+    fadt.reset_reg = ged_register(GED_REG_RESET);
+    fadt.reset_value = GED_RESET_VALUE;
+    fadt.sleep_control_reg = ged_register(GED_REG_SLEEP_CTL);
+    fadt.sleep_status_reg = ged_register(GED_REG_SLEEP_STS);
+    fadt.iapc_boot_arch = iapc_boot_arch(cfg).into();
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR_ID).into();
+    fadt.finalize()
+}
+
+/// MADT Interrupt Source Override (type 2); `acpi_tables` has no helper.
+#[repr(C, packed)]
+#[derive(IntoBytes, Immutable)]
+struct InterruptSourceOverride {
+    entry_type: u8,
+    length: u8,
+    bus: u8,
+    source: u8,
+    gsi: U32,
+    flags: U16,
+}
+
+/// MADT Local APIC NMI (type 4); `acpi_tables` has no helper.
+#[repr(C, packed)]
+#[derive(IntoBytes, Immutable)]
+struct LocalApicNmi {
+    entry_type: u8,
+    length: u8,
+    processor_uid: u8,
+    flags: U16,
+    lint: u8,
+}
+
+/// MADT as QEMU's `acpi_build_madt` builds it. Built on a raw `Sdt` because
+/// `acpi_tables::madt::MADT` cannot set the PCAT_COMPAT flag.
+fn madt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut madt = sdt(*b"APIC", HEADER_LEN + 8, 1, cfg);
+    madt.write_u32(36, APIC_START as u32);
+    madt.write_u32(40, if cfg.pic { MADT_PCAT_COMPAT } else { 0 });
+
+    for id in 0..cfg.num_cpus {
+        madt.append_slice(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled).as_bytes());
+    }
+    madt.append_slice(IoApic::new(IOAPIC_ID, IOAPIC_START as u32, 0).as_bytes());
+    if cfg.pit {
+        // The PIT is wired to IOAPIC pin 2. Flags 0: conforms to the ISA bus
+        // (edge, active high), as QEMU does.
+        let iso = InterruptSourceOverride {
+            entry_type: MADT_INTERRUPT_SOURCE_OVERRIDE,
+            length: size_of::<InterruptSourceOverride>() as u8,
+            bus: 0,
+            source: 0,
+            gsi: 2.into(),
+            flags: 0.into(),
+        };
+        madt.append_slice(iso.as_bytes());
+    }
+    let nmi = LocalApicNmi {
+        entry_type: MADT_LOCAL_APIC_NMI,
+        length: size_of::<LocalApicNmi>() as u8,
+        processor_uid: 0xFF, // all processors
+        flags: 0.into(),
+        lint: 1,
+    };
+    madt.append_slice(nmi.as_bytes());
+    madt.as_slice().to_vec()
+}
+
+/// `Name(path, value)`.
+fn name(path: &str, value: &dyn Aml) -> aml::Name {
+    aml::Name::new(path.into(), value)
+}
+
+/// An ISA interrupt: consumer, edge, active high, exclusive (what an
+/// `IRQNoFlags` descriptor means).
+fn isa_irq(irq: u32) -> aml::Interrupt {
+    aml::Interrupt::new(true, true, false, false, irq)
+}
+
+fn com1_aml(out: &mut Vec<u8>) {
+    aml::Device::new(
+        "COM1".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0501")),
+            &name("_UID", &1u8),
+            &name("_STA", &0xFu8),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(COM1_PORT, COM1_PORT, 0, 8),
+                    &isa_irq(COM1_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(out);
+}
+
+fn i8042_aml(out: &mut Vec<u8>) {
+    aml::Device::new(
+        "KBD_".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0303")),
+            &name("_STA", &0xFu8),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(I8042_PORT, I8042_PORT, 1, 1),
+                    &aml::IO::new(I8042_PORT + 4, I8042_PORT + 4, 1, 1),
+                    &isa_irq(I8042_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(out);
+}
+
+fn rtc_aml(out: &mut Vec<u8>) {
+    aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0B00")),
+            &name(
+                "_CRS",
+                // Eight ports like physical hardware (and QEMU), even though
+                // only 0x70/0x71 are decoded.
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(RTC_PORT, RTC_PORT, 1, 8),
+                    &isa_irq(RTC_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(out);
+}
+
+/// The GED, as QEMU's `build_ged_aml` with only the power-down event.
+///
+/// `_CRS` holds only the interrupt: Linux's GED driver (drivers/acpi/evged.c)
+/// fails to probe on any other resource type. The selector register is
+/// reached through the `EREG` operation region instead.
+fn ged_aml(out: &mut Vec<u8>) {
+    let evt_sel = aml::Local(0);
+    let pwr_down = GED_PWR_DOWN_EVT;
+    let selected = aml::And::new(&aml::ZERO, &evt_sel, &pwr_down);
+    aml::Device::new(
+        "GED_".into(),
+        vec![
+            &name("_HID", &"ACPI0013"),
+            &name("_UID", &"GED"),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_IRQ,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "EREG".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &GED_EVT_SEL,
+                &GED_EVT_SEL_LEN,
+            ),
+            &aml::Field::new(
+                "EREG".into(),
+                aml::FieldAccessType::DWord,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"ESEL", 32)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    // Reading ESEL clears it, so read it once.
+                    &aml::Store::new(&evt_sel, &aml::Path::new("ESEL")),
+                    &aml::If::new(
+                        &aml::Equal::new(&selected, &pwr_down),
+                        vec![&aml::Notify::new(&aml::Path::new("PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(out);
+}
+
+fn power_button_aml(out: &mut Vec<u8>) {
+    aml::Device::new(
+        "PWRB".into(),
+        vec![&name("_HID", &"PNP0C0C"), &name("_UID", &0u8)],
+    )
+    .to_aml_bytes(out);
+}
+
+/// One virtio-mmio transport, as QEMU's `virtio_acpi_dsdt_add`.
+fn virtio_aml(
+    out: &mut Vec<u8>,
+    index: usize,
+    (base, size, gsi): (u64, u32, u32),
+) -> Result<(), AcpiError> {
+    let base32 = match base.checked_add(u64::from(size)) {
+        Some(end) if end <= 1 << 32 => base as u32,
+        _ => return Err(AcpiError::VirtioAbove4G { base, size }),
+    };
+    let dev_name = format!("VR{index:02}");
+    aml::Device::new(
+        dev_name.as_str().into(),
+        vec![
+            &name("_HID", &"LNRO0005"),
+            &name("_UID", &(index as u64)),
+            &name("_CCA", &1u8),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, base32, size),
+                    // Level-triggered, active high, exclusive, as QEMU.
+                    &aml::Interrupt::new(true, false, false, false, gsi),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(out);
+    Ok(())
+}
+
+fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
+    if cfg.virtio_mmio.len() > MAX_VIRTIO_DEVICES {
+        return Err(AcpiError::TooManyVirtioDevices(cfg.virtio_mmio.len()));
+    }
+
+    let mut sb = Vec::new();
+    if cfg.serial {
+        com1_aml(&mut sb);
+    }
+    if cfg.i8042 {
+        i8042_aml(&mut sb);
+    }
+    if cfg.rtc {
+        rtc_aml(&mut sb);
+    }
+    ged_aml(&mut sb);
+    power_button_aml(&mut sb);
+    for (index, &dev) in cfg.virtio_mmio.iter().enumerate() {
+        virtio_aml(&mut sb, index, dev)?;
+    }
+
+    let mut body = aml::Scope::raw("\\_SB_".into(), sb);
+    // ACPI 5.0 System State Package: {SLP_TYP, ignored, reserved, reserved}.
+    name(
+        "_S5_",
+        &aml::Package::new(vec![&GED_SLP_TYP_S5, &0u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
+
+    // Revision 2: 64-bit AML integers.
+    let mut dsdt = sdt(*b"DSDT", HEADER_LEN, 2, cfg);
+    dsdt.append_slice(&body);
+    Ok(dsdt.as_slice().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn full_config() -> AcpiConfig {
+        AcpiConfig {
+            num_cpus: 4,
+            serial: true,
+            i8042: true,
+            rtc: true,
+            pic: true,
+            pit: true,
+            virtio_mmio: vec![(0xFEB0_0000, 0x200, 16), (0xFEB0_0200, 0x200, 17)],
+            oem_id: DEFAULT_OEM_ID,
+        }
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    /// Little-endian integer of `N` bytes at `off`.
+    fn le<const N: usize>(b: &[u8], off: usize) -> u64 {
+        b[off..off + N]
+            .iter()
+            .rev()
+            .fold(0, |acc, &x| acc << 8 | u64::from(x))
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |acc, x| acc.wrapping_add(*x))
+    }
+
+    /// Reads a whole SDT (using its length field) and checks its checksum.
+    fn table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+        let header = read(mem, addr, HEADER_LEN as usize);
+        assert_eq!(&header[..4], signature);
+        let t = read(mem, addr, le::<4>(&header, 4) as usize);
+        assert_eq!(sum(&t), 0, "{signature:?} checksum");
+        assert!(addr + t.len() as u64 <= ACPI_END);
+        t
+    }
+
+    struct Tables {
+        xsdt: Vec<u8>,
+        fadt: Vec<u8>,
+        madt: Vec<u8>,
+        dsdt: Vec<u8>,
+    }
+
+    fn build(cfg: &AcpiConfig) -> Tables {
+        let mem = mem();
+        let rsdp_addr = create_acpi_tables(&mem, cfg).unwrap();
+        assert_eq!(rsdp_addr, GuestAddress(RSDP_ADDR));
+        assert_eq!(rsdp_addr.0 % 16, 0);
+
+        let rsdp = read(&mem, rsdp_addr.0, 36);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(&rsdp), 0);
+        assert_eq!(rsdp[15], 2, "RSDP revision");
+        assert_eq!(le::<4>(&rsdp, 20), 36, "RSDP length");
+
+        let xsdt = table(&mem, le::<8>(&rsdp, 24), b"XSDT");
+        assert_eq!(xsdt.len(), 36 + 2 * 8);
+        let fadt = table(&mem, le::<8>(&xsdt, 36), b"FACP");
+        let madt = table(&mem, le::<8>(&xsdt, 44), b"APIC");
+        let dsdt = table(&mem, le::<8>(&fadt, 140), b"DSDT");
+        Tables {
+            xsdt,
+            fadt,
+            madt,
+            dsdt,
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn fadt_fields() {
+        let t = build(&full_config());
+        let f = &t.fadt;
+        assert_eq!(f.len(), 276);
+        assert_eq!(f[8], 6, "FADT major revision");
+        assert_eq!(f[131], 5, "FADT minor revision");
+        assert_eq!(le::<4>(f, 40), 0, "32-bit DSDT pointer unused");
+        let flags = le::<4>(f, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+
+        let gas = |off: usize| {
+            (
+                f[off],
+                f[off + 1],
+                f[off + 2],
+                f[off + 3],
+                le::<8>(f, off + 4),
+            )
+        };
+        assert_eq!(gas(116), (0, 8, 0, 1, GED_REG_RESET));
+        assert_eq!(f[128], GED_RESET_VALUE);
+        assert_eq!(gas(244), (0, 8, 0, 1, GED_REG_SLEEP_CTL));
+        assert_eq!(gas(256), (0, 8, 0, 1, GED_REG_SLEEP_STS));
+        assert_eq!(&f[268..276], b"SKIFF\0\0\0");
+        assert_eq!(le::<2>(f, 109), 0b0000_0110, "8042 + no VGA");
+
+        let minimal = build(&AcpiConfig::default());
+        assert_eq!(
+            le::<2>(&minimal.fadt, 109),
+            0b0010_0100,
+            "no VGA + no CMOS RTC"
+        );
+    }
+
+    /// Returns (type, bytes) of every MADT interrupt controller structure.
+    fn madt_entries(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut entries = Vec::new();
+        let mut off = 44;
+        while off < madt.len() {
+            let len = madt[off + 1] as usize;
+            entries.push((madt[off], madt[off..off + len].to_vec()));
+            off += len;
+        }
+        assert_eq!(off, madt.len());
+        entries
+    }
+
+    #[test]
+    fn madt_entries_match_config() {
+        let t = build(&full_config());
+        assert_eq!(le::<4>(&t.madt, 36), APIC_START);
+        assert_eq!(le::<4>(&t.madt, 40), u64::from(MADT_PCAT_COMPAT));
+        let entries = madt_entries(&t.madt);
+        assert_eq!(entries.len(), 4 + 1 + 1 + 1);
+        for (i, (ty, e)) in entries.iter().take(4).enumerate() {
+            assert_eq!(*ty, 0);
+            assert_eq!((e[2], e[3], le::<4>(e, 4)), (i as u8, i as u8, 1));
+        }
+        let (ty, ioapic) = &entries[4];
+        assert_eq!(
+            (*ty, ioapic[2], le::<4>(ioapic, 4), le::<4>(ioapic, 8)),
+            (1, IOAPIC_ID, IOAPIC_START, 0)
+        );
+        // IRQ0 (bus 0 source 0) -> GSI 2, flags 0.
+        let (ty, iso) = &entries[5];
+        assert_eq!((*ty, iso.len(), iso[3], le::<4>(iso, 4)), (2, 10, 0, 2));
+        assert_eq!((iso[2], le::<2>(iso, 8)), (0, 0));
+        let (ty, nmi) = &entries[6];
+        assert_eq!(
+            (*ty, nmi.len(), nmi[2], le::<2>(nmi, 3), nmi[5]),
+            (4, 6, 0xFF, 0, 1)
+        );
+
+        let cfg = AcpiConfig {
+            num_cpus: 2,
+            ..Default::default()
+        };
+        let t = build(&cfg);
+        assert_eq!(le::<4>(&t.madt, 40), 0, "no PCAT_COMPAT without a PIC");
+        let types: Vec<u8> = madt_entries(&t.madt).iter().map(|e| e.0).collect();
+        assert_eq!(types, [0, 0, 1, 4], "no override without a PIT");
+    }
+
+    #[test]
+    fn dsdt_devices_follow_config() {
+        let t = build(&full_config());
+        assert_eq!(t.dsdt[8], 2, "DSDT revision");
+        for needle in [
+            &b"COM1"[..],
+            b"KBD_",
+            b"RTC_",
+            b"GED_",
+            b"ACPI0013",
+            b"EREG",
+            b"ESEL",
+            b"_EVT",
+            b"PWRB",
+            b"PNP0C0C",
+            b"VR00",
+            b"VR01",
+            b"LNRO0005",
+            b"_S5_",
+        ] {
+            assert!(contains(&t.dsdt, needle), "{needle:?}");
+        }
+        // The XSDT lists only FADT and MADT; the DSDT hangs off the FADT.
+        assert_eq!(t.xsdt.len(), 52);
+
+        let minimal = build(&AcpiConfig::default());
+        for needle in [&b"COM1"[..], b"KBD_", b"RTC_", b"VR00"] {
+            assert!(!contains(&minimal.dsdt, needle), "{needle:?}");
+        }
+        assert!(contains(&minimal.dsdt, b"GED_") && contains(&minimal.dsdt, b"_S5_"));
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let mem = mem();
+        let err = |cfg: AcpiConfig| create_acpi_tables(&mem, &cfg).unwrap_err();
+        let virtio = |virtio_mmio| AcpiConfig {
+            virtio_mmio,
+            ..Default::default()
+        };
+
+        for n in [0, 255] {
+            let cfg = AcpiConfig {
+                num_cpus: n,
+                ..Default::default()
+            };
+            assert!(matches!(err(cfg), AcpiError::InvalidCpuCount(c) if c == n));
+        }
+        for window in [(0x1_0000_0000, 0x200, 16), (0xFFFF_FF00, 0x200, 16)] {
+            assert!(matches!(
+                err(virtio(vec![window])),
+                AcpiError::VirtioAbove4G { .. }
+            ));
+        }
+        let too_many = vec![(0xFEB0_0000, 0x200, 16); MAX_VIRTIO_DEVICES + 1];
+        assert!(matches!(
+            err(virtio(too_many)),
+            AcpiError::TooManyVirtioDevices(_)
+        ));
+
+        let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0xA_0000)]).unwrap();
+        let res = create_acpi_tables(&small, &AcpiConfig::default());
+        assert!(matches!(res, Err(AcpiError::GuestMemory(_))));
+    }
+
+    #[test]
+    fn largest_config_fits() {
+        let cfg = AcpiConfig {
+            num_cpus: MAX_CPUS,
+            virtio_mmio: (0..MAX_VIRTIO_DEVICES as u32)
+                .map(|i| (0xFEB0_0000 + u64::from(i) * 0x200, 0x200, 16 + i))
+                .collect(),
+            ..full_config()
+        };
+        let t = build(&cfg);
+        assert_eq!(madt_entries(&t.madt).len(), usize::from(MAX_CPUS) + 3);
+        assert!(contains(&t.dsdt, b"VR99"));
+    }
+
+    /// Disassembles every table with ACPICA's `iasl` (package acpica-tools)
+    /// and recompiles the DSDT. Skipped when `iasl` is not installed.
+    #[test]
+    fn iasl_accepts_tables() {
+        if Command::new("iasl").arg("-v").output().is_err() {
+            eprintln!("iasl not found, skipping");
+            return;
+        }
+        let t = build(&full_config());
+        let dir = std::env::temp_dir().join(format!("skiff-acpi-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, bytes) in [
+            ("dsdt", &t.dsdt),
+            ("facp", &t.fadt),
+            ("apic", &t.madt),
+            ("xsdt", &t.xsdt),
+        ] {
+            let path = dir.join(format!("{file}.dat"));
+            std::fs::write(&path, bytes).unwrap();
+            let out = Command::new("iasl").arg("-d").arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "iasl -d {file}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
+        for needle in [
+            "\"ACPI0013\"",
+            "Notify (PWRB, 0x80)",
+            "Name (_S5, Package",
+            "\"LNRO0005\"",
+        ] {
+            assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
+        }
+        let out = Command::new("iasl")
+            .arg(dir.join("dsdt.dsl"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "iasl recompile: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
