@@ -1,13 +1,13 @@
 //! Linux direct boot: the kernel image, initrd, command line and zero page.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::*;
 use crate::GuestMemoryMmap;
@@ -153,29 +153,12 @@ fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, file: &mut File) ->
     if addr < kernel.end {
         return Err(Error::InitrdTooLarge { size, limit });
     }
-    let mut reader = file.take(size);
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut ReadAdapter(&mut reader), size as usize)
-        .map_err(|e| match e {
-            vm_memory::GuestMemoryError::IOError(io) => Error::ReadInitrd(io),
-            other => Error::GuestMemory(other),
-        })?;
+    // File is ReadVolatile: the bytes go straight into guest memory.
+    mem.read_exact_volatile_from(GuestAddress(addr), file, size as usize).map_err(|e| match e {
+        vm_memory::GuestMemoryError::IOError(io) => Error::ReadInitrd(io),
+        other => Error::GuestMemory(other),
+    })?;
     Ok((addr, size))
-}
-
-/// `read_exact_volatile_from` wants `ReadVolatile`; `Take<&mut File>` is
-/// only `Read`.
-struct ReadAdapter<'a, R: Read>(&'a mut R);
-
-impl<R: Read> ReadVolatile for ReadAdapter<'_, R> {
-    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
-        &mut self,
-        buf: &mut vm_memory::VolatileSlice<B>,
-    ) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
-        let mut tmp = vec![0u8; buf.len().min(1 << 20)];
-        let n = self.0.read(&mut tmp).map_err(vm_memory::VolatileMemoryError::IOError)?;
-        buf.copy_from(&tmp[..n]);
-        Ok(n)
-    }
 }
 
 const E820_RAM: u32 = 1;
