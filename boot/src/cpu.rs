@@ -290,11 +290,19 @@ fn segment(entry: u64, index: u16) -> kvm_segment {
     }
 }
 
-const GDT: [u64; 4] = [
+const GDT_64: [u64; 4] = [
     gdt_entry(0, 0, 0),            // null
     gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
     gdt_entry(0xc093, 0, 0xfffff), // data
     gdt_entry(0x808b, 0, 0xfffff), // TSS
+];
+
+/// PVH enters in 32-bit protected mode with flat 4 GiB segments.
+const GDT_32: [u64; 4] = [
+    gdt_entry(0, 0, 0),            // null
+    gdt_entry(0xc09b, 0, 0xfffff), // 32-bit code
+    gdt_entry(0xc093, 0, 0xfffff), // data
+    gdt_entry(0x008b, 0, 0x67),    // TSS
 ];
 
 const X86_CR0_PE: u64 = 1;
@@ -313,11 +321,16 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
-/// Segments, GDT, IDT and paging for the entry the kernel asks for.
+/// Segments, GDT, IDT and paging for the entry the kernel asks for: long
+/// mode with an identity map (64-bit boot protocol), or flat 32-bit
+/// protected mode without paging (PVH).
 pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: &KernelEntry) -> Result<()> {
     let mut sregs = vcpu.get_sregs().map_err(Error::Sregs)?;
-    let KernelEntry::Linux64 { .. } = entry;
-    let gdt: Vec<u8> = GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
+    let gdt_table = match entry {
+        KernelEntry::Linux64 { .. } => &GDT_64,
+        KernelEntry::Pvh { .. } => &GDT_32,
+    };
+    let gdt: Vec<u8> = gdt_table.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START))?;
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))?;
     sregs.gdt.base = BOOT_GDT_START;
@@ -325,33 +338,49 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: &KernelEntry) ->
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
 
-    let code = segment(GDT[1], 1);
-    let data = segment(GDT[2], 2);
+    let code = segment(gdt_table[1], 1);
+    let data = segment(gdt_table[2], 2);
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = segment(GDT[3], 3);
+    sregs.tr = segment(gdt_table[3], 3);
 
-    write_page_tables(mem)?;
-    sregs.cr3 = PML4_START;
-    sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
-    sregs.efer |= EFER_LME | EFER_LMA;
+    match entry {
+        KernelEntry::Linux64 { .. } => {
+            write_page_tables(mem)?;
+            sregs.cr3 = PML4_START;
+            sregs.cr4 |= X86_CR4_PAE;
+            sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
+            sregs.efer |= EFER_LME | EFER_LMA;
+        }
+        KernelEntry::Pvh { .. } => {
+            sregs.cr0 = (sregs.cr0 & !X86_CR0_PG) | X86_CR0_PE;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+        }
+    }
     vcpu.set_sregs(&sregs).map_err(Error::Sregs)
 }
 
 pub fn setup_regs(vcpu: &VcpuFd, entry: &KernelEntry) -> Result<()> {
-    let KernelEntry::Linux64 { entry, zero_page } = *entry;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry.0,
-        rsp: BOOT_STACK_POINTER,
-        rbp: BOOT_STACK_POINTER,
-        rsi: zero_page.0,
-        ..Default::default()
+    let regs = match *entry {
+        KernelEntry::Linux64 { entry, zero_page } => kvm_regs {
+            rflags: 0x2,
+            rip: entry.0,
+            rsp: BOOT_STACK_POINTER,
+            rbp: BOOT_STACK_POINTER,
+            rsi: zero_page.0,
+            ..Default::default()
+        },
+        KernelEntry::Pvh { entry, start_info } => kvm_regs {
+            rflags: 0x2,
+            rip: entry.0,
+            rbx: start_info.0,
+            ..Default::default()
+        },
     };
     vcpu.set_regs(&regs).map_err(Error::SetRegs)
 }
@@ -363,13 +392,15 @@ mod tests {
 
     #[test]
     fn gdt_segments_decode() {
-        let cs = segment(GDT[1], 1);
+        let cs = segment(GDT_64[1], 1);
         assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.type_), (8, 1, 0, 1, 0xb));
         assert_eq!(cs.limit, 0xffff_ffff);
-        let ds = segment(GDT[2], 2);
+        let ds = segment(GDT_64[2], 2);
         assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (16, 0, 1, 3));
-        let null = segment(GDT[0], 0);
+        let null = segment(GDT_64[0], 0);
         assert_eq!(null.unusable, 1);
+        let cs32 = segment(GDT_32[1], 1);
+        assert_eq!((cs32.l, cs32.db, cs32.limit), (0, 1, 0xffff_ffff));
     }
 
     fn supported() -> CpuId {

@@ -18,6 +18,8 @@ pub enum Error {
     ReadKernel(#[source] std::io::Error),
     #[error("not a bzImage or ELF kernel: {0}")]
     LoadKernel(#[source] linux_loader::loader::Error),
+    #[error("the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH=y or boot its bzImage")]
+    NoPvhNote,
     #[error("the kernel has no 64-bit entry point (XLF_KERNEL_64); it cannot be booted directly")]
     No64BitEntry,
     #[error("the kernel's boot protocol {0:#x} is too old (2.06 or later is needed)")]
@@ -45,18 +47,39 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum KernelEntry {
     /// 64-bit boot protocol: long mode, `rsi` = zero page.
     Linux64 { entry: GuestAddress, zero_page: GuestAddress },
+    /// PVH: 32-bit protected mode without paging, `ebx` = hvm_start_info.
+    Pvh { entry: GuestAddress, start_info: GuestAddress },
 }
 
-/// A loaded bzImage: where it sits and its setup header.
+/// A loaded kernel: where it sits and how it wants to be entered.
 pub struct LoadedKernel {
-    entry: GuestAddress,
-    /// End of the area the kernel may use while decompressing itself.
+    kind: KernelKind,
+    /// End of the area the kernel may use (bzImage: while decompressing).
     end: u64,
-    header: linux_loader::loader::bootparam::setup_header,
+    /// Highest address the kernel can reach an initrd at.
+    initrd_addr_max: u64,
 }
 
-/// Loads a bzImage at 1 MiB (its `code32_start`).
+enum KernelKind {
+    BzImage { entry: GuestAddress, header: linux_loader::loader::bootparam::setup_header },
+    Pvh { entry: GuestAddress },
+}
+
+impl LoadedKernel {
+    pub fn is_pvh(&self) -> bool {
+        matches!(self.kind, KernelKind::Pvh { .. })
+    }
+}
+
+/// Loads a bzImage at 1 MiB (its `code32_start`), or an ELF vmlinux with a
+/// PVH note at its physical addresses (as QEMU's microvm accepts both).
 pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKernel> {
+    let mut magic = [0u8; 4];
+    file.seek(SeekFrom::Start(0)).map_err(Error::ReadKernel)?;
+    let is_elf = std::io::Read::read_exact(file, &mut magic).is_ok() && magic == *b"\x7fELF";
+    if is_elf {
+        return load_pvh(mem, file);
+    }
     let res = BzImage::load(mem, None, file, Some(GuestAddress(HIGH_MEMORY_START)))
         .map_err(Error::LoadKernel)?;
     // `load` only returns Ok for a bzImage, which always has a setup header.
@@ -74,10 +97,26 @@ pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKerne
     let end = load.max(u64::from(header.pref_address)) + u64::from(header.init_size);
     Ok(LoadedKernel {
         // The 64-bit entry sits 0x200 past the 32-bit one (boot protocol).
-        entry: GuestAddress(load + 0x200),
+        kind: KernelKind::BzImage { entry: GuestAddress(load + 0x200), header },
         end: end.max(res.kernel_end),
-        header,
+        initrd_addr_max: u64::from(header.initrd_addr_max),
     })
+}
+
+fn load_pvh(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKernel> {
+    use linux_loader::loader::elf::{Elf, PvhBootCapability};
+    file.seek(SeekFrom::Start(0)).map_err(Error::ReadKernel)?;
+    let res = Elf::load(mem, None, file, Some(GuestAddress(HIGH_MEMORY_START)))
+        .map_err(Error::LoadKernel)?;
+    match res.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
+            kind: KernelKind::Pvh { entry },
+            end: res.kernel_end,
+            // The PVH entry runs without paging: 32-bit physical addresses.
+            initrd_addr_max: u32::MAX.into(),
+        }),
+        _ => Err(Error::NoPvhNote),
+    }
 }
 
 /// What the rest of the machine asks of the boot parameters.
@@ -90,54 +129,112 @@ pub struct BootSetup<'a> {
     pub reserved: &'a [(u64, u64)],
 }
 
-/// Loads the initrd and command line, writes the zero page, and returns the
-/// entry state for the boot vCPU.
+/// Loads the initrd and command line, writes the zero page (bzImage) or
+/// the PVH start info, and returns the entry state for the boot vCPU.
 pub fn configure(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     setup: BootSetup<'_>,
 ) -> Result<KernelEntry> {
-    let mut params = boot_params { hdr: kernel.header, ..Default::default() };
-    params.hdr.type_of_loader = 0xff; // "undefined" loader
-    params.hdr.loadflags |= linux_loader::loader::bootparam::CAN_USE_HEAP as u8;
-    params.hdr.heap_end_ptr = 0xfe00;
-    params.hdr.vid_mode = 0xffff; // "normal"
-
-    write_cmdline(mem, &mut params, setup.cmdline)?;
-
-    if let Some(file) = setup.initrd {
-        let (addr, size) = load_initrd(mem, kernel, file)?;
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+    let initrd = match setup.initrd {
+        Some(file) => Some(load_initrd(mem, kernel, file)?),
+        None => None,
+    };
+    let e820 = e820_entries(mem, setup.reserved);
+    match &kernel.kind {
+        KernelKind::BzImage { entry, header } => {
+            let mut params = boot_params { hdr: *header, ..Default::default() };
+            params.hdr.type_of_loader = 0xff; // "undefined" loader
+            params.hdr.loadflags |= linux_loader::loader::bootparam::CAN_USE_HEAP;
+            params.hdr.heap_end_ptr = 0xfe00;
+            params.hdr.vid_mode = 0xffff; // "normal"
+            let max = params.hdr.cmdline_size as usize;
+            write_cmdline(mem, setup.cmdline, max)?;
+            params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+            if let Some((addr, size)) = initrd {
+                params.hdr.ramdisk_image = addr as u32;
+                params.hdr.ramdisk_size = size as u32;
+            }
+            if let Some(rsdp) = setup.rsdp {
+                params.acpi_rsdp_addr = rsdp.raw_value();
+            }
+            if e820.len() > params.e820_table.len() {
+                return Err(Error::TooManyE820Entries);
+            }
+            for (slot, &(addr, size, type_)) in params.e820_table.iter_mut().zip(&e820) {
+                *slot = boot_e820_entry { addr, size, r#type: type_ };
+            }
+            params.e820_entries = e820.len() as u8;
+            let zero_page = GuestAddress(ZERO_PAGE_START);
+            LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+                &BootParams::new::<boot_params>(&params, zero_page),
+                mem,
+            )
+            .map_err(Error::WriteBootParams)?;
+            Ok(KernelEntry::Linux64 { entry: *entry, zero_page })
+        }
+        KernelKind::Pvh { entry } => {
+            write_cmdline(mem, setup.cmdline, CMDLINE_MAX_SIZE - 1)?;
+            let start_info = write_pvh_start_info(mem, initrd, setup.rsdp, &e820)?;
+            Ok(KernelEntry::Pvh { entry: *entry, start_info })
+        }
     }
-    if let Some(rsdp) = setup.rsdp {
-        params.acpi_rsdp_addr = rsdp.raw_value();
-    }
-    fill_e820(mem, &mut params, setup.reserved)?;
-
-    let zero_page = GuestAddress(ZERO_PAGE_START);
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
-        &BootParams::new::<boot_params>(&params, zero_page),
-        mem,
-    )
-    .map_err(Error::WriteBootParams)?;
-    Ok(KernelEntry::Linux64 { entry: kernel.entry, zero_page })
 }
 
-fn write_cmdline(mem: &GuestMemoryMmap, params: &mut boot_params, cmdline: &str) -> Result<()> {
+/// hvm_start_info at PVH_INFO_START, then the module list (the initrd) and
+/// the memory map, laid out as the PVH ABI (Xen's start_info.h) defines.
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    initrd: Option<(u64, u64)>,
+    rsdp: Option<GuestAddress>,
+    e820: &[(u64, u64, u32)],
+) -> Result<GuestAddress> {
+    const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+    let start = PVH_INFO_START;
+    let modlist = start + 0x40;
+    let memmap = start + 0x80;
+    if memmap + 24 * e820.len() as u64 > ZERO_PAGE_START {
+        return Err(Error::TooManyE820Entries);
+    }
+    let mut info = Vec::with_capacity(56);
+    info.extend_from_slice(&XEN_HVM_START_MAGIC.to_le_bytes());
+    info.extend_from_slice(&1u32.to_le_bytes()); // version
+    info.extend_from_slice(&0u32.to_le_bytes()); // flags
+    info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
+    info.extend_from_slice(&modlist.to_le_bytes());
+    info.extend_from_slice(&CMDLINE_START.to_le_bytes());
+    info.extend_from_slice(&rsdp.map_or(0, |a| a.raw_value()).to_le_bytes());
+    info.extend_from_slice(&memmap.to_le_bytes());
+    info.extend_from_slice(&(e820.len() as u32).to_le_bytes());
+    info.extend_from_slice(&0u32.to_le_bytes()); // reserved
+    mem.write_slice(&info, GuestAddress(start))?;
+    if let Some((addr, size)) = initrd {
+        let entry: Vec<u8> = [addr, size, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        mem.write_slice(&entry, GuestAddress(modlist))?;
+    }
+    for (i, &(addr, size, type_)) in e820.iter().enumerate() {
+        let mut entry = Vec::with_capacity(24);
+        entry.extend_from_slice(&addr.to_le_bytes());
+        entry.extend_from_slice(&size.to_le_bytes());
+        entry.extend_from_slice(&type_.to_le_bytes());
+        entry.extend_from_slice(&0u32.to_le_bytes());
+        mem.write_slice(&entry, GuestAddress(memmap + 24 * i as u64))?;
+    }
+    Ok(GuestAddress(start))
+}
+
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<()> {
     if cmdline.contains('\0') {
         return Err(Error::CmdlineNul);
     }
-    // cmdline_size excludes the terminating NUL.
-    let max = (params.hdr.cmdline_size as usize).min(CMDLINE_MAX_SIZE - 1);
+    // The kernel's cmdline_size excludes the terminating NUL.
+    let max = max.min(CMDLINE_MAX_SIZE - 1);
     if cmdline.len() > max {
         return Err(Error::CmdlineTooLong { len: cmdline.len(), max });
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_START))?;
-    // cmdline_size stays as the kernel gave it: it is the kernel's limit.
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     Ok(())
 }
 
@@ -147,7 +244,7 @@ fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, file: &mut File) ->
     let size = file.seek(SeekFrom::End(0)).map_err(Error::ReadInitrd)?;
     file.seek(SeekFrom::Start(0)).map_err(Error::ReadInitrd)?;
     let low_end = mem.iter().next().map(|r| r.len()).unwrap_or(0);
-    let limit = low_end.min(u64::from(kernel.header.initrd_addr_max) + 1);
+    let limit = low_end.min(kernel.initrd_addr_max + 1);
     let too_large = Error::InitrdTooLarge { size, limit };
     let addr = limit.checked_sub(size).ok_or(too_large)? & !0xfff;
     if addr < kernel.end {
@@ -166,7 +263,7 @@ const E820_RESERVED: u32 = 2;
 
 /// The e820 map: RAM below the EBDA, the EBDA/BIOS area reserved, RAM from
 /// 1 MiB, the given MMIO ranges reserved, and RAM above 4 GiB.
-fn fill_e820(mem: &GuestMemoryMmap, params: &mut boot_params, reserved: &[(u64, u64)]) -> Result<()> {
+fn e820_entries(mem: &GuestMemoryMmap, reserved: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
     let mut entries = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
@@ -182,14 +279,7 @@ fn fill_e820(mem: &GuestMemoryMmap, params: &mut boot_params, reserved: &[(u64, 
     }
     entries.extend(reserved.iter().map(|&(b, l)| (b, l, E820_RESERVED)));
     entries.sort_by_key(|e| e.0);
-    if entries.len() > params.e820_table.len() {
-        return Err(Error::TooManyE820Entries);
-    }
-    for (slot, &(addr, size, type_)) in params.e820_table.iter_mut().zip(&entries) {
-        *slot = boot_e820_entry { addr, size, r#type: type_ };
-    }
-    params.e820_entries = entries.len() as u8;
-    Ok(())
+    entries
 }
 
 #[cfg(test)]
@@ -205,12 +295,7 @@ mod tests {
     #[test]
     fn e820_covers_ram_and_reserved_ranges() {
         let m = mem(4 << 30);
-        let mut p = boot_params::default();
-        fill_e820(&m, &mut p, &[(PCIE_ECAM_BASE, PCIE_ECAM_SIZE)]).unwrap();
-        let got: Vec<_> = p.e820_table[..p.e820_entries as usize]
-            .iter()
-            .map(|e| (e.addr, e.size, e.r#type))
-            .collect();
+        let got = e820_entries(&m, &[(PCIE_ECAM_BASE, PCIE_ECAM_SIZE)]);
         assert_eq!(
             got,
             vec![
@@ -226,24 +311,23 @@ mod tests {
     #[test]
     fn cmdline_is_bounded_and_nul_free() {
         let m = mem(16 << 20);
-        let mut p = boot_params::default();
-        p.hdr.cmdline_size = 16;
-        write_cmdline(&m, &mut p, "console=ttyS0").unwrap();
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        write_cmdline(&m, "console=ttyS0", 16).unwrap();
         let mut buf = [0u8; 14];
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");
         assert!(matches!(
-            write_cmdline(&m, &mut p, "console=ttyS0 quiet"),
+            write_cmdline(&m, "console=ttyS0 quiet", 16),
             Err(Error::CmdlineTooLong { len: 19, max: 16 })
         ));
-        assert!(matches!(write_cmdline(&m, &mut p, "a\0b"), Err(Error::CmdlineNul)));
+        assert!(matches!(write_cmdline(&m, "a\0b", 16), Err(Error::CmdlineNul)));
     }
 
     fn fake_kernel() -> LoadedKernel {
-        let mut header = linux_loader::loader::bootparam::setup_header::default();
-        header.initrd_addr_max = 0x7fff_ffff;
-        LoadedKernel { entry: GuestAddress(0x100200), end: 0x200_0000, header }
+        LoadedKernel {
+            kind: KernelKind::Pvh { entry: GuestAddress(0x100_0000) },
+            end: 0x200_0000,
+            initrd_addr_max: 0x7fff_ffff,
+        }
     }
 
     #[test]
