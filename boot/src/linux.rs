@@ -94,7 +94,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKerne
     }
     let load = res.kernel_load.raw_value();
     // The kernel decompresses in place within init_size of its load address.
-    let end = load.max(u64::from(header.pref_address)) + u64::from(header.init_size);
+    let end = load.max(header.pref_address) + u64::from(header.init_size);
     Ok(LoadedKernel {
         // The 64-bit entry sits 0x200 past the 32-bit one (boot protocol).
         kind: KernelKind::BzImage { entry: GuestAddress(load + 0x200), header },

@@ -15,6 +15,7 @@ mod memory;
 mod rtc_timer;
 mod serial_input;
 mod signals;
+mod trace;
 mod vcpu;
 mod vm;
 
@@ -25,6 +26,7 @@ use devices::VmEvent;
 use vm::RunEnd;
 
 fn main() -> ExitCode {
+    trace::init();
     logger::init();
     let args = std::env::args().skip(1);
     let config = match cli::parse(args) {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         }
     };
     console::restore_terminal();
+    eprint!("{}", trace::report());
     // Exit codes from isa-debug-exit can exceed a u8 in theory; the OS keeps
     // the low 8 bits, as with QEMU's exit().
     ExitCode::from(code as u8)

@@ -12,6 +12,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::Killable;
 
 use crate::control::Control;
+use crate::trace::{self, ExitKind, Milestone, VcpuExits};
 
 /// Value a read from an address no device claims returns: all ones, as an
 /// ISA bus with pull-ups (and QEMU) answer. A guest probing for a device
@@ -19,6 +20,9 @@ use crate::control::Control;
 const UNASSIGNED_READ: u8 = 0xff;
 
 pub struct VcpuContext {
+    /// Port writes that mark boot milestones for the trace (first serial
+    /// byte, POST code, isa-debug-exit), as the VMM laid devices out.
+    pub watched_ports: Vec<(u16, Milestone)>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub control: Arc<Control>,
@@ -47,28 +51,42 @@ impl VcpuHandle {
 }
 
 fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let tracing = trace::enabled();
+    let mut exits = VcpuExits::default();
+    trace::milestone(Milestone::FirstVcpuEntry);
     while !ctx.stop.load(Ordering::Acquire) {
-        match vcpu.run() {
+        let exit = vcpu.run();
+        let t0 = tracing.then(std::time::Instant::now);
+        let (kind, addr, claimed) = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                if !ctx.pio.read(u64::from(port), data) {
+                let claimed = ctx.pio.read(u64::from(port), data);
+                if !claimed {
                     data.fill(UNASSIGNED_READ);
                 }
+                (ExitKind::PioIn, u64::from(port), claimed)
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                ctx.pio.write(u64::from(port), data);
+                if tracing {
+                    if let Some((_, m)) = ctx.watched_ports.iter().find(|(p, _)| *p == port) {
+                        trace::milestone(*m);
+                    }
+                }
+                (ExitKind::PioOut, u64::from(port), ctx.pio.write(u64::from(port), data))
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !ctx.mmio.read(addr, data) {
+                let claimed = ctx.mmio.read(addr, data);
+                if !claimed {
                     data.fill(UNASSIGNED_READ);
                 }
+                (ExitKind::MmioRead, addr, claimed)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                ctx.mmio.write(addr, data);
+                (ExitKind::MmioWrite, addr, ctx.mmio.write(addr, data))
             }
             // Triple fault: a PC resets (Linux's reboot=t relies on it).
             Ok(VcpuExit::Shutdown) => {
                 ctx.control.request(VmEvent::Reset);
-                return;
+                break;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 let event = match kind {
@@ -80,37 +98,44 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
                     }
                 };
                 ctx.control.request(event);
-                return;
+                break;
             }
             // The in-kernel LAPIC handles HLT; these are benign wakeups.
-            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                (ExitKind::Other, 0, true)
+            }
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kvm_run union
                 // holds the `internal` member.
                 let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 fail(&vcpu, &ctx, index, &format!("KVM internal error. Suberror: {suberror}"));
-                return;
+                break;
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 let msg = format!("KVM entry failed, hardware error {reason:#x} (cpu {cpu})");
                 fail(&vcpu, &ctx, index, &msg);
-                return;
+                break;
             }
             Ok(other) => {
                 let what = format!("unexpected VM exit: {other:?}");
                 fail(&vcpu, &ctx, index, &what);
-                return;
+                break;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked: clear immediate_exit and look at `stop` again.
                 vcpu.set_kvm_immediate_exit(0);
+                continue;
             }
             Err(e) => {
                 fail(&vcpu, &ctx, index, &format!("KVM_RUN failed: {e}"));
-                return;
+                break;
             }
+        };
+        if let Some(t0) = t0 {
+            exits.record(kind, addr, claimed, t0.elapsed());
         }
     }
+    exits.merge();
 }
 
 /// Stops the VM with the error and the vCPU's registers, as QEMU prints them.

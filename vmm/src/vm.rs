@@ -149,8 +149,11 @@ impl BootFiles {
 }
 
 /// The devices the event loop and (later) the monitor reach.
+/// The UART, its "input FIFO drained" eventfd, and whether stdin feeds it.
+type SerialHandle = (Arc<Mutex<Serial<EventFdTrigger>>>, EventFd, bool);
+
 struct Devices {
-    serial: Option<(Arc<Mutex<Serial<EventFdTrigger>>>, EventFd, bool)>,
+    serial: Option<SerialHandle>,
     rtc: Option<(Arc<Mutex<Rtc<EventFdTrigger>>>, EventFd)>,
 }
 
@@ -191,6 +194,7 @@ pub fn run(
     let mut handles: Vec<VcpuHandle> = Vec::with_capacity(vcpus.len());
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let ctx = VcpuContext {
+            watched_ports: watched_ports(cfg, &devices),
             pio: pio.clone(),
             mmio: mmio.clone(),
             control: control.clone(),
@@ -199,6 +203,7 @@ pub fn run(
         handles.push(vcpu::spawn(i as u32, vcpu, ctx).map_err(io_err("spawning a vCPU thread"))?);
     }
 
+    crate::trace::milestone(crate::trace::Milestone::VmReady);
     let end = event_loop(&control, signal_evt, devices);
 
     stop.store(true, Ordering::Release);
@@ -206,6 +211,21 @@ pub fn run(
         h.stop();
     }
     end
+}
+
+/// Ports whose first write marks a boot milestone in the trace.
+fn watched_ports(cfg: &VmConfig, devices: &Devices) -> Vec<(u16, crate::trace::Milestone)> {
+    use crate::trace::Milestone;
+    let mut ports = vec![(0x80, Milestone::FirstPostPort)];
+    if devices.serial.is_some() {
+        ports.push((COM1_PORT, Milestone::FirstSerialByte));
+    }
+    for d in &cfg.devices {
+        if let DeviceConfig::IsaDebugExit { iobase, .. } = d {
+            ports.push((*iobase, Milestone::DebugExit));
+        }
+    }
+    ports
 }
 
 /// Routes GSI 0 to IOAPIC pin 2, as a PC wires the PIT and as the MADT's
