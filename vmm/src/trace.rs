@@ -49,6 +49,47 @@ pub enum ExitKind {
 type ExitTable = HashMap<(ExitKind, u64, bool), (u64, Duration)>;
 static EXITS: Mutex<Option<ExitTable>> = Mutex::new(None);
 
+/// (peak RSS, guest RAM resident) in KiB, taken as the VM stops.
+static MEMORY: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+
+/// Records peak RSS and how much of guest RAM is resident, so the report can
+/// tell the VMM's own memory (peak − guest RAM touched). `guest` are the
+/// host address ranges of guest RAM.
+pub fn record_memory(guest: &[(u64, u64)]) {
+    if !enabled() {
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    *MEMORY.lock().unwrap_or_else(|e| e.into_inner()) = Some((hwm, guest_rss_kib(&smaps, guest)));
+}
+
+/// Sums `Rss:` of the smaps mappings that lie inside one of `ranges`.
+fn guest_rss_kib(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
+    let mut inside = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = ranges.iter().any(|&(s, l)| a >= s && b <= s + l);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                total += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
 /// Reads `SKIFF_BOOT_TRACE` and starts the clock; call first thing in main.
 pub fn init() {
     START.get_or_init(Instant::now);
@@ -115,6 +156,14 @@ pub fn report() -> String {
         let t = if v == 0 { "-".to_string() } else { fmt_ms(v - 1) };
         out += &format!("  {name:<32} {t:>12}\n");
     }
+    if let Some((hwm, guest)) = *MEMORY.lock().unwrap_or_else(|e| e.into_inner()) {
+        out += &format!(
+            "memory: peak RSS {:.1} MiB, guest RAM touched {:.1} MiB, skiff's own {:.1} MiB\n",
+            hwm as f64 / 1024.0,
+            guest as f64 / 1024.0,
+            hwm.saturating_sub(guest) as f64 / 1024.0
+        );
+    }
     let exits = EXITS.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
     let mut rows: Vec<_> = exits.into_iter().collect();
     rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
@@ -141,6 +190,21 @@ pub fn report() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_rss_sums_only_guest_mappings() {
+        let smaps = "\
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                 300 kB
+7f0000100000-7f0000200000 rw-p 00000000 00:00 0
+Rss:                  50 kB
+55d000000000-55d000001000 r-xp 00000000 08:01 1 /usr/bin/skiff
+Rss:                   4 kB
+";
+        assert_eq!(guest_rss_kib(smaps, &[(0x7f00_0000_0000, 0x20_0000)]), 350);
+        assert_eq!(guest_rss_kib(smaps, &[(0x7f00_0000_0000, 0x10_0000)]), 300);
+    }
 
     #[test]
     fn report_lists_milestones_and_sorted_exits() {

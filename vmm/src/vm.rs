@@ -13,6 +13,7 @@ use devices::{Bus, BusDevice, VmEvent};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DeviceConfig, VmConfig};
@@ -210,6 +211,8 @@ pub fn run(
     for h in handles {
         h.stop();
     }
+    let guest: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
+    crate::trace::record_memory(&guest);
     end
 }
 
