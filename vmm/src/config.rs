@@ -121,6 +121,22 @@ pub enum SerialConfig {
     None,
 }
 
+/// Where a `-qmp` monitor listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QmpAddress {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16 },
+}
+
+/// `-qmp unix:PATH,server,nowait` / `tcp:HOST:PORT,server=on,wait=off`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QmpConfig {
+    pub address: QmpAddress,
+    /// `wait=on` (QEMU's default for a server): start the VM only once a
+    /// client has connected.
+    pub wait: bool,
+}
+
 /// A `-device`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceConfig {
@@ -163,6 +179,8 @@ pub struct VmConfig {
     pub smbios: Option<SmbiosType1>,
     /// `-sandbox on`.
     pub sandbox: bool,
+    /// `-qmp` monitors.
+    pub qmp: Vec<QmpConfig>,
 }
 
 impl Default for VmConfig {
@@ -184,6 +202,7 @@ impl Default for VmConfig {
             devices: Vec::new(),
             smbios: None,
             sandbox: false,
+            qmp: Vec::new(),
         }
     }
 }

@@ -13,6 +13,10 @@ pub enum Outcome {
     Guest(VmEvent),
     /// A vCPU could not continue (KVM internal error, ...): message with registers.
     Fatal(String),
+    /// QMP `quit`.
+    Quit,
+    /// QMP `system_reset`.
+    HostReset,
 }
 
 pub struct Control {
@@ -31,6 +35,14 @@ impl Control {
 
     pub fn fail(&self, msg: String) {
         self.set(Outcome::Fatal(msg));
+    }
+
+    pub fn quit(&self) {
+        self.set(Outcome::Quit);
+    }
+
+    pub fn host_reset(&self) {
+        self.set(Outcome::HostReset);
     }
 
     pub fn outcome(&self) -> Option<Outcome> {

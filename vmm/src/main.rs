@@ -12,6 +12,7 @@ mod console;
 mod control;
 mod logger;
 mod memory;
+mod qmp;
 mod rtc_timer;
 mod serial_input;
 mod signals;
@@ -20,6 +21,7 @@ mod vcpu;
 mod vm;
 
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use config::VmConfig;
 use devices::VmEvent;
@@ -73,27 +75,74 @@ fn run(cfg: &VmConfig) -> Result<i32, String> {
     let mut files = vm::BootFiles::open(cfg).map_err(|e| e.to_string())?;
     let console = console::console_target(cfg).map_err(|e| e.to_string())?;
     let signal_evt = signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
+    let mut servers = Vec::new();
+    for q in &cfg.qmp {
+        let server = qmp::QmpServer::bind(q).map_err(|e| format!("-qmp: {e}"))?;
+        servers.push(Arc::new(Mutex::new(server)));
+    }
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);
     }
+    let result = run_until_end(cfg, &mut files, &console, signal_evt, &servers);
+    for s in servers {
+        // The vCPU threads are gone: nothing else holds a server now.
+        if let Ok(m) = Arc::try_unwrap(s) {
+            m.into_inner().unwrap_or_else(|e| e.into_inner()).close();
+        }
+    }
+    result
+}
 
+fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason: &str) {
+    for s in servers {
+        let data = serde_json::json!({ "guest": guest, "reason": reason });
+        s.lock().unwrap_or_else(|e| e.into_inner()).emit(name, Some(data));
+    }
+}
+
+fn run_until_end(
+    cfg: &VmConfig,
+    files: &mut vm::BootFiles,
+    console: &console::ConsoleTarget,
+    signal_evt: &vmm_sys_util::eventfd::EventFd,
+    servers: &[Arc<Mutex<qmp::QmpServer>>],
+) -> Result<i32, String> {
     let mut first = true;
     loop {
-        let end = vm::run(cfg, &mut files, &console, first, signal_evt).map_err(|e| e.to_string())?;
+        let end = vm::run(cfg, files, console, first, signal_evt, servers).map_err(|e| e.to_string())?;
         first = false;
-        match end {
-            RunEnd::Guest(VmEvent::Reset) if !cfg.no_reboot => {
-                log::info!("guest reset: restarting the VM");
-                continue;
+        // With -no-reboot every reset request becomes a shutdown, as in QEMU.
+        let (guest, reason, reset) = match &end {
+            RunEnd::Guest(VmEvent::Reset) => (true, "guest-reset", true),
+            RunEnd::HostReset => (false, "host-qmp-system-reset", true),
+            _ => (false, "", false),
+        };
+        if reset && !cfg.no_reboot {
+            emit(servers, "RESET", guest, reason);
+            log::info!("{reason}: restarting the VM");
+            continue;
+        }
+        return match end {
+            RunEnd::Guest(VmEvent::PowerOff) => {
+                emit(servers, "SHUTDOWN", true, "guest-shutdown");
+                Ok(0)
             }
-            RunEnd::Guest(VmEvent::Reset) | RunEnd::Guest(VmEvent::PowerOff) => return Ok(0),
-            RunEnd::Guest(VmEvent::Exit(code)) => return Ok(code),
+            RunEnd::Guest(VmEvent::Reset) | RunEnd::HostReset => {
+                emit(servers, "SHUTDOWN", guest, reason);
+                Ok(0)
+            }
+            RunEnd::Guest(VmEvent::Exit(code)) => Ok(code),
+            RunEnd::Quit => {
+                emit(servers, "SHUTDOWN", false, "host-qmp-quit");
+                Ok(0)
+            }
             RunEnd::Signal(sig) => {
+                emit(servers, "SHUTDOWN", false, "host-signal");
                 console::restore_terminal();
                 eprintln!("skiff: terminating on signal {sig}");
-                return Ok(0);
+                Ok(0)
             }
-            RunEnd::Fatal(msg) => return Err(msg),
-        }
+            RunEnd::Fatal(msg) => Err(msg),
+        };
     }
 }

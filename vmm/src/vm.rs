@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{DeviceConfig, VmConfig};
 use crate::console::ConsoleTarget;
 use crate::control::{Control, Outcome};
+use crate::qmp::{QmpHandler, QmpServer, VmHandles};
 use crate::rtc_timer::RtcTimer;
 use crate::serial_input::SerialInput;
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
@@ -97,6 +98,10 @@ pub enum RunEnd {
     Guest(VmEvent),
     Signal(i32),
     Fatal(String),
+    /// QMP `quit`.
+    Quit,
+    /// QMP `system_reset`.
+    HostReset,
 }
 
 /// Platform decisions derived from the configuration once.
@@ -156,6 +161,8 @@ type SerialHandle = (Arc<Mutex<Serial<EventFdTrigger>>>, EventFd, bool);
 struct Devices {
     serial: Option<SerialHandle>,
     rtc: Option<(Arc<Mutex<Rtc<EventFdTrigger>>>, EventFd)>,
+    ged: Option<Arc<Mutex<Ged<EventFdTrigger>>>>,
+    i8042: Option<Arc<Mutex<I8042<EventFdTrigger>>>>,
 }
 
 /// Builds and runs the machine once.
@@ -165,6 +172,7 @@ pub fn run(
     console: &ConsoleTarget,
     first_run: bool,
     signal_evt: &EventFd,
+    qmp: &[Arc<Mutex<QmpServer>>],
 ) -> Result<RunEnd> {
     let platform = Platform::new(cfg);
     let kvm = Kvm::new().map_err(Error::Kvm)?;
@@ -205,7 +213,7 @@ pub fn run(
     }
 
     crate::trace::milestone(crate::trace::Milestone::VmReady);
-    let end = event_loop(&control, signal_evt, devices);
+    let end = event_loop(&control, signal_evt, devices, qmp);
 
     stop.store(true, Ordering::Release);
     for h in handles {
@@ -277,6 +285,8 @@ fn add_devices(
     };
 
     let mut serial = None;
+    let mut i8042 = None;
+    let mut ged = None;
     if let Some(backend) = console.open(first_run)? {
         let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let ready2 = ready.try_clone().map_err(io_err("eventfd"))?;
@@ -288,10 +298,11 @@ fn add_devices(
     for d in &cfg.devices {
         match d {
             DeviceConfig::I8042 => {
-                let dev: Arc<Mutex<dyn BusDevice>> =
-                    Arc::new(Mutex::new(I8042::new(irq(I8042_IRQ)?, control.clone())));
-                pio.insert(dev.clone(), u64::from(I8042_PORT), 1)?;
-                pio.insert_at_offset(dev, u64::from(I8042_PORT) + 4, 1, 4)?;
+                let dev = Arc::new(Mutex::new(I8042::new(irq(I8042_IRQ)?, control.clone())));
+                let bus_dev: Arc<Mutex<dyn BusDevice>> = dev.clone();
+                pio.insert(bus_dev.clone(), u64::from(I8042_PORT), 1)?;
+                pio.insert_at_offset(bus_dev, u64::from(I8042_PORT) + 4, 1, 4)?;
+                i8042 = Some(dev);
             }
             DeviceConfig::IsaDebugExit { iobase, iosize } => {
                 let dev = Arc::new(Mutex::new(DebugExit::new(control.clone())));
@@ -310,10 +321,11 @@ fn add_devices(
     }
 
     if platform.acpi {
-        let ged = Arc::new(Mutex::new(Ged::new(irq(GED_IRQ)?, control.clone())));
-        mmio.insert(ged, GED_MMIO_BASE, GED_MMIO_SIZE)?;
+        let dev = Arc::new(Mutex::new(Ged::new(irq(GED_IRQ)?, control.clone())));
+        mmio.insert(dev.clone(), GED_MMIO_BASE, GED_MMIO_SIZE)?;
+        ged = Some(dev);
     }
-    Ok(Devices { serial, rtc })
+    Ok(Devices { serial, rtc, ged, i8042 })
 }
 
 /// Loads kernel and initrd, writes firmware tables and boot parameters.
@@ -412,7 +424,12 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
-fn event_loop(control: &Arc<Control>, signal_evt: &EventFd, devices: Devices) -> Result<RunEnd> {
+fn event_loop(
+    control: &Arc<Control>,
+    signal_evt: &EventFd,
+    devices: Devices,
+    qmp: &[Arc<Mutex<QmpServer>>],
+) -> Result<RunEnd> {
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(Error::EventManager)?;
     let watcher = StopWatcher {
@@ -420,6 +437,14 @@ fn event_loop(control: &Arc<Control>, signal_evt: &EventFd, devices: Devices) ->
         signal: signal_evt.try_clone().map_err(io_err("eventfd"))?,
     };
     em.add_subscriber(Arc::new(Mutex::new(watcher)));
+    for server in qmp {
+        let vm = VmHandles {
+            control: control.clone(),
+            ged: devices.ged.clone(),
+            i8042: devices.i8042.clone(),
+        };
+        em.add_subscriber(Arc::new(Mutex::new(QmpHandler::new(server.clone(), vm))));
+    }
     if let Some((rtc, rearm)) = devices.rtc {
         let timer = RtcTimer::new(rtc, rearm).map_err(io_err("timerfd"))?;
         em.add_subscriber(Arc::new(Mutex::new(timer)));
@@ -435,6 +460,8 @@ fn event_loop(control: &Arc<Control>, signal_evt: &EventFd, devices: Devices) ->
         match control.outcome() {
             Some(Outcome::Guest(ev)) => return Ok(RunEnd::Guest(ev)),
             Some(Outcome::Fatal(msg)) => return Ok(RunEnd::Fatal(msg)),
+            Some(Outcome::Quit) => return Ok(RunEnd::Quit),
+            Some(Outcome::HostReset) => return Ok(RunEnd::HostReset),
             None => {}
         }
         em.run().map_err(Error::EventManager)?;

@@ -2,7 +2,7 @@
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{ChardevBackend, ChardevConfig, SerialConfig};
+use crate::config::{ChardevBackend, ChardevConfig, QmpAddress, QmpConfig, SerialConfig};
 
 /// `-chardev BACKEND,id=ID,...` for the backends skiff has.
 pub(super) fn parse_chardev(label: &str, arg: &str) -> Result<ChardevConfig, CliError> {
@@ -38,6 +38,37 @@ pub(super) fn parse_chardev(label: &str, arg: &str) -> Result<ChardevConfig, Cli
     };
     opts.finish()?;
     Ok(ChardevConfig { id, backend })
+}
+
+/// `-qmp unix:PATH,server[=on][,nowait|wait=off]` or
+/// `-qmp tcp:HOST:PORT,server,...` (QEMU's legacy chardev syntax). Only the
+/// server side: skiff does not connect out to a monitor client.
+pub(super) fn parse_qmp(label: &str, arg: &str) -> Result<QmpConfig, CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("address"));
+    let address = opts.take("address").ok_or_else(|| opts.missing("address"))?;
+    let address = if let Some(path) = address.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(opts.error("'unix:' needs a socket path"));
+        }
+        QmpAddress::Unix(path.into())
+    } else if let Some(hp) = address.strip_prefix("tcp:") {
+        let (host, port) = hp
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| opts.error(format!("'tcp:{hp}' is not HOST:PORT")))?;
+        let host = if host.is_empty() { "0.0.0.0" } else { host };
+        QmpAddress::Tcp { host: host.to_owned(), port }
+    } else {
+        return Err(opts.error(format!(
+            "'{address}' is not supported (use unix:PATH,server,nowait or tcp:HOST:PORT,server,nowait)"
+        )));
+    };
+    if opts.take_bool("server")? != Some(true) {
+        return Err(opts.error("only server mode is supported (add ',server,nowait')"));
+    }
+    let wait = opts.take_bool("wait")?.unwrap_or(true);
+    opts.finish()?;
+    Ok(QmpConfig { address, wait })
 }
 
 /// `-serial stdio|null|none|file:PATH|chardev:ID` (QEMU's legacy chardev

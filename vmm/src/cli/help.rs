@@ -64,7 +64,15 @@ Display and behaviour:
 -no-user-config          accepted (skiff reads no configuration files)
 -no-reboot               exit instead of rebooting
 
-Every other QEMU option (for example -qmp, -monitor, -drive, -netdev, -numa,
+Monitor:
+-qmp unix:PATH,server[,nowait]   QMP control socket (also server=on,wait=off)
+-qmp tcp:HOST:PORT,server[,nowait]
+                         commands: qmp_capabilities, query-status,
+                         query-version, query-commands, system_powerdown,
+                         system_reset, quit, input-send-event
+-monitor none            no human monitor (the only form accepted)
+
+Every other QEMU option (for example -drive, -netdev, -numa,
 -object, -fw_cfg, -fsdev) and every other -device (for example virtio-blk-pci,
 virtio-net-pci, vhost-user-fs-pci, vfio-pci) is not supported yet: skiff
 stops with an error naming it rather than ignore it.

@@ -89,6 +89,8 @@ enum ArgOpt {
     Device,
     Smbios,
     Sandbox,
+    Qmp,
+    Monitor,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -120,6 +122,8 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("device", Opt::Arg(ArgOpt::Device)),
     ("smbios", Opt::Arg(ArgOpt::Smbios)),
     ("sandbox", Opt::Arg(ArgOpt::Sandbox)),
+    ("qmp", Opt::Arg(ArgOpt::Qmp)),
+    ("monitor", Opt::Arg(ArgOpt::Monitor)),
     ("h", Opt::Flag(Flag::Help)),
     ("help", Opt::Flag(Flag::Help)),
     ("version", Opt::Flag(Flag::Version)),
@@ -130,7 +134,7 @@ const OPTIONS: &[(&str, Opt)] = &[
 /// than "unknown option", which would suggest a typo.
 #[rustfmt::skip]
 const NOT_YET: &[&str] = &[
-    "qmp", "qmp-pretty", "monitor", "mon", "drive", "blockdev", "hda", "hdb", "hdc", "hdd",
+    "qmp-pretty", "mon", "drive", "blockdev", "hda", "hdb", "hdc", "hdd",
     "cdrom", "netdev", "nic", "net", "numa", "object", "fw_cfg", "run-with", "fsdev", "virtfs",
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
@@ -276,6 +280,12 @@ impl Builder {
             }
             ArgOpt::Smbios => device::parse_smbios(label, &arg, &mut config.smbios)?,
             ArgOpt::Sandbox => config.sandbox = parse_sandbox(label, &arg)?,
+            ArgOpt::Qmp => config.qmp.push(chardev::parse_qmp(label, &arg)?),
+            // QEMU's human monitor is not implemented; `none` turns it off.
+            ArgOpt::Monitor if arg == "none" => {}
+            ArgOpt::Monitor => {
+                return Err(invalid("only 'none' is supported (skiff speaks QMP: use -qmp)"));
+            }
         }
         Ok(None)
     }

@@ -89,6 +89,7 @@ fn microvm_nix_command_line() {
         devices: vec![DeviceConfig::I8042],
         smbios: None,
         sandbox: false,
+        qmp: Vec::new(),
     };
     assert_eq!(config, expected);
 }
@@ -117,9 +118,9 @@ fn microvm_nix_default_command_line_stops_at_virtio_rng() {
         "-sandbox", "on",
         "-qmp", "unix:vm.sock,server,nowait",
     ];
-    fails(&line, "-qmp: not supported yet (see -help for the supported options)");
+    let config = run(&line);
+    assert_eq!(config.qmp.len(), 1);
     let (without_qmp, _) = line.split_at(line.len() - 2);
-    let config = run(without_qmp);
     assert!(config.sandbox);
     assert_eq!(config.append, " reboot=t panic=-1 ");
     assert_eq!(
@@ -203,8 +204,6 @@ fn unknown_and_unsupported_options() {
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
     for option in [
-        "-qmp",
-        "-monitor",
         "-drive",
         "-netdev",
         "-numa",
@@ -212,7 +211,7 @@ fn unknown_and_unsupported_options() {
         "-fw_cfg",
         "-run-with",
         "-fsdev",
-        "--qmp",
+        "--drive",
     ] {
         let name = option.trim_start_matches('-');
         fails(
@@ -654,4 +653,35 @@ fn odd_inputs_never_panic() {
             let _ = parse([option.clone()]);
         }
     }
+}
+
+#[test]
+fn qmp_forms_microvm_nix_and_qemu_accept() {
+    use crate::config::{QmpAddress, QmpConfig};
+    let cfg = |args: &[&str]| match parse(args.iter().map(|s| s.to_string())) {
+        Ok(Action::Run(c)) => c,
+        other => panic!("{args:?}: {other:?}"),
+    };
+    let c = cfg(&["-qmp", "unix:t.sock,server,nowait", "-monitor", "none"]);
+    assert_eq!(c.qmp, vec![QmpConfig { address: QmpAddress::Unix("t.sock".into()), wait: false }]);
+    let c = cfg(&["-qmp", "unix:/run/a,,b.sock,server=on,wait=off"]);
+    assert_eq!(c.qmp[0].address, QmpAddress::Unix("/run/a,b.sock".into()));
+    let c = cfg(&["-qmp", "tcp:127.0.0.1:4444,server,nowait"]);
+    assert_eq!(
+        c.qmp[0],
+        QmpConfig { address: QmpAddress::Tcp { host: "127.0.0.1".into(), port: 4444 }, wait: false }
+    );
+    let c = cfg(&["-qmp", "unix:x,server"]);
+    assert!(c.qmp[0].wait, "a QEMU server waits for its client by default");
+}
+
+#[test]
+fn qmp_and_monitor_errors_name_the_problem() {
+    let err = |args: &[&str]| parse(args.iter().map(|s| s.to_string())).unwrap_err().to_string();
+    assert!(err(&["-qmp", "unix:x.sock"]).contains("server"));
+    assert!(err(&["-qmp", "stdio"]).contains("'stdio' is not supported"));
+    assert!(err(&["-qmp", "tcp:localhost,server"]).contains("HOST:PORT"));
+    assert!(err(&["-qmp", "unix:x,server,frob=1"]).contains("frob"));
+    assert!(err(&["-monitor", "stdio"]).starts_with("-monitor"));
+    assert!(err(&["-qmp"]).contains("missing argument"));
 }

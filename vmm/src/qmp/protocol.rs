@@ -1,0 +1,334 @@
+//! The QMP protocol as QEMU speaks it, without sockets or a VM: a session
+//! turns each JSON value a client sends into the response line and,
+//! possibly, a request for the VMM to carry out.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use super::keys;
+
+/// What a command asks of the machine; the session has already answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// ACPI power button.
+    Powerdown,
+    Reset,
+    Quit,
+    /// Key events, in order.
+    Keys(Vec<KeyEvent>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyEvent {
+    pub qcode: String,
+    pub down: bool,
+}
+
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-status",
+    "query-version",
+    "query-commands",
+    "system_powerdown",
+    "system_reset",
+    "quit",
+    "input-send-event",
+];
+
+/// The QEMU version skiff's QMP reports: the one whose protocol it follows.
+const QEMU_VERSION: (u32, u32, u32) = (10, 0, 0);
+
+fn version() -> Value {
+    let (major, minor, micro) = QEMU_VERSION;
+    json!({
+        "qemu": { "major": major, "minor": minor, "micro": micro },
+        "package": concat!("skiff ", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// The first line a client reads.
+pub fn greeting() -> Value {
+    json!({ "QMP": { "version": version(), "capabilities": [] } })
+}
+
+/// An asynchronous event, timestamped as QEMU does.
+pub fn event(name: &str, data: Option<Value>) -> Value {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut ev = Map::new();
+    ev.insert("event".into(), name.into());
+    if let Some(data) = data {
+        ev.insert("data".into(), data);
+    }
+    ev.insert(
+        "timestamp".into(),
+        json!({ "seconds": now.as_secs(), "microseconds": now.subsec_micros() }),
+    );
+    Value::Object(ev)
+}
+
+fn error(class: &str, desc: impl Into<String>) -> Value {
+    json!({ "error": { "class": class, "desc": desc.into() } })
+}
+
+/// The answer to one input: the response line and what the VMM must do.
+#[derive(Debug, PartialEq)]
+pub struct Reply {
+    pub response: Value,
+    pub request: Option<Request>,
+}
+
+impl Reply {
+    fn only(response: Value) -> Self {
+        Reply { response, request: None }
+    }
+}
+
+/// One client's protocol state: before `qmp_capabilities` only that command
+/// is accepted, as in QEMU.
+#[derive(Debug, Default)]
+pub struct Session {
+    negotiated: bool,
+}
+
+impl Session {
+    /// Handles one parsed JSON value (or the parse error's text).
+    pub fn handle(&mut self, input: Result<Value, String>, running: bool) -> Reply {
+        let value = match input {
+            Ok(v) => v,
+            Err(e) => return Reply::only(error("GenericError", format!("JSON parse error, {e}"))),
+        };
+        let Value::Object(mut obj) = value else {
+            return Reply::only(error("GenericError", "QMP input must be a JSON object"));
+        };
+        let id = obj.remove("id");
+        let mut reply = self.execute(&mut obj, running);
+        if let (Some(id), Value::Object(resp)) = (id, &mut reply.response) {
+            resp.insert("id".into(), id);
+        }
+        reply
+    }
+
+    fn execute(&mut self, obj: &mut Map<String, Value>, running: bool) -> Reply {
+        let command = match obj.remove("execute") {
+            Some(Value::String(c)) => c,
+            Some(_) => {
+                return Reply::only(error("GenericError", "QMP input member 'execute' must be a string"))
+            }
+            None => return Reply::only(error("GenericError", "QMP input lacks member 'execute'")),
+        };
+        if let Some(key) = obj.keys().find(|k| *k != "arguments") {
+            return Reply::only(error("GenericError", format!("QMP input member '{key}' is unexpected")));
+        }
+        let args = match obj.remove("arguments") {
+            None => Map::new(),
+            Some(Value::Object(a)) => a,
+            Some(_) => {
+                return Reply::only(error("GenericError", "QMP input member 'arguments' must be an object"))
+            }
+        };
+
+        if command == "qmp_capabilities" {
+            if self.negotiated {
+                return Reply::only(error(
+                    "CommandNotFound",
+                    "Capabilities negotiation is already complete, command ignored",
+                ));
+            }
+            if let Err(e) = no_args(&args, &["enable"]) {
+                return Reply::only(e);
+            }
+            self.negotiated = true;
+            return Reply::only(json!({ "return": {} }));
+        }
+        if !self.negotiated {
+            return Reply::only(error(
+                "CommandNotFound",
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
+        }
+        if !COMMANDS.contains(&command.as_str()) {
+            return Reply::only(error(
+                "CommandNotFound",
+                format!("The command {command} has not been found"),
+            ));
+        }
+        if command == "input-send-event" {
+            return match key_events(&args) {
+                Ok(keys) => Reply { response: json!({ "return": {} }), request: Some(Request::Keys(keys)) },
+                Err(e) => Reply::only(e),
+            };
+        }
+        if let Err(e) = no_args(&args, &[]) {
+            return Reply::only(e);
+        }
+        let ok = json!({ "return": {} });
+        match command.as_str() {
+            "query-status" => Reply::only(json!({ "return": {
+                "status": if running { "running" } else { "shutdown" },
+                "running": running,
+                "singlestep": false,
+            }})),
+            "query-version" => Reply::only(json!({ "return": version() })),
+            "query-commands" => {
+                let list: Vec<Value> = COMMANDS.iter().map(|c| json!({ "name": c })).collect();
+                Reply::only(json!({ "return": list }))
+            }
+            "system_powerdown" => Reply { response: ok, request: Some(Request::Powerdown) },
+            "system_reset" => Reply { response: ok, request: Some(Request::Reset) },
+            // "quit" is the only one left.
+            _ => Reply { response: ok, request: Some(Request::Quit) },
+        }
+    }
+}
+
+fn no_args(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), Value> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(error("GenericError", format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+/// `input-send-event`'s `events`: key events by qcode. Everything is checked
+/// before anything is sent, so a bad event sends none.
+fn key_events(args: &Map<String, Value>) -> Result<Vec<KeyEvent>, Value> {
+    let invalid = |what: &str| error("GenericError", what.to_string());
+    if let Some(k) = args.keys().find(|k| !["events", "device", "head"].contains(&k.as_str())) {
+        return Err(invalid(&format!("Parameter '{k}' is unexpected")));
+    }
+    let events = args
+        .get("events")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("Parameter 'events' is missing"))?;
+    events
+        .iter()
+        .map(|ev| {
+            if ev.get("type").and_then(Value::as_str) != Some("key") {
+                return Err(invalid("only 'key' input events are supported"));
+            }
+            let data = ev.get("data").ok_or_else(|| invalid("Parameter 'data' is missing"))?;
+            let down = data
+                .get("down")
+                .and_then(Value::as_bool)
+                .ok_or_else(|| invalid("Parameter 'down' is missing"))?;
+            let key = data.get("key").ok_or_else(|| invalid("Parameter 'key' is missing"))?;
+            if key.get("type").and_then(Value::as_str) != Some("qcode") {
+                return Err(invalid("only keys of type 'qcode' are supported"));
+            }
+            let qcode = key.get("data").and_then(Value::as_str).unwrap_or("");
+            if !keys::is_known(qcode) {
+                return Err(invalid(&format!("Parameter 'data' does not accept value '{qcode}'")));
+            }
+            Ok(KeyEvent { qcode: qcode.to_string(), down })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(s: &mut Session, text: &str) -> Reply {
+        s.handle(serde_json::from_str(text).map_err(|e| e.to_string()), true)
+    }
+
+    fn class(r: &Reply) -> &str {
+        r.response["error"]["class"].as_str().unwrap_or("")
+    }
+
+    #[test]
+    fn greeting_names_version_and_no_capabilities() {
+        let g = greeting();
+        assert_eq!(g["QMP"]["version"]["qemu"]["major"], 10);
+        assert_eq!(g["QMP"]["capabilities"], json!([]));
+    }
+
+    #[test]
+    fn commands_wait_for_negotiation() {
+        let mut s = Session::default();
+        let r = send(&mut s, r#"{"execute":"query-status"}"#);
+        assert_eq!(class(&r), "CommandNotFound");
+        assert!(r.response["error"]["desc"].as_str().unwrap().contains("qmp_capabilities"));
+        let r = send(&mut s, r#"{"execute":"qmp_capabilities","id":7}"#);
+        assert_eq!(r.response, json!({"return": {}, "id": 7}));
+        let r = send(&mut s, r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(class(&r), "CommandNotFound");
+    }
+
+    #[test]
+    fn microvm_nix_shutdown_sequence() {
+        let mut s = Session::default();
+        assert_eq!(send(&mut s, r#"{"execute":"qmp_capabilities"}"#).request, None);
+        let r = send(&mut s, r#"{"execute":"system_powerdown"}"#);
+        assert_eq!(r.response, json!({"return": {}}));
+        assert_eq!(r.request, Some(Request::Powerdown));
+    }
+
+    #[test]
+    fn queries_and_control() {
+        let mut s = Session { negotiated: true };
+        let r = send(&mut s, r#"{"execute":"query-status"}"#);
+        assert_eq!(r.response["return"]["status"], "running");
+        assert_eq!(r.response["return"]["running"], true);
+        let r = send(&mut s, r#"{"execute":"query-commands"}"#);
+        let names: Vec<_> = r.response["return"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect();
+        assert!(names.contains(&json!("system_powerdown")));
+        assert_eq!(send(&mut s, r#"{"execute":"query-version"}"#).response["return"]["qemu"]["major"], 10);
+        assert_eq!(send(&mut s, r#"{"execute":"quit"}"#).request, Some(Request::Quit));
+        assert_eq!(send(&mut s, r#"{"execute":"system_reset"}"#).request, Some(Request::Reset));
+    }
+
+    #[test]
+    fn errors_keep_the_session() {
+        let mut s = Session { negotiated: true };
+        let r = s.handle(Err("expected value at line 1 column 1".into()), true);
+        assert_eq!(class(&r), "GenericError");
+        assert_eq!(class(&send(&mut s, "[1,2]")), "GenericError");
+        assert_eq!(class(&send(&mut s, r#"{"arguments":{}}"#)), "GenericError");
+        assert_eq!(class(&send(&mut s, r#"{"execute":"frob","id":"x"}"#)), "CommandNotFound");
+        assert_eq!(send(&mut s, r#"{"execute":"frob","id":"x"}"#).response["id"], "x");
+        assert_eq!(class(&send(&mut s, r#"{"execute":"quit","arguments":{"now":1}}"#)), "GenericError");
+        assert_eq!(class(&send(&mut s, r#"{"execute":"quit","bogus":1}"#)), "GenericError");
+        // Still fine afterwards.
+        assert_eq!(send(&mut s, r#"{"execute":"query-status"}"#).response["return"]["running"], true);
+    }
+
+    #[test]
+    fn input_send_event_ctrl_alt_delete() {
+        let mut s = Session { negotiated: true };
+        let r = send(
+            &mut s,
+            r#"{"execute":"input-send-event","arguments":{"events":[
+                {"type":"key","data":{"down":true,"key":{"type":"qcode","data":"ctrl"}}},
+                {"type":"key","data":{"down":true,"key":{"type":"qcode","data":"alt"}}},
+                {"type":"key","data":{"down":true,"key":{"type":"qcode","data":"delete"}}}]}}"#,
+        );
+        assert_eq!(
+            r.request,
+            Some(Request::Keys(vec![
+                KeyEvent { qcode: "ctrl".into(), down: true },
+                KeyEvent { qcode: "alt".into(), down: true },
+                KeyEvent { qcode: "delete".into(), down: true },
+            ]))
+        );
+        let bad = send(
+            &mut s,
+            r#"{"execute":"input-send-event","arguments":{"events":[
+                {"type":"key","data":{"down":true,"key":{"type":"qcode","data":"a"}}},
+                {"type":"key","data":{"down":true,"key":{"type":"qcode","data":"nope"}}}]}}"#,
+        );
+        assert_eq!(class(&bad), "GenericError");
+        assert_eq!(bad.request, None, "nothing is sent when one event is bad");
+        let mouse = send(&mut s, r#"{"execute":"input-send-event","arguments":{"events":[{"type":"rel","data":{}}]}}"#);
+        assert_eq!(class(&mouse), "GenericError");
+    }
+
+    #[test]
+    fn events_carry_data_and_timestamp() {
+        let e = event("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
+        assert_eq!(e["event"], "SHUTDOWN");
+        assert_eq!(e["data"]["reason"], "guest-shutdown");
+        assert!(e["timestamp"]["seconds"].as_u64().unwrap() > 0);
+        assert!(event("POWERDOWN", None).get("data").is_none());
+    }
+}
