@@ -167,8 +167,7 @@ pub fn create_acpi_tables(
     if end > ACPI_END {
         return Err(AcpiError::TablesTooLarge { end });
     }
-    mem.write_slice(&image, GuestAddress(ACPI_START))
-        .map_err(AcpiError::GuestMemory)?;
+    mem.write_slice(&image, GuestAddress(ACPI_START)).map_err(AcpiError::GuestMemory)?;
     Ok(GuestAddress(RSDP_ADDR))
 }
 
@@ -182,14 +181,7 @@ fn push_table(image: &mut Vec<u8>, table: &[u8]) -> u64 {
 }
 
 fn sdt(signature: [u8; 4], length: u32, revision: u8, cfg: &AcpiConfig) -> Sdt {
-    Sdt::new(
-        signature,
-        length,
-        revision,
-        cfg.oem_id,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-    )
+    Sdt::new(signature, length, revision, cfg.oem_id, OEM_TABLE_ID, OEM_REVISION)
 }
 
 fn to_bytes(aml: &dyn Aml) -> Vec<u8> {
@@ -200,13 +192,7 @@ fn to_bytes(aml: &dyn Aml) -> Vec<u8> {
 
 /// A byte-wide GED register as a SystemMemory generic address.
 fn ged_register(addr: u64) -> GAS {
-    GAS::new(
-        AddressSpace::SystemMemory,
-        8,
-        0,
-        AccessSize::ByteAccess,
-        addr,
-    )
+    GAS::new(AddressSpace::SystemMemory, 8, 0, AccessSize::ByteAccess, addr)
 }
 
 fn iapc_boot_arch(cfg: &AcpiConfig) -> u16 {
@@ -414,11 +400,8 @@ fn ged_aml(out: &mut Vec<u8>) {
 }
 
 fn power_button_aml(out: &mut Vec<u8>) {
-    aml::Device::new(
-        "PWRB".into(),
-        vec![&name("_HID", &"PNP0C0C"), &name("_UID", &0u8)],
-    )
-    .to_aml_bytes(out);
+    aml::Device::new("PWRB".into(), vec![&name("_HID", &"PNP0C0C"), &name("_UID", &0u8)])
+        .to_aml_bytes(out);
 }
 
 /// One virtio-mmio transport, as QEMU's `virtio_acpi_dsdt_add`.
@@ -475,11 +458,8 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
 
     let mut body = aml::Scope::raw("\\_SB_".into(), sb);
     // ACPI 5.0 System State Package: {SLP_TYP, ignored, reserved, reserved}.
-    name(
-        "_S5_",
-        &aml::Package::new(vec![&GED_SLP_TYP_S5, &0u8, &0u8, &0u8]),
-    )
-    .to_aml_bytes(&mut body);
+    name("_S5_", &aml::Package::new(vec![&GED_SLP_TYP_S5, &0u8, &0u8, &0u8]))
+        .to_aml_bytes(&mut body);
 
     // Revision 2: 64-bit AML integers.
     let mut dsdt = sdt(*b"DSDT", HEADER_LEN, 2, cfg);
@@ -517,10 +497,7 @@ mod tests {
 
     /// Little-endian integer of `N` bytes at `off`.
     fn le<const N: usize>(b: &[u8], off: usize) -> u64 {
-        b[off..off + N]
-            .iter()
-            .rev()
-            .fold(0, |acc, &x| acc << 8 | u64::from(x))
+        b[off..off + N].iter().rev().fold(0, |acc, &x| acc << 8 | u64::from(x))
     }
 
     fn sum(b: &[u8]) -> u8 {
@@ -562,12 +539,7 @@ mod tests {
         let fadt = table(&mem, le::<8>(&xsdt, 36), b"FACP");
         let madt = table(&mem, le::<8>(&xsdt, 44), b"APIC");
         let dsdt = table(&mem, le::<8>(&fadt, 140), b"DSDT");
-        Tables {
-            xsdt,
-            fadt,
-            madt,
-            dsdt,
-        }
+        Tables { xsdt, fadt, madt, dsdt }
     }
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -586,15 +558,7 @@ mod tests {
         assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
         assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
 
-        let gas = |off: usize| {
-            (
-                f[off],
-                f[off + 1],
-                f[off + 2],
-                f[off + 3],
-                le::<8>(f, off + 4),
-            )
-        };
+        let gas = |off: usize| (f[off], f[off + 1], f[off + 2], f[off + 3], le::<8>(f, off + 4));
         assert_eq!(gas(116), (0, 8, 0, 1, GED_REG_RESET));
         assert_eq!(f[128], GED_RESET_VALUE);
         assert_eq!(gas(244), (0, 8, 0, 1, GED_REG_SLEEP_CTL));
@@ -603,11 +567,7 @@ mod tests {
         assert_eq!(le::<2>(f, 109), 0b0000_0110, "8042 + no VGA");
 
         let minimal = build(&AcpiConfig::default());
-        assert_eq!(
-            le::<2>(&minimal.fadt, 109),
-            0b0010_0100,
-            "no VGA + no CMOS RTC"
-        );
+        assert_eq!(le::<2>(&minimal.fadt, 109), 0b0010_0100, "no VGA + no CMOS RTC");
     }
 
     /// Returns (type, bytes) of every MADT interrupt controller structure.
@@ -644,15 +604,9 @@ mod tests {
         assert_eq!((*ty, iso.len(), iso[3], le::<4>(iso, 4)), (2, 10, 0, 2));
         assert_eq!((iso[2], le::<2>(iso, 8)), (0, 0));
         let (ty, nmi) = &entries[6];
-        assert_eq!(
-            (*ty, nmi.len(), nmi[2], le::<2>(nmi, 3), nmi[5]),
-            (4, 6, 0xFF, 0, 1)
-        );
+        assert_eq!((*ty, nmi.len(), nmi[2], le::<2>(nmi, 3), nmi[5]), (4, 6, 0xFF, 0, 1));
 
-        let cfg = AcpiConfig {
-            num_cpus: 2,
-            ..Default::default()
-        };
+        let cfg = AcpiConfig { num_cpus: 2, ..Default::default() };
         let t = build(&cfg);
         assert_eq!(le::<4>(&t.madt, 40), 0, "no PCAT_COMPAT without a PIC");
         let types: Vec<u8> = madt_entries(&t.madt).iter().map(|e| e.0).collect();
@@ -695,29 +649,17 @@ mod tests {
     fn invalid_configs_are_rejected() {
         let mem = mem();
         let err = |cfg: AcpiConfig| create_acpi_tables(&mem, &cfg).unwrap_err();
-        let virtio = |virtio_mmio| AcpiConfig {
-            virtio_mmio,
-            ..Default::default()
-        };
+        let virtio = |virtio_mmio| AcpiConfig { virtio_mmio, ..Default::default() };
 
         for n in [0, 255] {
-            let cfg = AcpiConfig {
-                num_cpus: n,
-                ..Default::default()
-            };
+            let cfg = AcpiConfig { num_cpus: n, ..Default::default() };
             assert!(matches!(err(cfg), AcpiError::InvalidCpuCount(c) if c == n));
         }
         for window in [(0x1_0000_0000, 0x200, 16), (0xFFFF_FF00, 0x200, 16)] {
-            assert!(matches!(
-                err(virtio(vec![window])),
-                AcpiError::VirtioAbove4G { .. }
-            ));
+            assert!(matches!(err(virtio(vec![window])), AcpiError::VirtioAbove4G { .. }));
         }
         let too_many = vec![(0xFEB0_0000, 0x200, 16); MAX_VIRTIO_DEVICES + 1];
-        assert!(matches!(
-            err(virtio(too_many)),
-            AcpiError::TooManyVirtioDevices(_)
-        ));
+        assert!(matches!(err(virtio(too_many)), AcpiError::TooManyVirtioDevices(_)));
 
         let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0xA_0000)]).unwrap();
         let res = create_acpi_tables(&small, &AcpiConfig::default());
@@ -749,12 +691,9 @@ mod tests {
         let t = build(&full_config());
         let dir = std::env::temp_dir().join(format!("skiff-acpi-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (file, bytes) in [
-            ("dsdt", &t.dsdt),
-            ("facp", &t.fadt),
-            ("apic", &t.madt),
-            ("xsdt", &t.xsdt),
-        ] {
+        for (file, bytes) in
+            [("dsdt", &t.dsdt), ("facp", &t.fadt), ("apic", &t.madt), ("xsdt", &t.xsdt)]
+        {
             let path = dir.join(format!("{file}.dat"));
             std::fs::write(&path, bytes).unwrap();
             let out = Command::new("iasl").arg("-d").arg(&path).output().unwrap();
@@ -765,23 +704,12 @@ mod tests {
             );
         }
         let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
-        for needle in [
-            "\"ACPI0013\"",
-            "Notify (PWRB, 0x80)",
-            "Name (_S5, Package",
-            "\"LNRO0005\"",
-        ] {
+        for needle in ["\"ACPI0013\"", "Notify (PWRB, 0x80)", "Name (_S5, Package", "\"LNRO0005\""]
+        {
             assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
         }
-        let out = Command::new("iasl")
-            .arg(dir.join("dsdt.dsl"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "iasl recompile: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let out = Command::new("iasl").arg(dir.join("dsdt.dsl")).output().unwrap();
+        assert!(out.status.success(), "iasl recompile: {}", String::from_utf8_lossy(&out.stdout));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

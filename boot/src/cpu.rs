@@ -375,12 +375,9 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: &KernelEntry) -> Result<()> {
             rsi: zero_page.0,
             ..Default::default()
         },
-        KernelEntry::Pvh { entry, start_info } => kvm_regs {
-            rflags: 0x2,
-            rip: entry.0,
-            rbx: start_info.0,
-            ..Default::default()
-        },
+        KernelEntry::Pvh { entry, start_info } => {
+            kvm_regs { rflags: 0x2, rip: entry.0, rbx: start_info.0, ..Default::default() }
+        }
     };
     vcpu.set_regs(&regs).map_err(Error::SetRegs)
 }

@@ -26,7 +26,9 @@ pub enum Error {
     OldBootProtocol(u16),
     #[error("cannot read the initrd: {0}")]
     ReadInitrd(#[source] std::io::Error),
-    #[error("the initrd ({size} bytes) does not fit in guest RAM below {limit:#x} above the kernel")]
+    #[error(
+        "the initrd ({size} bytes) does not fit in guest RAM below {limit:#x} above the kernel"
+    )]
     InitrdTooLarge { size: u64, limit: u64 },
     #[error("the kernel command line is {len} bytes; this kernel takes at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
@@ -240,7 +242,11 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<()>
 
 /// Puts the initrd as high as the kernel allows in low RAM (as bootloaders
 /// do), page aligned, and above what the kernel needs to decompress.
-fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, file: &mut File) -> Result<(u64, u64)> {
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    file: &mut File,
+) -> Result<(u64, u64)> {
     let size = file.seek(SeekFrom::End(0)).map_err(Error::ReadInitrd)?;
     file.seek(SeekFrom::Start(0)).map_err(Error::ReadInitrd)?;
     let low_end = mem.iter().next().map(|r| r.len()).unwrap_or(0);

@@ -147,10 +147,7 @@ pub enum MptableError {
 
 /// Sum-to-zero checksum over `parts`.
 fn checksum(parts: &[&[u8]]) -> u8 {
-    let sum = parts
-        .iter()
-        .flat_map(|p| p.iter())
-        .fold(0u8, |acc, b| acc.wrapping_add(*b));
+    let sum = parts.iter().flat_map(|p| p.iter()).fold(0u8, |acc, b| acc.wrapping_add(*b));
     sum.wrapping_neg()
 }
 
@@ -180,14 +177,7 @@ fn entries(num_cpus: u8) -> (Vec<u8>, u16) {
             .as_bytes(),
         );
     }
-    push(
-        Bus {
-            entry_type: MP_BUS,
-            bus_id: 0,
-            bus_type: *b"ISA   ",
-        }
-        .as_bytes(),
-    );
+    push(Bus { entry_type: MP_BUS, bus_id: 0, bus_type: *b"ISA   " }.as_bytes());
     push(
         IoApic {
             entry_type: MP_IOAPIC,
@@ -271,8 +261,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8, pic: bool) -> Result<(
 
     let image = [fp.as_bytes(), header.as_bytes(), &entries].concat();
     debug_assert!(MPTABLE_START + image.len() as u64 <= MPTABLE_END);
-    mem.write_slice(&image, GuestAddress(MPTABLE_START))
-        .map_err(MptableError::GuestMemory)
+    mem.write_slice(&image, GuestAddress(MPTABLE_START)).map_err(MptableError::GuestMemory)
 }
 
 #[cfg(test)]
@@ -307,11 +296,7 @@ mod tests {
         assert_eq!(MPTABLE_START % 16, 0);
         assert_eq!(&fp[..4], b"_MP_");
         assert_eq!(sum(&fp), 0, "floating pointer checksum");
-        assert_eq!(
-            (fp[8], fp[9], fp[11]),
-            (1, 4, 0),
-            "length, spec 1.4, no default config"
-        );
+        assert_eq!((fp[8], fp[9], fp[11]), (1, 4, 0), "length, spec 1.4, no default config");
 
         let addr = u64::from(u32_at(&fp, 4));
         assert_eq!(addr, MPTABLE_START + 16);
@@ -353,10 +338,7 @@ mod tests {
             let bsp = if i == 0 { CPU_BOOTPROCESSOR } else { 0 };
             assert_eq!((e[1], e[3]), (i as u8, CPU_ENABLED | bsp));
         }
-        assert_eq!(
-            entries[4],
-            (MP_BUS, [1, 0, b'I', b'S', b'A', b' ', b' ', b' '].to_vec())
-        );
+        assert_eq!(entries[4], (MP_BUS, [1, 0, b'I', b'S', b'A', b' ', b' ', b' '].to_vec()));
         let ioapic = &entries[5].1;
         assert_eq!(
             (ioapic[0], ioapic[1], ioapic[2], u32_at(ioapic, 4)),
@@ -367,9 +349,7 @@ mod tests {
         assert_eq!(routes[0], (0, 2), "IRQ0 on pin 2");
         assert!(routes.iter().all(|&(irq, pin)| irq == 0 || irq == pin));
         assert!(!routes.iter().any(|&(irq, _)| irq == 2));
-        assert!(entries[6..21]
-            .iter()
-            .all(|(ty, e)| *ty == MP_INTSRC && e[6] == 4));
+        assert!(entries[6..21].iter().all(|(ty, e)| *ty == MP_INTSRC && e[6] == 4));
 
         assert_eq!(entries[21].1, [MP_LINTSRC, MP_EXTINT, 0, 0, 0, 0, 0, 0]);
         assert_eq!(entries[22].1, [MP_LINTSRC, MP_NMI, 0, 0, 0, 0, 0xFF, 1]);
@@ -400,9 +380,6 @@ mod tests {
     #[test]
     fn memory_too_small() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9_0000)]).unwrap();
-        assert!(matches!(
-            setup_mptable(&mem, 1, false),
-            Err(MptableError::GuestMemory(_))
-        ));
+        assert!(matches!(setup_mptable(&mem, 1, false), Err(MptableError::GuestMemory(_))));
     }
 }

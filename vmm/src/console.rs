@@ -40,8 +40,13 @@ pub enum ConsoleTarget {
     /// No serial port at all (QEMU microvm creates COM1 only for a backend).
     None,
     Null,
-    Stdio { signal: bool },
-    File { path: std::path::PathBuf, append: bool },
+    Stdio {
+        signal: bool,
+    },
+    File {
+        path: std::path::PathBuf,
+        append: bool,
+    },
 }
 
 /// Resolves `-serial`/`-chardev` into the COM1 target. With no `-serial`,

@@ -109,7 +109,8 @@ fn run_until_end(
 ) -> Result<i32, String> {
     let mut first = true;
     loop {
-        let end = vm::run(cfg, files, console, first, signal_evt, servers).map_err(|e| e.to_string())?;
+        let end =
+            vm::run(cfg, files, console, first, signal_evt, servers).map_err(|e| e.to_string())?;
         first = false;
         // With -no-reboot every reset request becomes a shutdown, as in QEMU.
         let (guest, reason, reset) = match &end {

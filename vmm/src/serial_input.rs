@@ -28,7 +28,14 @@ impl SerialInput {
         input_ready: EventFd,
     ) -> std::io::Result<Self> {
         let stdin = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
-        Ok(SerialInput { serial, input_ready, stdin, pending: Vec::new(), watching_stdin: false, stdin_closed: false })
+        Ok(SerialInput {
+            serial,
+            input_ready,
+            stdin,
+            pending: Vec::new(),
+            watching_stdin: false,
+            stdin_closed: false,
+        })
     }
 
     /// Offers pending bytes to the UART; returns true when all were taken.

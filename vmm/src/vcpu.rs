@@ -148,8 +148,24 @@ fn fail(vcpu: &VcpuFd, ctx: &VcpuContext, index: u32, what: &str) {
              R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}\n\
              R12={:016x} R13={:016x} R14={:016x} R15={:016x}\n\
              RIP={:016x} RFL={:08x}",
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
-            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.rsp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15,
+            r.rip,
+            r.rflags
         );
     }
     if let Ok(s) = vcpu.get_sregs() {

@@ -192,7 +192,8 @@ pub fn run(
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let devices = add_devices(cfg, &platform, &vm, &control, console, first_run, &mut pio, &mut mmio)?;
+    let devices =
+        add_devices(cfg, &platform, &vm, &control, console, first_run, &mut pio, &mut mmio)?;
 
     let entry = load_guest(cfg, &platform, &mem, files, devices.serial.is_some())?;
     let vcpus = create_vcpus(cfg, &kvm, &vm, &mem, &entry)?;
@@ -248,7 +249,8 @@ fn route_pit_to_pin2(vm: &VmFd) -> Result<()> {
         KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     };
     let route = |gsi: u32, irqchip: u32, pin: u32| {
-        let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+        let mut e =
+            kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
         e.u.irqchip.irqchip = irqchip;
         e.u.irqchip.pin = pin;
         e
@@ -262,8 +264,10 @@ fn route_pit_to_pin2(vm: &VmFd) -> Result<()> {
     for gsi in (0..24u32).filter(|&g| g != 2) {
         entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, if gsi == 0 { 2 } else { gsi }));
     }
-    let routing = KvmIrqRouting::from_entries(&entries)
-        .map_err(|e| Error::Io { what: "GSI routing table", source: std::io::Error::other(format!("{e:?}")) })?;
+    let routing = KvmIrqRouting::from_entries(&entries).map_err(|e| Error::Io {
+        what: "GSI routing table",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
     vm.set_gsi_routing(&routing).map_err(kvm_err("KVM_SET_GSI_ROUTING"))
 }
 

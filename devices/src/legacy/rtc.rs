@@ -194,7 +194,8 @@ impl<T: Trigger> Rtc<T> {
         let t = civil(secs);
         let check = |reg: usize, value: u8, hour: bool| {
             let a = self.cmos[reg];
-            a & 0xc0 == 0xc0 || if hour { self.decode_hour(a) == value } else { self.decode(a) == value }
+            a & 0xc0 == 0xc0
+                || if hour { self.decode_hour(a) == value } else { self.decode(a) == value }
         };
         check(SECONDS_ALARM, t.second, false)
             && check(MINUTES_ALARM, t.minute, false)
@@ -432,7 +433,10 @@ mod tests {
             assert_eq!(unix_seconds(&civil(secs)), secs);
         }
         let t = civil(T0 as i64);
-        assert_eq!((t.year, t.month, t.day, t.hour, t.minute, t.second), (2026, 11, 23, 11, 44, 58));
+        assert_eq!(
+            (t.year, t.month, t.day, t.hour, t.minute, t.second),
+            (2026, 11, 23, 11, 44, 58)
+        );
         assert_eq!(t.weekday, 2, "Monday");
     }
 
@@ -506,7 +510,7 @@ mod tests {
         let t = clock(T0, 0);
         let mut r = rtc_at(t.clone());
         wr(&mut r, REG_A as u8, 0x20); // periodic rate off: PF stays clear
-        // Alarm at 11:45:00, hour don't-care.
+                                       // Alarm at 11:45:00, hour don't-care.
         wr(&mut r, SECONDS_ALARM as u8, 0x00);
         wr(&mut r, MINUTES_ALARM as u8, 0x45);
         wr(&mut r, HOURS_ALARM as u8, 0xc0); // don't care

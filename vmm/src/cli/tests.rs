@@ -203,16 +203,9 @@ fn unknown_and_unsupported_options() {
     fails(&["-foo"], "-foo: unknown option");
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
-    for option in [
-        "-drive",
-        "-netdev",
-        "-numa",
-        "-object",
-        "-fw_cfg",
-        "-run-with",
-        "-fsdev",
-        "--drive",
-    ] {
+    for option in
+        ["-drive", "-netdev", "-numa", "-object", "-fw_cfg", "-run-with", "-fsdev", "--drive"]
+    {
         let name = option.trim_start_matches('-');
         fails(
             &[option, "x"],
@@ -669,7 +662,10 @@ fn qmp_forms_microvm_nix_and_qemu_accept() {
     let c = cfg(&["-qmp", "tcp:127.0.0.1:4444,server,nowait"]);
     assert_eq!(
         c.qmp[0],
-        QmpConfig { address: QmpAddress::Tcp { host: "127.0.0.1".into(), port: 4444 }, wait: false }
+        QmpConfig {
+            address: QmpAddress::Tcp { host: "127.0.0.1".into(), port: 4444 },
+            wait: false
+        }
     );
     let c = cfg(&["-qmp", "unix:x,server"]);
     assert!(c.qmp[0].wait, "a QEMU server waits for its client by default");

@@ -113,18 +113,27 @@ impl Session {
         let command = match obj.remove("execute") {
             Some(Value::String(c)) => c,
             Some(_) => {
-                return Reply::only(error("GenericError", "QMP input member 'execute' must be a string"))
+                return Reply::only(error(
+                    "GenericError",
+                    "QMP input member 'execute' must be a string",
+                ))
             }
             None => return Reply::only(error("GenericError", "QMP input lacks member 'execute'")),
         };
         if let Some(key) = obj.keys().find(|k| *k != "arguments") {
-            return Reply::only(error("GenericError", format!("QMP input member '{key}' is unexpected")));
+            return Reply::only(error(
+                "GenericError",
+                format!("QMP input member '{key}' is unexpected"),
+            ));
         }
         let args = match obj.remove("arguments") {
             None => Map::new(),
             Some(Value::Object(a)) => a,
             Some(_) => {
-                return Reply::only(error("GenericError", "QMP input member 'arguments' must be an object"))
+                return Reply::only(error(
+                    "GenericError",
+                    "QMP input member 'arguments' must be an object",
+                ))
             }
         };
 
@@ -155,7 +164,9 @@ impl Session {
         }
         if command == "input-send-event" {
             return match key_events(&args) {
-                Ok(keys) => Reply { response: json!({ "return": {} }), request: Some(Request::Keys(keys)) },
+                Ok(keys) => {
+                    Reply { response: json!({ "return": {} }), request: Some(Request::Keys(keys)) }
+                }
                 Err(e) => Reply::only(e),
             };
         }
@@ -271,9 +282,13 @@ mod tests {
         assert_eq!(r.response["return"]["status"], "running");
         assert_eq!(r.response["return"]["running"], true);
         let r = send(&mut s, r#"{"execute":"query-commands"}"#);
-        let names: Vec<_> = r.response["return"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect();
+        let names: Vec<_> =
+            r.response["return"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect();
         assert!(names.contains(&json!("system_powerdown")));
-        assert_eq!(send(&mut s, r#"{"execute":"query-version"}"#).response["return"]["qemu"]["major"], 10);
+        assert_eq!(
+            send(&mut s, r#"{"execute":"query-version"}"#).response["return"]["qemu"]["major"],
+            10
+        );
         assert_eq!(send(&mut s, r#"{"execute":"quit"}"#).request, Some(Request::Quit));
         assert_eq!(send(&mut s, r#"{"execute":"system_reset"}"#).request, Some(Request::Reset));
     }
@@ -287,10 +302,16 @@ mod tests {
         assert_eq!(class(&send(&mut s, r#"{"arguments":{}}"#)), "GenericError");
         assert_eq!(class(&send(&mut s, r#"{"execute":"frob","id":"x"}"#)), "CommandNotFound");
         assert_eq!(send(&mut s, r#"{"execute":"frob","id":"x"}"#).response["id"], "x");
-        assert_eq!(class(&send(&mut s, r#"{"execute":"quit","arguments":{"now":1}}"#)), "GenericError");
+        assert_eq!(
+            class(&send(&mut s, r#"{"execute":"quit","arguments":{"now":1}}"#)),
+            "GenericError"
+        );
         assert_eq!(class(&send(&mut s, r#"{"execute":"quit","bogus":1}"#)), "GenericError");
         // Still fine afterwards.
-        assert_eq!(send(&mut s, r#"{"execute":"query-status"}"#).response["return"]["running"], true);
+        assert_eq!(
+            send(&mut s, r#"{"execute":"query-status"}"#).response["return"]["running"],
+            true
+        );
     }
 
     #[test]
@@ -319,7 +340,10 @@ mod tests {
         );
         assert_eq!(class(&bad), "GenericError");
         assert_eq!(bad.request, None, "nothing is sent when one event is bad");
-        let mouse = send(&mut s, r#"{"execute":"input-send-event","arguments":{"events":[{"type":"rel","data":{}}]}}"#);
+        let mouse = send(
+            &mut s,
+            r#"{"execute":"input-send-event","arguments":{"events":[{"type":"rel","data":{}}]}}"#,
+        );
         assert_eq!(class(&mouse), "GenericError");
     }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::legacy::{EventFdTrigger, Ged, I8042, GED_EVT_POWER_BUTTON};
+use devices::legacy::{EventFdTrigger, Ged, GED_EVT_POWER_BUTTON, I8042};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde_json::Value;
 
@@ -202,7 +202,8 @@ impl QmpHandler {
         let mut requests = Vec::new();
         loop {
             let client = server.client.as_mut().expect("checked above");
-            let mut stream = serde_json::Deserializer::from_slice(&client.inbuf).into_iter::<Value>();
+            let mut stream =
+                serde_json::Deserializer::from_slice(&client.inbuf).into_iter::<Value>();
             let parsed = stream.next();
             let consumed = stream.byte_offset();
             let input = match parsed {
@@ -218,8 +219,12 @@ impl QmpHandler {
                 Some(Err(e)) => {
                     // Skip the rest of the bad line, as QEMU's parser resyncs.
                     let buf = &client.inbuf;
-                    let start = buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(buf.len());
-                    let end = buf[start..].iter().position(|&b| b == b'\n').map_or(buf.len(), |p| start + p + 1);
+                    let start =
+                        buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(buf.len());
+                    let end = buf[start..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(buf.len(), |p| start + p + 1);
                     client.inbuf.drain(..end);
                     Err(e.to_string())
                 }
