@@ -1,0 +1,26 @@
+//! The seam between the PCI root and a PCI function.
+
+use crate::config::BarReprogram;
+
+/// A PCI function as the root complex sees it: its configuration space and
+/// its BARs, addressed by BAR index so the device never knows where the
+/// guest put them. Address allocation is the root's business, not the
+/// device's.
+pub trait PciDevice: Send {
+    /// The config dword at index `reg` (byte offset / 4), 0..1024.
+    fn config_read(&mut self, reg: usize) -> u32;
+
+    /// A guest write of `data` (1, 2 or 4 bytes) at byte `offset` in config
+    /// space. Returns the BAR it moved, so the VMM can move what backs it.
+    fn config_write(&mut self, offset: u64, data: &[u8]) -> Option<BarReprogram>;
+
+    /// An access at `offset` inside BAR `bar` (the low index of a 64-bit BAR).
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let _ = (bar, offset);
+        data.fill(0xff);
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let _ = (bar, offset, data);
+    }
+}
