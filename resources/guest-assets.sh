@@ -1,0 +1,448 @@
+#!/usr/bin/env bash
+# Fetches and builds everything the integration tests boot, into a cache
+# outside the repository: ${SKIFF_CACHE:-$HOME/.cache/skiff}.
+# Idempotent: each product is rebuilt only when what it is made of changed.
+#
+#   resources/guest-assets.sh [--l1|--no-l1] [--env] [--quiet]
+#
+#   --l1 / --no-l1  build the test-host (L1) parts or not. Default: only
+#                   when this machine needs a test host, i.e. its CPU flags
+#                   show no vmx/svm (override with SKIFF_TEST_HOST=l1|direct).
+#   --env           print the products as shell assignments (for eval).
+#   --quiet         no progress messages.
+#
+# Products (under $SKIFF_CACHE):
+#   l2/bzImage      the guest kernel: Debian linux-image-cloud-amd64, or the
+#                   file named by SKIFF_TEST_KERNEL (e.g. a NixOS bzImage).
+#   l2/vmlinux      the same kernel uncompressed (ELF with the PVH note), or
+#                   SKIFF_TEST_VMLINUX when given.
+#   l2/initrd.img   busybox-static + virtio modules + resources/guest/init.
+#                   Modules come from the Debian cloud kernel, or from
+#                   SKIFF_TEST_MODULES (a lib/modules/VERSION directory)
+#                   when SKIFF_TEST_KERNEL is set.
+#   tools/stamp, tools/outb   static helpers from resources/tools.
+#   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
+#   l1/l1-base.cpio.zst   test-host root: busybox, KVM (and VFIO) modules,
+#                   stamp, the L2 bzImage and initrd under /assets.
+#   l1/l1-qemu.cpio.zst   qemu-system-x86_64 with its libraries and the
+#                   firmware files microvm opens (appended when needed).
+#   l1/l1-vmlinux.cpio.zst  /assets/vmlinux (appended when needed).
+#
+# Needs: apt-get (Debian package lists updated), dpkg, cpio, gzip, zstd,
+# lz4, xz, gcc, readelf, ldd. resources/install-deps.sh installs them.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${SKIFF_CACHE:-$HOME/.cache/skiff}
+
+want_l1=auto
+print_env=0
+quiet=0
+for arg in "$@"; do
+	case "$arg" in
+	--l1) want_l1=1 ;;
+	--no-l1) want_l1=0 ;;
+	--env) print_env=1 ;;
+	--quiet) quiet=1 ;;
+	-h | --help)
+		sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+		exit 0
+		;;
+	*)
+		echo "guest-assets.sh: unknown argument: $arg" >&2
+		exit 2
+		;;
+	esac
+done
+
+log() { [ "$quiet" = 1 ] || echo "guest-assets: $*" >&2; }
+die() {
+	echo "guest-assets: error: $*" >&2
+	exit 1
+}
+
+if [ "$want_l1" = auto ]; then
+	case "${SKIFF_TEST_HOST:-auto}" in
+	l1) want_l1=1 ;;
+	direct) want_l1=0 ;;
+	auto)
+		if grep -qwE 'vmx|svm' /proc/cpuinfo; then want_l1=0; else want_l1=1; fi
+		;;
+	*) die "SKIFF_TEST_HOST must be auto, l1 or direct (is '${SKIFF_TEST_HOST}')" ;;
+	esac
+fi
+
+for tool in apt-get apt-cache dpkg cpio gzip zstd lz4 xz gcc readelf ldd sha256sum flock; do
+	command -v "$tool" >/dev/null || die "'$tool' is missing: run resources/install-deps.sh"
+done
+
+mkdir -p "$CACHE"/{debs,pkg,l1,l2,tools,tmp}
+exec 9>"$CACHE/.lock"
+flock 9
+
+# ---------------------------------------------------------------- helpers
+
+# key_of ARGS...: a digest of strings and (for existing paths) file contents
+# (small files) or name+size+mtime (large files, directories).
+key_of() {
+	local a
+	for a in "$@"; do
+		if [ -f "$a" ] && [ "$(stat -c %s "$a")" -lt 1048576 ]; then
+			printf 'file %s ' "$a"
+			sha256sum <"$a"
+		elif [ -e "$a" ]; then
+			stat -L -c 'path %n %s %Y' "$a"
+		else
+			printf 'str %s\n' "$a"
+		fi
+	done | sha256sum | cut -c1-32
+}
+up_to_date() { [ -e "$1" ] && [ -f "$1.key" ] && [ "$(cat "$1.key")" = "$2" ]; }
+mark() { printf '%s\n' "$2" >"$1.key"; }
+
+# fetch_pkg NAME VERSION: download (once) and unpack (once); prints the
+# unpack dir. VERSION empty: offline, use what an earlier run fetched.
+fetch_pkg() {
+	local name=$1 ver=$2 deb dir
+	if [ -z "$ver" ]; then
+		dir=$(find "$CACHE/pkg" -maxdepth 1 -name "${name}_*" -type d | sort | tail -n1)
+		{ [ -n "$dir" ] && [ -f "$dir/.done" ]; } ||
+			die "cannot resolve Debian package $name: run resources/install-deps.sh (it runs apt-get update)"
+		echo "$dir"
+		return
+	fi
+	local safe=${ver//:/%3a}
+	dir="$CACHE/pkg/${name}_${safe}"
+	if [ -f "$dir/.done" ]; then
+		echo "$dir"
+		return
+	fi
+	deb=$(find "$CACHE/debs" -maxdepth 1 -name "${name}_${safe}_*.deb" -print -quit)
+	if [ -z "$deb" ]; then
+		log "downloading $name $ver"
+		local out
+		if ! out=$(cd "$CACHE/debs" && apt-get download -o APT::Sandbox::User="$(id -un)" "$name=$ver" 2>&1); then
+			echo "$out" >&2
+			die "apt-get download $name=$ver failed"
+		fi
+		deb=$(find "$CACHE/debs" -maxdepth 1 -name "${name}_${safe}_*.deb" -print -quit)
+		[ -n "$deb" ] || die "apt-get download $name gave no ${name}_${safe}_*.deb"
+	fi
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	dpkg -x "$deb" "$dir"
+	touch "$dir/.done"
+	# Old versions of this package are no longer needed.
+	find "$CACHE/pkg" -maxdepth 1 -name "${name}_*" -type d ! -path "$dir" -exec rm -rf {} +
+	find "$CACHE/debs" -maxdepth 1 -name "${name}_*.deb" ! -path "$deb" -delete
+	echo "$dir"
+}
+
+# extract_vmlinux BZIMAGE OUT: the uncompressed ELF kernel inside a bzImage.
+extract_vmlinux() {
+	local img=$1 out=$2 tmp="$2.tmp" fmt magic cmd off
+	for fmt in lz4 xz zstd gzip; do
+		case $fmt in
+		lz4) magic='\x02\x21\x4c\x18' cmd='lz4 -dc' ;;
+		xz) magic='\xfd7zXZ\x00' cmd='xz -dc' ;;
+		zstd) magic='\x28\xb5\x2f\xfd' cmd='zstd -dc' ;;
+		gzip) magic='\x1f\x8b\x08' cmd='gzip -dc' ;;
+		esac
+		while IFS=: read -r off _; do
+			tail -c +$((off + 1)) "$img" | $cmd >"$tmp" 2>/dev/null || true
+			if [ -s "$tmp" ] && readelf -h "$tmp" >/dev/null 2>&1; then
+				mv "$tmp" "$out"
+				return 0
+			fi
+		done < <(LC_ALL=C grep -obUaP -m8 "$magic" "$img")
+	done
+	rm -f "$tmp"
+	return 1
+}
+
+# find_module DIR NAME: the NAME.ko[.xz|.zst|.gz] under DIR (- and _ alike).
+find_module() {
+	local alt=${2//-/_} alt2=${2//_/-}
+	find "$1" \( -name "$2.ko*" -o -name "$alt.ko*" -o -name "$alt2.ko*" \) -print -quit 2>/dev/null
+}
+
+# copy_module SRC DESTDIR: copy, decompressing so busybox insmod loads it;
+# prints the installed file name.
+copy_module() {
+	local src=$1 name
+	name=$(basename "$src")
+	name=${name%.xz}
+	name=${name%.zst}
+	name=${name%.gz}
+	case "$src" in
+	*.ko.xz) xz -dc "$src" >"$2/$name" ;;
+	*.ko.zst) zstd -q -dc "$src" >"$2/$name" ;;
+	*.ko.gz) gzip -dc "$src" >"$2/$name" ;;
+	*) cp "$src" "$2/$name" ;;
+	esac
+	echo "$name"
+}
+
+# install_busybox BUSYBOX ROOT: busybox at /bin/busybox + applet links.
+install_busybox() {
+	local bb=$1 root=$2 applet
+	mkdir -p "$root/bin" "$root/sbin" "$root/usr/bin" "$root/usr/sbin"
+	cp "$bb" "$root/bin/busybox"
+	for applet in $("$bb" --list-full); do
+		[ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+	done
+}
+
+# make_cpio ROOT: newc archive of ROOT on stdout, files owned by root.
+make_cpio() {
+	(cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet)
+}
+
+# ------------------------------------------------------------ packages
+start=$(date +%s)
+# Real package names and versions. apt-cache takes ~0.6 s a call here, so
+# the answer is kept until the package lists change.
+lists_key=$(stat -c '%n %Y' /var/lib/apt/lists /var/lib/apt/lists/*Packages* 2>/dev/null | sha256sum | cut -c1-32)
+resolved="$CACHE/resolved"
+if [ ! -f "$resolved" ] || [ "$(head -n1 "$resolved")" != "$lists_key" ]; then
+	deps=$(apt-cache depends linux-image-cloud-amd64 linux-image-amd64 2>/dev/null || true)
+	cloud_pkg=$(awk '/^linux-image-cloud-amd64$/{f=1; next} f && /Depends:/{print $2; exit}' <<<"$deps")
+	generic_pkg=$(awk '/^linux-image-amd64$/{f=1; next} f && /Depends:/{print $2; exit}' <<<"$deps")
+	if [ -n "$cloud_pkg" ] && [ -n "$generic_pkg" ]; then
+		{
+			echo "$lists_key"
+			apt-cache show --no-all-versions "$cloud_pkg" "$generic_pkg" busybox-static 2>/dev/null |
+				awk '/^Package: /{p=$2} /^Version: /{print p, $2}'
+		} >"$resolved.tmp"
+		mv "$resolved.tmp" "$resolved"
+	else
+		rm -f "$resolved"
+	fi
+fi
+if [ -f "$resolved" ]; then
+	cloud_pkg=$(awk 'NR > 1 && $1 ~ /^linux-image-.*-cloud-amd64$/ {print $1}' "$resolved")
+	generic_pkg=$(awk 'NR > 1 && $1 ~ /^linux-image-.*-amd64$/ && $1 !~ /cloud/ {print $1}' "$resolved")
+else
+	# Offline: fall back to the newest unpacked ones.
+	cloud_pkg=$(find "$CACHE/pkg" -maxdepth 1 -name 'linux-image-*-cloud-amd64_*' -printf '%f\n' | sort | tail -n1 | cut -d_ -f1)
+	generic_pkg=$(find "$CACHE/pkg" -maxdepth 1 -name 'linux-image-*-amd64_*' ! -name '*cloud*' -printf '%f\n' | sort | tail -n1 | cut -d_ -f1)
+	{ [ -n "$cloud_pkg" ] && [ -n "$generic_pkg" ]; } ||
+		die "cannot resolve linux-image-cloud-amd64 / linux-image-amd64: run resources/install-deps.sh (it runs apt-get update)"
+fi
+version_of() { [ -f "$resolved" ] && awk -v p="$1" 'NR > 1 && $1 == p {print $2}' "$resolved"; }
+busybox_dir=$(fetch_pkg busybox-static "$(version_of busybox-static)")
+BUSYBOX="$busybox_dir/bin/busybox"
+[ -x "$BUSYBOX" ] || die "no bin/busybox in busybox-static"
+
+# --------------------------------------------------------------- tools
+for t in stamp outb; do
+	src="$REPO/resources/tools/$t.c"
+	k=$(key_of "$src" "$(gcc -dumpfullversion)")
+	if ! up_to_date "$CACHE/tools/$t" "$k"; then
+		log "building tools/$t"
+		if [ "$t" = outb ]; then
+			gcc -Os -Wall -ffreestanding -fno-builtin -static -nostdlib -fno-pie -no-pie \
+				-fno-stack-protector -Wl,--build-id=none -s -o "$CACHE/tools/$t" "$src"
+		else
+			gcc -O2 -Wall -static -s -o "$CACHE/tools/$t" "$src" ||
+				die "building stamp needs a static libc: apt-get install libc6-dev"
+		fi
+		mark "$CACHE/tools/$t" "$k"
+	fi
+done
+STAMP="$CACHE/tools/stamp"
+OUTB="$CACHE/tools/outb"
+
+# --------------------------------------------------------- L2 kernel
+L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs button evdev"
+if [ -n "${SKIFF_TEST_KERNEL:-}" ]; then
+	[ -f "$SKIFF_TEST_KERNEL" ] || die "SKIFF_TEST_KERNEL=$SKIFF_TEST_KERNEL: no such file"
+	kernel_src=$SKIFF_TEST_KERNEL
+	moddir=${SKIFF_TEST_MODULES:-}
+	[ -z "$moddir" ] || [ -d "$moddir" ] || die "SKIFF_TEST_MODULES=$moddir: no such directory"
+	[ -n "$moddir" ] || log "SKIFF_TEST_KERNEL without SKIFF_TEST_MODULES: the initrd gets no modules"
+else
+	cloud_dir=$(fetch_pkg "$cloud_pkg" "$(version_of "$cloud_pkg")")
+	kernel_src=$(find "$cloud_dir/boot" -name 'vmlinuz-*' -print -quit)
+	moddir=$(find "$cloud_dir/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit)
+fi
+[ -f "$kernel_src" ] || die "no guest kernel found"
+
+k=$(key_of "$kernel_src")
+if ! up_to_date "$CACHE/l2/bzImage" "$k"; then
+	log "guest kernel: $kernel_src"
+	cp "$kernel_src" "$CACHE/l2/bzImage.tmp"
+	mv "$CACHE/l2/bzImage.tmp" "$CACHE/l2/bzImage"
+	mark "$CACHE/l2/bzImage" "$k"
+fi
+k=$(key_of "$CACHE/l2/bzImage.key" "${SKIFF_TEST_VMLINUX:-}")
+if ! up_to_date "$CACHE/l2/vmlinux" "$k"; then
+	if [ -n "${SKIFF_TEST_VMLINUX:-}" ]; then
+		cp "$SKIFF_TEST_VMLINUX" "$CACHE/l2/vmlinux"
+	else
+		log "extracting l2/vmlinux"
+		extract_vmlinux "$CACHE/l2/bzImage" "$CACHE/l2/vmlinux" ||
+			die "could not extract an ELF vmlinux from $kernel_src (set SKIFF_TEST_VMLINUX)"
+	fi
+	mark "$CACHE/l2/vmlinux" "$k"
+fi
+
+# --------------------------------------------------------- L2 initrd
+k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "${moddir:-nomodules}" "$L2_MODULES" "v1")
+if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
+	log "building l2/initrd.img"
+	root="$CACHE/tmp/l2root"
+	rm -rf "$root"
+	mkdir -p "$root"/{proc,sys,dev,tmp,run,lib/modules}
+	install_busybox "$BUSYBOX" "$root"
+	cp "$OUTB" "$root/bin/outb"
+	install -m 0755 "$REPO/resources/guest/init" "$root/init"
+	: >"$root/lib/modules/skiff-order"
+	if [ -n "$moddir" ]; then
+		for m in $L2_MODULES; do
+			f=$(find_module "$moddir" "$m")
+			if [ -n "$f" ]; then
+				copy_module "$f" "$root/lib/modules" >>"$root/lib/modules/skiff-order"
+			else
+				log "note: module $m not in $moddir (built in or absent)"
+			fi
+		done
+	fi
+	make_cpio "$root" | gzip -6 >"$CACHE/l2/initrd.img.tmp"
+	mv "$CACHE/l2/initrd.img.tmp" "$CACHE/l2/initrd.img"
+	rm -rf "$root"
+	mark "$CACHE/l2/initrd.img" "$k"
+fi
+
+# ------------------------------------------------------------ L1 host
+if [ "$want_l1" = 1 ]; then
+	generic_dir=$(fetch_pkg "$generic_pkg" "$(version_of "$generic_pkg")")
+	l1_kernel=$(find "$generic_dir/boot" -name 'vmlinuz-*' -print -quit)
+	l1_moddir=$(find "$generic_dir/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit)
+	{ [ -f "$l1_kernel" ] && [ -d "$l1_moddir" ]; } || die "bad $generic_pkg package"
+
+	k=$(key_of "$l1_kernel")
+	if ! up_to_date "$CACHE/l1/vmlinux" "$k"; then
+		# Booting the ELF through PVH skips the XZ decompression, which
+		# takes ~3 s under TCG.
+		log "extracting l1/vmlinux"
+		extract_vmlinux "$l1_kernel" "$CACHE/l1/vmlinux" || die "could not extract vmlinux from $l1_kernel"
+		mark "$CACHE/l1/vmlinux" "$k"
+	fi
+
+	# zstd_cpio ROOT OUT: compressed archive, padded to 4 bytes so that
+	# archives can be concatenated (the kernel wants each one aligned).
+	zstd_cpio() {
+		make_cpio "$1" | zstd -q -T0 -6 >"$2.tmp"
+		local pad=$(((4 - $(stat -c %s "$2.tmp") % 4) % 4))
+		head -c "$pad" /dev/zero >>"$2.tmp"
+		mv "$2.tmp" "$2"
+	}
+
+	# install_with_libs BIN DEST ROOT: a dynamically linked program and the
+	# libraries ldd names, at their own paths under ROOT.
+	install_with_libs() {
+		mkdir -p "$(dirname "$2")" "$3/lib64"
+		cp -L "$1" "$2"
+		ldd "$1" | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}' | while read -r lib; do
+			mkdir -p "$3$(dirname "$lib")"
+			cp -L "$lib" "$3$lib"
+		done
+		[ -e "$3/lib64/ld-linux-x86-64.so.2" ] || cp -L /lib64/ld-linux-x86-64.so.2 "$3/lib64/"
+	}
+
+	# The test-host root comes in three archives that run-scenarios.sh
+	# concatenates: the base (always), QEMU (when a scenario uses $QEMU),
+	# the L2 vmlinux (when one uses $VMLINUX). Unpacking costs ~11 ms/MB
+	# under TCG, so a test host gets only what its scenarios need.
+	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
+		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "v3-socat")
+	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
+		log "building l1/l1-base.cpio.zst"
+		root="$CACHE/tmp/l1root"
+		rm -rf "$root"
+		mkdir -p "$root"/{proc,sys,dev,tmp,run,var/tmp,etc,assets,lib/modules/l1,lib64,opt}
+		install_busybox "$BUSYBOX" "$root"
+		install -m 0755 "$REPO/tests/testhost/l1-init" "$root/init"
+		cp "$STAMP" "$root/bin/stamp"
+		# socat: the QMP tests talk to skiff exactly as microvm.nix does.
+		SOCAT_BIN=$(command -v socat) || die "socat missing: run resources/install-deps.sh"
+		install_with_libs "$SOCAT_BIN" "$root/usr/bin/socat" "$root"
+		printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+		printf 'root:x:0:\n' >"$root/etc/group"
+		: >"$root/lib/modules/l1/order"
+		: >"$root/lib/modules/l1/order-vfio"
+		for m in irqbypass ccp kvm kvm-amd; do
+			f=$(find_module "$l1_moddir" "$m")
+			[ -n "$f" ] || die "module $m not found in $generic_pkg"
+			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order"
+		done
+		for m in vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci; do
+			f=$(find_module "$l1_moddir" "$m")
+			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
+			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order-vfio"
+		done
+		cp "$CACHE/l2/bzImage" "$CACHE/l2/initrd.img" "$root/assets/"
+		zstd_cpio "$root" "$CACHE/l1/l1-base.cpio.zst"
+		rm -rf "$root"
+		mark "$CACHE/l1/l1-base.cpio.zst" "$k"
+	fi
+
+	QEMU_BIN=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 missing: run resources/install-deps.sh"
+	k=$(key_of "$QEMU_BIN" "v2")
+	if ! up_to_date "$CACHE/l1/l1-qemu.cpio.zst" "$k"; then
+		log "building l1/l1-qemu.cpio.zst"
+		root="$CACHE/tmp/l1qemu"
+		rm -rf "$root"
+		mkdir -p "$root/usr/bin" "$root/lib64" "$root/usr/share/qemu" "$root/usr/share/seabios"
+		# QEMU, its libraries and the firmware files microvm opens
+		# (bios-microvm.bin, linuxboot_dma.bin; keymaps for -device i8042).
+		install_with_libs "$QEMU_BIN" "$root/usr/bin/qemu-system-x86_64" "$root"
+		for f in linuxboot.bin linuxboot_dma.bin pvh.bin multiboot.bin multiboot_dma.bin kvmvapic.bin qboot.rom bios-microvm.bin; do
+			if [ -e "/usr/share/qemu/$f" ]; then cp -L "/usr/share/qemu/$f" "$root/usr/share/qemu/"; fi
+		done
+		if [ -d /usr/share/qemu/keymaps ]; then cp -rL /usr/share/qemu/keymaps "$root/usr/share/qemu/"; fi
+		for f in bios-microvm.bin bios-256k.bin bios.bin; do
+			if [ -e "/usr/share/seabios/$f" ]; then cp -L "/usr/share/seabios/$f" "$root/usr/share/seabios/"; fi
+		done
+		if [ ! -e "$root/usr/share/seabios/bios-microvm.bin" ] && [ ! -e "$root/usr/share/qemu/bios-microvm.bin" ]; then
+			log "warning: bios-microvm.bin not found (package seabios): QEMU microvm will not start in the test host"
+		fi
+		zstd_cpio "$root" "$CACHE/l1/l1-qemu.cpio.zst"
+		rm -rf "$root"
+		mark "$CACHE/l1/l1-qemu.cpio.zst" "$k"
+	fi
+
+	k=$(key_of "$CACHE/l2/vmlinux.key" "v2")
+	if ! up_to_date "$CACHE/l1/l1-vmlinux.cpio.zst" "$k"; then
+		log "building l1/l1-vmlinux.cpio.zst"
+		root="$CACHE/tmp/l1vmlinux"
+		rm -rf "$root"
+		mkdir -p "$root/assets"
+		cp "$CACHE/l2/vmlinux" "$root/assets/vmlinux"
+		zstd_cpio "$root" "$CACHE/l1/l1-vmlinux.cpio.zst"
+		rm -rf "$root"
+		mark "$CACHE/l1/l1-vmlinux.cpio.zst" "$k"
+	fi
+fi
+
+took=$(($(date +%s) - start))
+log "assets ready in $CACHE (${took}s)"
+if [ "$print_env" = 1 ]; then
+	cat <<EOF
+SKIFF_CACHE='$CACHE'
+SKIFF_L2_BZIMAGE='$CACHE/l2/bzImage'
+SKIFF_L2_VMLINUX='$CACHE/l2/vmlinux'
+SKIFF_L2_INITRD='$CACHE/l2/initrd.img'
+SKIFF_STAMP='$STAMP'
+SKIFF_OUTB='$OUTB'
+EOF
+	if [ "$want_l1" = 1 ]; then
+		cat <<EOF
+SKIFF_L1_KERNEL='$CACHE/l1/vmlinux'
+SKIFF_L1_BASE='$CACHE/l1/l1-base.cpio.zst'
+SKIFF_L1_QEMU='$CACHE/l1/l1-qemu.cpio.zst'
+SKIFF_L1_VMLINUX='$CACHE/l1/l1-vmlinux.cpio.zst'
+EOF
+	fi
+fi

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs Skiff's whole test suite from a clean clone on Debian: installs the
+# dependencies, builds skiff (release), fetches the guest assets, then
+# `cargo test --workspace --release`. The integration tests (tests/) boot
+# real Linux guests, in a nested test host when this machine shows no
+# vmx/svm (see tests/testhost/run-scenarios.sh).
+#
+#   resources/test.sh [--no-deps] [CARGO TEST ARGS...]
+#
+# Extra arguments go to cargo test (e.g. `-- --nocapture`). Logs of the
+# scenario batches: target/skiff-tests/*.log.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+deps=1
+if [ "${1:-}" = --no-deps ]; then
+	deps=0
+	shift
+fi
+step() { echo "test.sh: $*" >&2; }
+
+if [ "$deps" = 1 ]; then
+	step "installing dependencies"
+	"$REPO/resources/install-deps.sh"
+fi
+command -v cargo >/dev/null || {
+	echo "test.sh: cargo not found: install Rust >= 1.80 (e.g. https://rustup.rs)" >&2
+	exit 1
+}
+cd "$REPO"
+step "building skiff (release)"
+cargo build --release -p vmm
+step "guest assets"
+resources/guest-assets.sh
+step "cargo test --workspace --release --no-fail-fast $*"
+cargo test --workspace --release --no-fail-fast "$@"

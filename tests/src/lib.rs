@@ -1,0 +1,534 @@
+//! Harness for Skiff's integration tests.
+//!
+//! A test describes [`Scenario`]s: shell commands that start a VMM (`$SKIFF`,
+//! `$QEMU`, ...) on the test guest (`$BZIMAGE`, `$INITRD`). [`run_scenarios`]
+//! runs a whole batch in one go through `tests/testhost/run-scenarios.sh`:
+//! directly on a machine with hardware virtualization, or inside a throwaway
+//! nested test host otherwise (booting one costs seconds, so batch them).
+//! The guest's `/init` (resources/guest/init) prints markers such as
+//! `SKIFF-INIT-OK` and `SKIFF-NPROC=2` on the serial console; assert on them
+//! with [`ScenarioResult::has_line`] and [`ScenarioResult::value`].
+//!
+//! Environment: `SKIFF_BIN` (default `target/release/skiff`), `SKIFF_CACHE`
+//! (assets, default `~/.cache/skiff`), `SKIFF_TEST_HOST=auto|l1|direct`,
+//! `SKIFF_TEST_VERBOSE=1` (show the console live), `SKIFF_TEST_KERNEL` (a
+//! different guest bzImage).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
+
+/// One command to run where KVM works.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Unique name, no whitespace.
+    pub name: String,
+    /// Time limit; the command's whole process group is killed after it.
+    pub timeout_secs: u32,
+    /// Shell command (run by `sh -c` in a fresh `$WORK` directory).
+    pub command: String,
+    /// Give the command a stdin that stays open (an idle pipe) instead of
+    /// `/dev/null`.
+    pub stdin_pipe: bool,
+}
+
+impl Scenario {
+    pub fn new(name: impl Into<String>, timeout_secs: u32, command: impl Into<String>) -> Self {
+        Scenario { name: name.into(), timeout_secs, command: command.into(), stdin_pipe: false }
+    }
+
+    /// A multi-line shell script as one scenario. The scenarios file holds
+    /// one line per scenario, so the script travels base64-encoded and is
+    /// sourced (it sees `$SKIFF`, `$BZIMAGE`, ... like a plain command).
+    /// `SCRIPT_PRELUDE` is prepended: it defines `wait_for`.
+    pub fn script(name: impl Into<String>, timeout_secs: u32, script: &str) -> Self {
+        let full = format!("{SCRIPT_PRELUDE}\n{script}");
+        let command = format!("echo {} | base64 -d > script.sh && . ./script.sh", base64(&full));
+        Scenario::new(name, timeout_secs, command)
+    }
+
+    /// Same scenario with an open, idle stdin.
+    pub fn with_stdin_pipe(mut self) -> Self {
+        self.stdin_pipe = true;
+        self
+    }
+}
+
+/// Shell helpers for `Scenario::script`: `wait_for MARKER FILE SECS` waits
+/// until FILE has a line with MARKER (returns 1 on time-out).
+pub const SCRIPT_PRELUDE: &str = r#"
+wait_for() {
+	i=0
+	while [ "$i" -lt $(($3 * 10)) ]; do
+		grep -q "$1" "$2" 2>/dev/null && return 0
+		sleep 0.1
+		i=$((i + 1))
+	done
+	echo "TIMED-OUT-WAITING-FOR $1"
+	return 1
+}
+"#;
+
+/// Standard base64 (RFC 4648, with padding), enough for shipping scripts.
+fn base64(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// What one scenario did.
+#[derive(Clone, Debug)]
+pub struct ScenarioResult {
+    pub name: String,
+    /// Exit status of the command (124 when it hit its time limit, 128+N
+    /// when killed by signal N); `None` when the scenario never finished
+    /// (the batch was cut short).
+    pub rc: Option<i32>,
+    /// stdout and stderr, `\r` removed.
+    pub output: String,
+    /// Wall time of the command in milliseconds, when known.
+    pub millis: Option<u64>,
+}
+
+impl ScenarioResult {
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.output.lines()
+    }
+
+    /// Whether `marker` was printed as a line of its own. Kernel messages
+    /// can land on the same console line, so a line that ends with the
+    /// marker after a `]` or a space also counts.
+    pub fn has_line(&self, marker: &str) -> bool {
+        self.lines().any(|l| {
+            let l = l.trim();
+            l == marker
+                || (l.ends_with(marker) && {
+                    let before = &l[..l.len() - marker.len()];
+                    before.ends_with(' ') || before.ends_with(']')
+                })
+        })
+    }
+
+    /// Whether the output contains `s` anywhere.
+    pub fn contains(&self, s: &str) -> bool {
+        self.output.contains(s)
+    }
+
+    /// The value printed as `KEY=VALUE` (first occurrence), e.g.
+    /// `value("SKIFF-NPROC") == Some("2")`.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        let pat = format!("{key}=");
+        self.lines().find_map(|l| {
+            let at = l.find(&pat)?;
+            let rest = &l[at + pat.len()..];
+            Some(rest.split_whitespace().next().unwrap_or(""))
+        })
+    }
+
+    /// A report for assertion messages: name, rc and the end of the output.
+    pub fn describe(&self) -> String {
+        const TAIL: usize = 60;
+        let lines: Vec<&str> = self.output.lines().collect();
+        let skip = lines.len().saturating_sub(TAIL);
+        let mut s = format!(
+            "scenario '{}': rc={} time={}\n--- output{} ---\n",
+            self.name,
+            self.rc.map_or("none (did not finish)".to_string(), |r| r.to_string()),
+            self.millis.map_or("?".to_string(), |m| format!("{m} ms")),
+            if skip > 0 {
+                format!(" (last {TAIL} of {} lines)", lines.len())
+            } else {
+                String::new()
+            }
+        );
+        for l in &lines[skip..] {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s.push_str("--- end ---");
+        s
+    }
+}
+
+/// Why a batch could not run.
+#[derive(Debug)]
+pub enum Error {
+    /// The skiff binary is not there.
+    SkiffMissing(PathBuf),
+    /// A scenario is malformed.
+    BadScenario(String),
+    /// guest-assets.sh failed.
+    Assets(String),
+    /// run-scenarios.sh failed: test host did not boot, no /dev/kvm, ...
+    TestHost {
+        code: Option<i32>,
+        log: PathBuf,
+        message: String,
+    },
+    Io(std::io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::SkiffMissing(p) => write!(
+                f,
+                "the skiff binary is missing at {}: build it with `cargo build --release -p vmm` \
+                 (or point SKIFF_BIN at one)",
+                p.display()
+            ),
+            Error::BadScenario(m) => write!(f, "bad scenario: {m}"),
+            Error::Assets(m) => write!(f, "building the guest assets failed: {m}"),
+            Error::TestHost { code, log, message } => write!(
+                f,
+                "the scenario batch could not run (run-scenarios.sh exit {}): {message}\nlog: {}",
+                code.map_or("signal".to_string(), |c| c.to_string()),
+                log.display()
+            ),
+            Error::Io(e) => write!(f, "I/O error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { repo_root().join(p) })
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// The skiff binary the tests run: `$SKIFF_BIN`, or `target/release/skiff`.
+pub fn skiff_bin() -> PathBuf {
+    std::env::var_os("SKIFF_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release").join("skiff"))
+}
+
+/// Newest modification time of the Rust sources of the VMM's crates.
+fn newest_source() -> Option<SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, newest);
+            } else if p.extension().is_some_and(|x| x == "rs") || p.ends_with("Cargo.toml") {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    if newest.map_or(true, |n| t > n) {
+                        *newest = Some(t);
+                    }
+                }
+            }
+        }
+    }
+    let mut newest = None;
+    for c in ["vmm", "boot", "devices", "pci"] {
+        walk(&repo_root().join(c), &mut newest);
+    }
+    newest
+}
+
+/// Checks that the skiff binary exists (and warns when it looks older than
+/// its sources).
+pub fn check_skiff() -> Result<PathBuf, Error> {
+    let bin = skiff_bin();
+    let meta = fs::metadata(&bin).map_err(|_| Error::SkiffMissing(bin.clone()))?;
+    if !meta.is_file() {
+        return Err(Error::SkiffMissing(bin));
+    }
+    if std::env::var_os("SKIFF_BIN").is_none() {
+        if let (Ok(built), Some(src)) = (meta.modified(), newest_source()) {
+            if src > built {
+                eprintln!(
+                    "skiff-tests: warning: {} is older than the sources: rebuild with \
+                     `cargo build --release -p vmm`",
+                    bin.display()
+                );
+            }
+        }
+    }
+    Ok(bin)
+}
+
+/// Builds (or checks) the guest assets, once per process.
+pub fn ensure_assets() -> Result<(), Error> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let script = repo_root().join("resources/guest-assets.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("--quiet")
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} failed ({}):\n{}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    })
+    .clone()
+    .map_err(Error::Assets)
+}
+
+/// Options of [`run_scenarios_with`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Fail at once with [`Error::SkiffMissing`] when the skiff binary is
+    /// missing (default). Off for batches that do not use `$SKIFF`.
+    pub require_skiff: bool,
+    /// Name of the log file under `target/skiff-tests/`.
+    pub log_name: String,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { require_skiff: true, log_name: "scenarios".into() }
+    }
+}
+
+/// Runs a batch of scenarios (one test-host boot) and returns their results
+/// in order. A scenario missing from the results of an incomplete batch is
+/// returned with `rc: None`.
+pub fn run_scenarios(scenarios: &[Scenario]) -> Result<Vec<ScenarioResult>, Error> {
+    run_scenarios_with(scenarios, &RunOptions::default())
+}
+
+pub fn run_scenarios_with(
+    scenarios: &[Scenario],
+    opts: &RunOptions,
+) -> Result<Vec<ScenarioResult>, Error> {
+    if opts.require_skiff {
+        check_skiff()?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in scenarios {
+        if s.name.is_empty() || s.name.chars().any(|c| c.is_whitespace()) || s.name.starts_with('#')
+        {
+            return Err(Error::BadScenario(format!("bad name '{}'", s.name)));
+        }
+        if s.command.contains('\n') || s.command.contains('\t') {
+            return Err(Error::BadScenario(format!("{}: command has a newline or tab", s.name)));
+        }
+        if !seen.insert(&s.name) {
+            return Err(Error::BadScenario(format!("{}: duplicate name", s.name)));
+        }
+    }
+    ensure_assets()?;
+
+    let dir = target_dir().join("skiff-tests");
+    fs::create_dir_all(&dir)?;
+    let scen_file = dir.join(format!("{}.tsv", opts.log_name));
+    let log = dir.join(format!("{}.log", opts.log_name));
+    let mut text = String::new();
+    for s in scenarios {
+        let pipe = if s.stdin_pipe { ":pipe" } else { "" };
+        text.push_str(&format!("{}\t{}{}\t{}\n", s.name, s.timeout_secs, pipe, s.command));
+    }
+    fs::write(&scen_file, text)?;
+
+    let script = repo_root().join("tests/testhost/run-scenarios.sh");
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&scen_file)
+        .arg(&log)
+        .env("SKIFF_BIN", skiff_bin())
+        .stdout(std::process::Stdio::inherit())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Progress lines, shown by cargo test only on failure or with --nocapture.
+    print!("{stderr}");
+    println!("skiff-tests: batch '{}' took {:.1}s", opts.log_name, started.elapsed().as_secs_f64());
+    let code = out.status.code();
+    // 0: ran to the end; 5: cut short (partial results are still useful).
+    if code != Some(0) && code != Some(5) {
+        let message =
+            stderr.lines().rev().find(|l| l.contains("error:")).unwrap_or("no message").to_string();
+        return Err(Error::TestHost { code, log, message });
+    }
+    let parsed = parse_log(&fs::read_to_string(&log).map_err(Error::Io)?);
+    let mut by_name: HashMap<String, ScenarioResult> =
+        parsed.into_iter().map(|r| (r.name.clone(), r)).collect();
+    Ok(scenarios
+        .iter()
+        .map(|s| {
+            by_name.remove(&s.name).unwrap_or_else(|| ScenarioResult {
+                name: s.name.clone(),
+                rc: None,
+                output: format!("(scenario did not run or did not finish; see {})", log.display()),
+                millis: None,
+            })
+        })
+        .collect())
+}
+
+/// Parses a run-scenarios.sh log: `=== BEGIN NAME`, output lines,
+/// `=== END NAME rc=N ms=T`. A scenario that began but never ended comes
+/// back with `rc: None` and the output it printed.
+pub fn parse_log(log: &str) -> Vec<ScenarioResult> {
+    let log = log.replace('\r', "");
+    let mut results = Vec::new();
+    let mut cur: Option<(String, Vec<&str>)> = None;
+    for line in log.lines() {
+        if let Some(at) = line.find("=== BEGIN ") {
+            if let Some((name, lines)) = cur.take() {
+                results.push(ScenarioResult {
+                    name,
+                    rc: None,
+                    output: lines.join("\n"),
+                    millis: None,
+                });
+            }
+            cur = Some((line[at + 10..].trim().to_string(), Vec::new()));
+            continue;
+        }
+        if let Some(at) = line.find("=== END ") {
+            let mut f = line[at + 8..].split_whitespace();
+            let name = f.next().unwrap_or("").to_string();
+            let mut rc = None;
+            let mut millis = None;
+            for kv in f {
+                if let Some(v) = kv.strip_prefix("rc=") {
+                    rc = v.parse().ok();
+                } else if let Some(v) = kv.strip_prefix("ms=") {
+                    millis = v.parse().ok();
+                }
+            }
+            if let Some((cname, mut lines)) = cur.take() {
+                if cname == name {
+                    // The runner prints a newline before END.
+                    if lines.last() == Some(&"") {
+                        lines.pop();
+                    }
+                    let mut output = lines.join("\n");
+                    if !output.is_empty() {
+                        output.push('\n');
+                    }
+                    results.push(ScenarioResult { name, rc, output, millis });
+                    continue;
+                }
+                results.push(ScenarioResult {
+                    name: cname,
+                    rc: None,
+                    output: lines.join("\n"),
+                    millis: None,
+                });
+            }
+            continue;
+        }
+        if let Some((_, lines)) = cur.as_mut() {
+            lines.push(line);
+        }
+    }
+    if let Some((name, lines)) = cur.take() {
+        results.push(ScenarioResult { name, rc: None, output: lines.join("\n"), millis: None });
+    }
+    results
+}
+
+/// microvm.nix's argv for a guest without devices (see
+/// shared/MICROVM-NIX.md), with `$BZIMAGE`/`$INITRD` and the guest action:
+/// `vmm` is `$SKIFF` or `$QEMU`, `machine_extra` is appended to the `-M`
+/// keys (e.g. `acpi=on`), `extra` goes before `-append`.
+pub fn microvm_nix_command(vmm: &str, acpi: bool, extra: &str, append_extra: &str) -> String {
+    let acpi = if acpi { "on" } else { "off" };
+    let mut cmd = format!(
+        "{vmm} -name t -M microvm,accel=kvm:tcg,acpi={acpi},mem-merge=on,pcie=off,pic=off,pit=off,rtc=on,usb=off \
+         -m 512M -smp 2 -nodefaults -no-user-config -no-reboot -kernel $BZIMAGE -initrd $INITRD \
+         -chardev stdio,id=stdio,signal=off -serial chardev:stdio -enable-kvm -cpu host,+x2apic,-sgx \
+         -device i8042 "
+    );
+    if !extra.is_empty() {
+        cmd.push_str(extra);
+        cmd.push(' ');
+    }
+    cmd.push_str(&format!(
+        "-append \"earlyprintk=ttyS0 console=ttyS0 reboot=t panic=-1 {append_extra}\" -nographic"
+    ));
+    cmd
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    const LOG: &str = "SKIFF-L1-READY uptime=3.1\r\n=== BEGIN a\r\n[    1.0] x\r\nSKIFF-INIT-OK\r\nSKIFF-NPROC=2\r\n\r\n=== END a rc=0 ms=812\r\n=== BEGIN b\r\nno newline\r\n=== END b rc=124 ms=90000\r\n=== BEGIN c\r\npartial\r\n";
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(""), "");
+        assert_eq!(base64("f"), "Zg==");
+        assert_eq!(base64("fo"), "Zm8=");
+        assert_eq!(base64("foo"), "Zm9v");
+        assert_eq!(base64("foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn parses_log() {
+        let r = parse_log(LOG);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].name, "a");
+        assert_eq!(r[0].rc, Some(0));
+        assert_eq!(r[0].millis, Some(812));
+        assert!(r[0].has_line("SKIFF-INIT-OK"));
+        assert_eq!(r[0].value("SKIFF-NPROC"), Some("2"));
+        assert_eq!(r[0].output, "[    1.0] x\nSKIFF-INIT-OK\nSKIFF-NPROC=2\n");
+        assert_eq!(r[1].rc, Some(124));
+        assert_eq!(r[1].output, "no newline\n");
+        assert_eq!(r[2].name, "c");
+        assert_eq!(r[2].rc, None);
+    }
+
+    #[test]
+    fn marker_after_kernel_message() {
+        let r = ScenarioResult {
+            name: "x".into(),
+            rc: Some(0),
+            output: "[    2.5] random: crng init doneSKIFF-INIT-OK\n[ 1.0] foo SKIFF-INIT-OK\n"
+                .into(),
+            millis: None,
+        };
+        assert!(r.has_line("SKIFF-INIT-OK"));
+        assert!(!r.has_line("INIT-OK"));
+    }
+
+    #[test]
+    fn command_has_microvm_nix_argv() {
+        let c = microvm_nix_command("$SKIFF", true, "", "skiff.test=poweroff");
+        assert!(c.starts_with("$SKIFF -name t -M microvm,accel=kvm:tcg,acpi=on,"));
+        assert!(c.ends_with("panic=-1 skiff.test=poweroff\" -nographic"));
+    }
+}

@@ -1,0 +1,130 @@
+//! QMP: microvm.nix's shutdown (capabilities + system_powerdown over socat,
+//! then connect-until-it-fails), the older Ctrl-Alt-Del path, quit,
+//! query-status, errors that leave the VM running, and a second client.
+//!
+//! All scenarios run in one test-host boot, like tests/boot.rs.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use skiff_tests::{microvm_nix_command, run_scenarios, Scenario, ScenarioResult};
+
+const SECS: u32 = 120;
+
+/// Starts skiff with a QMP socket in the background, its console in out.txt.
+fn start(action: &str) -> String {
+    let cmd = microvm_nix_command(
+        "$SKIFF",
+        true,
+        "-qmp unix:q.sock,server,nowait",
+        &format!("skiff.test={action}"),
+    );
+    format!("rm -f q.sock\n{cmd} > out.txt 2>&1 &\npid=$!\nwait_for SKIFF-WAITING out.txt 90\n")
+}
+
+/// After skiff exits: its status, whether the socket still accepts, and
+/// whether its file is gone; then the client's transcript and the console.
+const FINISH: &str = r#"
+wait $pid
+echo "SKIFF-RC=$?"
+if socat -u /dev/null UNIX-CONNECT:q.sock 2>/dev/null; then echo CONNECT-AFTER-EXIT=ok; else echo CONNECT-AFTER-EXIT=refused; fi
+if [ -e q.sock ]; then echo SOCKET-FILE=present; else echo SOCKET-FILE=gone; fi
+echo "--- qmp"
+cat qmp*.txt
+echo "--- console"
+cat out.txt
+"#;
+
+fn scenarios() -> Vec<Scenario> {
+    // Exactly microvm.nix's two lines; -t keeps socat reading after its
+    // stdin ends, so the transcript has the events up to skiff's exit.
+    let powerdown = format!(
+        "{}printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"system_powerdown\"}}' \
+         | socat -t 60 STDIO UNIX:q.sock,shut-none > qmp.txt\n{FINISH}",
+        start("powerbutton")
+    );
+    let cad = format!(
+        "{}printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' \
+         '{{\"execute\":\"input-send-event\",\"arguments\":{{\"events\":[\
+{{\"type\":\"key\",\"data\":{{\"down\":true,\"key\":{{\"type\":\"qcode\",\"data\":\"ctrl\"}}}}}},\
+{{\"type\":\"key\",\"data\":{{\"down\":true,\"key\":{{\"type\":\"qcode\",\"data\":\"alt\"}}}}}},\
+{{\"type\":\"key\",\"data\":{{\"down\":true,\"key\":{{\"type\":\"qcode\",\"data\":\"delete\"}}}}}}]}}}}' \
+         | socat -t 60 STDIO UNIX:q.sock,shut-none > qmp.txt\n{FINISH}",
+        start("cad")
+    );
+    // First client: negotiation, a status query, bad JSON, an unknown
+    // command; it leaves. Second client: a fresh greeting, then quit.
+    let session = format!(
+        "{}printf '%s\\n' '{{\"execute\":\"query-status\"}}' '{{\"execute\":\"qmp_capabilities\"}}' \
+         '{{\"execute\":\"query-status\",\"id\":\"s1\"}}' 'this is not json' '{{\"execute\":\"frobnicate\"}}' \
+         '{{\"execute\":\"query-status\",\"id\":\"s2\"}}' | socat -t 2 STDIO UNIX:q.sock > qmp1.txt\n\
+         printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"quit\"}}' \
+         | socat -t 60 STDIO UNIX:q.sock > qmp2.txt\n{FINISH}",
+        start("sleep")
+    );
+    vec![
+        Scenario::script("qmp-powerdown", SECS, &powerdown),
+        Scenario::script("qmp-ctrl-alt-del", SECS, &cad),
+        Scenario::script("qmp-session", SECS, &session),
+    ]
+}
+
+fn batch() -> &'static Result<HashMap<String, ScenarioResult>, String> {
+    static BATCH: OnceLock<Result<HashMap<String, ScenarioResult>, String>> = OnceLock::new();
+    BATCH.get_or_init(|| {
+        run_scenarios(&scenarios())
+            .map(|rs| rs.into_iter().map(|r| (r.name.clone(), r)).collect())
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn result(name: &str) -> &'static ScenarioResult {
+    match batch() {
+        Ok(m) => m.get(name).unwrap_or_else(|| panic!("no result for scenario {name}")),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn assert_clean_exit(r: &ScenarioResult) {
+    assert!(r.has_line("SKIFF-WAITING"), "the guest never got ready\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "skiff should exit 0\n{}", r.describe());
+    assert_eq!(r.value("SOCKET-FILE"), Some("gone"), "{}", r.describe());
+    assert_eq!(r.value("CONNECT-AFTER-EXIT"), Some("refused"), "{}", r.describe());
+}
+
+#[test]
+fn system_powerdown_as_microvm_nix_sends_it() {
+    let r = result("qmp-powerdown");
+    assert_clean_exit(r);
+    assert!(r.contains("\"QMP\""), "no greeting\n{}", r.describe());
+    assert!(r.contains("\"event\":\"POWERDOWN\""), "no POWERDOWN event\n{}", r.describe());
+    assert!(r.contains("\"event\":\"SHUTDOWN\""), "no SHUTDOWN event\n{}", r.describe());
+    assert!(r.contains("\"reason\":\"guest-shutdown\""), "{}", r.describe());
+    assert!(r.has_line("SKIFF-POWER-BUTTON"), "the guest did not see the button\n{}", r.describe());
+}
+
+#[test]
+fn ctrl_alt_delete_through_the_i8042() {
+    let r = result("qmp-ctrl-alt-del");
+    assert_clean_exit(r);
+    assert!(r.contains("\"event\":\"SHUTDOWN\""), "{}", r.describe());
+    assert!(r.contains("\"reason\":\"guest-reset\""), "expected a guest reset\n{}", r.describe());
+}
+
+#[test]
+fn quit_status_errors_and_a_second_client() {
+    let r = result("qmp-session");
+    assert_clean_exit(r);
+    let out = &r.output;
+    assert!(
+        out.contains("Expecting capabilities negotiation"),
+        "commands before negotiation must fail\n{}",
+        r.describe()
+    );
+    assert!(out.contains(r#""id":"s1","return":{"running":true"#), "{}", r.describe());
+    assert!(out.contains(r#""class":"GenericError""#), "bad JSON needs an error\n{}", r.describe());
+    assert!(out.contains(r#""class":"CommandNotFound","desc":"The command frobnicate"#));
+    assert!(out.contains(r#""id":"s2","return":{"running":true"#), "VM must keep running\n{}", r.describe());
+    assert_eq!(out.matches("\"QMP\"").count(), 2, "each client gets a greeting\n{}", r.describe());
+    assert!(out.contains(r#""reason":"host-qmp-quit""#), "{}", r.describe());
+}
