@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 /// A request from a device to the VMM about the machine as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,667 @@
+//! The virtio-mmio transport, version 2 ("modern"), as QEMU's microvm
+//! exposes it: a 0x200-byte window of 32-bit registers, then config space.
+//!
+//! The VMM wires three things per transport:
+//! - the window on the MMIO bus (`MMIO_WINDOW_SIZE` bytes at some base);
+//! - one KVM ioeventfd per queue at base + `NOTIFY_REG_OFFSET`, 4 bytes,
+//!   datamatch = queue index, signalling `queue_evts()[index]` (without
+//!   them, a QueueNotify write reaches `write` and signals the same eventfd);
+//! - a KVM irqfd binding `interrupt_evt()` to the device's GSI.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, VIRTIO_F_VERSION_1,
+};
+use crate::BusDevice;
+
+/// Registers (0x000-0x0ff) and device config space (0x100-0x1ff).
+pub const MMIO_WINDOW_SIZE: u64 = 0x200;
+/// Where the guest writes a queue index to kick that queue.
+pub const NOTIFY_REG_OFFSET: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x554d_4551; // "QEMU", as QEMU reports it
+
+const MAGIC_VALUE: u64 = 0x00;
+const VERSION_REG: u64 = 0x04;
+const DEVICE_ID: u64 = 0x08;
+const VENDOR_ID_REG: u64 = 0x0c;
+const DEVICE_FEATURES: u64 = 0x10;
+const DEVICE_FEATURES_SEL: u64 = 0x14;
+const DRIVER_FEATURES: u64 = 0x20;
+const DRIVER_FEATURES_SEL: u64 = 0x24;
+const QUEUE_SEL: u64 = 0x30;
+const QUEUE_NUM_MAX: u64 = 0x34;
+const QUEUE_NUM: u64 = 0x38;
+const QUEUE_READY: u64 = 0x44;
+const INTERRUPT_STATUS: u64 = 0x60;
+const INTERRUPT_ACK: u64 = 0x64;
+const STATUS: u64 = 0x70;
+const QUEUE_DESC_LOW: u64 = 0x80;
+const QUEUE_DESC_HIGH: u64 = 0x84;
+const QUEUE_DRIVER_LOW: u64 = 0x90;
+const QUEUE_DRIVER_HIGH: u64 = 0x94;
+const QUEUE_DEVICE_LOW: u64 = 0xa0;
+const QUEUE_DEVICE_HIGH: u64 = 0xa4;
+const SHM_LEN_LOW: u64 = 0xb0;
+const SHM_BASE_HIGH: u64 = 0xbc;
+const CONFIG_GENERATION: u64 = 0xfc;
+const CONFIG: u64 = 0x100;
+
+/// The transport's interrupt, shared with the device: the InterruptStatus
+/// word the guest reads and acks, and the line (an eventfd the VMM binds to
+/// the GSI with irqfd).
+struct MmioInterrupt {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
+        let bit = match t {
+            VirtioInterruptType::Config => VIRTIO_MMIO_INT_CONFIG,
+            VirtioInterruptType::Queue(_) => VIRTIO_MMIO_INT_VRING,
+        };
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.evt.write(1)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("device offers queue {index} with invalid max size {size}")]
+    QueueMaxSize { index: usize, size: u16 },
+}
+
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<MmioInterrupt>,
+    /// What the driver wrote to the queue registers; validated into
+    /// `Queue`s only at DRIVER_OK.
+    queues: Vec<QueueState>,
+    queue_evts: Vec<EventFd>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+}
+
+impl MmioTransport {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<Self, MmioError> {
+        let max_sizes = lock(&device).queue_max_sizes().to_vec();
+        for (index, &size) in max_sizes.iter().enumerate() {
+            Queue::new(size).map_err(|_| MmioError::QueueMaxSize { index, size })?;
+        }
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd);
+        let queue_evts = max_sizes.iter().map(|_| evt()).collect::<Result<_, _>>()?;
+        let interrupt = Arc::new(MmioInterrupt { status: AtomicU32::new(0), evt: evt()? });
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues: max_sizes.iter().map(|&m| initial_queue(m)).collect(),
+            queue_evts,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+        })
+    }
+
+    /// One eventfd per queue, for KVM ioeventfds at base + NOTIFY_REG_OFFSET
+    /// with datamatch = the index in this slice.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The interrupt line, for a KVM irqfd on the device's GSI.
+    pub fn interrupt_evt(&self) -> &EventFd {
+        &self.interrupt.evt
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueState> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        match offset {
+            MAGIC_VALUE => MAGIC,
+            VERSION_REG => VERSION,
+            DEVICE_ID => lock(&self.device).device_type(),
+            VENDOR_ID_REG => VENDOR_ID,
+            DEVICE_FEATURES => match self.device_features_sel {
+                0 => lock(&self.device).features() as u32,
+                1 => (lock(&self.device).features() >> 32) as u32,
+                _ => 0,
+            },
+            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size.into()),
+            QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready.into()),
+            INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            STATUS => self.status,
+            // No shared memory regions: length and base read as all ones.
+            SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
+            // Config space never changes under the driver.
+            CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            DRIVER_FEATURES if self.status & (DRIVER | FEATURES_OK | FAILED) == DRIVER => {
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            QUEUE_SEL => self.queue_sel = v,
+            QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW..=QUEUE_DEVICE_HIGH => {
+                self.write_queue(offset, v)
+            }
+            NOTIFY_REG_OFFSET => match self.queue_evts.get(v as usize) {
+                Some(evt) => {
+                    if let Err(e) = evt.write(1) {
+                        log::error!("virtio-mmio: cannot signal queue {v}: {e}");
+                    }
+                }
+                None => log::debug!("virtio-mmio: notify for missing queue {v}"),
+            },
+            INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
+            }
+            STATUS => self.set_status(v),
+            _ => log::debug!("virtio-mmio: write {v:#x} to {offset:#x} ignored"),
+        }
+    }
+
+    /// Queue registers are writable between FEATURES_OK and DRIVER_OK.
+    /// Values are stored as written and checked at DRIVER_OK.
+    fn write_queue(&mut self, offset: u64, v: u32) {
+        if self.status & (FEATURES_OK | DRIVER_OK | FAILED) != FEATURES_OK {
+            log::debug!("virtio-mmio: queue write to {offset:#x} in status {:#x}", self.status);
+            return;
+        }
+        let Some(q) = self.selected_queue() else {
+            log::debug!("virtio-mmio: queue write to {offset:#x} for a missing queue");
+            return;
+        };
+        let lo = |a: u64| (a & !0xffff_ffff) | u64::from(v);
+        let hi = |a: u64| (a & 0xffff_ffff) | (u64::from(v) << 32);
+        match offset {
+            // Out-of-range sizes show up as 0x10000-ish values; keep them
+            // invalid rather than truncating them into valid ones.
+            QUEUE_NUM => q.size = u16::try_from(v).unwrap_or(0),
+            QUEUE_READY => q.ready = v == 1,
+            QUEUE_DESC_LOW => q.desc_table = lo(q.desc_table),
+            QUEUE_DESC_HIGH => q.desc_table = hi(q.desc_table),
+            QUEUE_DRIVER_LOW => q.avail_ring = lo(q.avail_ring),
+            QUEUE_DRIVER_HIGH => q.avail_ring = hi(q.avail_ring),
+            QUEUE_DEVICE_LOW => q.used_ring = lo(q.used_ring),
+            QUEUE_DEVICE_HIGH => q.used_ring = hi(q.used_ring),
+            _ => {}
+        }
+    }
+
+    /// The device status state machine of virtio 1.x, section 3.1.1.
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            return self.reset();
+        }
+        if v & FAILED != 0 {
+            // The driver gave up; it must reset before trying again.
+            self.status |= FAILED;
+            return;
+        }
+        if self.status & (FAILED | NEEDS_RESET) != 0 {
+            log::debug!("virtio-mmio: status {v:#x} before a reset ignored");
+            return;
+        }
+        // NEEDS_RESET is the device's to set; unknown bits are dropped.
+        let v = v & (ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        let in_order = [(DRIVER, ACKNOWLEDGE), (FEATURES_OK, DRIVER), (DRIVER_OK, FEATURES_OK)]
+            .iter()
+            .all(|&(bit, needs)| v & bit == 0 || v & needs != 0);
+        if v & self.status != self.status || !in_order {
+            log::warn!("virtio-mmio: invalid status transition {:#x} -> {v:#x}", self.status);
+            return;
+        }
+        let added = v & !self.status;
+        if added & FEATURES_OK != 0 && !self.accept_features() {
+            // The driver reads the status back and sees FEATURES_OK missing.
+            self.status = v & !(FEATURES_OK | DRIVER_OK);
+            return;
+        }
+        self.status = v;
+        if added & DRIVER_OK != 0 {
+            if let Err(e) = self.activate() {
+                log::error!("virtio-mmio: cannot activate device: {e}");
+                self.status |= NEEDS_RESET;
+                let _ = self.interrupt.trigger(VirtioInterruptType::Config);
+            }
+        }
+    }
+
+    /// The driver may accept only offered features and must accept
+    /// VERSION_1: this transport has no legacy interface.
+    fn accept_features(&mut self) -> bool {
+        let mut dev = lock(&self.device);
+        let offered = dev.features();
+        let f = self.driver_features;
+        if f & !offered != 0 || f & VIRTIO_F_VERSION_1 == 0 {
+            log::warn!("virtio-mmio: driver features {f:#x} refused (offered {offered:#x})");
+            return false;
+        }
+        dev.ack_features(f);
+        true
+    }
+
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = Vec::new();
+        for (index, state) in self.queues.iter().enumerate().filter(|(_, s)| s.ready) {
+            let mut q = Queue::try_from(*state)
+                .map_err(|source| ActivateError::InvalidQueue { index, source })?;
+            q.set_event_idx(event_idx);
+            if !q.is_valid(&self.mem) {
+                return Err(ActivateError::QueueOutsideMemory(index));
+            }
+            let evt = self.queue_evts[index].try_clone().map_err(ActivateError::EventFd)?;
+            queues.push((index, q, evt));
+        }
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        lock(&self.device).activate(ActivationContext { mem: self.mem.clone(), queues, interrupt })
+    }
+
+    fn reset(&mut self) {
+        if self.status != 0 && !lock(&self.device).reset() {
+            log::error!("virtio-mmio: device cannot reset");
+            self.status |= FAILED;
+            return;
+        }
+        for q in &mut self.queues {
+            *q = initial_queue(q.max_size);
+        }
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.interrupt.status.store(0, Ordering::SeqCst);
+        // Pending counts in the eventfds only cause a spurious wakeup later.
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG {
+            lock(&self.device).read_config(offset - CONFIG, data);
+        } else if data.len() == 4 && offset & 3 == 0 {
+            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        } else {
+            log::debug!("virtio-mmio: {}-byte read at {offset:#x} ignored", data.len());
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG {
+            if self.status & (DRIVER | FAILED) == DRIVER {
+                lock(&self.device).write_config(offset - CONFIG, data);
+            } else {
+                log::debug!("virtio-mmio: config write in status {:#x} ignored", self.status);
+            }
+        } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset & 3) {
+            self.write_reg(offset, u32::from_le_bytes(bytes));
+        } else {
+            log::debug!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());
+        }
+    }
+}
+
+fn initial_queue(max_size: u16) -> QueueState {
+    QueueState { max_size, size: max_size, ..QueueState::default() }
+}
+
+/// Like the bus: a device that panicked is used as it was left.
+fn lock(dev: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    dev.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::read_config_from;
+    use crate::virtio::test_utils::guest_mem;
+
+    const MEM: usize = 0x10_0000;
+    const FEATURE_A: u64 = 1 << 5;
+    const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+    const OFFERED: u64 = VIRTIO_F_VERSION_1 | EVENT_IDX | FEATURE_A;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    /// (index, size, desc, avail, used, event_idx) of each queue handed over.
+    type QueueInfo = (usize, u16, u64, u64, u64, bool);
+
+    #[derive(Default)]
+    struct Fake {
+        acked: Option<u64>,
+        queues: Option<Vec<QueueInfo>>,
+        interrupt: Option<Arc<dyn VirtioInterrupt>>,
+        resets: u32,
+        cannot_reset: bool,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            OFFERED
+        }
+        fn ack_features(&mut self, features: u64) {
+            self.acked = Some(features);
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            read_config_from(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.config[offset as usize..][..data.len()].copy_from_slice(data);
+        }
+        fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+            if self.queues.is_some() {
+                return Err(ActivateError::AlreadyActive);
+            }
+            let info = ctx.queues.iter().map(|(i, q, _)| {
+                (*i, q.size(), q.desc_table(), q.avail_ring(), q.used_ring(), q.event_idx_enabled())
+            });
+            self.queues = Some(info.collect());
+            self.interrupt = Some(ctx.interrupt);
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.resets += 1;
+            self.queues = None;
+            self.interrupt = None;
+            !self.cannot_reset
+        }
+    }
+
+    fn setup() -> (Arc<Mutex<Fake>>, MmioTransport) {
+        let dev = Arc::new(Mutex::new(Fake::default()));
+        let t = MmioTransport::new(guest_mem(MEM), dev.clone()).unwrap();
+        (dev, t)
+    }
+
+    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn w(t: &mut MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    /// ACKNOWLEDGE, DRIVER, driver features, FEATURES_OK; returns the status
+    /// read back.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+        w(t, STATUS, ACKNOWLEDGE);
+        w(t, STATUS, ACKNOWLEDGE | DRIVER);
+        w(t, DRIVER_FEATURES_SEL, 1);
+        w(t, DRIVER_FEATURES, (features >> 32) as u32);
+        w(t, DRIVER_FEATURES_SEL, 0);
+        w(t, DRIVER_FEATURES, features as u32);
+        w(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        r(t, STATUS)
+    }
+
+    fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, desc: u64) {
+        w(t, QUEUE_SEL, index);
+        w(t, QUEUE_NUM, size);
+        for (lo, addr) in
+            [(QUEUE_DESC_LOW, desc), (QUEUE_DRIVER_LOW, AVAIL), (QUEUE_DEVICE_LOW, USED)]
+        {
+            w(t, lo, addr as u32);
+            w(t, lo + 4, (addr >> 32) as u32);
+        }
+        w(t, QUEUE_READY, 1);
+    }
+
+    fn driver_ok(t: &mut MmioTransport) -> u32 {
+        w(t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        r(t, STATUS)
+    }
+
+    /// Sets queue 0 up with `size` and `desc` and returns the final status.
+    fn init_with(t: &mut MmioTransport, size: u32, desc: u64) -> u32 {
+        assert_eq!(negotiate(t, VIRTIO_F_VERSION_1), 0xb);
+        setup_queue(t, 0, size, desc);
+        driver_ok(t)
+    }
+
+    #[test]
+    fn identifies_itself() {
+        let (_, mut t) = setup();
+        assert_eq!(r(&mut t, MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r(&mut t, VERSION_REG), 2);
+        assert_eq!(r(&mut t, DEVICE_ID), 4);
+        assert_eq!(r(&mut t, VENDOR_ID_REG), 0x554d_4551);
+        assert_eq!(r(&mut t, DEVICE_FEATURES), OFFERED as u32);
+        w(&mut t, DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        w(&mut t, DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r(&mut t, DEVICE_FEATURES), 0);
+        assert_eq!(r(&mut t, QUEUE_NUM_MAX), 16);
+        w(&mut t, QUEUE_SEL, 2);
+        assert_eq!(r(&mut t, QUEUE_NUM_MAX), 0, "no queue 2");
+        assert_eq!(r(&mut t, SHM_LEN_LOW), u32::MAX);
+        assert_eq!(r(&mut t, STATUS), 0);
+    }
+
+    #[test]
+    fn driver_init_activates_the_ready_queues() {
+        let (dev, mut t) = setup();
+        assert_eq!(negotiate(&mut t, VIRTIO_F_VERSION_1 | EVENT_IDX), 0xb);
+        assert_eq!(dev.lock().unwrap().acked, Some(VIRTIO_F_VERSION_1 | EVENT_IDX));
+        setup_queue(&mut t, 0, 8, DESC);
+        assert_eq!(r(&mut t, QUEUE_READY), 1);
+        assert!(dev.lock().unwrap().queues.is_none());
+        assert_eq!(driver_ok(&mut t), 0xf);
+        // Queue 1 was never made ready, so it is not handed over.
+        assert_eq!(dev.lock().unwrap().queues, Some(vec![(0, 8, DESC, AVAIL, USED, true)]));
+        // Queue registers are frozen once the device runs.
+        w(&mut t, QUEUE_READY, 0);
+        assert_eq!(r(&mut t, QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn refuses_features_it_cannot_accept() {
+        for features in [FEATURE_A, VIRTIO_F_VERSION_1 | 1 << 40] {
+            let (dev, mut t) = setup();
+            assert_eq!(negotiate(&mut t, features), 0x3, "FEATURES_OK not set");
+            assert_eq!(driver_ok(&mut t), 0x3);
+            assert_eq!(dev.lock().unwrap().acked, None);
+            assert!(dev.lock().unwrap().queues.is_none());
+        }
+    }
+
+    #[test]
+    fn status_follows_the_init_sequence() {
+        let (_, mut t) = setup();
+        w(&mut t, STATUS, DRIVER);
+        assert_eq!(r(&mut t, STATUS), 0, "DRIVER needs ACKNOWLEDGE");
+        w(&mut t, STATUS, ACKNOWLEDGE | DRIVER_OK);
+        assert_eq!(r(&mut t, STATUS), 0, "DRIVER_OK needs FEATURES_OK");
+        w(&mut t, STATUS, ACKNOWLEDGE | DRIVER);
+        w(&mut t, STATUS, ACKNOWLEDGE);
+        assert_eq!(r(&mut t, STATUS), 0x3, "bits cannot be cleared");
+        // Queues cannot be set up before FEATURES_OK.
+        w(&mut t, QUEUE_READY, 1);
+        assert_eq!(r(&mut t, QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn failed_holds_until_reset() {
+        let (dev, mut t) = setup();
+        w(&mut t, STATUS, ACKNOWLEDGE | DRIVER);
+        w(&mut t, STATUS, ACKNOWLEDGE | DRIVER | FAILED);
+        assert_eq!(r(&mut t, STATUS), 0x83);
+        w(&mut t, STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(r(&mut t, STATUS), 0x83);
+        w(&mut t, STATUS, 0);
+        assert_eq!(r(&mut t, STATUS), 0);
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+        assert!(dev.lock().unwrap().queues.is_some());
+    }
+
+    #[test]
+    fn notify_signals_the_queue_eventfd() {
+        let (_, mut t) = setup();
+        w(&mut t, NOTIFY_REG_OFFSET, 1);
+        w(&mut t, NOTIFY_REG_OFFSET, 7);
+        assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
+        assert!(t.queue_evts()[0].read().is_err(), "queue 0 was not kicked");
+    }
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let (dev, mut t) = setup();
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+        let irq = dev.lock().unwrap().interrupt.clone().unwrap();
+        irq.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), 1);
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+        irq.trigger(VirtioInterruptType::Config).unwrap();
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), 3);
+        w(&mut t, INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), 2);
+        w(&mut t, INTERRUPT_ACK, 2);
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn status_zero_resets_device_and_queues() {
+        let (dev, mut t) = setup();
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+        dev.lock()
+            .unwrap()
+            .interrupt
+            .clone()
+            .unwrap()
+            .trigger(VirtioInterruptType::Queue(0))
+            .unwrap();
+        w(&mut t, STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        assert!(dev.lock().unwrap().queues.is_none());
+        assert_eq!(r(&mut t, STATUS), 0);
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), 0);
+        assert_eq!(r(&mut t, QUEUE_READY), 0);
+        // A second driver starts from scratch.
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+        assert_eq!(dev.lock().unwrap().queues, Some(vec![(0, 16, DESC, AVAIL, USED, false)]));
+    }
+
+    #[test]
+    fn device_that_cannot_reset_is_failed() {
+        let (dev, mut t) = setup();
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+        dev.lock().unwrap().cannot_reset = true;
+        w(&mut t, STATUS, 0);
+        assert_eq!(r(&mut t, STATUS) & FAILED, FAILED);
+    }
+
+    #[test]
+    fn bad_queues_need_reset() {
+        // Not a power of two, above the max, zero, beyond 16 bits,
+        // misaligned, outside guest memory.
+        let cases =
+            [(3, DESC), (32, DESC), (0, DESC), (0x1_0010, DESC), (16, DESC + 1), (16, 1 << 40)];
+        for (size, desc) in cases {
+            let (dev, mut t) = setup();
+            assert_eq!(
+                init_with(&mut t, size, desc),
+                0xf | NEEDS_RESET,
+                "size {size} desc {desc:#x}"
+            );
+            assert!(dev.lock().unwrap().queues.is_none());
+            assert_eq!(r(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+            assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+            // Nothing but a reset gets it going again.
+            w(&mut t, STATUS, 0);
+            assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+            assert!(dev.lock().unwrap().queues.is_some());
+        }
+    }
+
+    #[test]
+    fn config_space_at_any_width() {
+        let (dev, mut t) = setup();
+        dev.lock().unwrap().config = [1, 2, 3, 4, 5, 6, 7, 8];
+        let mut b1 = [0u8; 1];
+        t.read(CONFIG + 1, &mut b1);
+        assert_eq!(b1, [2]);
+        let mut b2 = [0u8; 2];
+        t.read(CONFIG + 2, &mut b2);
+        assert_eq!(b2, [3, 4]);
+        let mut b8 = [0u8; 8];
+        t.read(CONFIG, &mut b8);
+        assert_eq!(b8, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(r(&mut t, CONFIG + 0x10), 0, "past the device's config");
+
+        t.write(CONFIG, &[9]);
+        assert_eq!(dev.lock().unwrap().config[0], 1, "no writes before DRIVER");
+        w(&mut t, STATUS, ACKNOWLEDGE);
+        w(&mut t, STATUS, ACKNOWLEDGE | DRIVER);
+        t.write(CONFIG + 6, &[9, 9]);
+        assert_eq!(dev.lock().unwrap().config, [1, 2, 3, 4, 5, 6, 9, 9]);
+    }
+
+    #[test]
+    fn registers_are_32_bit_only() {
+        let (_, mut t) = setup();
+        let mut b2 = [0xffu8; 2];
+        t.read(MAGIC_VALUE, &mut b2);
+        assert_eq!(b2, [0, 0]);
+        assert_eq!(r(&mut t, MAGIC_VALUE + 2), 0, "misaligned");
+        t.write(STATUS, &[ACKNOWLEDGE as u8]);
+        assert_eq!(r(&mut t, STATUS), 0);
+        w(&mut t, 0xf0, 1);
+        assert_eq!(r(&mut t, 0xf0), 0);
+    }
+}

@@ -1,0 +1,128 @@
+//! Test helpers: a small guest memory, a virtqueue laid out in it from the
+//! driver's side, and an interrupt that records what it was asked to raise.
+
+use std::sync::Mutex;
+
+use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
+
+pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+pub const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+
+/// Where tests put data buffers: above any queue layout at address 0.
+pub const DATA: u64 = 0x10_0000;
+
+/// Guest RAM at 0..size.
+pub fn guest_mem(size: usize) -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+}
+
+pub fn fill(mem: &GuestMemoryMmap, addr: u64, len: usize, byte: u8) {
+    mem.write_slice(&vec![byte; len], GuestAddress(addr)).unwrap();
+}
+
+pub fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+    v
+}
+
+/// A split virtqueue at guest address 0, driven as the guest driver would.
+///
+/// MockSplitQueue places the used ring `size` bytes (not `2 * size`) after
+/// the avail ring, so the two overlap past avail entry `size / 2`: tests
+/// make fewer than `size / 2` chains available.
+pub struct TestQueue<'a> {
+    mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    size: u16,
+    next_desc: u16,
+}
+
+impl<'a> TestQueue<'a> {
+    pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+        TestQueue { mock: MockSplitQueue::new(mem, size), size, next_desc: 0 }
+    }
+
+    /// Adds a chain of `(addr, len, flags)` descriptors, linked in order
+    /// (NEXT is set on all but the last), and makes it available.
+    pub fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
+        let head = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let flags = if i + 1 == descs.len() { flags & !NEXT } else { flags | NEXT };
+                Descriptor::new(addr, len, flags, head + i as u16 + 1).into()
+            })
+            .collect();
+        self.mock.add_desc_chains(&raw, head).unwrap();
+        self.next_desc += descs.len() as u16;
+        head
+    }
+
+    /// Writes one descriptor as is, for chains a correct driver never builds.
+    pub fn store_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.mock
+            .desc_table()
+            .store(index, Descriptor::new(addr, len, flags, next).into())
+            .unwrap();
+    }
+
+    /// Puts `head` on the available ring, whatever it points to.
+    pub fn make_available(&self, head: u16) {
+        let avail = self.mock.avail();
+        let idx = avail.idx().load();
+        avail.ring().ref_at(usize::from(idx % self.size)).unwrap().store(head);
+        avail.idx().store(idx.wrapping_add(1));
+    }
+
+    /// A ready device-side queue matching this layout.
+    pub fn queue(&self) -> Queue {
+        self.mock.create_queue::<Queue>().unwrap()
+    }
+
+    /// The used ring as (descriptor head, bytes written) pairs.
+    pub fn used(&self) -> Vec<(u32, u32)> {
+        let used = self.mock.used();
+        (0..used.idx().load())
+            .map(|i| {
+                let e = used.ring().ref_at(usize::from(i % self.size)).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    pub fn desc_table_addr(&self) -> u64 {
+        self.mock.desc_table_addr().0
+    }
+
+    pub fn avail_addr(&self) -> u64 {
+        self.mock.avail_addr().0
+    }
+
+    pub fn used_addr(&self) -> u64 {
+        self.mock.used_addr().0
+    }
+}
+
+/// Records every interrupt a device raises.
+#[derive(Default)]
+pub struct RecordingInterrupt(pub Mutex<Vec<VirtioInterruptType>>);
+
+impl RecordingInterrupt {
+    pub fn take(&self) -> Vec<VirtioInterruptType> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+impl VirtioInterrupt for RecordingInterrupt {
+    fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(t);
+        Ok(())
+    }
+}
