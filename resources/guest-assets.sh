@@ -14,6 +14,8 @@
 # Products (under $SKIFF_CACHE):
 #   l2/bzImage      the guest kernel: Debian linux-image-cloud-amd64, or the
 #                   file named by SKIFF_TEST_KERNEL (e.g. a NixOS bzImage).
+#   l2/bzImage-generic  Debian linux-image-amd64 (has MP-table support),
+#                   for the acpi=off tests.
 #   l2/vmlinux      the same kernel uncompressed (ELF with the PVH note), or
 #                   SKIFF_TEST_VMLINUX when given.
 #   l2/initrd.img   busybox-static + virtio modules + resources/guest/init.
@@ -314,9 +316,19 @@ if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	mark "$CACHE/l2/initrd.img" "$k"
 fi
 
+# ------------------------------------------ L2 kernel with MP tables
+# Debian's generic kernel (CONFIG_X86_MPPARSE=y, unlike the cloud one):
+# the acpi=off tests boot it, since without ACPI the MP table is the only
+# way a guest learns of its IOAPIC and other CPUs.
+generic_dir=$(fetch_pkg "$generic_pkg" "$(version_of "$generic_pkg")")
+generic_kernel=$(find "$generic_dir/boot" -name 'vmlinuz-*' -print -quit)
+[ -f "$generic_kernel" ] || die "no vmlinuz in $generic_pkg"
+if ! cmp -s "$generic_kernel" "$CACHE/l2/bzImage-generic" 2>/dev/null; then
+	cp "$generic_kernel" "$CACHE/l2/bzImage-generic"
+fi
+
 # ------------------------------------------------------------ L1 host
 if [ "$want_l1" = 1 ]; then
-	generic_dir=$(fetch_pkg "$generic_pkg" "$(version_of "$generic_pkg")")
 	l1_kernel=$(find "$generic_dir/boot" -name 'vmlinuz-*' -print -quit)
 	l1_moddir=$(find "$generic_dir/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit)
 	{ [ -f "$l1_kernel" ] && [ -d "$l1_moddir" ]; } || die "bad $generic_pkg package"
@@ -356,7 +368,7 @@ if [ "$want_l1" = 1 ]; then
 	# the L2 vmlinux (when one uses $VMLINUX). Unpacking costs ~11 ms/MB
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
-		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "v3-socat")
+		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" "v3-socat")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -382,7 +394,7 @@ if [ "$want_l1" = 1 ]; then
 			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
 			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order-vfio"
 		done
-		cp "$CACHE/l2/bzImage" "$CACHE/l2/initrd.img" "$root/assets/"
+		cp "$CACHE/l2/bzImage" "$CACHE/l2/bzImage-generic" "$CACHE/l2/initrd.img" "$root/assets/"
 		zstd_cpio "$root" "$CACHE/l1/l1-base.cpio.zst"
 		rm -rf "$root"
 		mark "$CACHE/l1/l1-base.cpio.zst" "$k"
@@ -432,6 +444,7 @@ if [ "$print_env" = 1 ]; then
 	cat <<EOF
 SKIFF_CACHE='$CACHE'
 SKIFF_L2_BZIMAGE='$CACHE/l2/bzImage'
+SKIFF_L2_BZIMAGE_GENERIC='$CACHE/l2/bzImage-generic'
 SKIFF_L2_VMLINUX='$CACHE/l2/vmlinux'
 SKIFF_L2_INITRD='$CACHE/l2/initrd.img'
 SKIFF_STAMP='$STAMP'

@@ -245,6 +245,7 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_LVT_MASKED: u32 = 1 << 16;
 
 /// LINT0 delivers the 8259's ExtINT and LINT1 NMIs, as a BIOS sets them up.
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
@@ -252,7 +253,9 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|&b| b as u8).collect();
         let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        let value = (value & !0x700) | (mode << 8);
+        // Unmasked, as firmware leaves them: a guest that never programs
+        // LINT0 (8259 "virtual wire" without an IOAPIC) still gets ExtINT.
+        let value = (value & !(0x700 | APIC_LVT_MASKED)) | (mode << 8);
         for (i, b) in value.to_le_bytes().iter().enumerate() {
             lapic.regs[reg + i] = *b as _;
         }

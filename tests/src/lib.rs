@@ -315,7 +315,13 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { require_skiff: true, log_name: "scenarios".into() }
+        // One log per test file (tests/boot.rs → boot.log): the binaries run
+        // one after another and must not overwrite each other's logs.
+        let log_name = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem()?.to_str()?.split('-').next().map(str::to_owned))
+            .unwrap_or_else(|| "scenarios".into());
+        RunOptions { require_skiff: true, log_name }
     }
 }
 

@@ -10,6 +10,7 @@
 #   $SKIFF    the skiff binary ($SKIFF_BIN, default target/release/skiff)
 #   $QEMU     qemu-system-x86_64
 #   $BZIMAGE $VMLINUX $INITRD   the guest (L2) kernel and initrd
+#   $BZIMAGE_GENERIC  Debian's generic kernel (MP-table support, for acpi=off)
 #   $STAMP    resources/tools/stamp (timestamps, peak RSS, time limits)
 #   $WORK     a fresh scratch directory (also the working directory)
 #   $FIRECRACKER $CLOUD_HYPERVISOR   when SKIFF_FIRECRACKER /
@@ -121,6 +122,7 @@ if [ "$mode" = direct ]; then
 	fi
 	set +e
 	env SKIFF="$skiff" QEMU="$(command -v qemu-system-x86_64)" BZIMAGE="$SKIFF_L2_BZIMAGE" \
+		BZIMAGE_GENERIC="$SKIFF_L2_BZIMAGE_GENERIC" \
 		VMLINUX="$SKIFF_L2_VMLINUX" INITRD="$SKIFF_L2_INITRD" STAMP="$SKIFF_STAMP" \
 		FIRECRACKER="${SKIFF_FIRECRACKER:-}" CLOUD_HYPERVISOR="${SKIFF_CLOUD_HYPERVISOR:-}" \
 		WORK_ROOT="$tmp/work" timeout "$overall" sh "$HERE/scenarios-inner.sh" "$SCEN" 2>&1 | progress
@@ -166,7 +168,7 @@ cp "$HERE/scenarios-inner.sh" "$run/run/scenarios-inner.sh"
 cat >"$run/run/runner.sh" <<EOF
 #!/bin/sh
 export SKIFF=/opt/skiff/skiff QEMU=/usr/bin/qemu-system-x86_64
-export BZIMAGE=/assets/bzImage VMLINUX=/assets/vmlinux INITRD=/assets/initrd.img
+export BZIMAGE=/assets/bzImage BZIMAGE_GENERIC=/assets/bzImage-generic VMLINUX=/assets/vmlinux INITRD=/assets/initrd.img
 export STAMP=/bin/stamp WORK_ROOT=/tmp/skiff-work L1_MODULES=/lib/modules/l1 CONSOLE_DEV=/dev/console $peers
 exec sh /run/scenarios-inner.sh /run/scenarios.tsv
 EOF

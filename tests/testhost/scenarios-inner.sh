@@ -10,7 +10,7 @@
 # pipe) instead of /dev/null, or ":console" for the console itself, in raw
 # mode (interactive use: resources/demo.sh --shell).
 #
-# Environment (set by the caller): SKIFF QEMU BZIMAGE VMLINUX INITRD STAMP,
+# Environment (set by the caller): SKIFF QEMU BZIMAGE BZIMAGE_GENERIC VMLINUX INITRD STAMP,
 # WORK_ROOT (each scenario gets a fresh $WORK under it), optionally
 # FIRECRACKER CLOUD_HYPERVISOR, CONSOLE_DEV (the terminal of ":console"
 # scenarios, default /dev/tty).
@@ -25,7 +25,7 @@ set -u
 file=$1
 : "${WORK_ROOT:=/tmp/skiff-work}"
 tab=$(printf '\t')
-export SKIFF QEMU BZIMAGE VMLINUX INITRD STAMP
+export SKIFF QEMU BZIMAGE BZIMAGE_GENERIC VMLINUX INITRD STAMP
 
 while IFS="$tab" read -r name timeout cmd; do
 	case "$name" in
