@@ -425,8 +425,11 @@ fn virtio_aml(
                 "_CRS",
                 &aml::ResourceTemplate::new(vec![
                     &aml::Memory32Fixed::new(true, base32, size),
-                    // Level-triggered, active high, exclusive, as QEMU.
-                    &aml::Interrupt::new(true, false, false, false, gsi),
+                    // Edge-triggered, active high, exclusive. QEMU says level;
+                    // skiff raises the line as an irqfd pulse, and a level
+                    // line would need a resample eventfd (an exit per IRQ)
+                    // to not lose a pulse that lands before the guest's EOI.
+                    &aml::Interrupt::new(true, true, false, false, gsi),
                 ]),
             ),
         ],

@@ -67,7 +67,8 @@ fn scenarios() -> Vec<Scenario> {
 /// Without -no-reboot a guest reboot restarts the VM: init runs twice.
 /// Then SIGTERM ends skiff with status 0.
 fn restart_script() -> String {
-    let cmd = microvm_nix_command("$SKIFF", true, "", "skiff.test=reboot").replace(" -no-reboot", "");
+    let cmd =
+        microvm_nix_command("$SKIFF", true, "", "skiff.test=reboot").replace(" -no-reboot", "");
     format!(
         "{cmd} > out.txt 2>&1 &\n\
          pid=$!\n\

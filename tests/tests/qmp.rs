@@ -124,7 +124,11 @@ fn quit_status_errors_and_a_second_client() {
     assert!(out.contains(r#""id":"s1","return":{"running":true"#), "{}", r.describe());
     assert!(out.contains(r#""class":"GenericError""#), "bad JSON needs an error\n{}", r.describe());
     assert!(out.contains(r#""class":"CommandNotFound","desc":"The command frobnicate"#));
-    assert!(out.contains(r#""id":"s2","return":{"running":true"#), "VM must keep running\n{}", r.describe());
+    assert!(
+        out.contains(r#""id":"s2","return":{"running":true"#),
+        "VM must keep running\n{}",
+        r.describe()
+    );
     assert_eq!(out.matches("\"QMP\"").count(), 2, "each client gets a greeting\n{}", r.describe());
     assert!(out.contains(r#""reason":"host-qmp-quit""#), "{}", r.describe());
 }

@@ -141,7 +141,16 @@ pub struct QmpConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceConfig {
     I8042,
-    IsaDebugExit { iobase: u16, iosize: u16 },
+    IsaDebugExit {
+        iobase: u16,
+        iosize: u16,
+    },
+    /// `virtio-rng-device` (virtio-mmio): QEMU's `max-bytes` per `period`
+    /// milliseconds rate limit when `max_bytes` is given.
+    VirtioRngMmio {
+        max_bytes: Option<u64>,
+        period_ms: Option<u64>,
+    },
 }
 
 /// `-smbios type=1,...`: kept for the SMBIOS table.

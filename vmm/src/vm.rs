@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 use boot::layout::*;
 use boot::GuestMemoryMmap;
 use devices::legacy::{DebugExit, EventFdTrigger, Ged, Rtc, Serial, I8042};
+use devices::virtio::{
+    MmioTransport, RateLimit, Rng, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
+};
 use devices::{Bus, BusDevice, VmEvent};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -80,6 +83,12 @@ pub enum Error {
     },
     #[error("event loop: {0:?}")]
     EventManager(event_manager::Error),
+    #[error("-device virtio-*-device: at most 8 virtio-mmio devices (6 with acpi=off)")]
+    TooManyVirtioMmio,
+    #[error("virtio-rng: {0}")]
+    VirtioRng(#[source] devices::virtio::RngError),
+    #[error("virtio-mmio: {0}")]
+    VirtioMmio(#[source] devices::virtio::MmioError),
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -163,6 +172,10 @@ struct Devices {
     rtc: Option<(Arc<Mutex<Rtc<EventFdTrigger>>>, EventFd)>,
     ged: Option<Arc<Mutex<Ged<EventFdTrigger>>>>,
     i8042: Option<Arc<Mutex<I8042<EventFdTrigger>>>>,
+    /// virtio-mmio transports as (base, size, GSI), for ACPI or the cmdline.
+    virtio_mmio: Vec<(u64, u32, u32)>,
+    /// Virtio devices: they process their queues on the event loop.
+    virtio: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 }
 
 /// Builds and runs the machine once.
@@ -192,10 +205,10 @@ pub fn run(
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let devices =
-        add_devices(cfg, &platform, &vm, &control, console, first_run, &mut pio, &mut mmio)?;
+    let bus = Buses { pio: &mut pio, mmio: &mut mmio };
+    let devices = add_devices(cfg, &platform, &vm, &mem, &control, console, first_run, bus)?;
 
-    let entry = load_guest(cfg, &platform, &mem, files, devices.serial.is_some())?;
+    let entry = load_guest(cfg, &platform, &mem, files, &devices)?;
     let vcpus = create_vcpus(cfg, &kvm, &vm, &mem, &entry)?;
 
     let pio = Arc::new(pio);
@@ -271,17 +284,31 @@ fn route_pit_to_pin2(vm: &VmFd) -> Result<()> {
     vm.set_gsi_routing(&routing).map_err(kvm_err("KVM_SET_GSI_ROUTING"))
 }
 
+struct Buses<'a> {
+    pio: &'a mut Bus,
+    mmio: &'a mut Bus,
+}
+
+/// ISA IRQs free for virtio-mmio without ACPI: a kernel without MP-table
+/// support reaches only the 8259's lines (QEMU microvm starts at 5 too).
+const VIRTIO_MMIO_ISA_IRQS: [u32; 6] = [5, 6, 7, 10, 11, 12];
+/// With ACPI, virtio-mmio lines are the IOAPIC's upper pins (QEMU uses a
+/// second IOAPIC from GSI 24; KVM's in-kernel one has 24 pins).
+const VIRTIO_MMIO_GSI_BASE: u32 = 16;
+const VIRTIO_MMIO_MAX: usize = 8;
+
 #[allow(clippy::too_many_arguments)]
 fn add_devices(
     cfg: &VmConfig,
     platform: &Platform,
     vm: &VmFd,
+    mem: &GuestMemoryMmap,
     control: &Arc<Control>,
     console: &ConsoleTarget,
     first_run: bool,
-    pio: &mut Bus,
-    mmio: &mut Bus,
+    bus: Buses<'_>,
 ) -> Result<Devices> {
+    let Buses { pio, mmio } = bus;
     let irq = |gsi: u32| -> Result<EventFdTrigger> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
@@ -291,6 +318,8 @@ fn add_devices(
     let mut serial = None;
     let mut i8042 = None;
     let mut ged = None;
+    let mut virtio_mmio = Vec::new();
+    let mut virtio: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
     if let Some(backend) = console.open(first_run)? {
         let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let ready2 = ready.try_clone().map_err(io_err("eventfd"))?;
@@ -312,6 +341,21 @@ fn add_devices(
                 let dev = Arc::new(Mutex::new(DebugExit::new(control.clone())));
                 pio.insert(dev, u64::from(*iobase), u64::from(*iosize))?;
             }
+            DeviceConfig::VirtioRngMmio { max_bytes, period_ms } => {
+                let slot = virtio_mmio.len();
+                let gsi = if platform.acpi {
+                    (slot < VIRTIO_MMIO_MAX).then(|| VIRTIO_MMIO_GSI_BASE + slot as u32)
+                } else {
+                    VIRTIO_MMIO_ISA_IRQS.get(slot).copied()
+                }
+                .ok_or(Error::TooManyVirtioMmio)?;
+                let limit = max_bytes.and_then(|m| RateLimit::new(m, *period_ms));
+                let rng = Arc::new(Mutex::new(Rng::new(limit).map_err(Error::VirtioRng)?));
+                let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SLOT_SIZE;
+                add_virtio_mmio(vm, mem, mmio, rng.clone(), base, gsi)?;
+                virtio_mmio.push((base, MMIO_WINDOW_SIZE as u32, gsi));
+                virtio.push(rng);
+            }
         }
     }
 
@@ -329,7 +373,28 @@ fn add_devices(
         mmio.insert(dev.clone(), GED_MMIO_BASE, GED_MMIO_SIZE)?;
         ged = Some(dev);
     }
-    Ok(Devices { serial, rtc, ged, i8042 })
+    Ok(Devices { serial, rtc, ged, i8042, virtio_mmio, virtio })
+}
+
+/// A virtio device behind a virtio-mmio window: queue notifications go to
+/// eventfds inside KVM (ioeventfd, no exit to skiff), the interrupt is an
+/// irqfd on `gsi`.
+fn add_virtio_mmio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    base: u64,
+    gsi: u32,
+) -> Result<()> {
+    let transport = MmioTransport::new(mem.clone(), device).map_err(Error::VirtioMmio)?;
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        let addr = IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET);
+        vm.register_ioevent(evt, &addr, queue as u32).map_err(kvm_err("KVM_IOEVENTFD"))?;
+    }
+    vm.register_irqfd(transport.interrupt_evt(), gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+    Ok(())
 }
 
 /// Loads kernel and initrd, writes firmware tables and boot parameters.
@@ -338,8 +403,9 @@ fn load_guest(
     platform: &Platform,
     mem: &GuestMemoryMmap,
     files: &mut BootFiles,
-    serial: bool,
+    devices: &Devices,
 ) -> Result<boot::linux::KernelEntry> {
+    let serial = devices.serial.is_some();
     let kernel = boot::linux::load_kernel(mem, &mut files.kernel)
         .map_err(|source| Error::Kernel { path: files.kernel_path.clone(), source })?;
 
@@ -352,6 +418,7 @@ fn load_guest(
             rtc: platform.rtc,
             pic: platform.pic,
             pit: platform.pit,
+            virtio_mmio: devices.virtio_mmio.clone(),
             ..Default::default()
         };
         Some(boot::acpi::create_acpi_tables(mem, &acpi).map_err(Error::Acpi)?)
@@ -361,8 +428,16 @@ fn load_guest(
     };
 
     let initrd_path = files.initrd.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
+    // QEMU's auto-kernel-cmdline: without ACPI the guest learns of its
+    // virtio-mmio devices from the command line.
+    let mut cmdline = cfg.append.clone();
+    if !platform.acpi && cfg.machine.auto_kernel_cmdline {
+        for (base, size, irq) in &devices.virtio_mmio {
+            cmdline.push_str(&format!(" virtio_mmio.device={size}@{base:#x}:{irq}"));
+        }
+    }
     let setup = boot::linux::BootSetup {
-        cmdline: &cfg.append,
+        cmdline: &cmdline,
         initrd: files.initrd.as_mut().map(|(f, _)| f),
         rsdp,
         reserved: &[(GED_MMIO_BASE, VIRTIO_MMIO_BASE + 0x10_0000 - GED_MMIO_BASE)],
@@ -448,6 +523,9 @@ fn event_loop(
             i8042: devices.i8042.clone(),
         };
         em.add_subscriber(Arc::new(Mutex::new(QmpHandler::new(server.clone(), vm))));
+    }
+    for dev in devices.virtio {
+        em.add_subscriber(dev);
     }
     if let Some((rtc, rearm)) = devices.rtc {
         let timer = RtcTimer::new(rtc, rearm).map_err(io_err("timerfd"))?;

@@ -35,6 +35,7 @@ pub(super) fn parse_device(label: &str, arg: &str) -> Result<Device, CliError> {
         // QEMU's i8042 properties (kbd-throttle, ...) are not modelled.
         "i8042" => |_| Ok(DeviceConfig::I8042),
         "isa-debug-exit" => isa_debug_exit,
+        "virtio-rng-device" => virtio_rng,
         d if planned(d) => return Err(err(format!("'{driver}' is not supported yet"))),
         _ => return Err(err(format!("unknown device '{driver}'"))),
     };
@@ -63,6 +64,21 @@ fn isa_debug_exit(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
         iobase: u16::try_from(iobase).map_err(|_| ports())?,
         iosize: u16::try_from(iosize).map_err(|_| ports())?,
     })
+}
+
+/// `virtio-rng-device[,max-bytes=N][,period=MS]` (QEMU's rate limit).
+fn virtio_rng(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
+    let max_bytes = opts.take_uint("max-bytes")?;
+    let period_ms = opts.take_uint("period")?;
+    if period_ms == Some(0) {
+        return Err(opts.error("period must be at least 1 ms"));
+    }
+    // QEMU takes the entropy source from an rng object; only the default
+    // (the host's getrandom) exists here.
+    if opts.contains("rng") {
+        return Err(opts.error("rng= is not supported (entropy comes from the host's getrandom)"));
+    }
+    Ok(DeviceConfig::VirtioRngMmio { max_bytes, period_ms })
 }
 
 /// `-smbios type=1,field=value...`; several merge, later fields winning.

@@ -127,8 +127,12 @@ fn microvm_nix_default_command_line_stops_at_virtio_rng() {
         config.smbios.and_then(|t| t.uuid).as_deref(),
         Some("a67472e5-570e-5c8a-b18c-ae3c77701050")
     );
-    let rng = [&["-device", "virtio-rng-device"], without_qmp].concat();
-    fails(&rng, "-device: 'virtio-rng-device' is not supported yet");
+    let rng = [&["-device", "virtio-rng-pci"], without_qmp].concat();
+    fails(&rng, "-device: 'virtio-rng-pci' is not supported yet");
+    let mmio = run(&[&["-device", "virtio-rng-device"], without_qmp].concat());
+    assert!(mmio
+        .devices
+        .contains(&DeviceConfig::VirtioRngMmio { max_bytes: None, period_ms: None }));
 }
 
 #[test]
@@ -680,4 +684,21 @@ fn qmp_and_monitor_errors_name_the_problem() {
     assert!(err(&["-qmp", "unix:x,server,frob=1"]).contains("frob"));
     assert!(err(&["-monitor", "stdio"]).starts_with("-monitor"));
     assert!(err(&["-qmp"]).contains("missing argument"));
+}
+
+#[test]
+fn virtio_rng_device_properties() {
+    let c = run(&["-device", "virtio-rng-device,id=rng0,max-bytes=1024,period=1000"]);
+    assert_eq!(
+        c.devices,
+        vec![DeviceConfig::VirtioRngMmio { max_bytes: Some(1024), period_ms: Some(1000) }]
+    );
+    fails(
+        &["-device", "virtio-rng-device,period=0"],
+        "-device virtio-rng-device: period must be at least 1 ms",
+    );
+    assert!(parse(["-device".to_string(), "virtio-rng-device,rng=r0".to_string()])
+        .unwrap_err()
+        .to_string()
+        .contains("rng="));
 }
