@@ -4,12 +4,12 @@
 # command line, in ONE test-host run (or directly on a machine with
 # hardware virtualization), boots alternating.
 #
-#   resources/bench-boot.sh [-n ROUNDS] [--vmlinux] [--skiff PATH | --no-skiff]
+#   resources/bench-boot.sh [-n ROUNDS] [--bzimage-only] [--skiff PATH | --no-skiff]
 #                           [--firecracker PATH] [--cloud-hypervisor PATH]
 #
 #   -n ROUNDS   boots per VMM (default 3)
-#   --vmlinux   Skiff and QEMU boot the uncompressed vmlinux (PVH entry)
-#               instead of the bzImage
+#   --bzimage-only  leave out the rows where Skiff and QEMU boot the
+#               uncompressed vmlinux (PVH entry): skiff-pvh, qemu-pvh
 #   --skiff PATH          skiff binary (default $SKIFF_BIN or target/release/skiff)
 #   --no-skiff            leave Skiff out (e.g. to measure only the peers)
 #   --firecracker PATH    also boot Firecracker (uncompressed vmlinux, reboot=k)
@@ -30,7 +30,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 rounds=3
 skiff=${SKIFF_BIN:-$REPO/target/release/skiff}
 use_skiff=1
-kernel=BZIMAGE
+pvh=1
 fc=
 ch=
 usage() {
@@ -51,8 +51,8 @@ while [ $# -gt 0 ]; do
 		use_skiff=0
 		shift
 		;;
-	--vmlinux)
-		kernel=VMLINUX
+	--bzimage-only)
+		pvh=0
 		shift
 		;;
 	--firecracker)
@@ -91,7 +91,8 @@ scen="$out_dir/bench-boot.tsv"
 log="$out_dir/bench-boot.log"
 
 cmdline="console=ttyS0 reboot=t panic=-1 quiet skiff.test=poweroff"
-microvm_argv() { # microvm.nix's argv, as run in the test host
+microvm_argv() { # microvm.nix's argv, as run in the test host; $1: BZIMAGE or VMLINUX
+	local kernel=$1
 	echo "-name t -M microvm,accel=kvm:tcg,acpi=on,mem-merge=on,pcie=off,pic=off,pit=off,rtc=on,usb=off" \
 		"-m 512M -smp 2 -nodefaults -no-user-config -no-reboot -kernel \$$kernel -initrd \$INITRD" \
 		"-chardev stdio,id=stdio,signal=off -serial chardev:stdio -enable-kvm -cpu host,+x2apic,-sgx" \
@@ -103,7 +104,9 @@ measure='$STAMP -m SKIFF-INIT-OK -r $WORK/r --'
 report='; echo; echo "BENCH-RESULT $(cat $WORK/r)"'
 vmms=()
 [ "$use_skiff" = 1 ] && vmms+=(skiff)
+[ "$use_skiff" = 1 ] && [ "$pvh" = 1 ] && vmms+=(skiff-pvh)
 vmms+=(qemu)
+[ "$pvh" = 1 ] && vmms+=(qemu-pvh)
 [ -n "$fc" ] && vmms+=(firecracker)
 [ -n "$ch" ] && vmms+=(cloud-hypervisor)
 
@@ -112,8 +115,10 @@ vmms+=(qemu)
 	for ((i = 1; i <= rounds; i++)); do
 		for v in "${vmms[@]}"; do
 			case "$v" in
-			skiff) cmd="$measure \$SKIFF $(microvm_argv)$report" ;;
-			qemu) cmd="$measure \$QEMU $(microvm_argv)$report" ;;
+			skiff) cmd="$measure \$SKIFF $(microvm_argv BZIMAGE)$report" ;;
+			skiff-pvh) cmd="$measure \$SKIFF $(microvm_argv VMLINUX)$report" ;;
+			qemu) cmd="$measure \$QEMU $(microvm_argv BZIMAGE)$report" ;;
+			qemu-pvh) cmd="$measure \$QEMU $(microvm_argv VMLINUX)$report" ;;
 			firecracker)
 				# No ACPI power-off in Firecracker: the guest reboots (reboot=k).
 				fc_cmdline="console=ttyS0 reboot=k panic=-1 quiet skiff.test=reboot"
@@ -158,7 +163,7 @@ tr -d '\r' <"$log" | awk '
 	}' >"$out_dir/bench-boot.records"
 
 echo
-echo "### Boot times ($rounds round(s), -kernel ${kernel,,}, exec -> guest init marker / VMM exit, peak RSS)"
+echo "### Boot times ($rounds round(s); skiff/qemu: bzImage, *-pvh: vmlinux; exec -> guest init marker / VMM exit, peak RSS)"
 echo
 echo "| VMM | round | exit status | exec→init (ms) | exec→exit (ms) | peak RSS (MiB) | guest uptime at init (s) |"
 echo "|---|---|---|---|---|---|---|"
@@ -184,9 +189,20 @@ for v in "${vmms[@]}"; do
 	[ "$rss" = - ] || rss=$(awk -v r="$rss" 'BEGIN { printf "%.1f", r / 1024 }')
 	echo "| $v | ${med_init[$v]} | ${med_exit[$v]} | $rss | $ok/$rounds |"
 done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 if [ "$use_skiff" = 1 ]; then
-	ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
-	echo "| **skiff/qemu** | $(ratio "${med_init[skiff]}" "${med_init[qemu]}") | $(ratio "${med_exit[skiff]}" "${med_exit[qemu]}") | $(ratio "${med_rss[skiff]}" "${med_rss[qemu]}") | |"
+	echo
+	echo "### Skiff against each peer (ratio of medians; < 1 means Skiff is faster or smaller)"
+	echo
+	echo "| skiff row | peer | exec→init | exec→exit | peak RSS |"
+	echo "|---|---|---|---|---|"
+	for s in skiff skiff-pvh; do
+		[ -n "${med_init[$s]:-}" ] || continue
+		for p in "${vmms[@]}"; do
+			case "$p" in skiff*) continue ;; esac
+			echo "| $s | $p | $(ratio "${med_init[$s]}" "${med_init[$p]}") | $(ratio "${med_exit[$s]}" "${med_exit[$p]}") | $(ratio "${med_rss[$s]}" "${med_rss[$p]}") |"
+		done
+	done
 fi
 echo
 mode=${SKIFF_TEST_HOST:-auto}
