@@ -303,6 +303,39 @@ pub fn ensure_assets() -> Result<(), Error> {
     .map_err(Error::Assets)
 }
 
+/// The results of one test file's batch, run once (one test-host boot) by
+/// whichever test asks first; `cargo test` runs the file's tests as threads
+/// of one process, so the others wait for it.
+pub struct Batch {
+    results: std::sync::OnceLock<Result<std::collections::HashMap<String, ScenarioResult>, String>>,
+}
+
+impl Batch {
+    pub const fn new() -> Self {
+        Batch { results: std::sync::OnceLock::new() }
+    }
+
+    /// The result of scenario `name`, running `scenarios()` on first use.
+    /// Panics (fails the calling test) when the batch could not run.
+    pub fn result(&self, scenarios: fn() -> Vec<Scenario>, name: &str) -> &ScenarioResult {
+        let results = self.results.get_or_init(|| {
+            run_scenarios(&scenarios())
+                .map(|rs| rs.into_iter().map(|r| (r.name.clone(), r)).collect())
+                .map_err(|e| e.to_string())
+        });
+        match results {
+            Ok(m) => m.get(name).unwrap_or_else(|| panic!("no result for scenario {name}")),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Options of [`run_scenarios_with`].
 #[derive(Clone, Debug)]
 pub struct RunOptions {

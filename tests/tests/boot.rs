@@ -5,10 +5,7 @@
 //! All scenarios run in ONE batch (one test-host boot): the first test to
 //! ask runs it, the others wait for it, each then asserts on its scenario.
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
-
-use skiff_tests::{microvm_nix_command, run_scenarios, Scenario, ScenarioResult};
+use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
 
 /// Time limit of a guest boot (QEMU needs 8–9 s in the test host).
 const BOOT_SECS: u32 = 60;
@@ -81,20 +78,10 @@ fn restart_script() -> String {
     )
 }
 
-fn batch() -> &'static Result<HashMap<String, ScenarioResult>, String> {
-    static BATCH: OnceLock<Result<HashMap<String, ScenarioResult>, String>> = OnceLock::new();
-    BATCH.get_or_init(|| {
-        run_scenarios(&scenarios())
-            .map(|rs| rs.into_iter().map(|r| (r.name.clone(), r)).collect())
-            .map_err(|e| e.to_string())
-    })
-}
+static BATCH: Batch = Batch::new();
 
 fn result(name: &str) -> &'static ScenarioResult {
-    match batch() {
-        Ok(m) => m.get(name).unwrap_or_else(|| panic!("no result for scenario {name}")),
-        Err(e) => panic!("{e}"),
-    }
+    BATCH.result(scenarios, name)
 }
 
 fn assert_booted(r: &ScenarioResult) {

@@ -3,10 +3,7 @@
 //! line skiff appends (acpi=off, QEMU's auto-kernel-cmdline), and reads
 //! from virtio-rng.
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
-
-use skiff_tests::{microvm_nix_command, run_scenarios, Scenario, ScenarioResult};
+use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 90;
 
@@ -30,20 +27,10 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-fn batch() -> &'static Result<HashMap<String, ScenarioResult>, String> {
-    static BATCH: OnceLock<Result<HashMap<String, ScenarioResult>, String>> = OnceLock::new();
-    BATCH.get_or_init(|| {
-        run_scenarios(&scenarios())
-            .map(|rs| rs.into_iter().map(|r| (r.name.clone(), r)).collect())
-            .map_err(|e| e.to_string())
-    })
-}
+static BATCH: Batch = Batch::new();
 
 fn result(name: &str) -> &'static ScenarioResult {
-    match batch() {
-        Ok(m) => m.get(name).unwrap_or_else(|| panic!("no result for scenario {name}")),
-        Err(e) => panic!("{e}"),
-    }
+    BATCH.result(scenarios, name)
 }
 
 fn assert_rng_works(r: &ScenarioResult) {
