@@ -23,7 +23,8 @@
 # target/skiff-tests/bench-boot.log.
 #
 # Skiff and QEMU get microvm.nix's argv (bzImage, acpi=on, rtc=on, 512M,
-# 2 vCPUs, i8042, serial console) with "quiet skiff.test=poweroff".
+# 2 vCPUs, i8042, serial console); every VMM boots the guest with the same
+# kernel command line (below).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -90,13 +91,17 @@ mkdir -p "$out_dir"
 scen="$out_dir/bench-boot.tsv"
 log="$out_dir/bench-boot.log"
 
-cmdline="console=ttyS0 reboot=t panic=-1 quiet skiff.test=poweroff"
+# One kernel command line for every VMM. Firecracker has no ACPI power-off,
+# so every guest ends by rebooting (reboot=k: the i8042 reset line, which
+# all of them have), and no earlyprintk (Firecracker and Cloud Hypervisor
+# have no early console to give it).
+cmdline="console=ttyS0 reboot=k panic=-1 quiet skiff.test=reboot"
 microvm_argv() { # microvm.nix's argv, as run in the test host; $1: BZIMAGE or VMLINUX
 	local kernel=$1
 	echo "-name t -M microvm,accel=kvm:tcg,acpi=on,mem-merge=on,pcie=off,pic=off,pit=off,rtc=on,usb=off" \
 		"-m 512M -smp 2 -nodefaults -no-user-config -no-reboot -kernel \$$kernel -initrd \$INITRD" \
 		"-chardev stdio,id=stdio,signal=off -serial chardev:stdio -enable-kvm -cpu host,+x2apic,-sgx" \
-		"-device i8042 -append \"earlyprintk=ttyS0 $cmdline\" -nographic"
+		"-device i8042 -append \"$cmdline\" -nographic"
 }
 # shellcheck disable=SC2016 # expanded later, by the scenario shell
 measure='$STAMP -m SKIFF-INIT-OK -r $WORK/r --'
@@ -120,9 +125,7 @@ vmms+=(qemu)
 			qemu) cmd="$measure \$QEMU $(microvm_argv BZIMAGE)$report" ;;
 			qemu-pvh) cmd="$measure \$QEMU $(microvm_argv VMLINUX)$report" ;;
 			firecracker)
-				# No ACPI power-off in Firecracker: the guest reboots (reboot=k).
-				fc_cmdline="console=ttyS0 reboot=k panic=-1 quiet skiff.test=reboot"
-				cmd="printf '%s' '{\"boot-source\":{\"kernel_image_path\":\"'\$VMLINUX'\",\"initrd_path\":\"'\$INITRD'\",\"boot_args\":\"$fc_cmdline\"},\"machine-config\":{\"vcpu_count\":2,\"mem_size_mib\":512},\"drives\":[]}' >\$WORK/fc.json; $measure \$FIRECRACKER --no-api --config-file \$WORK/fc.json$report"
+				cmd="printf '%s' '{\"boot-source\":{\"kernel_image_path\":\"'\$VMLINUX'\",\"initrd_path\":\"'\$INITRD'\",\"boot_args\":\"$cmdline\"},\"machine-config\":{\"vcpu_count\":2,\"mem_size_mib\":512},\"drives\":[]}' >\$WORK/fc.json; $measure \$FIRECRACKER --no-api --config-file \$WORK/fc.json$report"
 				;;
 			cloud-hypervisor)
 				cmd="$measure \$CLOUD_HYPERVISOR --kernel \$VMLINUX --initramfs \$INITRD --cmdline \"$cmdline\" --serial tty --console off --cpus boot=2 --memory size=512M$report"
