@@ -91,11 +91,13 @@ mkdir -p "$out_dir"
 scen="$out_dir/bench-boot.tsv"
 log="$out_dir/bench-boot.log"
 
-# One kernel command line for every VMM. Firecracker has no ACPI power-off,
-# so every guest ends by rebooting (reboot=k: the i8042 reset line, which
-# all of them have), and no earlyprintk (Firecracker and Cloud Hypervisor
-# have no early console to give it).
-cmdline="console=ttyS0 reboot=k panic=-1 quiet skiff.test=reboot"
+# One kernel command line for every VMM, but for how the guest ends:
+# Firecracker has no ACPI power-off, so its guest reboots (reboot=k, the
+# i8042 reset line Firecracker exits on); Cloud Hypervisor restarts a guest
+# that reboots, so the others power off. No earlyprintk: Firecracker and
+# Cloud Hypervisor have no early console to give it.
+cmdline="console=ttyS0 reboot=k panic=-1 quiet skiff.test=poweroff"
+fc_cmdline="console=ttyS0 reboot=k panic=-1 quiet skiff.test=reboot"
 microvm_argv() { # microvm.nix's argv, as run in the test host; $1: BZIMAGE or VMLINUX
 	local kernel=$1
 	echo "-name t -M microvm,accel=kvm:tcg,acpi=on,mem-merge=on,pcie=off,pic=off,pit=off,rtc=on,usb=off" \
@@ -125,7 +127,7 @@ vmms+=(qemu)
 			qemu) cmd="$measure \$QEMU $(microvm_argv BZIMAGE)$report" ;;
 			qemu-pvh) cmd="$measure \$QEMU $(microvm_argv VMLINUX)$report" ;;
 			firecracker)
-				cmd="printf '%s' '{\"boot-source\":{\"kernel_image_path\":\"'\$VMLINUX'\",\"initrd_path\":\"'\$INITRD'\",\"boot_args\":\"$cmdline\"},\"machine-config\":{\"vcpu_count\":2,\"mem_size_mib\":512},\"drives\":[]}' >\$WORK/fc.json; $measure \$FIRECRACKER --no-api --config-file \$WORK/fc.json$report"
+				cmd="printf '%s' '{\"boot-source\":{\"kernel_image_path\":\"'\$VMLINUX'\",\"initrd_path\":\"'\$INITRD'\",\"boot_args\":\"$fc_cmdline\"},\"machine-config\":{\"vcpu_count\":2,\"mem_size_mib\":512},\"drives\":[]}' >\$WORK/fc.json; $measure \$FIRECRACKER --no-api --config-file \$WORK/fc.json$report"
 				;;
 			cloud-hypervisor)
 				cmd="$measure \$CLOUD_HYPERVISOR --kernel \$VMLINUX --initramfs \$INITRD --cmdline \"$cmdline\" --serial tty --console off --cpus boot=2 --memory size=512M$report"
