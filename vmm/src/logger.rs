@@ -1,6 +1,8 @@
 //! A minimal stderr logger: `skiff: warning: ...`, level from `SKIFF_LOG`
 //! (error, warn, info, debug, trace; default warn).
 
+use std::io::Write;
+
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
@@ -19,7 +21,8 @@ impl Log for StderrLogger {
                 Level::Debug => "debug",
                 Level::Trace => "trace",
             };
-            eprintln!("skiff: {level}: {}", record.args());
+            // A closed or hung-up stderr must not abort skiff (eprintln! panics).
+            let _ = writeln!(std::io::stderr(), "skiff: {level}: {}", record.args());
         }
     }
 

@@ -20,6 +20,7 @@ mod trace;
 mod vcpu;
 mod vm;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("skiff: {e}");
+            let _ = writeln!(std::io::stderr(), "skiff: {e}");
             return ExitCode::from(1);
         }
     };
@@ -56,12 +57,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(msg) => {
             console::restore_terminal();
-            eprintln!("skiff: {msg}");
+            let _ = writeln!(std::io::stderr(), "skiff: {msg}");
             1
         }
     };
     console::restore_terminal();
-    eprint!("{}", trace::report());
+    let _ = write!(std::io::stderr(), "{}", trace::report());
     // Exit codes from isa-debug-exit can exceed a u8 in theory; the OS keeps
     // the low 8 bits, as with QEMU's exit().
     ExitCode::from(code as u8)
@@ -83,14 +84,8 @@ fn run(cfg: &VmConfig) -> Result<i32, String> {
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);
     }
-    let result = run_until_end(cfg, &mut files, &console, signal_evt, &servers);
-    for s in servers {
-        // The vCPU threads are gone: nothing else holds a server now.
-        if let Ok(m) = Arc::try_unwrap(s) {
-            m.into_inner().unwrap_or_else(|e| e.into_inner()).close();
-        }
-    }
-    result
+    // Dropping the servers (here or on an early return) removes the sockets.
+    run_until_end(cfg, &mut files, &console, signal_evt, &servers)
 }
 
 fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason: &str) {
@@ -140,7 +135,7 @@ fn run_until_end(
             RunEnd::Signal(sig) => {
                 emit(servers, "SHUTDOWN", false, "host-signal");
                 console::restore_terminal();
-                eprintln!("skiff: terminating on signal {sig}");
+                let _ = writeln!(std::io::stderr(), "skiff: terminating on signal {sig}");
                 Ok(0)
             }
             RunEnd::Fatal(msg) => Err(msg),

@@ -19,7 +19,19 @@ pub struct RtcTimer {
 
 impl RtcTimer {
     pub fn new(rtc: Arc<Mutex<Rtc<EventFdTrigger>>>, rearm: EventFd) -> std::io::Result<Self> {
-        Ok(RtcTimer { rtc, timer: TimerFd::new()?, rearm })
+        let timer = TimerFd::new()?;
+        // Non-blocking: a re-arm handled earlier in the same epoll batch can
+        // clear an expiry that was reported ready; a blocking read would
+        // then hang the event loop.
+        let fd = timer.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor this struct owns.
+        let rc = unsafe {
+            libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK)
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(RtcTimer { rtc, timer, rearm })
     }
 
     fn update(&mut self) {
@@ -51,6 +63,7 @@ impl MutEventSubscriber for RtcTimer {
         if events.fd() == self.rearm.as_raw_fd() {
             let _ = self.rearm.read();
         } else {
+            // EAGAIN when a re-arm already consumed the expiry: nothing to do.
             let _ = self.timer.wait();
         }
         self.update();

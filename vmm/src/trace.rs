@@ -112,6 +112,9 @@ pub fn milestone(m: Milestone) {
     let _ = slot.compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
 }
 
+/// Rows a vCPU's table keeps per address before folding unclaimed ones.
+const MAX_ROWS: usize = 1024;
+
 /// A vCPU's exit counts, kept thread-local and merged when the vCPU stops,
 /// so counting costs no lock per exit.
 #[derive(Default)]
@@ -121,6 +124,16 @@ pub struct VcpuExits {
 
 impl VcpuExits {
     pub fn record(&mut self, kind: ExitKind, addr: u64, claimed: bool, took: Duration) {
+        // A guest sweeping addresses must not grow the table without bound:
+        // past the cap, new unclaimed addresses fold into one row per kind.
+        let addr = if !claimed
+            && self.table.len() >= MAX_ROWS
+            && !self.table.contains_key(&(kind, addr, claimed))
+        {
+            u64::MAX
+        } else {
+            addr
+        };
         let e = self.table.entry((kind, addr, claimed)).or_default();
         e.0 += 1;
         e.1 += took;

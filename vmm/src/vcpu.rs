@@ -41,8 +41,15 @@ pub fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Vcpu
 impl VcpuHandle {
     /// Interrupts KVM_RUN until the thread (which has seen `stop`) exits.
     /// Kicks repeat because a signal that lands just before KVM_RUN is lost.
+    /// A thread stuck elsewhere (a console write to a stalled pipe) is left
+    /// behind after a few seconds rather than hanging the VMM.
     pub fn stop(self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !self.0.is_finished() {
+            if std::time::Instant::now() > deadline {
+                log::warn!("a vCPU thread did not stop; leaving it behind");
+                return;
+            }
             let _ = self.0.kill(crate::signals::vcpu_kick_signal());
             std::thread::sleep(std::time::Duration::from_millis(1));
         }

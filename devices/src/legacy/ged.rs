@@ -67,7 +67,8 @@ impl<T: Trigger + Send> BusDevice for Ged<T> {
                 if typ == SLP_TYP_S5 {
                     self.control.request(VmEvent::PowerOff);
                 } else {
-                    log::warn!("ACPI sleep type {typ} is not supported; ignored");
+                    // Guest-triggerable: debug, so a guest cannot flood the log.
+                    log::debug!("ACPI sleep type {typ} is not supported; ignored");
                 }
             }
             RESET if value == RESET_VALUE => self.control.request(VmEvent::Reset),

@@ -79,9 +79,37 @@ impl QmpServer {
         let mut server = QmpServer { listener, client: None };
         if cfg.wait {
             // QEMU's wait=on: the VM starts once a client is connected.
-            server.accept()?;
+            server.wait_for_client()?;
         }
         Ok(server)
+    }
+
+    /// Blocks until a client connects, but gives up on a termination signal
+    /// (std's accept would retry on EINTR and ignore it).
+    fn wait_for_client(&mut self) -> std::io::Result<()> {
+        self.set_listener_nonblocking(true)?;
+        let result = loop {
+            match self.accept() {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(sig) = crate::signals::last_signal() {
+                        break Err(std::io::Error::other(format!(
+                            "terminated by signal {sig} while waiting for a client"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        };
+        self.set_listener_nonblocking(false)?;
+        result
+    }
+
+    fn set_listener_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match &self.listener {
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+            Listener::Tcp(l) => l.set_nonblocking(on),
+        }
     }
 
     fn listener_fd(&self) -> RawFd {
@@ -95,11 +123,13 @@ impl QmpServer {
         let stream = match &self.listener {
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
                 s.set_write_timeout(Some(WRITE_TIMEOUT))?;
                 Stream::Unix(s)
             }
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
                 s.set_write_timeout(Some(WRITE_TIMEOUT))?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
@@ -121,9 +151,12 @@ impl QmpServer {
             }
         }
     }
+}
 
-    /// Closes the socket and removes its file, so a connect after exit fails.
-    pub fn close(self) {
+/// Closing the socket removes its file, so a connect after exit fails (and
+/// on every path out, not only the orderly one).
+impl Drop for QmpServer {
+    fn drop(&mut self) {
         if let Listener::Unix(_, path) = &self.listener {
             let _ = std::fs::remove_file(path);
         }
@@ -231,15 +264,18 @@ impl QmpHandler {
             };
             let running = self.vm.control.outcome().is_none();
             let reply = client.session.handle(input, running);
-            if !send(client, &reply.response) {
-                return false;
-            }
+            // An answered command runs even if the client is already gone.
             requests.extend(reply.request);
+            if !send(client, &reply.response) {
+                server.client = None;
+                break;
+            }
         }
         for r in requests {
             self.carry_out(server, r);
         }
-        true
+        // carry_out's events may also have found the client gone.
+        server.client.is_some()
     }
 }
 
@@ -266,6 +302,9 @@ impl MutEventSubscriber for QmpHandler {
         if events.fd() == listener {
             if let Err(e) = server.accept() {
                 log::warn!("qmp: accept failed: {e}");
+                // EMFILE and the like leave the listener readable: back off
+                // instead of spinning on it.
+                std::thread::sleep(Duration::from_millis(100));
                 return;
             }
             if let Some(c) = &server.client {
@@ -274,6 +313,7 @@ impl MutEventSubscriber for QmpHandler {
                 let _ = ops.add(Events::new_raw(c.stream.fd(), EventSet::IN));
             }
         } else if !self.read_client(&mut server) {
+            // Gone (EOF, error, or a failed write): listen for the next one.
             let _ = ops.remove(Events::new_raw(events.fd(), EventSet::IN));
             server.client = None;
             let _ = ops.add(Events::new_raw(listener, EventSet::IN));

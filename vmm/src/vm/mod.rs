@@ -220,6 +220,9 @@ pub fn run(
     }
     let guest: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
     crate::trace::record_memory(&guest);
+    // The VM (and its memslots) must go before the mappings behind them.
+    drop(vm);
+    drop(mem);
     end
 }
 
