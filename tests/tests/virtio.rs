@@ -15,14 +15,23 @@ fn scenarios() -> Vec<Scenario> {
             SECS,
             microvm_nix_command("$SKIFF", true, rng, "skiff.test=rng"),
         ),
-        // Without ACPI the cloud kernel (no MP-table support) has only the
-        // 8259: the device sits on an ISA IRQ, and the PIT is the timer (see
-        // tests/boot.rs for why acpi=off keeps it).
+        // Without ACPI: Debian's generic kernel, which finds its IOAPIC in
+        // the MP table (the cloud kernel cannot, and then runs on the 8259
+        // alone), with the PIT as its timer (see tests/boot.rs).
         Scenario::new(
             "rng-mmio-noacpi",
             SECS,
             microvm_nix_command("$SKIFF", false, rng, "skiff.test=rng")
-                .replace("pit=off", "pit=on"),
+                .replace("pit=off", "pit=on")
+                .replace("-kernel $BZIMAGE", "-kernel $BZIMAGE_GENERIC"),
+        ),
+        // Two explicit devices on one address: QEMU's message naming both,
+        // exit 1, before any guest starts (whatever the argv order).
+        Scenario::new(
+            "pci-addr-conflict",
+            15,
+            "$SKIFF -M microvm,pcie=on -m 512M -kernel $BZIMAGE -nographic \
+             -device virtio-rng-pci,id=fs0,addr=2.0 -device virtio-rng-pci,id=late,addr=2",
         ),
     ]
 }
@@ -65,4 +74,17 @@ fn virtio_rng_mmio_without_acpi_is_on_the_cmdline() {
         r.describe()
     );
     assert_eq!(r.rc, Some(0), "{}", r.describe());
+}
+
+#[test]
+fn pci_address_conflict_is_a_clear_error() {
+    let r = result("pci-addr-conflict");
+    assert_eq!(r.rc, Some(1), "{}", r.describe());
+    assert!(
+        r.contains(
+            "PCI: slot 2 function 0 not available for virtio-rng-pci,id=late, reserved by virtio-rng-pci,id=fs0"
+        ),
+        "{}",
+        r.describe()
+    );
 }

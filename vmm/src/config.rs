@@ -137,6 +137,28 @@ pub struct QmpConfig {
     pub wait: bool,
 }
 
+/// What a PCI `-device` is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PciKind {
+    /// `pcie-root-port,chassis=N,slot=N[,port=N]`
+    RootPort { chassis: u8, slot: u16, port: u8 },
+    /// `virtio-rng-pci[,max-bytes=N][,period=MS]`
+    VirtioRng { max_bytes: Option<u64>, period_ms: Option<u64> },
+}
+
+/// A `-device` on the PCIe root complex; the bus allocator in `pci` places
+/// it (explicit `addr=` first, whatever the command-line order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciDeviceConfig {
+    pub driver: String,
+    pub id: Option<String>,
+    /// `bus=`: `pcie.0` or a root port's id.
+    pub bus: Option<String>,
+    pub addr: Option<pci::DevFn>,
+    pub multifunction: bool,
+    pub kind: PciKind,
+}
+
 /// A `-device`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceConfig {
@@ -151,6 +173,7 @@ pub enum DeviceConfig {
         max_bytes: Option<u64>,
         period_ms: Option<u64>,
     },
+    Pci(PciDeviceConfig),
 }
 
 /// `-smbios type=1,...`: kept for the SMBIOS table.

@@ -12,6 +12,7 @@ mod console;
 mod control;
 mod logger;
 mod memory;
+mod pci_layout;
 mod qmp;
 mod rtc_timer;
 mod serial_input;
@@ -73,6 +74,7 @@ fn run(cfg: &VmConfig) -> Result<i32, String> {
         log::warn!("-sandbox on: no seccomp filter is installed yet; running unconfined");
     }
     boot::cpu::check_features(&cfg.cpu.features).map_err(|e| e.to_string())?;
+    pci_layout::place(cfg)?;
     let mut files = vm::BootFiles::open(cfg).map_err(|e| e.to_string())?;
     let console = console::console_target(cfg).map_err(|e| e.to_string())?;
     let signal_evt = signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;

@@ -2,7 +2,7 @@
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{DeviceConfig, SmbiosType1};
+use crate::config::{DeviceConfig, PciDeviceConfig, PciKind, SmbiosType1};
 
 /// QEMU's isa-debug-exit defaults.
 const DEBUG_EXIT_IOBASE: u64 = 0x501;
@@ -36,6 +36,7 @@ pub(super) fn parse_device(label: &str, arg: &str) -> Result<Device, CliError> {
         "i8042" => |_| Ok(DeviceConfig::I8042),
         "isa-debug-exit" => isa_debug_exit,
         "virtio-rng-device" => virtio_rng,
+        "virtio-rng-pci" | "pcie-root-port" => return pci_device(label, &driver, opts),
         d if planned(d) => return Err(err(format!("'{driver}' is not supported yet"))),
         _ => return Err(err(format!("unknown device '{driver}'"))),
     };
@@ -68,6 +69,12 @@ fn isa_debug_exit(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
 
 /// `virtio-rng-device[,max-bytes=N][,period=MS]` (QEMU's rate limit).
 fn virtio_rng(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
+    let (max_bytes, period_ms) = rng_limit(opts)?;
+    Ok(DeviceConfig::VirtioRngMmio { max_bytes, period_ms })
+}
+
+/// A virtio-rng's `max-bytes` and `period`, on either transport.
+fn rng_limit(opts: &mut QemuOpts) -> Result<(Option<u64>, Option<u64>), CliError> {
     let max_bytes = opts.take_uint("max-bytes")?;
     let period_ms = opts.take_uint("period")?;
     if period_ms == Some(0) {
@@ -78,7 +85,49 @@ fn virtio_rng(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
     if opts.contains("rng") {
         return Err(opts.error("rng= is not supported (entropy comes from the host's getrandom)"));
     }
-    Ok(DeviceConfig::VirtioRngMmio { max_bytes, period_ms })
+    Ok((max_bytes, period_ms))
+}
+
+/// A device on the PCIe bus: the placement properties every PCI device has
+/// (`addr`, `bus`, `multifunction`), then its own.
+fn pci_device(label: &str, driver: &str, mut opts: QemuOpts) -> Result<Device, CliError> {
+    opts.relabel(format!("{label} {driver}"));
+    let id = opts.take_id()?;
+    let addr = match opts.take("addr") {
+        Some(text) => {
+            Some(pci::DevFn::parse(&text).map_err(|e| opts.error(e.qemu_message(driver)))?)
+        }
+        None => None,
+    };
+    let bus = opts.take("bus");
+    let multifunction = opts.take_bool("multifunction")?.unwrap_or(false);
+    let kind = if driver == "pcie-root-port" {
+        let chassis = opts.take_uint("chassis")?.unwrap_or(0);
+        let slot = opts.take_uint("slot")?.unwrap_or(0);
+        let port = opts.take_uint("port")?.unwrap_or(0);
+        PciKind::RootPort {
+            chassis: u8::try_from(chassis).map_err(|_| opts.error("chassis must be 0..255"))?,
+            slot: u16::try_from(slot).map_err(|_| opts.error("slot must be 0..65535"))?,
+            port: u8::try_from(port).map_err(|_| opts.error("port must be 0..255"))?,
+        }
+    } else {
+        // Modern-only is skiff's behaviour; QEMU's switch to say so is accepted.
+        if opts.take_bool("disable-legacy")? == Some(false) {
+            return Err(opts.error("legacy virtio (disable-legacy=off) is not supported"));
+        }
+        let (max_bytes, period_ms) = rng_limit(&mut opts)?;
+        PciKind::VirtioRng { max_bytes, period_ms }
+    };
+    opts.finish()?;
+    let config = DeviceConfig::Pci(PciDeviceConfig {
+        driver: driver.to_owned(),
+        id: id.clone(),
+        bus,
+        addr,
+        multifunction,
+        kind,
+    });
+    Ok(Device { config, id })
 }
 
 /// `-smbios type=1,field=value...`; several merge, later fields winning.
@@ -168,11 +217,9 @@ mod tests {
         assert_eq!(err(""), "-device: missing property 'driver'");
         assert_eq!(err("id=x"), "-device: missing property 'driver'");
         for driver in [
-            "virtio-rng-pci",
             "virtio-blk-pci",
             "vhost-user-fs-pci",
             "vfio-pci",
-            "pcie-root-port",
             "virtio-net-pci",
             "virtio-net-device",
         ] {

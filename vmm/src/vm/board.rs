@@ -110,6 +110,9 @@ pub(super) fn add_devices(
                 let dev = Arc::new(Mutex::new(DebugExit::new(control.clone())));
                 pio.insert(dev, u64::from(*iobase), u64::from(*iosize))?;
             }
+            // The layout was checked (pci_layout); the root complex and the
+            // virtio-pci transport are not emulated yet.
+            DeviceConfig::Pci(p) => return Err(Error::PciNotEmulated(p.driver.clone())),
             DeviceConfig::VirtioRngMmio { max_bytes, period_ms } => {
                 let slot = virtio_mmio.len();
                 let gsi = if platform.acpi {

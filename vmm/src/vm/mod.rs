@@ -84,6 +84,8 @@ pub enum Error {
     EventManager(event_manager::Error),
     #[error("-device virtio-*-device: at most 8 virtio-mmio devices (6 with acpi=off)")]
     TooManyVirtioMmio,
+    #[error("-device {0}: PCI devices are not emulated yet (their addresses were checked); use the virtio-mmio form, e.g. virtio-rng-device")]
+    PciNotEmulated(String),
     #[error("virtio-rng: {0}")]
     VirtioRng(#[source] devices::virtio::RngError),
     #[error("virtio-mmio: {0}")]
