@@ -5,8 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use crate::config::{ChardevBackend, SerialConfig, VmConfig};
 
@@ -95,7 +94,10 @@ impl ConsoleTarget {
                 SerialBackend { output: Box::new(std::io::sink()), stdin_input: false }
             }
             ConsoleTarget::Stdio { .. } => {
-                SerialBackend { output: Box::new(stdout_sink()?), stdin_input: true }
+                // Unbuffered, so a prompt without a newline shows at once.
+                let fd: OwnedFd =
+                    std::io::stdout().as_fd().try_clone_to_owned().map_err(Error::DupStdout)?;
+                SerialBackend { output: Box::new(File::from(fd)), stdin_input: true }
             }
             ConsoleTarget::File { path, append } => {
                 let file = OpenOptions::new()
@@ -111,100 +113,6 @@ impl ConsoleTarget {
                 SerialBackend { output: Box::new(file), stdin_input: false }
             }
         }))
-    }
-}
-
-/// Console output to stdout goes through a thread, so a vCPU writing to the
-/// UART never blocks on a stalled reader (a paused pager, a busy journal)
-/// while it holds the UART: past `OUTPUT_QUEUE` pending writes, output is
-/// dropped, as QEMU's chardevs do. Bytes are written as they come (no line
-/// buffering), so a prompt without a newline shows at once.
-enum Output {
-    Data(Vec<u8>),
-    /// Answered once everything queued before it is written.
-    Flush(SyncSender<()>),
-}
-
-const OUTPUT_QUEUE: usize = 64 * 1024;
-static STDOUT_QUEUE: OnceLock<SyncSender<Output>> = OnceLock::new();
-
-struct StdoutSink(SyncSender<Output>);
-
-impl Write for StdoutSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.0.try_send(Output::Data(buf.to_vec())) {
-            Ok(()) | Err(TrySendError::Full(_)) => Ok(buf.len()),
-            Err(TrySendError::Disconnected(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn stdout_sink() -> Result<StdoutSink, Error> {
-    if let Some(tx) = STDOUT_QUEUE.get() {
-        return Ok(StdoutSink(tx.clone()));
-    }
-    let fd: OwnedFd = std::io::stdout().as_fd().try_clone_to_owned().map_err(Error::DupStdout)?;
-    let mut out = File::from(fd);
-    let (tx, rx) = sync_channel::<Output>(OUTPUT_QUEUE);
-    std::thread::Builder::new()
-        .name("console-out".into())
-        .spawn(move || {
-            let mut batch = Vec::new();
-            while let Ok(first) = rx.recv() {
-                let mut pending = Some(first);
-                // Coalesce what is already queued into one write.
-                while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
-                    match msg {
-                        Output::Data(d) => batch.extend_from_slice(&d),
-                        Output::Flush(done) => {
-                            let _ = out.write_all(&batch);
-                            batch.clear();
-                            let _ = done.send(());
-                        }
-                    }
-                    if batch.len() >= 64 * 1024 {
-                        break;
-                    }
-                }
-                // A broken stdout must not stop the guest: drop the bytes.
-                let _ = out.write_all(&batch);
-                batch.clear();
-            }
-        })
-        .map_err(Error::DupStdout)?;
-    let tx = STDOUT_QUEUE.get_or_init(|| tx).clone();
-    Ok(StdoutSink(tx))
-}
-
-/// Waits (up to `timeout`) until console output queued so far is written:
-/// called before skiff exits, so the guest's last words are not lost.
-pub fn flush_output(timeout: std::time::Duration) {
-    if let Some(tx) = STDOUT_QUEUE.get() {
-        let (done_tx, done_rx) = sync_channel(1);
-        if send_within(tx, Output::Flush(done_tx), timeout) {
-            let _ = done_rx.recv_timeout(timeout);
-        }
-    }
-}
-
-/// `SyncSender::send` with a bounded wait: the queue may be full of output
-/// for a stalled reader.
-fn send_within(tx: &SyncSender<Output>, mut msg: Output, timeout: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match tx.try_send(msg) {
-            Ok(()) => return true,
-            Err(TrySendError::Disconnected(_)) => return false,
-            Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
-                msg = m;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            Err(TrySendError::Full(_)) => return false,
-        }
     }
 }
 

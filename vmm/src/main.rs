@@ -57,13 +57,11 @@ fn main() -> ExitCode {
     let code = match run(&config) {
         Ok(code) => code,
         Err(msg) => {
-            console::flush_output(std::time::Duration::from_secs(2));
             console::restore_terminal();
             let _ = writeln!(std::io::stderr(), "skiff: {msg}");
             1
         }
     };
-    console::flush_output(std::time::Duration::from_secs(2));
     console::restore_terminal();
     let _ = write!(std::io::stderr(), "{}", trace::report());
     // Exit codes from isa-debug-exit can exceed a u8 in theory; the OS keeps
@@ -138,7 +136,6 @@ fn run_until_end(
             }
             RunEnd::Signal(sig) => {
                 emit(servers, "SHUTDOWN", false, "host-signal");
-                console::flush_output(std::time::Duration::from_secs(2));
                 console::restore_terminal();
                 let _ = writeln!(std::io::stderr(), "skiff: terminating on signal {sig}");
                 Ok(0)
