@@ -14,6 +14,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
+use devices::legacy::ged;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};
@@ -40,30 +41,21 @@ pub const IOAPIC_ID: u8 = 0;
 // (include/hw/i386/microvm.h, include/hw/acpi/generic_event_device.h).
 
 /// GED event selector register (32-bit, read-to-clear), read by `_EVT`.
-pub const GED_EVT_SEL: u64 = layout::GED_MMIO_BASE;
+pub const GED_EVT_SEL: u64 = layout::GED_MMIO_BASE + ged::EVT_SEL;
 /// Size of the GED event selector register.
-pub const GED_EVT_SEL_LEN: u32 = 4;
-/// GED register block holding the FADT sleep and reset registers.
-pub const GED_MMIO_BASE_REGS: u64 = layout::GED_MMIO_BASE + 0x200;
+pub const GED_EVT_SEL_LEN: u32 = ged::EVT_SEL_LEN;
 /// Byte register: FADT SLEEP_CONTROL_REG.
-pub const GED_REG_SLEEP_CTL: u64 = GED_MMIO_BASE_REGS;
+pub const GED_REG_SLEEP_CTL: u64 = layout::GED_MMIO_BASE + ged::SLEEP_CTL;
 /// Byte register: FADT SLEEP_STATUS_REG.
-pub const GED_REG_SLEEP_STS: u64 = GED_MMIO_BASE_REGS + 1;
+pub const GED_REG_SLEEP_STS: u64 = layout::GED_MMIO_BASE + ged::SLEEP_STS;
 /// Byte register: FADT RESET_REG.
-pub const GED_REG_RESET: u64 = GED_MMIO_BASE_REGS + 2;
+pub const GED_REG_RESET: u64 = layout::GED_MMIO_BASE + ged::RESET;
 /// Value the guest writes to [`GED_REG_RESET`] to reset the machine.
-pub const GED_RESET_VALUE: u8 = 0x42;
+pub const GED_RESET_VALUE: u8 = ged::RESET_VALUE;
 /// Selector bit meaning "power button pressed".
-pub const GED_PWR_DOWN_EVT: u32 = 0x2;
-/// SLP_TYP field position in the sleep control register.
-pub const GED_SLP_TYP_POS: u8 = 2;
-/// SLP_TYP field mask (after shifting by [`GED_SLP_TYP_POS`]).
-pub const GED_SLP_TYP_MASK: u8 = 0x7;
-/// SLP_TYP value advertised by `\_S5_`: the guest writes
-/// `(GED_SLP_TYP_S5 << GED_SLP_TYP_POS) | GED_SLP_EN` to power off.
-pub const GED_SLP_TYP_S5: u8 = 5;
-/// SLP_EN bit in the sleep control register.
-pub const GED_SLP_EN: u8 = 0x20;
+pub const GED_PWR_DOWN_EVT: u32 = ged::GED_EVT_POWER_BUTTON;
+/// SLP_TYP value advertised by `\_S5_`.
+pub const GED_SLP_TYP_S5: u8 = ged::SLP_TYP_S5;
 
 /// Local APIC ids are 0..num_cpus; 0xFF is the xAPIC broadcast id.
 pub const MAX_CPUS: u8 = 254;

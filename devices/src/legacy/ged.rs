@@ -21,14 +21,18 @@ use crate::{BusDevice, VmControl, VmEvent};
 /// ACPI_GED_PWR_DOWN_EVT).
 pub const GED_EVT_POWER_BUTTON: u32 = 1 << 1;
 
-const EVT_SEL: u64 = 0x0;
-const SLEEP_CTL: u64 = 0x200;
-const SLEEP_STS: u64 = 0x201;
-const RESET: u64 = 0x202;
+// Register offsets and values; the ACPI tables (boot/src/acpi.rs) point
+// the FADT and DSDT at these, so they are the one definition of the layout.
+pub const EVT_SEL: u64 = 0x0;
+pub const EVT_SEL_LEN: u32 = 4;
+pub const SLEEP_CTL: u64 = 0x200;
+pub const SLEEP_STS: u64 = 0x201;
+pub const RESET: u64 = 0x202;
 
-const RESET_VALUE: u8 = 0x42;
-const SLP_EN: u8 = 1 << 5;
-const SLP_TYP_S5: u8 = 5;
+pub const RESET_VALUE: u8 = 0x42;
+pub const SLP_EN: u8 = 1 << 5;
+/// The SLP_TYP the DSDT's `_S5_` names: (SLP_TYP_S5 << 2) | SLP_EN powers off.
+pub const SLP_TYP_S5: u8 = 5;
 
 pub struct Ged<T: Trigger> {
     irq: T,

@@ -2,7 +2,7 @@
 //! addresses rather than by enumeration.
 
 mod debug_exit;
-mod ged;
+pub mod ged;
 mod i8042;
 mod rtc;
 mod serial;
