@@ -73,6 +73,18 @@ wait_for() {
 }
 "#;
 
+/// Whether the test host's own kernel reported a fault in one of its vCPU
+/// threads (these lines come from the test host's console, not the guest's:
+/// a guest's vCPU threads do not exist inside the guest).
+fn test_host_oopsed(log: &str) -> bool {
+    const MARKERS: [&str; 3] = [
+        "BUG: TASK stack guard page was hit",
+        "traps: PANIC: double fault",
+        "BUG: scheduling while atomic: vcpu",
+    ];
+    log.lines().any(|l| MARKERS.iter().any(|m| l.contains(m)))
+}
+
 /// Standard base64 (RFC 4648, with padding), enough for shipping scripts.
 fn base64(text: &str) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -412,8 +424,12 @@ pub fn run_scenarios_with(
     let mut out = run()?;
     // The nested test host (TCG emulating SVM) itself occasionally crashes
     // under host load ("the batch did not finish", exit 5, or never came up,
-    // exit 3); that says nothing about skiff, so such a batch runs once more.
-    if matches!(out.status.code(), Some(3) | Some(5)) {
+    // exit 3), or its kernel oopses in the thread running skiff's vCPU and a
+    // scenario stalls; that says nothing about skiff, so such a batch runs
+    // once more.
+    if matches!(out.status.code(), Some(3) | Some(5))
+        || fs::read_to_string(&log).is_ok_and(|l| test_host_oopsed(&l))
+    {
         print!("{}", String::from_utf8_lossy(&out.stderr));
         println!("skiff-tests: the test host failed; running batch '{}' again", opts.log_name);
         out = run()?;
@@ -536,6 +552,13 @@ mod unit {
     use super::*;
 
     const LOG: &str = "SKIFF-L1-READY uptime=3.1\r\n=== BEGIN a\r\n[    1.0] x\r\nSKIFF-INIT-OK\r\nSKIFF-NPROC=2\r\n\r\n=== END a rc=0 ms=812\r\n=== BEGIN b\r\nno newline\r\n=== END b rc=124 ms=90000\r\n=== BEGIN c\r\npartial\r\n";
+
+    #[test]
+    fn test_host_oops_is_recognised() {
+        assert!(test_host_oopsed("[ 24.8] BUG: scheduling while atomic: vcpu0/125/0x00110001"));
+        assert!(test_host_oopsed("x\n[ 173.9] BUG: TASK stack guard page was hit at 0000"));
+        assert!(!test_host_oopsed("[ 4.7] Kernel panic - not syncing: sysrq triggered crash"));
+    }
 
     #[test]
     fn base64_matches_rfc4648() {
