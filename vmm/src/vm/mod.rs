@@ -323,12 +323,11 @@ fn create_vcpus(
     let supported = kvm
         .get_supported_cpuid(cpu::MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let topo = cpu::Topology { cpus: cfg.smp.cpus, cores: cfg.smp.cores, threads: cfg.smp.threads };
     (0..cfg.smp.cpus)
         .map(|i| {
             let vcpu = vm.create_vcpu(u64::from(i)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let cpuid = cpu::build_cpuid(&supported, i, topo, &cfg.cpu.features, tsc_deadline)?;
+            let cpuid = cpu::build_cpuid(&supported, i, topo, &cfg.cpu.features)?;
             cpu::set_cpuid(&vcpu, &cpuid)?;
             cpu::setup_msrs(&vcpu)?;
             cpu::setup_fpu(&vcpu)?;
