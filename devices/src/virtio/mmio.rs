@@ -9,22 +9,13 @@
 //! - a KVM irqfd binding `interrupt_evt()` to the device's GSI.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
-};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, VIRTIO_F_VERSION_1,
-};
+use super::transport::{QueueField, TransportError, TransportState};
+use super::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use crate::BusDevice;
 
 /// Registers (0x000-0x0ff) and device config space (0x100-0x1ff).
@@ -81,27 +72,11 @@ impl VirtioInterrupt for MmioInterrupt {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum MmioError {
-    #[error("cannot create an eventfd")]
-    EventFd(#[source] std::io::Error),
-    #[error("device offers queue {index} with invalid max size {size}")]
-    QueueMaxSize { index: usize, size: u16 },
-}
+pub type MmioError = TransportError;
 
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
+    state: TransportState,
     interrupt: Arc<MmioInterrupt>,
-    /// What the driver wrote to the queue registers; validated into
-    /// `Queue`s only at DRIVER_OK.
-    queues: Vec<QueueState>,
-    queue_evts: Vec<EventFd>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
 }
 
 impl MmioTransport {
@@ -109,31 +84,16 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<Self, MmioError> {
-        let max_sizes = lock(&device).queue_max_sizes().to_vec();
-        for (index, &size) in max_sizes.iter().enumerate() {
-            Queue::new(size).map_err(|_| MmioError::QueueMaxSize { index, size })?;
-        }
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd);
-        let queue_evts = max_sizes.iter().map(|_| evt()).collect::<Result<_, _>>()?;
-        let interrupt = Arc::new(MmioInterrupt { status: AtomicU32::new(0), evt: evt()? });
-        Ok(MmioTransport {
-            device,
-            mem,
-            interrupt,
-            queues: max_sizes.iter().map(|&m| initial_queue(m)).collect(),
-            queue_evts,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            status: 0,
-        })
+        let state = TransportState::new("virtio-mmio", mem, device)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?;
+        let interrupt = Arc::new(MmioInterrupt { status: AtomicU32::new(0), evt });
+        Ok(MmioTransport { state, interrupt })
     }
 
     /// One eventfd per queue, for KVM ioeventfds at base + NOTIFY_REG_OFFSET
     /// with datamatch = the index in this slice.
     pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.state.queue_evts
     }
 
     /// The interrupt line, for a KVM irqfd on the device's GSI.
@@ -141,25 +101,18 @@ impl MmioTransport {
         &self.interrupt.evt
     }
 
-    fn selected_queue(&mut self) -> Option<&mut QueueState> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
     fn read_reg(&mut self, offset: u64) -> u32 {
+        let s = &self.state;
         match offset {
             MAGIC_VALUE => MAGIC,
             VERSION_REG => VERSION,
-            DEVICE_ID => lock(&self.device).device_type(),
+            DEVICE_ID => s.device().device_type(),
             VENDOR_ID_REG => VENDOR_ID,
-            DEVICE_FEATURES => match self.device_features_sel {
-                0 => lock(&self.device).features() as u32,
-                1 => (lock(&self.device).features() >> 32) as u32,
-                _ => 0,
-            },
-            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size.into()),
-            QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready.into()),
+            DEVICE_FEATURES => s.device_features_word(),
+            QUEUE_NUM_MAX => s.selected_queue().map_or(0, |q| q.max_size.into()),
+            QUEUE_READY => s.selected_queue().map_or(0, |q| q.ready.into()),
             INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
-            STATUS => self.status,
+            STATUS => s.status,
             // No shared memory regions: length and base read as all ones.
             SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
             // Config space never changes under the driver.
@@ -169,162 +122,45 @@ impl MmioTransport {
     }
 
     fn write_reg(&mut self, offset: u64, v: u32) {
+        let s = &mut self.state;
+        let queue_field = match offset {
+            QUEUE_NUM => Some(QueueField::Size),
+            QUEUE_READY => Some(QueueField::Ready),
+            QUEUE_DESC_LOW => Some(QueueField::DescLow),
+            QUEUE_DESC_HIGH => Some(QueueField::DescHigh),
+            QUEUE_DRIVER_LOW => Some(QueueField::DriverLow),
+            QUEUE_DRIVER_HIGH => Some(QueueField::DriverHigh),
+            QUEUE_DEVICE_LOW => Some(QueueField::DeviceLow),
+            QUEUE_DEVICE_HIGH => Some(QueueField::DeviceHigh),
+            _ => None,
+        };
+        if let Some(field) = queue_field {
+            return s.write_queue(field, v);
+        }
         match offset {
-            DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            DRIVER_FEATURES if self.status & (DRIVER | FEATURES_OK | FAILED) == DRIVER => {
-                match self.driver_features_sel {
-                    0 => {
-                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
-                    }
-                    1 => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                    }
-                    _ => {}
-                }
-            }
-            DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            QUEUE_SEL => self.queue_sel = v,
-            QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW..=QUEUE_DEVICE_HIGH => {
-                self.write_queue(offset, v)
-            }
-            NOTIFY_REG_OFFSET => match self.queue_evts.get(v as usize) {
-                Some(evt) => {
-                    if let Err(e) = evt.write(1) {
-                        log::error!("virtio-mmio: cannot signal queue {v}: {e}");
-                    }
-                }
-                None => log::debug!("virtio-mmio: notify for missing queue {v}"),
-            },
+            DEVICE_FEATURES_SEL => s.device_features_sel = v,
+            DRIVER_FEATURES => s.write_driver_features_word(v),
+            DRIVER_FEATURES_SEL => s.driver_features_sel = v,
+            QUEUE_SEL => s.queue_sel = v,
+            NOTIFY_REG_OFFSET => s.notify(v),
             INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
             }
-            STATUS => self.set_status(v),
+            STATUS => {
+                let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+                if s.set_status(v, &interrupt) {
+                    self.interrupt.status.store(0, Ordering::SeqCst);
+                }
+            }
             _ => log::debug!("virtio-mmio: write {v:#x} to {offset:#x} ignored"),
         }
-    }
-
-    /// Queue registers are writable between FEATURES_OK and DRIVER_OK.
-    /// Values are stored as written and checked at DRIVER_OK.
-    fn write_queue(&mut self, offset: u64, v: u32) {
-        if self.status & (FEATURES_OK | DRIVER_OK | FAILED) != FEATURES_OK {
-            log::debug!("virtio-mmio: queue write to {offset:#x} in status {:#x}", self.status);
-            return;
-        }
-        let Some(q) = self.selected_queue() else {
-            log::debug!("virtio-mmio: queue write to {offset:#x} for a missing queue");
-            return;
-        };
-        let lo = |a: u64| (a & !0xffff_ffff) | u64::from(v);
-        let hi = |a: u64| (a & 0xffff_ffff) | (u64::from(v) << 32);
-        match offset {
-            // Out-of-range sizes show up as 0x10000-ish values; keep them
-            // invalid rather than truncating them into valid ones.
-            QUEUE_NUM => q.size = u16::try_from(v).unwrap_or(0),
-            QUEUE_READY => q.ready = v == 1,
-            QUEUE_DESC_LOW => q.desc_table = lo(q.desc_table),
-            QUEUE_DESC_HIGH => q.desc_table = hi(q.desc_table),
-            QUEUE_DRIVER_LOW => q.avail_ring = lo(q.avail_ring),
-            QUEUE_DRIVER_HIGH => q.avail_ring = hi(q.avail_ring),
-            QUEUE_DEVICE_LOW => q.used_ring = lo(q.used_ring),
-            QUEUE_DEVICE_HIGH => q.used_ring = hi(q.used_ring),
-            _ => {}
-        }
-    }
-
-    /// The device status state machine of virtio 1.x, section 3.1.1.
-    fn set_status(&mut self, v: u32) {
-        if v == 0 {
-            return self.reset();
-        }
-        if v & FAILED != 0 {
-            // The driver gave up; it must reset before trying again.
-            self.status |= FAILED;
-            return;
-        }
-        if self.status & (FAILED | NEEDS_RESET) != 0 {
-            log::debug!("virtio-mmio: status {v:#x} before a reset ignored");
-            return;
-        }
-        // NEEDS_RESET is the device's to set; unknown bits are dropped.
-        let v = v & (ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-        let in_order = [(DRIVER, ACKNOWLEDGE), (FEATURES_OK, DRIVER), (DRIVER_OK, FEATURES_OK)]
-            .iter()
-            .all(|&(bit, needs)| v & bit == 0 || v & needs != 0);
-        if v & self.status != self.status || !in_order {
-            log::warn!("virtio-mmio: invalid status transition {:#x} -> {v:#x}", self.status);
-            return;
-        }
-        let added = v & !self.status;
-        if added & FEATURES_OK != 0 && !self.accept_features() {
-            // The driver reads the status back and sees FEATURES_OK missing.
-            self.status = v & !(FEATURES_OK | DRIVER_OK);
-            return;
-        }
-        self.status = v;
-        if added & DRIVER_OK != 0 {
-            if let Err(e) = self.activate() {
-                log::error!("virtio-mmio: cannot activate device: {e}");
-                self.status |= NEEDS_RESET;
-                let _ = self.interrupt.trigger(VirtioInterruptType::Config);
-            }
-        }
-    }
-
-    /// The driver may accept only offered features and must accept
-    /// VERSION_1: this transport has no legacy interface.
-    fn accept_features(&mut self) -> bool {
-        let mut dev = lock(&self.device);
-        let offered = dev.features();
-        let f = self.driver_features;
-        if f & !offered != 0 || f & VIRTIO_F_VERSION_1 == 0 {
-            log::warn!("virtio-mmio: driver features {f:#x} refused (offered {offered:#x})");
-            return false;
-        }
-        dev.ack_features(f);
-        true
-    }
-
-    fn activate(&mut self) -> Result<(), ActivateError> {
-        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues = Vec::new();
-        for (index, state) in self.queues.iter().enumerate().filter(|(_, s)| s.ready) {
-            let mut q = Queue::try_from(*state)
-                .map_err(|source| ActivateError::InvalidQueue { index, source })?;
-            q.set_event_idx(event_idx);
-            if !q.is_valid(&self.mem) {
-                return Err(ActivateError::QueueOutsideMemory(index));
-            }
-            let evt = self.queue_evts[index].try_clone().map_err(ActivateError::EventFd)?;
-            queues.push((index, q, evt));
-        }
-        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        lock(&self.device).activate(ActivationContext { mem: self.mem.clone(), queues, interrupt })
-    }
-
-    fn reset(&mut self) {
-        if self.status != 0 && !lock(&self.device).reset() {
-            log::error!("virtio-mmio: device cannot reset");
-            self.status |= FAILED;
-            return;
-        }
-        for q in &mut self.queues {
-            *q = initial_queue(q.max_size);
-        }
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.status = 0;
-        self.interrupt.status.store(0, Ordering::SeqCst);
-        // Pending counts in the eventfds only cause a spurious wakeup later.
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            lock(&self.device).read_config(offset - CONFIG, data);
+            self.state.device().read_config(offset - CONFIG, data);
         } else if data.len() == 4 && offset & 3 == 0 {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
@@ -335,10 +171,10 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG {
-            if self.status & (DRIVER | FAILED) == DRIVER {
-                lock(&self.device).write_config(offset - CONFIG, data);
+            if self.state.config_writable() {
+                self.state.device().write_config(offset - CONFIG, data);
             } else {
-                log::debug!("virtio-mmio: config write in status {:#x} ignored", self.status);
+                log::debug!("virtio-mmio: config write in status {:#x} ignored", self.state.status);
             }
         } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset & 3) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
@@ -348,19 +184,18 @@ impl BusDevice for MmioTransport {
     }
 }
 
-fn initial_queue(max_size: u16) -> QueueState {
-    QueueState { max_size, size: max_size, ..QueueState::default() }
-}
-
-/// Like the bus: a device that panicked is used as it was left.
-fn lock(dev: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+        VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
+        VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+    };
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    use virtio_queue::QueueT;
+
     use super::*;
-    use crate::virtio::read_config_from;
+    use crate::virtio::{read_config_from, ActivateError, ActivationContext, VIRTIO_F_VERSION_1};
     use crate::virtio::test_utils::guest_mem;
 
     const MEM: usize = 0x10_0000;

@@ -7,6 +7,7 @@
 //! the `VirtioInterrupt` the device raises when it has used buffers.
 
 pub mod mmio;
+pub mod transport;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
