@@ -1,7 +1,7 @@
 //! An address space (port I/O or MMIO) mapping ranges to devices.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the start of the range the
 /// device was inserted at; `data.len()` is the access width (1, 2, 4 or 8).
@@ -26,11 +26,13 @@ struct Entry {
     device: Arc<Mutex<dyn BusDevice>>,
 }
 
-/// Ranges are fixed once the VM runs, so vCPU threads share the bus read-only
-/// and lock only the one device an access hits.
+/// vCPU threads share the bus; an access takes the map's read lock only to
+/// find the device, then locks just that device. Ranges change only when
+/// the guest moves a PCI BAR (`remove` + `insert`), which a vCPU does while
+/// holding no bus lock, so a move cannot deadlock against an access.
 #[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
 }
 
 impl Bus {
@@ -39,7 +41,7 @@ impl Bus {
     }
 
     pub fn insert(
-        &mut self,
+        &self,
         device: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
@@ -49,7 +51,7 @@ impl Bus {
 
     /// Like `insert`, but the device sees offsets starting at `dev_offset`.
     pub fn insert_at_offset(
-        &mut self,
+        &self,
         device: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
@@ -59,26 +61,36 @@ impl Bus {
             return Err(BusError::EmptyRange(base));
         }
         let end = base.saturating_add(len);
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
         // The only candidates for overlap: the last range starting below `end`.
-        if let Some((&other, e)) = self.ranges.range(..end).next_back() {
+        if let Some((&other, e)) = ranges.range(..end).next_back() {
             if other.saturating_add(e.len) > base {
                 return Err(BusError::Overlap { base, len, other });
             }
         }
-        self.ranges.insert(base, Entry { len, dev_offset, device });
+        ranges.insert(base, Entry { len, dev_offset, device });
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
-        let (&base, e) = self.ranges.range(..=addr).next_back()?;
-        (addr - base < e.len).then_some((addr - base + e.dev_offset, &e.device))
+    /// Removes the range starting at `base`; returns its device.
+    pub fn remove(&self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        ranges.remove(&base).map(|e| e.device)
+    }
+
+    /// The device at `addr` and the offset it sees; the map lock is released
+    /// before the caller locks the device.
+    fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
+        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let (&base, e) = ranges.range(..=addr).next_back()?;
+        (addr - base < e.len).then(|| (addr - base + e.dev_offset, e.device.clone()))
     }
 
     /// Returns false when no device claims `addr`; `data` is then untouched.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => false,
@@ -89,7 +101,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -124,7 +136,7 @@ mod tests {
 
     #[test]
     fn dispatches_by_offset() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         let mut b = [0u8; 1];
@@ -138,7 +150,7 @@ mod tests {
 
     #[test]
     fn rejects_overlap_and_empty() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev.clone(), 0x60, 1).unwrap();
         bus.insert(dev.clone(), 0x64, 1).unwrap();
@@ -152,8 +164,21 @@ mod tests {
     }
 
     #[test]
+    fn removed_range_can_move() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x1000, 0x100).unwrap();
+        assert!(bus.remove(0x1000).is_some());
+        assert!(bus.remove(0x1000).is_none());
+        assert!(!bus.write(0x1000, &[1]));
+        bus.insert(dev.clone(), 0x2000, 0x100).unwrap();
+        assert!(bus.write(0x2004, &[2]));
+        assert_eq!(dev.lock().unwrap().writes, vec![(4, vec![2])]);
+    }
+
+    #[test]
     fn second_window_sees_its_offset() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev.clone(), 0x60, 1).unwrap();
         bus.insert_at_offset(dev.clone(), 0x64, 1, 4).unwrap();

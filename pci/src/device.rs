@@ -1,5 +1,7 @@
 //! The seam between the PCI root and a PCI function.
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::config::BarReprogram;
 
 /// A PCI function as the root complex sees it: its configuration space and
@@ -22,5 +24,12 @@ pub trait PciDevice: Send {
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         let _ = (bar, offset, data);
+    }
+
+    /// Doorbells the VMM should catch in KVM instead (ioeventfd, any write
+    /// length, no datamatch): (BAR, offset in the BAR, eventfd signalled).
+    /// The VMM moves them when the BAR moves.
+    fn ioeventfds(&self) -> Vec<(usize, u64, &EventFd)> {
+        Vec::new()
     }
 }

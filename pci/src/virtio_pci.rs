@@ -1,0 +1,766 @@
+//! The modern virtio-pci transport (virtio 1.x, 4.1), laid out as QEMU lays
+//! out a `disable-legacy=on` device, so a guest (and `lspci`) sees the same:
+//!
+//! - BAR 1, 32-bit, 4 KiB: the MSI-X table at 0, the PBA at 0x800;
+//! - BAR 4, 64-bit prefetchable, 16 KiB: common config at 0, ISR at 0x1000,
+//!   device config at 0x2000, notifications at 0x3000 (queue N at N × 4).
+//!
+//! Vendor capabilities point the driver at each region, plus the PCI config
+//! access capability, through which a driver can reach any BAR offset with
+//! config cycles alone. Notifications become KVM ioeventfds (`ioeventfds`),
+//! so a queue kick never exits to skiff. Interrupts: one MSI-X vector per
+//! queue plus one for config changes, each an irqfd; while the driver has
+//! MSI-X off, INTA with the ISR register, level-triggered through an irqfd
+//! with a resample eventfd (see `VirtioPciInterrupt::resample`).
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use devices::virtio::transport::{QueueField, TransportError, TransportState};
+use devices::virtio::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::capability::{MsixCap, PcieCap};
+use crate::config::{
+    BarKind, BarReprogram, ConfigError, ConfigParams, PciConfig, COMMAND, COMMAND_INTX_DISABLE,
+};
+use crate::device::PciDevice;
+use crate::msix::{Msix, MsiRouter, MsixVector};
+
+pub const VENDOR_VIRTIO: u16 = 0x1af4;
+/// Modern device IDs are 0x1040 + the virtio device type.
+const DEVICE_ID_BASE: u16 = 0x1040;
+/// QEMU's subsystem ID for its virtio devices (PCI_SUBDEVICE_ID_QEMU).
+const SUBSYSTEM_QEMU: u16 = 0x1100;
+
+pub const MSIX_BAR: usize = 1;
+const MSIX_BAR_SIZE: u64 = 0x1000;
+const MSIX_TABLE: u64 = 0;
+const MSIX_PBA: u64 = 0x800;
+
+pub const MODERN_BAR: usize = 4;
+const MODERN_BAR_SIZE: u64 = 0x4000;
+const COMMON_CFG: u64 = 0x0;
+const ISR_CFG: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+pub const NOTIFY_CFG: u64 = 0x3000;
+const REGION_SIZE: u64 = 0x1000;
+pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+
+/// "No vector": what the driver writes to unassign, and what the device
+/// answers when it refuses a vector.
+pub const NO_VECTOR: u16 = 0xffff;
+
+const CAP_ID_VENDOR: u8 = 0x09;
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+
+// Common configuration registers (virtio 1.2, 4.1.4.3).
+const DEVICE_FEATURE_SELECT: u64 = 0x00;
+const DEVICE_FEATURE: u64 = 0x04;
+const DRIVER_FEATURE_SELECT: u64 = 0x08;
+const DRIVER_FEATURE: u64 = 0x0c;
+const CONFIG_MSIX_VECTOR: u64 = 0x10;
+const NUM_QUEUES: u64 = 0x12;
+const DEVICE_STATUS: u64 = 0x14;
+const CONFIG_GENERATION: u64 = 0x15;
+const QUEUE_SELECT: u64 = 0x16;
+const QUEUE_SIZE: u64 = 0x18;
+const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+const QUEUE_ENABLE: u64 = 0x1c;
+const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+const QUEUE_DESC_LO: u64 = 0x20;
+const QUEUE_DESC_HI: u64 = 0x24;
+const QUEUE_DRIVER_LO: u64 = 0x28;
+const QUEUE_DRIVER_HI: u64 = 0x2c;
+const QUEUE_DEVICE_LO: u64 = 0x30;
+const QUEUE_DEVICE_HI: u64 = 0x34;
+
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("config space: {0}")]
+    Config(#[from] ConfigError),
+    #[error("the device needs {need} MSI-X vectors, {got} were given")]
+    Vectors { need: usize, got: usize },
+}
+
+/// Which MSI-X vector each interrupt source uses, and the table itself.
+struct Vectors {
+    msix: Msix,
+    config: u16,
+    queues: Vec<u16>,
+}
+
+/// The transport's interrupt, shared by the device (which raises it from the
+/// event loop) and the transport (which the guest programs from vCPUs).
+pub struct VirtioPciInterrupt {
+    vectors: Mutex<Vectors>,
+    isr: AtomicU8,
+    /// INTA, bound by the VMM with irqfd + resample to the slot's GSI.
+    intx_evt: EventFd,
+    /// COMMAND.INTX_DISABLE clear.
+    intx_enabled: AtomicBool,
+}
+
+impl VirtioPciInterrupt {
+    fn vectors(&self) -> MutexGuard<'_, Vectors> {
+        self.vectors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn intx_evt(&self) -> &EventFd {
+        &self.intx_evt
+    }
+
+    /// Called when KVM's resample eventfd fires, i.e. the guest EOId the
+    /// level interrupt and KVM lowered the line: raise it again if the ISR
+    /// still has a reason (set after the driver read it), as a level line
+    /// would stay up.
+    pub fn resample(&self) {
+        if self.isr.load(Ordering::SeqCst) != 0
+            && self.intx_enabled.load(Ordering::SeqCst)
+            && !self.vectors().msix.enabled()
+        {
+            self.assert_intx();
+        }
+    }
+
+    fn assert_intx(&self) {
+        if let Err(e) = self.intx_evt.write(1) {
+            log::error!("virtio-pci: cannot raise INTx: {e}");
+        }
+    }
+}
+
+impl VirtioInterrupt for VirtioPciInterrupt {
+    fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
+        let mut v = self.vectors();
+        if v.msix.enabled() {
+            let vector = match t {
+                VirtioInterruptType::Config => v.config,
+                VirtioInterruptType::Queue(q) => {
+                    v.queues.get(usize::from(q)).copied().unwrap_or(NO_VECTOR)
+                }
+            };
+            if vector != NO_VECTOR {
+                v.msix.notify(vector);
+            }
+            return Ok(());
+        }
+        drop(v);
+        let bit = match t {
+            VirtioInterruptType::Config => ISR_CONFIG,
+            VirtioInterruptType::Queue(_) => ISR_QUEUE,
+        };
+        self.isr.fetch_or(bit, Ordering::SeqCst);
+        if self.intx_enabled.load(Ordering::SeqCst) {
+            self.assert_intx();
+        }
+        Ok(())
+    }
+}
+
+/// Where the function sits, which decides its PCIe device/port type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    RootBus,
+    BehindRootPort,
+}
+
+pub struct VirtioPciDevice {
+    config: PciConfig,
+    state: TransportState,
+    interrupt: Arc<VirtioPciInterrupt>,
+    msix_cap: usize,
+    /// Offset of the PCI config access capability.
+    pci_cfg_cap: usize,
+}
+
+/// Vectors a device needs: one per queue and one for config changes.
+pub fn vectors_needed(device: &dyn VirtioDevice) -> usize {
+    device.queue_max_sizes().len() + 1
+}
+
+/// The PCI class QEMU gives each device type.
+fn class_code(device_type: u32) -> u32 {
+    match device_type {
+        1 => 0x02_00_00,  // network controller
+        2 => 0x01_00_00,  // SCSI storage (QEMU's choice for virtio-blk)
+        26 => 0x01_80_00, // other storage: virtio-fs
+        _ => 0xff_00_00,  // unclassified: rng and the rest
+    }
+}
+
+impl VirtioPciDevice {
+    /// `vectors` must hold `vectors_needed(device)` MSI-X vectors, each an
+    /// eventfd that the VMM bound to its GSI.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        vectors: Vec<MsixVector>,
+        router: Arc<dyn MsiRouter>,
+        placement: Placement,
+    ) -> Result<Self, VirtioPciError> {
+        let state = TransportState::new("virtio-pci", mem, device)?;
+        let device_type = state.device().device_type();
+        let need = state.num_queues() + 1;
+        if vectors.len() != need {
+            return Err(VirtioPciError::Vectors { need, got: vectors.len() });
+        }
+        let mut config = PciConfig::new(&ConfigParams {
+            vendor_id: VENDOR_VIRTIO,
+            device_id: DEVICE_ID_BASE + device_type as u16,
+            revision: 1,
+            class_code: class_code(device_type),
+            subsystem_vendor_id: VENDOR_VIRTIO,
+            subsystem_id: SUBSYSTEM_QEMU,
+            interrupt_pin: 1,
+            ..Default::default()
+        });
+        config.add_bar(MSIX_BAR, BarKind::Memory32 { prefetchable: false }, MSIX_BAR_SIZE)?;
+        config.add_bar(MODERN_BAR, BarKind::Memory64 { prefetchable: true }, MODERN_BAR_SIZE)?;
+
+        let region = |cfg_type: u8, offset: u64, extra: &[u8]| {
+            let mut body = vec![0u8; 14];
+            body[0] = (16 + extra.len()) as u8; // cap_len, ID and next included
+            body[1] = cfg_type;
+            body[2] = MODERN_BAR as u8;
+            body[6..10].copy_from_slice(&(offset as u32).to_le_bytes());
+            body[10..14].copy_from_slice(&(REGION_SIZE as u32).to_le_bytes());
+            body.extend_from_slice(extra);
+            body
+        };
+        config.add_capability(CAP_ID_VENDOR, &region(CAP_COMMON, COMMON_CFG, &[]))?;
+        config.add_capability(CAP_ID_VENDOR, &region(CAP_ISR, ISR_CFG, &[]))?;
+        config.add_capability(CAP_ID_VENDOR, &region(CAP_DEVICE, DEVICE_CFG, &[]))?;
+        let multiplier = NOTIFY_OFF_MULTIPLIER.to_le_bytes();
+        config.add_capability(CAP_ID_VENDOR, &region(CAP_NOTIFY, NOTIFY_CFG, &multiplier))?;
+        // The access window: bar, offset, length and data are the driver's.
+        let mut body = vec![0u8; 18];
+        body[0] = 20;
+        body[1] = CAP_PCI_CFG;
+        let mut writable = vec![0u8; 18];
+        writable[2] = 0xff;
+        writable[6..18].fill(0xff);
+        let pci_cfg_cap = config.add_capability_masked(CAP_ID_VENDOR, &body, &writable)?;
+
+        let msix_cap = MsixCap {
+            vectors: need as u16,
+            table_bar: MSIX_BAR as u8,
+            table_offset: MSIX_TABLE as u32,
+            pba_bar: MSIX_BAR as u8,
+            pba_offset: MSIX_PBA as u32,
+        }
+        .add_to(&mut config)?;
+        let pcie = match placement {
+            Placement::RootBus => PcieCap::IntegratedEndpoint,
+            Placement::BehindRootPort => PcieCap::Endpoint,
+        };
+        pcie.add_to(&mut config)?;
+
+        let interrupt = Arc::new(VirtioPciInterrupt {
+            vectors: Mutex::new(Vectors {
+                msix: Msix::new(vectors, router),
+                config: NO_VECTOR,
+                queues: vec![NO_VECTOR; need - 1],
+            }),
+            isr: AtomicU8::new(0),
+            intx_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?,
+            intx_enabled: AtomicBool::new(true),
+        });
+        Ok(VirtioPciDevice { config, state, interrupt, msix_cap, pci_cfg_cap })
+    }
+
+    pub fn interrupt(&self) -> Arc<VirtioPciInterrupt> {
+        self.interrupt.clone()
+    }
+
+    fn read_common(&self, offset: u64) -> u64 {
+        let s = &self.state;
+        let q = s.selected_queue();
+        let v = self.interrupt.vectors();
+        let queue_vector = v.queues.get(s.queue_sel as usize).copied().unwrap_or(NO_VECTOR);
+        let lo = |a: u64| a & 0xffff_ffff;
+        let hi = |a: u64| a >> 32;
+        match offset {
+            DEVICE_FEATURE_SELECT => s.device_features_sel.into(),
+            DEVICE_FEATURE => s.device_features_word().into(),
+            DRIVER_FEATURE_SELECT => s.driver_features_sel.into(),
+            DRIVER_FEATURE => match s.driver_features_sel {
+                0 => lo(s.driver_features),
+                1 => hi(s.driver_features),
+                _ => 0,
+            },
+            CONFIG_MSIX_VECTOR => v.config.into(),
+            NUM_QUEUES => s.num_queues() as u64,
+            DEVICE_STATUS => s.status.into(),
+            // Config space never changes under the driver.
+            CONFIG_GENERATION => 0,
+            QUEUE_SELECT => s.queue_sel.into(),
+            // Size 0: no such queue.
+            QUEUE_SIZE => q.map_or(0, |q| q.size.into()),
+            QUEUE_MSIX_VECTOR => queue_vector.into(),
+            QUEUE_ENABLE => q.map_or(0, |q| q.ready.into()),
+            QUEUE_NOTIFY_OFF => s.queue_sel.into(),
+            QUEUE_DESC_LO => q.map_or(0, |q| lo(q.desc_table)),
+            QUEUE_DESC_HI => q.map_or(0, |q| hi(q.desc_table)),
+            QUEUE_DRIVER_LO => q.map_or(0, |q| lo(q.avail_ring)),
+            QUEUE_DRIVER_HI => q.map_or(0, |q| hi(q.avail_ring)),
+            QUEUE_DEVICE_LO => q.map_or(0, |q| lo(q.used_ring)),
+            QUEUE_DEVICE_HI => q.map_or(0, |q| hi(q.used_ring)),
+            _ => 0,
+        }
+    }
+
+    fn write_common(&mut self, offset: u64, value: u32) {
+        let field = match offset {
+            QUEUE_SIZE => Some(QueueField::Size),
+            QUEUE_ENABLE => Some(QueueField::Ready),
+            QUEUE_DESC_LO => Some(QueueField::DescLow),
+            QUEUE_DESC_HI => Some(QueueField::DescHigh),
+            QUEUE_DRIVER_LO => Some(QueueField::DriverLow),
+            QUEUE_DRIVER_HI => Some(QueueField::DriverHigh),
+            QUEUE_DEVICE_LO => Some(QueueField::DeviceLow),
+            QUEUE_DEVICE_HI => Some(QueueField::DeviceHigh),
+            _ => None,
+        };
+        if let Some(field) = field {
+            // The driver writes 1 to enable a queue and may not disable one.
+            if field == QueueField::Ready && value != 1 {
+                return;
+            }
+            return self.state.write_queue(field, value);
+        }
+        let s = &mut self.state;
+        match offset {
+            DEVICE_FEATURE_SELECT => s.device_features_sel = value,
+            DRIVER_FEATURE_SELECT => s.driver_features_sel = value,
+            DRIVER_FEATURE => s.write_driver_features_word(value),
+            QUEUE_SELECT => s.queue_sel = value & 0xffff,
+            CONFIG_MSIX_VECTOR => {
+                let mut v = self.interrupt.vectors();
+                v.config = valid_vector(value, v.msix.len());
+            }
+            QUEUE_MSIX_VECTOR => {
+                let sel = s.queue_sel as usize;
+                let mut v = self.interrupt.vectors();
+                let n = v.msix.len();
+                if let Some(q) = v.queues.get_mut(sel) {
+                    *q = valid_vector(value, n);
+                }
+            }
+            DEVICE_STATUS => {
+                let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+                if s.set_status(value, &interrupt) {
+                    self.interrupt.isr.store(0, Ordering::SeqCst);
+                    let mut v = self.interrupt.vectors();
+                    v.config = NO_VECTOR;
+                    v.queues.iter_mut().for_each(|q| *q = NO_VECTOR);
+                }
+            }
+            _ => log::debug!("virtio-pci: write {value:#x} to common config {offset:#x} ignored"),
+        }
+    }
+
+    fn modern_read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match offset {
+            o if o < COMMON_CFG + REGION_SIZE => {
+                let value = self.read_common(o).to_le_bytes();
+                data.copy_from_slice(&value[..data.len()]);
+            }
+            ISR_CFG => {
+                // Reading acknowledges (and would lower INTx: KVM lowers it
+                // at the guest's EOI, through the resample eventfd).
+                data[0] = self.interrupt.isr.swap(0, Ordering::SeqCst);
+            }
+            o if (DEVICE_CFG..DEVICE_CFG + REGION_SIZE).contains(&o) => {
+                self.state.device().read_config(o - DEVICE_CFG, data);
+            }
+            _ => {}
+        }
+    }
+
+    fn modern_write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON_CFG + REGION_SIZE => {
+                let mut bytes = [0u8; 4];
+                let n = data.len().min(4);
+                bytes[..n].copy_from_slice(&data[..n]);
+                self.write_common(o, u32::from_le_bytes(bytes));
+            }
+            o if (DEVICE_CFG..DEVICE_CFG + REGION_SIZE).contains(&o) => {
+                if self.state.config_writable() {
+                    self.state.device().write_config(o - DEVICE_CFG, data);
+                }
+            }
+            // A kick that KVM's ioeventfd did not catch (e.g. before the
+            // VMM moved it with the BAR).
+            o if (NOTIFY_CFG..NOTIFY_CFG + REGION_SIZE).contains(&o) => {
+                self.state.notify(((o - NOTIFY_CFG) / u64::from(NOTIFY_OFF_MULTIPLIER)) as u32);
+            }
+            _ => {}
+        }
+    }
+
+    /// The PCI config access capability's window: (bar, offset, length).
+    fn pci_cfg_window(&self) -> (usize, u64, usize) {
+        let at = self.pci_cfg_cap;
+        let bar = usize::from(self.config.read_u8(at + 4));
+        let offset = u64::from(self.config.read_u32(at + 8));
+        let len = self.config.read_u32(at + 12) as usize;
+        (bar, offset, len)
+    }
+
+    fn pci_cfg_data_reg(&self) -> usize {
+        (self.pci_cfg_cap + 16) / 4
+    }
+}
+
+fn valid_vector(value: u32, n: usize) -> u16 {
+    match u16::try_from(value) {
+        Ok(v) if usize::from(v) < n => v,
+        _ => NO_VECTOR,
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        if reg == self.pci_cfg_data_reg() {
+            let (bar, offset, len) = self.pci_cfg_window();
+            if matches!(len, 1 | 2 | 4) {
+                let mut data = [0u8; 4];
+                self.bar_read(bar, offset, &mut data[..len]);
+                return u32::from_le_bytes(data);
+            }
+        }
+        self.config.read_reg(reg)
+    }
+
+    fn config_write(&mut self, offset: u64, data: &[u8]) -> Option<BarReprogram> {
+        let reg = (offset / 4) as usize;
+        if reg == self.pci_cfg_data_reg() {
+            let (bar, window_offset, len) = self.pci_cfg_window();
+            if matches!(len, 1 | 2 | 4) && len <= data.len() {
+                self.bar_write(bar, window_offset, &data[..len]);
+            }
+            return None;
+        }
+        let moved = self.config.write(offset, data);
+        if reg == self.msix_cap / 4 {
+            let control = MsixCap::control(&self.config, self.msix_cap);
+            self.interrupt.vectors().msix.set_control(control);
+        }
+        if reg == COMMAND / 4 {
+            let enabled = self.config.command() & COMMAND_INTX_DISABLE == 0;
+            self.interrupt.intx_enabled.store(enabled, Ordering::SeqCst);
+            self.interrupt.resample();
+        }
+        moved
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match bar {
+            MSIX_BAR if offset < MSIX_PBA => {
+                self.interrupt.vectors().msix.table_read(offset - MSIX_TABLE, data)
+            }
+            MSIX_BAR => self.interrupt.vectors().msix.pba_read(offset - MSIX_PBA, data),
+            MODERN_BAR => self.modern_read(offset, data),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match bar {
+            MSIX_BAR if offset < MSIX_PBA => {
+                self.interrupt.vectors().msix.table_write(offset - MSIX_TABLE, data)
+            }
+            MODERN_BAR => self.modern_write(offset, data),
+            _ => {}
+        }
+    }
+
+    fn ioeventfds(&self) -> Vec<(usize, u64, &EventFd)> {
+        self.state
+            .queue_evts
+            .iter()
+            .enumerate()
+            .map(|(i, evt)| {
+                (MODERN_BAR, NOTIFY_CFG + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER), evt)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use devices::virtio::{ActivateError, ActivationContext, VIRTIO_F_VERSION_1};
+    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::capability::CAP_ID_MSIX;
+    use crate::msix::tests::{vectors, Routes};
+    use crate::msix::MsiMessage;
+
+    /// A device with two queues that keeps its interrupt, so tests can raise it.
+    #[derive(Default)]
+    struct Fake {
+        active: Option<(Vec<(usize, u16)>, Arc<dyn VirtioInterrupt>)>,
+        resets: AtomicUsize,
+    }
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256, 64]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1 << 3
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            devices::virtio::read_config_from(&[0xaa, 0xbb, 0xcc, 0xdd], offset, data);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+            let qs = ctx.queues.iter().map(|(i, q, _)| (*i, q.size())).collect();
+            self.active = Some((qs, ctx.interrupt));
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+            self.active = None;
+            true
+        }
+    }
+
+    fn setup() -> (Arc<Mutex<Fake>>, VirtioPciDevice, Arc<Routes>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let routes = Arc::new(Routes::default());
+        let dev = VirtioPciDevice::new(mem, fake.clone(), vectors(3), routes.clone(), Placement::RootBus)
+            .unwrap();
+        (fake, dev, routes)
+    }
+
+    fn rd(d: &mut VirtioPciDevice, bar: usize, offset: u64, len: usize) -> u64 {
+        let mut data = [0u8; 8];
+        d.bar_read(bar, offset, &mut data[..len]);
+        u64::from_le_bytes(data)
+    }
+
+    fn wr(d: &mut VirtioPciDevice, bar: usize, offset: u64, len: usize, v: u64) {
+        d.bar_write(bar, offset, &v.to_le_bytes()[..len]);
+    }
+
+    fn common_w(d: &mut VirtioPciDevice, offset: u64, len: usize, v: u64) {
+        wr(d, MODERN_BAR, COMMON_CFG + offset, len, v)
+    }
+
+    fn common_r(d: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+        rd(d, MODERN_BAR, COMMON_CFG + offset, len)
+    }
+
+    /// The vendor capabilities as Linux's virtio_pci_find_capability reads
+    /// them: (cfg_type, bar, offset, length, the dword after).
+    fn vendor_caps(d: &mut VirtioPciDevice) -> Vec<(u8, u8, u32, u32, u32)> {
+        let mut out = Vec::new();
+        let mut at = (d.config_read(0x34 / 4) & 0xfc) as usize;
+        while at != 0 {
+            let head = d.config_read(at / 4);
+            if head as u8 == CAP_ID_VENDOR {
+                let w1 = d.config_read(at / 4 + 1);
+                out.push((
+                    (head >> 24) as u8,
+                    w1 as u8,
+                    d.config_read(at / 4 + 2),
+                    d.config_read(at / 4 + 3),
+                    d.config_read(at / 4 + 4),
+                ));
+            }
+            at = ((head >> 8) & 0xfc) as usize;
+        }
+        out
+    }
+
+    /// Linux's virtio_pci_modern probe + virtio_dev_probe, up to DRIVER_OK,
+    /// with MSI-X vectors 0 (config) and 1, 2 (queues).
+    fn bring_up(d: &mut VirtioPciDevice) {
+        common_w(d, DEVICE_STATUS, 1, 1);
+        common_w(d, DEVICE_STATUS, 1, 3);
+        common_w(d, DEVICE_FEATURE_SELECT, 4, 1);
+        assert_eq!(common_r(d, DEVICE_FEATURE, 4), 1, "VERSION_1 in the high word");
+        common_w(d, DRIVER_FEATURE_SELECT, 4, 0);
+        common_w(d, DRIVER_FEATURE, 4, 0);
+        common_w(d, DRIVER_FEATURE_SELECT, 4, 1);
+        common_w(d, DRIVER_FEATURE, 4, 1);
+        common_w(d, DEVICE_STATUS, 1, 0xb);
+        assert_eq!(common_r(d, DEVICE_STATUS, 1), 0xb);
+        common_w(d, CONFIG_MSIX_VECTOR, 2, 0);
+        assert_eq!(common_r(d, CONFIG_MSIX_VECTOR, 2), 0);
+        for q in 0..2u64 {
+            common_w(d, QUEUE_SELECT, 2, q);
+            assert_eq!(common_r(d, QUEUE_NOTIFY_OFF, 2), q);
+            common_w(d, QUEUE_SIZE, 2, 16);
+            common_w(d, QUEUE_DESC_LO, 4, 0x1000 * (q + 1));
+            common_w(d, QUEUE_DESC_HI, 4, 0);
+            common_w(d, QUEUE_DRIVER_LO, 4, 0x10000 + 0x1000 * q);
+            common_w(d, QUEUE_DEVICE_LO, 4, 0x20000 + 0x1000 * q);
+            common_w(d, QUEUE_MSIX_VECTOR, 2, q + 1);
+            assert_eq!(common_r(d, QUEUE_MSIX_VECTOR, 2), q + 1);
+            common_w(d, QUEUE_ENABLE, 2, 1);
+        }
+        common_w(d, DEVICE_STATUS, 1, 0xf);
+        assert_eq!(common_r(d, DEVICE_STATUS, 1), 0xf);
+    }
+
+    fn msix_enable(d: &mut VirtioPciDevice) {
+        let at = d.msix_cap as u64;
+        d.config_write(at + 2, &0x8000u16.to_le_bytes());
+        for v in 0..3u64 {
+            wr(d, MSIX_BAR, v * 16, 8, 0xfee0_0000);
+            wr(d, MSIX_BAR, v * 16 + 8, 4, 0x40 + v);
+            wr(d, MSIX_BAR, v * 16 + 12, 4, 0);
+        }
+    }
+
+    #[test]
+    fn identity_bars_and_capabilities_match_qemu() {
+        let (_, mut d, _) = setup();
+        assert_eq!(d.config_read(0), 0x1044_1af4, "modern virtio-rng");
+        assert_eq!(d.config_read(2) >> 8, 0xff_0000);
+        assert_eq!(d.config_read(2) & 0xff, 1, "revision 1");
+        assert_eq!(d.config_read(0x2c / 4), 0x1100_1af4);
+        assert_eq!((d.config_read(0x3c / 4) >> 8) & 0xff, 1, "INTA");
+        // BAR 1: 32-bit memory; BAR 4: 64-bit prefetchable.
+        assert_eq!(d.config_read(0x14 / 4), 0);
+        assert_eq!(d.config_read(0x20 / 4), 0xc);
+        d.config_write(0x20, &[0xff; 4]);
+        d.config_write(0x24, &[0xff; 4]);
+        assert_eq!(d.config_read(0x20 / 4), !(MODERN_BAR_SIZE as u32 - 1) | 0xc);
+        assert_eq!(
+            vendor_caps(&mut d),
+            [
+                (CAP_COMMON, 4, 0, 0x1000, vendor_caps(&mut d)[0].4),
+                (CAP_ISR, 4, 0x1000, 0x1000, vendor_caps(&mut d)[1].4),
+                (CAP_DEVICE, 4, 0x2000, 0x1000, vendor_caps(&mut d)[2].4),
+                (CAP_NOTIFY, 4, 0x3000, 0x1000, NOTIFY_OFF_MULTIPLIER),
+                (CAP_PCI_CFG, 0, 0, 0, 0),
+            ]
+        );
+        let msix = d.config.find_capability(CAP_ID_MSIX).unwrap();
+        assert_eq!(d.config.read_u16(msix + 2), 2, "3 vectors");
+        assert_eq!(d.config.read_u32(msix + 4), 1, "table in BAR 1 at 0");
+        assert_eq!(d.config.read_u32(msix + 8), 0x801, "PBA in BAR 1 at 0x800");
+        assert_eq!(common_r(&mut d, NUM_QUEUES, 2), 2);
+        let fds: Vec<_> = d.ioeventfds().iter().map(|(b, o, _)| (*b, *o)).collect();
+        assert_eq!(fds, [(4, 0x3000), (4, 0x3004)]);
+    }
+
+    #[test]
+    fn driver_init_activates_with_msix_vectors() {
+        let (fake, mut d, routes) = setup();
+        bring_up(&mut d);
+        let (queues, interrupt) = fake.lock().unwrap().active.take().unwrap();
+        assert_eq!(queues, [(0, 16), (1, 16)]);
+        msix_enable(&mut d);
+        assert_eq!(
+            routes.0.lock().unwrap()[1],
+            (25, MsiMessage { addr: 0xfee0_0000, data: 0x41 })
+        );
+        let v = d.interrupt();
+        interrupt.trigger(VirtioInterruptType::Queue(1)).unwrap();
+        assert!(v.vectors().msix.vectors()[2].evt.read().is_ok(), "queue 1 → vector 2");
+        interrupt.trigger(VirtioInterruptType::Config).unwrap();
+        assert!(v.vectors().msix.vectors()[0].evt.read().is_ok());
+        assert!(v.intx_evt().read().is_err(), "no INTx with MSI-X on");
+        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 0);
+        // Out-of-range vectors are refused with NO_VECTOR.
+        common_w(&mut d, QUEUE_SELECT, 2, 0);
+        common_w(&mut d, QUEUE_MSIX_VECTOR, 2, 3);
+        assert_eq!(common_r(&mut d, QUEUE_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
+        // Kicks that reach the transport signal the queue's eventfd.
+        wr(&mut d, MODERN_BAR, NOTIFY_CFG + 4, 2, 1);
+        assert!(d.ioeventfds()[1].2.read().is_ok());
+        // Reset: status 0, vectors unassigned, device reset.
+        common_w(&mut d, DEVICE_STATUS, 1, 0);
+        assert_eq!(common_r(&mut d, DEVICE_STATUS, 1), 0);
+        assert_eq!(common_r(&mut d, CONFIG_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
+        assert_eq!(fake.lock().unwrap().resets.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn intx_and_isr_without_msix() {
+        let (fake, mut d, _) = setup();
+        bring_up(&mut d);
+        let (_, interrupt) = fake.lock().unwrap().active.take().unwrap();
+        let v = d.interrupt();
+        interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        assert!(v.intx_evt().read().is_ok());
+        // The line stays "up" while the ISR has a reason: KVM's resample
+        // after the EOI raises it again until the driver reads the ISR.
+        v.resample();
+        assert!(v.intx_evt().read().is_ok());
+        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 1);
+        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 0, "read clears");
+        v.resample();
+        assert!(v.intx_evt().read().is_err());
+        // INTx disabled in COMMAND: the ISR latches, the line stays down
+        // until the driver enables INTx again.
+        d.config_write(COMMAND as u64, &(COMMAND_INTX_DISABLE | 2).to_le_bytes());
+        interrupt.trigger(VirtioInterruptType::Config).unwrap();
+        assert!(v.intx_evt().read().is_err());
+        d.config_write(COMMAND as u64, &2u16.to_le_bytes());
+        assert!(v.intx_evt().read().is_ok());
+        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 2);
+    }
+
+    #[test]
+    fn config_space_and_pci_cfg_window() {
+        let (_, mut d, _) = setup();
+        assert_eq!(rd(&mut d, MODERN_BAR, DEVICE_CFG + 1, 2), 0xccbb);
+        // The config access capability reaches common config: num_queues.
+        let at = d.pci_cfg_cap as u64;
+        d.config_write(at + 4, &[MODERN_BAR as u8]);
+        d.config_write(at + 8, &(NUM_QUEUES as u32).to_le_bytes());
+        d.config_write(at + 12, &2u32.to_le_bytes());
+        assert_eq!(d.config_read((at as usize + 16) / 4) & 0xffff, 2);
+        // And writes through it: device status ACKNOWLEDGE.
+        d.config_write(at + 8, &(DEVICE_STATUS as u32).to_le_bytes());
+        d.config_write(at + 12, &1u32.to_le_bytes());
+        d.config_write(at + 16, &[1, 0, 0, 0]);
+        assert_eq!(common_r(&mut d, DEVICE_STATUS, 1), 1);
+        // Queue registers before FEATURES_OK are ignored.
+        common_w(&mut d, QUEUE_SIZE, 2, 8);
+        assert_eq!(common_r(&mut d, QUEUE_SIZE, 2), 256);
+        // A missing queue reads size 0.
+        common_w(&mut d, QUEUE_SELECT, 2, 5);
+        assert_eq!(common_r(&mut d, QUEUE_SIZE, 2), 0);
+        // Odd BARs and offsets read as ones / zero and never panic.
+        assert_eq!(rd(&mut d, 0, 0, 4), 0xffff_ffff);
+        assert_eq!(rd(&mut d, MODERN_BAR, 0x3ffc, 4), 0);
+        wr(&mut d, MODERN_BAR, NOTIFY_CFG + 0x400, 2, 0);
+        wr(&mut d, MSIX_BAR, 0x900, 4, 0);
+    }
+
+    #[test]
+    fn refuses_a_driver_without_version_1() {
+        let (_, mut d, _) = setup();
+        common_w(&mut d, DEVICE_STATUS, 1, 3);
+        common_w(&mut d, DRIVER_FEATURE, 4, 1 << 3);
+        common_w(&mut d, DEVICE_STATUS, 1, 0xb);
+        assert_eq!(common_r(&mut d, DEVICE_STATUS, 1), 3, "FEATURES_OK refused");
+    }
+}
