@@ -10,6 +10,7 @@ use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -97,6 +98,8 @@ pub struct AcpiConfig {
     pub pit: bool,
     /// virtio-mmio transports as (base, size, GSI), in `VRnn` order.
     pub virtio_mmio: Vec<(u64, u32, u32)>,
+    /// The PCIe root complex (`pcie=on`): DSDT `PCI0` and an MCFG table.
+    pub pcie: Option<PcieConfig>,
     /// OEM id stamped into every table.
     pub oem_id: [u8; 6],
 }
@@ -111,8 +114,27 @@ impl Default for AcpiConfig {
             pic: false,
             pit: false,
             virtio_mmio: Vec::new(),
+            pcie: None,
             oem_id: DEFAULT_OEM_ID,
         }
+    }
+}
+
+/// Where the root complex's resources are (QEMU microvm's GPEX layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PcieConfig {
+    pub ecam_base: u64,
+    /// 1 MiB per bus; 256 MiB for buses 0..=255.
+    pub ecam_size: u64,
+    /// The 32-bit MMIO window as (base, size).
+    pub mmio32: (u64, u64),
+    /// The 64-bit MMIO window as (base, size), when there is one.
+    pub mmio64: Option<(u64, u64)>,
+}
+
+impl PcieConfig {
+    fn last_bus(&self) -> u8 {
+        ((self.ecam_size >> 20).clamp(1, 256) - 1) as u8
     }
 }
 
@@ -147,10 +169,21 @@ pub fn create_acpi_tables(
     let dsdt_addr = push_table(&mut image, &dsdt(cfg)?);
     let fadt_addr = push_table(&mut image, &to_bytes(&fadt(cfg, dsdt_addr)));
     let madt_addr = push_table(&mut image, &madt(cfg));
+    let mcfg_addr = cfg.pcie.map(|pcie| {
+        // QEMU microvm has no MCFG (Linux then finds ECAM through _CBA
+        // only, late); with it the guest uses ECAM from the first config
+        // access instead of probing the legacy 0xCF8 ports.
+        let mut mcfg = MCFG::new(cfg.oem_id, OEM_TABLE_ID, OEM_REVISION);
+        mcfg.add_ecam(pcie.ecam_base, 0, 0, pcie.last_bus());
+        push_table(&mut image, &to_bytes(&mcfg))
+    });
 
     let mut xsdt = XSDT::new(cfg.oem_id, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(addr) = mcfg_addr {
+        xsdt.add_entry(addr);
+    }
     let xsdt_addr = push_table(&mut image, &to_bytes(&xsdt));
 
     image[..Rsdp::len()].copy_from_slice(&to_bytes(&Rsdp::new(cfg.oem_id, xsdt_addr)));
@@ -430,6 +463,91 @@ fn virtio_aml(
     Ok(())
 }
 
+/// The first GSI of the root complex's INTA..INTD (see `pci::intx_gsi`).
+const PCI_INTX_GSI_BASE: u32 = 16;
+
+/// The root complex, as QEMU's `acpi_dsdt_add_gpex` describes it: link
+/// devices GSI0..GSI3 for INTA..INTD (level, active high), then `PCI0` with
+/// ECAM (`_CBA`), its bus and memory windows (`_CRS`, no I/O: microvm maps
+/// no PCI I/O space), the routing table (`_PRT`: slot `s`, pin `p` uses link
+/// `(s + p) % 4`) and a motherboard resource reserving ECAM.
+fn pcie_aml(out: &mut Vec<u8>, pcie: &PcieConfig) {
+    for link in 0..4u32 {
+        let line = aml::Interrupt::new(true, false, false, false, PCI_INTX_GSI_BASE + link);
+        let irq = aml::ResourceTemplate::new(vec![&line]);
+        let dev_name = format!("GSI{link}");
+        aml::Device::new(
+            dev_name.as_str().into(),
+            vec![
+                &name("_HID", &aml::EISAName::new("PNP0C0F")),
+                &name("_UID", &link),
+                &name("_PRS", &irq),
+                &name("_CRS", &irq),
+                // The routing is fixed; accept the OS's (only) choice.
+                &aml::Method::new("_SRS".into(), 1, false, vec![]),
+            ],
+        )
+        .to_aml_bytes(out);
+    }
+
+    let links: Vec<aml::Path> = (0..4).map(|l| aml::Path::new(&format!("GSI{l}"))).collect();
+    let mut entries = Vec::with_capacity(128);
+    for slot in 0..32u32 {
+        for pin in 0..4u32 {
+            entries.push((slot << 16 | 0xffff, pin, (slot + pin) as usize % 4));
+        }
+    }
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(addr, pin, link)| aml::Package::new(vec![addr, pin, &links[*link], &0u8]))
+        .collect();
+    let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
+
+    let (m32_base, m32_size) = pcie.mmio32;
+    let bus_range = aml::AddressSpace::new_bus_number(0u16, u16::from(pcie.last_bus()));
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        m32_base as u32,
+        (m32_base + m32_size - 1) as u32,
+        None,
+    );
+    let mmio64 = pcie.mmio64.map(|(base, size)| {
+        aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::Cacheable,
+            true,
+            base,
+            base + size - 1,
+            None,
+        )
+    });
+    let mut crs: Vec<&dyn Aml> = vec![&bus_range, &mmio32];
+    if let Some(m) = &mmio64 {
+        crs.push(m);
+    }
+    let crs = aml::ResourceTemplate::new(crs);
+    let ecam_range = aml::Memory32Fixed::new(false, pcie.ecam_base as u32, pcie.ecam_size as u32);
+    let ecam = aml::ResourceTemplate::new(vec![&ecam_range]);
+    let (res0_hid, res0_crs) = (name("_HID", &aml::EISAName::new("PNP0C02")), name("_CRS", &ecam));
+    let res0 = aml::Device::new("RES0".into(), vec![&res0_hid, &res0_crs]);
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0A08")),
+            &name("_CID", &aml::EISAName::new("PNP0A03")),
+            &name("_SEG", &0u8),
+            &name("_BBN", &0u8),
+            &name("_UID", &0u8),
+            &name("_CCA", &1u8),
+            &name("_CBA", &pcie.ecam_base),
+            &name("_CRS", &crs),
+            &name("_PRT", &prt),
+            &res0,
+        ],
+    )
+    .to_aml_bytes(out);
+}
+
 fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     if cfg.virtio_mmio.len() > MAX_VIRTIO_DEVICES {
         return Err(AcpiError::TooManyVirtioDevices(cfg.virtio_mmio.len()));
@@ -449,6 +567,9 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     power_button_aml(&mut sb);
     for (index, &dev) in cfg.virtio_mmio.iter().enumerate() {
         virtio_aml(&mut sb, index, dev)?;
+    }
+    if let Some(pcie) = &cfg.pcie {
+        pcie_aml(&mut sb, pcie);
     }
 
     let mut body = aml::Scope::raw("\\_SB_".into(), sb);
@@ -479,7 +600,13 @@ mod tests {
             rtc: true,
             pic: true,
             pit: true,
-            virtio_mmio: vec![(0xFEB0_0000, 0x200, 16), (0xFEB0_0200, 0x200, 17)],
+            virtio_mmio: vec![(0xFEB0_0000, 0x200, 20), (0xFEB0_0200, 0x200, 21)],
+            pcie: Some(PcieConfig {
+                ecam_base: 0xe000_0000,
+                ecam_size: 0x1000_0000,
+                mmio32: (0xc000_0000, 0x2000_0000),
+                mmio64: Some((0xc0_0000_0000, 0x40_0000_0000)),
+            }),
             oem_id: DEFAULT_OEM_ID,
         }
     }
@@ -514,6 +641,8 @@ mod tests {
         fadt: Vec<u8>,
         madt: Vec<u8>,
         dsdt: Vec<u8>,
+        /// Empty without PCIe.
+        mcfg: Vec<u8>,
     }
 
     fn build(cfg: &AcpiConfig) -> Tables {
@@ -530,11 +659,23 @@ mod tests {
         assert_eq!(le::<4>(&rsdp, 20), 36, "RSDP length");
 
         let xsdt = table(&mem, le::<8>(&rsdp, 24), b"XSDT");
-        assert_eq!(xsdt.len(), 36 + 2 * 8);
+        let entries = if cfg.pcie.is_some() { 3 } else { 2 };
+        assert_eq!(xsdt.len(), 36 + entries * 8);
         let fadt = table(&mem, le::<8>(&xsdt, 36), b"FACP");
         let madt = table(&mem, le::<8>(&xsdt, 44), b"APIC");
         let dsdt = table(&mem, le::<8>(&fadt, 140), b"DSDT");
-        Tables { xsdt, fadt, madt, dsdt }
+        let mcfg = match cfg.pcie {
+            Some(p) => {
+                let mcfg = table(&mem, le::<8>(&xsdt, 52), b"MCFG");
+                // One allocation: ECAM base, segment 0, buses 0..=255.
+                assert_eq!(mcfg.len(), 44 + 16);
+                assert_eq!(le::<8>(&mcfg, 44), p.ecam_base);
+                assert_eq!(&mcfg[52..56], &[0, 0, 0, 0xff]);
+                mcfg
+            }
+            None => Vec::new(),
+        };
+        Tables { xsdt, fadt, madt, dsdt, mcfg }
     }
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -630,8 +771,8 @@ mod tests {
         ] {
             assert!(contains(&t.dsdt, needle), "{needle:?}");
         }
-        // The XSDT lists only FADT and MADT; the DSDT hangs off the FADT.
-        assert_eq!(t.xsdt.len(), 52);
+        // The XSDT lists FADT, MADT and (PCIe) MCFG; the DSDT hangs off the FADT.
+        assert_eq!(t.xsdt.len(), 60);
 
         let minimal = build(&AcpiConfig::default());
         for needle in [&b"COM1"[..], b"KBD_", b"RTC_", b"VR00"] {
@@ -687,7 +828,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("skiff-acpi-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for (file, bytes) in
-            [("dsdt", &t.dsdt), ("facp", &t.fadt), ("apic", &t.madt), ("xsdt", &t.xsdt)]
+            [("dsdt", &t.dsdt), ("facp", &t.fadt), ("apic", &t.madt), ("xsdt", &t.xsdt), ("mcfg", &t.mcfg)]
         {
             let path = dir.join(format!("{file}.dat"));
             std::fs::write(&path, bytes).unwrap();
@@ -699,9 +840,29 @@ mod tests {
             );
         }
         let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
-        for needle in ["\"ACPI0013\"", "Notify (PWRB, 0x80)", "Name (_S5, Package", "\"LNRO0005\""]
-        {
+        for needle in [
+            "\"ACPI0013\"",
+            "Notify (PWRB, 0x80)",
+            "Name (_S5, Package",
+            "\"LNRO0005\"",
+            "Device (PCI0)",
+            "EisaId (\"PNP0A08\")",
+            "Name (_CBA, 0xE0000000)",
+        ] {
             assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
+        }
+        // PCIe windows and routing, compared without whitespace.
+        let flat: String = dsl.lines().map(|l| l.split("//").next().unwrap_or("")).collect();
+        let flat: String = flat.split_whitespace().collect();
+        for needle in [
+            "0x0000,0x0000,0x00FF,0x0000,0x0100",
+            "0x00000000,0xC0000000,0xDFFFFFFF,0x00000000,0x20000000",
+            "0x000000C000000000,0x000000FFFFFFFFFF",
+            // Slot 31, INTD → link (31 + 3) % 4 = 2; GSI2 is GSI 18, level.
+            "Package(0x04){0x001FFFFF,0x03,GSI2,Zero}",
+            "Interrupt(ResourceConsumer,Level,ActiveHigh,Exclusive,,,){0x00000012,}",
+        ] {
+            assert!(flat.contains(needle), "{needle} missing from:\n{dsl}");
         }
         let out = Command::new("iasl").arg(dir.join("dsdt.dsl")).output().unwrap();
         assert!(out.status.success(), "iasl recompile: {}", String::from_utf8_lossy(&out.stdout));

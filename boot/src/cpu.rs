@@ -212,6 +212,16 @@ pub fn build_cpuid(
     CpuId::from_entries(&entries).map_err(|e| Error::Cpuid(format!("{e:?}")))
 }
 
+/// The guest's physical address width, as CPUID 0x80000008 tells it (36,
+/// the architectural minimum, when the leaf is missing).
+pub fn phys_bits(cpuid: &CpuId) -> u8 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(36, |e| (e.eax & 0xff) as u8)
+}
+
 pub fn set_cpuid(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<()> {
     vcpu.set_cpuid2(cpuid).map_err(Error::SetCpuid)
 }

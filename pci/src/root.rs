@@ -22,7 +22,7 @@ pub type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 
 /// Called, on the vCPU thread that wrote the BAR, before the write returns:
 /// the guest may touch the new address on its very next instruction.
-pub type BarMoveHandler = Box<dyn FnMut(PciAddress, BarReprogram) + Send>;
+pub type BarMoveHandler = Box<dyn FnMut(PciAddress, &SharedDevice, BarReprogram) + Send>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RootError {
@@ -201,11 +201,11 @@ impl BusDevice for PciRoot {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some((address, reg)) = decode(offset, data.len()) else { return };
-        let Some(dev) = self.find(address) else { return };
-        let moved = lock(dev).config_write(u64::from(reg), data);
+        let Some(dev) = self.find(address).cloned() else { return };
+        let moved = lock(&dev).config_write(u64::from(reg), data);
         if let Some(moved) = moved {
             match &mut self.on_bar_move {
-                Some(handler) => handler(address, moved),
+                Some(handler) => handler(address, &dev, moved),
                 None => debug!(
                     "pci: {address} moved BAR {} to {:#x} with nobody to tell",
                     moved.index, moved.new
@@ -359,7 +359,7 @@ pub(crate) mod tests {
         root.insert(a, Endpoint::shared(&[(0, BarKind::Memory32 { prefetchable: false }, 0x1000)]))
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        root.set_bar_move_handler(Box::new(move |addr, moved| tx.send((addr, moved)).unwrap()));
+        root.set_bar_move_handler(Box::new(move |addr, _, moved| tx.send((addr, moved)).unwrap()));
         write(&mut root, a, 0x10, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(read(&mut root, a, 0x10, 4), 0xffff_f000);
         write(&mut root, a, 0x10, &0xc000_0000u32.to_le_bytes());

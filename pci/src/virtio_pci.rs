@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::capability::{MsixCap, PcieCap};
 use crate::config::{
     BarKind, BarReprogram, ConfigError, ConfigParams, PciConfig, COMMAND, COMMAND_INTX_DISABLE,
+    HEADER_TYPE, HEADER_TYPE_MULTIFUNCTION,
 };
 use crate::device::PciDevice;
 use crate::msix::{Msix, MsiRouter, MsixVector};
@@ -276,6 +277,13 @@ impl VirtioPciDevice {
             intx_enabled: AtomicBool::new(true),
         });
         Ok(VirtioPciDevice { config, state, interrupt, msix_cap, pci_cfg_cap })
+    }
+
+    /// Function 0 of a slot whose other functions are in use
+    /// (`multifunction=on`).
+    pub fn set_multifunction(&mut self) {
+        let header = self.config.read_u8(HEADER_TYPE);
+        self.config.set_u8(HEADER_TYPE, header | HEADER_TYPE_MULTIFUNCTION);
     }
 
     pub fn interrupt(&self) -> Arc<VirtioPciInterrupt> {

@@ -1,7 +1,10 @@
-//! Virtio devices on the virtio-mmio transport: the guest's virtio_mmio
+//! Virtio devices on both transports. virtio-mmio: the guest's virtio_mmio
 //! driver finds them through ACPI (acpi=on) or through the kernel command
-//! line skiff appends (acpi=off, QEMU's auto-kernel-cmdline), and reads
-//! from virtio-rng.
+//! line skiff appends (acpi=off, QEMU's auto-kernel-cmdline). virtio-pci on
+//! the PCIe root complex (pcie=on): the guest enumerates what skiff's
+//! allocator placed (explicit `addr=` first, whatever the order), behind
+//! root ports too, and its virtio_pci driver runs the device on MSI-X, or
+//! on INTx with `pci=nomsi`.
 
 use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
 
@@ -25,6 +28,42 @@ fn scenarios() -> Vec<Scenario> {
                 .replace("pit=off", "pit=on")
                 .replace("-kernel $BZIMAGE", "-kernel $BZIMAGE_GENERIC"),
         ),
+        Scenario::new(
+            "rng-pci",
+            SECS,
+            pcie_command("-device virtio-rng-pci", ""),
+        ),
+        // The seed case: `late` asks for 1.0 after an auto-placed device.
+        // `multifunction=on` marks it in the header type the guest reads.
+        Scenario::new(
+            "pci-explicit-after-auto",
+            SECS,
+            pcie_command(
+                "-device virtio-rng-pci -device virtio-rng-pci,id=late,addr=1.0,multifunction=on",
+                "",
+            ),
+        ),
+        Scenario::new(
+            "pci-explicit-before-auto",
+            SECS,
+            pcie_command(
+                "-device virtio-rng-pci,id=late,addr=1.0,multifunction=on -device virtio-rng-pci",
+                "",
+            ),
+        ),
+        Scenario::new(
+            "pci-root-port",
+            SECS,
+            pcie_command(
+                "-device pcie-root-port,id=rp0,chassis=1,slot=1 -device virtio-rng-pci,bus=rp0",
+                "",
+            ),
+        ),
+        Scenario::new(
+            "rng-pci-nomsi",
+            SECS,
+            pcie_command("-device virtio-rng-pci", "pci=nomsi"),
+        ),
         // Two explicit devices on one address: QEMU's message naming both,
         // exit 1, before any guest starts (whatever the argv order).
         Scenario::new(
@@ -34,6 +73,12 @@ fn scenarios() -> Vec<Scenario> {
              -device virtio-rng-pci,id=fs0,addr=2.0 -device virtio-rng-pci,id=late,addr=2",
         ),
     ]
+}
+
+/// microvm.nix's argv with the root complex on and the guest's `pci` action.
+fn pcie_command(devices: &str, append: &str) -> String {
+    microvm_nix_command("$SKIFF", true, devices, &format!("skiff.test=pci {append}"))
+        .replace("pcie=off", "pcie=on")
 }
 
 static BATCH: Batch = Batch::new();
@@ -87,4 +132,93 @@ fn pci_address_conflict_is_a_clear_error() {
         "{}",
         r.describe()
     );
+}
+
+/// The guest's PCI functions as (address, vendor:device, header type, driver).
+fn pci_functions(r: &ScenarioResult) -> Vec<(String, String, String, String)> {
+    let list = r.value("SKIFF-PCI").unwrap_or_else(|| panic!("no PCI list\n{}", r.describe()));
+    list.split_whitespace()
+        .map(|f| {
+            let mut p = f.splitn(4, ',').map(str::to_string);
+            let mut next = || p.next().unwrap_or_default();
+            (next(), next(), next(), next())
+        })
+        .collect()
+}
+
+fn function<'a>(
+    fs: &'a [(String, String, String, String)],
+    addr: &str,
+) -> Option<&'a (String, String, String, String)> {
+    fs.iter().find(|f| f.0 == addr)
+}
+
+const HOST_BRIDGE: &str = "1b36:0008";
+const ROOT_PORT: &str = "1b36:000c";
+const VIRTIO_RNG_PCI: &str = "1af4:1044";
+
+/// The virtio interrupt lines the guest used are all of `kind`.
+fn assert_irqs(r: &ScenarioResult, kind: &str) {
+    let irqs = r.value("SKIFF-IRQ").unwrap_or_default();
+    assert!(!irqs.is_empty(), "no virtio interrupts\n{}", r.describe());
+    for line in irqs.split(';').filter(|l| !l.trim().is_empty()) {
+        assert!(line.contains(kind), "{line:?} is not {kind}\n{}", r.describe());
+    }
+}
+
+#[test]
+fn virtio_rng_pci_at_the_first_free_slot_on_msix() {
+    let r = result("rng-pci");
+    let fs = pci_functions(r);
+    assert_eq!(fs.len(), 2, "{fs:?}\n{}", r.describe());
+    assert_eq!(function(&fs, "0000:00:00.0").map(|f| f.1.as_str()), Some(HOST_BRIDGE), "{fs:?}");
+    let rng = function(&fs, "0000:00:01.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
+    assert_eq!((rng.1.as_str(), rng.3.as_str()), (VIRTIO_RNG_PCI, "virtio-pci"), "{fs:?}");
+    assert_rng_works(r);
+    // One vector per queue and one for config: MSI-X, not the IOAPIC.
+    assert_irqs(r, "PCI-MSIX-0000:00:01.0");
+}
+
+/// `late` (multifunction, header type 0x80) keeps 00:01.0 whether it comes
+/// before or after the auto-placed device, which goes to 00:02.0.
+#[test]
+fn explicit_addresses_are_reserved_before_auto_placement() {
+    for name in ["pci-explicit-after-auto", "pci-explicit-before-auto"] {
+        let r = result(name);
+        let fs = pci_functions(r);
+        let map: Vec<_> = fs.iter().map(|f| (f.0.as_str(), f.1.as_str(), f.2.as_str())).collect();
+        assert_eq!(
+            map,
+            [
+                ("0000:00:00.0", HOST_BRIDGE, "00"),
+                ("0000:00:01.0", VIRTIO_RNG_PCI, "80"),
+                ("0000:00:02.0", VIRTIO_RNG_PCI, "00"),
+            ],
+            "{name}\n{}",
+            r.describe()
+        );
+        assert_rng_works(r);
+    }
+}
+
+#[test]
+fn virtio_rng_behind_a_root_port() {
+    let r = result("pci-root-port");
+    let fs = pci_functions(r);
+    let port = function(&fs, "0000:00:01.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
+    assert_eq!((port.1.as_str(), port.2.as_str(), port.3.as_str()), (ROOT_PORT, "01", "pcieport"));
+    let rng = function(&fs, "0000:01:00.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
+    assert_eq!((rng.1.as_str(), rng.3.as_str()), (VIRTIO_RNG_PCI, "virtio-pci"), "{fs:?}");
+    assert_rng_works(r);
+    assert_irqs(r, "PCI-MSIX-0000:01:00.0");
+}
+
+/// With MSI off in the guest, the device's INTA through the `_PRT`: slot 1,
+/// INTA → GSI 17, level-triggered on the IOAPIC.
+#[test]
+fn virtio_rng_pci_on_intx_with_pci_nomsi() {
+    let r = result("rng-pci-nomsi");
+    assert!(r.contains("pci=nomsi"), "{}", r.describe());
+    assert_rng_works(r);
+    assert_irqs(r, "IO-APIC 17-fasteoi");
 }

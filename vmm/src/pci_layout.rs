@@ -6,7 +6,7 @@ use pci::{allocate, DeviceRequest, Placement};
 
 use crate::config::{DeviceConfig, PciDeviceConfig, PciKind, VmConfig};
 
-fn pci_devices(cfg: &VmConfig) -> impl Iterator<Item = &PciDeviceConfig> {
+pub fn pci_devices(cfg: &VmConfig) -> impl Iterator<Item = &PciDeviceConfig> {
     cfg.devices.iter().filter_map(|d| match d {
         DeviceConfig::Pci(p) => Some(p),
         _ => None,

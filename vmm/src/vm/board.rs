@@ -54,8 +54,8 @@ pub(super) fn watched_ports(
 }
 
 pub(super) struct Buses<'a> {
-    pub pio: &'a mut Bus,
-    pub mmio: &'a mut Bus,
+    pub pio: &'a Bus,
+    pub mmio: &'a Bus,
 }
 
 /// ISA IRQs free for virtio-mmio without ACPI: a kernel without MP-table
@@ -110,13 +110,18 @@ pub(super) fn add_devices(
                 let dev = Arc::new(Mutex::new(DebugExit::new(control.clone())));
                 pio.insert(dev, u64::from(*iobase), u64::from(*iosize))?;
             }
-            // The layout was checked (pci_layout); the root complex and the
-            // virtio-pci transport are not emulated yet.
-            DeviceConfig::Pci(p) => return Err(Error::PciNotEmulated(p.driver.clone())),
+            // Put on the root complex by `pcie::add_pcie`.
+            DeviceConfig::Pci(_) => {}
             DeviceConfig::VirtioRngMmio { max_bytes, period_ms } => {
                 let slot = virtio_mmio.len();
+                // With PCIe, GSIs 16-19 are the root complex's INTx lines.
+                let (first, max) = if platform.pcie {
+                    (VIRTIO_MMIO_GSI_BASE + 4, VIRTIO_MMIO_MAX - 4)
+                } else {
+                    (VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_MAX)
+                };
                 let gsi = if platform.acpi {
-                    (slot < VIRTIO_MMIO_MAX).then(|| VIRTIO_MMIO_GSI_BASE + slot as u32)
+                    (slot < max).then(|| first + slot as u32)
                 } else {
                     VIRTIO_MMIO_ISA_IRQS.get(slot).copied()
                 }
@@ -154,7 +159,7 @@ pub(super) fn add_devices(
 fn add_virtio_mmio(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
-    mmio: &mut Bus,
+    mmio: &Bus,
     device: Arc<Mutex<dyn VirtioDevice>>,
     base: u64,
     gsi: u32,

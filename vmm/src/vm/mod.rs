@@ -24,7 +24,10 @@ use crate::serial_input::SerialInput;
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
 
 mod board;
+mod irq;
+mod pcie;
 use board::{add_devices, watched_ports, Buses, Devices};
+use irq::GsiRouter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -82,10 +85,14 @@ pub enum Error {
     },
     #[error("event loop: {0:?}")]
     EventManager(event_manager::Error),
-    #[error("-device virtio-*-device: at most 8 virtio-mmio devices (6 with acpi=off)")]
+    #[error("-device virtio-*-device: at most 8 virtio-mmio devices (4 with pcie=on, 6 with acpi=off)")]
     TooManyVirtioMmio,
-    #[error("-device {0}: PCI devices are not emulated yet (their addresses were checked); use the virtio-mmio form, e.g. virtio-rng-device")]
-    PciNotEmulated(String),
+    #[error("{0}")]
+    PciLayout(String),
+    #[error(transparent)]
+    PciRoot(pci::RootError),
+    #[error("virtio-pci: {0}")]
+    VirtioPci(#[source] pci::VirtioPciError),
     #[error("virtio-rng: {0}")]
     VirtioRng(#[source] devices::virtio::RngError),
     #[error("virtio-mmio: {0}")]
@@ -117,6 +124,7 @@ pub enum RunEnd {
 /// Platform decisions derived from the configuration once.
 struct Platform {
     acpi: bool,
+    pcie: bool,
     pic: bool,
     pit: bool,
     rtc: bool,
@@ -128,6 +136,7 @@ impl Platform {
         let m = &cfg.machine;
         Platform {
             acpi: m.acpi.resolve(true),
+            pcie: m.pcie.resolve(false),
             pic: m.pic.resolve(true),
             pit: m.pit.resolve(true),
             // QEMU microvm leaves the RTC out under KVM unless asked; the
@@ -176,12 +185,12 @@ pub fn run(
 ) -> Result<RunEnd> {
     let platform = Platform::new(cfg);
     let kvm = Kvm::new().map_err(Error::Kvm)?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     // Intel needs a 3-page TSS area below 4 GiB before the irqchip exists.
     vm.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let router = Arc::new(GsiRouter::new(vm.clone(), platform.pit).map_err(io_err("GSI routing"))?);
     if platform.pit {
-        route_pit_to_pin2(&vm)?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
@@ -190,16 +199,25 @@ pub fn run(
     crate::memory::register(&vm, &mem)?;
 
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let bus = Buses { pio: &mut pio, mmio: &mut mmio };
-    let devices = add_devices(cfg, &platform, &vm, &mem, &control, console, first_run, bus)?;
+    let supported = kvm
+        .get_supported_cpuid(boot::cpu::MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let pio = Arc::new(Bus::new());
+    let mmio = Arc::new(Bus::new());
+    let bus = Buses { pio: &pio, mmio: &mmio };
+    let mut devices = add_devices(cfg, &platform, &vm, &mem, &control, console, first_run, bus)?;
+    let pcie = if platform.pcie {
+        let phys_bits = boot::cpu::phys_bits(&supported);
+        let pcie = pcie::add_pcie(cfg, &vm, &mem, &mmio, &router, phys_bits)?;
+        devices.virtio.extend(pcie.subscribers.iter().cloned());
+        Some(pcie.windows)
+    } else {
+        None
+    };
 
-    let entry = load_guest(cfg, &platform, &mem, files, &devices)?;
-    let vcpus = create_vcpus(cfg, &kvm, &vm, &mem, &entry)?;
+    let entry = load_guest(cfg, &platform, &mem, files, &devices, pcie)?;
+    let vcpus = create_vcpus(cfg, &supported, &vm, &mem, &entry)?;
 
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles: Vec<VcpuHandle> = Vec::with_capacity(vcpus.len());
     for (i, vcpu) in vcpus.into_iter().enumerate() {
@@ -222,41 +240,12 @@ pub fn run(
     }
     let guest: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
     crate::trace::record_memory(&guest);
-    // The VM (and its memslots) must go before the mappings behind them.
+    // The VM (and its memslots) must go before the mappings behind them;
+    // the buses (BAR mappers) and the router hold the last other references.
+    drop((pio, mmio, router));
     drop(vm);
     drop(mem);
     end
-}
-
-/// Routes GSI 0 to IOAPIC pin 2, as a PC wires the PIT and as the MADT's
-/// IRQ0→GSI2 override (and the MP table) tell the guest; KVM's default
-/// routing would send it to pin 0. The rest keep their identity routes.
-fn route_pit_to_pin2(vm: &VmFd) -> Result<()> {
-    use kvm_bindings::{
-        kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-        KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    };
-    let route = |gsi: u32, irqchip: u32, pin: u32| {
-        let mut e =
-            kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
-        e.u.irqchip.irqchip = irqchip;
-        e.u.irqchip.pin = pin;
-        e
-    };
-    let mut entries = Vec::new();
-    for gsi in (0..16u32).filter(|&g| g != 2) {
-        let (chip, pin) =
-            if gsi < 8 { (KVM_IRQCHIP_PIC_MASTER, gsi) } else { (KVM_IRQCHIP_PIC_SLAVE, gsi - 8) };
-        entries.push(route(gsi, chip, pin));
-    }
-    for gsi in (0..24u32).filter(|&g| g != 2) {
-        entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, if gsi == 0 { 2 } else { gsi }));
-    }
-    let routing = KvmIrqRouting::from_entries(&entries).map_err(|e| Error::Io {
-        what: "GSI routing table",
-        source: std::io::Error::other(format!("{e:?}")),
-    })?;
-    vm.set_gsi_routing(&routing).map_err(kvm_err("KVM_SET_GSI_ROUTING"))
 }
 
 /// Loads kernel and initrd, writes firmware tables and boot parameters.
@@ -266,6 +255,7 @@ fn load_guest(
     mem: &GuestMemoryMmap,
     files: &mut BootFiles,
     devices: &Devices,
+    pcie: Option<pci::BarWindows>,
 ) -> Result<boot::linux::KernelEntry> {
     let serial = devices.serial.is_some();
     let kernel = boot::linux::load_kernel(mem, &mut files.kernel)
@@ -281,6 +271,12 @@ fn load_guest(
             pic: platform.pic,
             pit: platform.pit,
             virtio_mmio: devices.virtio_mmio.clone(),
+            pcie: pcie.map(|w| boot::acpi::PcieConfig {
+                ecam_base: pci::ECAM_BASE,
+                ecam_size: pci::ECAM_SIZE,
+                mmio32: (w.mmio32.base, w.mmio32.size),
+                mmio64: w.mmio64.map(|w| (w.base, w.size)),
+            }),
             ..Default::default()
         };
         Some(boot::acpi::create_acpi_tables(mem, &acpi).map_err(Error::Acpi)?)
@@ -298,11 +294,17 @@ fn load_guest(
             cmdline.push_str(&format!(" virtio_mmio.device={size}@{base:#x}:{irq}"));
         }
     }
+    // ECAM is reserved as firmware reserves MMCONFIG, so the guest trusts
+    // the MCFG entry; BAR windows are not RAM and need no entry.
+    let mut reserved = vec![(GED_MMIO_BASE, VIRTIO_MMIO_BASE + 0x10_0000 - GED_MMIO_BASE)];
+    if pcie.is_some() {
+        reserved.insert(0, (pci::ECAM_BASE, pci::ECAM_SIZE));
+    }
     let setup = boot::linux::BootSetup {
         cmdline: &cmdline,
         initrd: files.initrd.as_mut().map(|(f, _)| f),
         rsdp,
-        reserved: &[(GED_MMIO_BASE, VIRTIO_MMIO_BASE + 0x10_0000 - GED_MMIO_BASE)],
+        reserved: &reserved,
     };
     boot::linux::configure(mem, &kernel, setup).map_err(|source| match source {
         e @ (boot::linux::Error::ReadInitrd(_) | boot::linux::Error::InitrdTooLarge { .. }) => {
@@ -314,20 +316,17 @@ fn load_guest(
 
 fn create_vcpus(
     cfg: &VmConfig,
-    kvm: &Kvm,
+    supported: &kvm_bindings::CpuId,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     entry: &boot::linux::KernelEntry,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>> {
     use boot::cpu;
-    let supported = kvm
-        .get_supported_cpuid(cpu::MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let topo = cpu::Topology { cpus: cfg.smp.cpus, cores: cfg.smp.cores, threads: cfg.smp.threads };
     (0..cfg.smp.cpus)
         .map(|i| {
             let vcpu = vm.create_vcpu(u64::from(i)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let cpuid = cpu::build_cpuid(&supported, i, topo, &cfg.cpu.features)?;
+            let cpuid = cpu::build_cpuid(supported, i, topo, &cfg.cpu.features)?;
             cpu::set_cpuid(&vcpu, &cpuid)?;
             cpu::setup_msrs(&vcpu)?;
             cpu::setup_fpu(&vcpu)?;
