@@ -152,6 +152,12 @@ impl ScenarioResult {
         })
     }
 
+    /// Everything after `KEY=` on the first line that has it, trimmed.
+    pub fn line_value(&self, key: &str) -> Option<&str> {
+        let pat = format!("{key}=");
+        self.lines().find_map(|l| Some(l[l.find(&pat)? + pat.len()..].trim()))
+    }
+
     /// A report for assertion messages: name, rc and the end of the output.
     pub fn describe(&self) -> String {
         const TAIL: usize = 60;
