@@ -827,9 +827,13 @@ mod tests {
         let t = build(&full_config());
         let dir = std::env::temp_dir().join(format!("skiff-acpi-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (file, bytes) in
-            [("dsdt", &t.dsdt), ("facp", &t.fadt), ("apic", &t.madt), ("xsdt", &t.xsdt), ("mcfg", &t.mcfg)]
-        {
+        for (file, bytes) in [
+            ("dsdt", &t.dsdt),
+            ("facp", &t.fadt),
+            ("apic", &t.madt),
+            ("xsdt", &t.xsdt),
+            ("mcfg", &t.mcfg),
+        ] {
             let path = dir.join(format!("{file}.dat"));
             std::fs::write(&path, bytes).unwrap();
             let out = Command::new("iasl").arg("-d").arg(&path).output().unwrap();

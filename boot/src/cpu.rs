@@ -215,11 +215,7 @@ pub fn build_cpuid(
 /// The guest's physical address width, as CPUID 0x80000008 tells it (36,
 /// the architectural minimum, when the leaf is missing).
 pub fn phys_bits(cpuid: &CpuId) -> u8 {
-    cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 0x8000_0008)
-        .map_or(36, |e| (e.eax & 0xff) as u8)
+    cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8)
 }
 
 pub fn set_cpuid(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<()> {

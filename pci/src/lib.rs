@@ -42,8 +42,8 @@ pub use capability::{MsixCap, MsixControl, PcieCap};
 pub use config::{BarInfo, BarKind, BarReprogram, ConfigError, ConfigParams, PciConfig};
 pub use device::PciDevice;
 pub use msix::{MsiMessage, MsiRouter, Msix, MsixVector};
-pub use virtio_pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
 pub use root::{BarMoveHandler, PciRoot, RootError, SharedDevice};
+pub use virtio_pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
 
 /// ECAM (MMCONFIG): 256 buses × 1 MiB (QEMU microvm's `PCIE_ECAM_BASE/SIZE`).
 pub const ECAM_BASE: u64 = 0xe000_0000;

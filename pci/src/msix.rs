@@ -114,7 +114,7 @@ impl Msix {
     }
 
     fn table_dword(&self, offset: u64, len: usize) -> Option<u32> {
-        if len != 4 || offset % 4 != 0 {
+        if len != 4 || !offset.is_multiple_of(4) {
             return None;
         }
         let entry = self.table.get(usize::try_from(offset / ENTRY_SIZE).ok()?)?;
@@ -122,7 +122,7 @@ impl Msix {
     }
 
     pub fn table_write(&mut self, offset: u64, data: &[u8]) {
-        if !matches!(data.len(), 4 | 8) || offset % data.len() as u64 != 0 {
+        if !matches!(data.len(), 4 | 8) || !offset.is_multiple_of(data.len() as u64) {
             log::debug!("msix: {}-byte table write at {offset:#x} ignored", data.len());
             return;
         }
@@ -264,7 +264,10 @@ pub(crate) mod tests {
         m.table_read(17, &mut d);
         assert_eq!(d, [0xff; 4]);
         m.table_write(2, &[1, 2]);
-        assert_eq!(routes.0.lock().unwrap().as_slice(), [(25, MsiMessage { addr: 0xfee0_1000, data: 0x4041 })]);
+        assert_eq!(
+            routes.0.lock().unwrap().as_slice(),
+            [(25, MsiMessage { addr: 0xfee0_1000, data: 0x4041 })]
+        );
         m.reset();
         m.table_read(28, &mut d);
         assert_eq!(u32::from_le_bytes(d), 1);

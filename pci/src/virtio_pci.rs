@@ -26,7 +26,7 @@ use crate::config::{
     HEADER_TYPE, HEADER_TYPE_MULTIFUNCTION,
 };
 use crate::device::PciDevice;
-use crate::msix::{Msix, MsiRouter, MsixVector};
+use crate::msix::{MsiRouter, Msix, MsixVector};
 
 pub const VENDOR_VIRTIO: u16 = 0x1af4;
 /// Modern device IDs are 0x1040 + the virtio device type.
@@ -404,10 +404,10 @@ impl VirtioPciDevice {
                 bytes[..n].copy_from_slice(&data[..n]);
                 self.write_common(o, u32::from_le_bytes(bytes));
             }
-            o if (DEVICE_CFG..DEVICE_CFG + REGION_SIZE).contains(&o) => {
-                if self.state.config_writable() {
-                    self.state.device().write_config(o - DEVICE_CFG, data);
-                }
+            o if (DEVICE_CFG..DEVICE_CFG + REGION_SIZE).contains(&o)
+                && self.state.config_writable() =>
+            {
+                self.state.device().write_config(o - DEVICE_CFG, data);
             }
             // A kick that KVM's ioeventfd did not catch (e.g. before the
             // VMM moved it with the BAR).
@@ -520,10 +520,13 @@ mod tests {
     use crate::msix::tests::{vectors, Routes};
     use crate::msix::MsiMessage;
 
+    /// (queue index, size) of each queue handed over, and the interrupt.
+    type Activation = (Vec<(usize, u16)>, Arc<dyn VirtioInterrupt>);
+
     /// A device with two queues that keeps its interrupt, so tests can raise it.
     #[derive(Default)]
     struct Fake {
-        active: Option<(Vec<(usize, u16)>, Arc<dyn VirtioInterrupt>)>,
+        active: Option<Activation>,
         resets: AtomicUsize,
     }
 
@@ -558,8 +561,9 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let fake = Arc::new(Mutex::new(Fake::default()));
         let routes = Arc::new(Routes::default());
-        let dev = VirtioPciDevice::new(mem, fake.clone(), vectors(3), routes.clone(), Placement::RootBus)
-            .unwrap();
+        let dev =
+            VirtioPciDevice::new(mem, fake.clone(), vectors(3), routes.clone(), Placement::RootBus)
+                .unwrap();
         (fake, dev, routes)
     }
 
@@ -684,10 +688,7 @@ mod tests {
         let (queues, interrupt) = fake.lock().unwrap().active.take().unwrap();
         assert_eq!(queues, [(0, 16), (1, 16)]);
         msix_enable(&mut d);
-        assert_eq!(
-            routes.0.lock().unwrap()[1],
-            (25, MsiMessage { addr: 0xfee0_0000, data: 0x41 })
-        );
+        assert_eq!(routes.0.lock().unwrap()[1], (25, MsiMessage { addr: 0xfee0_0000, data: 0x41 }));
         let v = d.interrupt();
         interrupt.trigger(VirtioInterruptType::Queue(1)).unwrap();
         assert!(v.vectors().msix.vectors()[2].evt.read().is_ok(), "queue 1 → vector 2");

@@ -28,11 +28,7 @@ fn scenarios() -> Vec<Scenario> {
                 .replace("pit=off", "pit=on")
                 .replace("-kernel $BZIMAGE", "-kernel $BZIMAGE_GENERIC"),
         ),
-        Scenario::new(
-            "rng-pci",
-            SECS,
-            pcie_command("-device virtio-rng-pci", ""),
-        ),
+        Scenario::new("rng-pci", SECS, pcie_command("-device virtio-rng-pci", "")),
         // The seed case: `late` asks for 1.0 after an auto-placed device.
         // `multifunction=on` marks it in the header type the guest reads.
         Scenario::new(
@@ -59,11 +55,7 @@ fn scenarios() -> Vec<Scenario> {
                 "",
             ),
         ),
-        Scenario::new(
-            "rng-pci-nomsi",
-            SECS,
-            pcie_command("-device virtio-rng-pci", "pci=nomsi"),
-        ),
+        Scenario::new("rng-pci-nomsi", SECS, pcie_command("-device virtio-rng-pci", "pci=nomsi")),
         // Two explicit devices on one address: QEMU's message naming both,
         // exit 1, before any guest starts (whatever the argv order).
         Scenario::new(

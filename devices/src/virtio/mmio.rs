@@ -195,8 +195,8 @@ mod tests {
     use virtio_queue::QueueT;
 
     use super::*;
-    use crate::virtio::{read_config_from, ActivateError, ActivationContext, VIRTIO_F_VERSION_1};
     use crate::virtio::test_utils::guest_mem;
+    use crate::virtio::{read_config_from, ActivateError, ActivationContext, VIRTIO_F_VERSION_1};
 
     const MEM: usize = 0x10_0000;
     const FEATURE_A: u64 = 1 << 5;

@@ -7,10 +7,10 @@
 //! the `VirtioInterrupt` the device raises when it has used buffers.
 
 pub mod mmio;
-pub mod transport;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod transport;
 
 use std::sync::Arc;
 

@@ -46,8 +46,11 @@ impl GsiRouter {
         let mut fixed = Vec::new();
         let pin2_taken = |gsi: u32| pit && gsi == 2;
         for gsi in (0..16u32).filter(|&g| !pin2_taken(g)) {
-            let (chip, pin) =
-                if gsi < 8 { (KVM_IRQCHIP_PIC_MASTER, gsi) } else { (KVM_IRQCHIP_PIC_SLAVE, gsi - 8) };
+            let (chip, pin) = if gsi < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, gsi)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+            };
             fixed.push(irqchip(gsi, chip, pin));
         }
         for gsi in (0..FIRST_MSI_GSI).filter(|&g| !pin2_taken(g)) {

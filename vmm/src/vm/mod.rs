@@ -85,7 +85,9 @@ pub enum Error {
     },
     #[error("event loop: {0:?}")]
     EventManager(event_manager::Error),
-    #[error("-device virtio-*-device: at most 8 virtio-mmio devices (4 with pcie=on, 6 with acpi=off)")]
+    #[error(
+        "-device virtio-*-device: at most 8 virtio-mmio devices (4 with pcie=on, 6 with acpi=off)"
+    )]
     TooManyVirtioMmio,
     #[error("{0}")]
     PciLayout(String),

@@ -16,8 +16,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::virtio_pci::{vectors_needed, Placement as Location};
 use pci::{
-    BarReprogram, BarWindows, MsiRouter, MsixVector, PciAddress, PciRoot, RootPort,
-    RootPortParams, SharedDevice, VirtioPciDevice, VirtioPciInterrupt,
+    BarReprogram, BarWindows, MsiRouter, MsixVector, PciAddress, PciRoot, RootPort, RootPortParams,
+    SharedDevice, VirtioPciDevice, VirtioPciInterrupt,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -95,7 +95,9 @@ impl BarMapper {
         for (b, offset, evt) in lock(dev).ioeventfds() {
             if b == bar {
                 let at = IoEventAddress::Mmio(addr + offset);
-                self.vm.register_ioevent(evt, &at, NoDatamatch).map_err(kvm_err("KVM_IOEVENTFD"))?;
+                self.vm
+                    .register_ioevent(evt, &at, NoDatamatch)
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
             }
         }
         Ok(())
@@ -168,8 +170,9 @@ pub(super) fn add_pcie(
                     Location::BehindRootPort
                 };
                 let router: Arc<dyn MsiRouter> = router.clone();
-                let mut transport = VirtioPciDevice::new(mem.clone(), rng.clone(), vectors, router, location)
-                    .map_err(Error::VirtioPci)?;
+                let mut transport =
+                    VirtioPciDevice::new(mem.clone(), rng.clone(), vectors, router, location)
+                        .map_err(Error::VirtioPci)?;
                 if dev_cfg.multifunction {
                     transport.set_multifunction();
                 }
@@ -189,8 +192,7 @@ pub(super) fn add_pcie(
         subscribers.push(Arc::new(Mutex::new(IntxResampler { resample, interrupt })));
     }
 
-    let windows =
-        BarWindows { mmio32: pci::MMIO32_WINDOW, mmio64: pci::mmio64_window(phys_bits) };
+    let windows = BarWindows { mmio32: pci::MMIO32_WINDOW, mmio64: pci::mmio64_window(phys_bits) };
     let bars = root.assign_bars(&windows).map_err(Error::PciRoot)?;
     let mut mapper = BarMapper { vm: vm.clone(), mmio: mmio.clone(), mapped: HashMap::new() };
     for b in &bars {
