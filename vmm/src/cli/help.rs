@@ -47,6 +47,15 @@ Devices:
 -device isa-debug-exit[,iobase=PORT][,iosize=N][,id=ID]
                          writing V to PORT ends skiff with status (V << 1) | 1
                          (default iobase=0x501, iosize=2)
+-device virtio-rng-device[,max-bytes=N,period=MS][,id=ID]
+                         entropy on virtio-mmio (0xfeb00000 + 512 * n)
+-device virtio-rng-pci[,addr=SLOT[.FN]][,bus=ID][,multifunction=on|off]
+                      [,max-bytes=N,period=MS][,disable-legacy=on][,id=ID]
+                         entropy on PCIe (needs -M microvm,pcie=on); MSI-X
+-device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
+                         a root port; devices with bus=ID sit behind it
+                         Every explicit addr= is reserved before any device
+                         is placed automatically, whatever the order.
 
 Character devices:
 -chardev stdio,id=ID[,signal=on|off]

@@ -73,17 +73,36 @@ impl MutEventSubscriber for IntxResampler {
     }
 }
 
+/// Where a BAR's doorbells go: KVM ioeventfds (any write length, no
+/// datamatch), or a recorder in tests.
+trait Doorbells: Send {
+    fn register(&self, evt: &EventFd, addr: u64) -> Result<()>;
+    fn unregister(&self, evt: &EventFd, addr: u64) -> Result<()>;
+}
+
+impl Doorbells for Arc<VmFd> {
+    fn register(&self, evt: &EventFd, addr: u64) -> Result<()> {
+        self.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+
+    fn unregister(&self, evt: &EventFd, addr: u64) -> Result<()> {
+        self.unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+}
+
 /// Maps BARs onto the MMIO bus and their doorbells into KVM, and moves both
 /// when the guest reprograms a BAR.
-struct BarMapper {
-    vm: Arc<VmFd>,
+struct BarMapper<D: Doorbells> {
+    doorbells: D,
     mmio: Arc<Bus>,
     /// Where each (function, BAR) is mapped now, so a move removes only
     /// what this mapper put there.
     mapped: HashMap<(usize, usize), u64>,
 }
 
-impl BarMapper {
+impl<D: Doorbells> BarMapper<D> {
     fn key(dev: &SharedDevice, bar: usize) -> (usize, usize) {
         (Arc::as_ptr(dev) as *const () as usize, bar)
     }
@@ -94,10 +113,7 @@ impl BarMapper {
         self.mapped.insert(Self::key(dev, bar), addr);
         for (b, offset, evt) in lock(dev).ioeventfds() {
             if b == bar {
-                let at = IoEventAddress::Mmio(addr + offset);
-                self.vm
-                    .register_ioevent(evt, &at, NoDatamatch)
-                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+                self.doorbells.register(evt, addr + offset)?;
             }
         }
         Ok(())
@@ -108,8 +124,7 @@ impl BarMapper {
         self.mmio.remove(addr);
         for (b, offset, evt) in lock(dev).ioeventfds() {
             if b == bar {
-                let at = IoEventAddress::Mmio(addr + offset);
-                if let Err(e) = self.vm.unregister_ioevent(evt, &at, NoDatamatch) {
+                if let Err(e) = self.doorbells.unregister(evt, addr + offset) {
                     log::error!("pci: cannot remove an ioeventfd at {:#x}: {e}", addr + offset);
                 }
             }
@@ -194,7 +209,8 @@ pub(super) fn add_pcie(
 
     let windows = BarWindows { mmio32: pci::MMIO32_WINDOW, mmio64: pci::mmio64_window(phys_bits) };
     let bars = root.assign_bars(&windows).map_err(Error::PciRoot)?;
-    let mut mapper = BarMapper { vm: vm.clone(), mmio: mmio.clone(), mapped: HashMap::new() };
+    let mut mapper =
+        BarMapper { doorbells: vm.clone(), mmio: mmio.clone(), mapped: HashMap::new() };
     for b in &bars {
         let dev = root.device(b.address).ok_or_else(|| {
             Error::PciLayout(format!("{} vanished during BAR assignment", b.address))
@@ -216,4 +232,103 @@ fn msix_vectors(vm: &VmFd, router: &GsiRouter, n: usize) -> Result<Vec<MsixVecto
             Ok(MsixVector { gsi, evt })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use pci::config::BarKind;
+
+    use super::*;
+
+    /// Records doorbells as (eventfd number, address).
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(i32, u64)>>>);
+
+    impl Doorbells for Recorder {
+        fn register(&self, evt: &EventFd, addr: u64) -> Result<()> {
+            self.0.lock().unwrap().push((evt.as_raw_fd(), addr));
+            Ok(())
+        }
+        fn unregister(&self, evt: &EventFd, addr: u64) -> Result<()> {
+            let mut v = self.0.lock().unwrap();
+            let at = v.iter().position(|&e| e == (evt.as_raw_fd(), addr)).expect("registered");
+            v.remove(at);
+            Ok(())
+        }
+    }
+
+    /// A function with one 4 KiB BAR 0 and a doorbell at offset 0x10.
+    struct Bell {
+        evt: EventFd,
+        writes: Vec<(u64, u8)>,
+    }
+
+    impl pci::PciDevice for Bell {
+        fn config_read(&mut self, _: usize) -> u32 {
+            0
+        }
+        fn config_write(&mut self, _: u64, _: &[u8]) -> Option<BarReprogram> {
+            None
+        }
+        fn bar_write(&mut self, _: usize, offset: u64, data: &[u8]) {
+            self.writes.push((offset, data[0]));
+        }
+        fn ioeventfds(&self) -> Vec<(usize, u64, &EventFd)> {
+            vec![(0, 0x10, &self.evt)]
+        }
+    }
+
+    fn bell() -> (Arc<Mutex<Bell>>, SharedDevice) {
+        let b = Arc::new(Mutex::new(Bell {
+            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            writes: Vec::new(),
+        }));
+        let shared: SharedDevice = b.clone();
+        (b, shared)
+    }
+
+    fn moved(old: u64, new: u64) -> BarReprogram {
+        BarReprogram {
+            index: 0,
+            kind: BarKind::Memory32 { prefetchable: false },
+            old,
+            new,
+            len: 0x1000,
+        }
+    }
+
+    #[test]
+    fn a_bar_move_moves_its_range_and_doorbells() {
+        let doorbells = Recorder::default();
+        let mmio = Arc::new(Bus::new());
+        let mut m =
+            BarMapper { doorbells: doorbells.clone(), mmio: mmio.clone(), mapped: HashMap::new() };
+        let (a, a_dev) = bell();
+        let (b, b_dev) = bell();
+        let addr = PciAddress::new(0, 1, 0).unwrap();
+        m.map(&a_dev, 0, 0xc000_0000, 0x1000).unwrap();
+        m.map(&b_dev, 0, 0xc000_1000, 0x1000).unwrap();
+        let a_fd = a.lock().unwrap().evt.as_raw_fd();
+        let b_fd = b.lock().unwrap().evt.as_raw_fd();
+
+        m.moved(addr, &a_dev, moved(0xc000_0000, 0xc010_0000));
+        assert!(!mmio.write(0xc000_0004, &[1]), "old range gone");
+        assert!(mmio.write(0xc010_0004, &[2]));
+        assert_eq!(a.lock().unwrap().writes, [(4, 2)]);
+        let mut bells = doorbells.0.lock().unwrap().clone();
+        bells.sort();
+        let mut want = vec![(a_fd, 0xc010_0010), (b_fd, 0xc000_1010)];
+        want.sort();
+        assert_eq!(bells, want);
+
+        // Onto B's range: A decodes nothing; moving A away again must not
+        // take B's mapping with it.
+        m.moved(addr, &a_dev, moved(0xc010_0000, 0xc000_1000));
+        m.moved(addr, &a_dev, moved(0xc000_1000, 0));
+        assert!(mmio.write(0xc000_1008, &[3]));
+        assert_eq!(b.lock().unwrap().writes, [(8, 3)]);
+        assert_eq!(*doorbells.0.lock().unwrap(), [(b_fd, 0xc000_1010)]);
+    }
 }
