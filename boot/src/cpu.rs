@@ -212,10 +212,20 @@ pub fn build_cpuid(
     CpuId::from_entries(&entries).map_err(|e| Error::Cpuid(format!("{e:?}")))
 }
 
-/// The guest's physical address width, as CPUID 0x80000008 tells it (36,
-/// the architectural minimum, when the leaf is missing).
+/// The physical address width the guest can use, from CPUID 0x80000008:
+/// EAX[7:0] (36, the architectural minimum, when the leaf is missing),
+/// capped by EAX[23:16], where KVM reports a smaller width that its
+/// two-dimensional paging can map (0 when there is no such limit).
 pub fn phys_bits(cpuid: &CpuId) -> u8 {
-    cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8)
+    let Some(e) = cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008) else {
+        return 36;
+    };
+    let (phys, guest) = ((e.eax & 0xff) as u8, ((e.eax >> 16) & 0xff) as u8);
+    if guest != 0 {
+        phys.min(guest)
+    } else {
+        phys
+    }
 }
 
 pub fn set_cpuid(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<()> {
@@ -429,6 +439,17 @@ mod tests {
 
     fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
         *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
+    }
+
+    #[test]
+    fn phys_bits_honours_the_tdp_limit() {
+        let leaf = |function, eax| {
+            let e = kvm_cpuid_entry2 { function, eax, ..Default::default() };
+            CpuId::from_entries(&[e]).unwrap()
+        };
+        assert_eq!(phys_bits(&leaf(0x8000_0008, 0x30)), 48);
+        assert_eq!(phys_bits(&leaf(0x8000_0008, 0x30_0034)), 48, "52-bit host, 48-bit guest");
+        assert_eq!(phys_bits(&leaf(1, 0)), 36);
     }
 
     #[test]

@@ -142,6 +142,11 @@ impl VirtioPciInterrupt {
 
 impl VirtioInterrupt for VirtioPciInterrupt {
     fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
+        // A config change shows in the ISR whatever the interrupt mode
+        // (virtio 1.2, 4.1.4.5.1); a queue's only with INTx.
+        if t == VirtioInterruptType::Config {
+            self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        }
         let mut v = self.vectors();
         if v.msix.enabled() {
             let vector = match t {
@@ -290,11 +295,12 @@ impl VirtioPciDevice {
         self.interrupt.clone()
     }
 
+    /// Never holds the vectors lock while calling into the device: the
+    /// device's thread holds its own lock when it raises an interrupt
+    /// (which takes the vectors lock), so the two must not nest this way.
     fn read_common(&self, offset: u64) -> u64 {
         let s = &self.state;
         let q = s.selected_queue();
-        let v = self.interrupt.vectors();
-        let queue_vector = v.queues.get(s.queue_sel as usize).copied().unwrap_or(NO_VECTOR);
         let lo = |a: u64| a & 0xffff_ffff;
         let hi = |a: u64| a >> 32;
         match offset {
@@ -306,7 +312,7 @@ impl VirtioPciDevice {
                 1 => hi(s.driver_features),
                 _ => 0,
             },
-            CONFIG_MSIX_VECTOR => v.config.into(),
+            CONFIG_MSIX_VECTOR => self.interrupt.vectors().config.into(),
             NUM_QUEUES => s.num_queues() as u64,
             DEVICE_STATUS => s.status.into(),
             // Config space never changes under the driver.
@@ -314,7 +320,10 @@ impl VirtioPciDevice {
             QUEUE_SELECT => s.queue_sel.into(),
             // Size 0: no such queue.
             QUEUE_SIZE => q.map_or(0, |q| q.size.into()),
-            QUEUE_MSIX_VECTOR => queue_vector.into(),
+            QUEUE_MSIX_VECTOR => {
+                let v = self.interrupt.vectors();
+                v.queues.get(s.queue_sel as usize).copied().unwrap_or(NO_VECTOR).into()
+            }
             QUEUE_ENABLE => q.map_or(0, |q| q.ready.into()),
             QUEUE_NOTIFY_OFF => s.queue_sel.into(),
             QUEUE_DESC_LO => q.map_or(0, |q| lo(q.desc_table)),
@@ -695,7 +704,8 @@ mod tests {
         interrupt.trigger(VirtioInterruptType::Config).unwrap();
         assert!(v.vectors().msix.vectors()[0].evt.read().is_ok());
         assert!(v.intx_evt().read().is_err(), "no INTx with MSI-X on");
-        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 0);
+        // The config change still shows in the ISR; queue interrupts do not.
+        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 2);
         // Out-of-range vectors are refused with NO_VECTOR.
         common_w(&mut d, QUEUE_SELECT, 2, 0);
         common_w(&mut d, QUEUE_MSIX_VECTOR, 2, 3);

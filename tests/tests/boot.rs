@@ -62,10 +62,12 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 /// Without -no-reboot a guest reboot restarts the VM: init runs twice.
-/// Then SIGTERM ends skiff with status 0.
+/// Then SIGTERM ends skiff with status 0. With the root complex and a
+/// virtio-pci device, so the teardown of a run with PCI is covered too.
 fn restart_script() -> String {
-    let cmd =
-        microvm_nix_command("$SKIFF", true, "", "skiff.test=reboot").replace(" -no-reboot", "");
+    let cmd = microvm_nix_command("$SKIFF", true, "-device virtio-rng-pci", "skiff.test=reboot")
+        .replace(" -no-reboot", "")
+        .replace("pcie=off", "pcie=on");
     format!(
         "{cmd} > out.txt 2>&1 &\n\
          pid=$!\n\
@@ -138,6 +140,8 @@ fn reset_without_no_reboot_restarts_then_sigterm_exits_0() {
     assert_eq!(r.value("INIT-COUNT"), Some("2"), "the guest should boot twice\n{}", r.describe());
     assert_eq!(r.value("SIGTERM-RC"), Some("0"), "SIGTERM should exit 0\n{}", r.describe());
     assert!(r.contains("terminating on signal 15"), "{}", r.describe());
+    // Each run's VM is gone before the next starts (no reference left).
+    assert!(!r.contains("VM teardown"), "{}", r.describe());
     assert_rc(r, 0);
 }
 

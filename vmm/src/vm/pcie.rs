@@ -7,7 +7,7 @@
 //! MMIO range and the ioeventfds move with it before the write returns.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use boot::GuestMemoryMmap;
 use devices::virtio::{RateLimit, Rng};
@@ -92,54 +92,96 @@ impl Doorbells for Arc<VmFd> {
     }
 }
 
+/// One BAR as the guest last programmed it.
+struct BarState {
+    dev: SharedDevice,
+    bar: usize,
+    addr: u64,
+    len: u64,
+    /// On the MMIO bus (with its doorbells) at `addr`. False at 0 or while
+    /// the range overlaps another BAR's.
+    mapped: bool,
+}
+
 /// Maps BARs onto the MMIO bus and their doorbells into KVM, and moves both
 /// when the guest reprograms a BAR.
+///
+/// The root complex that owns this mapper sits on the MMIO bus, so the
+/// mapper holds the bus weakly: a strong reference would be a cycle that
+/// keeps the bus, every device and the VM alive past the run.
 struct BarMapper<D: Doorbells> {
     doorbells: D,
-    mmio: Arc<Bus>,
-    /// Where each (function, BAR) is mapped now, so a move removes only
-    /// what this mapper put there.
-    mapped: HashMap<(usize, usize), u64>,
+    mmio: Weak<Bus>,
+    bars: HashMap<(usize, usize), BarState>,
 }
 
 impl<D: Doorbells> BarMapper<D> {
+    fn new(doorbells: D, mmio: &Arc<Bus>) -> Self {
+        BarMapper { doorbells, mmio: Arc::downgrade(mmio), bars: HashMap::new() }
+    }
+
     fn key(dev: &SharedDevice, bar: usize) -> (usize, usize) {
         (Arc::as_ptr(dev) as *const () as usize, bar)
     }
 
-    fn map(&mut self, dev: &SharedDevice, bar: usize, addr: u64, len: u64) -> Result<()> {
-        let access = Arc::new(Mutex::new(BarAccess { dev: dev.clone(), bar }));
-        self.mmio.insert(access, addr, len)?;
-        self.mapped.insert(Self::key(dev, bar), addr);
-        for (b, offset, evt) in lock(dev).ioeventfds() {
-            if b == bar {
-                self.doorbells.register(evt, addr + offset)?;
+    /// Records a BAR at `addr` and maps it there.
+    fn add(&mut self, dev: &SharedDevice, bar: usize, addr: u64, len: u64) -> Result<()> {
+        let key = Self::key(dev, bar);
+        self.bars.insert(key, BarState { dev: dev.clone(), bar, addr, len, mapped: false });
+        self.map(key)
+    }
+
+    fn map(&mut self, key: (usize, usize)) -> Result<()> {
+        let (Some(st), Some(mmio)) = (self.bars.get_mut(&key), self.mmio.upgrade()) else {
+            return Ok(());
+        };
+        let access = Arc::new(Mutex::new(BarAccess { dev: st.dev.clone(), bar: st.bar }));
+        mmio.insert(access, st.addr, st.len)?;
+        st.mapped = true;
+        for (b, offset, evt) in lock(&st.dev).ioeventfds() {
+            if b == st.bar {
+                self.doorbells.register(evt, st.addr + offset)?;
             }
         }
         Ok(())
     }
 
-    fn unmap(&mut self, dev: &SharedDevice, bar: usize) {
-        let Some(addr) = self.mapped.remove(&Self::key(dev, bar)) else { return };
-        self.mmio.remove(addr);
-        for (b, offset, evt) in lock(dev).ioeventfds() {
-            if b == bar {
-                if let Err(e) = self.doorbells.unregister(evt, addr + offset) {
-                    log::error!("pci: cannot remove an ioeventfd at {:#x}: {e}", addr + offset);
+    fn unmap(&mut self, key: (usize, usize)) {
+        let Some(st) = self.bars.get_mut(&key).filter(|st| st.mapped) else { return };
+        st.mapped = false;
+        if let Some(mmio) = self.mmio.upgrade() {
+            mmio.remove(st.addr);
+        }
+        for (b, offset, evt) in lock(&st.dev).ioeventfds() {
+            if b == st.bar {
+                if let Err(e) = self.doorbells.unregister(evt, st.addr + offset) {
+                    log::error!("pci: cannot remove an ioeventfd at {:#x}: {e}", st.addr + offset);
                 }
             }
         }
     }
 
-    /// The guest moved a BAR. A BAR moved to 0 or onto another range stays
-    /// unmapped (it decodes nothing), as on hardware with a bad layout.
+    /// The guest moved a BAR. A BAR at 0, or over another BAR's range,
+    /// decodes nothing until it moves again or the other one moves away:
+    /// Linux reprograms BARs one register at a time, so an overlap can be
+    /// a step on the way to a valid layout.
     fn moved(&mut self, address: PciAddress, dev: &SharedDevice, m: BarReprogram) {
-        self.unmap(dev, m.index);
-        if m.new == 0 {
-            return;
-        }
-        if let Err(e) = self.map(dev, m.index, m.new, m.len) {
-            log::warn!("pci: {address} BAR {} at {:#x} not mapped: {e}", m.index, m.new);
+        let key = Self::key(dev, m.index);
+        self.unmap(key);
+        self.bars.insert(
+            key,
+            BarState { dev: dev.clone(), bar: m.index, addr: m.new, len: m.len, mapped: false },
+        );
+        let waiting: Vec<_> = self
+            .bars
+            .iter()
+            .filter(|(_, st)| !st.mapped && st.addr != 0)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in waiting {
+            if let Err(e) = self.map(k) {
+                log::debug!("pci: {address} BAR {} at {:#x} not mapped: {e}", m.index, m.new);
+            }
         }
     }
 }
@@ -209,13 +251,12 @@ pub(super) fn add_pcie(
 
     let windows = BarWindows { mmio32: pci::MMIO32_WINDOW, mmio64: pci::mmio64_window(phys_bits) };
     let bars = root.assign_bars(&windows).map_err(Error::PciRoot)?;
-    let mut mapper =
-        BarMapper { doorbells: vm.clone(), mmio: mmio.clone(), mapped: HashMap::new() };
+    let mut mapper = BarMapper::new(vm.clone(), mmio);
     for b in &bars {
         let dev = root.device(b.address).ok_or_else(|| {
             Error::PciLayout(format!("{} vanished during BAR assignment", b.address))
         })?;
-        mapper.map(&dev, b.bar, b.addr, b.len)?;
+        mapper.add(&dev, b.bar, b.addr, b.len)?;
     }
     root.set_bar_move_handler(Box::new(move |address, dev, m| mapper.moved(address, dev, m)));
     mmio.insert(Arc::new(Mutex::new(root)), pci::ECAM_BASE, pci::ECAM_SIZE)?;
@@ -303,13 +344,12 @@ mod tests {
     fn a_bar_move_moves_its_range_and_doorbells() {
         let doorbells = Recorder::default();
         let mmio = Arc::new(Bus::new());
-        let mut m =
-            BarMapper { doorbells: doorbells.clone(), mmio: mmio.clone(), mapped: HashMap::new() };
+        let mut m = BarMapper::new(doorbells.clone(), &mmio);
         let (a, a_dev) = bell();
         let (b, b_dev) = bell();
         let addr = PciAddress::new(0, 1, 0).unwrap();
-        m.map(&a_dev, 0, 0xc000_0000, 0x1000).unwrap();
-        m.map(&b_dev, 0, 0xc000_1000, 0x1000).unwrap();
+        m.add(&a_dev, 0, 0xc000_0000, 0x1000).unwrap();
+        m.add(&b_dev, 0, 0xc000_1000, 0x1000).unwrap();
         let a_fd = a.lock().unwrap().evt.as_raw_fd();
         let b_fd = b.lock().unwrap().evt.as_raw_fd();
 
@@ -330,5 +370,19 @@ mod tests {
         assert!(mmio.write(0xc000_1008, &[3]));
         assert_eq!(b.lock().unwrap().writes, [(8, 3)]);
         assert_eq!(*doorbells.0.lock().unwrap(), [(b_fd, 0xc000_1010)]);
+
+        // A swap, one BAR at a time: A lands on B's range first and is
+        // mapped as soon as B leaves it.
+        m.moved(addr, &a_dev, moved(0, 0xc000_1000));
+        assert!(mmio.write(0xc000_1008, &[4]));
+        assert_eq!(b.lock().unwrap().writes, [(8, 3), (8, 4)], "B still decodes");
+        m.moved(addr, &b_dev, moved(0xc000_1000, 0xc000_0000));
+        assert!(mmio.write(0xc000_1008, &[5]));
+        assert_eq!(a.lock().unwrap().writes, [(4, 2), (8, 5)], "A decodes once B left");
+        let mut bells = doorbells.0.lock().unwrap().clone();
+        bells.sort();
+        let mut want = vec![(a_fd, 0xc000_1010), (b_fd, 0xc000_0010)];
+        want.sort();
+        assert_eq!(bells, want);
     }
 }
