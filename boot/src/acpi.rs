@@ -126,16 +126,16 @@ pub struct PcieConfig {
     pub ecam_base: u64,
     /// 1 MiB per bus; 256 MiB for buses 0..=255.
     pub ecam_size: u64,
+    /// The highest bus number in use (0 without root ports). `_CRS` and the
+    /// MCFG entry stop there, because Linux scans every bus up to the MCFG's
+    /// end for peer host bridges (`pcibios_fixup_peer_bridges`): 32 config
+    /// reads, i.e. 32 VM exits, per bus, some 8000 for buses 0..=255 while
+    /// skiff has no hot-plug that could ever add a bus.
+    pub last_bus: u8,
     /// The 32-bit MMIO window as (base, size).
     pub mmio32: (u64, u64),
     /// The 64-bit MMIO window as (base, size), when there is one.
     pub mmio64: Option<(u64, u64)>,
-}
-
-impl PcieConfig {
-    fn last_bus(&self) -> u8 {
-        ((self.ecam_size >> 20).clamp(1, 256) - 1) as u8
-    }
 }
 
 /// Errors from [`create_acpi_tables`].
@@ -174,7 +174,7 @@ pub fn create_acpi_tables(
         // only, late); with it the guest uses ECAM from the first config
         // access instead of probing the legacy 0xCF8 ports.
         let mut mcfg = MCFG::new(cfg.oem_id, OEM_TABLE_ID, OEM_REVISION);
-        mcfg.add_ecam(pcie.ecam_base, 0, 0, pcie.last_bus());
+        mcfg.add_ecam(pcie.ecam_base, 0, 0, pcie.last_bus);
         push_table(&mut image, &to_bytes(&mcfg))
     });
 
@@ -504,7 +504,7 @@ fn pcie_aml(out: &mut Vec<u8>, pcie: &PcieConfig) {
     let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
 
     let (m32_base, m32_size) = pcie.mmio32;
-    let bus_range = aml::AddressSpace::new_bus_number(0u16, u16::from(pcie.last_bus()));
+    let bus_range = aml::AddressSpace::new_bus_number(0u16, u16::from(pcie.last_bus));
     let mmio32 = aml::AddressSpace::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
@@ -604,6 +604,7 @@ mod tests {
             pcie: Some(PcieConfig {
                 ecam_base: 0xe000_0000,
                 ecam_size: 0x1000_0000,
+                last_bus: 1,
                 mmio32: (0xc000_0000, 0x2000_0000),
                 mmio64: Some((0xc0_0000_0000, 0x40_0000_0000)),
             }),
@@ -667,10 +668,10 @@ mod tests {
         let mcfg = match cfg.pcie {
             Some(p) => {
                 let mcfg = table(&mem, le::<8>(&xsdt, 52), b"MCFG");
-                // One allocation: ECAM base, segment 0, buses 0..=255.
+                // One allocation: ECAM base, segment 0, buses 0..=last.
                 assert_eq!(mcfg.len(), 44 + 16);
                 assert_eq!(le::<8>(&mcfg, 44), p.ecam_base);
-                assert_eq!(&mcfg[52..56], &[0, 0, 0, 0xff]);
+                assert_eq!(&mcfg[52..56], &[0, 0, 0, p.last_bus]);
                 mcfg
             }
             None => Vec::new(),
@@ -859,7 +860,7 @@ mod tests {
         let flat: String = dsl.lines().map(|l| l.split("//").next().unwrap_or("")).collect();
         let flat: String = flat.split_whitespace().collect();
         for needle in [
-            "0x0000,0x0000,0x00FF,0x0000,0x0100",
+            "0x0000,0x0000,0x0001,0x0000,0x0002",
             "0x00000000,0xC0000000,0xDFFFFFFF,0x00000000,0x20000000",
             "0x000000C000000000,0x000000FFFFFFFFFF",
             // Slot 31, INTD → link (31 + 3) % 4 = 2; GSI2 is GSI 18, level.

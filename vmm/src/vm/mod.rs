@@ -212,7 +212,7 @@ pub fn run(
         let phys_bits = boot::cpu::phys_bits(&supported);
         let pcie = pcie::add_pcie(cfg, &vm, &mem, &mmio, &router, phys_bits)?;
         devices.virtio.extend(pcie.subscribers.iter().cloned());
-        Some(pcie.windows)
+        Some(pcie.layout)
     } else {
         None
     };
@@ -261,7 +261,7 @@ fn load_guest(
     mem: &GuestMemoryMmap,
     files: &mut BootFiles,
     devices: &Devices,
-    pcie: Option<pci::BarWindows>,
+    pcie: Option<pcie::PcieLayout>,
 ) -> Result<boot::linux::KernelEntry> {
     let serial = devices.serial.is_some();
     let kernel = boot::linux::load_kernel(mem, &mut files.kernel)
@@ -277,11 +277,12 @@ fn load_guest(
             pic: platform.pic,
             pit: platform.pit,
             virtio_mmio: devices.virtio_mmio.clone(),
-            pcie: pcie.map(|w| boot::acpi::PcieConfig {
+            pcie: pcie.map(|p| boot::acpi::PcieConfig {
                 ecam_base: pci::ECAM_BASE,
                 ecam_size: pci::ECAM_SIZE,
-                mmio32: (w.mmio32.base, w.mmio32.size),
-                mmio64: w.mmio64.map(|w| (w.base, w.size)),
+                last_bus: p.last_bus,
+                mmio32: (p.windows.mmio32.base, p.windows.mmio32.size),
+                mmio64: p.windows.mmio64.map(|w| (w.base, w.size)),
             }),
             ..Default::default()
         };

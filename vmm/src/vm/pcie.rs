@@ -27,10 +27,17 @@ use crate::config::{PciKind, VmConfig};
 
 /// What the rest of the VM needs from the root complex.
 pub(super) struct Pcie {
-    /// For the DSDT's `PCI0._CRS`.
-    pub windows: BarWindows,
+    pub layout: PcieLayout,
     /// Devices and INTx resamplers, served by the event loop.
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+}
+
+/// What the ACPI tables describe: `PCI0._CRS` and MCFG.
+#[derive(Clone, Copy)]
+pub(super) struct PcieLayout {
+    pub windows: BarWindows,
+    /// The highest bus number the allocator gave out.
+    pub last_bus: u8,
 }
 
 /// One BAR of one function, as the MMIO bus sees it.
@@ -195,6 +202,11 @@ pub(super) fn add_pcie(
     phys_bits: u8,
 ) -> Result<Pcie> {
     let placements = crate::pci_layout::place(cfg).map_err(Error::PciLayout)?;
+    let last_bus = placements
+        .iter()
+        .map(|p| p.secondary_bus.unwrap_or(0).max(p.address.bus))
+        .max()
+        .unwrap_or(0);
     let mut pci: Vec<_> = crate::pci_layout::pci_devices(cfg).zip(placements).collect();
     // A function behind a root port needs its port in the tree first.
     pci.sort_by_key(|(_, p)| p.address.bus);
@@ -260,7 +272,7 @@ pub(super) fn add_pcie(
     }
     root.set_bar_move_handler(Box::new(move |address, dev, m| mapper.moved(address, dev, m)));
     mmio.insert(Arc::new(Mutex::new(root)), pci::ECAM_BASE, pci::ECAM_SIZE)?;
-    Ok(Pcie { windows, subscribers })
+    Ok(Pcie { layout: PcieLayout { windows, last_bus }, subscribers })
 }
 
 /// `n` MSI-X vectors, each a GSI of its own with an irqfd on it.
