@@ -56,6 +56,13 @@ fn scenarios() -> Vec<Scenario> {
             ),
         ),
         Scenario::new("rng-pci-nomsi", SECS, pcie_command("-device virtio-rng-pci", "pci=nomsi")),
+        // Both transports at once: virtio-mmio moves off the root
+        // complex's INTx GSIs 16-19 to 20+.
+        Scenario::new(
+            "pci-and-mmio",
+            SECS,
+            pcie_command("-device virtio-rng-device -device virtio-rng-pci", ""),
+        ),
         // Two explicit devices on one address: QEMU's message naming both,
         // exit 1, before any guest starts (whatever the argv order).
         Scenario::new(
@@ -239,4 +246,22 @@ fn virtio_rng_pci_on_intx_with_pci_nomsi() {
     let lines = virtio_irqs(r);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("IO-APIC 17-fasteoi virtio0"), "{lines:?}\n{}", r.describe());
+}
+
+#[test]
+fn virtio_mmio_and_pci_side_by_side() {
+    let r = result("pci-and-mmio");
+    let fs = pci_functions(r);
+    let rng = function(&fs, "0000:00:01.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
+    assert_eq!((rng.1.as_str(), rng.3.as_str()), (VIRTIO_RNG_PCI, "virtio-pci"), "{fs:?}");
+    assert_rng_works(r);
+    let lines = virtio_irqs(r);
+    // The virtio-mmio device on GSI 20 (edge, see boot/src/acpi.rs), the
+    // PCI one on its MSI-X vectors.
+    assert!(
+        lines.iter().any(|l| l.contains("IO-APIC 20-edge virtio")),
+        "{lines:?}\n{}",
+        r.describe()
+    );
+    assert!(lines.iter().any(|l| l.contains("PCI-MSI") && l.ends_with("-config")), "{lines:?}");
 }
