@@ -26,6 +26,9 @@ file=$1
 : "${WORK_ROOT:=/tmp/skiff-work}"
 tab=$(printf '\t')
 export SKIFF QEMU BZIMAGE BZIMAGE_GENERIC VMLINUX INITRD STAMP
+# A scenario cut short by its time limit (SIGTERM) makes skiff print where
+# each vCPU was: the clue to a guest that stopped making progress.
+export SKIFF_STALL_DUMP=1
 
 while IFS="$tab" read -r name timeout cmd; do
 	case "$name" in

@@ -60,9 +60,12 @@ impl VcpuHandle {
 fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
     let tracing = trace::enabled();
     let mut exits = VcpuExits::default();
+    let mut last_exit = (ExitKind::Other, 0u64);
+    let mut count = 0u64;
     trace::milestone(Milestone::FirstVcpuEntry);
     while !ctx.stop.load(Ordering::Acquire) {
         let exit = vcpu.run();
+        count += 1;
         let t0 = tracing.then(std::time::Instant::now);
         let (kind, addr, claimed) = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -138,11 +141,57 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
                 break;
             }
         };
+        last_exit = (kind, addr);
         if let Some(t0) = t0 {
             exits.record(kind, addr, claimed, t0.elapsed());
         }
     }
     exits.merge();
+    if crate::signals::last_signal().is_some() && std::env::var_os("SKIFF_STALL_DUMP").is_some() {
+        dump_state(&vcpu, index, count, last_exit);
+    }
+}
+
+/// Where a vCPU was when a host signal ended the VM (`SKIFF_STALL_DUMP=1`):
+/// the test harness sets it, so a guest that stopped making progress shows
+/// whether it sat halted (waiting for an interrupt that never came: look at
+/// the LAPIC timer) or ran (a loop: look at RIP).
+fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u64)) {
+    let mut msg = format!("vcpu{index} at stop: {exits} exits, last {kind:?} {addr:#x}");
+    if let Ok(r) = vcpu.get_regs() {
+        msg += &format!(", RIP={:016x} RSP={:016x} RFL={:08x}", r.rip, r.rsp, r.rflags);
+    }
+    if let Ok(m) = vcpu.get_mp_state() {
+        // 0 runnable, 3 halted (KVM_MP_STATE_*).
+        msg += &format!(", mp_state={}", m.mp_state);
+    }
+    if let Ok(l) = vcpu.get_lapic() {
+        let reg = |off: usize| {
+            let b = &l.regs[off..off + 4];
+            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+        };
+        // Timer LVT, initial and current count; in-service and pending
+        // vectors (first dword of each of ISR and IRR, then any other).
+        let vectors =
+            |base: usize| (0..8).fold(0u64, |acc, i| acc | u64::from(reg(base + i * 16) != 0) << i);
+        msg += &format!(
+            ", LVTT={:08x} TMICT={:08x} TMCCT={:08x} ISR-words={:02x} IRR-words={:02x}",
+            reg(0x320),
+            reg(0x380),
+            reg(0x390),
+            vectors(0x100),
+            vectors(0x200)
+        );
+    }
+    if let Ok(e) = vcpu.get_vcpu_events() {
+        msg += &format!(", irq-window/nmi-pending={}/{}", e.interrupt.injected, e.nmi.pending);
+    }
+    eprintln_safe(&msg);
+}
+
+fn eprintln_safe(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skiff: {msg}");
 }
 
 /// Stops the VM with the error and the vCPU's registers, as QEMU prints them.
