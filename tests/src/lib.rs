@@ -496,8 +496,17 @@ fn rerun_stalled(
     let mut record =
         fs::OpenOptions::new().create(true).append(true).open(dir.join("stalled.txt"))?;
     for s in &stalled {
-        let last = by_name[&s.name].output.lines().rev().find(|l| !l.trim().is_empty());
-        writeln!(record, "{}: {} stalled after: {}", opts.log_name, s.name, last.unwrap_or(""))?;
+        let out = &by_name[&s.name].output;
+        // The guest's last words, then skiff's SKIFF_STALL_DUMP lines.
+        let last = out
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty() && !l.starts_with("skiff:"))
+            .unwrap_or("");
+        writeln!(record, "{}: {} stalled after: {last}", opts.log_name, s.name)?;
+        for l in out.lines().filter(|l| l.contains(" at stop: ")) {
+            writeln!(record, "    {l}")?;
+        }
     }
     println!("skiff-tests: {} timed out; running them once more: {names:?}", opts.log_name);
     let rerun_opts = RunOptions { log_name: format!("{}.rerun", opts.log_name), ..opts.clone() };
