@@ -504,7 +504,9 @@ fn rerun_stalled(
             .find(|l| !l.trim().is_empty() && !l.starts_with("skiff:"))
             .unwrap_or("");
         writeln!(record, "{}: {} stalled after: {last}", opts.log_name, s.name)?;
-        for l in out.lines().filter(|l| l.contains(" at stop: ")) {
+        for l in
+            out.lines().filter(|l| l.contains(" at stop: ") || l.contains(" at triple fault: "))
+        {
             writeln!(record, "    {l}")?;
         }
     }

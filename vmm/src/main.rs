@@ -9,6 +9,7 @@
 mod cli;
 mod config;
 mod console;
+mod console_writer;
 mod control;
 mod logger;
 mod memory;

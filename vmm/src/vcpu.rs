@@ -95,6 +95,9 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
             }
             // Triple fault: a PC resets (Linux's reboot=t relies on it).
             Ok(VcpuExit::Shutdown) => {
+                if stall_dump() {
+                    dump_state(&vcpu, index, count, last_exit, "triple fault");
+                }
                 ctx.control.request(VmEvent::Reset);
                 break;
             }
@@ -147,19 +150,31 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
         }
     }
     exits.merge();
-    if crate::signals::last_signal().is_some() && std::env::var_os("SKIFF_STALL_DUMP").is_some() {
-        dump_state(&vcpu, index, count, last_exit);
+    if crate::signals::last_signal().is_some() && stall_dump() {
+        dump_state(&vcpu, index, count, last_exit, "stop");
     }
 }
 
-/// Where a vCPU was when a host signal ended the VM (`SKIFF_STALL_DUMP=1`):
-/// the test harness sets it, so a guest that stopped making progress shows
-/// whether it sat halted (waiting for an interrupt that never came: look at
-/// the LAPIC timer) or ran (a loop: look at RIP).
-fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u64)) {
-    let mut msg = format!("vcpu{index} at stop: {exits} exits, last {kind:?} {addr:#x}");
+/// `SKIFF_STALL_DUMP=1`: print a vCPU's state when a signal ends the VM or
+/// when it triple-faults (the reset a guest did not ask for).
+fn stall_dump() -> bool {
+    std::env::var_os("SKIFF_STALL_DUMP").is_some()
+}
+
+/// Where a vCPU was when a host signal ended the VM or it triple-faulted
+/// (`SKIFF_STALL_DUMP=1`): the test harness sets it, so a guest that stopped
+/// making progress shows whether it sat halted (waiting for an interrupt
+/// that never came: look at the LAPIC timer) or ran (a loop: look at RIP).
+fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u64), at: &str) {
+    let mut msg = format!("vcpu{index} at {at}: {exits} exits, last {kind:?} {addr:#x}");
     if let Ok(r) = vcpu.get_regs() {
         msg += &format!(", RIP={:016x} RSP={:016x} RFL={:08x}", r.rip, r.rsp, r.rflags);
+    }
+    if let Ok(s) = vcpu.get_sregs() {
+        msg += &format!(
+            ", CS={:04x} CR0={:08x} CR3={:x} EFER={:x}",
+            s.cs.selector, s.cr0, s.cr3, s.efer
+        );
     }
     if let Ok(m) = vcpu.get_mp_state() {
         // 0 runnable, 3 halted (KVM_MP_STATE_*).

@@ -26,6 +26,8 @@ pub(super) type SerialHandle = (Arc<Mutex<Serial<EventFdTrigger>>>, EventFd, boo
 
 pub(super) struct Devices {
     pub serial: Option<SerialHandle>,
+    /// Writes the UART's output; finished when the run ends.
+    pub console: Option<crate::console_writer::ConsoleWriter>,
     pub rtc: Option<(Arc<Mutex<Rtc<EventFdTrigger>>>, EventFd)>,
     pub ged: Option<Arc<Mutex<Ged<EventFdTrigger>>>>,
     pub i8042: Option<Arc<Mutex<I8042<EventFdTrigger>>>>,
@@ -85,6 +87,7 @@ pub(super) fn add_devices(
     };
 
     let mut serial = None;
+    let mut console_writer = None;
     let mut i8042 = None;
     let mut ged = None;
     let mut virtio_mmio = Vec::new();
@@ -92,7 +95,10 @@ pub(super) fn add_devices(
     if let Some(backend) = console.open(first_run)? {
         let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let ready2 = ready.try_clone().map_err(io_err("eventfd"))?;
-        let dev = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, backend.output, ready2)));
+        let (sink, writer) =
+            crate::console_writer::spawn(backend.output).map_err(io_err("console thread"))?;
+        console_writer = Some(writer);
+        let dev = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, Box::new(sink), ready2)));
         pio.insert(dev.clone(), u64::from(COM1_PORT), 8)?;
         serial = Some((dev, ready, backend.stdin_input));
     }
@@ -150,7 +156,7 @@ pub(super) fn add_devices(
         mmio.insert(dev.clone(), GED_MMIO_BASE, GED_MMIO_SIZE)?;
         ged = Some(dev);
     }
-    Ok(Devices { serial, rtc, ged, i8042, virtio_mmio, virtio })
+    Ok(Devices { serial, console: console_writer, rtc, ged, i8042, virtio_mmio, virtio })
 }
 
 /// A virtio device behind a virtio-mmio window: queue notifications go to

@@ -234,11 +234,16 @@ pub fn run(
     }
 
     crate::trace::milestone(crate::trace::Milestone::VmReady);
+    let mut console = devices.console.take();
     let end = event_loop(&control, signal_evt, devices, qmp);
 
     stop.store(true, Ordering::Release);
     for h in handles {
         h.stop();
+    }
+    // The guest's last words reach the reader before skiff reports anything.
+    if let Some(c) = console.as_mut() {
+        c.finish();
     }
     let guest: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
     crate::trace::record_memory(&guest);
