@@ -110,10 +110,10 @@ fn write_loop(shared: &Shared, out: &mut dyn Write) {
         if !broken {
             // A reader that went away (EPIPE) takes no more; the guest keeps
             // running, as QEMU's does.
-            broken = out.write_all(&chunk).and_then(|()| out.flush()).is_err();
+            broken = write_fully(out, &chunk).is_err();
             if dropped > 0 && !broken {
                 let note = format!("\r\n[skiff: {dropped} bytes of guest output dropped]\r\n");
-                broken = out.write_all(note.as_bytes()).is_err();
+                broken = write_fully(out, note.as_bytes()).is_err();
             }
         }
         let empty = shared.lock().buf.is_empty();
@@ -121,6 +121,26 @@ fn write_loop(shared: &Shared, out: &mut dyn Write) {
             shared.drained.notify_all();
         }
     }
+}
+
+/// Writes all of `data`, waiting out a full non-blocking output: the
+/// descriptor may be shared with a terminal or pipe someone else made
+/// non-blocking (stdin and stdout are often one open file), and EAGAIN
+/// there means "later", not "gone".
+fn write_fully(out: &mut dyn Write, mut data: &[u8]) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    while !data.is_empty() {
+        match out.write(data) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    out.flush()
 }
 
 impl ConsoleWriter {
@@ -206,6 +226,41 @@ mod tests {
         assert!(got.contains("bytes of guest output dropped]"), "{got}");
         assert!(got.len() < 1000, "most of it was dropped: {}", got.len());
         assert!(got.starts_with("0123456789"), "{got}");
+    }
+
+    /// An output that takes at most 3 bytes a call and says EAGAIN every
+    /// other call, as a busy non-blocking pipe does.
+    struct Choppy {
+        got: Arc<Mutex<Vec<u8>>>,
+        calls: usize,
+    }
+
+    impl Write for Choppy {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 2 == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let n = data.len().min(3);
+            self.got.lock().unwrap().extend_from_slice(&data[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_non_blocking_output_loses_nothing() {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (mut sink, mut writer) =
+            spawn(Box::new(Choppy { got: got.clone(), calls: 0 })).unwrap();
+        for i in 0..200u32 {
+            sink.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        writer.finish();
+        let want: String = (0..200u32).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(String::from_utf8(got.lock().unwrap().clone()).unwrap(), want);
     }
 
     #[test]
