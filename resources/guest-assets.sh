@@ -22,6 +22,9 @@
 #                   Modules come from the Debian cloud kernel, or from
 #                   SKIFF_TEST_MODULES (a lib/modules/VERSION directory)
 #                   when SKIFF_TEST_KERNEL is set.
+#   l2/virtio_mmio.ko   Debian's virtio_mmio rebuilt (from linux-source,
+#                   against the cloud kernel's headers) with
+#                   CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, for acpi=off guests.
 #   tools/stamp, tools/outb   static helpers from resources/tools.
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
 #   l1/l1-base.cpio.zst   test-host root: busybox, KVM (and VFIO) modules,
@@ -289,8 +292,47 @@ if ! up_to_date "$CACHE/l2/vmlinux" "$k"; then
 	mark "$CACHE/l2/vmlinux" "$k"
 fi
 
+# ------------------------------- virtio_mmio with command-line devices
+# Debian builds virtio_mmio without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so
+# its guests cannot take a virtio-mmio device from `virtio_mmio.device=`
+# (how a VMM describes one without ACPI; NixOS kernels have the option).
+# The same driver source (linux-source, same version), built against the
+# same kernel's headers with the option on, replaces Debian's module in the
+# test initrd; it still finds devices through ACPI as before.
+MMIO_KO=
+if [ -z "${SKIFF_TEST_KERNEL:-}" ]; then
+	kver=${cloud_pkg#linux-image-}
+	major=$(echo "$kver" | cut -d. -f1-2)
+	kpkg_ver=$(version_of "$cloud_pkg")
+	k=$(key_of "$CACHE/l2/bzImage.key" "$(gcc -dumpfullversion)" "$kpkg_ver" "mmio-cmdline-v1")
+	if ! up_to_date "$CACHE/l2/virtio_mmio.ko" "$k"; then
+		log "building virtio_mmio.ko with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"
+		build="$CACHE/tmp/mmio-build"
+		rm -rf "$build"
+		mkdir -p "$build/root" "$build/mod"
+		# The headers packages form one tree (relative symlinks between them).
+		for p in "linux-headers-$kver" "linux-headers-${kver%-cloud-amd64}-common" "linux-kbuild-$major"; do
+			cp -a "$(fetch_pkg "$p" "$kpkg_ver")/." "$build/root/"
+		done
+		hdr="$build/root/usr/src/linux-headers-$kver"
+		sed -i "s|include /usr/src/|include $build/root/usr/src/|" "$hdr/Makefile"
+		src_dir=$(fetch_pkg "linux-source-$major" "$kpkg_ver")
+		tar -xJOf "$src_dir/usr/src/linux-source-$major.tar.xz" --wildcards '*/drivers/virtio/virtio_mmio.c' \
+			>"$build/mod/virtio_mmio.c" || die "no drivers/virtio/virtio_mmio.c in linux-source-$major"
+		printf 'obj-m := virtio_mmio.o\nccflags-y := -DCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES\n' >"$build/mod/Kbuild"
+		make -s -C "$hdr" M="$build/mod" modules >"$build/make.log" 2>&1 ||
+			{ cat "$build/make.log" >&2; die "building virtio_mmio.ko failed"; }
+		cp "$build/mod/virtio_mmio.ko" "$CACHE/l2/virtio_mmio.ko"
+		mark "$CACHE/l2/virtio_mmio.ko" "$k"
+		rm -rf "$build"
+		# The source package is big (140 MB) and needed only for this.
+		rm -rf "$src_dir"
+	fi
+	MMIO_KO="$CACHE/l2/virtio_mmio.ko"
+fi
+
 # --------------------------------------------------------- L2 initrd
-k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "${moddir:-nomodules}" "$L2_MODULES" "v1")
+k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "${moddir:-nomodules}" "$L2_MODULES" "${MMIO_KO:+$MMIO_KO.key}" "v1")
 if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	log "building l2/initrd.img"
 	root="$CACHE/tmp/l2root"
@@ -303,6 +345,7 @@ if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	if [ -n "$moddir" ]; then
 		for m in $L2_MODULES; do
 			f=$(find_module "$moddir" "$m")
+			[ "$m" != virtio_mmio ] || [ -z "$MMIO_KO" ] || f=$MMIO_KO
 			if [ -n "$f" ]; then
 				copy_module "$f" "$root/lib/modules" >>"$root/lib/modules/skiff-order"
 			else

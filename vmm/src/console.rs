@@ -3,7 +3,6 @@
 //! terminal put in raw mode for as long as the guest owns it.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
@@ -29,7 +28,8 @@ pub enum Error {
 
 /// The serial port's host side.
 pub struct SerialBackend {
-    pub output: Box<dyn Write + Send>,
+    /// None: the output is discarded (`-serial null`).
+    pub output: Option<File>,
     /// Read guest input from standard input.
     pub stdin_input: bool,
 }
@@ -90,14 +90,12 @@ impl ConsoleTarget {
     pub fn open(&self, first: bool) -> Result<Option<SerialBackend>, Error> {
         Ok(Some(match self {
             ConsoleTarget::None => return Ok(None),
-            ConsoleTarget::Null => {
-                SerialBackend { output: Box::new(std::io::sink()), stdin_input: false }
-            }
+            ConsoleTarget::Null => SerialBackend { output: None, stdin_input: false },
             ConsoleTarget::Stdio { .. } => {
                 // Unbuffered, so a prompt without a newline shows at once.
                 let fd: OwnedFd =
                     std::io::stdout().as_fd().try_clone_to_owned().map_err(Error::DupStdout)?;
-                SerialBackend { output: Box::new(File::from(fd)), stdin_input: true }
+                SerialBackend { output: Some(File::from(fd)), stdin_input: true }
             }
             ConsoleTarget::File { path, append } => {
                 let file = OpenOptions::new()
@@ -110,7 +108,7 @@ impl ConsoleTarget {
                         path: path.display().to_string(),
                         source,
                     })?;
-                SerialBackend { output: Box::new(file), stdin_input: false }
+                SerialBackend { output: Some(file), stdin_input: false }
             }
         }))
     }
@@ -170,6 +168,8 @@ pub fn restore_terminal() {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
     use crate::config::ChardevConfig;
 
@@ -204,8 +204,8 @@ mod tests {
         let path = std::env::temp_dir().join(format!("skiff-console-{}", std::process::id()));
         std::fs::write(&path, "old").unwrap();
         let t = ConsoleTarget::File { path: path.clone(), append: false };
-        t.open(true).unwrap().unwrap().output.write_all(b"one").unwrap();
-        t.open(false).unwrap().unwrap().output.write_all(b"two").unwrap();
+        t.open(true).unwrap().unwrap().output.unwrap().write_all(b"one").unwrap();
+        t.open(false).unwrap().unwrap().output.unwrap().write_all(b"two").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "onetwo");
         std::fs::remove_file(&path).unwrap();
     }

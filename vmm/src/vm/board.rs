@@ -95,10 +95,16 @@ pub(super) fn add_devices(
     if let Some(backend) = console.open(first_run)? {
         let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let ready2 = ready.try_clone().map_err(io_err("eventfd"))?;
-        let (sink, writer) =
-            crate::console_writer::spawn(backend.output).map_err(io_err("console thread"))?;
-        console_writer = Some(writer);
-        let dev = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, Box::new(sink), ready2)));
+        let out: Box<dyn std::io::Write + Send> = match backend.output {
+            Some(file) => {
+                let (sink, writer) =
+                    crate::console_writer::spawn(file).map_err(io_err("console thread"))?;
+                console_writer = Some(writer);
+                Box::new(sink)
+            }
+            None => Box::new(std::io::sink()),
+        };
+        let dev = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, out, ready2)));
         pio.insert(dev.clone(), u64::from(COM1_PORT), 8)?;
         serial = Some((dev, ready, backend.stdin_input));
     }
