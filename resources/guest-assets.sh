@@ -327,6 +327,7 @@ if [ -z "${SKIFF_TEST_KERNEL:-}" ]; then
 		rm -rf "$build"
 		# The source package is big (140 MB) and needed only for this.
 		rm -rf "$src_dir"
+		rm -f "$CACHE/debs/linux-source-${major}_"*.deb
 	fi
 	MMIO_KO="$CACHE/l2/virtio_mmio.ko"
 fi
