@@ -141,8 +141,19 @@ pub fn build_cpuid(
     index: u32,
     topo: Topology,
     features: &[(String, bool)],
+    tsc_deadline: bool,
 ) -> Result<CpuId> {
     let mut entries = supported.as_slice().to_vec();
+    // KVM emulates the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER) but
+    // KVM_GET_SUPPORTED_CPUID does not say so; QEMU and Firecracker set the
+    // bit. Without it Linux calibrates and verifies the LAPIC timer against
+    // another clock, which a loaded host can fail, leaving the guest with no
+    // timer at all. Set before the -cpu flags, so -tsc-deadline still wins.
+    if tsc_deadline {
+        if let Some(e) = entries.iter_mut().find(|e| e.function == 1 && e.index == 0) {
+            e.ecx |= 1 << 24;
+        }
+    }
     let per_pkg = topo.cores * topo.threads;
     let thread_bits = bits_for(topo.threads);
     let core_bits = bits_for(topo.cores);
@@ -164,7 +175,9 @@ pub fn build_cpuid(
         };
         if !*on {
             *r &= !(1 << bit);
-        } else if *r & (1 << bit) == 0 && name != "hypervisor" && name != "ht" {
+        } else if *r & (1 << bit) == 0
+            && !matches!(name.as_str(), "hypervisor" | "ht" | "tsc-deadline")
+        {
             // KVM_GET_SUPPORTED_CPUID is what the host can give; asking for
             // more would fault in the guest.
             log::warn!("-cpu: host does not support requested feature '{name}'");
@@ -456,7 +469,8 @@ mod tests {
     fn cpuid_flags_and_topology() {
         let topo = Topology { cpus: 4, cores: 2, threads: 2 };
         let feats = vec![("x2apic".to_string(), true), ("sgx".to_string(), false)];
-        let c = build_cpuid(&supported(), 3, topo, &feats).unwrap();
+        let c = build_cpuid(&supported(), 3, topo, &feats, true).unwrap();
+        assert_ne!(find(&c, 1, 0).ecx & (1 << 24), 0, "TSC deadline");
         let l1 = find(&c, 1, 0);
         assert_ne!(l1.ecx & (1 << 21), 0);
         assert_ne!(l1.ecx & (1 << 31), 0, "hypervisor bit");
@@ -475,7 +489,7 @@ mod tests {
         let topo = Topology { cpus: 1, cores: 1, threads: 1 };
         let feats = vec![("frobnicate".to_string(), true)];
         assert!(matches!(
-            build_cpuid(&supported(), 0, topo, &feats),
+            build_cpuid(&supported(), 0, topo, &feats, false),
             Err(Error::UnknownFeature(n)) if n == "frobnicate"
         ));
         assert!(check_features(&[("sse4_2".into(), true)]).is_ok());

@@ -218,7 +218,8 @@ pub fn run(
     };
 
     let entry = load_guest(cfg, &platform, &mem, files, &devices, pcie)?;
-    let vcpus = create_vcpus(cfg, &supported, &vm, &mem, &entry)?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let vcpus = create_vcpus(cfg, &supported, tsc_deadline, &vm, &mem, &entry)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles: Vec<VcpuHandle> = Vec::with_capacity(vcpus.len());
@@ -329,6 +330,7 @@ fn load_guest(
 fn create_vcpus(
     cfg: &VmConfig,
     supported: &kvm_bindings::CpuId,
+    tsc_deadline: bool,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     entry: &boot::linux::KernelEntry,
@@ -338,7 +340,7 @@ fn create_vcpus(
     (0..cfg.smp.cpus)
         .map(|i| {
             let vcpu = vm.create_vcpu(u64::from(i)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let cpuid = cpu::build_cpuid(supported, i, topo, &cfg.cpu.features)?;
+            let cpuid = cpu::build_cpuid(supported, i, topo, &cfg.cpu.features, tsc_deadline)?;
             cpu::set_cpuid(&vcpu, &cpuid)?;
             cpu::setup_msrs(&vcpu)?;
             cpu::setup_fpu(&vcpu)?;
