@@ -469,10 +469,22 @@ pub fn run_scenarios_with(
         .collect())
 }
 
+/// A vCPU triple-faulted (skiff's SKIFF_STALL_DUMP line) although the guest
+/// neither asked for a restart (reboot=t prints "reboot: Restarting
+/// system" first) nor panicked: the test host's corruption of guest state
+/// (see `rerun_stalled`), seen a moment later.
+fn unasked_reset(output: &str) -> bool {
+    output.contains(" at triple fault: ")
+        && !output.contains("reboot: Restarting system")
+        && !output.contains("Kernel panic")
+}
+
 /// A guest in the nested test host now and then stops making progress in
 /// the middle of its boot (output ends mid-line of the kernel log, the
 /// scenario hits its time limit) — seen at random points, more often when
-/// the host is loaded, in no repeatable place. Such scenarios (rc 124) run
+/// the host is loaded, in no repeatable place; `SKIFF_STALL_DUMP` shows the
+/// guest's registers replaced by the test host's own then. Such scenarios
+/// (rc 124, or a reset the guest did not ask for: `unasked_reset`) run
 /// once more, alone, in a fresh test host; the first attempt's log stays in
 /// `<batch>.stalled.log` and every rerun is recorded in `stalled.txt` next
 /// to it, so a hang that is skiff's (it would stall again) still fails.
@@ -484,7 +496,9 @@ fn rerun_stalled(
 ) -> Result<(), Error> {
     let stalled: Vec<Scenario> = scenarios
         .iter()
-        .filter(|s| by_name.get(&s.name).is_some_and(|r| r.rc == Some(124)))
+        .filter(|s| {
+            by_name.get(&s.name).is_some_and(|r| r.rc == Some(124) || unasked_reset(&r.output))
+        })
         .cloned()
         .collect();
     if stalled.is_empty() || opts.log_name.ends_with(".rerun") {
@@ -609,6 +623,16 @@ mod unit {
     use super::*;
 
     const LOG: &str = "SKIFF-L1-READY uptime=3.1\r\n=== BEGIN a\r\n[    1.0] x\r\nSKIFF-INIT-OK\r\nSKIFF-NPROC=2\r\n\r\n=== END a rc=0 ms=812\r\n=== BEGIN b\r\nno newline\r\n=== END b rc=124 ms=90000\r\n=== BEGIN c\r\npartial\r\n";
+
+    #[test]
+    fn unasked_resets_are_told_from_reboots_and_panics() {
+        let dump =
+            "skiff: vcpu0 at triple fault: 1572 exits, last PioIn 0x3fd, RIP=000000000000fff0";
+        assert!(unasked_reset(&format!("[ 0.0] NX (Execute Disable) {dump}")));
+        assert!(!unasked_reset(&format!("[ 6.4] reboot: Restarting system\n{dump}")));
+        assert!(!unasked_reset(&format!("[ 4.7] Kernel panic - not syncing: sysrq\n{dump}")));
+        assert!(!unasked_reset("[ 6.4] reboot: Power down"));
+    }
 
     #[test]
     fn test_host_oops_is_recognised() {
