@@ -49,7 +49,7 @@ pub(crate) struct BusNode {
 
 /// A device that panicked while holding its lock is used as it was; see
 /// `devices::bus`.
-pub(crate) fn lock(dev: &SharedDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
+pub fn lock(dev: &SharedDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
     dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -150,6 +150,12 @@ fn function<'a>(
     fs.iter().find(|f| f.0 == addr)
 }
 
+/// The function at `addr` is a virtio-rng-pci bound to virtio_pci.
+fn assert_rng_pci_at(r: &ScenarioResult, fs: &[(String, String, String, String)], addr: &str) {
+    let rng = function(fs, addr).unwrap_or_else(|| panic!("no {addr}: {fs:?}\n{}", r.describe()));
+    assert_eq!((rng.1.as_str(), rng.3.as_str()), (VIRTIO_RNG_PCI, "virtio-pci"), "{fs:?}");
+}
+
 const HOST_BRIDGE: &str = "1b36:0008";
 const ROOT_PORT: &str = "1b36:000c";
 const VIRTIO_RNG_PCI: &str = "1af4:1044";
@@ -190,8 +196,7 @@ fn virtio_rng_pci_at_the_first_free_slot_on_msix() {
     let fs = pci_functions(r);
     assert_eq!(fs.len(), 2, "{fs:?}\n{}", r.describe());
     assert_eq!(function(&fs, "0000:00:00.0").map(|f| f.1.as_str()), Some(HOST_BRIDGE), "{fs:?}");
-    let rng = function(&fs, "0000:00:01.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
-    assert_eq!((rng.1.as_str(), rng.3.as_str()), (VIRTIO_RNG_PCI, "virtio-pci"), "{fs:?}");
+    assert_rng_pci_at(r, &fs, "0000:00:01.0");
     assert_rng_works(r);
     // One vector per queue and one for config: MSI-X, not the IOAPIC.
     assert_msix(r, "virtio0");
@@ -228,8 +233,7 @@ fn virtio_rng_behind_a_root_port() {
     let fs = pci_functions(r);
     let port = function(&fs, "0000:00:01.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
     assert_eq!((port.1.as_str(), port.2.as_str(), port.3.as_str()), (ROOT_PORT, "01", "pcieport"));
-    let rng = function(&fs, "0000:01:00.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
-    assert_eq!((rng.1.as_str(), rng.3.as_str()), (VIRTIO_RNG_PCI, "virtio-pci"), "{fs:?}");
+    assert_rng_pci_at(r, &fs, "0000:01:00.0");
     assert_rng_works(r);
     assert_msix(r, "virtio0");
 }
@@ -250,8 +254,7 @@ fn virtio_rng_pci_on_intx_with_pci_nomsi() {
 fn virtio_mmio_and_pci_side_by_side() {
     let r = result("pci-and-mmio");
     let fs = pci_functions(r);
-    let rng = function(&fs, "0000:00:01.0").unwrap_or_else(|| panic!("{fs:?}\n{}", r.describe()));
-    assert_eq!((rng.1.as_str(), rng.3.as_str()), (VIRTIO_RNG_PCI, "virtio-pci"), "{fs:?}");
+    assert_rng_pci_at(r, &fs, "0000:00:01.0");
     assert_rng_works(r);
     let lines = virtio_irqs(r);
     // The virtio-mmio device on GSI 20 (edge, see boot/src/acpi.rs), the

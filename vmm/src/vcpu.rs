@@ -185,8 +185,8 @@ fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u6
             let b = &l.regs[off..off + 4];
             u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
         };
-        // Timer LVT, initial and current count; in-service and pending
-        // vectors (first dword of each of ISR and IRR, then any other).
+        // Timer LVT, initial and current count; which of the eight 32-bit
+        // words of ISR (in service) and IRR (pending) have a vector set.
         let vectors =
             |base: usize| (0..8).fold(0u64, |acc, i| acc | u64::from(reg(base + i * 16) != 0) << i);
         msg += &format!(
@@ -199,13 +199,10 @@ fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u6
         );
     }
     if let Ok(e) = vcpu.get_vcpu_events() {
-        msg += &format!(", irq-window/nmi-pending={}/{}", e.interrupt.injected, e.nmi.pending);
+        msg += &format!(", irq-injected/nmi-pending={}/{}", e.interrupt.injected, e.nmi.pending);
     }
-    eprintln_safe(&msg);
-}
-
-fn eprintln_safe(msg: &str) {
     use std::io::Write;
+    // As elsewhere: a failed stderr write must not abort skiff.
     let _ = writeln!(std::io::stderr(), "skiff: {msg}");
 }
 

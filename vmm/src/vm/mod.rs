@@ -175,7 +175,6 @@ impl BootFiles {
     }
 }
 
-/// The devices the event loop and (later) the monitor reach.
 /// Builds and runs the machine once.
 pub fn run(
     cfg: &VmConfig,
@@ -211,7 +210,7 @@ pub fn run(
     let pcie = if platform.pcie {
         let phys_bits = boot::cpu::phys_bits(&supported);
         let pcie = pcie::add_pcie(cfg, &vm, &mem, &mmio, &router, phys_bits)?;
-        devices.virtio.extend(pcie.subscribers.iter().cloned());
+        devices.virtio.extend(pcie.subscribers);
         Some(pcie.layout)
     } else {
         None

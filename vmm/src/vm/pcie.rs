@@ -14,6 +14,7 @@ use devices::virtio::{RateLimit, Rng};
 use devices::{Bus, BusDevice};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use pci::root::lock;
 use pci::virtio_pci::{vectors_needed, Placement as Location};
 use pci::{
     BarReprogram, BarWindows, MsiRouter, MsixVector, PciAddress, PciRoot, RootPort, RootPortParams,
@@ -54,10 +55,6 @@ impl BusDevice for BarAccess {
     fn write(&mut self, offset: u64, data: &[u8]) {
         lock(&self.dev).bar_write(self.bar, offset, data);
     }
-}
-
-fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn pci::PciDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Raises a virtio-pci function's INTx again after the guest's EOI while
@@ -131,10 +128,16 @@ impl<D: Doorbells> BarMapper<D> {
         (Arc::as_ptr(dev) as *const () as usize, bar)
     }
 
-    /// Records a BAR at `addr` and maps it there.
-    fn add(&mut self, dev: &SharedDevice, bar: usize, addr: u64, len: u64) -> Result<()> {
+    /// Records where a BAR now is, not yet mapped; returns its key.
+    fn record(&mut self, dev: &SharedDevice, bar: usize, addr: u64, len: u64) -> (usize, usize) {
         let key = Self::key(dev, bar);
         self.bars.insert(key, BarState { dev: dev.clone(), bar, addr, len, mapped: false });
+        key
+    }
+
+    /// Records a BAR at `addr` and maps it there.
+    fn add(&mut self, dev: &SharedDevice, bar: usize, addr: u64, len: u64) -> Result<()> {
+        let key = self.record(dev, bar, addr, len);
         self.map(key)
     }
 
@@ -173,12 +176,10 @@ impl<D: Doorbells> BarMapper<D> {
     /// Linux reprograms BARs one register at a time, so an overlap can be
     /// a step on the way to a valid layout.
     fn moved(&mut self, address: PciAddress, dev: &SharedDevice, m: BarReprogram) {
-        let key = Self::key(dev, m.index);
-        self.unmap(key);
-        self.bars.insert(
-            key,
-            BarState { dev: dev.clone(), bar: m.index, addr: m.new, len: m.len, mapped: false },
-        );
+        let moved = Self::key(dev, m.index);
+        self.unmap(moved);
+        self.record(dev, m.index, m.new, m.len);
+        // The moved BAR, and any other that waited for its old range.
         let waiting: Vec<_> = self
             .bars
             .iter()
@@ -187,7 +188,10 @@ impl<D: Doorbells> BarMapper<D> {
             .collect();
         for k in waiting {
             if let Err(e) = self.map(k) {
-                log::debug!("pci: {address} BAR {} at {:#x} not mapped: {e}", m.index, m.new);
+                let st = &self.bars[&k];
+                let whose =
+                    if k == moved { address.to_string() } else { "another function".into() };
+                log::debug!("pci: {whose} BAR {} at {:#x} not mapped: {e}", st.bar, st.addr);
             }
         }
     }
