@@ -60,8 +60,15 @@ impl Scenario {
 }
 
 /// Shell helpers for `Scenario::script`: `wait_for MARKER FILE SECS` waits
-/// until FILE has a line with MARKER (returns 1 on time-out).
+/// until FILE has a line with MARKER (returns 1 on time-out);
+/// `count_lines MARKER FILE` prints how many lines have MARKER (0 when FILE
+/// does not exist yet: a backgrounded `cmd > FILE &` opens FILE in the
+/// child, which may not have run when the script first looks).
 pub const SCRIPT_PRELUDE: &str = r#"
+count_lines() {
+	n=$(grep -c "$1" "$2" 2>/dev/null)
+	echo "${n:-0}"
+}
 wait_for() {
 	i=0
 	while [ "$i" -lt $(($3 * 10)) ]; do

@@ -31,7 +31,8 @@
 # (rc 124 on time-out). Progress goes to stderr; SKIFF_TEST_VERBOSE=1 shows
 # the whole console live, SKIFF_TEST_VERBOSE=scenario the scenarios' output.
 # Test host knobs: SKIFF_L1_MEM (MiB, default 3072), SKIFF_L1_CPU (default
-# max), SKIFF_L1_APPEND (more
+# max), SKIFF_L1_SMP (default 2), SKIFF_L1_ACCEL (default tcg,thread=multi),
+# SKIFF_L1_APPEND (more
 # kernel parameters), SKIFF_TEST_INTERACTIVE=1 (terminal wired to the
 # console, for ":console" scenarios), SKIFF_TEST_BOOT_ALLOWANCE (seconds
 # added to the scenarios' limits for the overall limit, default 180).
@@ -204,7 +205,8 @@ if [ "${SKIFF_TEST_INTERACTIVE:-0}" = 1 ]; then
 	serial=mon:stdio
 	tflags=(--foreground)
 fi
-timeout "${tflags[@]}" "$overall" "$QEMU_HOST" -M q35 -accel tcg,thread=multi -cpu "${SKIFF_L1_CPU:-max}" -smp 2 \
+timeout "${tflags[@]}" "$overall" "$QEMU_HOST" -M q35 -accel "${SKIFF_L1_ACCEL:-tcg,thread=multi}" \
+	-cpu "${SKIFF_L1_CPU:-max}" -smp "${SKIFF_L1_SMP:-2}" \
 	-m "${SKIFF_L1_MEM:-3072}" -nodefaults -no-user-config -display none -monitor none -serial "$serial" \
 	-no-reboot -kernel "$SKIFF_L1_KERNEL" -initrd "$tmp/initrd" \
 	-append "console=ttyS0 quiet panic=-1 mitigations=off ${SKIFF_L1_APPEND:-}" <"$stdin_src" 2>&1 | progress

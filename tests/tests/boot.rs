@@ -69,10 +69,11 @@ fn restart_script() -> String {
         .replace(" -no-reboot", "")
         .replace("pcie=off", "pcie=on");
     format!(
-        "{cmd} > out.txt 2>&1 &\n\
+        ": > out.txt\n\
+         {cmd} > out.txt 2>&1 &\n\
          pid=$!\n\
-         i=0; while [ $(grep -c SKIFF-INIT-OK out.txt) -lt 2 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n\
-         echo \"INIT-COUNT=$(grep -c SKIFF-INIT-OK out.txt)\"\n\
+         i=0; while [ \"$(count_lines SKIFF-INIT-OK out.txt)\" -lt 2 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo \"INIT-COUNT=$(count_lines SKIFF-INIT-OK out.txt)\"\n\
          kill -TERM $pid\n\
          wait $pid\n\
          echo \"SIGTERM-RC=$?\"\n\

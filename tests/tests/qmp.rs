@@ -16,7 +16,7 @@ fn start(action: &str) -> String {
         "-qmp unix:q.sock,server,nowait",
         &format!("skiff.test={action}"),
     );
-    format!("rm -f q.sock\n{cmd} > out.txt 2>&1 &\npid=$!\nwait_for SKIFF-WAITING out.txt 90\n")
+    format!("rm -f q.sock\n: > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\nwait_for SKIFF-WAITING out.txt 90\n")
 }
 
 /// After skiff exits: its status, whether the socket still accepts, and

@@ -157,7 +157,7 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
 
 /// `SKIFF_STALL_DUMP=1`: print a vCPU's state when a signal ends the VM or
 /// when it triple-faults (the reset a guest did not ask for).
-fn stall_dump() -> bool {
+pub(crate) fn stall_dump() -> bool {
     std::env::var_os("SKIFF_STALL_DUMP").is_some()
 }
 
@@ -189,8 +189,12 @@ fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u6
         // words of ISR (in service) and IRR (pending) have a vector set.
         let vectors =
             |base: usize| (0..8).fold(0u64, |acc, i| acc | u64::from(reg(base + i * 16) != 0) << i);
+        // SVR and LINT0 say whether the 8259's ExtINT can reach this vCPU
+        // (virtual-wire mode, the only way without an IOAPIC).
         msg += &format!(
-            ", LVTT={:08x} TMICT={:08x} TMCCT={:08x} ISR-words={:02x} IRR-words={:02x}",
+            ", SVR={:08x} LINT0={:08x} LVTT={:08x} TMICT={:08x} TMCCT={:08x} ISR-words={:02x} IRR-words={:02x}",
+            reg(0xf0),
+            reg(0x350),
             reg(0x320),
             reg(0x380),
             reg(0x390),

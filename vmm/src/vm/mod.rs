@@ -241,6 +241,9 @@ pub fn run(
     for h in handles {
         h.stop();
     }
+    if crate::signals::last_signal().is_some() && crate::vcpu::stall_dump() {
+        dump_interrupt_controllers(&vm, platform.pit);
+    }
     // The guest's last words reach the reader before skiff reports anything.
     if let Some(c) = console.as_mut() {
         c.finish();
@@ -257,6 +260,44 @@ pub fn run(
     }
     drop(mem);
     end
+}
+
+/// With the vCPUs' dumps (`SKIFF_STALL_DUMP=1`): the 8259s, the IOAPIC's
+/// timer pin and the PIT, where a guest waiting for a timer interrupt that
+/// never came shows which link of PIT → 8259/IOAPIC → LAPIC broke.
+fn dump_interrupt_controllers(vm: &VmFd, pit: bool) {
+    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+    let mut msg = String::from("interrupt controllers at stop:");
+    for (id, name) in [(KVM_IRQCHIP_PIC_MASTER, "pic0"), (KVM_IRQCHIP_PIC_SLAVE, "pic1")] {
+        let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+        if vm.get_irqchip(&mut chip).is_ok() {
+            // SAFETY: chip_id selects the `pic` member of the union.
+            let p = unsafe { chip.chip.pic };
+            msg += &format!(
+                " {name}: irr={:02x} imr={:02x} isr={:02x} base={:02x} init={} aeoi={} elcr={:02x};",
+                p.irr, p.imr, p.isr, p.irq_base, p.init_state, p.auto_eoi, p.elcr
+            );
+        }
+    }
+    let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
+    if vm.get_irqchip(&mut chip).is_ok() {
+        // SAFETY: chip_id selects the `ioapic` member of the union.
+        let io = unsafe { chip.chip.ioapic };
+        // SAFETY: every redirection entry is plain bits.
+        let pin2 = unsafe { io.redirtbl[2].bits };
+        msg += &format!(" ioapic: irr={:06x} pin2={pin2:016x};", io.irr);
+    }
+    if pit {
+        if let Ok(p) = vm.get_pit2() {
+            let c = &p.channels[0];
+            msg += &format!(
+                " pit0: mode={} count={} gate={} flags={:x}",
+                c.mode, c.count, c.gate, p.flags
+            );
+        }
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skiff: {msg}");
 }
 
 /// Loads kernel and initrd, writes firmware tables and boot parameters.
