@@ -19,12 +19,13 @@
 #   l2/vmlinux      the same kernel uncompressed (ELF with the PVH note), or
 #                   SKIFF_TEST_VMLINUX when given.
 #   l2/initrd.img   busybox-static + virtio modules + resources/guest/init.
-#                   Modules come from the Debian cloud kernel, or from
-#                   SKIFF_TEST_MODULES (a lib/modules/VERSION directory)
-#                   when SKIFF_TEST_KERNEL is set.
-#   l2/virtio_mmio.ko   Debian's virtio_mmio rebuilt (from linux-source,
-#                   against the cloud kernel's headers) with
-#                   CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, for acpi=off guests.
+#                   Modules come from the Debian cloud kernel (or from
+#                   SKIFF_TEST_MODULES, a lib/modules/VERSION directory,
+#                   when SKIFF_TEST_KERNEL is set) and from the generic one.
+#   l2/virtio_mmio.ko, l2/generic/virtio_mmio.ko   Debian's virtio_mmio
+#                   rebuilt (from linux-source, against each kernel's
+#                   headers) with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, for
+#                   acpi=off guests.
 #   tools/stamp, tools/outb   static helpers from resources/tools.
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
 #   l1/l1-base.cpio.zst   test-host root: busybox, KVM (and VFIO) modules,
@@ -292,74 +293,6 @@ if ! up_to_date "$CACHE/l2/vmlinux" "$k"; then
 	mark "$CACHE/l2/vmlinux" "$k"
 fi
 
-# ------------------------------- virtio_mmio with command-line devices
-# Debian builds virtio_mmio without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so
-# its guests cannot take a virtio-mmio device from `virtio_mmio.device=`
-# (how a VMM describes one without ACPI; NixOS kernels have the option).
-# The same driver source (linux-source, same version), built against the
-# same kernel's headers with the option on, replaces Debian's module in the
-# test initrd; it still finds devices through ACPI as before.
-MMIO_KO=
-if [ -z "${SKIFF_TEST_KERNEL:-}" ]; then
-	kver=${cloud_pkg#linux-image-}
-	major=$(echo "$kver" | cut -d. -f1-2)
-	kpkg_ver=$(version_of "$cloud_pkg")
-	k=$(key_of "$CACHE/l2/bzImage.key" "$(gcc -dumpfullversion)" "$kpkg_ver" "mmio-cmdline-v1")
-	if ! up_to_date "$CACHE/l2/virtio_mmio.ko" "$k"; then
-		log "building virtio_mmio.ko with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"
-		build="$CACHE/tmp/mmio-build"
-		rm -rf "$build"
-		mkdir -p "$build/root" "$build/mod"
-		# The headers packages form one tree (relative symlinks between them).
-		for p in "linux-headers-$kver" "linux-headers-${kver%-cloud-amd64}-common" "linux-kbuild-$major"; do
-			cp -a "$(fetch_pkg "$p" "$kpkg_ver")/." "$build/root/"
-		done
-		hdr="$build/root/usr/src/linux-headers-$kver"
-		sed -i "s|include /usr/src/|include $build/root/usr/src/|" "$hdr/Makefile"
-		src_dir=$(fetch_pkg "linux-source-$major" "$kpkg_ver")
-		tar -xJOf "$src_dir/usr/src/linux-source-$major.tar.xz" --wildcards '*/drivers/virtio/virtio_mmio.c' \
-			>"$build/mod/virtio_mmio.c" || die "no drivers/virtio/virtio_mmio.c in linux-source-$major"
-		printf 'obj-m := virtio_mmio.o\nccflags-y := -DCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES\n' >"$build/mod/Kbuild"
-		make -s -C "$hdr" M="$build/mod" modules >"$build/make.log" 2>&1 ||
-			{ cat "$build/make.log" >&2; die "building virtio_mmio.ko failed"; }
-		cp "$build/mod/virtio_mmio.ko" "$CACHE/l2/virtio_mmio.ko"
-		mark "$CACHE/l2/virtio_mmio.ko" "$k"
-		rm -rf "$build"
-		# The source package is big (140 MB) and needed only for this.
-		rm -rf "$src_dir"
-		rm -f "$CACHE/debs/linux-source-${major}_"*.deb
-	fi
-	MMIO_KO="$CACHE/l2/virtio_mmio.ko"
-fi
-
-# --------------------------------------------------------- L2 initrd
-k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "${moddir:-nomodules}" "$L2_MODULES" "${MMIO_KO:+$MMIO_KO.key}" "v1")
-if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
-	log "building l2/initrd.img"
-	root="$CACHE/tmp/l2root"
-	rm -rf "$root"
-	mkdir -p "$root"/{proc,sys,dev,tmp,run,lib/modules}
-	install_busybox "$BUSYBOX" "$root"
-	cp "$OUTB" "$root/bin/outb"
-	install -m 0755 "$REPO/resources/guest/init" "$root/init"
-	: >"$root/lib/modules/skiff-order"
-	if [ -n "$moddir" ]; then
-		for m in $L2_MODULES; do
-			f=$(find_module "$moddir" "$m")
-			[ "$m" != virtio_mmio ] || [ -z "$MMIO_KO" ] || f=$MMIO_KO
-			if [ -n "$f" ]; then
-				copy_module "$f" "$root/lib/modules" >>"$root/lib/modules/skiff-order"
-			else
-				log "note: module $m not in $moddir (built in or absent)"
-			fi
-		done
-	fi
-	make_cpio "$root" | gzip -6 >"$CACHE/l2/initrd.img.tmp"
-	mv "$CACHE/l2/initrd.img.tmp" "$CACHE/l2/initrd.img"
-	rm -rf "$root"
-	mark "$CACHE/l2/initrd.img" "$k"
-fi
-
 # ------------------------------------------ L2 kernel with MP tables
 # Debian's generic kernel (CONFIG_X86_MPPARSE=y, unlike the cloud one):
 # the acpi=off tests boot it, since without ACPI the MP table is the only
@@ -369,6 +302,105 @@ generic_kernel=$(find "$generic_dir/boot" -name 'vmlinuz-*' -print -quit)
 [ -f "$generic_kernel" ] || die "no vmlinuz in $generic_pkg"
 if ! cmp -s "$generic_kernel" "$CACHE/l2/bzImage-generic" 2>/dev/null; then
 	cp "$generic_kernel" "$CACHE/l2/bzImage-generic"
+fi
+
+# ------------------------------- virtio_mmio with command-line devices
+# Debian builds virtio_mmio without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so
+# its guests cannot take a virtio-mmio device from `virtio_mmio.device=`
+# (how a VMM describes one without ACPI; NixOS kernels have the option).
+# The same driver source (linux-source, same version), built against each
+# Debian kernel's headers with the option on, replaces Debian's module in
+# the test initrd; it still finds devices through ACPI as before. The one
+# source file is kept, so the 140 MB source package is fetched only once.
+kpkg_ver=$(version_of "$cloud_pkg")
+kpkg_ver=${kpkg_ver:-$(version_of "$generic_pkg")}
+major=$(echo "${generic_pkg#linux-image-}" | cut -d. -f1-2)
+MMIO_SRC="$CACHE/l2/src/virtio_mmio-${kpkg_ver//:/%3a}.c"
+if [ ! -f "$MMIO_SRC" ]; then
+	mkdir -p "$CACHE/l2/src"
+	src_dir=$(fetch_pkg "linux-source-$major" "$kpkg_ver")
+	tar -xJOf "$src_dir/usr/src/linux-source-$major.tar.xz" --wildcards '*/drivers/virtio/virtio_mmio.c' \
+		>"$MMIO_SRC.tmp" || die "no drivers/virtio/virtio_mmio.c in linux-source-$major"
+	mv "$MMIO_SRC.tmp" "$MMIO_SRC"
+	rm -rf "$src_dir"
+	rm -f "$CACHE/debs/linux-source-${major}_"*.deb
+fi
+
+# build_mmio_ko KVER OUT: virtio_mmio.ko for Debian's kernel KVER
+# (6.1.0-56-cloud-amd64, 6.1.0-56-amd64) with command-line devices.
+build_mmio_ko() {
+	local kver=$1 out=$2 k build hdr p
+	k=$(key_of "$MMIO_SRC" "$(gcc -dumpfullversion)" "$kver" "$kpkg_ver" "mmio-cmdline-v2")
+	up_to_date "$out" "$k" && return
+	log "building virtio_mmio.ko for $kver with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"
+	build="$CACHE/tmp/mmio-build"
+	rm -rf "$build"
+	mkdir -p "$build/root" "$build/mod"
+	# The headers packages form one tree (relative symlinks between them).
+	for p in "linux-headers-$kver" "linux-headers-$(echo "$kver" | sed -E 's/-(cloud-)?amd64$//')-common" \
+		"linux-kbuild-$major"; do
+		cp -a "$(fetch_pkg "$p" "$kpkg_ver")/." "$build/root/"
+	done
+	hdr="$build/root/usr/src/linux-headers-$kver"
+	sed -i "s|include /usr/src/|include $build/root/usr/src/|" "$hdr/Makefile"
+	cp "$MMIO_SRC" "$build/mod/virtio_mmio.c"
+	printf 'obj-m := virtio_mmio.o\nccflags-y := -DCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES\n' >"$build/mod/Kbuild"
+	make -s -C "$hdr" M="$build/mod" modules >"$build/make.log" 2>&1 ||
+		{ cat "$build/make.log" >&2; die "building virtio_mmio.ko for $kver failed"; }
+	cp "$build/mod/virtio_mmio.ko" "$out"
+	mark "$out" "$k"
+	rm -rf "$build"
+}
+
+MMIO_KO=
+if [ -z "${SKIFF_TEST_KERNEL:-}" ]; then
+	MMIO_KO="$CACHE/l2/virtio_mmio.ko"
+	build_mmio_ko "${cloud_pkg#linux-image-}" "$MMIO_KO"
+fi
+# Its own directory: the file name is the module name init passes
+# `virtio_mmio.*` parameters to.
+mkdir -p "$CACHE/l2/generic"
+MMIO_KO_GENERIC="$CACHE/l2/generic/virtio_mmio.ko"
+build_mmio_ko "${generic_pkg#linux-image-}" "$MMIO_KO_GENERIC"
+generic_moddir=$(find "$generic_dir/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit)
+[ -d "$generic_moddir" ] || die "no lib/modules in $generic_pkg"
+
+# --------------------------------------------------------- L2 initrd
+# Modules for both guest kernels, each under /lib/modules/VERSION with its
+# load order: init picks the running kernel's (uname -r).
+k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "${moddir:-nomodules}" "$generic_moddir" \
+	"$L2_MODULES" "${MMIO_KO:+$MMIO_KO.key}" "$MMIO_KO_GENERIC.key" "v2")
+if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
+	log "building l2/initrd.img"
+	root="$CACHE/tmp/l2root"
+	rm -rf "$root"
+	mkdir -p "$root"/{proc,sys,dev,tmp,run,lib/modules}
+	install_busybox "$BUSYBOX" "$root"
+	cp "$OUTB" "$root/bin/outb"
+	install -m 0755 "$REPO/resources/guest/init" "$root/init"
+	# add_modules MODDIR MMIO_KO: MODDIR's share of L2_MODULES, virtio_mmio
+	# replaced by MMIO_KO when given.
+	add_modules() {
+		local dest m f
+		dest="$root/lib/modules/$(basename "$1")"
+		mkdir -p "$dest"
+		: >"$dest/skiff-order"
+		for m in $L2_MODULES; do
+			f=$(find_module "$1" "$m")
+			[ "$m" != virtio_mmio ] || [ -z "$2" ] || f=$2
+			if [ -n "$f" ]; then
+				copy_module "$f" "$dest" >>"$dest/skiff-order"
+			else
+				log "note: module $m not in $1 (built in or absent)"
+			fi
+		done
+	}
+	[ -z "$moddir" ] || add_modules "$moddir" "$MMIO_KO"
+	add_modules "$generic_moddir" "$MMIO_KO_GENERIC"
+	make_cpio "$root" | gzip -6 >"$CACHE/l2/initrd.img.tmp"
+	mv "$CACHE/l2/initrd.img.tmp" "$CACHE/l2/initrd.img"
+	rm -rf "$root"
+	mark "$CACHE/l2/initrd.img" "$k"
 fi
 
 # ------------------------------------------------------------ L1 host

@@ -58,7 +58,7 @@ pub const GED_PWR_DOWN_EVT: u32 = ged::GED_EVT_POWER_BUTTON;
 /// SLP_TYP value advertised by `\_S5_`.
 pub const GED_SLP_TYP_S5: u8 = ged::SLP_TYP_S5;
 
-/// Local APIC ids are 0..num_cpus; 0xFF is the xAPIC broadcast id.
+/// xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
 pub const MAX_CPUS: u8 = 254;
 /// virtio-mmio devices are named `VR00`..`VR99`.
 pub const MAX_VIRTIO_DEVICES: usize = 100;
@@ -84,8 +84,9 @@ const MADT_LOCAL_APIC_NMI: u8 = 4;
 /// Which devices the tables describe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
-    /// Number of vCPUs; their local APIC ids are 0..num_cpus.
-    pub num_cpus: u8,
+    /// The vCPUs' local APIC IDs in vCPU order (the boot CPU first); the
+    /// MADT lists them with processor UIDs 0, 1, ...
+    pub apic_ids: Vec<u8>,
     /// COM1 at 0x3F8, IRQ 4.
     pub serial: bool,
     /// PS/2 controller at 0x60/0x64 with the keyboard on IRQ 1 (no AUX port).
@@ -107,7 +108,7 @@ pub struct AcpiConfig {
 impl Default for AcpiConfig {
     fn default() -> Self {
         Self {
-            num_cpus: 1,
+            apic_ids: vec![0],
             serial: false,
             i8042: false,
             rtc: false,
@@ -142,7 +143,9 @@ pub struct PcieConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
     #[error("invalid vCPU count {0} (must be 1..={MAX_CPUS})")]
-    InvalidCpuCount(u8),
+    InvalidCpuCount(usize),
+    #[error("APIC ID 255 is the xAPIC broadcast ID, not a CPU's")]
+    BroadcastApicId,
     #[error("too many virtio-mmio devices: {0} (at most {MAX_VIRTIO_DEVICES})")]
     TooManyVirtioDevices(usize),
     #[error("virtio-mmio window {base:#x}+{size:#x} does not fit below 4 GiB")]
@@ -159,8 +162,12 @@ pub fn create_acpi_tables(
     mem: &GuestMemoryMmap,
     cfg: &AcpiConfig,
 ) -> Result<GuestAddress, AcpiError> {
-    if cfg.num_cpus == 0 || cfg.num_cpus > MAX_CPUS {
-        return Err(AcpiError::InvalidCpuCount(cfg.num_cpus));
+    let cpus = cfg.apic_ids.len();
+    if cpus == 0 || cpus > usize::from(MAX_CPUS) {
+        return Err(AcpiError::InvalidCpuCount(cpus));
+    }
+    if cfg.apic_ids.contains(&0xFF) {
+        return Err(AcpiError::BroadcastApicId);
     }
 
     // The RSDP needs the XSDT address, which is known last: reserve its slot
@@ -277,8 +284,10 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     madt.write_u32(36, APIC_START as u32);
     madt.write_u32(40, if cfg.pic { MADT_PCAT_COMPAT } else { 0 });
 
-    for id in 0..cfg.num_cpus {
-        madt.append_slice(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled).as_bytes());
+    for (uid, &id) in cfg.apic_ids.iter().enumerate() {
+        // At most MAX_CPUS entries (checked above), so the UID fits.
+        let local = ProcessorLocalApic::new(uid as u8, id, EnabledStatus::Enabled);
+        madt.append_slice(local.as_bytes());
     }
     madt.append_slice(IoApic::new(IOAPIC_ID, IOAPIC_START as u32, 0).as_bytes());
     if cfg.pit {
@@ -594,7 +603,7 @@ mod tests {
 
     fn full_config() -> AcpiConfig {
         AcpiConfig {
-            num_cpus: 4,
+            apic_ids: vec![0, 1, 2, 4],
             serial: true,
             i8042: true,
             rtc: true,
@@ -727,9 +736,10 @@ mod tests {
         assert_eq!(le::<4>(&t.madt, 40), u64::from(MADT_PCAT_COMPAT));
         let entries = madt_entries(&t.madt);
         assert_eq!(entries.len(), 4 + 1 + 1 + 1);
+        // Processor UIDs count up; APIC IDs are the config's (with a hole).
         for (i, (ty, e)) in entries.iter().take(4).enumerate() {
             assert_eq!(*ty, 0);
-            assert_eq!((e[2], e[3], le::<4>(e, 4)), (i as u8, i as u8, 1));
+            assert_eq!((e[2], e[3], le::<4>(e, 4)), (i as u8, [0, 1, 2, 4][i], 1));
         }
         let (ty, ioapic) = &entries[4];
         assert_eq!(
@@ -743,7 +753,7 @@ mod tests {
         let (ty, nmi) = &entries[6];
         assert_eq!((*ty, nmi.len(), nmi[2], le::<2>(nmi, 3), nmi[5]), (4, 6, 0xFF, 0, 1));
 
-        let cfg = AcpiConfig { num_cpus: 2, ..Default::default() };
+        let cfg = AcpiConfig { apic_ids: vec![0, 1], ..Default::default() };
         let t = build(&cfg);
         assert_eq!(le::<4>(&t.madt, 40), 0, "no PCAT_COMPAT without a PIC");
         let types: Vec<u8> = madt_entries(&t.madt).iter().map(|e| e.0).collect();
@@ -789,9 +799,11 @@ mod tests {
         let virtio = |virtio_mmio| AcpiConfig { virtio_mmio, ..Default::default() };
 
         for n in [0, 255] {
-            let cfg = AcpiConfig { num_cpus: n, ..Default::default() };
-            assert!(matches!(err(cfg), AcpiError::InvalidCpuCount(c) if c == n));
+            let cfg = AcpiConfig { apic_ids: (0..n).collect(), ..Default::default() };
+            assert!(matches!(err(cfg), AcpiError::InvalidCpuCount(c) if c == usize::from(n)));
         }
+        let cfg = AcpiConfig { apic_ids: vec![0, 0xFF], ..Default::default() };
+        assert!(matches!(err(cfg), AcpiError::BroadcastApicId));
         for window in [(0x1_0000_0000, 0x200, 16), (0xFFFF_FF00, 0x200, 16)] {
             assert!(matches!(err(virtio(vec![window])), AcpiError::VirtioAbove4G { .. }));
         }
@@ -806,7 +818,7 @@ mod tests {
     #[test]
     fn largest_config_fits() {
         let cfg = AcpiConfig {
-            num_cpus: MAX_CPUS,
+            apic_ids: (0..MAX_CPUS).collect(),
             virtio_mmio: (0..MAX_VIRTIO_DEVICES as u32)
                 .map(|i| (0xFEB0_0000 + u64::from(i) * 0x200, 0x200, 16 + i))
                 .collect(),

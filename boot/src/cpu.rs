@@ -129,6 +129,27 @@ pub struct Topology {
     pub threads: u32,
 }
 
+impl Topology {
+    /// The initial APIC ID of vCPU `index` (KVM's vCPU id): thread, core and
+    /// package fields, each as wide as its count rounded up to a power of
+    /// two, which is what CPUID 0xB/0x1F and 0x8000_0008 tell the guest to
+    /// decode. A count that is not a power of two leaves holes in the IDs,
+    /// as on QEMU and real hardware (2 sockets of 3 cores: 0,1,2,4,5,6).
+    pub fn apic_id(&self, index: u32) -> u32 {
+        let (threads, cores) = (self.threads.max(1), self.cores.max(1));
+        let thread = index % threads;
+        let core = (index / threads) % cores;
+        let package = index / (threads * cores);
+        let (thread_bits, core_bits) = (bits_for(threads), bits_for(cores));
+        (package << (thread_bits + core_bits)) | (core << thread_bits) | thread
+    }
+
+    /// The APIC IDs of all vCPUs, in vCPU order (the boot CPU's is 0).
+    pub fn apic_ids(&self) -> Vec<u32> {
+        (0..self.cpus).map(|i| self.apic_id(i)).collect()
+    }
+}
+
 fn bits_for(n: u32) -> u32 {
     n.max(1).next_power_of_two().trailing_zeros()
 }
@@ -157,7 +178,7 @@ pub fn build_cpuid(
     let per_pkg = topo.cores * topo.threads;
     let thread_bits = bits_for(topo.threads);
     let core_bits = bits_for(topo.cores);
-    let apic_id = index;
+    let apic_id = topo.apic_id(index);
 
     for (name, on) in features {
         let &(_, leaf, subleaf, reg, bit) =
@@ -276,10 +297,19 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_LVT_MASKED: u32 = 1 << 16;
 
-/// LINT0 delivers the 8259's ExtINT and LINT1 NMIs, as a BIOS sets them up.
-pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
+/// LINT1 delivers NMIs; on the boot CPU LINT0 also takes the 8259's ExtINT,
+/// as a BIOS (and QEMU's `apic_reset_common`) leaves them. Only there: KVM
+/// hands a rising 8259 output to the first vCPU whose LINT0 accepts ExtINT,
+/// and an AP the guest never started would swallow it while the guest has
+/// the boot CPU's LINT0 masked for a moment, leaving the 8259 stuck.
+pub fn setup_lapic(vcpu: &VcpuFd, boot_cpu: bool) -> Result<()> {
     let mut lapic = vcpu.get_lapic().map_err(Error::Lapic)?;
-    for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+    let lints: &[(usize, u32)] = if boot_cpu {
+        &[(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)]
+    } else {
+        &[(APIC_LVT1, APIC_MODE_NMI)]
+    };
+    for &(reg, mode) in lints {
         let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|&b| b as u8).collect();
         let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         // Unmasked, as firmware leaves them: a guest that never programs
@@ -482,6 +512,24 @@ mod tests {
         let core = find(&c, 0xb, 1);
         assert_eq!((core.eax, core.ebx, core.ecx >> 8), (2, 4, 2));
         assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 3);
+    }
+
+    #[test]
+    fn apic_ids_follow_the_cpuid_fields() {
+        let ids = |cpus, cores, threads| Topology { cpus, cores, threads }.apic_ids();
+        assert_eq!(ids(4, 4, 1), [0, 1, 2, 3]);
+        assert_eq!(ids(3, 3, 1), [0, 1, 2], "one package: no holes");
+        assert_eq!(ids(6, 3, 1), [0, 1, 2, 4, 5, 6], "2 sockets x 3 cores");
+        assert_eq!(ids(6, 3, 2), [0, 1, 2, 3, 4, 5], "3 cores x 2 threads");
+        assert_eq!(ids(12, 3, 2), [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+        assert_eq!(ids(6, 1, 3), [0, 1, 2, 4, 5, 6], "3 threads per core");
+        // What CPUID says of vCPU 4 of 2 sockets x 3 cores: APIC ID 5, and
+        // the core level's shift puts it in package 1.
+        let topo = Topology { cpus: 6, cores: 3, threads: 1 };
+        let c = build_cpuid(&supported(), 4, topo, &[], false).unwrap();
+        assert_eq!(find(&c, 1, 0).ebx >> 24, 5);
+        let core = find(&c, 0xb, 1);
+        assert_eq!((core.edx, core.edx >> core.eax), (5, 1));
     }
 
     #[test]

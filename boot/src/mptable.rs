@@ -140,7 +140,9 @@ struct Interrupt {
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
     #[error("invalid vCPU count {0} (must be 1..={MAX_CPUS})")]
-    InvalidCpuCount(u8),
+    InvalidCpuCount(usize),
+    #[error("APIC ID 255 is the xAPIC broadcast ID, not a CPU's")]
+    BroadcastApicId,
     #[error("failed to write the MP table to guest memory")]
     GuestMemory(#[source] GuestMemoryError),
 }
@@ -152,9 +154,15 @@ fn checksum(parts: &[&[u8]]) -> u8 {
 }
 
 /// Configuration table entries: processors, the ISA bus, the IOAPIC (id
-/// `num_cpus`) and the interrupt assignments.
-fn entries(num_cpus: u8) -> (Vec<u8>, u16) {
-    let ioapic_id = num_cpus;
+/// above the CPUs') and the interrupt assignments.
+fn entries(apic_ids: &[u8]) -> (Vec<u8>, u16) {
+    // MP spec: the IOAPIC's ID must differ from every CPU's. With CPU IDs
+    // up to 254 there is none left; 64-bit Linux ignores the IOAPIC's ID
+    // (QEMU's MADT gives it 0), so 0 stands in then.
+    let ioapic_id = match apic_ids.iter().max() {
+        Some(&m) if m < 0xFE => m + 1,
+        _ => 0,
+    };
     let mut bytes = Vec::new();
     let mut count = 0u16;
     let mut push = |entry: &[u8]| {
@@ -162,8 +170,8 @@ fn entries(num_cpus: u8) -> (Vec<u8>, u16) {
         count += 1;
     };
 
-    for apic_id in 0..num_cpus {
-        let bsp = if apic_id == 0 { CPU_BOOTPROCESSOR } else { 0 };
+    for (index, &apic_id) in apic_ids.iter().enumerate() {
+        let bsp = if index == 0 { CPU_BOOTPROCESSOR } else { 0 };
         push(
             Processor {
                 entry_type: MP_PROCESSOR,
@@ -223,12 +231,20 @@ fn entries(num_cpus: u8) -> (Vec<u8>, u16) {
 /// Writes the MP floating pointer and configuration table at
 /// [`MPTABLE_START`]. `pic` advertises the IMCR (PIC mode) in the floating
 /// pointer; without it the guest assumes virtual-wire mode.
-pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8, pic: bool) -> Result<(), MptableError> {
-    if num_cpus == 0 || num_cpus > MAX_CPUS {
-        return Err(MptableError::InvalidCpuCount(num_cpus));
+/// `apic_ids` are the vCPUs' APIC IDs in vCPU order, the boot CPU first.
+pub fn setup_mptable(
+    mem: &GuestMemoryMmap,
+    apic_ids: &[u8],
+    pic: bool,
+) -> Result<(), MptableError> {
+    if apic_ids.is_empty() || apic_ids.len() > usize::from(MAX_CPUS) {
+        return Err(MptableError::InvalidCpuCount(apic_ids.len()));
+    }
+    if apic_ids.contains(&0xFF) {
+        return Err(MptableError::BroadcastApicId);
     }
 
-    let (entries, entry_count) = entries(num_cpus);
+    let (entries, entry_count) = entries(apic_ids);
     let mut header = ConfigHeader {
         signature: *b"PCMP",
         length: ((size_of::<ConfigHeader>() + entries.len()) as u16).into(),
@@ -327,7 +343,9 @@ mod tests {
     #[test]
     fn table_layout() {
         let mem = mem();
-        setup_mptable(&mem, 4, true).unwrap();
+        // APIC IDs with a hole, as 2 sockets of 3 cores give them.
+        let ids = [0, 1, 2, 4];
+        setup_mptable(&mem, &ids, true).unwrap();
         let (fp, table) = read_table(&mem);
         assert_eq!(fp[12], FEATURE2_IMCRP);
 
@@ -336,20 +354,24 @@ mod tests {
         for (i, (ty, e)) in entries[..4].iter().enumerate() {
             assert_eq!(*ty, MP_PROCESSOR);
             let bsp = if i == 0 { CPU_BOOTPROCESSOR } else { 0 };
-            assert_eq!((e[1], e[3]), (i as u8, CPU_ENABLED | bsp));
+            assert_eq!((e[1], e[3]), (ids[i], CPU_ENABLED | bsp));
         }
         assert_eq!(entries[4], (MP_BUS, [1, 0, b'I', b'S', b'A', b' ', b' ', b' '].to_vec()));
         let ioapic = &entries[5].1;
         assert_eq!(
             (ioapic[0], ioapic[1], ioapic[2], u32_at(ioapic, 4)),
-            (MP_IOAPIC, 4, 0x11, IOAPIC_START as u32)
+            (MP_IOAPIC, 5, 0x11, IOAPIC_START as u32),
+            "the IOAPIC's ID follows the highest CPU's"
         );
 
         let routes: Vec<(u8, u8)> = entries[6..21].iter().map(|(_, e)| (e[5], e[7])).collect();
         assert_eq!(routes[0], (0, 2), "IRQ0 on pin 2");
         assert!(routes.iter().all(|&(irq, pin)| irq == 0 || irq == pin));
         assert!(!routes.iter().any(|&(irq, _)| irq == 2));
-        assert!(entries[6..21].iter().all(|(ty, e)| *ty == MP_INTSRC && e[6] == 4));
+        assert!(
+            entries[6..21].iter().all(|(ty, e)| *ty == MP_INTSRC && e[6] == 5),
+            "routed to the IOAPIC"
+        );
 
         assert_eq!(entries[21].1, [MP_LINTSRC, MP_EXTINT, 0, 0, 0, 0, 0, 0]);
         assert_eq!(entries[22].1, [MP_LINTSRC, MP_NMI, 0, 0, 0, 0, 0xFF, 1]);
@@ -358,7 +380,7 @@ mod tests {
     #[test]
     fn no_imcr_without_pic() {
         let mem = mem();
-        setup_mptable(&mem, 1, false).unwrap();
+        setup_mptable(&mem, &[0], false).unwrap();
         let (fp, table) = read_table(&mem);
         assert_eq!(fp[12], 0);
         assert_eq!(walk(&table).len(), 1 + 1 + 1 + 15 + 2);
@@ -367,19 +389,25 @@ mod tests {
     #[test]
     fn cpu_limits() {
         let mem = mem();
-        setup_mptable(&mem, MAX_CPUS, false).unwrap();
+        let ids = |n: u8| (0..n).collect::<Vec<u8>>();
+        setup_mptable(&mem, &ids(MAX_CPUS), false).unwrap();
         let (_, table) = read_table(&mem);
         assert_eq!(walk(&table).len(), usize::from(MAX_CPUS) + 19);
         for n in [0, MAX_CPUS + 1] {
-            assert!(
-                matches!(setup_mptable(&mem, n, false), Err(MptableError::InvalidCpuCount(c)) if c == n)
-            );
+            let res = setup_mptable(&mem, &ids(n), false);
+            assert!(matches!(res, Err(MptableError::InvalidCpuCount(c)) if c == usize::from(n)));
         }
+        let res = setup_mptable(&mem, &[0, 0xFF], false);
+        assert!(matches!(res, Err(MptableError::BroadcastApicId)));
+        // The highest CPU ID leaves no other for the IOAPIC: it takes 0.
+        setup_mptable(&mem, &[0, 0xFE], false).unwrap();
+        let (_, table) = read_table(&mem);
+        assert_eq!(walk(&table)[3].1[1], 0);
     }
 
     #[test]
     fn memory_too_small() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9_0000)]).unwrap();
-        assert!(matches!(setup_mptable(&mem, 1, false), Err(MptableError::GuestMemory(_))));
+        assert!(matches!(setup_mptable(&mem, &[0], false), Err(MptableError::GuestMemory(_))));
     }
 }

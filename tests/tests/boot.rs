@@ -41,6 +41,14 @@ fn scenarios() -> Vec<Scenario> {
                 .replace("pit=off", "pit=on"),
         ),
         Scenario::script("reset-restarts", BOOT_SECS * 2, &restart_script()),
+        // Two sockets of three cores: the APIC IDs have a hole (3 is not
+        // used), as CPUID's topology fields say.
+        Scenario::new(
+            "smp-topology",
+            BOOT_SECS,
+            microvm_nix_command("$SKIFF", true, "", "skiff.test=poweroff")
+                .replace("-smp 2", "-smp 6,sockets=2,cores=3"),
+        ),
         Scenario::new("bad-unknown-option", CLI_SECS, "$SKIFF -frobnicate"),
         Scenario::new(
             "bad-unknown-key",
@@ -143,6 +151,22 @@ fn reset_without_no_reboot_restarts_then_sigterm_exits_0() {
     assert!(r.contains("terminating on signal 15"), "{}", r.describe());
     // Each run's VM is gone before the next starts (no reference left).
     assert!(!r.contains("VM teardown"), "{}", r.describe());
+    assert_rc(r, 0);
+}
+
+/// The guest decodes each vCPU's APIC ID into the package and core that
+/// `-smp` asked for, and brings all of them up.
+#[test]
+fn smp_topology_gives_each_cpu_its_apic_id() {
+    let r = result("smp-topology");
+    assert_booted(r);
+    assert_eq!(r.value("SKIFF-NPROC"), Some("6"), "{}", r.describe());
+    assert_eq!(
+        r.value("SKIFF-CPUS"),
+        Some("0/0/0,1/0/1,2/0/2,4/1/0,5/1/1,6/1/2,"),
+        "APICID/package/core of each CPU\n{}",
+        r.describe()
+    );
     assert_rc(r, 0);
 }
 

@@ -19,15 +19,16 @@ fn scenarios() -> Vec<Scenario> {
             microvm_nix_command("$SKIFF", true, rng, "skiff.test=rng"),
         ),
         // Without ACPI the device is on the kernel command line (QEMU's
-        // auto-kernel-cmdline). The cloud kernel has no MP-table support, so
-        // it runs on the 8259 (IRQ 5) with the PIT as its timer; its
-        // virtio_mmio is the test initrd's rebuild with
-        // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES (resources/guest-assets.sh).
+        // auto-kernel-cmdline) and the IOAPIC in skiff's MP table, so this
+        // boots Debian's generic kernel (the cloud one has no MP-table
+        // support), otherwise with microvm.nix's own argv. Its virtio_mmio
+        // is the test initrd's rebuild with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES
+        // (resources/guest-assets.sh).
         Scenario::new(
             "rng-mmio-noacpi",
             SECS,
             microvm_nix_command("$SKIFF", false, rng, "skiff.test=rng")
-                .replace("pit=off", "pit=on"),
+                .replace("-kernel $BZIMAGE", "-kernel $BZIMAGE_GENERIC"),
         ),
         Scenario::new("rng-pci", SECS, pcie_command("-device virtio-rng-pci", "")),
         // The seed case: `late` asks for 1.0 after an auto-placed device.
@@ -115,6 +116,18 @@ fn virtio_rng_mmio_without_acpi() {
         r.describe()
     );
     assert!(!r.contains("unknown parameter 'device'"), "{}", r.describe());
+    assert!(
+        r.contains("found SMP MP-table"),
+        "the guest should use the MP table\n{}",
+        r.describe()
+    );
+    assert!(
+        r.contains(
+            "virtio-mmio: Registering device virtio-mmio.0 at 0xfeb00000-0xfeb001ff, IRQ 5."
+        ),
+        "{}",
+        r.describe()
+    );
     assert_rng_works(r);
 }
 

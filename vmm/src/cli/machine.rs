@@ -200,12 +200,23 @@ pub(super) fn resolve_smp(label: &str, smp: SmpArgs) -> Result<SmpConfig, CliErr
     }
     // All four are now in 1..=MAX_CPUS.
     let narrow = |n: u64| u32::try_from(n).map_err(|_| err(format!("{n} is too large")));
-    Ok(SmpConfig {
+    let smp = SmpConfig {
         cpus: narrow(cpus)?,
         sockets: narrow(sockets)?,
         cores: narrow(cores)?,
         threads: narrow(threads)?,
-    })
+    };
+    // Thread and core fields of the APIC ID are rounded up to powers of two,
+    // so a topology can run out of 8-bit xAPIC IDs before it runs out of CPUs.
+    let topo = boot::cpu::Topology { cpus: smp.cpus, cores: smp.cores, threads: smp.threads };
+    let highest = topo.apic_id(smp.cpus - 1);
+    if u64::from(highest) > MAX_CPUS {
+        return Err(err(format!(
+            "the topology's highest APIC ID is {highest}; the microvm machine's xAPIC IDs \
+             end at {MAX_CPUS}"
+        )));
+    }
+    Ok(smp)
 }
 
 /// `-cpu host[,+feat][,-feat][,feat=on|off][,feat]`; `max` means `host` under KVM.
@@ -297,6 +308,9 @@ mod tests {
         assert!(err.contains("'threads'"), "{err}");
         let err = smp("255").unwrap_err();
         assert!(err.contains("at most 254"), "{err}");
+        // 240 CPUs, but 3 threads and 40 cores take 2 + 6 bits of the ID.
+        let err = smp("240,sockets=2,cores=40,threads=3").unwrap_err();
+        assert!(err.contains("highest APIC ID is 414") && err.contains("end at 254"), "{err}");
         let err = smp("4294967296").unwrap_err();
         assert!(err.contains("'cpus' is too large"), "{err}");
         let err = smp("2,dies=2").unwrap_err();

@@ -266,7 +266,9 @@ pub fn run(
 /// timer pin and the PIT, where a guest waiting for a timer interrupt that
 /// never came shows which link of PIT → 8259/IOAPIC → LAPIC broke.
 fn dump_interrupt_controllers(vm: &VmFd, pit: bool) {
-    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+    use kvm_bindings::{
+        kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    };
     let mut msg = String::from("interrupt controllers at stop:");
     for (id, name) in [(KVM_IRQCHIP_PIC_MASTER, "pic0"), (KVM_IRQCHIP_PIC_SLAVE, "pic1")] {
         let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
@@ -313,10 +315,11 @@ fn load_guest(
     let kernel = boot::linux::load_kernel(mem, &mut files.kernel)
         .map_err(|source| Error::Kernel { path: files.kernel_path.clone(), source })?;
 
-    let num_cpus = cfg.smp.cpus as u8;
+    // Checked against 0..=254 when the command line was read.
+    let apic_ids: Vec<u8> = topology(cfg).apic_ids().into_iter().map(|id| id as u8).collect();
     let rsdp = if platform.acpi {
         let acpi = boot::acpi::AcpiConfig {
-            num_cpus,
+            apic_ids,
             serial,
             i8042: platform.i8042,
             rtc: platform.rtc,
@@ -334,7 +337,7 @@ fn load_guest(
         };
         Some(boot::acpi::create_acpi_tables(mem, &acpi).map_err(Error::Acpi)?)
     } else {
-        boot::mptable::setup_mptable(mem, num_cpus, platform.pic).map_err(Error::Mptable)?;
+        boot::mptable::setup_mptable(mem, &apic_ids, platform.pic).map_err(Error::Mptable)?;
         None
     };
 
@@ -367,6 +370,10 @@ fn load_guest(
     })
 }
 
+fn topology(cfg: &VmConfig) -> boot::cpu::Topology {
+    boot::cpu::Topology { cpus: cfg.smp.cpus, cores: cfg.smp.cores, threads: cfg.smp.threads }
+}
+
 fn create_vcpus(
     cfg: &VmConfig,
     supported: &kvm_bindings::CpuId,
@@ -376,15 +383,17 @@ fn create_vcpus(
     entry: &boot::linux::KernelEntry,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>> {
     use boot::cpu;
-    let topo = cpu::Topology { cpus: cfg.smp.cpus, cores: cfg.smp.cores, threads: cfg.smp.threads };
+    let topo = topology(cfg);
     (0..cfg.smp.cpus)
         .map(|i| {
-            let vcpu = vm.create_vcpu(u64::from(i)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            // KVM's vCPU id is the vCPU's initial APIC ID.
+            let id = u64::from(topo.apic_id(i));
+            let vcpu = vm.create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let cpuid = cpu::build_cpuid(supported, i, topo, &cfg.cpu.features, tsc_deadline)?;
             cpu::set_cpuid(&vcpu, &cpuid)?;
             cpu::setup_msrs(&vcpu)?;
             cpu::setup_fpu(&vcpu)?;
-            cpu::setup_lapic(&vcpu)?;
+            cpu::setup_lapic(&vcpu, i == 0)?;
             if i == 0 {
                 cpu::setup_sregs(mem, &vcpu, entry)?;
                 cpu::setup_regs(&vcpu, entry)?;
