@@ -20,8 +20,9 @@
 #                   SKIFF_TEST_VMLINUX when given.
 #   l2/initrd.img   busybox-static + virtio modules + resources/guest/init.
 #                   Modules come from the Debian cloud kernel (or from
-#                   SKIFF_TEST_MODULES, a lib/modules/VERSION directory,
-#                   when SKIFF_TEST_KERNEL is set) and from the generic one.
+#                   SKIFF_TEST_MODULES, a lib/modules/VERSION directory
+#                   named after that kernel's release, when SKIFF_TEST_KERNEL
+#                   is set) and from the generic one.
 #   l2/virtio_mmio.ko, l2/generic/virtio_mmio.ko   Debian's virtio_mmio
 #                   rebuilt (from linux-source, against each kernel's
 #                   headers) with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, for
@@ -235,7 +236,11 @@ else
 	{ [ -n "$cloud_pkg" ] && [ -n "$generic_pkg" ]; } ||
 		die "cannot resolve linux-image-cloud-amd64 / linux-image-amd64: run resources/install-deps.sh (it runs apt-get update)"
 fi
-version_of() { [ -f "$resolved" ] && awk -v p="$1" 'NR > 1 && $1 == p {print $2}' "$resolved"; }
+# version_of PKG: its resolved version, empty when offline.
+version_of() {
+	[ -f "$resolved" ] || return 0
+	awk -v p="$1" 'NR > 1 && $1 == p {print $2}' "$resolved"
+}
 busybox_dir=$(fetch_pkg busybox-static "$(version_of busybox-static)")
 BUSYBOX="$busybox_dir/bin/busybox"
 [ -x "$BUSYBOX" ] || die "no bin/busybox in busybox-static"
@@ -312,25 +317,39 @@ fi
 # Debian kernel's headers with the option on, replaces Debian's module in
 # the test initrd; it still finds devices through ACPI as before. The one
 # source file is kept, so the 140 MB source package is fetched only once.
-kpkg_ver=$(version_of "$cloud_pkg")
-kpkg_ver=${kpkg_ver:-$(version_of "$generic_pkg")}
 major=$(echo "${generic_pkg#linux-image-}" | cut -d. -f1-2)
-MMIO_SRC="$CACHE/l2/src/virtio_mmio-${kpkg_ver//:/%3a}.c"
-if [ ! -f "$MMIO_SRC" ]; then
+
+# mmio_src VER: virtio_mmio.c of linux-source-MAJOR VER, kept once fetched;
+# VER empty (offline): the newest one kept.
+mmio_src() {
+	local ver=$1 f src_dir
 	mkdir -p "$CACHE/l2/src"
-	src_dir=$(fetch_pkg "linux-source-$major" "$kpkg_ver")
-	tar -xJOf "$src_dir/usr/src/linux-source-$major.tar.xz" --wildcards '*/drivers/virtio/virtio_mmio.c' \
-		>"$MMIO_SRC.tmp" || die "no drivers/virtio/virtio_mmio.c in linux-source-$major"
-	mv "$MMIO_SRC.tmp" "$MMIO_SRC"
-	rm -rf "$src_dir"
-	rm -f "$CACHE/debs/linux-source-${major}_"*.deb
-fi
+	if [ -z "$ver" ]; then
+		f=$(find "$CACHE/l2/src" -name 'virtio_mmio-*.c' | sort | tail -n1)
+		[ -n "$f" ] || die "cannot resolve linux-source-$major: run resources/install-deps.sh (it runs apt-get update)"
+		echo "$f"
+		return
+	fi
+	f="$CACHE/l2/src/virtio_mmio-${ver//:/%3a}.c"
+	if [ ! -f "$f" ]; then
+		src_dir=$(fetch_pkg "linux-source-$major" "$ver")
+		tar -xJOf "$src_dir/usr/src/linux-source-$major.tar.xz" --wildcards '*/drivers/virtio/virtio_mmio.c' \
+			>"$f.tmp" || die "no drivers/virtio/virtio_mmio.c in linux-source-$major"
+		mv "$f.tmp" "$f"
+		rm -rf "$src_dir"
+		rm -f "$CACHE/debs/linux-source-${major}_"*.deb
+	fi
+	echo "$f"
+}
 
 # build_mmio_ko KVER OUT: virtio_mmio.ko for Debian's kernel KVER
-# (6.1.0-56-cloud-amd64, 6.1.0-56-amd64) with command-line devices.
+# (6.1.0-56-cloud-amd64, 6.1.0-56-amd64) with command-line devices, from
+# the source and headers of that kernel's own package version.
 build_mmio_ko() {
-	local kver=$1 out=$2 k build hdr p
-	k=$(key_of "$MMIO_SRC" "$(gcc -dumpfullversion)" "$kver" "$kpkg_ver" "mmio-cmdline-v2")
+	local kver=$1 out=$2 ver src k build hdr p
+	ver=$(version_of "linux-image-$kver")
+	src=$(mmio_src "$ver")
+	k=$(key_of "$src" "$(gcc -dumpfullversion)" "$kver" "$ver" "mmio-cmdline-v2")
 	up_to_date "$out" "$k" && return
 	log "building virtio_mmio.ko for $kver with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"
 	build="$CACHE/tmp/mmio-build"
@@ -339,11 +358,11 @@ build_mmio_ko() {
 	# The headers packages form one tree (relative symlinks between them).
 	for p in "linux-headers-$kver" "linux-headers-$(echo "$kver" | sed -E 's/-(cloud-)?amd64$//')-common" \
 		"linux-kbuild-$major"; do
-		cp -a "$(fetch_pkg "$p" "$kpkg_ver")/." "$build/root/"
+		cp -a "$(fetch_pkg "$p" "$ver")/." "$build/root/"
 	done
 	hdr="$build/root/usr/src/linux-headers-$kver"
 	sed -i "s|include /usr/src/|include $build/root/usr/src/|" "$hdr/Makefile"
-	cp "$MMIO_SRC" "$build/mod/virtio_mmio.c"
+	cp "$src" "$build/mod/virtio_mmio.c"
 	printf 'obj-m := virtio_mmio.o\nccflags-y := -DCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES\n' >"$build/mod/Kbuild"
 	make -s -C "$hdr" M="$build/mod" modules >"$build/make.log" 2>&1 ||
 		{ cat "$build/make.log" >&2; die "building virtio_mmio.ko for $kver failed"; }

@@ -86,7 +86,7 @@ const MADT_LOCAL_APIC_NMI: u8 = 4;
 pub struct AcpiConfig {
     /// The vCPUs' local APIC IDs in vCPU order (the boot CPU first); the
     /// MADT lists them with processor UIDs 0, 1, ...
-    pub apic_ids: Vec<u8>,
+    pub apic_ids: Vec<u32>,
     /// COM1 at 0x3F8, IRQ 4.
     pub serial: bool,
     /// PS/2 controller at 0x60/0x64 with the keyboard on IRQ 1 (no AUX port).
@@ -144,8 +144,8 @@ pub struct PcieConfig {
 pub enum AcpiError {
     #[error("invalid vCPU count {0} (must be 1..={MAX_CPUS})")]
     InvalidCpuCount(usize),
-    #[error("APIC ID 255 is the xAPIC broadcast ID, not a CPU's")]
-    BroadcastApicId,
+    #[error("APIC ID {0} is not an xAPIC CPU's (0..=254; 255 is the broadcast ID)")]
+    InvalidApicId(u32),
     #[error("too many virtio-mmio devices: {0} (at most {MAX_VIRTIO_DEVICES})")]
     TooManyVirtioDevices(usize),
     #[error("virtio-mmio window {base:#x}+{size:#x} does not fit below 4 GiB")]
@@ -166,8 +166,8 @@ pub fn create_acpi_tables(
     if cpus == 0 || cpus > usize::from(MAX_CPUS) {
         return Err(AcpiError::InvalidCpuCount(cpus));
     }
-    if cfg.apic_ids.contains(&0xFF) {
-        return Err(AcpiError::BroadcastApicId);
+    if let Some(&id) = cfg.apic_ids.iter().find(|&&id| id >= 0xFF) {
+        return Err(AcpiError::InvalidApicId(id));
     }
 
     // The RSDP needs the XSDT address, which is known last: reserve its slot
@@ -285,8 +285,8 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     madt.write_u32(40, if cfg.pic { MADT_PCAT_COMPAT } else { 0 });
 
     for (uid, &id) in cfg.apic_ids.iter().enumerate() {
-        // At most MAX_CPUS entries (checked above), so the UID fits.
-        let local = ProcessorLocalApic::new(uid as u8, id, EnabledStatus::Enabled);
+        // At most MAX_CPUS entries with IDs below 255 (checked above).
+        let local = ProcessorLocalApic::new(uid as u8, id as u8, EnabledStatus::Enabled);
         madt.append_slice(local.as_bytes());
     }
     madt.append_slice(IoApic::new(IOAPIC_ID, IOAPIC_START as u32, 0).as_bytes());
@@ -798,12 +798,14 @@ mod tests {
         let err = |cfg: AcpiConfig| create_acpi_tables(&mem, &cfg).unwrap_err();
         let virtio = |virtio_mmio| AcpiConfig { virtio_mmio, ..Default::default() };
 
-        for n in [0, 255] {
-            let cfg = AcpiConfig { apic_ids: (0..n).collect(), ..Default::default() };
+        for n in [0u8, 255] {
+            let cfg = AcpiConfig { apic_ids: (0..u32::from(n)).collect(), ..Default::default() };
             assert!(matches!(err(cfg), AcpiError::InvalidCpuCount(c) if c == usize::from(n)));
         }
-        let cfg = AcpiConfig { apic_ids: vec![0, 0xFF], ..Default::default() };
-        assert!(matches!(err(cfg), AcpiError::BroadcastApicId));
+        for id in [0xFF, 0x100] {
+            let cfg = AcpiConfig { apic_ids: vec![0, id], ..Default::default() };
+            assert!(matches!(err(cfg), AcpiError::InvalidApicId(i) if i == id));
+        }
         for window in [(0x1_0000_0000, 0x200, 16), (0xFFFF_FF00, 0x200, 16)] {
             assert!(matches!(err(virtio(vec![window])), AcpiError::VirtioAbove4G { .. }));
         }
@@ -818,7 +820,7 @@ mod tests {
     #[test]
     fn largest_config_fits() {
         let cfg = AcpiConfig {
-            apic_ids: (0..MAX_CPUS).collect(),
+            apic_ids: (0..u32::from(MAX_CPUS)).collect(),
             virtio_mmio: (0..MAX_VIRTIO_DEVICES as u32)
                 .map(|i| (0xFEB0_0000 + u64::from(i) * 0x200, 0x200, 16 + i))
                 .collect(),

@@ -136,12 +136,15 @@ impl Topology {
     /// decode. A count that is not a power of two leaves holes in the IDs,
     /// as on QEMU and real hardware (2 sockets of 3 cores: 0,1,2,4,5,6).
     pub fn apic_id(&self, index: u32) -> u32 {
-        let (threads, cores) = (self.threads.max(1), self.cores.max(1));
-        let thread = index % threads;
-        let core = (index / threads) % cores;
-        let package = index / (threads * cores);
-        let (thread_bits, core_bits) = (bits_for(threads), bits_for(cores));
+        let (package, core, thread) = self.position(index);
+        let (thread_bits, core_bits) = (bits_for(self.threads), bits_for(self.cores));
         (package << (thread_bits + core_bits)) | (core << thread_bits) | thread
+    }
+
+    /// (package, core in package, thread in core) of vCPU `index`.
+    fn position(&self, index: u32) -> (u32, u32, u32) {
+        let (threads, cores) = (self.threads.max(1), self.cores.max(1));
+        (index / (threads * cores), (index / threads) % cores, index % threads)
     }
 
     /// The APIC IDs of all vCPUs, in vCPU order (the boot CPU's is 0).
@@ -208,20 +211,26 @@ pub fn build_cpuid(
     for e in entries.iter_mut() {
         match e.function {
             1 => {
-                e.ebx = (apic_id << 24) | (per_pkg.min(255) << 16) | (8 << 8) | (e.ebx & 0xff);
+                // EBX[23:16] counts addressable IDs per package (the span
+                // of the APIC ID's low fields), not CPUs.
+                let ids = (1u32 << (thread_bits + core_bits)).min(255);
+                e.ebx = (apic_id << 24) | (ids << 16) | (8 << 8) | (e.ebx & 0xff);
                 e.ecx |= 1 << 31; // hypervisor
                 if per_pkg > 1 {
                     e.edx |= 1 << 28; // HTT: more than one logical CPU per package
                 }
             }
             4 => {
-                // Deterministic cache parameters: cores per package in 31:26,
-                // threads sharing this cache in 25:14 (Intel).
+                // Deterministic cache parameters (Intel), in addressable IDs
+                // as leaf 1: cores per package - 1 in 31:26, logical CPUs
+                // sharing this cache - 1 in 25:14 (the package for L3).
                 let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { per_pkg } else { topo.threads };
+                let sharing_bits = if level >= 3 { thread_bits + core_bits } else { thread_bits };
                 e.eax &= 0x3fff;
                 if e.eax & 0x1f != 0 {
-                    e.eax |= ((topo.cores - 1) << 26) | ((sharing - 1) << 14);
+                    let cores_field = ((1u32 << core_bits) - 1).min(0x3f);
+                    let sharing_field = ((1u32 << sharing_bits) - 1).min(0xfff);
+                    e.eax |= (cores_field << 26) | (sharing_field << 14);
                 }
             }
             0xb | 0x1f => {
@@ -239,6 +248,16 @@ pub fn build_cpuid(
             0x8000_0008 => {
                 // AMD: logical CPUs per package - 1, and the APIC ID width.
                 e.ecx = (e.ecx & !0xf0ff) | ((thread_bits + core_bits) << 12) | (per_pkg - 1);
+            }
+            0x8000_001e => {
+                // AMD extended APIC ID, core (compute unit) and node: KVM
+                // reports zeros, and Linux (6.9+) takes a TOPOEXT CPU's APIC
+                // ID from here. One node per package, as QEMU without NUMA.
+                let (package, core, _) = topo.position(index);
+                e.eax = apic_id;
+                e.ebx = ((topo.threads.max(1) - 1) << 8) | (core & 0xff);
+                e.ecx = package & 0xff;
+                e.edx = 0;
             }
             _ => {}
         }
@@ -299,9 +318,9 @@ const APIC_LVT_MASKED: u32 = 1 << 16;
 
 /// LINT1 delivers NMIs; on the boot CPU LINT0 also takes the 8259's ExtINT,
 /// as a BIOS (and QEMU's `apic_reset_common`) leaves them. Only there: KVM
-/// hands a rising 8259 output to the first vCPU whose LINT0 accepts ExtINT,
-/// and an AP the guest never started would swallow it while the guest has
-/// the boot CPU's LINT0 masked for a moment, leaving the 8259 stuck.
+/// sends its one wake-up for a rising 8259 output to the first vCPU whose
+/// LINT0 accepts ExtINT, and with every AP accepting, an AP the guest never
+/// started would get it whenever the boot CPU's LINT0 is masked.
 pub fn setup_lapic(vcpu: &VcpuFd, boot_cpu: bool) -> Result<()> {
     let mut lapic = vcpu.get_lapic().map_err(Error::Lapic)?;
     let lints: &[(usize, u32)] = if boot_cpu {
@@ -476,6 +495,10 @@ mod tests {
             e(0xb, 0, 0, 0),
             e(0xb, 1, 0, 0),
             e(0x8000_0008, 0, 0, 0),
+            e(0x8000_001e, 0, 0, 0),
+            // Leaf 4: L1 data (type 1, level 1) and unified L3 (type 3, level 3).
+            kvm_cpuid_entry2 { function: 4, index: 0, eax: 1 | (1 << 5), ..Default::default() },
+            kvm_cpuid_entry2 { function: 4, index: 3, eax: 3 | (3 << 5), ..Default::default() },
         ])
         .unwrap()
     }
@@ -530,6 +553,14 @@ mod tests {
         assert_eq!(find(&c, 1, 0).ebx >> 24, 5);
         let core = find(&c, 0xb, 1);
         assert_eq!((core.edx, core.edx >> core.eax), (5, 1));
+        // Leaf 1 and leaf 4 count addressable IDs (4 per package), not CPUs.
+        assert_eq!((find(&c, 1, 0).ebx >> 16) & 0xff, 4);
+        let l3 = find(&c, 4, 3).eax;
+        assert_eq!((l3 >> 26, (l3 >> 14) & 0xfff), (3, 3));
+        let l1 = find(&c, 4, 0).eax;
+        assert_eq!((l1 >> 26, (l1 >> 14) & 0xfff), (3, 0));
+        let amd = find(&c, 0x8000_001e, 0);
+        assert_eq!((amd.eax, amd.ebx, amd.ecx), (5, 1, 1), "APIC ID, core 1, package 1");
     }
 
     #[test]

@@ -141,8 +141,8 @@ struct Interrupt {
 pub enum MptableError {
     #[error("invalid vCPU count {0} (must be 1..={MAX_CPUS})")]
     InvalidCpuCount(usize),
-    #[error("APIC ID 255 is the xAPIC broadcast ID, not a CPU's")]
-    BroadcastApicId,
+    #[error("APIC ID {0} is not an xAPIC CPU's (0..=254; 255 is the broadcast ID)")]
+    InvalidApicId(u32),
     #[error("failed to write the MP table to guest memory")]
     GuestMemory(#[source] GuestMemoryError),
 }
@@ -234,17 +234,20 @@ fn entries(apic_ids: &[u8]) -> (Vec<u8>, u16) {
 /// `apic_ids` are the vCPUs' APIC IDs in vCPU order, the boot CPU first.
 pub fn setup_mptable(
     mem: &GuestMemoryMmap,
-    apic_ids: &[u8],
+    apic_ids: &[u32],
     pic: bool,
 ) -> Result<(), MptableError> {
     if apic_ids.is_empty() || apic_ids.len() > usize::from(MAX_CPUS) {
         return Err(MptableError::InvalidCpuCount(apic_ids.len()));
     }
-    if apic_ids.contains(&0xFF) {
-        return Err(MptableError::BroadcastApicId);
-    }
+    let ids = apic_ids
+        .iter()
+        .map(|&id| {
+            u8::try_from(id).ok().filter(|&b| b != 0xFF).ok_or(MptableError::InvalidApicId(id))
+        })
+        .collect::<Result<Vec<u8>, _>>()?;
 
-    let (entries, entry_count) = entries(apic_ids);
+    let (entries, entry_count) = entries(&ids);
     let mut header = ConfigHeader {
         signature: *b"PCMP",
         length: ((size_of::<ConfigHeader>() + entries.len()) as u16).into(),
@@ -354,7 +357,7 @@ mod tests {
         for (i, (ty, e)) in entries[..4].iter().enumerate() {
             assert_eq!(*ty, MP_PROCESSOR);
             let bsp = if i == 0 { CPU_BOOTPROCESSOR } else { 0 };
-            assert_eq!((e[1], e[3]), (ids[i], CPU_ENABLED | bsp));
+            assert_eq!((e[1], e[3]), (ids[i] as u8, CPU_ENABLED | bsp));
         }
         assert_eq!(entries[4], (MP_BUS, [1, 0, b'I', b'S', b'A', b' ', b' ', b' '].to_vec()));
         let ioapic = &entries[5].1;
@@ -389,7 +392,7 @@ mod tests {
     #[test]
     fn cpu_limits() {
         let mem = mem();
-        let ids = |n: u8| (0..n).collect::<Vec<u8>>();
+        let ids = |n: u8| (0..u32::from(n)).collect::<Vec<u32>>();
         setup_mptable(&mem, &ids(MAX_CPUS), false).unwrap();
         let (_, table) = read_table(&mem);
         assert_eq!(walk(&table).len(), usize::from(MAX_CPUS) + 19);
@@ -397,8 +400,10 @@ mod tests {
             let res = setup_mptable(&mem, &ids(n), false);
             assert!(matches!(res, Err(MptableError::InvalidCpuCount(c)) if c == usize::from(n)));
         }
-        let res = setup_mptable(&mem, &[0, 0xFF], false);
-        assert!(matches!(res, Err(MptableError::BroadcastApicId)));
+        for id in [0xFF, 0x100] {
+            let res = setup_mptable(&mem, &[0, id], false);
+            assert!(matches!(res, Err(MptableError::InvalidApicId(i)) if i == id));
+        }
         // The highest CPU ID leaves no other for the IOAPIC: it takes 0.
         setup_mptable(&mem, &[0, 0xFE], false).unwrap();
         let (_, table) = read_table(&mem);

@@ -49,6 +49,15 @@ fn scenarios() -> Vec<Scenario> {
             microvm_nix_command("$SKIFF", true, "", "skiff.test=poweroff")
                 .replace("-smp 2", "-smp 6,sockets=2,cores=3"),
         ),
+        // The same through the MP table (acpi=off, as boot-acpi-off).
+        Scenario::new(
+            "smp-topology-noacpi",
+            BOOT_SECS,
+            microvm_nix_command("$SKIFF", false, "", "skiff.test=reboot")
+                .replace("-kernel $BZIMAGE", "-kernel $BZIMAGE_GENERIC")
+                .replace("pit=off", "pit=on")
+                .replace("-smp 2", "-smp 6,sockets=2,cores=3"),
+        ),
         Scenario::new("bad-unknown-option", CLI_SECS, "$SKIFF -frobnicate"),
         Scenario::new(
             "bad-unknown-key",
@@ -155,19 +164,22 @@ fn reset_without_no_reboot_restarts_then_sigterm_exits_0() {
 }
 
 /// The guest decodes each vCPU's APIC ID into the package and core that
-/// `-smp` asked for, and brings all of them up.
+/// `-smp` asked for, and brings all of them up, from the MADT and from the
+/// MP table.
 #[test]
 fn smp_topology_gives_each_cpu_its_apic_id() {
-    let r = result("smp-topology");
-    assert_booted(r);
-    assert_eq!(r.value("SKIFF-NPROC"), Some("6"), "{}", r.describe());
-    assert_eq!(
-        r.value("SKIFF-CPUS"),
-        Some("0/0/0,1/0/1,2/0/2,4/1/0,5/1/1,6/1/2,"),
-        "APICID/package/core of each CPU\n{}",
-        r.describe()
-    );
-    assert_rc(r, 0);
+    for name in ["smp-topology", "smp-topology-noacpi"] {
+        let r = result(name);
+        assert_booted(r);
+        assert_eq!(r.value("SKIFF-NPROC"), Some("6"), "{}", r.describe());
+        assert_eq!(
+            r.value("SKIFF-CPUS"),
+            Some("0/0/0,1/0/1,2/0/2,4/1/0,5/1/1,6/1/2,"),
+            "APICID/package/core of each CPU\n{}",
+            r.describe()
+        );
+        assert_rc(r, 0);
+    }
 }
 
 fn assert_cli_error(name: &str, mention: &str) {

@@ -273,7 +273,8 @@ fn dump_interrupt_controllers(vm: &VmFd, pit: bool) {
     for (id, name) in [(KVM_IRQCHIP_PIC_MASTER, "pic0"), (KVM_IRQCHIP_PIC_SLAVE, "pic1")] {
         let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
         if vm.get_irqchip(&mut chip).is_ok() {
-            // SAFETY: chip_id selects the `pic` member of the union.
+            // SAFETY: every member of the union is plain integers, valid for
+            // any bits; KVM filled the one chip_id names.
             let p = unsafe { chip.chip.pic };
             msg += &format!(
                 " {name}: irr={:02x} imr={:02x} isr={:02x} base={:02x} init={} aeoi={} elcr={:02x};",
@@ -283,9 +284,9 @@ fn dump_interrupt_controllers(vm: &VmFd, pit: bool) {
     }
     let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
     if vm.get_irqchip(&mut chip).is_ok() {
-        // SAFETY: chip_id selects the `ioapic` member of the union.
+        // SAFETY: as above, for the IOAPIC member.
         let io = unsafe { chip.chip.ioapic };
-        // SAFETY: every redirection entry is plain bits.
+        // SAFETY: a redirection entry's union members are all plain bits.
         let pin2 = unsafe { io.redirtbl[2].bits };
         msg += &format!(" ioapic: irr={:06x} pin2={pin2:016x};", io.irr);
     }
@@ -315,8 +316,8 @@ fn load_guest(
     let kernel = boot::linux::load_kernel(mem, &mut files.kernel)
         .map_err(|source| Error::Kernel { path: files.kernel_path.clone(), source })?;
 
-    // Checked against 0..=254 when the command line was read.
-    let apic_ids: Vec<u8> = topology(cfg).apic_ids().into_iter().map(|id| id as u8).collect();
+    // The tables refuse an ID past 254; -smp already did.
+    let apic_ids = topology(cfg).apic_ids();
     let rsdp = if platform.acpi {
         let acpi = boot::acpi::AcpiConfig {
             apic_ids,
