@@ -196,7 +196,8 @@ pub fn run(
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
 
-    let mem = crate::memory::create(cfg.mem_size, cfg.machine.mem_merge)?;
+    let ram = crate::memory::create(cfg.mem_size, cfg.machine.mem_merge)?;
+    let mem = ram.memory().clone();
     crate::memory::register(&vm, &mem)?;
 
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
@@ -259,6 +260,7 @@ pub fn run(
         log::error!("VM teardown: {} references to the VM remain", Arc::strong_count(&vm) - 1);
     }
     drop(mem);
+    drop(ram);
     end
 }
 
