@@ -3,7 +3,8 @@
 //! kernel's 64-bit entry.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -329,16 +330,20 @@ pub fn setup_lapic(vcpu: &VcpuFd, boot_cpu: bool) -> Result<()> {
         &[(APIC_LVT1, APIC_MODE_NMI)]
     };
     for &(reg, mode) in lints {
-        let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|&b| b as u8).collect();
-        let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         // Unmasked, as firmware leaves them: a guest that never programs
         // LINT0 (8259 "virtual wire" without an IOAPIC) still gets ExtINT.
-        let value = (value & !(0x700 | APIC_LVT_MASKED)) | (mode << 8);
+        let value = (lapic_reg(&lapic, reg) & !(0x700 | APIC_LVT_MASKED)) | (mode << 8);
         for (i, b) in value.to_le_bytes().iter().enumerate() {
             lapic.regs[reg + i] = *b as _;
         }
     }
     vcpu.set_lapic(&lapic).map_err(Error::Lapic)
+}
+
+/// The 32-bit LAPIC register at byte `offset` of a KVM_GET_LAPIC page.
+pub fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let b = &lapic.regs[offset..offset + 4];
+    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
 }
 
 // GDT entries: (flags, base, limit) packed the x86 way.

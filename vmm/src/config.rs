@@ -83,6 +83,13 @@ impl Default for SmpConfig {
     }
 }
 
+impl SmpConfig {
+    /// What CPUID and the APIC IDs are built from.
+    pub fn topology(&self) -> boot::cpu::Topology {
+        boot::cpu::Topology { cpus: self.cpus, cores: self.cores, threads: self.threads }
+    }
+}
+
 /// `-cpu host[,+feat,-feat,feat=on|off]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CpuConfig {

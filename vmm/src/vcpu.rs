@@ -181,10 +181,7 @@ fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u6
         msg += &format!(", mp_state={}", m.mp_state);
     }
     if let Ok(l) = vcpu.get_lapic() {
-        let reg = |off: usize| {
-            let b = &l.regs[off..off + 4];
-            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
-        };
+        let reg = |off: usize| boot::cpu::lapic_reg(&l, off);
         // Timer LVT, initial and current count; which of the eight 32-bit
         // words of ISR (in service) and IRR (pending) have a vector set.
         let vectors =

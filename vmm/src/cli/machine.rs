@@ -208,8 +208,7 @@ pub(super) fn resolve_smp(label: &str, smp: SmpArgs) -> Result<SmpConfig, CliErr
     };
     // Thread and core fields of the APIC ID are rounded up to powers of two,
     // so a topology can run out of 8-bit xAPIC IDs before it runs out of CPUs.
-    let topo = boot::cpu::Topology { cpus: smp.cpus, cores: smp.cores, threads: smp.threads };
-    let highest = topo.apic_id(smp.cpus - 1);
+    let highest = smp.topology().apic_id(smp.cpus - 1);
     if u64::from(highest) > MAX_CPUS {
         return Err(err(format!(
             "the topology's highest APIC ID is {highest}; the microvm machine's xAPIC IDs \

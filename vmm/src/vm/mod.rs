@@ -319,7 +319,7 @@ fn load_guest(
         .map_err(|source| Error::Kernel { path: files.kernel_path.clone(), source })?;
 
     // The tables refuse an ID past 254; -smp already did.
-    let apic_ids = topology(cfg).apic_ids();
+    let apic_ids = cfg.smp.topology().apic_ids();
     let rsdp = if platform.acpi {
         let acpi = boot::acpi::AcpiConfig {
             apic_ids,
@@ -373,10 +373,6 @@ fn load_guest(
     })
 }
 
-fn topology(cfg: &VmConfig) -> boot::cpu::Topology {
-    boot::cpu::Topology { cpus: cfg.smp.cpus, cores: cfg.smp.cores, threads: cfg.smp.threads }
-}
-
 fn create_vcpus(
     cfg: &VmConfig,
     supported: &kvm_bindings::CpuId,
@@ -386,7 +382,7 @@ fn create_vcpus(
     entry: &boot::linux::KernelEntry,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>> {
     use boot::cpu;
-    let topo = topology(cfg);
+    let topo = cfg.smp.topology();
     (0..cfg.smp.cpus)
         .map(|i| {
             // KVM's vCPU id is the vCPU's initial APIC ID.
