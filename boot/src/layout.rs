@@ -37,6 +37,18 @@ pub const PCIE_MMIO_SIZE: u64 = 0x2000_0000;
 pub const PCIE_ECAM_BASE: u64 = 0xe000_0000;
 pub const PCIE_ECAM_SIZE: u64 = 0x1000_0000;
 
+/// INTA..INTD of the root complex: GSIs 16..19, the IOAPIC's upper pins
+/// (QEMU microvm's `pcie_irq_base` with its second IOAPIC, the default).
+pub const PCIE_INTX_GSI_BASE: u32 = 16;
+
+/// QEMU microvm's 64-bit MMIO window: the top quarter of the guest physical
+/// address space (`microvm_devices_init`), as (base, size); none if that
+/// space is tiny.
+pub fn pcie_mmio64_window(phys_bits: u8) -> Option<(u64, u64)> {
+    let phys_size = 1u64.checked_shl(u32::from(phys_bits))?;
+    (phys_size > 0x100_0000).then(|| (phys_size - phys_size / 4, phys_size / 4))
+}
+
 /// ACPI Generic Event Device: event selector at +0, sleep/reset at +0x200.
 pub const GED_MMIO_BASE: u64 = 0xfea0_0000;
 pub const GED_MMIO_SIZE: u64 = 0x1000;
@@ -44,7 +56,18 @@ pub const GED_IRQ: u32 = 9;
 /// virtio-mmio slots: 512 bytes each from here (QEMU microvm's).
 pub const VIRTIO_MMIO_BASE: u64 = 0xfeb0_0000;
 pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x200;
+/// At most this many virtio-mmio devices (the GSIs below allow no more).
+pub const VIRTIO_MMIO_MAX: usize = 8;
+/// With ACPI, virtio-mmio lines are the IOAPIC's upper pins from here (QEMU
+/// uses a second IOAPIC from GSI 24; KVM's in-kernel one has 24 pins); with
+/// PCIe the first four are the root complex's INTx, so they start 4 later.
+pub const VIRTIO_MMIO_GSI_BASE: u32 = 16;
+/// ISA IRQs free for virtio-mmio without ACPI: a kernel without MP-table
+/// support reaches only the 8259's lines (QEMU microvm starts at 5 too).
+pub const VIRTIO_MMIO_ISA_IRQS: [u32; 6] = [5, 6, 7, 10, 11, 12];
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// KVM's in-kernel IOAPIC has 24 pins; GSIs from here are MSI routes.
+pub const IOAPIC_PINS: u32 = 24;
 pub const APIC_START: u64 = 0xfee0_0000;
 
 /// Legacy devices: ports and ISA IRQs.
@@ -68,6 +91,13 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mmio64_window_is_the_top_quarter() {
+        assert_eq!(pcie_mmio64_window(40), Some((0xc0_0000_0000, 0x40_0000_0000)));
+        assert_eq!(pcie_mmio64_window(24), None);
+        assert_eq!(pcie_mmio64_window(64), None);
+    }
 
     #[test]
     fn ram_splits_at_3g() {

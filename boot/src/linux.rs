@@ -267,23 +267,32 @@ fn load_initrd(
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 
-/// The e820 map: RAM below the EBDA, the EBDA/BIOS area reserved, RAM from
-/// 1 MiB, the given MMIO ranges reserved, and RAM above 4 GiB.
+/// The e820 map: guest RAM with the EBDA/BIOS area and every `reserved`
+/// range carved out of it (a reservation over RAM, such as a passed-through
+/// GPU's stolen memory, must not also be listed as usable RAM), and the
+/// reservations themselves.
 fn e820_entries(mem: &GuestMemoryMmap, reserved: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
-    let mut entries = vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
-    ];
+    let bios = (EBDA_START, HIGH_MEMORY_START - EBDA_START);
+    let holes: Vec<(u64, u64)> = std::iter::once(bios).chain(reserved.iter().copied()).collect();
+    let mut entries = Vec::new();
     for region in mem.iter() {
         let start = region.start_addr().raw_value();
-        let (start, len) = if start == 0 {
-            (HIGH_MEMORY_START, region.len() - HIGH_MEMORY_START)
-        } else {
-            (start, region.len())
-        };
-        entries.push((start, len, E820_RAM));
+        let mut pieces = vec![(start, start + region.len())];
+        for &(base, len) in &holes {
+            let end = base.saturating_add(len);
+            pieces = pieces
+                .into_iter()
+                .flat_map(|(s, e)| {
+                    if end <= s || base >= e {
+                        return vec![(s, e)];
+                    }
+                    [(s, base.max(s)), (end.min(e), e)].into_iter().filter(|(a, b)| a < b).collect()
+                })
+                .collect();
+        }
+        entries.extend(pieces.into_iter().map(|(s, e)| (s, e - s, E820_RAM)));
     }
-    entries.extend(reserved.iter().map(|&(b, l)| (b, l, E820_RESERVED)));
+    entries.extend(holes.iter().map(|&(b, l)| (b, l, E820_RESERVED)));
     entries.sort_by_key(|e| e.0);
     entries
 }
@@ -312,6 +321,28 @@ mod tests {
                 (FIRST_ADDR_PAST_4G, (4 << 30) - MAX_BELOW_4G, E820_RAM),
             ]
         );
+    }
+
+    /// A reservation over RAM splits the RAM entry around it.
+    #[test]
+    fn reservations_are_carved_out_of_ram() {
+        let m = mem(512 << 20);
+        let stolen = (0x1000_0000, 0x400_0000);
+        let got = e820_entries(&m, &[stolen]);
+        assert_eq!(
+            got,
+            vec![
+                (0, EBDA_START, E820_RAM),
+                (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+                (HIGH_MEMORY_START, 0x1000_0000 - HIGH_MEMORY_START, E820_RAM),
+                (0x1000_0000, 0x400_0000, E820_RESERVED),
+                (0x1400_0000, (512 << 20) - 0x1400_0000, E820_RAM),
+            ]
+        );
+        // At the very end of RAM: nothing usable is left behind it.
+        let got = e820_entries(&m, &[((512 << 20) - 0x1000, 0x1000)]);
+        assert_eq!(got.last(), Some(&((512 << 20) - 0x1000, 0x1000, E820_RESERVED)));
+        assert_eq!(got[2], (HIGH_MEMORY_START, (512 << 20) - 0x1000 - HIGH_MEMORY_START, E820_RAM));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! handed: an interrupt (`vm_superio::Trigger`), an output stream, or a
 //! `VmControl` for the few devices that can stop or reset the machine.
 
+pub mod aml;
 pub mod bus;
 pub mod legacy;
 pub mod virtio;

@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn bars_are_naturally_aligned_and_programmed() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), Endpoint::shared(&[(0, MEM, 0x100), (2, MEM64, 0x10_0000)]))
             .unwrap();
         root.insert(addr(0, 2, 0), virtio()).unwrap();
@@ -365,7 +365,7 @@ mod tests {
 
     #[test]
     fn root_port_windows_cover_their_children() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), root_port(1)).unwrap();
         root.insert(addr(0, 2, 0), root_port(2)).unwrap();
         root.insert(addr(0, 3, 0), Endpoint::shared(&[(0, MEM, 0x1000)])).unwrap();
@@ -407,7 +407,7 @@ mod tests {
 
     #[test]
     fn empty_root_port_has_closed_windows() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), root_port(1)).unwrap();
         assert_eq!(root.assign_bars(&windows()).unwrap(), vec![]);
         let dev = root.device(addr(0, 1, 0)).unwrap();
@@ -418,7 +418,7 @@ mod tests {
 
     #[test]
     fn without_a_64bit_window_everything_goes_low() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), root_port(1)).unwrap();
         root.insert(addr(1, 0, 0), virtio()).unwrap();
         let w = BarWindows { mmio64: None, ..windows() };
@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn io_bars_stay_unassigned() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), Endpoint::shared(&[(0, BarKind::Io, 0x20), (1, MEM, 0x1000)]))
             .unwrap();
         let got = root.assign_bars(&windows()).unwrap();
@@ -438,7 +438,7 @@ mod tests {
 
     #[test]
     fn window_overflow_is_an_error() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), Endpoint::shared(&[(0, MEM, 0x2000_0000)])).unwrap();
         root.insert(addr(0, 2, 0), Endpoint::shared(&[(0, MEM, 0x1000)])).unwrap();
         let err = root.assign_bars(&windows()).unwrap_err();

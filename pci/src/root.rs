@@ -115,21 +115,18 @@ impl BusNode {
 pub struct PciRoot {
     pub(crate) bus0: BusNode,
     on_bar_move: Option<BarMoveHandler>,
-}
-
-impl Default for PciRoot {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// The GSI of bus 0's INTA; INTB..INTD follow.
+    intx_gsi_base: u32,
 }
 
 impl PciRoot {
-    /// A root complex with only the host bridge, at 00:00.0.
-    pub fn new() -> Self {
+    /// A root complex with only the host bridge, at 00:00.0, whose INTA..INTD
+    /// are GSIs `intx_gsi_base`..`intx_gsi_base + 3`.
+    pub fn new(intx_gsi_base: u32) -> Self {
         let mut bus0 = BusNode::default();
         let host: SharedDevice = Arc::new(Mutex::new(HostBridge::new()));
         bus0.devices.insert(DevFn::default(), Node { dev: host, child: None });
-        Self { bus0, on_bar_move: None }
+        Self { bus0, on_bar_move: None, intx_gsi_base }
     }
 
     /// Who moves BAR mappings when the guest reprograms a BAR.
@@ -176,7 +173,7 @@ impl PciRoot {
         }
         let (&root_slot, below) = path.split_first()?;
         let pin = below.iter().fold(pin - 1, |pin, &slot| (pin + slot) % 4);
-        Some(crate::intx_gsi(root_slot, pin))
+        Some(crate::intx_gsi(self.intx_gsi_base, root_slot, pin))
     }
 
     fn find(&self, address: PciAddress) -> Option<&SharedDevice> {
@@ -286,7 +283,7 @@ pub(crate) mod tests {
 
     #[test]
     fn host_bridge_and_absent_functions() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         assert_eq!(read(&mut root, addr(0, 0, 0), 0, 4), 0x0008_1b36);
         assert_eq!(read(&mut root, addr(0, 1, 0), 0, 4), 0xffff_ffff);
         assert_eq!(read(&mut root, addr(0, 0, 1), 0, 2), 0xffff);
@@ -297,7 +294,7 @@ pub(crate) mod tests {
 
     #[test]
     fn access_sizes_and_alignment() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         let a = addr(0, 3, 0);
         root.insert(a, Endpoint::shared(&[])).unwrap();
         assert_eq!(read(&mut root, a, 0, 4), 0x1041_1af4);
@@ -318,7 +315,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bus_numbers_follow_the_bridge_registers() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), root_port(1)).unwrap();
         root.insert(addr(1, 0, 0), Endpoint::shared(&[])).unwrap();
         assert_eq!(read(&mut root, addr(1, 0, 0), 0, 4), 0x1041_1af4);
@@ -337,7 +334,7 @@ pub(crate) mod tests {
 
     #[test]
     fn insert_errors() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         assert_eq!(
             root.insert(addr(0, 0, 0), Endpoint::shared(&[])),
             Err(RootError::Occupied(addr(0, 0, 0)))
@@ -354,7 +351,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bar_moves_reach_the_handler() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         let a = addr(0, 2, 0);
         root.insert(a, Endpoint::shared(&[(0, BarKind::Memory32 { prefetchable: false }, 0x1000)]))
             .unwrap();
@@ -370,7 +367,7 @@ pub(crate) mod tests {
 
     #[test]
     fn intx_swizzle_through_root_ports() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 1, 0), root_port(1)).unwrap();
         root.insert(addr(0, 6, 0), Endpoint::shared(&[])).unwrap();
         root.insert(addr(1, 0, 0), Endpoint::shared(&[])).unwrap();
@@ -386,7 +383,7 @@ pub(crate) mod tests {
 
     #[test]
     fn lists_devices_depth_first() {
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         root.insert(addr(0, 2, 0), root_port(1)).unwrap();
         root.insert(addr(0, 3, 0), Endpoint::shared(&[])).unwrap();
         root.insert(addr(1, 0, 0), Endpoint::shared(&[])).unwrap();

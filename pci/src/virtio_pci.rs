@@ -8,16 +8,22 @@
 //! Vendor capabilities point the driver at each region, plus the PCI config
 //! access capability, through which a driver can reach any BAR offset with
 //! config cycles alone. Notifications become KVM ioeventfds (`ioeventfds`),
-//! so a queue kick never exits to skiff. Interrupts: one MSI-X vector per
-//! queue plus one for config changes, each an irqfd; while the driver has
-//! MSI-X off, INTA with the ISR register, level-triggered through an irqfd
-//! with a resample eventfd (see `VirtioPciInterrupt::resample`).
+//! so a queue kick never exits to skiff. Interrupts: each queue's call
+//! eventfd (and the config change's) is an MSI-X source bound to the vector
+//! the driver picks, an irqfd while that vector is unmasked, so a signal
+//! never exits to skiff either (`crate::msix`); while the driver has MSI-X
+//! off, INTA with the ISR register, level-triggered through an irqfd with a
+//! resample eventfd (see `VirtioPciInterrupt::resample`), and a call
+//! eventfd signalled by a backend outside skiff reaches it through
+//! `call_relay`.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::virtio::transport::{QueueField, TransportError, TransportState};
-use devices::virtio::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use devices::virtio::{
+    CallRelay, GuestMemoryMmap, RelayTarget, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::capability::{MsixCap, PcieCap};
@@ -26,7 +32,7 @@ use crate::config::{
     HEADER_TYPE, HEADER_TYPE_MULTIFUNCTION,
 };
 use crate::device::PciDevice;
-use crate::msix::{MsiRouter, Msix, MsixVector};
+use crate::msix::{MsiRouter, Msix, NO_VECTOR};
 
 pub const VENDOR_VIRTIO: u16 = 0x1af4;
 /// Modern device IDs are 0x1040 + the virtio device type.
@@ -47,10 +53,6 @@ const DEVICE_CFG: u64 = 0x2000;
 pub const NOTIFY_CFG: u64 = 0x3000;
 const REGION_SIZE: u64 = 0x1000;
 pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
-
-/// "No vector": what the driver writes to unassign, and what the device
-/// answers when it refuses a vector.
-pub const NO_VECTOR: u16 = 0xffff;
 
 const CAP_ID_VENDOR: u8 = 0x09;
 const CAP_COMMON: u8 = 1;
@@ -93,17 +95,17 @@ pub enum VirtioPciError {
     Vectors { need: usize, got: usize },
 }
 
-/// Which MSI-X vector each interrupt source uses, and the table itself.
-struct Vectors {
-    msix: Msix,
-    config: u16,
-    queues: Vec<u16>,
-}
-
-/// The transport's interrupt, shared by the device (which raises it from the
-/// event loop) and the transport (which the guest programs from vCPUs).
+/// The transport's interrupt, shared by the device (which raises it from
+/// its worker thread) and the transport (which the guest programs from
+/// vCPUs). Raising it takes no lock.
 pub struct VirtioPciInterrupt {
-    vectors: Mutex<Vectors>,
+    /// The table; its sources are the queues' call eventfds in order, then
+    /// the config change's.
+    msix: Mutex<Msix>,
+    /// Message Control's enable bit, for the lock-free path.
+    msix_enabled: AtomicBool,
+    /// The same call eventfds, to signal without the lock.
+    calls: Vec<EventFd>,
     isr: AtomicU8,
     /// INTA, bound by the VMM with irqfd + resample to the slot's GSI.
     intx_evt: EventFd,
@@ -112,8 +114,16 @@ pub struct VirtioPciInterrupt {
 }
 
 impl VirtioPciInterrupt {
-    fn vectors(&self) -> MutexGuard<'_, Vectors> {
-        self.vectors.lock().unwrap_or_else(|e| e.into_inner())
+    fn msix(&self) -> MutexGuard<'_, Msix> {
+        self.msix.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The MSI-X source of a queue or of config changes.
+    fn source(&self, t: VirtioInterruptType) -> usize {
+        match t {
+            VirtioInterruptType::Queue(q) => usize::from(q),
+            VirtioInterruptType::Config => self.calls.len() - 1,
+        }
     }
 
     pub fn intx_evt(&self) -> &EventFd {
@@ -127,7 +137,7 @@ impl VirtioPciInterrupt {
     pub fn resample(&self) {
         if self.isr.load(Ordering::SeqCst) != 0
             && self.intx_enabled.load(Ordering::SeqCst)
-            && !self.vectors().msix.enabled()
+            && !self.msix_enabled.load(Ordering::SeqCst)
         {
             self.assert_intx();
         }
@@ -136,6 +146,43 @@ impl VirtioPciInterrupt {
     fn assert_intx(&self) {
         if let Err(e) = self.intx_evt.write(1) {
             log::error!("virtio-pci: cannot raise INTx: {e}");
+        }
+    }
+
+    /// INTx: the reason in the ISR, then the line.
+    fn raise_intx(&self, t: VirtioInterruptType) {
+        let bit = match t {
+            VirtioInterruptType::Config => ISR_CONFIG,
+            VirtioInterruptType::Queue(_) => ISR_QUEUE,
+        };
+        self.isr.fetch_or(bit, Ordering::SeqCst);
+        if self.intx_enabled.load(Ordering::SeqCst) {
+            self.assert_intx();
+        }
+    }
+
+    /// Message Control as the guest wrote it. Signals held in the call
+    /// eventfds while MSI-X goes off become INTx, as they would have.
+    fn set_msix_control(&self, control: crate::capability::MsixControl) {
+        let mut msix = self.msix();
+        if !control.enabled {
+            self.msix_enabled.store(false, Ordering::SeqCst);
+        }
+        msix.set_control(control);
+        if control.enabled {
+            self.msix_enabled.store(true, Ordering::SeqCst);
+            return;
+        }
+        let n = self.calls.len() - 1;
+        for (i, call) in self.calls.iter().enumerate() {
+            if call.read().is_ok() {
+                let t = if i == n {
+                    VirtioInterruptType::Config
+                } else {
+                    VirtioInterruptType::Queue(i as u16)
+                };
+                self.raise_intx(t);
+            }
         }
     }
 }
@@ -147,29 +194,25 @@ impl VirtioInterrupt for VirtioPciInterrupt {
         if t == VirtioInterruptType::Config {
             self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
         }
-        let mut v = self.vectors();
-        if v.msix.enabled() {
-            let vector = match t {
-                VirtioInterruptType::Config => v.config,
-                VirtioInterruptType::Queue(q) => {
-                    v.queues.get(usize::from(q)).copied().unwrap_or(NO_VECTOR)
-                }
+        if self.msix_enabled.load(Ordering::SeqCst) {
+            // KVM delivers it (irqfd), or the PBA holds it while masked.
+            return match self.calls.get(self.source(t)) {
+                Some(call) => call.write(1),
+                None => Ok(()),
             };
-            if vector != NO_VECTOR {
-                v.msix.notify(vector);
-            }
-            return Ok(());
         }
-        drop(v);
-        let bit = match t {
-            VirtioInterruptType::Config => ISR_CONFIG,
-            VirtioInterruptType::Queue(_) => ISR_QUEUE,
-        };
-        self.isr.fetch_or(bit, Ordering::SeqCst);
-        if self.intx_enabled.load(Ordering::SeqCst) {
-            self.assert_intx();
-        }
+        self.raise_intx(t);
         Ok(())
+    }
+}
+
+impl RelayTarget for VirtioPciInterrupt {
+    /// Under MSI-X the call eventfd is KVM's (or waits in the PBA); with
+    /// INTx it is skiff's to turn into the ISR and the line.
+    fn relay(&self, source: VirtioInterruptType, call: &EventFd) {
+        if !self.msix_enabled.load(Ordering::SeqCst) && call.read().is_ok() {
+            self.raise_intx(source);
+        }
     }
 }
 
@@ -205,20 +248,20 @@ fn class_code(device_type: u32) -> u32 {
 }
 
 impl VirtioPciDevice {
-    /// `vectors` must hold `vectors_needed(device)` MSI-X vectors, each an
-    /// eventfd that the VMM bound to its GSI.
+    /// `gsis` must hold `vectors_needed(device)` GSIs, one per MSI-X
+    /// vector, for `router` to route and attach.
     pub fn new(
         mem: GuestMemoryMmap,
         device: Arc<Mutex<dyn VirtioDevice>>,
-        vectors: Vec<MsixVector>,
+        gsis: Vec<u32>,
         router: Arc<dyn MsiRouter>,
         placement: Placement,
     ) -> Result<Self, VirtioPciError> {
         let state = TransportState::new("virtio-pci", mem, device)?;
         let device_type = state.device().device_type();
         let need = state.num_queues() + 1;
-        if vectors.len() != need {
-            return Err(VirtioPciError::Vectors { need, got: vectors.len() });
+        if gsis.len() != need {
+            return Err(VirtioPciError::Vectors { need, got: gsis.len() });
         }
         let mut config = PciConfig::new(&ConfigParams {
             vendor_id: VENDOR_VIRTIO,
@@ -271,12 +314,16 @@ impl VirtioPciDevice {
         };
         pcie.add_to(&mut config)?;
 
+        let mut msix = Msix::new(gsis, router);
+        let mut calls = Vec::with_capacity(need);
+        for call in state.queue_calls.iter().chain([&state.config_call]) {
+            msix.add_source(call.try_clone().map_err(TransportError::EventFd)?);
+            calls.push(call.try_clone().map_err(TransportError::EventFd)?);
+        }
         let interrupt = Arc::new(VirtioPciInterrupt {
-            vectors: Mutex::new(Vectors {
-                msix: Msix::new(vectors, router),
-                config: NO_VECTOR,
-                queues: vec![NO_VECTOR; need - 1],
-            }),
+            msix: Mutex::new(msix),
+            msix_enabled: AtomicBool::new(false),
+            calls,
             isr: AtomicU8::new(0),
             intx_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?,
             intx_enabled: AtomicBool::new(true),
@@ -295,9 +342,14 @@ impl VirtioPciDevice {
         self.interrupt.clone()
     }
 
-    /// Never holds the vectors lock while calling into the device: the
-    /// device's thread holds its own lock when it raises an interrupt
-    /// (which takes the vectors lock), so the two must not nest this way.
+    /// Turns call eventfds signalled by a backend outside skiff into INTx
+    /// while MSI-X is off, on the event loop.
+    pub fn call_relay(&self) -> std::io::Result<CallRelay> {
+        Ok(CallRelay::new(self.state.calls()?, self.interrupt.clone()))
+    }
+
+    /// Never holds the MSI-X lock while calling into the device, so that no
+    /// lock order between the two exists.
     fn read_common(&self, offset: u64) -> u64 {
         let s = &self.state;
         let q = s.selected_queue();
@@ -312,7 +364,7 @@ impl VirtioPciDevice {
                 1 => hi(s.driver_features),
                 _ => 0,
             },
-            CONFIG_MSIX_VECTOR => self.interrupt.vectors().config.into(),
+            CONFIG_MSIX_VECTOR => self.interrupt.msix().source_vector(s.num_queues()).into(),
             NUM_QUEUES => s.num_queues() as u64,
             DEVICE_STATUS => s.status.into(),
             // Config space never changes under the driver.
@@ -320,10 +372,10 @@ impl VirtioPciDevice {
             QUEUE_SELECT => s.queue_sel.into(),
             // Size 0: no such queue.
             QUEUE_SIZE => q.map_or(0, |q| q.size.into()),
-            QUEUE_MSIX_VECTOR => {
-                let v = self.interrupt.vectors();
-                v.queues.get(s.queue_sel as usize).copied().unwrap_or(NO_VECTOR).into()
-            }
+            QUEUE_MSIX_VECTOR => match s.queue_sel as usize {
+                q if q < s.num_queues() => self.interrupt.msix().source_vector(q).into(),
+                _ => NO_VECTOR.into(),
+            },
             QUEUE_ENABLE => q.map_or(0, |q| q.ready.into()),
             QUEUE_NOTIFY_OFF => s.queue_sel.into(),
             QUEUE_DESC_LO => q.map_or(0, |q| lo(q.desc_table)),
@@ -362,24 +414,22 @@ impl VirtioPciDevice {
             DRIVER_FEATURE => s.write_driver_features_word(value),
             QUEUE_SELECT => s.queue_sel = value & 0xffff,
             CONFIG_MSIX_VECTOR => {
-                let mut v = self.interrupt.vectors();
-                v.config = valid_vector(value, v.msix.len());
+                self.interrupt.msix().set_source_vector(s.num_queues(), vector(value));
             }
             QUEUE_MSIX_VECTOR => {
                 let sel = s.queue_sel as usize;
-                let mut v = self.interrupt.vectors();
-                let n = v.msix.len();
-                if let Some(q) = v.queues.get_mut(sel) {
-                    *q = valid_vector(value, n);
+                if sel < s.num_queues() {
+                    self.interrupt.msix().set_source_vector(sel, vector(value));
                 }
             }
             DEVICE_STATUS => {
                 let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
                 if s.set_status(value, &interrupt) {
                     self.interrupt.isr.store(0, Ordering::SeqCst);
-                    let mut v = self.interrupt.vectors();
-                    v.config = NO_VECTOR;
-                    v.queues.iter_mut().for_each(|q| *q = NO_VECTOR);
+                    let mut msix = self.interrupt.msix();
+                    for source in 0..=s.num_queues() {
+                        msix.set_source_vector(source, NO_VECTOR);
+                    }
                 }
             }
             _ => log::debug!("virtio-pci: write {value:#x} to common config {offset:#x} ignored"),
@@ -441,11 +491,9 @@ impl VirtioPciDevice {
     }
 }
 
-fn valid_vector(value: u32, n: usize) -> u16 {
-    match u16::try_from(value) {
-        Ok(v) if usize::from(v) < n => v,
-        _ => NO_VECTOR,
-    }
+/// A vector register write; the table refuses one past its end.
+fn vector(value: u32) -> u16 {
+    u16::try_from(value).unwrap_or(NO_VECTOR)
 }
 
 impl PciDevice for VirtioPciDevice {
@@ -473,7 +521,7 @@ impl PciDevice for VirtioPciDevice {
         let moved = self.config.write(offset, data);
         if reg == self.msix_cap / 4 {
             let control = MsixCap::control(&self.config, self.msix_cap);
-            self.interrupt.vectors().msix.set_control(control);
+            self.interrupt.set_msix_control(control);
         }
         if reg == COMMAND / 4 {
             let enabled = self.config.command() & COMMAND_INTX_DISABLE == 0;
@@ -486,9 +534,9 @@ impl PciDevice for VirtioPciDevice {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match bar {
             MSIX_BAR if offset < MSIX_PBA => {
-                self.interrupt.vectors().msix.table_read(offset - MSIX_TABLE, data)
+                self.interrupt.msix().table_read(offset - MSIX_TABLE, data)
             }
-            MSIX_BAR => self.interrupt.vectors().msix.pba_read(offset - MSIX_PBA, data),
+            MSIX_BAR => self.interrupt.msix().pba_read(offset - MSIX_PBA, data),
             MODERN_BAR => self.modern_read(offset, data),
             _ => data.fill(0xff),
         }
@@ -497,7 +545,7 @@ impl PciDevice for VirtioPciDevice {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         match bar {
             MSIX_BAR if offset < MSIX_PBA => {
-                self.interrupt.vectors().msix.table_write(offset - MSIX_TABLE, data)
+                self.interrupt.msix().table_write(offset - MSIX_TABLE, data)
             }
             MODERN_BAR => self.modern_write(offset, data),
             _ => {}
@@ -526,7 +574,7 @@ mod tests {
 
     use super::*;
     use crate::capability::CAP_ID_MSIX;
-    use crate::msix::tests::{vectors, Routes};
+    use crate::msix::tests::{gsis, Routes};
     use crate::msix::MsiMessage;
 
     /// (queue index, size) of each queue handed over, and the interrupt.
@@ -555,7 +603,7 @@ mod tests {
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
         fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-            let qs = ctx.queues.iter().map(|(i, q, _)| (*i, q.size())).collect();
+            let qs = ctx.queues.iter().map(|a| (a.index, a.queue.size())).collect();
             self.active = Some((qs, ctx.interrupt));
             Ok(())
         }
@@ -571,7 +619,7 @@ mod tests {
         let fake = Arc::new(Mutex::new(Fake::default()));
         let routes = Arc::new(Routes::default());
         let dev =
-            VirtioPciDevice::new(mem, fake.clone(), vectors(3), routes.clone(), Placement::RootBus)
+            VirtioPciDevice::new(mem, fake.clone(), gsis(3), routes.clone(), Placement::RootBus)
                 .unwrap();
         (fake, dev, routes)
     }
@@ -697,12 +745,15 @@ mod tests {
         let (queues, interrupt) = fake.lock().unwrap().active.take().unwrap();
         assert_eq!(queues, [(0, 16), (1, 16)]);
         msix_enable(&mut d);
-        assert_eq!(routes.0.lock().unwrap()[1], (25, MsiMessage { addr: 0xfee0_0000, data: 0x41 }));
+        assert_eq!(
+            routes.routes.lock().unwrap()[1],
+            (25, MsiMessage { addr: 0xfee0_0000, data: 0x41 })
+        );
         let v = d.interrupt();
         interrupt.trigger(VirtioInterruptType::Queue(1)).unwrap();
-        assert!(v.vectors().msix.vectors()[2].evt.read().is_ok(), "queue 1 → vector 2");
+        assert_eq!(routes.take_delivered(), [26], "queue 1 → vector 2");
         interrupt.trigger(VirtioInterruptType::Config).unwrap();
-        assert!(v.vectors().msix.vectors()[0].evt.read().is_ok());
+        assert_eq!(routes.take_delivered(), [24]);
         assert!(v.intx_evt().read().is_err(), "no INTx with MSI-X on");
         // The config change still shows in the ISR; queue interrupts do not.
         assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 2);
@@ -718,6 +769,43 @@ mod tests {
         assert_eq!(common_r(&mut d, DEVICE_STATUS, 1), 0);
         assert_eq!(common_r(&mut d, CONFIG_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
         assert_eq!(fake.lock().unwrap().resets.load(Ordering::SeqCst), 1);
+    }
+
+    /// A backend outside skiff signals the call eventfds itself: under
+    /// MSI-X KVM delivers them (the relay leaves them alone); with INTx the
+    /// relay on the event loop sets the ISR and raises the line; a signal
+    /// held by a masked vector becomes INTx when the driver turns MSI-X off.
+    #[test]
+    fn call_eventfds_reach_the_guest_in_either_mode() {
+        use event_manager::{EventManager, SubscriberOps};
+
+        let (_, mut d, routes) = setup();
+        bring_up(&mut d);
+        let mut em = EventManager::<CallRelay>::new().unwrap();
+        em.add_subscriber(d.call_relay().unwrap());
+        let v = d.interrupt();
+        let call = d.state.queue_calls[0].try_clone().unwrap();
+
+        call.write(1).unwrap();
+        assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+        assert!(v.intx_evt().read().is_ok(), "INTx");
+        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 1);
+
+        msix_enable(&mut d);
+        call.write(1).unwrap();
+        em.run_with_timeout(0).unwrap();
+        assert!(v.intx_evt().read().is_err());
+        assert_eq!(routes.take_delivered(), [25], "queue 0 → vector 1, by KVM");
+
+        wr(&mut d, MSIX_BAR, 16 + 12, 4, 1);
+        call.write(1).unwrap();
+        em.run_with_timeout(0).unwrap();
+        assert_eq!(routes.take_delivered(), [] as [u32; 0], "masked");
+        assert_eq!(rd(&mut d, MSIX_BAR, MSIX_PBA, 1), 0b10);
+        d.config_write(d.msix_cap as u64 + 2, &0u16.to_le_bytes());
+        assert!(v.intx_evt().read().is_ok(), "held, then INTx");
+        assert_eq!(rd(&mut d, MODERN_BAR, ISR_CFG, 1), 1);
+        assert_eq!(routes.take_delivered(), [] as [u32; 0]);
     }
 
     #[test]
@@ -803,7 +891,7 @@ mod tests {
             seed ^= seed >> 27;
             seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
         };
-        let mut root = PciRoot::new();
+        let mut root = PciRoot::new(16);
         let port =
             RootPortParams { chassis: 1, slot: 1, port: 0, multifunction: false, secondary_bus: 1 };
         root.insert(PciAddress::new(0, 1, 0).unwrap(), Arc::new(Mutex::new(RootPort::new(port))))
@@ -815,7 +903,7 @@ mod tests {
             let dev = VirtioPciDevice::new(
                 GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
                 Arc::new(Mutex::new(Fake::default())),
-                vectors(3),
+                gsis(3),
                 Arc::new(Routes::default()),
                 placement,
             )

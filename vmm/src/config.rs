@@ -144,43 +144,128 @@ pub struct QmpConfig {
     pub wait: bool,
 }
 
-/// What a PCI `-device` is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PciKind {
-    /// `pcie-root-port,chassis=N,slot=N[,port=N]`
-    RootPort { chassis: u8, slot: u16, port: u8 },
-    /// `virtio-rng-pci[,max-bytes=N][,period=MS]`
-    VirtioRng { max_bytes: Option<u64>, period_ms: Option<u64> },
-}
-
-/// A `-device` on the PCIe root complex; the bus allocator in `pci` places
-/// it (explicit `addr=` first, whatever the command-line order).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PciDeviceConfig {
-    pub driver: String,
-    pub id: Option<String>,
+/// Where a PCI function asks to go: `bus=`, `addr=`, `multifunction=`.
+/// The bus allocator in `pci` places it (explicit `addr=` first, whatever
+/// the command-line order).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PciSlotConfig {
     /// `bus=`: `pcie.0` or a root port's id.
     pub bus: Option<String>,
     pub addr: Option<pci::DevFn>,
     pub multifunction: bool,
-    pub kind: PciKind,
+}
+
+/// How the guest reaches a virtio device: `-device NAME-device` (virtio-mmio)
+/// or `-device NAME-pci` (virtio-pci on the root complex).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VirtioTransport {
+    Mmio,
+    Pci(PciSlotConfig),
+}
+
+/// What a virtio device is, whatever its transport: one variant per
+/// family, parsed from the family's own properties (`cli::device`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VirtioKind {
+    /// `virtio-rng-*[,max-bytes=N][,period=MS]`: QEMU's rate limit of
+    /// `max_bytes` per `period_ms` milliseconds when `max_bytes` is given.
+    Rng { max_bytes: Option<u64>, period_ms: Option<u64> },
+}
+
+impl VirtioKind {
+    /// The family's name: `-device` takes it with `-pci` or `-device`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            VirtioKind::Rng { .. } => "virtio-rng",
+        }
+    }
+}
+
+/// One virtio `-device`: the same description on either transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioConfig {
+    pub id: Option<String>,
+    pub transport: VirtioTransport,
+    pub kind: VirtioKind,
+}
+
+impl VirtioConfig {
+    /// The `-device` driver name, as QEMU names the device in errors.
+    pub fn driver(&self) -> String {
+        let suffix = match self.transport {
+            VirtioTransport::Mmio => "device",
+            VirtioTransport::Pci(_) => "pci",
+        };
+        format!("{}-{suffix}", self.kind.family())
+    }
+}
+
+/// `pcie-root-port,chassis=N,slot=N[,port=N]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootPortConfig {
+    pub id: Option<String>,
+    pub pci: PciSlotConfig,
+    pub chassis: u8,
+    pub slot: u16,
+    pub port: u8,
 }
 
 /// A `-device`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceConfig {
     I8042,
-    IsaDebugExit {
-        iobase: u16,
-        iosize: u16,
+    IsaDebugExit { iobase: u16, iosize: u16 },
+    RootPort(RootPortConfig),
+    Virtio(VirtioConfig),
+}
+
+impl DeviceConfig {
+    /// Where it asks to go on the root complex, if it is a PCI function:
+    /// (driver, id, slot request, whether it is a root port).
+    pub fn pci_slot(&self) -> Option<(String, Option<&str>, &PciSlotConfig, bool)> {
+        match self {
+            DeviceConfig::RootPort(p) => {
+                Some(("pcie-root-port".to_owned(), p.id.as_deref(), &p.pci, true))
+            }
+            DeviceConfig::Virtio(v) => match &v.transport {
+                VirtioTransport::Pci(slot) => Some((v.driver(), v.id.as_deref(), slot, false)),
+                VirtioTransport::Mmio => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// Guest RAM's host backing: `-object memory-backend-*` bound with
+/// `-numa node,memdev=`, or anonymous memory without them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RamBacking {
+    /// Anonymous private memory (no `-object`, or `memory-backend-ram` with
+    /// `share=off`).
+    #[default]
+    Anonymous,
+    /// `memory-backend-ram,share=on`: anonymous shared memory.
+    AnonymousShared,
+    /// `memory-backend-memfd`: a memfd (`/memfd:memory-backend-memfd` in
+    /// /proc/PID/maps) that a vhost-user backend can map.
+    Memfd {
+        share: bool,
+        /// `hugetlb=on`: the page size (`hugetlbsize=`, 0 for the host's
+        /// default).
+        hugetlb: Option<u64>,
+        /// `seal=on` (default): F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL.
+        seal: bool,
     },
-    /// `virtio-rng-device` (virtio-mmio): QEMU's `max-bytes` per `period`
-    /// milliseconds rate limit when `max_bytes` is given.
-    VirtioRngMmio {
-        max_bytes: Option<u64>,
-        period_ms: Option<u64>,
-    },
-    Pci(PciDeviceConfig),
+}
+
+/// One `-object memory-backend-*`, as parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryBackendConfig {
+    pub id: String,
+    pub size: u64,
+    pub backing: RamBacking,
+    /// `merge=`: MADV_MERGEABLE (default: the machine's `mem-merge`).
+    pub merge: Option<bool>,
 }
 
 /// `-smbios type=1,...`: kept for the SMBIOS table.
@@ -201,6 +286,10 @@ pub struct VmConfig {
     pub machine: MachineConfig,
     /// Guest RAM in bytes (`-m`, default 128 MiB as QEMU).
     pub mem_size: u64,
+    /// How guest RAM is backed (resolved from `-object`/`-numa`).
+    pub ram: RamBacking,
+    /// `merge=` of the memory backend, if one was bound.
+    pub ram_merge: Option<bool>,
     pub smp: SmpConfig,
     pub cpu: CpuConfig,
     pub kernel: Option<PathBuf>,
@@ -228,6 +317,8 @@ impl Default for VmConfig {
             name: None,
             machine: MachineConfig::default(),
             mem_size: 128 << 20,
+            ram: RamBacking::Anonymous,
+            ram_merge: None,
             smp: SmpConfig::default(),
             cpu: CpuConfig::default(),
             kernel: None,

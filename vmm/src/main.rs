@@ -6,20 +6,13 @@
 //! `(V << 1) | 1` when the guest writes V to isa-debug-exit; 1 for a bad
 //! command line or a VM that cannot continue (with the reason on stderr).
 
+mod backends;
 mod cli;
 mod config;
-mod console;
-mod console_writer;
-mod control;
-mod logger;
-mod memory;
-mod pci_layout;
+mod diag;
+mod host;
+mod plan;
 mod qmp;
-mod rtc_timer;
-mod serial_input;
-mod signals;
-mod trace;
-mod vcpu;
 mod vm;
 
 use std::io::Write;
@@ -28,11 +21,51 @@ use std::sync::{Arc, Mutex};
 
 use config::VmConfig;
 use devices::VmEvent;
+use host::console;
 use vm::RunEnd;
 
+/// Why skiff stops with status 1. Each level names what failed; the cause
+/// below it is printed after it (`error_chain`), down to the OS error.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Cpu(#[from] boot::cpu::Error),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error(transparent)]
+    Backend(#[from] backends::BackendError),
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    #[error("serial console")]
+    Console(#[from] console::Error),
+    #[error("installing signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("-qmp")]
+    Qmp(#[source] std::io::Error),
+    /// A vCPU could not continue; the message carries its registers.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// `error: cause: its cause ...`, every level of the chain on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let msg = cause.to_string();
+        // `transparent` levels repeat their source's message.
+        if !text.ends_with(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn main() -> ExitCode {
-    trace::init();
-    logger::init();
+    diag::trace::init();
+    host::logger::init();
     let args = std::env::args().skip(1);
     let config = match cli::parse(args) {
         Ok(cli::Action::Run(cfg)) => cfg,
@@ -57,38 +90,56 @@ fn main() -> ExitCode {
     }));
     let code = match run(&config) {
         Ok(code) => code,
-        Err(msg) => {
+        Err(e) => {
             console::restore_terminal();
-            let _ = writeln!(std::io::stderr(), "skiff: {msg}");
+            let _ = writeln!(std::io::stderr(), "skiff: {}", error_chain(&e));
             1
         }
     };
     console::restore_terminal();
-    let _ = write!(std::io::stderr(), "{}", trace::report());
+    let _ = write!(std::io::stderr(), "{}", diag::trace::report());
     // Exit codes from isa-debug-exit can exceed a u8 in theory; the OS keeps
     // the low 8 bits, as with QEMU's exit().
     ExitCode::from(code as u8)
 }
 
-fn run(cfg: &VmConfig) -> Result<i32, String> {
+/// A guest's physical address width when /dev/kvm cannot say (the plan is
+/// still checked, so a bad command line is reported first).
+const FALLBACK_PHYS_BITS: u8 = 40;
+
+fn run(cfg: &VmConfig) -> Result<i32, Error> {
     if cfg.sandbox {
         log::warn!("-sandbox on: no seccomp filter is installed yet; running unconfined");
     }
-    boot::cpu::check_features(&cfg.cpu.features).map_err(|e| e.to_string())?;
-    pci_layout::place(cfg)?;
-    let mut files = vm::BootFiles::open(cfg).map_err(|e| e.to_string())?;
-    let console = console::console_target(cfg).map_err(|e| e.to_string())?;
-    let signal_evt = signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
+    boot::cpu::check_features(&cfg.cpu.features)?;
+    let console = console::console_target(cfg)?;
+    let kvm = vm::Host::open();
+    let phys_bits = kvm.as_ref().map_or(FALLBACK_PHYS_BITS, vm::Host::phys_bits);
+    let serial = console != console::ConsoleTarget::None;
+    let plan = plan::MachinePlan::new(cfg, serial, phys_bits)?;
+    let mut files = vm::BootFiles::open(cfg)?;
+    let kvm = kvm?;
+    let backends = backends::Backends::open(cfg)?;
+    let signal_evt = host::signals::install().map_err(Error::Signals)?;
     let mut servers = Vec::new();
     for q in &cfg.qmp {
-        let server = qmp::QmpServer::bind(q).map_err(|e| format!("-qmp: {e}"))?;
+        let server = qmp::QmpServer::bind(q).map_err(Error::Qmp)?;
         servers.push(Arc::new(Mutex::new(server)));
     }
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);
     }
+    let machine = vm::Machine {
+        cfg,
+        plan: &plan,
+        backends: &backends,
+        host: &kvm,
+        console: &console,
+        signal_evt,
+        qmp: &servers,
+    };
     // Dropping the servers (here or on an early return) removes the sockets.
-    run_until_end(cfg, &mut files, &console, signal_evt, &servers)
+    run_until_end(&machine, &mut files)
 }
 
 fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason: &str) {
@@ -98,17 +149,11 @@ fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason:
     }
 }
 
-fn run_until_end(
-    cfg: &VmConfig,
-    files: &mut vm::BootFiles,
-    console: &console::ConsoleTarget,
-    signal_evt: &vmm_sys_util::eventfd::EventFd,
-    servers: &[Arc<Mutex<qmp::QmpServer>>],
-) -> Result<i32, String> {
+fn run_until_end(m: &vm::Machine<'_>, files: &mut vm::BootFiles) -> Result<i32, Error> {
+    let (cfg, servers) = (m.cfg, m.qmp);
     let mut first = true;
     loop {
-        let end =
-            vm::run(cfg, files, console, first, signal_evt, servers).map_err(|e| e.to_string())?;
+        let end = vm::run(m, files, first)?;
         first = false;
         // With -no-reboot every reset request becomes a shutdown, as in QEMU.
         let (guest, reason, reset) = match &end {
@@ -137,11 +182,11 @@ fn run_until_end(
             }
             RunEnd::Signal(sig) => {
                 emit(servers, "SHUTDOWN", false, "host-signal");
-                console::restore_terminal();
+                host::console::restore_terminal();
                 let _ = writeln!(std::io::stderr(), "skiff: terminating on signal {sig}");
                 Ok(0)
             }
-            RunEnd::Fatal(msg) => Err(msg),
+            RunEnd::Fatal(msg) => Err(Error::Fatal(msg)),
         };
     }
 }

@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use vm_superio::Trigger;
 
+use acpi_tables::{aml, Aml};
+
 use super::le_value;
+use crate::aml::name;
 use crate::{BusDevice, VmControl, VmEvent};
 
 /// Bit in the event selector for the ACPI power button (QEMU's
@@ -80,6 +83,64 @@ impl<T: Trigger + Send> BusDevice for Ged<T> {
             _ => log::debug!("GED: write to unknown offset {offset:#x}"),
         }
     }
+}
+
+/// The GED, as QEMU's `build_ged_aml` with only the power-down event.
+///
+/// `_CRS` holds only the interrupt: Linux's GED driver (drivers/acpi/evged.c)
+/// fails to probe on any other resource type. The selector register is
+/// reached through the `EREG` operation region instead.
+/// The GED and the power button it notifies, in the DSDT: the event
+/// selector at `base` + `EVT_SEL`, the interrupt on `irq`.
+pub fn aml(base: u64, irq: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let evt_sel = base + EVT_SEL;
+    let selector = aml::Local(0);
+    let pwr_down = GED_EVT_POWER_BUTTON;
+    let selected = aml::And::new(&aml::ZERO, &selector, &pwr_down);
+    aml::Device::new(
+        "GED_".into(),
+        vec![
+            &name("_HID", &"ACPI0013"),
+            &name("_UID", &"GED"),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, irq,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "EREG".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &evt_sel,
+                &EVT_SEL_LEN,
+            ),
+            &aml::Field::new(
+                "EREG".into(),
+                aml::FieldAccessType::DWord,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"ESEL", 32)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    // Reading ESEL clears it, so read it once.
+                    &aml::Store::new(&selector, &aml::Path::new("ESEL")),
+                    &aml::If::new(
+                        &aml::Equal::new(&selected, &pwr_down),
+                        vec![&aml::Notify::new(&aml::Path::new("PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    aml::Device::new("PWRB".into(), vec![&name("_HID", &"PNP0C0C"), &name("_UID", &0u8)])
+        .to_aml_bytes(&mut out);
+    out
 }
 
 #[cfg(test)]

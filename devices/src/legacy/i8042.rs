@@ -16,6 +16,9 @@ use std::sync::Arc;
 
 use vm_superio::Trigger;
 
+use acpi_tables::{aml, Aml};
+
+use crate::aml::{isa_irq, name};
 use crate::{BusDevice, VmControl, VmEvent};
 
 const DATA: u64 = 0;
@@ -277,6 +280,28 @@ impl<T: Trigger + Send> BusDevice for I8042<T> {
             _ => {}
         }
     }
+}
+
+/// The keyboard controller in the DSDT (PNP0303) at `port` and `port + 4`.
+pub fn aml(port: u16, irq: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "KBD_".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0303")),
+            &name("_STA", &0xFu8),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(port, port, 1, 1),
+                    &aml::IO::new(port + 4, port + 4, 1, 1),
+                    &isa_irq(irq),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
 }
 
 #[cfg(test)]

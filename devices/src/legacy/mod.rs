@@ -3,15 +3,15 @@
 
 mod debug_exit;
 pub mod ged;
-mod i8042;
-mod rtc;
-mod serial;
+pub mod i8042;
+pub mod rtc;
+pub mod serial;
 
 pub use debug_exit::DebugExit;
 pub use ged::{Ged, GED_EVT_POWER_BUTTON};
 pub use i8042::I8042;
-pub use rtc::Rtc;
-pub use serial::Serial;
+pub use rtc::{Rtc, RtcTimer};
+pub use serial::{Serial, SerialInput};
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;

@@ -6,7 +6,9 @@
 //! - one KVM ioeventfd per queue at base + `NOTIFY_REG_OFFSET`, 4 bytes,
 //!   datamatch = queue index, signalling `queue_evts()[index]` (without
 //!   them, a QueueNotify write reaches `write` and signals the same eventfd);
-//! - a KVM irqfd binding `interrupt_evt()` to the device's GSI.
+//! - a KVM irqfd binding `interrupt_evt()` to the device's GSI;
+//! - `call_relay()` on the event loop, for backends outside skiff that
+//!   signal the queues' call eventfds instead of calling `trigger`.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,8 +16,12 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
+use acpi_tables::{aml, Aml};
+
+use super::notifier::{CallRelay, RelayTarget};
 use super::transport::{QueueField, TransportError, TransportState};
 use super::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use crate::aml::name;
 use crate::BusDevice;
 
 /// Registers (0x000-0x0ff) and device config space (0x100-0x1ff).
@@ -72,6 +78,17 @@ impl VirtioInterrupt for MmioInterrupt {
     }
 }
 
+impl RelayTarget for MmioInterrupt {
+    /// A call eventfd is always skiff's to deliver on virtio-mmio.
+    fn relay(&self, source: VirtioInterruptType, call: &EventFd) {
+        if call.read().is_ok() {
+            if let Err(e) = self.trigger(source) {
+                log::error!("virtio-mmio: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+}
+
 pub type MmioError = TransportError;
 
 pub struct MmioTransport {
@@ -99,6 +116,12 @@ impl MmioTransport {
     /// The interrupt line, for a KVM irqfd on the device's GSI.
     pub fn interrupt_evt(&self) -> &EventFd {
         &self.interrupt.evt
+    }
+
+    /// Turns the call eventfds into InterruptStatus bits and the line, on
+    /// the event loop.
+    pub fn call_relay(&self) -> std::io::Result<CallRelay> {
+        Ok(CallRelay::new(self.state.calls()?, self.interrupt.clone()))
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
@@ -184,6 +207,52 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// Devices are named `VR00`..`VR99` in the DSDT.
+pub const MAX_AML_DEVICES: usize = 100;
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AmlError {
+    #[error("too many virtio-mmio devices: {0} (at most {MAX_AML_DEVICES})")]
+    TooMany(usize),
+    #[error("virtio-mmio window {base:#x}+{size:#x} does not fit below 4 GiB")]
+    Above4G { base: u64, size: u32 },
+}
+
+/// One virtio-mmio transport, as QEMU's `virtio_acpi_dsdt_add`.
+pub fn aml(index: usize, base: u64, gsi: u32) -> Result<Vec<u8>, AmlError> {
+    let mut out = Vec::new();
+    let size = MMIO_WINDOW_SIZE as u32;
+    let base32 = match base.checked_add(u64::from(size)) {
+        Some(end) if end <= 1 << 32 => base as u32,
+        _ => return Err(AmlError::Above4G { base, size }),
+    };
+    if index >= MAX_AML_DEVICES {
+        return Err(AmlError::TooMany(index + 1));
+    }
+    let dev_name = format!("VR{index:02}");
+    aml::Device::new(
+        dev_name.as_str().into(),
+        vec![
+            &name("_HID", &"LNRO0005"),
+            &name("_UID", &(index as u64)),
+            &name("_CCA", &1u8),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, base32, size),
+                    // Edge-triggered, active high, exclusive. QEMU says level;
+                    // skiff raises the line as an irqfd pulse, and a level
+                    // line would need a resample eventfd (an exit per IRQ)
+                    // to not lose a pulse that lands before the guest's EOI.
+                    &aml::Interrupt::new(true, true, false, false, gsi),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_bindings::virtio_config::{
@@ -242,8 +311,16 @@ mod tests {
             if self.queues.is_some() {
                 return Err(ActivateError::AlreadyActive);
             }
-            let info = ctx.queues.iter().map(|(i, q, _)| {
-                (*i, q.size(), q.desc_table(), q.avail_ring(), q.used_ring(), q.event_idx_enabled())
+            let info = ctx.queues.iter().map(|a| {
+                let q = &a.queue;
+                (
+                    a.index,
+                    q.size(),
+                    q.desc_table(),
+                    q.avail_ring(),
+                    q.used_ring(),
+                    q.event_idx_enabled(),
+                )
             });
             self.queues = Some(info.collect());
             self.interrupt = Some(ctx.interrupt);
@@ -408,6 +485,30 @@ mod tests {
         assert_eq!(r(&mut t, INTERRUPT_STATUS), 2);
         w(&mut t, INTERRUPT_ACK, 2);
         assert_eq!(r(&mut t, INTERRUPT_STATUS), 0);
+    }
+
+    /// A backend outside skiff signals a queue's call eventfd: the relay on
+    /// the event loop latches the queue bit and pulses the line, once.
+    #[test]
+    fn a_call_eventfd_sets_the_interrupt_status_and_pulses_the_line() {
+        use event_manager::{EventManager, SubscriberOps};
+
+        let (_, mut t) = setup();
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+        let mut em = EventManager::<CallRelay>::new().unwrap();
+        em.add_subscriber(t.call_relay().unwrap());
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0, "nothing signalled yet");
+        t.state.queue_calls[0].write(1).unwrap();
+        t.state.queue_calls[0].write(1).unwrap();
+        assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1, "one pulse");
+        assert!(t.state.queue_calls[0].read().is_err(), "consumed");
+        w(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        t.state.config_call.write(1).unwrap();
+        assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1);
     }
 
     #[test]

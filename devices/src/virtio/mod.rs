@@ -2,15 +2,23 @@
 //!
 //! A device (`VirtioDevice`) knows its queues, features and config space but
 //! nothing of how the guest reaches it. A transport (`mmio::MmioTransport`,
-//! later virtio-pci) owns the registers, builds the queues the driver set up
-//! and hands them over in an `ActivationContext` at DRIVER_OK, together with
-//! the `VirtioInterrupt` the device raises when it has used buffers.
+//! `pci::virtio_pci` in the `pci` crate) owns the registers, builds the
+//! queues the driver set up and hands them over in an `ActivationContext`
+//! at DRIVER_OK: each queue with its kick eventfd (the guest's doorbell,
+//! a KVM ioeventfd) and its call eventfd (the device's "used buffers"
+//! notification). An in-process device usually raises its interrupt through
+//! `VirtioInterrupt::trigger`; an external backend (vhost) is handed the two
+//! eventfds and never passes through skiff. The data plane runs on a
+//! `worker::Worker` thread of the device's own.
 
+pub mod chain;
 pub mod mmio;
+pub mod notifier;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;
+pub mod worker;
 
 use std::sync::Arc;
 
@@ -18,13 +26,18 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
-pub use rng::{RateLimit, Rng, RngError};
+pub use notifier::{CallRelay, RelayTarget};
+pub use rng::{RateLimit, Rng, RngBackend, RngError};
 
 /// Guest memory as every device sees it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// The feature bit every modern (virtio 1.x) device offers and requires.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Notification suppression with `used_event`/`avail_event` (virtio 1.2,
+/// 2.7.10). A device offers it only when it writes `avail_event` and asks
+/// `needs_notification` before interrupting: `worker::serve_queue` does both.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Why the guest is being interrupted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,21 +48,41 @@ pub enum VirtioInterruptType {
     Queue(u16),
 }
 
-/// How a device interrupts the guest. The transport implements it: virtio-mmio
-/// latches a bit in InterruptStatus and pulses one line; virtio-pci will pick
-/// an MSI-X vector per queue.
+/// How a device interrupts the guest. The transport implements it:
+/// virtio-mmio latches a bit in InterruptStatus and pulses one line;
+/// virtio-pci signals the queue's call eventfd, which KVM routes to the
+/// MSI-X vector the driver chose, or raises INTx with the ISR.
 pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()>;
+}
+
+/// One queue the driver set up, handed to the device at DRIVER_OK.
+pub struct ActiveQueue {
+    pub index: usize,
+    pub queue: Queue,
+    /// Signalled when the guest kicks the queue (a KVM ioeventfd).
+    pub kick: EventFd,
+    /// The queue's call eventfd: what a backend outside skiff signals
+    /// instead of `VirtioInterrupt::trigger` (the transport turns it into
+    /// the interrupt: through KVM under MSI-X, through skiff otherwise).
+    pub call: EventFd,
 }
 
 /// Everything a device needs to run, handed over by the transport when the
 /// driver sets DRIVER_OK.
 pub struct ActivationContext {
     pub mem: GuestMemoryMmap,
-    /// (queue index, queue, the eventfd the guest kicks for that queue). Only
-    /// the queues the driver marked ready are present.
-    pub queues: Vec<(usize, Queue, EventFd)>,
+    /// Only the queues the driver marked ready, in index order.
+    pub queues: Vec<ActiveQueue>,
     pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl ActivationContext {
+    /// Takes queue `index` out of the context.
+    pub fn take_queue(&mut self, index: usize) -> Result<ActiveQueue, ActivateError> {
+        let at = self.queues.iter().position(|q| q.index == index);
+        at.map(|at| self.queues.remove(at)).ok_or(ActivateError::MissingQueue(index))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +101,8 @@ pub enum ActivateError {
     QueueOutsideMemory(usize),
     #[error("eventfd operation failed")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot start the device's worker thread")]
+    Worker(#[source] std::io::Error),
 }
 
 /// A virtio device, independent of the transport that exposes it.
@@ -78,7 +113,9 @@ pub trait VirtioDevice: Send {
     /// One entry per queue: the largest size the device accepts (a power of 2).
     fn queue_max_sizes(&self) -> &[u16];
 
-    /// The features offered to the driver; includes `VIRTIO_F_VERSION_1`.
+    /// The features offered to the driver; includes `VIRTIO_F_VERSION_1`,
+    /// and `VIRTIO_RING_F_EVENT_IDX` only if the device suppresses
+    /// notifications as that feature requires.
     fn features(&self) -> u64;
 
     /// The features the driver accepted: a subset of `features()`, already
@@ -94,7 +131,8 @@ pub trait VirtioDevice: Send {
     /// Starts the device with the queues the driver set up.
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError>;
 
-    /// Returns the device to its initial state, dropping its queues and
+    /// Returns the device to its initial state: stops its worker (which
+    /// finishes or cancels what is in flight first), drops its queues and
     /// interrupt. False when the device cannot reset; the transport then
     /// marks it FAILED.
     fn reset(&mut self) -> bool;
@@ -114,8 +152,6 @@ pub fn read_config_from(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-
-    use event_manager::{EventManager, SubscriberOps};
 
     use super::*;
     use crate::virtio::test_utils::*;
@@ -147,10 +183,9 @@ mod tests {
     fn rng_behind_mmio_serves_a_driver() {
         let mem = guest_mem(0x20_0000);
         let mut tq = TestQueue::new(&mem, 16);
-        let rng = Arc::new(Mutex::new(Rng::new(None).unwrap()));
-        let mut t = MmioTransport::new(mem.clone(), rng.clone()).unwrap();
-        let mut em = EventManager::<Arc<Mutex<Rng>>>::new().unwrap();
-        em.add_subscriber(rng);
+        let backend = Arc::new(RngBackend::new(None).unwrap());
+        let rng = Arc::new(Mutex::new(Rng::new(backend)));
+        let mut t = MmioTransport::new(mem.clone(), rng).unwrap();
 
         // What Linux's virtio_mmio + virtio_rng do, register by register.
         w(&mut t, 0x70, 1);
@@ -171,7 +206,11 @@ mod tests {
 
         let head = tq.add_chain(&[(DATA, 32, WRITE)]);
         w(&mut t, NOTIFY_REG_OFFSET, 0);
-        em.run_with_timeout(0).unwrap();
+        // The device's worker thread serves it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tq.used().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(tq.used(), vec![(head.into(), 32)]);
         assert_eq!(r(&mut t, 0x60), 1, "used-buffer interrupt");
         assert_eq!(t.interrupt_evt().read().unwrap(), 1);

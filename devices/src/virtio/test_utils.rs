@@ -14,8 +14,12 @@ use super::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 pub const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
+pub const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+
 /// Where tests put data buffers: above any queue layout at address 0.
 pub const DATA: u64 = 0x10_0000;
+/// Where tests put indirect descriptor tables (up to 1 MiB: 65,536 entries).
+pub const TABLE: u64 = 0x20_0000;
 
 /// Guest RAM at 0..size.
 pub fn guest_mem(size: usize) -> GuestMemoryMmap {
@@ -38,6 +42,7 @@ pub fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 /// the avail ring, so the two overlap past avail entry `size / 2`: tests
 /// make fewer than `size / 2` chains available.
 pub struct TestQueue<'a> {
+    mem: &'a GuestMemoryMmap,
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
     size: u16,
     next_desc: u16,
@@ -45,7 +50,7 @@ pub struct TestQueue<'a> {
 
 impl<'a> TestQueue<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
-        TestQueue { mock: MockSplitQueue::new(mem, size), size, next_desc: 0 }
+        TestQueue { mem, mock: MockSplitQueue::new(mem, size), size, next_desc: 0 }
     }
 
     /// Adds a chain of `(addr, len, flags)` descriptors, linked in order
@@ -71,6 +76,20 @@ impl<'a> TestQueue<'a> {
             .desc_table()
             .store(index, Descriptor::new(addr, len, flags, next).into())
             .unwrap();
+    }
+
+    /// Makes descriptor `index` point at an indirect table at `table` of
+    /// `entries` device-writable descriptors of `len` bytes each, all at
+    /// `data` and chained in order.
+    pub fn store_indirect(&self, index: u16, table: u64, entries: u16, data: u64, len: u32) {
+        let mem = self.mem;
+        for i in 0..entries {
+            let last = i + 1 == entries;
+            let flags = if last { WRITE } else { WRITE | NEXT };
+            let d = Descriptor::new(data, len, flags, i.wrapping_add(1));
+            mem.write_obj(d, GuestAddress(table + u64::from(i) * 16)).unwrap();
+        }
+        self.store_desc(index, table, u32::from(entries) * 16, INDIRECT, 0);
     }
 
     /// Puts `head` on the available ring, whatever it points to.

@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    ActivateError, ActivationContext, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     VirtioInterruptType, VIRTIO_F_VERSION_1,
 };
 
@@ -54,6 +54,11 @@ pub struct TransportState {
     /// One eventfd per queue, kicked by the guest (through a KVM ioeventfd,
     /// or by the transport when the write reaches it).
     pub queue_evts: Vec<EventFd>,
+    /// One call eventfd per queue, signalled by the device (or its backend)
+    /// when it used buffers; the transport's interrupt delivers it.
+    pub queue_calls: Vec<EventFd>,
+    /// The call eventfd of configuration changes.
+    pub config_call: EventFd,
     pub device_features_sel: u32,
     pub driver_features_sel: u32,
     pub driver_features: u64,
@@ -71,16 +76,17 @@ impl TransportState {
         for (index, &size) in max_sizes.iter().enumerate() {
             Queue::new(size).map_err(|_| TransportError::QueueMaxSize { index, size })?;
         }
-        let queue_evts = max_sizes
-            .iter()
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd))
-            .collect::<Result<_, _>>()?;
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd);
+        let queue_evts = max_sizes.iter().map(|_| eventfd()).collect::<Result<_, _>>()?;
+        let queue_calls = max_sizes.iter().map(|_| eventfd()).collect::<Result<_, _>>()?;
         Ok(TransportState {
             name,
             device,
             mem,
             queues: max_sizes.iter().map(|&m| initial_queue(m)).collect(),
             queue_evts,
+            queue_calls,
+            config_call: eventfd()?,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -155,6 +161,17 @@ impl TransportState {
             QueueField::DeviceLow => q.used_ring = lo(q.used_ring),
             QueueField::DeviceHigh => q.used_ring = hi(q.used_ring),
         }
+    }
+
+    /// Duplicates of the call eventfds with the interrupt each stands for
+    /// (queues in order, then the config change), for a `CallRelay`.
+    pub fn calls(&self) -> std::io::Result<Vec<(VirtioInterruptType, EventFd)>> {
+        let queues = self.queue_calls.iter().enumerate();
+        let mut calls: Vec<_> = queues
+            .map(|(i, c)| Ok((VirtioInterruptType::Queue(i as u16), c.try_clone()?)))
+            .collect::<std::io::Result<_>>()?;
+        calls.push((VirtioInterruptType::Config, self.config_call.try_clone()?));
+        Ok(calls)
     }
 
     /// Signals queue `index`'s eventfd, for a notify write that reached the
@@ -236,8 +253,9 @@ impl TransportState {
             if !q.is_valid(&self.mem) {
                 return Err(ActivateError::QueueOutsideMemory(index));
             }
-            let evt = self.queue_evts[index].try_clone().map_err(ActivateError::EventFd)?;
-            queues.push((index, q, evt));
+            let kick = self.queue_evts[index].try_clone().map_err(ActivateError::EventFd)?;
+            let call = self.queue_calls[index].try_clone().map_err(ActivateError::EventFd)?;
+            queues.push(ActiveQueue { index, queue: q, kick, call });
         }
         lock(&self.device).activate(ActivationContext { mem: self.mem.clone(), queues, interrupt })
     }
@@ -258,7 +276,11 @@ impl TransportState {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.status = 0;
-        // Pending counts in the eventfds only cause a spurious wakeup later.
+        // Kicks left in the eventfds only cause a spurious wakeup later;
+        // calls from before the reset must not interrupt the next driver.
+        for call in self.queue_calls.iter().chain([&self.config_call]) {
+            let _ = call.read();
+        }
         true
     }
 }

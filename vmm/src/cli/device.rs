@@ -2,7 +2,10 @@
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{DeviceConfig, PciDeviceConfig, PciKind, SmbiosType1};
+use crate::config::{
+    DeviceConfig, PciSlotConfig, RootPortConfig, SmbiosType1, VirtioConfig, VirtioKind,
+    VirtioTransport,
+};
 
 /// QEMU's isa-debug-exit defaults.
 const DEBUG_EXIT_IOBASE: u64 = 0x501;
@@ -15,12 +18,32 @@ pub(super) struct Device {
     pub id: Option<String>,
 }
 
+/// A virtio family's own properties, parsed into its description.
+type FamilyParser = fn(&mut QemuOpts) -> Result<VirtioKind, CliError>;
+
+/// The virtio device families: `-device NAME-pci` and `-device NAME-device`
+/// both resolve to the family's description plus a transport. A new family
+/// adds one line here and one `VirtioKind` variant.
+const VIRTIO_FAMILIES: &[(&str, FamilyParser)] = &[("virtio-rng", virtio_rng)];
+
+/// `NAME-pci` or `NAME-device` of a known family.
+fn virtio_family(driver: &str) -> Option<(FamilyParser, bool)> {
+    VIRTIO_FAMILIES.iter().find_map(|&(family, parse)| {
+        let suffix = driver.strip_prefix(family)?;
+        match suffix {
+            "-pci" => Some((parse, true)),
+            "-device" => Some((parse, false)),
+            _ => None,
+        }
+    })
+}
+
 /// QEMU devices microvm.nix uses that skiff does not have yet, told apart
 /// from unknown names so the error says "not yet" rather than "no such thing".
 fn planned(driver: &str) -> bool {
     driver.starts_with("virtio-")
         || driver.starts_with("vhost-")
-        || matches!(driver, "vfio-pci" | "pcie-root-port" | "pci-bridge" | "pcie-pci-bridge")
+        || matches!(driver, "vfio-pci" | "pci-bridge" | "pcie-pci-bridge")
 }
 
 /// `-device [driver=]DRIVER[,id=ID][,prop=value...]`.
@@ -31,20 +54,42 @@ pub(super) fn parse_device(label: &str, arg: &str) -> Result<Device, CliError> {
     }
     let mut opts = QemuOpts::parse(label, arg, Some("driver"));
     let driver = opts.take("driver").ok_or_else(|| opts.missing("driver"))?;
-    let properties: fn(&mut QemuOpts) -> Result<DeviceConfig, CliError> = match driver.as_str() {
-        // QEMU's i8042 properties (kbd-throttle, ...) are not modelled.
-        "i8042" => |_| Ok(DeviceConfig::I8042),
-        "isa-debug-exit" => isa_debug_exit,
-        "virtio-rng-device" => virtio_rng,
-        "virtio-rng-pci" | "pcie-root-port" => return pci_device(label, &driver, opts),
-        d if planned(d) => return Err(err(format!("'{driver}' is not supported yet"))),
-        _ => return Err(err(format!("unknown device '{driver}'"))),
-    };
     opts.relabel(format!("{label} {driver}"));
     let id = opts.take_id()?;
-    let config = properties(&mut opts)?;
+    let config = match driver.as_str() {
+        // QEMU's i8042 properties (kbd-throttle, ...) are not modelled.
+        "i8042" => DeviceConfig::I8042,
+        "isa-debug-exit" => isa_debug_exit(&mut opts)?,
+        "pcie-root-port" => root_port(&mut opts, id.clone())?,
+        d => match virtio_family(d) {
+            Some((family, pci)) => virtio(&mut opts, id.clone(), (d, family, pci))?,
+            None if planned(d) => return Err(err(format!("'{driver}' is not supported yet"))),
+            None => return Err(err(format!("unknown device '{driver}'"))),
+        },
+    };
     opts.finish()?;
     Ok(Device { config, id })
+}
+
+/// A virtio device on either transport: the transport's properties, then
+/// the family's.
+fn virtio(
+    opts: &mut QemuOpts,
+    id: Option<String>,
+    (driver, family, pci): (&str, FamilyParser, bool),
+) -> Result<DeviceConfig, CliError> {
+    let transport = if pci {
+        let slot = pci_slot(opts, driver)?;
+        // Modern-only is skiff's behaviour; QEMU's switch to say so is accepted.
+        if opts.take_bool("disable-legacy")? == Some(false) {
+            return Err(opts.error("legacy virtio (disable-legacy=off) is not supported"));
+        }
+        VirtioTransport::Pci(slot)
+    } else {
+        VirtioTransport::Mmio
+    };
+    let kind = family(opts)?;
+    Ok(DeviceConfig::Virtio(VirtioConfig { id, transport, kind }))
 }
 
 /// `isa-debug-exit[,iobase=PORT][,iosize=N]`: a guest write of V to the port
@@ -67,14 +112,8 @@ fn isa_debug_exit(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
     })
 }
 
-/// `virtio-rng-device[,max-bytes=N][,period=MS]` (QEMU's rate limit).
-fn virtio_rng(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
-    let (max_bytes, period_ms) = rng_limit(opts)?;
-    Ok(DeviceConfig::VirtioRngMmio { max_bytes, period_ms })
-}
-
-/// A virtio-rng's `max-bytes` and `period`, on either transport.
-fn rng_limit(opts: &mut QemuOpts) -> Result<(Option<u64>, Option<u64>), CliError> {
+/// `virtio-rng-*[,max-bytes=N][,period=MS]` (QEMU's rate limit).
+fn virtio_rng(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
     let max_bytes = opts.take_uint("max-bytes")?;
     let period_ms = opts.take_uint("period")?;
     if period_ms == Some(0) {
@@ -85,14 +124,12 @@ fn rng_limit(opts: &mut QemuOpts) -> Result<(Option<u64>, Option<u64>), CliError
     if opts.contains("rng") {
         return Err(opts.error("rng= is not supported (entropy comes from the host's getrandom)"));
     }
-    Ok((max_bytes, period_ms))
+    Ok(VirtioKind::Rng { max_bytes, period_ms })
 }
 
-/// A device on the PCIe bus: the placement properties every PCI device has
-/// (`addr`, `bus`, `multifunction`), then its own.
-fn pci_device(label: &str, driver: &str, mut opts: QemuOpts) -> Result<Device, CliError> {
-    opts.relabel(format!("{label} {driver}"));
-    let id = opts.take_id()?;
+/// The placement properties every PCI device has: `addr`, `bus`,
+/// `multifunction`.
+fn pci_slot(opts: &mut QemuOpts, driver: &str) -> Result<PciSlotConfig, CliError> {
     let addr = match opts.take("addr") {
         Some(text) => {
             Some(pci::DevFn::parse(&text).map_err(|e| opts.error(e.qemu_message(driver)))?)
@@ -101,33 +138,22 @@ fn pci_device(label: &str, driver: &str, mut opts: QemuOpts) -> Result<Device, C
     };
     let bus = opts.take("bus");
     let multifunction = opts.take_bool("multifunction")?.unwrap_or(false);
-    let kind = if driver == "pcie-root-port" {
-        let chassis = opts.take_uint("chassis")?.unwrap_or(0);
-        let slot = opts.take_uint("slot")?.unwrap_or(0);
-        let port = opts.take_uint("port")?.unwrap_or(0);
-        PciKind::RootPort {
-            chassis: u8::try_from(chassis).map_err(|_| opts.error("chassis must be 0..255"))?,
-            slot: u16::try_from(slot).map_err(|_| opts.error("slot must be 0..65535"))?,
-            port: u8::try_from(port).map_err(|_| opts.error("port must be 0..255"))?,
-        }
-    } else {
-        // Modern-only is skiff's behaviour; QEMU's switch to say so is accepted.
-        if opts.take_bool("disable-legacy")? == Some(false) {
-            return Err(opts.error("legacy virtio (disable-legacy=off) is not supported"));
-        }
-        let (max_bytes, period_ms) = rng_limit(&mut opts)?;
-        PciKind::VirtioRng { max_bytes, period_ms }
-    };
-    opts.finish()?;
-    let config = DeviceConfig::Pci(PciDeviceConfig {
-        driver: driver.to_owned(),
-        id: id.clone(),
-        bus,
-        addr,
-        multifunction,
-        kind,
-    });
-    Ok(Device { config, id })
+    Ok(PciSlotConfig { bus, addr, multifunction })
+}
+
+/// `pcie-root-port[,chassis=N][,slot=N][,port=N]` and its placement.
+fn root_port(opts: &mut QemuOpts, id: Option<String>) -> Result<DeviceConfig, CliError> {
+    let pci = pci_slot(opts, "pcie-root-port")?;
+    let chassis = opts.take_uint("chassis")?.unwrap_or(0);
+    let slot = opts.take_uint("slot")?.unwrap_or(0);
+    let port = opts.take_uint("port")?.unwrap_or(0);
+    Ok(DeviceConfig::RootPort(RootPortConfig {
+        id,
+        pci,
+        chassis: u8::try_from(chassis).map_err(|_| opts.error("chassis must be 0..255"))?,
+        slot: u16::try_from(slot).map_err(|_| opts.error("slot must be 0..65535"))?,
+        port: u8::try_from(port).map_err(|_| opts.error("port must be 0..255"))?,
+    }))
 }
 
 /// `-smbios type=1,field=value...`; several merge, later fields winning.

@@ -10,6 +10,7 @@ mod chardev;
 mod device;
 mod help;
 mod machine;
+mod memory;
 mod opts;
 #[cfg(test)]
 mod tests;
@@ -91,6 +92,8 @@ enum ArgOpt {
     Sandbox,
     Qmp,
     Monitor,
+    Object,
+    Numa,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -124,6 +127,8 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("sandbox", Opt::Arg(ArgOpt::Sandbox)),
     ("qmp", Opt::Arg(ArgOpt::Qmp)),
     ("monitor", Opt::Arg(ArgOpt::Monitor)),
+    ("object", Opt::Arg(ArgOpt::Object)),
+    ("numa", Opt::Arg(ArgOpt::Numa)),
     ("h", Opt::Flag(Flag::Help)),
     ("help", Opt::Flag(Flag::Help)),
     ("version", Opt::Flag(Flag::Version)),
@@ -135,7 +140,7 @@ const OPTIONS: &[(&str, Opt)] = &[
 #[rustfmt::skip]
 const NOT_YET: &[&str] = &[
     "qmp-pretty", "mon", "drive", "blockdev", "hda", "hdb", "hdc", "hdd",
-    "cdrom", "netdev", "nic", "net", "numa", "object", "fw_cfg", "run-with", "fsdev", "virtfs",
+    "cdrom", "netdev", "nic", "net", "fw_cfg", "run-with", "fsdev", "virtfs",
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
     "mem-prealloc", "overcommit", "msg", "trace", "plugin", "action", "watchdog-action", "L",
@@ -196,6 +201,10 @@ struct Builder {
     /// `-smp` values; derived once all `-smp` are merged.
     smp: Option<SmpArgs>,
     device_ids: Vec<String>,
+    /// `-object memory-backend-*`, resolved against `-numa` at the end.
+    memory_backends: Vec<crate::config::MemoryBackendConfig>,
+    /// The one `-numa node`'s `memdev=`, if a node was given.
+    numa_node: Option<Option<String>>,
 }
 
 /// At most COM1..COM4, as QEMU's ISA serial ports.
@@ -279,6 +288,22 @@ impl Builder {
                 config.devices.push(device.config);
             }
             ArgOpt::Smbios => device::parse_smbios(label, &arg, &mut config.smbios)?,
+            ArgOpt::Object => {
+                let backend = memory::parse_object(label, &arg)?;
+                if self.memory_backends.iter().any(|b| b.id == backend.id) {
+                    return Err(invalid(&format!("duplicate id '{}'", backend.id)));
+                }
+                self.memory_backends.push(backend);
+            }
+            ArgOpt::Numa => {
+                let memdev = memory::parse_numa(label, &arg)?;
+                if self.numa_node.is_some() {
+                    return Err(invalid(
+                        "more than one NUMA node is not supported (microvm has one memory node)",
+                    ));
+                }
+                self.numa_node = Some(memdev);
+            }
             ArgOpt::Sandbox => config.sandbox = parse_sandbox(label, &arg)?,
             ArgOpt::Qmp => config.qmp.push(chardev::parse_qmp(label, &arg)?),
             // QEMU's human monitor is not implemented; `none` turns it off.
@@ -296,6 +321,11 @@ impl Builder {
             self.config.smp = machine::resolve_smp("-smp", smp)?;
         }
         check_chardev_users(&self.config)?;
+        let node = self.numa_node.take();
+        if let Some(b) = memory::resolve(&self.memory_backends, node, self.config.mem_size)? {
+            self.config.ram = b.backing.clone();
+            self.config.ram_merge = b.merge;
+        }
         // As QEMU: these only make sense for a direct kernel boot.
         if self.config.kernel.is_none() {
             let requires_kernel = |option: &str| CliError::Invalid {

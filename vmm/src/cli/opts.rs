@@ -65,6 +65,11 @@ impl QemuOpts {
         self.take_with(key, parse_uint, "a number")
     }
 
+    /// A size with QEMU's suffixes (`512M`, `2G`, bytes without a suffix).
+    pub fn take_size(&mut self, key: &str) -> Result<Option<u64>, CliError> {
+        self.take_with(key, parse_size, "a size such as 512M")
+    }
+
     /// Takes `id=`, which QEMU requires to be well formed (`id_wellformed`).
     pub fn take_id(&mut self) -> Result<Option<String>, CliError> {
         self.take_with("id", |id| id_wellformed(id).then(|| id.to_owned()), ID_SYNTAX)

@@ -2,7 +2,10 @@
 //! value parsing are tested beside their code.
 
 use super::*;
-use crate::config::{ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, SmbiosType1, SmpConfig};
+use crate::config::{
+    ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, RamBacking, SmbiosType1, SmpConfig,
+    VirtioConfig, VirtioKind, VirtioTransport,
+};
 
 fn args(line: &[&str]) -> Vec<String> {
     line.iter().map(|s| s.to_string()).collect()
@@ -73,6 +76,8 @@ fn microvm_nix_command_line() {
             ..MachineConfig::default()
         },
         mem_size: 512 << 20,
+        ram: RamBacking::Anonymous,
+        ram_merge: None,
         smp: SmpConfig { cpus: 2, sockets: 1, cores: 2, threads: 1 },
         cpu: CpuConfig { features: vec![("x2apic".into(), true), ("sgx".into(), false)] },
         kernel: Some("VMLINUZ".into()),
@@ -128,9 +133,7 @@ fn microvm_nix_default_command_line_stops_at_virtio_rng() {
         Some("a67472e5-570e-5c8a-b18c-ae3c77701050")
     );
     let mmio = run(&[&["-device", "virtio-rng-device"], without_qmp].concat());
-    assert!(mmio
-        .devices
-        .contains(&DeviceConfig::VirtioRngMmio { max_bytes: None, period_ms: None }));
+    assert!(mmio.devices.contains(&rng_mmio(None, None)));
 }
 
 #[test]
@@ -205,9 +208,7 @@ fn unknown_and_unsupported_options() {
     fails(&["-foo"], "-foo: unknown option");
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
-    for option in
-        ["-drive", "-netdev", "-numa", "-object", "-fw_cfg", "-run-with", "-fsdev", "--drive"]
-    {
+    for option in ["-drive", "-netdev", "-fw_cfg", "-run-with", "-fsdev", "--drive"] {
         let name = option.trim_start_matches('-');
         fails(
             &[option, "x"],
@@ -682,7 +683,10 @@ fn virtio_rng_device_properties() {
     let c = run(&["-device", "virtio-rng-device,id=rng0,max-bytes=1024,period=1000"]);
     assert_eq!(
         c.devices,
-        vec![DeviceConfig::VirtioRngMmio { max_bytes: Some(1024), period_ms: Some(1000) }]
+        vec![DeviceConfig::Virtio(VirtioConfig {
+            id: Some("rng0".into()),
+            ..rng_device(Some(1024), Some(1000))
+        })]
     );
     fails(
         &["-device", "virtio-rng-device,period=0"],
@@ -692,4 +696,78 @@ fn virtio_rng_device_properties() {
         .unwrap_err()
         .to_string()
         .contains("rng="));
+}
+
+fn rng_device(max_bytes: Option<u64>, period_ms: Option<u64>) -> VirtioConfig {
+    VirtioConfig {
+        id: None,
+        transport: VirtioTransport::Mmio,
+        kind: VirtioKind::Rng { max_bytes, period_ms },
+    }
+}
+
+/// `virtio-rng-device` as parsed: the rng description on virtio-mmio.
+fn rng_mmio(max_bytes: Option<u64>, period_ms: Option<u64>) -> DeviceConfig {
+    DeviceConfig::Virtio(rng_device(max_bytes, period_ms))
+}
+
+/// microvm.nix's shares need shared RAM: `-numa node,memdev=mem` and the
+/// memfd backend, in either order.
+#[test]
+fn memory_backends_bound_by_numa() {
+    let memfd = "memory-backend-memfd,id=mem,size=512M,share=on";
+    for line in [
+        ["-m", "512M", "-numa", "node,memdev=mem", "-object", memfd],
+        ["-m", "512M", "-object", memfd, "-numa", "node,memdev=mem"],
+    ] {
+        let c = run(&line);
+        assert_eq!(c.ram, RamBacking::Memfd { share: true, hugetlb: None, seal: true });
+    }
+    let c =
+        run(&["-m", "1G", "-object", "memory-backend-ram,id=r,size=1G", "-numa", "node,memdev=r"]);
+    assert_eq!(c.ram, RamBacking::Anonymous);
+    let c = run(&[
+        "-m",
+        "1G",
+        "-object",
+        "memory-backend-memfd,id=r,size=1G,share=off,hugetlb=on,hugetlbsize=2M,merge=off",
+        "-numa",
+        "node,memdev=r",
+    ]);
+    assert_eq!(c.ram, RamBacking::Memfd { share: false, hugetlb: Some(2 << 20), seal: true });
+    assert_eq!(c.ram_merge, Some(false));
+    // A backend nothing uses leaves RAM as it was (QEMU: no message either).
+    assert_eq!(run(&["-object", memfd]).ram, RamBacking::Anonymous);
+}
+
+#[test]
+fn memory_backend_errors_name_the_problem() {
+    // QEMU's own words for a size that is not -m's.
+    fails(
+        &["-m", "512M", "-numa", "node,memdev=m", "-object", "memory-backend-memfd,id=m,size=256M"],
+        "-numa: total memory for NUMA nodes (0x10000000) should equal RAM size (0x20000000)",
+    );
+    let e = error(&["-numa", "node,memdev=nope"]);
+    assert!(e.contains("'nope' not found"), "{e}");
+    let e = error(&["-numa", "node,memdev=a", "-numa", "node,memdev=b"]);
+    assert!(e.contains("more than one NUMA node"), "{e}");
+    let e = error(&["-object", "memory-backend-memfd,id=m,size=1G,bogus=1"]);
+    assert!(e.contains("'bogus'"), "{e}");
+    let e = error(&["-object", "memory-backend-ram,id=m,size=1G,policy=bind"]);
+    assert!(e.contains("'policy' is not supported"), "{e}");
+    let e = error(&["-object", "memory-backend-memfd,id=m,size=1G,hugetlbsize=3M"]);
+    assert!(e.contains("power of 2"), "{e}");
+    let e = error(&["-object", "memory-backend-memfd,id=m,size=0"]);
+    assert!(e.contains("doesn't take value '0'"), "{e}");
+    let e = error(&[
+        "-object",
+        "memory-backend-memfd,id=m",
+        "-object",
+        "memory-backend-ram,id=m,size=1G",
+    ]);
+    assert!(e.contains("missing property 'size'"), "{e}");
+    let e = error(&["-object", "iothread,id=io0"]);
+    assert!(e.contains("'iothread' is not supported"), "{e}");
+    let e = error(&["-numa", "node,mem=512M"]);
+    assert!(e.contains("-numa node,mem is not supported"), "{e}");
 }

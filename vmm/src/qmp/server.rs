@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::keys;
 use super::protocol::{self, Request, Session};
 use crate::config::{QmpAddress, QmpConfig};
-use crate::control::Control;
+use crate::vm::control::Control;
 
 enum Listener {
     Unix(UnixListener, PathBuf),
@@ -91,7 +91,7 @@ impl QmpServer {
         let result = loop {
             match self.accept() {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Some(sig) = crate::signals::last_signal() {
+                    if let Some(sig) = crate::host::signals::last_signal() {
                         break Err(std::io::Error::other(format!(
                             "terminated by signal {sig} while waiting for a client"
                         )));

@@ -12,13 +12,14 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use pci::{MsiMessage, MsiRouter};
+use vmm_sys_util::eventfd::EventFd;
 
-/// KVM's in-kernel IOAPIC has 24 pins; MSI GSIs start after them.
-const FIRST_MSI_GSI: u32 = 24;
+/// MSI GSIs start after the in-kernel IOAPIC's pins.
+const FIRST_MSI_GSI: u32 = boot::layout::IOAPIC_PINS;
 /// KVM_MAX_IRQ_ROUTES.
 const MAX_ROUTES: usize = 4096;
 
-pub(super) struct GsiRouter {
+pub(crate) struct GsiRouter {
     vm: Arc<VmFd>,
     fixed: Vec<kvm_irq_routing_entry>,
     state: Mutex<MsiRoutes>,
@@ -42,7 +43,7 @@ impl GsiRouter {
     /// to the IOAPIC), except that with a PIT, GSI 0 goes to IOAPIC pin 2,
     /// as a PC wires it and as the MADT's IRQ0→GSI2 override (and the MP
     /// table) tell the guest; GSI 2 then has no route.
-    pub(super) fn new(vm: Arc<VmFd>, pit: bool) -> std::io::Result<Self> {
+    pub(crate) fn new(vm: Arc<VmFd>, pit: bool) -> std::io::Result<Self> {
         let mut fixed = Vec::new();
         let pin2_taken = |gsi: u32| pit && gsi == 2;
         for gsi in (0..16u32).filter(|&g| !pin2_taken(g)) {
@@ -72,7 +73,7 @@ impl GsiRouter {
 
     /// A fresh GSI for one MSI-X vector; it gets a route once the guest
     /// programs and unmasks the vector.
-    pub(super) fn allocate_msi_gsi(&self) -> std::io::Result<u32> {
+    pub(crate) fn allocate_msi_gsi(&self) -> std::io::Result<u32> {
         let mut s = self.lock();
         if self.fixed.len() + (s.next_gsi - FIRST_MSI_GSI) as usize >= MAX_ROUTES {
             return Err(std::io::Error::other("out of KVM GSI routes for MSI-X vectors"));
@@ -101,5 +102,13 @@ impl MsiRouter for GsiRouter {
         let mut s = self.lock();
         s.msi.insert(gsi, e);
         self.commit(&s)
+    }
+
+    fn attach(&self, evt: &EventFd, gsi: u32) -> std::io::Result<()> {
+        self.vm.register_irqfd(evt, gsi).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn detach(&self, evt: &EventFd, gsi: u32) -> std::io::Result<()> {
+        self.vm.unregister_irqfd(evt, gsi).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }

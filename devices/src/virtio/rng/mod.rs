@@ -1,28 +1,30 @@
 //! virtio-rng, the entropy device (type 4): one queue of device-writable
 //! buffers that the device fills from the host's getrandom(2).
 //!
-//! The device runs on the VMM's event loop: the VMM registers the same
-//! `Arc<Mutex<Rng>>` it hands to the transport as an event-manager subscriber
-//! (`event_handler.rs`). Activation and reset happen on a vCPU thread, which
-//! cannot touch the epoll set, so they only record the new state and kick
-//! `ctl_evt`; the loop then watches or forgets the queue's eventfd.
+//! At DRIVER_OK the queue moves to a worker thread (`RngQueue`), which
+//! serves at most `REQUESTS_PER_WAKEUP` requests per wakeup, each of at most
+//! `MAX_CHAIN_BYTES` bytes and of at most queue-size descriptors (counting
+//! an indirect table's), then comes back round to its epoll set. The host
+//! side (`RngBackend`: QEMU's `max-bytes`/`period` rate limit) belongs to the
+//! process, so neither a device reset nor a guest reboot refills it.
 
-mod event_handler;
 mod rate_limit;
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::desc::split::Descriptor;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryError, Permissions};
+use vm_memory::{Address, Bytes, GuestMemoryError};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use rate_limit::{RateLimit, DEFAULT_PERIOD_MS};
 
+use super::chain::{Chain, ChainError};
+use super::worker::{serve_queue, Budget, Handler, Rearm, Request, Served, Worker};
 use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
-    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 use rate_limit::Limiter;
 
@@ -33,146 +35,188 @@ const QUEUE_SIZES: &[u16] = &[256];
 /// cap bounds the work one guest request can cause.
 const MAX_CHAIN_BYTES: u32 = 64 * 1024;
 
+/// Requests served per wakeup of the worker: with `MAX_CHAIN_BYTES` and the
+/// chain length bound, at most 2 MiB of randomness and 8,192 descriptor
+/// reads before the worker looks at its epoll set (and `stop`) again.
+pub const REQUESTS_PER_WAKEUP: usize = 32;
+
 /// Randomness is produced through this much stack at a time.
 const CHUNK: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
-    #[error("cannot create an eventfd")]
-    EventFd(#[source] io::Error),
     #[error("cannot create the rate-limit timer")]
     TimerFd(#[source] io::Error),
 }
 
 /// Why a request is completed with 0 bytes.
 #[derive(Debug, thiserror::Error)]
-enum ChainError {
+enum FillError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     #[error("no device-writable bytes")]
     NoWritableBytes,
-    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
-    OutsideMemory { addr: u64, len: u32 },
-    #[error("chain loops, is longer than the queue or points past it")]
-    Unterminated,
     #[error("host randomness unavailable")]
     Random(#[source] io::Error),
     #[error("guest memory write failed")]
     Memory(#[source] GuestMemoryError),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
+/// The host side of a virtio-rng: its rate limit, for the life of the
+/// process.
+pub struct RngBackend {
+    limiter: Option<Mutex<Limiter>>,
+}
+
+impl RngBackend {
+    pub fn new(rate_limit: Option<RateLimit>) -> Result<Self, RngError> {
+        let limiter = rate_limit.map(Limiter::new).transpose().map_err(RngError::TimerFd)?;
+        Ok(RngBackend { limiter: limiter.map(Mutex::new) })
+    }
+
+    fn limiter(&self) -> Option<MutexGuard<'_, Limiter>> {
+        self.limiter.as_ref().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 pub struct Rng {
+    backend: Arc<RngBackend>,
     acked_features: u64,
-    /// Kicked on activate and reset: the event loop re-syncs its watch list.
-    ctl_evt: EventFd,
-    active: Option<Active>,
-    /// The queue eventfd of the last activation, not yet watched.
-    pending_evt: Option<EventFd>,
-    /// The queue eventfd in the epoll set, kept open until it is removed
-    /// (a closed fd whose file lives on in the transport would stay in it).
-    watched_evt: Option<EventFd>,
-    limiter: Option<Limiter>,
+    worker: Option<Worker<RngQueue>>,
 }
 
 impl Rng {
-    pub fn new(rate_limit: Option<RateLimit>) -> Result<Self, RngError> {
-        let limiter = rate_limit.map(Limiter::new).transpose().map_err(RngError::TimerFd)?;
-        Ok(Rng {
-            acked_features: 0,
-            ctl_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(RngError::EventFd)?,
-            active: None,
-            pending_evt: None,
-            watched_evt: None,
-            limiter,
-        })
+    pub fn new(backend: Arc<RngBackend>) -> Self {
+        Rng { backend, acked_features: 0, worker: None }
+    }
+}
+
+/// The running queue, on the worker thread.
+struct RngQueue {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    kick: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    backend: Arc<RngBackend>,
+    rearm: Rearm,
+}
+
+const KICK: u32 = 0;
+const REARM: u32 = 1;
+const TIMER: u32 = 2;
+
+impl RngQueue {
+    /// One wakeup's work: at most `REQUESTS_PER_WAKEUP` requests.
+    fn serve(&mut self) -> Served {
+        let mut limiter = self.backend.limiter();
+        let mut fill = Fill { limiter: limiter.as_deref_mut(), max_descriptors: self.queue.size() };
+        let budget = Budget { requests: REQUESTS_PER_WAKEUP };
+        let served =
+            serve_queue(&self.mem, &mut self.queue, 0, &*self.interrupt, budget, &mut fill);
+        if served.more {
+            self.rearm.arm();
+        }
+        served
+    }
+}
+
+impl MutEventSubscriber for RngQueue {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut watch = |fd: &dyn std::os::fd::AsRawFd, data: u32| {
+            let ev = Events::with_data_raw(fd.as_raw_fd(), data, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::error!("virtio-rng: cannot watch an eventfd: {e:?}");
+            }
+        };
+        watch(&self.kick, KICK);
+        watch(self.rearm.eventfd(), REARM);
+        if let Some(l) = self.backend.limiter() {
+            watch(l.timer(), TIMER);
+        }
+        // Buffers made available before the driver's first kick.
+        self.serve();
     }
 
-    /// Serves available requests until the ring is empty or the rate limit
-    /// holds the rest back, then interrupts the guest if it wants to know.
-    fn process_queue(&mut self) {
-        let Some(Active { mem, queue, interrupt }) = self.active.as_mut() else { return };
-        let mut used_any = false;
-        loop {
-            let budget = match &mut self.limiter {
-                Some(l) if l.available() == 0 => {
-                    // Leave the rest on the ring; the timer resumes us.
-                    l.consume(0);
-                    break;
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            KICK => {
+                let _ = self.kick.read();
+            }
+            REARM => self.rearm.clear(),
+            TIMER => {
+                let refilled = self.backend.limiter().is_some_and(|mut l| l.on_timer());
+                if !refilled {
+                    return;
                 }
-                Some(l) => l.available().min(u64::from(MAX_CHAIN_BYTES)) as u32,
-                None => MAX_CHAIN_BYTES,
-            };
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else { break };
-            let head = chain.head_index();
-            let len = fill_chain(mem, chain, budget).unwrap_or_else(|e| {
+            }
+            other => {
+                log::debug!("virtio-rng: unexpected event {other}");
+                return;
+            }
+        }
+        self.serve();
+    }
+}
+
+impl Handler for RngQueue {}
+
+/// Serves one request: fills its device-writable buffers within the rate
+/// limit, or holds it back while the bucket is empty.
+struct Fill<'a> {
+    limiter: Option<&'a mut Limiter>,
+    max_descriptors: u16,
+}
+
+impl Request for Fill<'_> {
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Option<u32> {
+        let budget = match self.limiter.as_deref_mut() {
+            Some(l) if l.available() == 0 => {
+                // Leave the rest on the ring; the timer resumes us.
+                l.consume(0);
+                return None;
+            }
+            Some(l) => l.available().min(u64::from(MAX_CHAIN_BYTES)) as u32,
+            None => MAX_CHAIN_BYTES,
+        };
+        let head = chain.head_index();
+        let len = Chain::read(mem, chain, usize::from(self.max_descriptors))
+            .map_err(FillError::from)
+            .and_then(|c| fill_chain(mem, &c, budget))
+            .unwrap_or_else(|e| {
                 log::debug!("virtio-rng: request {head} completed empty: {e}");
                 0
             });
-            if let Some(l) = &mut self.limiter {
-                l.consume(u64::from(len));
-            }
-            // A bad head index cannot be returned; the guest loses that entry.
-            match queue.add_used(&*mem, head, len) {
-                Ok(()) => used_any = true,
-                Err(e) => log::debug!("virtio-rng: cannot return request {head}: {e}"),
-            }
+        if let Some(l) = self.limiter.as_deref_mut() {
+            l.consume(u64::from(len));
         }
-        if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
-            if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(0)) {
-                log::error!("virtio-rng: cannot interrupt the guest: {e}");
-            }
-        }
+        Some(len)
     }
 }
 
 /// Fills the chain's device-writable buffers with up to `budget` random
 /// bytes and returns how many it wrote. Device-readable and empty buffers
-/// are skipped. The whole chain is checked first, so a bad chain gets
+/// are skipped; `Chain::read` checked every buffer, so a bad chain gets
 /// nothing rather than a partial fill.
-fn fill_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    budget: u32,
-) -> Result<u32, ChainError> {
-    let wanted = |d: &Descriptor| d.is_write_only() && d.len() > 0;
-    // The iterator stops silently on a loop, an index past the table or an
-    // unreadable descriptor; a last descriptor still claiming NEXT tells.
-    let mut writable = 0u64;
-    let mut unterminated = false;
-    for d in chain.clone() {
-        unterminated = d.has_next();
-        if !wanted(&d) {
-            continue;
-        }
-        if !mem.check_range(d.addr(), d.len() as usize, Permissions::Write) {
-            return Err(ChainError::OutsideMemory { addr: d.addr().0, len: d.len() });
-        }
-        writable += u64::from(d.len());
+fn fill_chain(mem: &GuestMemoryMmap, chain: &Chain, budget: u32) -> Result<u32, FillError> {
+    if chain.writable().all(|d| d.len() == 0) {
+        return Err(FillError::NoWritableBytes);
     }
-    if unterminated {
-        return Err(ChainError::Unterminated);
-    }
-    if writable == 0 {
-        return Err(ChainError::NoWritableBytes);
-    }
-
     let mut written = 0u32;
     let mut buf = [0u8; CHUNK];
-    for d in chain.filter(wanted) {
+    for d in chain.writable() {
         let mut done = 0u32;
         while done < d.len() && written < budget {
             let n = (d.len() - done).min(budget - written).min(CHUNK as u32);
             let part = &mut buf[..n as usize];
-            getrandom(part).map_err(ChainError::Random)?;
-            let addr = d
-                .addr()
-                .checked_add(u64::from(done))
-                .ok_or(ChainError::OutsideMemory { addr: d.addr().0, len: d.len() })?;
-            mem.write_slice(part, addr).map_err(ChainError::Memory)?;
+            getrandom(part).map_err(FillError::Random)?;
+            let addr = d.addr().checked_add(u64::from(done)).ok_or(FillError::Chain(
+                ChainError::OutsideMemory { addr: d.addr().0, len: d.len() },
+            ))?;
+            mem.write_slice(part, addr).map_err(FillError::Memory)?;
             done += n;
             written += n;
         }
@@ -228,67 +272,93 @@ impl VirtioDevice for Rng {
         log::debug!("virtio-rng: config write at {offset:#x} ignored");
     }
 
-    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
+    fn activate(&mut self, mut ctx: ActivationContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let Some((_, queue, evt)) = ctx.queues.into_iter().find(|(i, ..)| *i == 0) else {
-            return Err(ActivateError::MissingQueue(0));
+        let q = ctx.take_queue(0)?;
+        let handler = RngQueue {
+            mem: ctx.mem,
+            queue: q.queue,
+            kick: q.kick,
+            interrupt: ctx.interrupt,
+            backend: self.backend.clone(),
+            rearm: Rearm::new().map_err(ActivateError::EventFd)?,
         };
-        self.ctl_evt.write(1).map_err(ActivateError::EventFd)?;
-        self.active = Some(Active { mem: ctx.mem, queue, interrupt: ctx.interrupt });
-        self.pending_evt = Some(evt);
+        self.worker = Some(Worker::spawn("virtio-rng", handler).map_err(ActivateError::Worker)?);
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        // The rate-limit bucket is kept: a reset must not buy more entropy.
-        self.active = None;
-        self.pending_evt = None;
-        self.acked_features = 0;
-        if let Err(e) = self.ctl_evt.write(1) {
-            log::error!("virtio-rng: cannot signal the reset to the event loop: {e}");
+        // The rate-limit bucket is the backend's: a reset must not buy more
+        // entropy.
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
+        self.acked_features = 0;
         true
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use event_manager::{EventManager, SubscriberOps};
+    use std::time::{Duration, Instant};
 
     use super::*;
     use crate::virtio::test_utils::*;
+    use crate::virtio::{ActiveQueue, VirtioInterruptType};
 
     const MEM: usize = 0x40_0000;
 
-    fn activate(rng: &mut Rng, mem: &GuestMemoryMmap, tq: &TestQueue) -> Arc<RecordingInterrupt> {
-        let irq = Arc::new(RecordingInterrupt::default());
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let ctx = ActivationContext {
-            mem: mem.clone(),
-            queues: vec![(0, tq.queue(), evt)],
-            interrupt: irq.clone(),
-        };
-        rng.activate(ctx).unwrap();
-        irq
+    fn backend(limit: Option<RateLimit>) -> Arc<RngBackend> {
+        Arc::new(RngBackend::new(limit).unwrap())
     }
 
+    fn context(
+        mem: &GuestMemoryMmap,
+        tq: &TestQueue,
+        kick: &EventFd,
+    ) -> (ActivationContext, Arc<RecordingInterrupt>) {
+        let irq = Arc::new(RecordingInterrupt::default());
+        let queue = ActiveQueue {
+            index: 0,
+            queue: tq.queue(),
+            kick: kick.try_clone().unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        (ActivationContext { mem: mem.clone(), queues: vec![queue], interrupt: irq.clone() }, irq)
+    }
+
+    /// The worker's queue, run by hand on the test's thread.
     fn active_rng(
         mem: &GuestMemoryMmap,
         tq: &TestQueue,
         limit: Option<RateLimit>,
-    ) -> (Rng, Arc<RecordingInterrupt>) {
-        let mut rng = Rng::new(limit).unwrap();
-        let irq = activate(&mut rng, mem, tq);
-        (rng, irq)
+    ) -> (RngQueue, Arc<RecordingInterrupt>) {
+        let irq = Arc::new(RecordingInterrupt::default());
+        let q = RngQueue {
+            mem: mem.clone(),
+            queue: tq.queue(),
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: irq.clone(),
+            backend: backend(limit),
+            rearm: Rearm::new().unwrap(),
+        };
+        (q, irq)
+    }
+
+    /// Waits (up to 10 s) until the used ring has `n` entries.
+    fn wait_used(tq: &TestQueue, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tq.used().len() < n {
+            assert!(Instant::now() < deadline, "the worker served {:?}", tq.used());
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
     fn describes_itself() {
-        let mut rng = Rng::new(None).unwrap();
+        let mut rng = Rng::new(backend(None));
         assert_eq!(rng.device_type(), 4);
         assert_eq!(rng.queue_max_sizes(), &[256]);
         assert_eq!(rng.features(), VIRTIO_F_VERSION_1);
@@ -306,13 +376,13 @@ mod tests {
         let h0 = tq.add_chain(&[(DATA, 16, WRITE), (DATA + 16, 32, WRITE)]);
         let h1 = tq.add_chain(&[(DATA + 0x1000, 8, WRITE)]);
         let (mut rng, irq) = active_rng(&mem, &tq, None);
-        rng.process_queue();
+        rng.serve();
         assert_eq!(tq.used(), vec![(h0.into(), 48), (h1.into(), 8)]);
         // 48 zero bytes from a CSPRNG: probability 2^-384.
         assert_ne!(read(&mem, DATA, 48), vec![0; 48]);
         assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(0)]);
         // Nothing new: no used entries, no interrupt.
-        rng.process_queue();
+        rng.serve();
         assert_eq!(tq.used().len(), 2);
         assert!(irq.take().is_empty());
     }
@@ -324,7 +394,7 @@ mod tests {
         fill(&mem, DATA, 16, 0xaa);
         let h = tq.add_chain(&[(DATA, 16, 0), (DATA + 16, 16, WRITE)]);
         let (mut rng, _) = active_rng(&mem, &tq, None);
-        rng.process_queue();
+        rng.serve();
         assert_eq!(tq.used(), vec![(h.into(), 16)]);
         assert_eq!(read(&mem, DATA, 16), vec![0xaa; 16]);
     }
@@ -344,7 +414,7 @@ mod tests {
         ];
         let good = tq.add_chain(&[(DATA + 0x1000, 4, WRITE)]);
         let (mut rng, irq) = active_rng(&mem, &tq, None);
-        rng.process_queue();
+        rng.serve();
         let mut expected: Vec<(u32, u32)> = bad.iter().map(|&h| (h.into(), 0)).collect();
         expected.push((good.into(), 4));
         assert_eq!(tq.used(), expected);
@@ -369,7 +439,7 @@ mod tests {
         tq.store_desc(3, DATA + 0x1000, 4, WRITE, 0);
         tq.make_available(3);
         let (mut rng, _) = active_rng(&mem, &tq, None);
-        rng.process_queue();
+        rng.serve();
         assert_eq!(tq.used(), vec![(0, 0), (2, 0), (3, 4)]);
         assert_eq!(read(&mem, DATA, 32), vec![0xaa; 32]);
     }
@@ -382,7 +452,7 @@ mod tests {
         fill(&mem, DATA, 2 * cap, 0);
         let h = tq.add_chain(&[(DATA, 2 * MAX_CHAIN_BYTES, WRITE)]);
         let (mut rng, _) = active_rng(&mem, &tq, None);
-        rng.process_queue();
+        rng.serve();
         assert_eq!(tq.used(), vec![(h.into(), MAX_CHAIN_BYTES)]);
         assert_eq!(read(&mem, DATA + cap as u64, cap), vec![0; cap]);
     }
@@ -394,16 +464,16 @@ mod tests {
         let h: Vec<u32> =
             (0..3).map(|i| tq.add_chain(&[(DATA + i * 0x100, 10, WRITE)]).into()).collect();
         let (mut rng, irq) = active_rng(&mem, &tq, RateLimit::new(16, Some(1)));
-        rng.process_queue();
+        rng.serve();
         // 10 bytes, then the 6 left in the bucket; the third request waits.
         assert_eq!(tq.used(), vec![(h[0], 10), (h[1], 6)]);
-        assert!(rng.limiter.as_ref().unwrap().is_armed());
-        rng.process_queue();
+        assert!(rng.backend.limiter().unwrap().is_armed());
+        rng.serve();
         assert_eq!(tq.used().len(), 2);
         assert_eq!(irq.take().len(), 1);
         // What the event loop does when the timer fires.
-        assert!(rng.limiter.as_mut().unwrap().on_timer());
-        rng.process_queue();
+        assert!(rng.backend.limiter().unwrap().on_timer());
+        rng.serve();
         assert_eq!(tq.used(), vec![(h[0], 10), (h[1], 6), (h[2], 10)]);
         assert_eq!(irq.take().len(), 1);
     }
@@ -412,54 +482,72 @@ mod tests {
     fn activation_needs_queue_zero_once() {
         let mem = guest_mem(MEM);
         let tq = TestQueue::new(&mem, 16);
-        let mut rng = Rng::new(None).unwrap();
+        let mut rng = Rng::new(backend(None));
         let irq = Arc::new(RecordingInterrupt::default());
         let ctx = ActivationContext { mem: mem.clone(), queues: vec![], interrupt: irq };
         assert!(matches!(rng.activate(ctx), Err(ActivateError::MissingQueue(0))));
-        activate(&mut rng, &mem, &tq);
-        let irq = Arc::new(RecordingInterrupt::default());
-        let evt = EventFd::new(0).unwrap();
-        let ctx = ActivationContext {
-            mem: mem.clone(),
-            queues: vec![(0, tq.queue(), evt)],
-            interrupt: irq,
-        };
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        rng.activate(context(&mem, &tq, &kick).0).unwrap();
+        let ctx = context(&mem, &tq, &kick).0;
         assert!(matches!(rng.activate(ctx), Err(ActivateError::AlreadyActive)));
     }
 
     #[test]
-    fn event_loop_watches_the_queue_while_active() {
+    fn the_worker_serves_the_queue_while_active() {
         let mem = guest_mem(MEM);
         let mut tq = TestQueue::new(&mem, 16);
-        let rng = Arc::new(Mutex::new(Rng::new(None).unwrap()));
-        let mut em = EventManager::<Arc<Mutex<Rng>>>::new().unwrap();
-        em.add_subscriber(rng.clone());
-        assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+        let mut rng = Rng::new(backend(None));
 
         // Buffers made available before activation are served once the
-        // loop picks the activation up.
+        // worker starts.
         tq.add_chain(&[(DATA, 8, WRITE)]);
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = Arc::new(RecordingInterrupt::default());
-        let ctx = ActivationContext {
-            mem: mem.clone(),
-            queues: vec![(0, tq.queue(), kick.try_clone().unwrap())],
-            interrupt: irq.clone(),
-        };
-        rng.lock().unwrap().activate(ctx).unwrap();
-        assert_eq!(em.run_with_timeout(0).unwrap(), 1);
-        assert_eq!(tq.used().len(), 1);
+        let (ctx, irq) = context(&mem, &tq, &kick);
+        rng.activate(ctx).unwrap();
+        wait_used(&tq, 1);
 
         tq.add_chain(&[(DATA, 8, WRITE)]);
         kick.write(1).unwrap();
-        assert_eq!(em.run_with_timeout(0).unwrap(), 1);
-        assert_eq!(tq.used().len(), 2);
+        wait_used(&tq, 2);
         assert_eq!(irq.take().len(), 2);
 
-        // After a reset the kick is no longer watched.
-        assert!(rng.lock().unwrap().reset());
-        assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+        // After a reset the worker is gone: a kick is not served.
+        assert!(rng.reset());
+        tq.add_chain(&[(DATA, 8, WRITE)]);
         kick.write(1).unwrap();
-        assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(tq.used().len(), 2);
+    }
+
+    /// One request per descriptor in the ring, each an indirect table of
+    /// 65,535 descriptors; the ring is kept full. Each wakeup serves at
+    /// most `REQUESTS_PER_WAKEUP` requests, reads at most the queue size
+    /// in descriptors per request, and asks to be woken again.
+    #[test]
+    fn a_flood_of_huge_indirect_tables_is_served_in_bounded_steps() {
+        let mem = guest_mem(0x40_0000);
+        let size = 256u16;
+        let tq = TestQueue::new(&mem, size);
+        tq.store_indirect(0, TABLE, u16::MAX, DATA, 16);
+        tq.make_available(0);
+        for i in 1..size / 2 - 1 {
+            tq.store_desc(i, TABLE, u32::from(u16::MAX) * 16, INDIRECT, 0);
+            tq.make_available(i);
+        }
+        let (mut rng, irq) = active_rng(&mem, &tq, None);
+        let total = usize::from(size / 2 - 1);
+        let mut left = total;
+        while left > 0 {
+            let served = rng.serve();
+            assert_eq!(served.requests, REQUESTS_PER_WAKEUP.min(left));
+            left -= served.requests;
+            // With more left the worker wakes itself for the next step.
+            assert_eq!(served.more, left > 0);
+            assert_eq!(rng.rearm.eventfd().read().is_ok(), left > 0);
+            assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(0)]);
+        }
+        // Every one refused (longer than the queue) and returned empty.
+        assert_eq!(tq.used().len(), total);
+        assert!(tq.used().iter().all(|&(_, len)| len == 0), "{:?}", tq.used());
     }
 }

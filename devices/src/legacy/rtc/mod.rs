@@ -13,7 +13,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
+use acpi_tables::{aml, Aml};
+
+use crate::aml::{isa_irq, name};
 use crate::BusDevice;
+
+mod timer;
+pub use timer::RtcTimer;
 
 const INDEX: u64 = 0;
 const DATA: u64 = 1;
@@ -396,6 +402,25 @@ fn unix_seconds(t: &CivilTime) -> i64 {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     days * 86_400 + i64::from(t.hour) * 3600 + i64::from(t.minute) * 60 + i64::from(t.second)
+}
+
+/// The CMOS RTC in the DSDT (PNP0B00) at `port`.
+pub fn aml(port: u16, irq: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0B00")),
+            &name(
+                "_CRS",
+                // Eight ports like physical hardware (and QEMU), even though
+                // only 0x70/0x71 are decoded.
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(port, port, 1, 8), &isa_irq(irq)]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{EventFdTrigger, Serial};
+use super::Serial;
+use crate::legacy::EventFdTrigger;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 

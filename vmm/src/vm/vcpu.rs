@@ -11,8 +11,9 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::Killable;
 
-use crate::control::Control;
-use crate::trace::{self, ExitKind, Milestone, VcpuExits};
+use crate::diag::stall;
+use crate::diag::trace::{self, ExitKind, Milestone, VcpuExits};
+use crate::vm::control::Control;
 
 /// Value a read from an address no device claims returns: all ones, as an
 /// ISA bus with pull-ups (and QEMU) answer. A guest probing for a device
@@ -50,7 +51,7 @@ impl VcpuHandle {
                 log::warn!("a vCPU thread did not stop; leaving it behind");
                 return;
             }
-            let _ = self.0.kill(crate::signals::vcpu_kick_signal());
+            let _ = self.0.kill(crate::host::signals::vcpu_kick_signal());
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _ = self.0.join();
@@ -95,8 +96,8 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
             }
             // Triple fault: a PC resets (Linux's reboot=t relies on it).
             Ok(VcpuExit::Shutdown) => {
-                if stall_dump() {
-                    dump_state(&vcpu, index, count, last_exit, "triple fault");
+                if stall::enabled() {
+                    stall::dump_vcpu(&vcpu, index, count, last_exit, "triple fault");
                 }
                 ctx.control.request(VmEvent::Reset);
                 break;
@@ -150,61 +151,9 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
         }
     }
     exits.merge();
-    if crate::signals::last_signal().is_some() && stall_dump() {
-        dump_state(&vcpu, index, count, last_exit, "stop");
+    if crate::host::signals::last_signal().is_some() && stall::enabled() {
+        stall::dump_vcpu(&vcpu, index, count, last_exit, "stop");
     }
-}
-
-/// `SKIFF_STALL_DUMP=1`: print a vCPU's state when a signal ends the VM or
-/// when it triple-faults (the reset a guest did not ask for).
-pub(crate) fn stall_dump() -> bool {
-    std::env::var_os("SKIFF_STALL_DUMP").is_some()
-}
-
-/// Where a vCPU was when a host signal ended the VM or it triple-faulted
-/// (`SKIFF_STALL_DUMP=1`): the test harness sets it, so a guest that stopped
-/// making progress shows whether it sat halted (waiting for an interrupt
-/// that never came: look at the LAPIC timer) or ran (a loop: look at RIP).
-fn dump_state(vcpu: &VcpuFd, index: u32, exits: u64, (kind, addr): (ExitKind, u64), at: &str) {
-    let mut msg = format!("vcpu{index} at {at}: {exits} exits, last {kind:?} {addr:#x}");
-    if let Ok(r) = vcpu.get_regs() {
-        msg += &format!(", RIP={:016x} RSP={:016x} RFL={:08x}", r.rip, r.rsp, r.rflags);
-    }
-    if let Ok(s) = vcpu.get_sregs() {
-        msg += &format!(
-            ", CS={:04x} CR0={:08x} CR3={:x} EFER={:x}",
-            s.cs.selector, s.cr0, s.cr3, s.efer
-        );
-    }
-    if let Ok(m) = vcpu.get_mp_state() {
-        // 0 runnable, 3 halted (KVM_MP_STATE_*).
-        msg += &format!(", mp_state={}", m.mp_state);
-    }
-    if let Ok(l) = vcpu.get_lapic() {
-        let reg = |off: usize| boot::cpu::lapic_reg(&l, off);
-        // Timer LVT, initial and current count; which of the eight 32-bit
-        // words of ISR (in service) and IRR (pending) have a vector set.
-        let vectors =
-            |base: usize| (0..8).fold(0u64, |acc, i| acc | u64::from(reg(base + i * 16) != 0) << i);
-        // SVR and LINT0 say whether the 8259's ExtINT can reach this vCPU
-        // (virtual-wire mode, the only way without an IOAPIC).
-        msg += &format!(
-            ", SVR={:08x} LINT0={:08x} LVTT={:08x} TMICT={:08x} TMCCT={:08x} ISR-words={:02x} IRR-words={:02x}",
-            reg(0xf0),
-            reg(0x350),
-            reg(0x320),
-            reg(0x380),
-            reg(0x390),
-            vectors(0x100),
-            vectors(0x200)
-        );
-    }
-    if let Ok(e) = vcpu.get_vcpu_events() {
-        msg += &format!(", irq-injected/nmi-pending={}/{}", e.interrupt.injected, e.nmi.pending);
-    }
-    use std::io::Write;
-    // As elsewhere: a failed stderr write must not abort skiff.
-    let _ = writeln!(std::io::stderr(), "skiff: {msg}");
 }
 
 /// Stops the VM with the error and the vCPU's registers, as QEMU prints them.

@@ -6,7 +6,8 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{EventFdTrigger, Rtc};
+use super::Rtc;
+use crate::legacy::EventFdTrigger;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;

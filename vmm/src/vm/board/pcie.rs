@@ -9,37 +9,22 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use boot::GuestMemoryMmap;
-use devices::virtio::{RateLimit, Rng};
+use boot::layout::{PCIE_ECAM_BASE, PCIE_ECAM_SIZE, PCIE_INTX_GSI_BASE};
 use devices::{Bus, BusDevice};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::root::lock;
 use pci::virtio_pci::{vectors_needed, Placement as Location};
 use pci::{
-    BarReprogram, BarWindows, MsiRouter, MsixVector, PciAddress, PciRoot, RootPort, RootPortParams,
-    SharedDevice, VirtioPciDevice, VirtioPciInterrupt,
+    BarReprogram, MsiRouter, PciAddress, PciRoot, RootPort, RootPortParams, SharedDevice,
+    VirtioPciInterrupt,
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use super::irq::GsiRouter;
-use super::{io_err, kvm_err, Error, Result};
-use crate::config::{PciKind, VmConfig};
-
-/// What the rest of the VM needs from the root complex.
-pub(super) struct Pcie {
-    pub layout: PcieLayout,
-    /// Devices and INTx resamplers, served by the event loop.
-    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-}
-
-/// What the ACPI tables describe: `PCI0._CRS` and MCFG.
-#[derive(Clone, Copy)]
-pub(super) struct PcieLayout {
-    pub windows: BarWindows,
-    /// The highest bus number the allocator gave out.
-    pub last_bus: u8,
-}
+use super::{virtio, Board, BoardContext};
+use crate::config::DeviceConfig;
+use crate::plan::{Location as At, PciePlan};
+use crate::vm::{io_err, kvm_err, Error, Result};
 
 /// One BAR of one function, as the MMIO bus sees it.
 struct BarAccess {
@@ -197,62 +182,62 @@ impl<D: Doorbells> BarMapper<D> {
     }
 }
 
-pub(super) fn add_pcie(
-    cfg: &VmConfig,
-    vm: &Arc<VmFd>,
-    mem: &GuestMemoryMmap,
-    mmio: &Arc<Bus>,
-    router: &Arc<GsiRouter>,
-    phys_bits: u8,
-) -> Result<Pcie> {
-    let placements = crate::pci_layout::place(cfg).map_err(Error::PciLayout)?;
-    let last_bus = placements
+/// Builds the root complex the plan placed: root ports, then the functions
+/// behind them, BARs assigned as firmware would, everything on the MMIO
+/// bus, and the event-loop work (call relays, INTx resamplers) on `board`.
+pub(super) fn add_pcie(ctx: &BoardContext<'_>, plan: &PciePlan, board: &mut Board) -> Result<()> {
+    let mut pci: Vec<_> = ctx
+        .cfg
+        .devices
         .iter()
-        .map(|p| p.secondary_bus.unwrap_or(0).max(p.address.bus))
-        .max()
-        .unwrap_or(0);
-    let mut pci: Vec<_> = crate::pci_layout::pci_devices(cfg).zip(placements).collect();
+        .zip(&ctx.plan.locations)
+        .enumerate()
+        .filter_map(|(i, (d, at))| match at {
+            At::Pci(p) => Some((i, d, *p)),
+            _ => None,
+        })
+        .collect();
     // A function behind a root port needs its port in the tree first.
-    pci.sort_by_key(|(_, p)| p.address.bus);
+    pci.sort_by_key(|(_, _, p)| p.address.bus);
 
-    let mut root = PciRoot::new();
-    let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+    let mut root = PciRoot::new(PCIE_INTX_GSI_BASE);
     let mut intx = Vec::new();
-    for (dev_cfg, place) in &pci {
-        let dev: SharedDevice = match &dev_cfg.kind {
-            PciKind::RootPort { chassis, slot, port } => {
+    for (i, dev_cfg, place) in pci {
+        let dev: SharedDevice = match dev_cfg {
+            DeviceConfig::RootPort(rp) => {
                 let secondary_bus = place.secondary_bus.ok_or_else(|| {
-                    Error::PciLayout(format!("{} has no bus number", dev_cfg.driver))
+                    Error::Internal(format!("{} has no bus number", place.address))
                 })?;
                 Arc::new(Mutex::new(RootPort::new(RootPortParams {
-                    chassis: *chassis,
-                    slot: *slot,
-                    port: *port,
-                    multifunction: dev_cfg.multifunction,
+                    chassis: rp.chassis,
+                    slot: rp.slot,
+                    port: rp.port,
+                    multifunction: rp.pci.multifunction,
                     secondary_bus,
                 })))
             }
-            PciKind::VirtioRng { max_bytes, period_ms } => {
-                let limit = max_bytes.and_then(|m| RateLimit::new(m, *period_ms));
-                let rng = Arc::new(Mutex::new(Rng::new(limit).map_err(Error::VirtioRng)?));
-                let n = vectors_needed(&*rng.lock().unwrap_or_else(|e| e.into_inner()));
-                let vectors = msix_vectors(vm, router, n)?;
+            DeviceConfig::Virtio(desc) => {
+                let device = virtio::create(desc, ctx.backends.device(i))?;
+                let n = vectors_needed(&*device.lock().unwrap_or_else(|e| e.into_inner()));
+                let gsis = (0..n)
+                    .map(|_| ctx.router.allocate_msi_gsi().map_err(io_err("MSI-X GSI")))
+                    .collect::<Result<_>>()?;
                 let location = if place.address.bus == 0 {
                     Location::RootBus
                 } else {
                     Location::BehindRootPort
                 };
-                let router: Arc<dyn MsiRouter> = router.clone();
-                let mut transport =
-                    VirtioPciDevice::new(mem.clone(), rng.clone(), vectors, router, location)
-                        .map_err(Error::VirtioPci)?;
-                if dev_cfg.multifunction {
-                    transport.set_multifunction();
-                }
-                intx.push((place.address, transport.interrupt()));
-                subscribers.push(rng);
-                Arc::new(Mutex::new(transport))
+                let router: Arc<dyn MsiRouter> = ctx.router.clone();
+                let multifunction = matches!(&desc.transport,
+                    crate::config::VirtioTransport::Pci(s) if s.multifunction);
+                let f =
+                    virtio::pci_function(ctx.mem, device, gsis, router, location, multifunction)?;
+                intx.push((place.address, f.interrupt()));
+                let relay = f.call_relay().map_err(io_err("eventfd"))?;
+                board.subscribers.push(Arc::new(Mutex::new(relay)));
+                Arc::new(Mutex::new(f))
             }
+            DeviceConfig::I8042 | DeviceConfig::IsaDebugExit { .. } => continue,
         };
         root.insert(place.address, dev).map_err(Error::PciRoot)?;
     }
@@ -260,35 +245,23 @@ pub(super) fn add_pcie(
     for (address, interrupt) in intx {
         let Some(gsi) = root.intx_gsi(address) else { continue };
         let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-        vm.register_irqfd_with_resample(interrupt.intx_evt(), &resample, gsi)
+        ctx.vm
+            .register_irqfd_with_resample(interrupt.intx_evt(), &resample, gsi)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        subscribers.push(Arc::new(Mutex::new(IntxResampler { resample, interrupt })));
+        board.subscribers.push(Arc::new(Mutex::new(IntxResampler { resample, interrupt })));
     }
 
-    let windows = BarWindows { mmio32: pci::MMIO32_WINDOW, mmio64: pci::mmio64_window(phys_bits) };
-    let bars = root.assign_bars(&windows).map_err(Error::PciRoot)?;
-    let mut mapper = BarMapper::new(vm.clone(), mmio);
+    let bars = root.assign_bars(&plan.windows).map_err(Error::PciRoot)?;
+    let mut mapper = BarMapper::new(ctx.vm.clone(), ctx.mmio);
     for b in &bars {
         let dev = root.device(b.address).ok_or_else(|| {
-            Error::PciLayout(format!("{} vanished during BAR assignment", b.address))
+            Error::Internal(format!("{} vanished during BAR assignment", b.address))
         })?;
         mapper.add(&dev, b.bar, b.addr, b.len)?;
     }
     root.set_bar_move_handler(Box::new(move |address, dev, m| mapper.moved(address, dev, m)));
-    mmio.insert(Arc::new(Mutex::new(root)), pci::ECAM_BASE, pci::ECAM_SIZE)?;
-    Ok(Pcie { layout: PcieLayout { windows, last_bus }, subscribers })
-}
-
-/// `n` MSI-X vectors, each a GSI of its own with an irqfd on it.
-fn msix_vectors(vm: &VmFd, router: &GsiRouter, n: usize) -> Result<Vec<MsixVector>> {
-    (0..n)
-        .map(|_| {
-            let gsi = router.allocate_msi_gsi().map_err(io_err("MSI-X GSI"))?;
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-            vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
-            Ok(MsixVector { gsi, evt })
-        })
-        .collect()
+    ctx.mmio.insert(Arc::new(Mutex::new(root)), PCIE_ECAM_BASE, PCIE_ECAM_SIZE)?;
+    Ok(())
 }
 
 #[cfg(test)]

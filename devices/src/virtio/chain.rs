@@ -1,0 +1,132 @@
+//! A descriptor chain read from guest memory once, and checked.
+//!
+//! The driver may rewrite a chain's descriptors while the device works on
+//! it; reading them twice (once to check, once to use) would let it pass
+//! the check with one chain and have the device use another. So a device
+//! collects the chain's descriptors into a `Chain` once and works on that
+//! copy. The copy is bounded: a chain longer than the queue (counting
+//! the entries of an indirect table) is refused, as the driver "MUST NOT"
+//! build one (virtio 1.2, 2.7.5.3.1), so a guest cannot make the device
+//! walk 65,535 indirect descriptors per request.
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemory, Permissions};
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("chain loops, is longer than the queue ({max} descriptors) or points past it")]
+    TooLong { max: usize },
+    #[error("chain ends in a descriptor that cannot be read")]
+    Unterminated,
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+}
+
+/// The head index the chain came from and its descriptors in order.
+#[derive(Debug)]
+pub struct Chain {
+    pub head: u16,
+    pub descriptors: Vec<Descriptor>,
+}
+
+impl Chain {
+    /// Reads `chain` (at most `max` descriptors) and checks that every
+    /// buffer lies in guest memory with the access its direction needs.
+    pub fn read<M>(
+        mem: &impl GuestMemory,
+        chain: DescriptorChain<M>,
+        max: usize,
+    ) -> Result<Chain, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: GuestMemory,
+    {
+        let head = chain.head_index();
+        let mut descriptors = Vec::new();
+        // The iterator stops silently on a loop, an index past the table or
+        // an unreadable descriptor; a last descriptor still claiming NEXT
+        // tells, as does running past `max`.
+        let mut last_has_next = false;
+        for d in chain.take(max + 1) {
+            if descriptors.len() == max {
+                return Err(ChainError::TooLong { max });
+            }
+            last_has_next = d.has_next();
+            let access = if d.is_write_only() { Permissions::Write } else { Permissions::Read };
+            if d.len() > 0 && !mem.check_range(d.addr(), d.len() as usize, access) {
+                return Err(ChainError::OutsideMemory { addr: d.addr().0, len: d.len() });
+            }
+            descriptors.push(d);
+        }
+        if last_has_next {
+            return Err(ChainError::Unterminated);
+        }
+        Ok(Chain { head, descriptors })
+    }
+
+    /// The device-writable buffers, in order.
+    pub fn writable(&self) -> impl Iterator<Item = &Descriptor> {
+        self.descriptors.iter().filter(|d| d.is_write_only())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::{Queue, QueueT};
+
+    use super::*;
+    use crate::virtio::test_utils::*;
+
+    const MEM: usize = 0x40_0000;
+
+    fn pop(tq: &TestQueue, mem: &crate::virtio::GuestMemoryMmap) -> Result<Chain, ChainError> {
+        let mut q: Queue = tq.queue();
+        Chain::read(mem, q.pop_descriptor_chain(mem).expect("a chain"), 16)
+    }
+
+    #[test]
+    fn reads_a_good_chain_once() {
+        let mem = guest_mem(MEM);
+        let mut tq = TestQueue::new(&mem, 16);
+        tq.add_chain(&[(DATA, 16, 0), (DATA + 16, 32, WRITE)]);
+        let c = pop(&tq, &mem).unwrap();
+        assert_eq!(c.head, 0);
+        assert_eq!(c.descriptors.len(), 2);
+        assert_eq!(c.writable().map(|d| d.len()).collect::<Vec<_>>(), [32]);
+    }
+
+    #[test]
+    fn refuses_loops_and_buffers_outside_memory() {
+        let mem = guest_mem(MEM);
+        let tq = TestQueue::new(&mem, 16);
+        tq.store_desc(0, DATA, 16, WRITE | NEXT, 1);
+        tq.store_desc(1, DATA, 16, WRITE | NEXT, 0);
+        tq.make_available(0);
+        assert_eq!(pop(&tq, &mem).unwrap_err(), ChainError::Unterminated);
+
+        let mut tq = TestQueue::new(&mem, 16);
+        tq.add_chain(&[(MEM as u64 - 8, 16, WRITE)]);
+        assert!(matches!(pop(&tq, &mem), Err(ChainError::OutsideMemory { .. })));
+
+        let tq = TestQueue::new(&mem, 16);
+        tq.store_desc(0, DATA, 16, WRITE | NEXT, 200);
+        tq.make_available(0);
+        assert_eq!(pop(&tq, &mem).unwrap_err(), ChainError::Unterminated);
+    }
+
+    #[test]
+    fn an_indirect_table_longer_than_the_queue_is_refused_early() {
+        let mem = guest_mem(MEM);
+        let tq = TestQueue::new(&mem, 16);
+        // 65,535 entries, each pointing at the next.
+        tq.store_indirect(0, TABLE, u16::MAX, DATA, 1);
+        tq.make_available(0);
+        assert_eq!(pop(&tq, &mem).unwrap_err(), ChainError::TooLong { max: 16 });
+        // 16 entries are fine.
+        let tq = TestQueue::new(&mem, 16);
+        tq.store_indirect(0, TABLE, 16, DATA, 1);
+        tq.make_available(0);
+        assert_eq!(pop(&tq, &mem).unwrap().descriptors.len(), 16);
+    }
+}

@@ -1,0 +1,293 @@
+//! A device's data plane on a thread of its own.
+//!
+//! At DRIVER_OK a device moves its queues into a `Handler` and starts a
+//! `Worker` with it: a thread with its own epoll set (event-manager) that
+//! watches the queues' kick eventfds and whatever else the handler needs.
+//! The VMM's event loop (QMP, signals, console) never waits for a device,
+//! and one device's guest cannot hold a thread another device needs.
+//!
+//! The quiesce contract:
+//! - `Worker::stop` (called by the device's `reset`, and on drop when the
+//!   run ends) wakes the thread, lets it finish the batch it is in, calls
+//!   `Handler::quiesce` there to finish or cancel what is still in flight,
+//!   joins it and returns the handler. Only then does the device reset, and
+//!   only then can guest memory go: the handler holds the memory it uses.
+//! - The handler touches nothing a vCPU locks: its queues and memory are
+//!   its own, and interrupts go through the transport's lock-free path
+//!   (`VirtioInterrupt::trigger`). So a vCPU that stops a worker while
+//!   holding the transport's lock cannot deadlock with it.
+//! - Each wakeup does a bounded amount of work (`serve_queue` takes a
+//!   budget); a handler with more to do re-arms itself (`Rearm`) so the
+//!   thread comes back to its epoll set, and to `stop`, in between.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
+
+/// A device's data plane, run by a `Worker`.
+pub trait Handler: MutEventSubscriber + Send + 'static {
+    /// Called on the worker thread after it was told to stop: finish or
+    /// cancel every request still in flight. Nothing may touch guest
+    /// memory on the handler's behalf once this returns.
+    fn quiesce(&mut self) {}
+}
+
+/// The handler and the stop eventfd, as the worker's epoll set sees them.
+struct Running<H> {
+    handler: H,
+    stop: EventFd,
+    stopping: bool,
+}
+
+impl<H: Handler> MutEventSubscriber for Running<H> {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.stop, EventSet::IN)) {
+            log::error!("worker: cannot watch its stop eventfd: {e:?}");
+        }
+        self.handler.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.stop.as_raw_fd() {
+            let _ = self.stop.read();
+            self.stopping = true;
+        } else {
+            self.handler.process(events, ops);
+        }
+    }
+}
+
+/// A running data-plane thread.
+pub struct Worker<H: Handler> {
+    stop: EventFd,
+    thread: Option<JoinHandle<Option<H>>>,
+}
+
+impl<H: Handler> Worker<H> {
+    /// Starts `handler` on a thread named `name`. Its `init` runs here,
+    /// before the thread starts, so a registration error shows at once.
+    pub fn spawn(name: &str, handler: H) -> io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let mut em = EventManager::<Running<H>>::new().map_err(io::Error::other)?;
+        let running = Running { handler, stop: stop.try_clone()?, stopping: false };
+        let id = em.add_subscriber(running);
+        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            loop {
+                if let Err(e) = em.run() {
+                    log::error!("worker: event loop failed: {e:?}");
+                    break;
+                }
+                if em.subscriber_mut(id).map_or(true, |r| r.stopping) {
+                    break;
+                }
+            }
+            let mut running = em.remove_subscriber(id).ok()?;
+            running.handler.quiesce();
+            Some(running.handler)
+        })?;
+        Ok(Worker { stop, thread: Some(thread) })
+    }
+
+    /// Stops the thread (after its current batch and `quiesce`) and
+    /// returns the handler, or None if the thread died.
+    pub fn stop(mut self) -> Option<H> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Option<H> {
+        let thread = self.thread.take()?;
+        if let Err(e) = self.stop.write(1) {
+            log::error!("worker: cannot signal the stop: {e}");
+        }
+        thread.join().unwrap_or_else(|_| {
+            log::error!("worker: the thread panicked");
+            None
+        })
+    }
+}
+
+impl<H: Handler> Drop for Worker<H> {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// An eventfd a handler signals to itself when it stopped with work left
+/// (a budget spent), so the worker comes back round to its epoll set and
+/// to `stop` before it goes on.
+pub struct Rearm(EventFd);
+
+impl Rearm {
+    pub fn new() -> io::Result<Self> {
+        Ok(Rearm(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?))
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
+
+    pub fn arm(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::error!("worker: cannot re-arm: {e}");
+        }
+    }
+
+    /// Consumes a wakeup.
+    pub fn clear(&self) {
+        let _ = self.0.read();
+    }
+}
+
+/// How much one wakeup may do with one queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Requests (descriptor chains) taken off the available ring.
+    pub requests: usize,
+}
+
+/// What `serve_queue` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    pub requests: usize,
+    /// The budget ran out with requests still available: the caller must
+    /// come back (`Rearm`).
+    pub more: bool,
+}
+
+/// What a device does with one request: returns the bytes it wrote to the
+/// chain's device-writable buffers (the used length), or None to leave the
+/// request on the available ring for later (a rate limit).
+pub trait Request {
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Option<u32>;
+}
+
+/// Serves queue `index` within `budget`, with notification suppression
+/// as VIRTIO_RING_F_EVENT_IDX asks (avail_event written when notifications
+/// are re-enabled, `needs_notification` before interrupting), then
+/// interrupts the guest if it wants to know.
+pub fn serve_queue(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    index: u16,
+    interrupt: &dyn VirtioInterrupt,
+    budget: Budget,
+    device: &mut dyn Request,
+) -> Served {
+    let mut served = Served::default();
+    let mut used_any = false;
+    'outer: loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            log::debug!("virtio: queue {index}: {e}");
+            break;
+        }
+        loop {
+            if served.requests == budget.requests {
+                served.more = true;
+                break 'outer;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            let Some(len) = device.serve(mem, chain) else {
+                // Held back: the request stays first on the ring.
+                queue.go_to_previous_position();
+                break 'outer;
+            };
+            served.requests += 1;
+            // A bad head index cannot be returned; the guest loses that entry.
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used_any = true,
+                Err(e) => log::debug!("virtio: queue {index}: cannot return request {head}: {e}"),
+            }
+        }
+        // Re-enabling tells the driver where to kick next; buffers that came
+        // in meanwhile are served before sleeping.
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                log::debug!("virtio: queue {index}: {e}");
+                break;
+            }
+        }
+    }
+    if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
+            log::error!("virtio: queue {index}: cannot interrupt the guest: {e}");
+        }
+    }
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Counts wakeups; stops "in flight" work only in quiesce.
+    struct Counter {
+        kick: EventFd,
+        wakeups: Arc<AtomicUsize>,
+        in_flight: usize,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.kick, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.kick.read();
+            self.in_flight += 1;
+            self.wakeups.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Handler for Counter {
+        fn quiesce(&mut self) {
+            self.in_flight = 0;
+        }
+    }
+
+    #[test]
+    fn stop_joins_after_quiesce_and_returns_the_handler() {
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let wakeups = Arc::new(AtomicUsize::new(0));
+        let c = Counter { kick: kick.try_clone().unwrap(), wakeups: wakeups.clone(), in_flight: 0 };
+        let w = Worker::spawn("test-worker", c).unwrap();
+        kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while wakeups.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the worker never woke");
+            std::thread::yield_now();
+        }
+        let c = w.stop().expect("the handler comes back");
+        assert_eq!(c.in_flight, 0, "quiesced before it came back");
+        assert_eq!(wakeups.load(Ordering::SeqCst), 1);
+        // Nothing runs any more: a kick is not served.
+        kick.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(wakeups.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn dropping_a_worker_stops_it() {
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let wakeups = Arc::new(AtomicUsize::new(0));
+        let c = Counter { kick: kick.try_clone().unwrap(), wakeups: wakeups.clone(), in_flight: 0 };
+        drop(Worker::spawn("test-worker", c).unwrap());
+        kick.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(wakeups.load(Ordering::SeqCst), 0);
+    }
+}

@@ -1,0 +1,357 @@
+//! The machine, decided once from the configuration before any VM exists:
+//! which platform devices there are, where every `-device` sits (its PCI
+//! address, or its virtio-mmio window and GSI), what the e820 map reserves
+//! and what each device writes about itself into the DSDT. A conflict (two
+//! devices on one PCI address, too many virtio-mmio devices) fails here, at
+//! once, before a guest starts. Every run of the guest uses the same plan.
+
+use boot::layout::*;
+use pci::{allocate, BarWindows, DeviceRequest, Window};
+
+use crate::config::{DeviceConfig, VirtioTransport, VmConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// QEMU: "No 'PCI' bus found for device".
+    #[error("-device {0}: no PCI bus for the device (use -M microvm,pcie=on)")]
+    NoPciBus(String),
+    #[error("-device")]
+    Placement(#[source] pci::AllocError),
+    #[error("-device {driver}: at most {max} virtio-mmio devices{why}")]
+    TooManyVirtioMmio { driver: String, max: usize, why: &'static str },
+    #[error("-device {driver}: cannot describe it in ACPI")]
+    Aml {
+        driver: String,
+        #[source]
+        source: devices::virtio::mmio::AmlError,
+    },
+}
+
+/// Platform decisions derived from the configuration once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub acpi: bool,
+    pub pcie: bool,
+    pub pic: bool,
+    pub pit: bool,
+    pub rtc: bool,
+    pub i8042: bool,
+    /// COM1 exists (a `-serial` backend, or the default one).
+    pub serial: bool,
+}
+
+impl Platform {
+    fn new(cfg: &VmConfig, serial: bool) -> Self {
+        let m = &cfg.machine;
+        Platform {
+            acpi: m.acpi.resolve(true),
+            pcie: m.pcie.resolve(false),
+            pic: m.pic.resolve(true),
+            pit: m.pit.resolve(true),
+            // QEMU microvm leaves the RTC out under KVM unless asked; the
+            // FADT then says so, and the guest does not probe for it.
+            rtc: m.rtc.resolve(false),
+            i8042: cfg.devices.iter().any(|d| matches!(d, DeviceConfig::I8042)),
+            serial,
+        }
+    }
+}
+
+/// Where one `-device` goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// At its own ISA ports (i8042, isa-debug-exit).
+    Isa,
+    /// A virtio-mmio window (`index` is its `VRnn` name).
+    VirtioMmio { index: usize, base: u64, gsi: u32 },
+    /// On the root complex, where the allocator put it.
+    Pci(pci::Placement),
+}
+
+/// The root complex: its windows and the buses the allocator gave out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciePlan {
+    pub windows: BarWindows,
+    pub last_bus: u8,
+}
+
+#[derive(Debug)]
+pub struct MachinePlan {
+    pub platform: Platform,
+    /// One per `VmConfig::devices` entry, in the same order.
+    pub locations: Vec<Location>,
+    pub pcie: Option<PciePlan>,
+    /// Ranges the e820 map reserves (carved out of RAM where they overlap).
+    pub reserved: Vec<(u64, u64)>,
+    /// The DSDT's devices, each one's own AML.
+    pub dsdt: Vec<u8>,
+}
+
+impl MachinePlan {
+    /// `serial`: whether COM1 exists; `phys_bits`: the guest-physical
+    /// address width, which sizes the 64-bit PCI window.
+    pub fn new(cfg: &VmConfig, serial: bool, phys_bits: u8) -> Result<Self, PlanError> {
+        let platform = Platform::new(cfg, serial);
+        let mut locations = vec![Location::Isa; cfg.devices.len()];
+
+        let pci: Vec<(usize, DeviceRequest)> = cfg
+            .devices
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let (driver, id, slot, is_root_port) = d.pci_slot()?;
+                let request = DeviceRequest {
+                    driver,
+                    id: id.map(str::to_owned),
+                    bus: slot.bus.clone(),
+                    addr: slot.addr,
+                    multifunction: slot.multifunction,
+                    is_root_port,
+                };
+                Some((i, request))
+            })
+            .collect();
+        let mut pcie = None;
+        if let Some((_, first)) = pci.first() {
+            if !platform.pcie {
+                return Err(PlanError::NoPciBus(first.driver.clone()));
+            }
+        }
+        if platform.pcie {
+            let requests: Vec<DeviceRequest> = pci.iter().map(|(_, r)| r.clone()).collect();
+            let placements = allocate(&requests, &[]).map_err(PlanError::Placement)?;
+            let last_bus = placements
+                .iter()
+                .map(|p| p.secondary_bus.unwrap_or(0).max(p.address.bus))
+                .max()
+                .unwrap_or(0);
+            for ((i, _), p) in pci.iter().zip(placements) {
+                locations[*i] = Location::Pci(p);
+            }
+            let mmio32 = Window { base: PCIE_MMIO_BASE, size: PCIE_MMIO_SIZE };
+            let mmio64 = pcie_mmio64_window(phys_bits).map(|(base, size)| Window { base, size });
+            pcie = Some(PciePlan { windows: BarWindows { mmio32, mmio64 }, last_bus });
+        }
+
+        // virtio-mmio slots in command-line order, each with its GSI.
+        let mut index = 0;
+        for (i, d) in cfg.devices.iter().enumerate() {
+            let DeviceConfig::Virtio(v) = d else { continue };
+            if v.transport != VirtioTransport::Mmio {
+                continue;
+            }
+            let gsi = virtio_mmio_gsi(&platform, index).ok_or_else(|| {
+                let (max, why) = virtio_mmio_limit(&platform);
+                PlanError::TooManyVirtioMmio { driver: v.driver(), max, why }
+            })?;
+            let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SLOT_SIZE;
+            locations[i] = Location::VirtioMmio { index, base, gsi };
+            index += 1;
+        }
+
+        // ECAM is reserved as firmware reserves MMCONFIG, so the guest
+        // trusts the MCFG entry; BAR windows are not RAM and need no entry.
+        let mut reserved = Vec::new();
+        if pcie.is_some() {
+            reserved.push((PCIE_ECAM_BASE, PCIE_ECAM_SIZE));
+        }
+        reserved.push((GED_MMIO_BASE, VIRTIO_MMIO_BASE + 0x10_0000 - GED_MMIO_BASE));
+
+        let mut plan = MachinePlan { platform, locations, pcie, reserved, dsdt: Vec::new() };
+        if platform.acpi {
+            plan.dsdt = plan.dsdt_devices(cfg)?;
+        }
+        Ok(plan)
+    }
+
+    /// What each device says about itself in the DSDT, in a fixed order.
+    fn dsdt_devices(&self, cfg: &VmConfig) -> Result<Vec<u8>, PlanError> {
+        let p = &self.platform;
+        let mut aml = Vec::new();
+        if p.serial {
+            aml.extend(devices::legacy::serial::aml(COM1_PORT, COM1_IRQ));
+        }
+        if p.i8042 {
+            aml.extend(devices::legacy::i8042::aml(I8042_PORT, I8042_IRQ));
+        }
+        if p.rtc {
+            aml.extend(devices::legacy::rtc::aml(RTC_PORT, RTC_IRQ));
+        }
+        aml.extend(devices::legacy::ged::aml(GED_MMIO_BASE, GED_IRQ));
+        for (d, at) in cfg.devices.iter().zip(&self.locations) {
+            if let Location::VirtioMmio { index, base, gsi } = *at {
+                let driver = match d {
+                    DeviceConfig::Virtio(v) => v.driver(),
+                    _ => String::new(),
+                };
+                let bytes = devices::virtio::mmio::aml(index, base, gsi)
+                    .map_err(|source| PlanError::Aml { driver, source })?;
+                aml.extend(bytes);
+            }
+        }
+        if let Some(pcie) = &self.pcie {
+            aml.extend(pci::acpi::aml(&self.root_complex_aml(pcie)));
+        }
+        Ok(aml)
+    }
+
+    pub fn root_complex_aml(&self, pcie: &PciePlan) -> pci::acpi::RootComplexAml {
+        let w = pcie.windows;
+        pci::acpi::RootComplexAml {
+            ecam_base: PCIE_ECAM_BASE,
+            ecam_size: PCIE_ECAM_SIZE,
+            last_bus: pcie.last_bus,
+            mmio32: (w.mmio32.base, w.mmio32.size),
+            mmio64: w.mmio64.map(|m| (m.base, m.size)),
+            intx_gsi_base: PCIE_INTX_GSI_BASE,
+        }
+    }
+
+    /// QEMU's auto-kernel-cmdline: without ACPI the guest learns of its
+    /// virtio-mmio devices from the command line.
+    pub fn virtio_mmio_cmdline(&self) -> String {
+        let mut hints = String::new();
+        for at in &self.locations {
+            if let Location::VirtioMmio { base, gsi, .. } = at {
+                let size = devices::virtio::MMIO_WINDOW_SIZE;
+                hints.push_str(&format!(" virtio_mmio.device={size}@{base:#x}:{gsi}"));
+            }
+        }
+        hints
+    }
+}
+
+/// The GSI of virtio-mmio slot `index`: an ISA IRQ without ACPI (a kernel
+/// without MP-table support reaches only the 8259's lines); with ACPI an
+/// IOAPIC pin from 16, or from 20 with PCIe, whose INTx lines are 16-19.
+fn virtio_mmio_gsi(p: &Platform, index: usize) -> Option<u32> {
+    if !p.acpi {
+        return VIRTIO_MMIO_ISA_IRQS.get(index).copied();
+    }
+    let (first, max) = if p.pcie {
+        (VIRTIO_MMIO_GSI_BASE + 4, VIRTIO_MMIO_MAX - 4)
+    } else {
+        (VIRTIO_MMIO_GSI_BASE, VIRTIO_MMIO_MAX)
+    };
+    (index < max).then(|| first + index as u32)
+}
+
+fn virtio_mmio_limit(p: &Platform) -> (usize, &'static str) {
+    match (p.acpi, p.pcie) {
+        (false, _) => (VIRTIO_MMIO_ISA_IRQS.len(), " without ACPI (free ISA IRQs)"),
+        (true, true) => (VIRTIO_MMIO_MAX - 4, " with pcie=on (the others are PCI INTx lines)"),
+        (true, false) => (VIRTIO_MMIO_MAX, ""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{parse, Action};
+
+    fn cfg(args: &[&str]) -> VmConfig {
+        let mut all = vec!["-M", "microvm,pcie=on"];
+        all.extend_from_slice(args);
+        match parse(all.iter().map(|s| s.to_string())) {
+            Ok(Action::Run(c)) => *c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn place(cfg: &VmConfig) -> Result<Vec<pci::Placement>, String> {
+        let plan = MachinePlan::new(cfg, true, 40).map_err(|e| crate::error_chain(&e))?;
+        Ok(plan
+            .locations
+            .iter()
+            .filter_map(|l| match l {
+                Location::Pci(p) => Some(*p),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn slots(cfg: &VmConfig) -> Vec<String> {
+        place(cfg).unwrap().iter().map(|p| p.address.to_string()).collect()
+    }
+
+    #[test]
+    fn explicit_address_wins_whatever_the_order() {
+        let a = cfg(&["-device", "virtio-rng-pci", "-device", "virtio-rng-pci,id=late,addr=1.0"]);
+        let b = cfg(&["-device", "virtio-rng-pci,id=late,addr=1.0", "-device", "virtio-rng-pci"]);
+        assert_eq!(slots(&a), vec!["00:02.0", "00:01.0"]);
+        assert_eq!(slots(&b), vec!["00:01.0", "00:02.0"]);
+    }
+
+    #[test]
+    fn two_devices_on_one_address_name_both() {
+        let c = cfg(&[
+            "-device",
+            "virtio-rng-pci,id=a,addr=2.0",
+            "-device",
+            "virtio-rng-pci,id=b,addr=2",
+        ]);
+        let e = place(&c).unwrap_err();
+        assert!(e.contains("slot 2 function 0 not available"), "{e}");
+        assert!(e.contains("id=a") && e.contains("id=b"), "{e}");
+    }
+
+    #[test]
+    fn root_port_bus_and_pcie_off() {
+        let c = cfg(&[
+            "-device",
+            "pcie-root-port,id=rp0,chassis=1,slot=1",
+            "-device",
+            "virtio-rng-pci,bus=rp0",
+        ]);
+        assert_eq!(slots(&c), vec!["00:01.0", "01:00.0"]);
+        let e = place(&cfg(&["-device", "virtio-rng-pci,bus=nope"])).unwrap_err();
+        assert!(e.contains("nope"), "{e}");
+        let off = match parse(["-device".to_string(), "virtio-rng-pci".to_string()]) {
+            Ok(Action::Run(c)) => *c,
+            other => panic!("{other:?}"),
+        };
+        assert!(place(&off).unwrap_err().contains("pcie=on"));
+    }
+
+    /// virtio-mmio windows and GSIs in command-line order, moved past the
+    /// PCI INTx lines with pcie=on; the e820 map reserves ECAM; the DSDT
+    /// has each device once.
+    #[test]
+    fn virtio_mmio_slots_gsis_and_acpi() {
+        let c = cfg(&[
+            "-device",
+            "virtio-rng-device",
+            "-device",
+            "virtio-rng-pci",
+            "-device",
+            "virtio-rng-device,id=second",
+        ]);
+        let plan = MachinePlan::new(&c, true, 40).unwrap();
+        let mmio: Vec<_> = plan
+            .locations
+            .iter()
+            .filter_map(|l| match *l {
+                Location::VirtioMmio { base, gsi, .. } => Some((base, gsi)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(mmio, [(0xfeb0_0000, 20), (0xfeb0_0200, 21)]);
+        assert!(plan.reserved.contains(&(PCIE_ECAM_BASE, PCIE_ECAM_SIZE)));
+        let has = |name: &[u8]| plan.dsdt.windows(name.len()).any(|w| w == name);
+        assert!(has(b"VR00") && has(b"VR01") && !has(b"VR02"));
+        assert!(has(b"PCI0") && has(b"COM1") && has(b"GED_") && !has(b"KBD_"));
+
+        let five = ["-device", "virtio-rng-device"].repeat(5);
+        let e = MachinePlan::new(&cfg(&five), true, 40).unwrap_err().to_string();
+        assert!(e.contains("at most 4 virtio-mmio devices with pcie=on"), "{e}");
+        let mut noacpi = vec!["-M", "microvm,acpi=off"];
+        noacpi.extend(["-device", "virtio-rng-device"]);
+        let c = match parse(noacpi.iter().map(|s| s.to_string())) {
+            Ok(Action::Run(c)) => *c,
+            other => panic!("{other:?}"),
+        };
+        let plan = MachinePlan::new(&c, true, 40).unwrap();
+        assert_eq!(plan.virtio_mmio_cmdline(), " virtio_mmio.device=512@0xfeb00000:5");
+        assert!(plan.dsdt.is_empty());
+    }
+}
