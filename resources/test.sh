@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Runs Skiff's whole test suite from a clean clone on Debian: installs the
-# dependencies, builds skiff (release), fetches the guest assets, then
-# `cargo test --workspace --release`. The integration tests (tests/) boot
-# real Linux guests, in a nested test host when this machine shows no
-# vmx/svm (see tests/testhost/run-scenarios.sh).
+# dependencies, checks formatting and lints, runs the unit tests, builds
+# skiff (release), fetches the guest assets, then the guest tests
+# (`--features guest`): real Linux guests, in a nested test host when this
+# machine shows no vmx/svm (see tests/testhost/run-scenarios.sh).
 #
 #   resources/test.sh [--no-deps] [CARGO TEST ARGS...]
 #
-# Extra arguments go to cargo test (e.g. `-- --nocapture`). Logs of the
-# scenario batches: target/skiff-tests/*.log.
+# Extra arguments go to the guest tests' cargo test (e.g. `-- --nocapture`).
+# Logs of the scenario batches: target/skiff-tests/*.log.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,15 +28,23 @@ command -v cargo >/dev/null || {
 	exit 1
 }
 cd "$REPO"
+# The quick checks first: a formatting slip or a lint fails in a minute,
+# not after the guests.
+step "cargo fmt --all --check"
+cargo fmt --all --check
+step "cargo clippy --workspace --all-targets --locked -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "unit tests: cargo test --workspace --release --lib --bins"
+cargo test --workspace --release --locked --lib --bins
 step "building skiff (release)"
-cargo build --release -p vmm
+cargo build --release --locked -p vmm
 step "guest assets"
 resources/guest-assets.sh
-step "cargo test --workspace --release --no-fail-fast $*"
+step "guest tests: cargo test --release -p skiff-tests --features guest --tests $*"
 stalled=target/skiff-tests/stalled.txt
 rm -f "$stalled"
 status=0
-cargo test --workspace --release --no-fail-fast "$@" || status=$?
+cargo test --release --locked -p skiff-tests --features guest --tests --no-fail-fast "$@" || status=$?
 if [ -s "$stalled" ]; then
 	# Scenarios whose guest stalled in the nested test host and ran again
 	# (see rerun_stalled in tests/src/lib.rs): listed so they stay visible.

@@ -5,6 +5,10 @@
 //! All scenarios run in ONE batch (one test-host boot): the first test to
 //! ask runs it, the others wait for it, each then asserts on its scenario.
 
+// Guest tests boot real kernels (a nested test host where the CPU has no
+// vmx/svm): built only with `--features guest` (resources/test.sh does).
+#![cfg(feature = "guest")]
+
 use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
 
 /// Time limit of a guest boot (QEMU needs 8–9 s in the test host).
@@ -206,6 +210,12 @@ fn bad_size() {
 #[test]
 fn missing_kernel() {
     assert_cli_error("missing-kernel", "/nonexistent");
+}
+
+/// The error says why, down to the OS: skiff prints each cause in turn.
+#[test]
+fn missing_kernel_names_the_os_error() {
+    assert_cli_error("missing-kernel", "No such file or directory (os error 2)");
 }
 
 #[test]

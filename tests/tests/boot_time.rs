@@ -2,6 +2,10 @@
 //! the guest from probing for one (seen in the boot trace), and a PVH ELF
 //! vmlinux boots as well as the bzImage.
 
+// Guest tests boot real kernels (a nested test host where the CPU has no
+// vmx/svm): built only with `--features guest` (resources/test.sh does).
+#![cfg(feature = "guest")]
+
 use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 90;

@@ -1,11 +1,15 @@
 //! The boot scenarios run against QEMU's own microvm machine, as a
 //! reference for what Skiff should do (and to check the harness without a
 //! skiff binary). Ignored by default; run with
-//!   cargo test --release -p skiff-tests --test qemu_reference -- --ignored --nocapture
+//!   cargo test --release -p skiff-tests --features guest --test qemu_reference -- --ignored --nocapture
 //!
 //! QEMU 10's microvm with acpi=off, pic=off, pit=off gives Linux neither an
 //! MP table nor a timer interrupt: the guest stalls before /init, so that
 //! scenario is reported, not asserted.
+
+// Guest tests boot real kernels (a nested test host where the CPU has no
+// vmx/svm): built only with `--features guest` (resources/test.sh does).
+#![cfg(feature = "guest")]
 
 use skiff_tests::{microvm_nix_command, run_scenarios_with, RunOptions, Scenario};
 

@@ -4,6 +4,10 @@
 //!
 //! All scenarios run in one test-host boot, like tests/boot.rs.
 
+// Guest tests boot real kernels (a nested test host where the CPU has no
+// vmx/svm): built only with `--features guest` (resources/test.sh does).
+#![cfg(feature = "guest")]
+
 use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 120;

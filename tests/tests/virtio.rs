@@ -6,6 +6,10 @@
 //! root ports too, and its virtio_pci driver runs the device on MSI-X, or
 //! on INTx with `pci=nomsi`.
 
+// Guest tests boot real kernels (a nested test host where the CPU has no
+// vmx/svm): built only with `--features guest` (resources/test.sh does).
+#![cfg(feature = "guest")]
+
 use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 90;
@@ -69,6 +73,33 @@ fn scenarios() -> Vec<Scenario> {
             SECS,
             pcie_command("-device virtio-rng-device -device virtio-rng-pci", ""),
         ),
+        // microvm.nix's shared RAM for its shares, in its order and the
+        // reverse: a memfd the guest boots and reads /dev/hwrng from.
+        Scenario::script(
+            "memfd-numa",
+            SECS,
+            &memfd_script(&format!("-numa node,memdev=mem {MEMFD}")),
+        ),
+        Scenario::script(
+            "memfd-object-first",
+            SECS,
+            &memfd_script(&format!("{MEMFD} -numa node,memdev=mem")),
+        ),
+        // A backend whose size is not -m's: QEMU's message, exit 1.
+        Scenario::new(
+            "memfd-size-mismatch",
+            15,
+            microvm_nix_command(
+                "$SKIFF",
+                true,
+                "-device virtio-rng-device -numa node,memdev=mem \
+                 -object memory-backend-memfd,id=mem,size=256M,share=on",
+                "skiff.test=rng",
+            ),
+        ),
+        // Both transports in one VM, rebooted (no -no-reboot): each rng
+        // reads in the first run and again in the second.
+        Scenario::script("rng-both-reboot", SECS * 2, &reboot_both_script()),
         // Two explicit devices on one address: QEMU's message naming both,
         // exit 1, before any guest starts (whatever the argv order).
         Scenario::new(
@@ -78,6 +109,49 @@ fn scenarios() -> Vec<Scenario> {
              -device virtio-rng-pci,id=fs0,addr=2.0 -device virtio-rng-pci,id=late,addr=2",
         ),
     ]
+}
+
+/// microvm.nix's shared-memory backend (its `-object` form).
+const MEMFD: &str = "-object memory-backend-memfd,id=mem,size=512M,share=on";
+
+/// Boots with `ram` (the `-object`/`-numa` pair), waits until the guest
+/// read /dev/hwrng, counts skiff's shared memfd mappings, then SIGTERM.
+fn memfd_script(ram: &str) -> String {
+    let cmd = microvm_nix_command(
+        "$SKIFF",
+        true,
+        &format!("-device virtio-rng-device {ram}"),
+        "skiff.test=rng-sleep",
+    );
+    format!(
+        ": > out.txt\n\
+         {cmd} > out.txt 2>&1 &\n\
+         pid=$!\n\
+         wait_for SKIFF-WAITING out.txt {SECS}\n\
+         echo \"MEMFD-MAPPINGS=$(grep -c 'rw-s .*/memfd:memory-backend-memfd (deleted)' /proc/$pid/maps)\"\n\
+         kill -TERM $pid\n\
+         wait $pid\n\
+         echo \"SIGTERM-RC=$?\"\n\
+         cat out.txt\n"
+    )
+}
+
+/// virtio-rng-pci and virtio-rng-device in one VM without -no-reboot: the
+/// guest reads both, reboots, reads both again; then SIGTERM.
+fn reboot_both_script() -> String {
+    let cmd = pcie_command("-device virtio-rng-pci -device virtio-rng-device", "")
+        .replace("skiff.test=pci", "skiff.test=rng-all")
+        .replace(" -no-reboot", "");
+    format!(
+        ": > out.txt\n\
+         {cmd} > out.txt 2>&1 &\n\
+         pid=$!\n\
+         i=0; while [ \"$(count_lines SKIFF-RNG-ALL out.txt)\" -lt 2 ] && [ $i -lt 1500 ]; do sleep 0.1; i=$((i+1)); done\n\
+         kill -TERM $pid\n\
+         wait $pid\n\
+         echo \"SIGTERM-RC=$?\"\n\
+         cat out.txt\n"
+    )
 }
 
 /// microvm.nix's argv with the root complex on and the guest's `pci` action.
@@ -282,4 +356,52 @@ fn virtio_mmio_and_pci_side_by_side() {
         r.describe()
     );
     assert!(lines.iter().any(|l| l.contains("PCI-MSI") && l.ends_with("-config")), "{lines:?}");
+}
+
+/// microvm.nix's shares' RAM (`-numa node,memdev=mem` + a shared memfd, in
+/// either order): the guest boots and reads /dev/hwrng, and skiff's guest
+/// RAM is the memfd, mapped shared, as a vhost-user backend needs it.
+#[test]
+fn memfd_ram_bound_by_numa_boots_in_either_order() {
+    for name in ["memfd-numa", "memfd-object-first"] {
+        let r = result(name);
+        assert!(r.has_line("SKIFF-INIT-OK"), "{name}\n{}", r.describe());
+        assert_eq!(r.value("SKIFF-RNG-BYTES"), Some("65536"), "{name}\n{}", r.describe());
+        let maps: u32 = r.value("MEMFD-MAPPINGS").and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!(maps >= 1, "guest RAM should be a shared memfd mapping\n{}", r.describe());
+        assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
+    }
+}
+
+#[test]
+fn memory_backend_size_must_match_m() {
+    let r = result("memfd-size-mismatch");
+    assert_eq!(r.rc, Some(1), "{}", r.describe());
+    assert!(
+        r.contains("total memory for NUMA nodes (0x10000000) should equal RAM size (0x20000000)"),
+        "{}",
+        r.describe()
+    );
+}
+
+/// After a guest reboot (a new run on the same host backends) both
+/// transports' devices still serve entropy.
+#[test]
+fn both_transports_read_again_after_a_reboot() {
+    let r = result("rng-both-reboot");
+    let runs: Vec<&str> =
+        r.lines().filter_map(|l| l.split("SKIFF-RNG-ALL=").nth(1)).map(str::trim).collect();
+    assert_eq!(runs.len(), 2, "two boots expected\n{}", r.describe());
+    for run in runs {
+        let mut sources: Vec<&str> = run.split(',').filter(|s| !s.is_empty()).collect();
+        sources.sort();
+        assert_eq!(
+            sources,
+            ["virtio_rng.0:65536", "virtio_rng.1:65536"],
+            "both rngs, full reads\n{}",
+            r.describe()
+        );
+    }
+    assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
+    assert!(!r.contains("VM teardown"), "{}", r.describe());
 }

@@ -77,3 +77,182 @@ pub(super) fn run(
         em.run().map_err(Error::EventManager)?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use devices::virtio::{
+        ActivationContext, ActiveQueue, RngBackend, VirtioDevice, VirtioInterrupt,
+        VirtioInterruptType,
+    };
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT as INDIRECT, VRING_DESC_F_NEXT as NEXT, VRING_DESC_F_WRITE as WRITE,
+    };
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::{Queue, QueueState};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::config::{QmpAddress, QmpConfig};
+
+    type Mem = vm_memory::GuestMemoryMmap<()>;
+
+    struct NoInterrupt;
+
+    impl VirtioInterrupt for NoInterrupt {
+        fn trigger(&self, _: VirtioInterruptType) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const QUEUE: u16 = 256;
+    const DESC: u64 = 0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    /// 65,535 descriptors of one indirect table, shared by every request.
+    const TABLE: u64 = 0x10_0000;
+    const ENTRIES: u16 = u16::MAX;
+
+    /// A full-size split queue whose every descriptor points at the huge
+    /// indirect table.
+    fn flooded_queue(mem: &Mem) -> Queue {
+        for i in 0..ENTRIES {
+            let flags = WRITE | if i + 1 < ENTRIES { NEXT } else { 0 };
+            let d = Descriptor::new(0x20_0000, 16, flags as u16, i + 1);
+            mem.write_obj(d, GuestAddress(TABLE + u64::from(i) * 16)).unwrap();
+        }
+        for head in 0..QUEUE {
+            let d = Descriptor::new(TABLE, u32::from(ENTRIES) * 16, INDIRECT as u16, 0);
+            mem.write_obj(d, GuestAddress(DESC + u64::from(head) * 16)).unwrap();
+        }
+        let state = QueueState {
+            max_size: QUEUE,
+            size: QUEUE,
+            ready: true,
+            desc_table: DESC,
+            avail_ring: AVAIL,
+            used_ring: USED,
+            ..Default::default()
+        };
+        Queue::try_from(state).unwrap()
+    }
+
+    /// The driver's side: puts `n` more heads on the available ring.
+    fn post(mem: &Mem, next: &mut u16, n: u16) {
+        for _ in 0..n {
+            let slot = AVAIL + 4 + 2 * u64::from(*next % QUEUE);
+            mem.write_obj(*next % QUEUE, GuestAddress(slot)).unwrap();
+            *next = next.wrapping_add(1);
+        }
+        mem.write_obj(*next, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// Waits up to 30 s for `cond`.
+    fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A guest floods its virtio-rng with requests of 65,535 indirect
+    /// descriptors each and keeps the ring full; a QMP client's command
+    /// sent meanwhile is answered by the event loop, and the device keeps
+    /// serving the flood (on its worker, `REQUESTS_PER_WAKEUP` at a time).
+    #[test]
+    fn qmp_is_answered_while_a_guest_floods_its_rng() {
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let queue = ActiveQueue {
+            index: 0,
+            queue: flooded_queue(&mem),
+            kick: kick.try_clone().unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let mut rng = devices::virtio::Rng::new(Arc::new(RngBackend::new(None).unwrap()));
+        let ctx = ActivationContext {
+            mem: mem.clone(),
+            queues: vec![queue],
+            interrupt: Arc::new(NoInterrupt),
+        };
+
+        let dir = std::env::temp_dir().join(format!("skiff-flood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let cfg = QmpConfig { address: QmpAddress::Unix(sock.clone()), wait: false };
+        let server = Arc::new(Mutex::new(QmpServer::bind(&cfg).unwrap()));
+        let control = Arc::new(Control::new().unwrap());
+        let signal = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+
+        let stop = AtomicBool::new(false);
+        let served = std::thread::scope(|s| {
+            // Everything the device returns goes straight back on the
+            // available ring, with a kick: the ring never empties.
+            let driver = s.spawn(|| {
+                let mut next = 0u16;
+                post(&mem, &mut next, QUEUE);
+                kick.write(1).unwrap();
+                let mut seen = 0u16;
+                let mut served = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+                    let n = used.wrapping_sub(seen);
+                    if n > 0 {
+                        post(&mem, &mut next, n);
+                        kick.write(1).unwrap();
+                        seen = used;
+                        served += u64::from(n);
+                    }
+                    std::thread::yield_now();
+                }
+                served
+            });
+            rng.activate(ctx).unwrap();
+            // The flood is on: the device returned more than a ring's worth.
+            let used = || mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap();
+            wait_until("the flood to start", || used() > QUEUE);
+
+            let client = s.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let stream = loop {
+                    match UnixStream::connect(&sock) {
+                        Ok(st) => break st,
+                        Err(e) if Instant::now() > deadline => panic!("connect: {e}"),
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                };
+                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut w = stream.try_clone().unwrap();
+                let mut lines = BufReader::new(stream).lines();
+                let mut replies = vec![lines.next().unwrap().unwrap()];
+                w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
+                w.write_all(b"{\"execute\":\"query-status\"}\n").unwrap();
+                while !replies.last().unwrap().contains("\"status\"") {
+                    replies.push(lines.next().expect("a reply").expect("read"));
+                }
+                control.quit();
+                replies
+            });
+            let end = run(&control, &signal, Board::default(), &[server.clone()]);
+            let replies = client.join().unwrap();
+            assert_eq!(end.unwrap(), RunEnd::Quit);
+            assert!(replies[0].contains("QMP"), "{replies:?}");
+            assert!(replies.last().unwrap().contains("\"running\""), "{replies:?}");
+            // And the device is still serving it.
+            let now = used();
+            wait_until("more requests served", || used() != now);
+            // Still flooding: the worker must stop (and be joined) anyway.
+            assert!(rng.reset());
+            stop.store(true, Ordering::SeqCst);
+            driver.join().unwrap()
+        });
+        assert!(served > u64::from(QUEUE), "only {served} requests served");
+        drop(server);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
