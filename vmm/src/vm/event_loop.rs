@@ -238,7 +238,7 @@ mod tests {
                 control.quit();
                 replies
             });
-            let end = run(&control, &signal, Board::default(), &[server.clone()]);
+            let end = run(&control, &signal, Board::default(), std::slice::from_ref(&server));
             let replies = client.join().unwrap();
             assert_eq!(end.unwrap(), RunEnd::Quit);
             assert!(replies[0].contains("QMP"), "{replies:?}");
