@@ -18,7 +18,7 @@ use vm_superio::Trigger;
 
 use acpi_tables::{aml, Aml};
 
-use crate::aml::{isa_irq, name};
+use crate::aml::{isa_device, isa_irq};
 use crate::{BusDevice, VmControl, VmEvent};
 
 const DATA: u64 = 0;
@@ -284,24 +284,10 @@ impl<T: Trigger + Send> BusDevice for I8042<T> {
 
 /// The keyboard controller in the DSDT (PNP0303) at `port` and `port + 4`.
 pub fn aml(port: u16, irq: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    aml::Device::new(
-        "KBD_".into(),
-        vec![
-            &name("_HID", &aml::EISAName::new("PNP0303")),
-            &name("_STA", &0xFu8),
-            &name(
-                "_CRS",
-                &aml::ResourceTemplate::new(vec![
-                    &aml::IO::new(port, port, 1, 1),
-                    &aml::IO::new(port + 4, port + 4, 1, 1),
-                    &isa_irq(irq),
-                ]),
-            ),
-        ],
-    )
-    .to_aml_bytes(&mut out);
-    out
+    let hid = aml::EISAName::new("PNP0303");
+    let names: [(&str, &dyn Aml); 2] = [("_HID", &hid), ("_STA", &0xFu8)];
+    let (data, command) = (aml::IO::new(port, port, 1, 1), aml::IO::new(port + 4, port + 4, 1, 1));
+    isa_device("KBD_", &names, vec![&data, &command, &isa_irq(irq)])
 }
 
 #[cfg(test)]

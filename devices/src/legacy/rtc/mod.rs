@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use acpi_tables::{aml, Aml};
+use acpi_tables::aml;
 
-use crate::aml::{isa_irq, name};
+use crate::aml::{isa_device, isa_irq};
 use crate::BusDevice;
 
 mod timer;
@@ -406,21 +406,10 @@ fn unix_seconds(t: &CivilTime) -> i64 {
 
 /// The CMOS RTC in the DSDT (PNP0B00) at `port`.
 pub fn aml(port: u16, irq: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    aml::Device::new(
-        "RTC_".into(),
-        vec![
-            &name("_HID", &aml::EISAName::new("PNP0B00")),
-            &name(
-                "_CRS",
-                // Eight ports like physical hardware (and QEMU), even though
-                // only 0x70/0x71 are decoded.
-                &aml::ResourceTemplate::new(vec![&aml::IO::new(port, port, 1, 8), &isa_irq(irq)]),
-            ),
-        ],
-    )
-    .to_aml_bytes(&mut out);
-    out
+    let hid = aml::EISAName::new("PNP0B00");
+    // Eight ports like physical hardware (and QEMU), even though only
+    // 0x70/0x71 are decoded.
+    isa_device("RTC_", &[("_HID", &hid)], vec![&aml::IO::new(port, port, 1, 8), &isa_irq(irq)])
 }
 
 #[cfg(test)]

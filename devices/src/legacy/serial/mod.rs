@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use acpi_tables::{aml, Aml};
 
-use crate::aml::{isa_irq, name};
+use crate::aml::{isa_device, isa_irq};
 use crate::BusDevice;
 
 mod input;
@@ -85,21 +85,9 @@ impl<T: Trigger + Send> BusDevice for Serial<T> {
 
 /// COM1 in the DSDT (PNP0501) at `port` with `irq`.
 pub fn aml(port: u16, irq: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    aml::Device::new(
-        "COM1".into(),
-        vec![
-            &name("_HID", &aml::EISAName::new("PNP0501")),
-            &name("_UID", &1u8),
-            &name("_STA", &0xFu8),
-            &name(
-                "_CRS",
-                &aml::ResourceTemplate::new(vec![&aml::IO::new(port, port, 0, 8), &isa_irq(irq)]),
-            ),
-        ],
-    )
-    .to_aml_bytes(&mut out);
-    out
+    let hid = aml::EISAName::new("PNP0501");
+    let names: [(&str, &dyn Aml); 3] = [("_HID", &hid), ("_UID", &1u8), ("_STA", &0xFu8)];
+    isa_device("COM1", &names, vec![&aml::IO::new(port, port, 0, 8), &isa_irq(irq)])
 }
 
 #[cfg(test)]
