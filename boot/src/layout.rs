@@ -70,6 +70,10 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const IOAPIC_PINS: u32 = 24;
 pub const APIC_START: u64 = 0xfee0_0000;
 
+/// KVM's 3-page TSS area (Intel, before the irqchip exists): below the
+/// IOAPIC, in the hole no RAM or device uses (QEMU's address too).
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
 /// Legacy devices: ports and ISA IRQs.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;

@@ -146,7 +146,7 @@ fn reboot_both_script() -> String {
         ": > out.txt\n\
          {cmd} > out.txt 2>&1 &\n\
          pid=$!\n\
-         i=0; while [ \"$(count_lines SKIFF-RNG-ALL out.txt)\" -lt 2 ] && [ $i -lt 1500 ]; do sleep 0.1; i=$((i+1)); done\n\
+         i=0; while [ \"$(count_lines SKIFF-RNG-DONE out.txt)\" -lt 2 ] && [ $i -lt 1500 ]; do sleep 0.1; i=$((i+1)); done\n\
          kill -TERM $pid\n\
          wait $pid\n\
          echo \"SIGTERM-RC=$?\"\n\

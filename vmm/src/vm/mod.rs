@@ -183,7 +183,8 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles, first_run: bool) -> Result<Ru
     let (cfg, plan) = (m.cfg, m.plan);
     let vm = Arc::new(m.host.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     // Intel needs a 3-page TSS area below 4 GiB before the irqchip exists.
-    vm.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    let tss = boot::layout::KVM_TSS_ADDRESS as usize;
+    vm.set_tss_address(tss).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = plan.platform.pit;
     let router = Arc::new(GsiRouter::new(vm.clone(), pit).map_err(io_err("GSI routing"))?);
