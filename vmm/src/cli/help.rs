@@ -29,6 +29,16 @@ Standard options:
                          (maxcpus must equal cpus)
 -m [size=]SIZE           guest RAM (default 128M); suffixes K, M, G, T; a plain
                          number is in MiB; no maxmem/slots (no memory hotplug)
+-object memory-backend-ram,id=ID,size=SIZE[,share=on|off][,merge=on|off]
+-object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,seal=on|off]
+        [,hugetlb=on|off][,hugetlbsize=SIZE][,merge=on|off]
+                         guest RAM's host memory, used when a -numa node
+                         names it; memfd (share=on by default) is what a
+                         vhost-user backend can map
+-numa node[,nodeid=0],memdev=ID
+                         back guest RAM with memory backend ID, whose size
+                         must equal -m; microvm has one node (either order
+                         with -object)
 -smbios type=1[,manufacturer=S][,product=S][,version=S][,serial=S]
               [,uuid=UUID][,sku=S][,family=S]
                          set the SMBIOS system information
@@ -81,8 +91,8 @@ Monitor:
                          system_reset, quit, input-send-event
 -monitor none            no human monitor (the only form accepted)
 
-Every other QEMU option (for example -drive, -netdev, -numa,
--object, -fw_cfg, -fsdev) and every other -device (for example virtio-blk-pci,
+Every other QEMU option (for example -drive, -netdev, -fw_cfg, -fsdev),
+every other -object type, and every other -device (for example virtio-blk-pci,
 virtio-net-pci, vhost-user-fs-pci, vfio-pci) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
