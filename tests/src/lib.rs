@@ -81,6 +81,32 @@ wait_for() {
 }
 "#;
 
+/// A `Scenario::script` body: `cmd` runs in the background (output in
+/// `out.txt`, `$pid` is its process) until `marker` has been printed
+/// `count` times (or `limit_secs` passed), then `between` runs (shell
+/// lines), then SIGTERM; prints `SIGTERM-RC=` and the output.
+pub fn until_then_sigterm(
+    cmd: &str,
+    marker: &str,
+    count: u32,
+    limit_secs: u32,
+    between: &str,
+) -> String {
+    // out.txt exists before the child opens it: see `count_lines`.
+    format!(
+        ": > out.txt\n\
+         {cmd} > out.txt 2>&1 &\n\
+         pid=$!\n\
+         i=0; while [ \"$(count_lines {marker} out.txt)\" -lt {count} ] && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done\n\
+         {between}\n\
+         kill -TERM $pid\n\
+         wait $pid\n\
+         echo \"SIGTERM-RC=$?\"\n\
+         cat out.txt\n",
+        ticks = limit_secs * 10,
+    )
+}
+
 /// Whether the test host's own kernel reported a fault in one of its vCPU
 /// threads (these lines come from the test host's console, not the guest's:
 /// a guest's vCPU threads do not exist inside the guest).

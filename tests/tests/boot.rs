@@ -9,7 +9,7 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
+use skiff_tests::{microvm_nix_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
 
 /// Time limit of a guest boot (QEMU needs 8–9 s in the test host).
 const BOOT_SECS: u32 = 60;
@@ -89,17 +89,8 @@ fn restart_script() -> String {
     let cmd = microvm_nix_command("$SKIFF", true, "-device virtio-rng-pci", "skiff.test=reboot")
         .replace(" -no-reboot", "")
         .replace("pcie=off", "pcie=on");
-    format!(
-        ": > out.txt\n\
-         {cmd} > out.txt 2>&1 &\n\
-         pid=$!\n\
-         i=0; while [ \"$(count_lines SKIFF-INIT-OK out.txt)\" -lt 2 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done\n\
-         echo \"INIT-COUNT=$(count_lines SKIFF-INIT-OK out.txt)\"\n\
-         kill -TERM $pid\n\
-         wait $pid\n\
-         echo \"SIGTERM-RC=$?\"\n\
-         cat out.txt\n"
-    )
+    let count = "echo \"INIT-COUNT=$(count_lines SKIFF-INIT-OK out.txt)\"";
+    until_then_sigterm(&cmd, "SKIFF-INIT-OK", 2, 90, count)
 }
 
 static BATCH: Batch = Batch::new();

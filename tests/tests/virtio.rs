@@ -10,7 +10,7 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
+use skiff_tests::{microvm_nix_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 90;
 
@@ -123,17 +123,8 @@ fn memfd_script(ram: &str) -> String {
         &format!("-device virtio-rng-device {ram}"),
         "skiff.test=rng-sleep",
     );
-    format!(
-        ": > out.txt\n\
-         {cmd} > out.txt 2>&1 &\n\
-         pid=$!\n\
-         wait_for SKIFF-WAITING out.txt {SECS}\n\
-         echo \"MEMFD-MAPPINGS=$(grep -c 'rw-s .*/memfd:memory-backend-memfd (deleted)' /proc/$pid/maps)\"\n\
-         kill -TERM $pid\n\
-         wait $pid\n\
-         echo \"SIGTERM-RC=$?\"\n\
-         cat out.txt\n"
-    )
+    let maps = "echo \"MEMFD-MAPPINGS=$(grep -c 'rw-s .*/memfd:memory-backend-memfd (deleted)' /proc/$pid/maps)\"";
+    until_then_sigterm(&cmd, "SKIFF-WAITING", 1, SECS, maps)
 }
 
 /// virtio-rng-pci and virtio-rng-device in one VM without -no-reboot: the
@@ -142,16 +133,7 @@ fn reboot_both_script() -> String {
     let cmd = pcie_command("-device virtio-rng-pci -device virtio-rng-device", "")
         .replace("skiff.test=pci", "skiff.test=rng-all")
         .replace(" -no-reboot", "");
-    format!(
-        ": > out.txt\n\
-         {cmd} > out.txt 2>&1 &\n\
-         pid=$!\n\
-         i=0; while [ \"$(count_lines SKIFF-RNG-DONE out.txt)\" -lt 2 ] && [ $i -lt 1500 ]; do sleep 0.1; i=$((i+1)); done\n\
-         kill -TERM $pid\n\
-         wait $pid\n\
-         echo \"SIGTERM-RC=$?\"\n\
-         cat out.txt\n"
-    )
+    until_then_sigterm(&cmd, "SKIFF-RNG-DONE", 2, 150, ":")
 }
 
 /// microvm.nix's argv with the root complex on and the guest's `pci` action.
