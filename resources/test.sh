@@ -17,7 +17,7 @@ if [ "${1:-}" = --no-deps ]; then
 	deps=0
 	shift
 fi
-step() { echo "test.sh: $*" >&2; }
+step() { echo "test.sh: [$(date +%T)] $*" >&2; }
 
 if [ "$deps" = 1 ]; then
 	step "installing dependencies"
