@@ -32,8 +32,9 @@ cd "$REPO"
 # not after the guests.
 step "cargo fmt --all --check"
 cargo fmt --all --check
-step "cargo clippy --workspace --all-targets --locked -- -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# With the guest tests' feature, so their files are linted too.
+step "cargo clippy --workspace --all-targets --features skiff-tests/guest --locked -- -D warnings"
+cargo clippy --workspace --all-targets --features skiff-tests/guest --locked -- -D warnings
 step "unit tests: cargo test --workspace --release --lib --bins"
 cargo test --workspace --release --locked --lib --bins
 step "building skiff (release)"

@@ -111,6 +111,8 @@ pub struct VirtioPciInterrupt {
     intx_evt: EventFd,
     /// COMMAND.INTX_DISABLE clear.
     intx_enabled: AtomicBool,
+    /// The transport's NEEDS_RESET flag.
+    needs_reset: Arc<AtomicBool>,
 }
 
 impl VirtioPciInterrupt {
@@ -165,12 +167,13 @@ impl VirtioPciInterrupt {
     /// eventfds while MSI-X goes off become INTx, as they would have.
     fn set_msix_control(&self, control: crate::capability::MsixControl) {
         let mut msix = self.msix();
-        if !control.enabled {
-            self.msix_enabled.store(false, Ordering::SeqCst);
-        }
+        // Enabling: signals from now on go to the call eventfds, which
+        // set_control attaches (delivering what they hold). Disabling: the
+        // flag first, so new signals take the INTx path, then what the
+        // eventfds held becomes INTx below.
+        self.msix_enabled.store(control.enabled, Ordering::SeqCst);
         msix.set_control(control);
         if control.enabled {
-            self.msix_enabled.store(true, Ordering::SeqCst);
             return;
         }
         let n = self.calls.len() - 1;
@@ -203,6 +206,13 @@ impl VirtioInterrupt for VirtioPciInterrupt {
         }
         self.raise_intx(t);
         Ok(())
+    }
+
+    fn needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        if let Err(e) = self.trigger(VirtioInterruptType::Config) {
+            log::error!("virtio-pci: cannot raise the config interrupt: {e}");
+        }
     }
 }
 
@@ -327,6 +337,7 @@ impl VirtioPciDevice {
             isr: AtomicU8::new(0),
             intx_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?,
             intx_enabled: AtomicBool::new(true),
+            needs_reset: state.needs_reset.clone(),
         });
         Ok(VirtioPciDevice { config, state, interrupt, msix_cap, pci_cfg_cap })
     }
@@ -366,7 +377,7 @@ impl VirtioPciDevice {
             },
             CONFIG_MSIX_VECTOR => self.interrupt.msix().source_vector(s.num_queues()).into(),
             NUM_QUEUES => s.num_queues() as u64,
-            DEVICE_STATUS => s.status.into(),
+            DEVICE_STATUS => s.status().into(),
             // Config space never changes under the driver.
             CONFIG_GENERATION => 0,
             QUEUE_SELECT => s.queue_sel.into(),

@@ -258,14 +258,28 @@ pub enum RamBacking {
     },
 }
 
+/// Guest RAM's host memory and what the host may do with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamConfig {
+    pub backing: RamBacking,
+    /// `merge=`: MADV_MERGEABLE (None: the machine's `mem-merge`).
+    pub merge: Option<bool>,
+    /// `dump=off`: MADV_DONTDUMP, guest RAM left out of skiff's core dumps.
+    pub dump: bool,
+}
+
+impl Default for RamConfig {
+    fn default() -> Self {
+        RamConfig { backing: RamBacking::Anonymous, merge: None, dump: true }
+    }
+}
+
 /// One `-object memory-backend-*`, as parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryBackendConfig {
     pub id: String,
     pub size: u64,
-    pub backing: RamBacking,
-    /// `merge=`: MADV_MERGEABLE (default: the machine's `mem-merge`).
-    pub merge: Option<bool>,
+    pub ram: RamConfig,
 }
 
 /// `-smbios type=1,...`: kept for the SMBIOS table.
@@ -287,9 +301,7 @@ pub struct VmConfig {
     /// Guest RAM in bytes (`-m`, default 128 MiB as QEMU).
     pub mem_size: u64,
     /// How guest RAM is backed (resolved from `-object`/`-numa`).
-    pub ram: RamBacking,
-    /// `merge=` of the memory backend, if one was bound.
-    pub ram_merge: Option<bool>,
+    pub ram: RamConfig,
     pub smp: SmpConfig,
     pub cpu: CpuConfig,
     pub kernel: Option<PathBuf>,
@@ -317,8 +329,7 @@ impl Default for VmConfig {
             name: None,
             machine: MachineConfig::default(),
             mem_size: 128 << 20,
-            ram: RamBacking::Anonymous,
-            ram_merge: None,
+            ram: RamConfig::default(),
             smp: SmpConfig::default(),
             cpu: CpuConfig::default(),
             kernel: None,

@@ -10,7 +10,7 @@
 //! - `call_relay()` on the event loop, for backends outside skiff that
 //!   signal the queues' call eventfds instead of calling `trigger`.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
@@ -65,6 +65,8 @@ const CONFIG: u64 = 0x100;
 struct MmioInterrupt {
     status: AtomicU32,
     evt: EventFd,
+    /// The transport's NEEDS_RESET flag.
+    needs_reset: Arc<AtomicBool>,
 }
 
 impl VirtioInterrupt for MmioInterrupt {
@@ -75,6 +77,13 @@ impl VirtioInterrupt for MmioInterrupt {
         };
         self.status.fetch_or(bit, Ordering::SeqCst);
         self.evt.write(1)
+    }
+
+    fn needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        if let Err(e) = self.trigger(VirtioInterruptType::Config) {
+            log::error!("virtio-mmio: cannot raise the interrupt: {e}");
+        }
     }
 }
 
@@ -103,7 +112,8 @@ impl MmioTransport {
     ) -> Result<Self, MmioError> {
         let state = TransportState::new("virtio-mmio", mem, device)?;
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?;
-        let interrupt = Arc::new(MmioInterrupt { status: AtomicU32::new(0), evt });
+        let needs_reset = state.needs_reset.clone();
+        let interrupt = Arc::new(MmioInterrupt { status: AtomicU32::new(0), evt, needs_reset });
         Ok(MmioTransport { state, interrupt })
     }
 
@@ -135,7 +145,7 @@ impl MmioTransport {
             QUEUE_NUM_MAX => s.selected_queue().map_or(0, |q| q.max_size.into()),
             QUEUE_READY => s.selected_queue().map_or(0, |q| q.ready.into()),
             INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
-            STATUS => s.status,
+            STATUS => s.status(),
             // No shared memory regions: length and base read as all ones.
             SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
             // Config space never changes under the driver.
@@ -509,6 +519,21 @@ mod tests {
         assert_eq!(em.run_with_timeout(0).unwrap(), 1);
         assert_eq!(r(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+    }
+
+    /// A device that gave up (its worker found a broken ring) shows
+    /// NEEDS_RESET with a config interrupt until the driver resets it.
+    #[test]
+    fn needs_reset_shows_until_the_reset() {
+        let (dev, mut t) = setup();
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
+        dev.lock().unwrap().interrupt.clone().unwrap().needs_reset();
+        assert_eq!(r(&mut t, STATUS), 0xf | NEEDS_RESET);
+        assert_eq!(r(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+        w(&mut t, STATUS, 0);
+        assert_eq!(r(&mut t, STATUS), 0);
+        assert_eq!(init_with(&mut t, 16, DESC), 0xf);
     }
 
     #[test]

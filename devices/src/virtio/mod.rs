@@ -54,6 +54,12 @@ pub enum VirtioInterruptType {
 /// MSI-X vector the driver chose, or raises INTx with the ISR.
 pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()>;
+
+    /// The device cannot go on until the driver resets it: the transport
+    /// sets NEEDS_RESET in the status the driver reads and raises a config
+    /// interrupt (virtio 1.2, 2.1.2). Callable from a worker thread: it
+    /// takes no lock a vCPU may hold.
+    fn needs_reset(&self);
 }
 
 /// One queue the driver set up, handed to the device at DRIVER_OK.
@@ -127,6 +133,14 @@ pub trait VirtioDevice: Send {
 
     /// Writes the device-specific config space; ignored where read-only.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Whether something outside skiff (a vhost backend) signals the
+    /// queues' call eventfds instead of `VirtioInterrupt::trigger`; the VMM
+    /// then runs the transport's `CallRelay`. In-process devices say no, so
+    /// their interrupts never wake the event loop.
+    fn calls_from_outside(&self) -> bool {
+        false
+    }
 
     /// Starts the device with the queues the driver set up.
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError>;

@@ -100,6 +100,11 @@ impl<'a> TestQueue<'a> {
         avail.idx().store(idx.wrapping_add(1));
     }
 
+    /// Sets the available ring's index as a (possibly broken) driver would.
+    pub fn set_avail_idx(&self, idx: u16) {
+        self.mock.avail().idx().store(idx);
+    }
+
     /// A ready device-side queue matching this layout.
     pub fn queue(&self) -> Queue {
         self.mock.create_queue::<Queue>().unwrap()
@@ -143,5 +148,10 @@ impl VirtioInterrupt for RecordingInterrupt {
     fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
         self.0.lock().unwrap().push(t);
         Ok(())
+    }
+
+    /// Recorded as the config interrupt that goes with it.
+    fn needs_reset(&self) {
+        self.0.lock().unwrap().push(VirtioInterruptType::Config);
     }
 }

@@ -5,6 +5,7 @@
 //! registers and in how the device interrupts, so each transport wraps one
 //! `TransportState` and adds its own register map and interrupt.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_config::{
@@ -63,7 +64,11 @@ pub struct TransportState {
     pub driver_features_sel: u32,
     pub driver_features: u64,
     pub queue_sel: u32,
+    /// The status as the driver set it; see `status()` for what it reads.
     pub status: u32,
+    /// Set by the device's worker (through the transport's interrupt) when
+    /// the device needs a reset; shown as NEEDS_RESET until the reset.
+    pub needs_reset: Arc<AtomicBool>,
 }
 
 impl TransportState {
@@ -92,7 +97,17 @@ impl TransportState {
             driver_features: 0,
             queue_sel: 0,
             status: 0,
+            needs_reset: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The device status register as the driver reads it.
+    pub fn status(&self) -> u32 {
+        if self.needs_reset.load(Ordering::SeqCst) {
+            self.status | NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     pub fn device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -199,7 +214,7 @@ impl TransportState {
             self.status |= FAILED;
             return false;
         }
-        if self.status & (FAILED | NEEDS_RESET) != 0 {
+        if self.status() & (FAILED | NEEDS_RESET) != 0 {
             log::debug!("{}: status {v:#x} before a reset ignored", self.name);
             return false;
         }
@@ -276,6 +291,7 @@ impl TransportState {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.status = 0;
+        self.needs_reset.store(false, Ordering::SeqCst);
         // Kicks left in the eventfds only cause a spurious wakeup later;
         // calls from before the reset must not interrupt the next driver.
         for call in self.queue_calls.iter().chain([&self.config_call]) {

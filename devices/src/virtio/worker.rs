@@ -158,6 +158,10 @@ pub struct Served {
     /// The budget ran out with requests still available: the caller must
     /// come back (`Rearm`).
     pub more: bool,
+    /// The driver broke the ring (an available index more than a queue
+    /// ahead): nothing more can be served until it resets the device. The
+    /// device was marked NEEDS_RESET, as QEMU's `virtio_error` does.
+    pub broken: bool,
 }
 
 /// What a device does with one request: returns the bytes it wrote to the
@@ -190,12 +194,24 @@ pub fn serve_queue(
             log::debug!("virtio: queue {index}: {e}");
             break;
         }
+        let before = served.requests;
         loop {
             if served.requests == budget.requests {
                 served.more = true;
                 break 'outer;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let chain = match queue.iter(mem) {
+                Ok(mut available) => available.next(),
+                Err(e) => {
+                    // An index the ring cannot hold: there is no telling
+                    // which entries are real; give up until a reset.
+                    log::debug!("virtio: queue {index}: {e}; the device needs a reset");
+                    interrupt.needs_reset();
+                    served.broken = true;
+                    break 'outer;
+                }
+            };
+            let Some(chain) = chain else { break };
             let head = chain.head_index();
             let Some(len) = device.serve(mem, chain) else {
                 // Held back: the request stays first on the ring.
@@ -210,9 +226,11 @@ pub fn serve_queue(
             }
         }
         // Re-enabling tells the driver where to kick next; buffers that came
-        // in meanwhile are served before sleeping.
+        // in meanwhile are served before sleeping. A pass that served
+        // nothing cannot be followed by one that does.
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if served.requests > before => continue,
+            Ok(true) => break,
             Ok(false) => break,
             Err(e) => {
                 log::debug!("virtio: queue {index}: {e}");

@@ -115,6 +115,10 @@ fn isa_debug_exit(opts: &mut QemuOpts) -> Result<DeviceConfig, CliError> {
 /// `virtio-rng-*[,max-bytes=N][,period=MS]` (QEMU's rate limit).
 fn virtio_rng(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
     let max_bytes = opts.take_uint("max-bytes")?;
+    if max_bytes.is_some_and(|m| m > i64::MAX as u64) {
+        // QEMU's virtio_rng_device_realize.
+        return Err(opts.error("'max-bytes' parameter must be non-negative, and less than 2^63"));
+    }
     let period_ms = opts.take_uint("period")?;
     if period_ms == Some(0) {
         return Err(opts.error("period must be at least 1 ms"));

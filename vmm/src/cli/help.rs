@@ -30,8 +30,9 @@ Standard options:
 -m [size=]SIZE           guest RAM (default 128M); suffixes K, M, G, T; a plain
                          number is in MiB; no maxmem/slots (no memory hotplug)
 -object memory-backend-ram,id=ID,size=SIZE[,share=on|off][,merge=on|off]
+        [,dump=on|off]
 -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off][,seal=on|off]
-        [,hugetlb=on|off][,hugetlbsize=SIZE][,merge=on|off]
+        [,hugetlb=on|off][,hugetlbsize=SIZE][,merge=on|off][,dump=on|off]
                          guest RAM's host memory, used when a -numa node
                          names it; memfd (share=on by default) is what a
                          vhost-user backend can map

@@ -8,7 +8,7 @@
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{MemoryBackendConfig, RamBacking};
+use crate::config::{MemoryBackendConfig, RamBacking, RamConfig};
 
 /// Properties every QEMU memory backend has that skiff does not implement:
 /// named in the error rather than called unknown.
@@ -45,8 +45,7 @@ pub(super) fn parse_object(label: &str, arg: &str) -> Result<MemoryBackendConfig
     // QEMU's defaults: memfd is shared, plain RAM is not.
     let share = opts.take_bool("share")?.unwrap_or(memfd);
     let merge = opts.take_bool("merge")?;
-    // Core dumps are not skiff's business; both values are what QEMU accepts.
-    opts.take_bool("dump")?;
+    let dump = opts.take_bool("dump")?.unwrap_or(true);
     if opts.take_bool("prealloc")? == Some(true) {
         return Err(opts.error("prealloc=on is not supported"));
     }
@@ -70,7 +69,7 @@ pub(super) fn parse_object(label: &str, arg: &str) -> Result<MemoryBackendConfig
         return Err(opts.error(format!("'{key}' is not supported")));
     }
     opts.finish()?;
-    Ok(MemoryBackendConfig { id, size, backing, merge })
+    Ok(MemoryBackendConfig { id, size, ram: RamConfig { backing, merge, dump } })
 }
 
 /// `-numa node[,nodeid=0][,memdev=ID]`: the memory backend of the node.

@@ -323,8 +323,7 @@ impl Builder {
         check_chardev_users(&self.config)?;
         let node = self.numa_node.take();
         if let Some(b) = memory::resolve(&self.memory_backends, node, self.config.mem_size)? {
-            self.config.ram = b.backing.clone();
-            self.config.ram_merge = b.merge;
+            self.config.ram = b.ram.clone();
         }
         // As QEMU: these only make sense for a direct kernel boot.
         if self.config.kernel.is_none() {

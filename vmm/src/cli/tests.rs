@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::config::{
-    ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, RamBacking, SmbiosType1, SmpConfig,
-    VirtioConfig, VirtioKind, VirtioTransport,
+    ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, RamBacking, RamConfig, SmbiosType1,
+    SmpConfig, VirtioConfig, VirtioKind, VirtioTransport,
 };
 
 fn args(line: &[&str]) -> Vec<String> {
@@ -76,8 +76,7 @@ fn microvm_nix_command_line() {
             ..MachineConfig::default()
         },
         mem_size: 512 << 20,
-        ram: RamBacking::Anonymous,
-        ram_merge: None,
+        ram: RamConfig::default(),
         smp: SmpConfig { cpus: 2, sockets: 1, cores: 2, threads: 1 },
         cpu: CpuConfig { features: vec![("x2apic".into(), true), ("sgx".into(), false)] },
         kernel: Some("VMLINUZ".into()),
@@ -692,6 +691,10 @@ fn virtio_rng_device_properties() {
         &["-device", "virtio-rng-device,period=0"],
         "-device virtio-rng-device: period must be at least 1 ms",
     );
+    fails(
+        &["-device", "virtio-rng-pci,max-bytes=9223372036854775808"],
+        "-device virtio-rng-pci: 'max-bytes' parameter must be non-negative, and less than 2^63",
+    );
     assert!(parse(["-device".to_string(), "virtio-rng-device,rng=r0".to_string()])
         .unwrap_err()
         .to_string()
@@ -721,11 +724,11 @@ fn memory_backends_bound_by_numa() {
         ["-m", "512M", "-object", memfd, "-numa", "node,memdev=mem"],
     ] {
         let c = run(&line);
-        assert_eq!(c.ram, RamBacking::Memfd { share: true, hugetlb: None, seal: true });
+        assert_eq!(c.ram.backing, RamBacking::Memfd { share: true, hugetlb: None, seal: true });
     }
     let c =
         run(&["-m", "1G", "-object", "memory-backend-ram,id=r,size=1G", "-numa", "node,memdev=r"]);
-    assert_eq!(c.ram, RamBacking::Anonymous);
+    assert_eq!(c.ram.backing, RamBacking::Anonymous);
     let c = run(&[
         "-m",
         "1G",
@@ -734,10 +737,15 @@ fn memory_backends_bound_by_numa() {
         "-numa",
         "node,memdev=r",
     ]);
-    assert_eq!(c.ram, RamBacking::Memfd { share: false, hugetlb: Some(2 << 20), seal: true });
-    assert_eq!(c.ram_merge, Some(false));
+    assert_eq!(
+        c.ram.backing,
+        RamBacking::Memfd { share: false, hugetlb: Some(2 << 20), seal: true }
+    );
+    assert_eq!((c.ram.merge, c.ram.dump), (Some(false), true));
+    let dump = "memory-backend-ram,id=r,size=1G,dump=off";
+    assert!(!run(&["-m", "1G", "-object", dump, "-numa", "node,memdev=r"]).ram.dump);
     // A backend nothing uses leaves RAM as it was (QEMU: no message either).
-    assert_eq!(run(&["-object", memfd]).ram, RamBacking::Anonymous);
+    assert_eq!(run(&["-object", memfd]).ram, RamConfig::default());
 }
 
 #[test]

@@ -107,6 +107,9 @@ mod tests {
         fn trigger(&self, _: VirtioInterruptType) -> std::io::Result<()> {
             Ok(())
         }
+        fn needs_reset(&self) {
+            panic!("the flood is a valid ring");
+        }
     }
 
     const QUEUE: u16 = 256;

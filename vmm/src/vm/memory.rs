@@ -27,7 +27,7 @@ use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
 };
 
-use crate::config::RamBacking;
+use crate::config::{RamBacking, RamConfig};
 
 /// A transparent huge page on x86-64.
 const HUGE_PAGE: usize = 2 << 20;
@@ -119,7 +119,7 @@ fn reserve_aligned(len: usize, align: usize) -> std::io::Result<usize> {
 fn map_at(addr: usize, len: usize, flags: i32, fd: Option<(i32, u64)>) -> std::io::Result<()> {
     let (fd, offset) = fd.unwrap_or((-1, 0));
     let offset = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
-    let flags = flags | libc::MAP_FIXED | libc::MAP_NORESERVE;
+    let flags = flags | libc::MAP_FIXED;
     // SAFETY: MAP_FIXED over [addr, addr + len), a reservation this module
     // made and nothing else uses; fd is ours or -1 (anonymous).
     let got = unsafe { libc::mmap(addr as *mut libc::c_void, len, PROT, flags, fd, offset) };
@@ -173,24 +173,45 @@ fn memfd(size: u64, hugetlb: Option<u64>, seal: bool) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Guest RAM of `size` bytes, backed as `backing` says.
-pub fn create(size: u64, backing: &RamBacking, merge: bool) -> Result<GuestRam, Error> {
+/// The host's default huge page size (`Hugepagesize` in /proc/meminfo).
+fn default_huge_page() -> usize {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Hugepagesize:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<usize>().ok())
+        .map_or(HUGE_PAGE, |kib| kib << 10)
+}
+
+/// Guest RAM of `size` bytes, backed as `ram` says; `mem_merge` is the
+/// machine's default for KSM.
+pub fn create(size: u64, cfg: &RamConfig, mem_merge: bool) -> Result<GuestRam, Error> {
     let alloc_err = |source| Error::Allocate { size: size >> 20, source };
-    let (file, share, align) = match *backing {
-        RamBacking::Anonymous => (None, false, HUGE_PAGE),
-        RamBacking::AnonymousShared => (None, true, HUGE_PAGE),
+    let (file, share, align, hugetlb) = match cfg.backing {
+        RamBacking::Anonymous => (None, false, HUGE_PAGE, false),
+        RamBacking::AnonymousShared => (None, true, HUGE_PAGE, false),
         RamBacking::Memfd { share, hugetlb, seal } => {
             let file = memfd(size, hugetlb, seal).map_err(Error::Memfd)?;
-            let page = hugetlb.filter(|&p| p != 0).map_or(HUGE_PAGE, |p| p as usize);
-            (Some(Arc::new(file)), share, page.max(HUGE_PAGE))
+            let page = match hugetlb {
+                Some(0) => default_huge_page(),
+                Some(p) => p as usize,
+                None => HUGE_PAGE,
+            };
+            (Some(Arc::new(file)), share, page.max(HUGE_PAGE), hugetlb.is_some())
         }
     };
-    let flags = match (&file, share) {
+    let mut flags = match (&file, share) {
         (Some(_), true) => libc::MAP_SHARED,
         (Some(_), false) => libc::MAP_PRIVATE,
         (None, true) => libc::MAP_SHARED | libc::MAP_ANONYMOUS,
         (None, false) => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
     };
+    // Huge pages are reserved when mapped (as QEMU's reserve=on), so a
+    // pool too small fails here and not as a SIGBUS mid-boot; other RAM is
+    // committed as the guest touches it.
+    if !hugetlb {
+        flags |= libc::MAP_NORESERVE;
+    }
     let mut ram = GuestRam { mem: GuestMemoryMmap::default(), maps: Vec::new() };
     let mut regions = Vec::new();
     let mut offset = 0u64;
@@ -217,8 +238,11 @@ pub fn create(size: u64, backing: &RamBacking, merge: bool) -> Result<GuestRam, 
         // Far fewer faults (each a nested exit in a test host) when the
         // guest first touches its RAM.
         advise(addr, len, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE");
-        if merge {
+        if cfg.merge.unwrap_or(mem_merge) {
             advise(addr, len, libc::MADV_MERGEABLE, "MADV_MERGEABLE");
+        }
+        if !cfg.dump {
+            advise(addr, len, libc::MADV_DONTDUMP, "MADV_DONTDUMP");
         }
         let guest = GuestRegionMmap::with_arc(region, GuestAddress(base))
             .ok_or_else(|| Error::Range(format!("region at {base:#x} wraps around")))?;
@@ -264,7 +288,7 @@ mod tests {
     #[test]
     fn regions_start_on_huge_page_boundaries() {
         // 4 GiB: RAM below the 32-bit hole and above 4 GiB.
-        let ram = create(4 << 30, &RamBacking::Anonymous, true).unwrap();
+        let ram = create(4 << 30, &RamConfig::default(), true).unwrap();
         let mem = ram.memory();
         assert_eq!(mem.num_regions(), 2);
         for r in mem.iter() {
@@ -277,7 +301,7 @@ mod tests {
 
     #[test]
     fn ram_still_referenced_is_left_mapped() {
-        let ram = create(64 << 20, &RamBacking::Anonymous, false).unwrap();
+        let ram = create(64 << 20, &RamConfig::default(), false).unwrap();
         let kept = ram.memory().clone();
         drop(ram);
         // Still mapped: a leak, not a use after unmap.
@@ -291,7 +315,7 @@ mod tests {
     #[test]
     fn memfd_ram_is_one_sealed_file_with_offsets() {
         let backing = RamBacking::Memfd { share: true, hugetlb: None, seal: true };
-        let ram = create(4 << 30, &backing, false).unwrap();
+        let ram = create(4 << 30, &RamConfig { backing, ..Default::default() }, false).unwrap();
         let mem = ram.memory();
         let offsets: Vec<u64> =
             mem.iter().map(|r| r.file_offset().expect("a memfd").start()).collect();

@@ -193,8 +193,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles, first_run: bool) -> Result<Ru
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
 
-    let merge = cfg.ram_merge.unwrap_or(cfg.machine.mem_merge);
-    let ram = memory::create(cfg.mem_size, &cfg.ram, merge)?;
+    let ram = memory::create(cfg.mem_size, &cfg.ram, cfg.machine.mem_merge)?;
     let mem = ram.memory().clone();
     memory::MemorySlots::default().add_ram(&vm, &mem)?;
     m.backends.attach(&mem);

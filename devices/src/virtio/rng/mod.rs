@@ -99,6 +99,8 @@ struct RngQueue {
     interrupt: Arc<dyn VirtioInterrupt>,
     backend: Arc<RngBackend>,
     rearm: Rearm,
+    /// The driver broke the ring: nothing is served until a reset.
+    broken: bool,
 }
 
 const KICK: u32 = 0;
@@ -108,6 +110,9 @@ const TIMER: u32 = 2;
 impl RngQueue {
     /// One wakeup's work: at most `REQUESTS_PER_WAKEUP` requests.
     fn serve(&mut self) -> Served {
+        if self.broken {
+            return Served::default();
+        }
         let mut limiter = self.backend.limiter();
         let mut fill = Fill { limiter: limiter.as_deref_mut(), max_descriptors: self.queue.size() };
         let budget = Budget { requests: REQUESTS_PER_WAKEUP };
@@ -116,6 +121,7 @@ impl RngQueue {
         if served.more {
             self.rearm.arm();
         }
+        self.broken = served.broken;
         served
     }
 }
@@ -133,8 +139,9 @@ impl MutEventSubscriber for RngQueue {
         if let Some(l) = self.backend.limiter() {
             watch(l.timer(), TIMER);
         }
-        // Buffers made available before the driver's first kick.
-        self.serve();
+        // Buffers made available before the driver's first kick, served
+        // on the worker thread (this runs on the activating vCPU's).
+        self.rearm.arm();
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -284,6 +291,7 @@ impl VirtioDevice for Rng {
             interrupt: ctx.interrupt,
             backend: self.backend.clone(),
             rearm: Rearm::new().map_err(ActivateError::EventFd)?,
+            broken: false,
         };
         self.worker = Some(Worker::spawn("virtio-rng", handler).map_err(ActivateError::Worker)?);
         Ok(())
@@ -343,6 +351,7 @@ mod tests {
             interrupt: irq.clone(),
             backend: backend(limit),
             rearm: Rearm::new().unwrap(),
+            broken: false,
         };
         (q, irq)
     }
@@ -472,7 +481,7 @@ mod tests {
         assert_eq!(tq.used().len(), 2);
         assert_eq!(irq.take().len(), 1);
         // What the event loop does when the timer fires.
-        assert!(rng.backend.limiter().unwrap().on_timer());
+        assert!(rng.backend.limiter().unwrap().wait_and_refill());
         rng.serve();
         assert_eq!(tq.used(), vec![(h[0], 10), (h[1], 6), (h[2], 10)]);
         assert_eq!(irq.take().len(), 1);
@@ -549,5 +558,24 @@ mod tests {
         // Every one refused (longer than the queue) and returned empty.
         assert_eq!(tq.used().len(), total);
         assert!(tq.used().iter().all(|&(_, len)| len == 0), "{:?}", tq.used());
+    }
+
+    /// An available index more than a queue ahead of the device: no entry
+    /// can be trusted. The device asks for a reset (NEEDS_RESET and a config
+    /// interrupt) once and then serves nothing, instead of spinning.
+    #[test]
+    fn a_broken_ring_needs_a_reset_instead_of_spinning() {
+        let mem = guest_mem(MEM);
+        let mut tq = TestQueue::new(&mem, 16);
+        tq.add_chain(&[(DATA, 8, WRITE)]);
+        let (mut rng, irq) = active_rng(&mem, &tq, None);
+        tq.set_avail_idx(17);
+        let served = rng.serve();
+        assert!(served.broken && served.requests == 0 && !served.more);
+        assert_eq!(irq.take(), vec![VirtioInterruptType::Config]);
+        tq.set_avail_idx(1);
+        assert_eq!(rng.serve(), Served::default(), "nothing until a reset");
+        assert!(tq.used().is_empty());
+        assert!(irq.take().is_empty());
     }
 }

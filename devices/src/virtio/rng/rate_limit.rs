@@ -38,7 +38,18 @@ pub(super) struct Limiter {
 
 impl Limiter {
     pub(super) fn new(cfg: RateLimit) -> io::Result<Self> {
-        Ok(Limiter { cfg, remaining: cfg.max_bytes, timer: TimerFd::new()?, armed: false })
+        let timer = TimerFd::new()?;
+        // Non-blocking: a stale wakeup (the worker of an earlier run, or a
+        // spurious one) must never block a worker on the read.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&timer);
+        // SAFETY: F_GETFL/F_SETFL on a descriptor `timer` owns.
+        let rc = unsafe {
+            libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK)
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Limiter { cfg, remaining: cfg.max_bytes, timer, armed: false })
     }
 
     pub(super) fn timer(&self) -> &TimerFd {
@@ -68,8 +79,11 @@ impl Limiter {
         if !self.armed {
             return false;
         }
-        if let Err(e) = self.timer.wait() {
-            log::error!("virtio-rng: cannot read the rate-limit timer: {e}");
+        match self.timer.wait() {
+            Ok(_) => {}
+            // Not expired after all (a stale wakeup): keep waiting.
+            Err(e) if e.errno() == libc::EAGAIN => return false,
+            Err(e) => log::error!("virtio-rng: cannot read the rate-limit timer: {e}"),
         }
         self.armed = false;
         self.remaining = self.cfg.max_bytes;
@@ -79,6 +93,19 @@ impl Limiter {
     #[cfg(test)]
     pub(super) fn is_armed(&self) -> bool {
         self.armed
+    }
+
+    /// What the worker does when the timer fires, once it has (tests).
+    #[cfg(test)]
+    pub(super) fn wait_and_refill(&mut self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.timer),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the timer this struct owns.
+        unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        self.on_timer()
     }
 }
 
@@ -101,7 +128,7 @@ mod tests {
         assert!(l.is_armed());
         l.consume(60);
         assert_eq!(l.available(), 0);
-        assert!(l.on_timer());
+        assert!(l.wait_and_refill());
         assert!(!l.is_armed());
         assert_eq!(l.available(), 100);
     }

@@ -66,7 +66,9 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
         if let (DeviceConfig::Virtio(v), Location::VirtioMmio { base, gsi, .. }) = (d, *at) {
             let device = virtio::create(v, ctx.backends.device(i))?;
             let relay = virtio::attach_mmio(ctx.vm, ctx.mem, ctx.mmio, device, base, gsi)?;
-            board.subscribers.push(Arc::new(Mutex::new(relay)));
+            if let Some(relay) = relay {
+                board.subscribers.push(Arc::new(Mutex::new(relay)));
+            }
         }
     }
     if let Some(pcie) = &ctx.plan.pcie {

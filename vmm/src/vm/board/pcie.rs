@@ -218,6 +218,7 @@ pub(super) fn add_pcie(ctx: &BoardContext<'_>, plan: &PciePlan, board: &mut Boar
             }
             DeviceConfig::Virtio(desc) => {
                 let device = virtio::create(desc, ctx.backends.device(i))?;
+                let outside = virtio::calls_from_outside(&device);
                 let n = vectors_needed(&*device.lock().unwrap_or_else(|e| e.into_inner()));
                 let gsis = (0..n)
                     .map(|_| ctx.router.allocate_msi_gsi().map_err(io_err("MSI-X GSI")))
@@ -233,8 +234,10 @@ pub(super) fn add_pcie(ctx: &BoardContext<'_>, plan: &PciePlan, board: &mut Boar
                 let f =
                     virtio::pci_function(ctx.mem, device, gsis, router, location, multifunction)?;
                 intx.push((place.address, f.interrupt()));
-                let relay = f.call_relay().map_err(io_err("eventfd"))?;
-                board.subscribers.push(Arc::new(Mutex::new(relay)));
+                if outside {
+                    let relay = f.call_relay().map_err(io_err("eventfd"))?;
+                    board.subscribers.push(Arc::new(Mutex::new(relay)));
+                }
                 Arc::new(Mutex::new(f))
             }
             DeviceConfig::I8042 | DeviceConfig::IsaDebugExit { .. } => continue,

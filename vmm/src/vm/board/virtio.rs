@@ -36,7 +36,7 @@ pub(super) fn create(
 /// The device behind a virtio-mmio window at `base`: queue notifications go
 /// to eventfds inside KVM (ioeventfd, no exit to skiff), the interrupt is an
 /// irqfd on `gsi`. Returns the relay of its call eventfds, for the event
-/// loop.
+/// loop, when a backend outside skiff signals them.
 pub(super) fn attach_mmio(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
@@ -44,16 +44,22 @@ pub(super) fn attach_mmio(
     device: Arc<Mutex<dyn VirtioDevice>>,
     base: u64,
     gsi: u32,
-) -> Result<CallRelay> {
+) -> Result<Option<CallRelay>> {
+    let outside = calls_from_outside(&device);
     let transport = MmioTransport::new(mem.clone(), device).map_err(Error::VirtioMmio)?;
     for (queue, evt) in transport.queue_evts().iter().enumerate() {
         let addr = IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET);
         vm.register_ioevent(evt, &addr, queue as u32).map_err(kvm_err("KVM_IOEVENTFD"))?;
     }
     vm.register_irqfd(transport.interrupt_evt(), gsi).map_err(kvm_err("KVM_IRQFD"))?;
-    let relay = transport.call_relay().map_err(io_err("eventfd"))?;
+    let relay = outside.then(|| transport.call_relay()).transpose().map_err(io_err("eventfd"))?;
     mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
     Ok(relay)
+}
+
+/// Whether the device's backend signals its call eventfds itself.
+pub(super) fn calls_from_outside(device: &Mutex<dyn VirtioDevice>) -> bool {
+    device.lock().unwrap_or_else(|e| e.into_inner()).calls_from_outside()
 }
 
 /// The device as a virtio-pci function, its MSI-X vectors on `gsis`
