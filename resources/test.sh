@@ -43,9 +43,14 @@ step "guest assets"
 resources/guest-assets.sh
 step "guest tests: cargo test --release -p skiff-tests --features guest --tests $*"
 stalled=target/skiff-tests/stalled.txt
-rm -f "$stalled"
+timing=target/skiff-tests/timing.txt
+rm -f "$stalled" "$timing"
 status=0
 cargo test --release --locked -p skiff-tests --features guest --tests --no-fail-fast "$@" || status=$?
+if [ -s "$timing" ]; then
+	step "where the guest batches' time went:"
+	cat "$timing" >&2
+fi
 if [ -s "$stalled" ]; then
 	# Scenarios whose guest stalled in the nested test host and ran again
 	# (see rerun_stalled in tests/src/lib.rs): listed so they stay visible.
