@@ -41,12 +41,12 @@ step "building skiff (release)"
 cargo build --release --locked -p vmm
 step "guest assets"
 resources/guest-assets.sh
-step "guest tests: cargo test --release -p skiff-tests --features guest --tests $*"
+step "guest tests: cargo test --release -p skiff-tests --features guest --test '*' $*"
 stalled=target/skiff-tests/stalled.txt
 timing=target/skiff-tests/timing.txt
 rm -f "$stalled" "$timing"
 status=0
-cargo test --release --locked -p skiff-tests --features guest --tests --no-fail-fast "$@" || status=$?
+cargo test --release --locked -p skiff-tests --features guest --test '*' --no-fail-fast "$@" || status=$?
 if [ -s "$timing" ]; then
 	step "where the guest batches' time went:"
 	cat "$timing" >&2
