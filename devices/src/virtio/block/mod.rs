@@ -1,0 +1,266 @@
+//! virtio-blk (type 2): a raw image as the guest's disk.
+//!
+//! The image (`disk::Disk`) belongs to the process: opened and locked once,
+//! it outlives guest reboots. Each queue runs on a worker of its own
+//! (`BlockQueue`), serving at most `REQUESTS_PER_WAKEUP` requests per
+//! wakeup; the queues share nothing but the image, whose positional reads
+//! and writes need no lock.
+
+pub mod disk;
+pub mod request;
+
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use disk::{Disk, DiskError, DiskOptions};
+pub use request::{DetectZeroes, Policy};
+
+use super::chain::Chain;
+use super::worker::{serve_queue, Budget, Handler, Rearm, Request, Served, Worker};
+use super::{
+    read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// virtio-blk counts in 512-byte sectors, whatever the block size.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Requests served per wakeup of a queue's worker.
+pub const REQUESTS_PER_WAKEUP: usize = 32;
+
+/// The most sectors one DISCARD or WRITE_ZEROES may cover (QEMU's limit:
+/// what fits a 32-bit byte count, in 512-byte sectors).
+const MAX_DISCARD_SECTORS: u32 = (u32::MAX >> 9) & !7;
+
+/// The device's shape, from `-device virtio-blk-*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockParams {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// `logical_block_size=` (the guest's sector size).
+    pub logical_block_size: u32,
+    /// `physical_block_size=`.
+    pub physical_block_size: u32,
+    pub policy: Policy,
+}
+
+fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+pub struct Block {
+    disk: Arc<Disk>,
+    params: BlockParams,
+    queue_sizes: Vec<u16>,
+    config: Vec<u8>,
+    acked_features: u64,
+    workers: Vec<Worker<BlockQueue>>,
+}
+
+impl Block {
+    pub fn new(disk: Arc<Disk>, params: BlockParams) -> Self {
+        let queue_sizes = vec![params.queue_size; usize::from(params.num_queues.max(1))];
+        let config = config_space(&disk, &params);
+        Block { disk, params, queue_sizes, config, acked_features: 0, workers: Vec::new() }
+    }
+}
+
+/// `struct virtio_blk_config` as far as the offered features reach.
+fn config_space(disk: &Disk, p: &BlockParams) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    let put =
+        |c: &mut Vec<u8>, at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
+    put(&mut c, 0, &(disk.size() / SECTOR_SIZE).to_le_bytes());
+    // seg_max: the ring minus the header and status descriptors.
+    put(&mut c, 12, &u32::from(p.queue_size.saturating_sub(2)).to_le_bytes());
+    put(&mut c, 20, &p.logical_block_size.to_le_bytes());
+    let exp = (p.physical_block_size / p.logical_block_size.max(1)).max(1).trailing_zeros() as u8;
+    c[24] = exp;
+    let min_io = (p.physical_block_size / p.logical_block_size.max(1)).max(1) as u16;
+    put(&mut c, 26, &min_io.to_le_bytes());
+    put(&mut c, 34, &p.num_queues.max(1).to_le_bytes());
+    if p.policy.discard {
+        put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut c, 40, &1u32.to_le_bytes());
+        put(&mut c, 44, &(p.logical_block_size / SECTOR_SIZE as u32).max(1).to_le_bytes());
+        put(&mut c, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut c, 52, &1u32.to_le_bytes());
+        c[56] = 1;
+    }
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_FLUSH);
+        if self.disk.read_only() {
+            f |= bit(VIRTIO_BLK_F_RO);
+        }
+        if self.params.num_queues > 1 {
+            f |= bit(VIRTIO_BLK_F_MQ);
+        }
+        if self.params.policy.discard && !self.disk.read_only() {
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_from(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // The writeback toggle (CONFIG_WCE) is not offered.
+        log::debug!("virtio-blk: config write at {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        if !self.workers.is_empty() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let policy = Arc::new(self.params.policy.clone());
+        for q in ctx.queues {
+            let handler = BlockQueue {
+                mem: ctx.mem.clone(),
+                queue: q.queue,
+                index: q.index as u16,
+                kick: q.kick,
+                interrupt: ctx.interrupt.clone(),
+                disk: self.disk.clone(),
+                policy: policy.clone(),
+                rearm: Rearm::new().map_err(ActivateError::EventFd)?,
+                broken: false,
+            };
+            let name = format!("virtio-blk-q{}", q.index);
+            self.workers.push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        // Each worker finishes the request it is in before it stops.
+        for w in self.workers.drain(..) {
+            w.stop();
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+/// One queue, on its worker.
+struct BlockQueue {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    index: u16,
+    kick: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    disk: Arc<Disk>,
+    policy: Arc<Policy>,
+    rearm: Rearm,
+    broken: bool,
+}
+
+const KICK: u32 = 0;
+const REARM: u32 = 1;
+
+impl BlockQueue {
+    fn serve(&mut self) -> Served {
+        if self.broken {
+            return Served::default();
+        }
+        let mut requests = Requests {
+            disk: &self.disk,
+            policy: &self.policy,
+            max_descriptors: usize::from(self.queue.size()),
+        };
+        let budget = Budget { requests: REQUESTS_PER_WAKEUP };
+        let served = serve_queue(
+            &self.mem,
+            &mut self.queue,
+            self.index,
+            &*self.interrupt,
+            budget,
+            &mut requests,
+        );
+        if served.more {
+            self.rearm.arm();
+        }
+        self.broken = served.broken;
+        served
+    }
+}
+
+struct Requests<'a> {
+    disk: &'a Disk,
+    policy: &'a Policy,
+    max_descriptors: usize,
+}
+
+impl Request for Requests<'_> {
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Option<u32> {
+        let head = chain.head_index();
+        Some(match Chain::read(mem, chain, self.max_descriptors) {
+            Ok(c) => request::serve(mem, &c, self.disk, self.policy),
+            Err(e) => {
+                // No trustworthy status byte to write to: returned empty.
+                log::debug!("virtio-blk: request {head}: {e}");
+                0
+            }
+        })
+    }
+}
+
+impl MutEventSubscriber for BlockQueue {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, data) in [(&self.kick, KICK), (self.rearm.eventfd(), REARM)] {
+            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
+                log::error!("virtio-blk: cannot watch an eventfd: {e:?}");
+            }
+        }
+        // Requests made available before the first kick, on the worker.
+        self.rearm.arm();
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            KICK => {
+                let _ = self.kick.read();
+            }
+            _ => self.rearm.clear(),
+        }
+        self.serve();
+    }
+}
+
+impl Handler for BlockQueue {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,332 @@
+//! virtio-blk on hand-built chains against a real image file.
+
+use std::path::PathBuf;
+
+use virtio_bindings::virtio_blk::*;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::test_utils::*;
+use crate::virtio::VirtioInterruptType;
+
+const MEM: usize = 0x40_0000;
+const HDR: u64 = DATA;
+const BUF: u64 = DATA + 0x1000;
+const STATUS: u64 = DATA + 0x3000;
+const IMAGE: u64 = 1 << 20;
+
+struct Fixture {
+    dir: PathBuf,
+    disk: Arc<Disk>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture(tag: &str, read_only: bool) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("skiff-blk-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("disk.img");
+    // Sector n starts with the byte n.
+    let mut bytes = vec![0u8; IMAGE as usize];
+    for (i, s) in bytes.chunks_mut(512).enumerate() {
+        s[0] = i as u8;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let opts = DiskOptions {
+        path,
+        read_only,
+        direct: false,
+        dsync: false,
+        ignore_flush: false,
+        locking: false,
+    };
+    Fixture { disk: Arc::new(Disk::open(&opts).unwrap()), dir }
+}
+
+fn params(discard: bool) -> BlockParams {
+    BlockParams {
+        num_queues: 1,
+        queue_size: 16,
+        logical_block_size: 512,
+        physical_block_size: 4096,
+        policy: Policy {
+            discard,
+            detect_zeroes: DetectZeroes::Off,
+            serial: b"skiff-serial".to_vec(),
+        },
+    }
+}
+
+fn header(mem: &GuestMemoryMmap, ty: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+}
+
+fn status(mem: &GuestMemoryMmap) -> u8 {
+    read(mem, STATUS, 1)[0]
+}
+
+fn queue(
+    mem: &GuestMemoryMmap,
+    tq: &TestQueue,
+    f: &Fixture,
+    discard: bool,
+) -> (BlockQueue, Arc<RecordingInterrupt>) {
+    let irq = Arc::new(RecordingInterrupt::default());
+    let q = BlockQueue {
+        mem: mem.clone(),
+        queue: tq.queue(),
+        index: 0,
+        kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        interrupt: irq.clone(),
+        disk: f.disk.clone(),
+        policy: Arc::new(params(discard).policy),
+        rearm: Rearm::new().unwrap(),
+        broken: false,
+    };
+    (q, irq)
+}
+
+#[test]
+fn describes_itself() {
+    let f = fixture("describe", false);
+    let mut p = params(true);
+    p.num_queues = 4;
+    let b = Block::new(f.disk.clone(), p);
+    assert_eq!(b.device_type(), 2);
+    assert_eq!(b.queue_max_sizes(), &[16, 16, 16, 16]);
+    let feat = b.features();
+    for flag in
+        [VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+    {
+        assert_ne!(feat & bit(flag), 0, "feature {flag}");
+    }
+    assert_eq!(feat & bit(VIRTIO_BLK_F_RO), 0);
+    let mut cap = [0u8; 8];
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), IMAGE / 512);
+    let mut word = [0u8; 2];
+    b.read_config(34, &mut word);
+    assert_eq!(u16::from_le_bytes(word), 4, "num_queues");
+    let mut exp = [0u8; 1];
+    b.read_config(24, &mut exp);
+    assert_eq!(exp[0], 3, "physical block 4096 = 2^3 logical blocks");
+
+    // Read-only: RO, and nothing that writes.
+    let r = fixture("describe-ro", true);
+    let b = Block::new(r.disk.clone(), params(true));
+    let feat = b.features();
+    assert_ne!(feat & bit(VIRTIO_BLK_F_RO), 0);
+    assert_eq!(feat & (bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_MQ)), 0);
+}
+
+#[test]
+fn reads_writes_flushes_and_identifies() {
+    let f = fixture("rw", false);
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, 16);
+
+    header(&mem, VIRTIO_BLK_T_IN, 3);
+    let h_in = tq.add_chain(&[(HDR, 16, 0), (BUF, 1024, WRITE), (STATUS, 1, WRITE)]);
+    let (mut q, irq) = queue(&mem, &tq, &f, false);
+    q.serve();
+    assert_eq!(tq.used(), vec![(h_in.into(), 1025)]);
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+    let data = read(&mem, BUF, 1024);
+    assert_eq!((data[0], data[512]), (3, 4), "sectors 3 and 4");
+    assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(0)]);
+
+    // A write split over two buffers, then read back from the file.
+    fill(&mem, BUF, 512, 0x5a);
+    fill(&mem, BUF + 0x800, 512, 0xa5);
+    header(&mem, VIRTIO_BLK_T_OUT, 10);
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 512, 0), (BUF + 0x800, 512, 0), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(tq.used().last(), Some(&(3, 1)));
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+    let mut back = [0u8; 1024];
+    f.disk.read_at(&mut back, 10 * 512).unwrap();
+    assert!(back[..512].iter().all(|&b| b == 0x5a) && back[512..].iter().all(|&b| b == 0xa5));
+
+    header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+    tq.add_chain(&[(HDR, 16, 0), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+
+    header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+    fill(&mem, BUF, 20, 0xff);
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 20, WRITE), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(tq.used().last().map(|u| u.1), Some(21));
+    let mut want = b"skiff-serial".to_vec();
+    want.resize(20, 0);
+    assert_eq!(read(&mem, BUF, 20), want, "the serial, zero-padded to 20 bytes");
+}
+
+/// Malformed requests: each fails alone, the device goes on.
+#[test]
+fn malformed_requests_fail_alone() {
+    let f = fixture("bad", false);
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, 64);
+    let (mut q, _) = queue(&mem, &tq, &f, false);
+    let last_sector = IMAGE / 512 - 1;
+    let mut expect = Vec::new();
+    let mut case =
+        |tq: &mut TestQueue, ty: u32, sector: u64, descs: &[(u64, u32, u16)], want: Option<u32>| {
+            header(&mem, ty, sector);
+            fill(&mem, STATUS, 1, 0xee);
+            let head = tq.add_chain(descs);
+            q.serve();
+            let used = *tq.used().last().unwrap();
+            assert_eq!(used.0, u32::from(head));
+            let st = status(&mem);
+            expect.push((ty, sector, want, st));
+            match want {
+                Some(s) => assert_eq!(u32::from(st), s, "type {ty} sector {sector}: status"),
+                None => assert_eq!((st, used.1), (0xee, 0), "type {ty}: no status written"),
+            }
+        };
+    let io = Some(VIRTIO_BLK_S_IOERR);
+    // Past the end; straddling the end; sector arithmetic that overflows.
+    case(
+        &mut tq,
+        VIRTIO_BLK_T_IN,
+        last_sector + 1,
+        &[(HDR, 16, 0), (BUF, 512, WRITE), (STATUS, 1, WRITE)],
+        io,
+    );
+    case(
+        &mut tq,
+        VIRTIO_BLK_T_IN,
+        last_sector,
+        &[(HDR, 16, 0), (BUF, 1024, WRITE), (STATUS, 1, WRITE)],
+        io,
+    );
+    case(
+        &mut tq,
+        VIRTIO_BLK_T_OUT,
+        u64::MAX / 256,
+        &[(HDR, 16, 0), (BUF, 512, 0), (STATUS, 1, WRITE)],
+        io,
+    );
+    // Not a whole number of sectors.
+    case(&mut tq, VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (BUF, 100, WRITE), (STATUS, 1, WRITE)], io);
+    // A header too short.
+    case(&mut tq, VIRTIO_BLK_T_IN, 0, &[(HDR, 8, 0), (BUF, 512, WRITE), (STATUS, 1, WRITE)], io);
+    // Unknown type; DISCARD without discard=unmap.
+    let unsupp = Some(VIRTIO_BLK_S_UNSUPP);
+    case(&mut tq, 99, 0, &[(HDR, 16, 0), (STATUS, 1, WRITE)], unsupp);
+    case(
+        &mut tq,
+        VIRTIO_BLK_T_DISCARD,
+        0,
+        &[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, WRITE)],
+        unsupp,
+    );
+    // No device-writable byte at all: nothing can be reported.
+    case(&mut tq, VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (BUF, 512, 0)], None);
+    // A buffer outside guest memory: the chain is refused before anything.
+    case(
+        &mut tq,
+        VIRTIO_BLK_T_IN,
+        0,
+        &[(HDR, 16, 0), (MEM as u64 - 8, 512, WRITE), (STATUS, 1, WRITE)],
+        None,
+    );
+    // And a good request still works afterwards.
+    case(
+        &mut tq,
+        VIRTIO_BLK_T_IN,
+        1,
+        &[(HDR, 16, 0), (BUF, 512, WRITE), (STATUS, 1, WRITE)],
+        Some(VIRTIO_BLK_S_OK),
+    );
+    assert_eq!(read(&mem, BUF, 1)[0], 1);
+}
+
+#[test]
+fn read_only_drives_fail_writes() {
+    let f = fixture("ro", true);
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, 16);
+    header(&mem, VIRTIO_BLK_T_OUT, 0);
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 512, 0), (STATUS, 1, WRITE)]);
+    let (mut q, _) = queue(&mem, &tq, &f, true);
+    q.serve();
+    assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+    let mut s0 = [0u8; 512];
+    f.disk.read_at(&mut s0, 0).unwrap();
+    assert_eq!(s0[0], 0, "unchanged");
+}
+
+#[test]
+fn discard_and_write_zeroes_with_discard_unmap() {
+    let f = fixture("discard", false);
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, 16);
+    let seg = |sector: u64, n: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&s, GuestAddress(BUF)).unwrap();
+    };
+    let (mut q, _) = queue(&mem, &tq, &f, true);
+    header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+    seg(8, 16, 0);
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+    header(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    seg(40, 8, 0);
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+    let mut b = vec![0u8; 64 * 512];
+    f.disk.read_at(&mut b, 0).unwrap();
+    let first = |s: usize| b[s * 512];
+    assert_eq!((first(7), first(8), first(23), first(24)), (7, 0, 0, 24));
+    assert_eq!((first(39), first(40), first(47), first(48)), (39, 0, 0, 48));
+    // Past the end, and reserved flags.
+    header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+    seg(IMAGE / 512 - 1, 2, 0);
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+    header(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    seg(0, 1, 0x2);
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(status(&mem), VIRTIO_BLK_S_UNSUPP as u8);
+}
+
+/// A worker per queue: requests on queue 1 are served by queue 1's.
+#[test]
+fn each_queue_has_its_worker() {
+    let f = fixture("mq", false);
+    let mem = guest_mem(MEM);
+    let tq = TestQueue::new(&mem, 16);
+    let mut p = params(false);
+    p.num_queues = 2;
+    let mut b = Block::new(f.disk.clone(), p);
+    let irq = Arc::new(RecordingInterrupt::default());
+    let queues = (0..2)
+        .map(|i| crate::virtio::ActiveQueue {
+            index: i,
+            queue: tq.queue(),
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        })
+        .collect();
+    b.activate(ActivationContext { mem: mem.clone(), queues, interrupt: irq }).unwrap();
+    assert_eq!(b.workers.len(), 2);
+    assert!(b.reset());
+    assert!(b.workers.is_empty());
+}
