@@ -11,9 +11,10 @@
 
 use std::sync::Arc;
 
+use devices::virtio::block::{BlockParams, Disk, DiskError, DiskOptions, Policy};
 use devices::virtio::{RngBackend, RngError};
 
-use crate::config::{DeviceConfig, VirtioKind, VmConfig};
+use crate::config::{BlockConfig, DeviceConfig, VirtioKind, VirtioTransport, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -23,11 +24,19 @@ pub enum BackendError {
         #[source]
         source: RngError,
     },
+    #[error("-drive id={drive}")]
+    Disk {
+        drive: String,
+        #[source]
+        source: DiskError,
+    },
 }
 
 /// One device's host side.
 pub enum DeviceBackend {
     Rng(Arc<RngBackend>),
+    /// The image, and the device's shape.
+    Block(Arc<Disk>, BlockParams),
 }
 
 impl DeviceBackend {
@@ -35,14 +44,14 @@ impl DeviceBackend {
     /// VFIO's DMA maps). Nothing to do for the backends skiff has so far.
     fn attach(&self, _mem: &boot::GuestMemoryMmap) {
         match self {
-            DeviceBackend::Rng(_) => {}
+            DeviceBackend::Rng(_) | DeviceBackend::Block(..) => {}
         }
     }
 
     /// Takes the run's guest memory back before it is unmapped.
     fn detach(&self) {
         match self {
-            DeviceBackend::Rng(_) => {}
+            DeviceBackend::Rng(_) | DeviceBackend::Block(..) => {}
         }
     }
 }
@@ -60,8 +69,12 @@ impl Backends {
             .devices
             .iter()
             .map(|d| match d {
-                DeviceConfig::Virtio(v) => match v.kind {
-                    VirtioKind::Rng { max_bytes, period_ms } => {
+                DeviceConfig::Virtio(v) => match &v.kind {
+                    VirtioKind::Block(b) => {
+                        let pci = matches!(v.transport, VirtioTransport::Pci(_));
+                        Ok(Some(block(cfg, b, pci)?))
+                    }
+                    &VirtioKind::Rng { max_bytes, period_ms } => {
                         let limit =
                             max_bytes.and_then(|m| devices::virtio::RateLimit::new(m, period_ms));
                         let rng = RngBackend::new(limit)
@@ -87,4 +100,36 @@ impl Backends {
     pub fn detach(&self) {
         self.devices.iter().flatten().for_each(DeviceBackend::detach);
     }
+}
+
+/// A virtio-blk's image (opened and locked here, once) and shape.
+fn block(cfg: &VmConfig, b: &BlockConfig, pci: bool) -> Result<DeviceBackend, BackendError> {
+    let Some(drive) = cfg.drives.iter().find(|d| d.id == b.drive) else {
+        unreachable!("the command line checked drive={}", b.drive)
+    };
+    let opts = DiskOptions {
+        path: drive.file.clone(),
+        read_only: drive.read_only,
+        direct: drive.direct,
+        dsync: drive.dsync,
+        ignore_flush: drive.ignore_flush,
+        locking: drive.locking,
+    };
+    let disk = Disk::open(&opts)
+        .map_err(|source| BackendError::Disk { drive: drive.id.clone(), source })?;
+    // QEMU's default: a queue per vCPU on PCI (at most 256), one on MMIO.
+    let num_queues =
+        b.num_queues.unwrap_or(if pci { cfg.smp.cpus.clamp(1, 256) as u16 } else { 1 });
+    let params = BlockParams {
+        num_queues,
+        queue_size: b.queue_size,
+        logical_block_size: b.logical_block_size,
+        physical_block_size: b.physical_block_size,
+        policy: Policy {
+            discard: drive.discard,
+            detect_zeroes: drive.detect_zeroes,
+            serial: b.serial.clone().unwrap_or_default().into_bytes(),
+        },
+    };
+    Ok(DeviceBackend::Block(Arc::new(disk), params))
 }

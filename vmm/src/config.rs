@@ -170,6 +170,44 @@ pub enum VirtioKind {
     /// `virtio-rng-*[,max-bytes=N][,period=MS]`: QEMU's rate limit of
     /// `max_bytes` per `period_ms` milliseconds when `max_bytes` is given.
     Rng { max_bytes: Option<u64>, period_ms: Option<u64> },
+    /// `virtio-blk-*,drive=ID[,serial=S][,num-queues=N][,queue-size=N]...`
+    Block(BlockConfig),
+}
+
+/// `-device virtio-blk-*` (its image is the `-drive` named by `drive`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub drive: String,
+    pub serial: Option<String>,
+    /// None: QEMU's default, one queue per vCPU on PCI, one on MMIO.
+    pub num_queues: Option<u16>,
+    pub queue_size: u16,
+    pub logical_block_size: u32,
+    pub physical_block_size: u32,
+}
+
+pub use devices::virtio::block::DetectZeroes;
+
+/// `-drive if=none,id=ID,file=PATH,...`: a raw image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub id: String,
+    /// Absolute (a relative `file=` is taken from the working directory).
+    pub file: PathBuf,
+    pub read_only: bool,
+    /// `cache=none|directsync` or `cache.direct=on`: O_DIRECT.
+    pub direct: bool,
+    /// `cache=writethrough|directsync`: O_DSYNC.
+    pub dsync: bool,
+    /// `cache=unsafe`: flushes do nothing.
+    pub ignore_flush: bool,
+    /// `discard=unmap`.
+    pub discard: bool,
+    pub detect_zeroes: DetectZeroes,
+    /// `file.locking=` (default on).
+    pub locking: bool,
+    /// `format=raw` was given (else QEMU warns that it probed).
+    pub format_given: bool,
 }
 
 impl VirtioKind {
@@ -177,6 +215,7 @@ impl VirtioKind {
     pub fn family(&self) -> &'static str {
         match self {
             VirtioKind::Rng { .. } => "virtio-rng",
+            VirtioKind::Block(_) => "virtio-blk",
         }
     }
 }
@@ -316,6 +355,8 @@ pub struct VmConfig {
     /// `-serial` in order: the first is COM1 (0x3f8). Empty means "default".
     pub serials: Vec<SerialConfig>,
     pub devices: Vec<DeviceConfig>,
+    /// `-drive`s, for the devices that name them.
+    pub drives: Vec<DriveConfig>,
     pub smbios: Option<SmbiosType1>,
     /// `-sandbox on`.
     pub sandbox: bool,
@@ -341,6 +382,7 @@ impl Default for VmConfig {
             chardevs: Vec::new(),
             serials: Vec::new(),
             devices: Vec::new(),
+            drives: Vec::new(),
             smbios: None,
             sandbox: false,
             qmp: Vec::new(),

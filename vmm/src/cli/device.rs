@@ -3,8 +3,8 @@
 use super::opts::QemuOpts;
 use super::CliError;
 use crate::config::{
-    DeviceConfig, PciSlotConfig, RootPortConfig, SmbiosType1, VirtioConfig, VirtioKind,
-    VirtioTransport,
+    BlockConfig, DeviceConfig, PciSlotConfig, RootPortConfig, SmbiosType1, VirtioConfig,
+    VirtioKind, VirtioTransport,
 };
 
 /// QEMU's isa-debug-exit defaults.
@@ -24,7 +24,8 @@ type FamilyParser = fn(&mut QemuOpts) -> Result<VirtioKind, CliError>;
 /// The virtio device families: `-device NAME-pci` and `-device NAME-device`
 /// both resolve to the family's description plus a transport. A new family
 /// adds one line here and one `VirtioKind` variant.
-const VIRTIO_FAMILIES: &[(&str, FamilyParser)] = &[("virtio-rng", virtio_rng)];
+const VIRTIO_FAMILIES: &[(&str, FamilyParser)] =
+    &[("virtio-rng", virtio_rng), ("virtio-blk", virtio_blk)];
 
 /// `NAME-pci` or `NAME-device` of a known family.
 fn virtio_family(driver: &str) -> Option<(FamilyParser, bool)> {
@@ -129,6 +130,45 @@ fn virtio_rng(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
         return Err(opts.error("rng= is not supported (entropy comes from the host's getrandom)"));
     }
     Ok(VirtioKind::Rng { max_bytes, period_ms })
+}
+
+/// `virtio-blk-*,drive=ID[,serial=S][,num-queues=N][,queue-size=N]
+/// [,logical_block_size=N][,physical_block_size=N][,bootindex=N]`.
+fn virtio_blk(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
+    let drive = opts.take("drive").ok_or_else(|| opts.missing("drive"))?;
+    let serial = opts.take("serial");
+    let num_queues = match opts.take_uint("num-queues")? {
+        None => None,
+        Some(n @ 1..=256) => Some(n as u16),
+        Some(n) => return Err(opts.error(format!("num-queues={n}: must be 1 to 256"))),
+    };
+    let queue_size = opts.take_uint("queue-size")?.unwrap_or(256);
+    if !queue_size.is_power_of_two() || !(4..=1024).contains(&queue_size) {
+        // QEMU: "queue-size property must be > 2 and <= 1024, and a power of 2".
+        return Err(
+            opts.error(format!("queue-size={queue_size}: must be a power of 2 from 4 to 1024"))
+        );
+    }
+    let logical = opts.take_size("logical_block_size")?.unwrap_or(512);
+    let physical = opts.take_size("physical_block_size")?.unwrap_or(logical);
+    for (key, v) in [("logical_block_size", logical), ("physical_block_size", physical)] {
+        if !v.is_power_of_two() || !(512..=32768).contains(&v) {
+            return Err(opts.error(format!("{key}={v}: must be a power of 2 from 512 to 32768")));
+        }
+    }
+    if physical < logical {
+        return Err(opts.error("physical_block_size must be at least logical_block_size"));
+    }
+    // There is no firmware to boot from a disk: accepted, no effect.
+    opts.take_uint("bootindex")?;
+    Ok(VirtioKind::Block(BlockConfig {
+        drive,
+        serial,
+        num_queues,
+        queue_size: queue_size as u16,
+        logical_block_size: logical as u32,
+        physical_block_size: physical as u32,
+    }))
 }
 
 /// The placement properties every PCI device has: `addr`, `bus`,
@@ -247,7 +287,7 @@ mod tests {
         assert_eq!(err(""), "-device: missing property 'driver'");
         assert_eq!(err("id=x"), "-device: missing property 'driver'");
         for driver in [
-            "virtio-blk-pci",
+            "virtio-9p-pci",
             "vhost-user-fs-pci",
             "vfio-pci",
             "virtio-net-pci",

@@ -63,6 +63,21 @@ Devices:
 -device virtio-rng-pci[,addr=SLOT[.FN]][,bus=ID][,multifunction=on|off]
                       [,max-bytes=N,period=MS][,disable-legacy=on][,id=ID]
                          entropy on PCIe (needs -M microvm,pcie=on); MSI-X
+-device virtio-blk-device|virtio-blk-pci,drive=ID[,serial=S][,num-queues=N]
+        [,queue-size=N][,logical_block_size=N][,physical_block_size=N]
+        [,bootindex=N][,addr=..][,bus=ID][,disable-legacy=on][,id=ID]
+                         a disk on -drive ID (virtio-mmio or PCIe); num-queues
+                         defaults to one per vCPU on PCIe; bootindex has no
+                         effect (skiff has no firmware to boot a disk)
+-drive id=ID,file=PATH[,if=none][,format=raw][,read-only=on|off]
+       [,cache=none|writeback|writethrough|directsync|unsafe][,cache.direct=on|off]
+       [,discard=unmap|ignore][,detect-zeroes=off|on|unmap][,aio=io_uring|threads|native]
+       [,werror=report][,rerror=report][,file.locking=on|off][,index=N]
+                         a raw image (no format= means raw, with QEMU's
+                         warning); locked as QEMU locks it; cache=none on a
+                         filesystem without O_DIRECT (tmpfs) falls back to the
+                         page cache with a warning; each queue's requests run
+                         on a worker thread of its own, whatever aio=
 -device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
                          a root port; devices with bus=ID sit behind it
                          Every explicit addr= is reserved before any device
@@ -92,9 +107,9 @@ Monitor:
                          system_reset, quit, input-send-event
 -monitor none            no human monitor (the only form accepted)
 
-Every other QEMU option (for example -drive, -netdev, -fw_cfg, -fsdev),
-every other -object type, and every other -device (for example virtio-blk-pci,
-virtio-net-pci, vhost-user-fs-pci, vfio-pci) is not supported yet: skiff
+Every other QEMU option (for example -blockdev, -netdev, -fw_cfg, -fsdev),
+every other -object type, and every other -device (for example virtio-net-pci,
+vhost-user-fs-pci, vfio-pci) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
 

@@ -8,6 +8,7 @@
 
 mod chardev;
 mod device;
+mod drive;
 mod help;
 mod machine;
 mod memory;
@@ -94,6 +95,7 @@ enum ArgOpt {
     Monitor,
     Object,
     Numa,
+    Drive,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -129,6 +131,7 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("monitor", Opt::Arg(ArgOpt::Monitor)),
     ("object", Opt::Arg(ArgOpt::Object)),
     ("numa", Opt::Arg(ArgOpt::Numa)),
+    ("drive", Opt::Arg(ArgOpt::Drive)),
     ("h", Opt::Flag(Flag::Help)),
     ("help", Opt::Flag(Flag::Help)),
     ("version", Opt::Flag(Flag::Version)),
@@ -139,7 +142,7 @@ const OPTIONS: &[(&str, Opt)] = &[
 /// than "unknown option", which would suggest a typo.
 #[rustfmt::skip]
 const NOT_YET: &[&str] = &[
-    "qmp-pretty", "mon", "drive", "blockdev", "hda", "hdb", "hdc", "hdd",
+    "qmp-pretty", "mon", "blockdev", "hda", "hdb", "hdc", "hdd",
     "cdrom", "netdev", "nic", "net", "fw_cfg", "run-with", "fsdev", "virtfs",
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
@@ -288,6 +291,13 @@ impl Builder {
                 config.devices.push(device.config);
             }
             ArgOpt::Smbios => device::parse_smbios(label, &arg, &mut config.smbios)?,
+            ArgOpt::Drive => {
+                let drive = drive::parse_drive(label, &arg)?;
+                if config.drives.iter().any(|d| d.id == drive.id) {
+                    return Err(invalid(&format!("duplicate id '{}'", drive.id)));
+                }
+                config.drives.push(drive);
+            }
             ArgOpt::Object => {
                 let backend = memory::parse_object(label, &arg)?;
                 if self.memory_backends.iter().any(|b| b.id == backend.id) {
@@ -321,6 +331,7 @@ impl Builder {
             self.config.smp = machine::resolve_smp("-smp", smp)?;
         }
         check_chardev_users(&self.config)?;
+        check_drive_users(&self.config)?;
         let node = self.numa_node.take();
         if let Some(b) = memory::resolve(&self.memory_backends, node, self.config.mem_size)? {
             self.config.ram = b.ram.clone();
@@ -375,6 +386,39 @@ fn check_chardev_users(config: &VmConfig) -> Result<(), CliError> {
             option: option.to_owned(),
             reason: "stdio cannot be used by more than one character device".to_owned(),
         });
+    }
+    Ok(())
+}
+
+/// Every `drive=` names a `-drive`, and no drive backs two devices (QEMU:
+/// "Drive 'ID' is already in use"). A `-drive` without `format=` gets
+/// QEMU's warning that it was probed (skiff only knows raw).
+fn check_drive_users(config: &VmConfig) -> Result<(), CliError> {
+    let mut used: Vec<&str> = Vec::new();
+    for d in &config.devices {
+        let DeviceConfig::Virtio(v) = d else { continue };
+        let crate::config::VirtioKind::Block(b) = &v.kind else { continue };
+        let option = format!("-device {}", v.driver());
+        if !config.drives.iter().any(|dr| dr.id == b.drive) {
+            return Err(CliError::Invalid {
+                option,
+                reason: format!("Property 'drive' can't find value '{}'", b.drive),
+            });
+        }
+        if used.contains(&b.drive.as_str()) {
+            return Err(CliError::Invalid {
+                option,
+                reason: format!("Drive '{}' is already in use by another device", b.drive),
+            });
+        }
+        used.push(&b.drive);
+    }
+    for dr in config.drives.iter().filter(|d| !d.format_given) {
+        log::warn!(
+            "Image format was not specified for '{}' and probing guessed raw. Specify the \
+             'raw' format explicitly (format=raw) to remove this warning.",
+            dr.file.display()
+        );
     }
     Ok(())
 }

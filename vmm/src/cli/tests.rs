@@ -91,6 +91,7 @@ fn microvm_nix_command_line() {
         }],
         serials: vec![SerialConfig::Chardev("stdio".into())],
         devices: vec![DeviceConfig::I8042],
+        drives: Vec::new(),
         smbios: None,
         sandbox: false,
         qmp: Vec::new(),
@@ -207,7 +208,7 @@ fn unknown_and_unsupported_options() {
     fails(&["-foo"], "-foo: unknown option");
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
-    for option in ["-drive", "-netdev", "-fw_cfg", "-run-with", "-fsdev", "--drive"] {
+    for option in ["-blockdev", "-netdev", "-fw_cfg", "-run-with", "-fsdev", "--netdev"] {
         let name = option.trim_start_matches('-');
         fails(
             &[option, "x"],
@@ -494,7 +495,7 @@ fn devices() {
         &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
         "-device: duplicate id 'x'",
     );
-    for driver in ["virtio-blk-pci", "vhost-user-fs-pci", "vfio-pci", "virtio-net-pci"] {
+    for driver in ["virtio-9p-pci", "vhost-user-fs-pci", "vfio-pci", "virtio-net-pci"] {
         fails(
             &["-device", &format!("{driver},id=x")],
             &format!("-device: '{driver}' is not supported yet"),
@@ -778,4 +779,62 @@ fn memory_backend_errors_name_the_problem() {
     assert!(e.contains("'iothread' is not supported"), "{e}");
     let e = error(&["-numa", "node,mem=512M"]);
     assert!(e.contains("-numa node,mem is not supported"), "{e}");
+}
+
+/// microvm.nix's store disk and volume, and the NixOS test VM's form.
+#[test]
+fn drives_and_virtio_blk() {
+    let c = run(&[
+        "-drive", "id=store,format=raw,read-only=on,file=/s.img,if=none,aio=io_uring",
+        "-device", "virtio-blk-pci,drive=store,disable-legacy=on",
+        "-drive", "id=vda,format=raw,file=/v.img,if=none,aio=io_uring,discard=unmap,cache=none,read-only=off",
+        "-device", "virtio-blk-device,drive=vda,serial=vol,num-queues=2,queue-size=128,logical_block_size=4096",
+        "-drive", "index=1,id=drive1,if=none,file=/r.img,cache=writeback,werror=report",
+        "-device", "virtio-blk-pci,bootindex=1,drive=drive1,serial=root",
+    ]);
+    assert_eq!(c.drives.len(), 3);
+    let blk = |i: usize| match &c.devices[i] {
+        DeviceConfig::Virtio(VirtioConfig { kind: VirtioKind::Block(b), transport, .. }) => {
+            (b.clone(), matches!(transport, VirtioTransport::Pci(_)))
+        }
+        other => panic!("{other:?}"),
+    };
+    let (store, pci) = blk(0);
+    assert!(pci);
+    assert_eq!((store.drive.as_str(), store.num_queues, store.queue_size), ("store", None, 256));
+    let (vol, pci) = blk(1);
+    assert!(!pci);
+    assert_eq!(
+        (vol.serial.as_deref(), vol.num_queues, vol.queue_size),
+        (Some("vol"), Some(2), 128)
+    );
+    assert_eq!((vol.logical_block_size, vol.physical_block_size), (4096, 4096));
+    assert_eq!(blk(2).0.serial.as_deref(), Some("root"));
+}
+
+#[test]
+fn drive_errors_name_the_problem() {
+    fails_with(&["-device", "virtio-blk-pci,drive=nope"], &["drive", "nope"]);
+    fails_with(
+        &[
+            "-drive",
+            "id=d,file=/x,format=raw",
+            "-device",
+            "virtio-blk-pci,drive=d",
+            "-device",
+            "virtio-blk-device,drive=d",
+        ],
+        &["Drive 'd' is already in use"],
+    );
+    fails_with(&["-device", "virtio-blk-pci"], &["missing property 'drive'"]);
+    fails_with(&["-device", "virtio-blk-pci,drive=d,queue-size=100"], &["queue-size=100"]);
+    fails_with(
+        &["-device", "virtio-blk-pci,drive=d,physical_block_size=256"],
+        &["physical_block_size"],
+    );
+    fails_with(&["-device", "virtio-blk-pci,drive=d,frob=1"], &["unknown property 'frob'"]);
+    fails_with(
+        &["-drive", "id=d,file=/x", "-drive", "id=d,file=/y"],
+        &["-drive", "duplicate id 'd'"],
+    );
 }

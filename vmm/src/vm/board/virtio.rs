@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use boot::GuestMemoryMmap;
+use devices::virtio::block::Block;
 use devices::virtio::{
     CallRelay, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
@@ -29,7 +30,10 @@ pub(super) fn create(
         (VirtioKind::Rng { .. }, Some(DeviceBackend::Rng(b))) => {
             Ok(Arc::new(Mutex::new(Rng::new(b.clone()))))
         }
-        (_, None) => Err(super::missing_backend(desc.driver())),
+        (VirtioKind::Block(_), Some(DeviceBackend::Block(disk, params))) => {
+            Ok(Arc::new(Mutex::new(Block::new(disk.clone(), params.clone()))))
+        }
+        _ => Err(super::missing_backend(desc.driver())),
     }
 }
 
