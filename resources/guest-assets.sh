@@ -27,6 +27,8 @@
 #                   rebuilt (from linux-source, against each kernel's
 #                   headers) with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, for
 #                   acpi=off guests.
+#   l2/store.img, l2/store-data.bin, l2/vol.img  ext4 images for the
+#                   virtio-blk tests (a store with a known file, a volume).
 #   tools/stamp, tools/outb   static helpers from resources/tools.
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
 #   l1/l1-base.cpio.zst   test-host root: busybox, KVM (and VFIO) modules,
@@ -422,6 +424,27 @@ if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	mark "$CACHE/l2/initrd.img" "$k"
 fi
 
+# ------------------------------------------------------------ disk images
+# For the virtio-blk tests: a small ext4 "store" holding data.bin (1 MiB of
+# random bytes, also kept beside it as store-data.bin for the checksum) and
+# a directory of 1,000 files, and an empty 32 MiB ext4 volume, as
+# microvm.nix's startup-shutdown check uses.
+command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 missing: run resources/install-deps.sh (e2fsprogs)"
+k=$(key_of "v1-disks")
+if ! up_to_date "$CACHE/l2/store.img" "$k"; then
+	log "building l2/store.img and l2/vol.img"
+	d="$CACHE/tmp/storeroot"
+	rm -rf "$d" "$CACHE/l2/store.img" "$CACHE/l2/vol.img"
+	mkdir -p "$d/many"
+	head -c 1048576 /dev/urandom >"$d/data.bin"
+	for i in $(seq 1 1000); do echo "$i" >"$d/many/f$i"; done
+	mkfs.ext4 -q -F -L store -d "$d" "$CACHE/l2/store.img" 16M >/dev/null
+	cp "$d/data.bin" "$CACHE/l2/store-data.bin"
+	mkfs.ext4 -q -F -L vol "$CACHE/l2/vol.img" 32M >/dev/null
+	rm -rf "$d"
+	mark "$CACHE/l2/store.img" "$k"
+fi
+
 # ------------------------------------------------------------ L1 host
 if [ "$want_l1" = 1 ]; then
 	# The test host runs the same generic kernel and its modules.
@@ -463,7 +486,8 @@ if [ "$want_l1" = 1 ]; then
 	# the L2 vmlinux (when one uses $VMLINUX). Unpacking costs ~11 ms/MB
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
-		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" "v3-socat")
+		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" \
+		"$CACHE/l2/store.img.key" "v4-disks")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -490,6 +514,7 @@ if [ "$want_l1" = 1 ]; then
 			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order-vfio"
 		done
 		cp "$CACHE/l2/bzImage" "$CACHE/l2/bzImage-generic" "$CACHE/l2/initrd.img" "$root/assets/"
+		cp "$CACHE/l2/store.img" "$CACHE/l2/store-data.bin" "$CACHE/l2/vol.img" "$root/assets/"
 		zstd_cpio "$root" "$CACHE/l1/l1-base.cpio.zst"
 		rm -rf "$root"
 		mark "$CACHE/l1/l1-base.cpio.zst" "$k"
@@ -542,6 +567,9 @@ SKIFF_L2_BZIMAGE='$CACHE/l2/bzImage'
 SKIFF_L2_BZIMAGE_GENERIC='$CACHE/l2/bzImage-generic'
 SKIFF_L2_VMLINUX='$CACHE/l2/vmlinux'
 SKIFF_L2_INITRD='$CACHE/l2/initrd.img'
+SKIFF_L2_STORE='$CACHE/l2/store.img'
+SKIFF_L2_STORE_DATA='$CACHE/l2/store-data.bin'
+SKIFF_L2_VOL='$CACHE/l2/vol.img'
 SKIFF_STAMP='$STAMP'
 SKIFF_OUTB='$OUTB'
 EOF

@@ -125,6 +125,7 @@ if [ "$mode" = direct ]; then
 	env SKIFF="$skiff" QEMU="$(command -v qemu-system-x86_64)" BZIMAGE="$SKIFF_L2_BZIMAGE" \
 		BZIMAGE_GENERIC="$SKIFF_L2_BZIMAGE_GENERIC" \
 		VMLINUX="$SKIFF_L2_VMLINUX" INITRD="$SKIFF_L2_INITRD" STAMP="$SKIFF_STAMP" \
+		STORE_IMG="$SKIFF_L2_STORE" STORE_DATA="$SKIFF_L2_STORE_DATA" VOL_IMG="$SKIFF_L2_VOL" \
 		FIRECRACKER="${SKIFF_FIRECRACKER:-}" CLOUD_HYPERVISOR="${SKIFF_CLOUD_HYPERVISOR:-}" \
 		WORK_ROOT="$tmp/work" timeout "$overall" sh "$HERE/scenarios-inner.sh" "$SCEN" 2>&1 | progress
 	rc=${PIPESTATUS[0]}
@@ -170,6 +171,7 @@ cat >"$run/run/runner.sh" <<EOF
 #!/bin/sh
 export SKIFF=/opt/skiff/skiff QEMU=/usr/bin/qemu-system-x86_64
 export BZIMAGE=/assets/bzImage BZIMAGE_GENERIC=/assets/bzImage-generic VMLINUX=/assets/vmlinux INITRD=/assets/initrd.img
+export STORE_IMG=/assets/store.img STORE_DATA=/assets/store-data.bin VOL_IMG=/assets/vol.img
 export STAMP=/bin/stamp WORK_ROOT=/tmp/skiff-work L1_MODULES=/lib/modules/l1 CONSOLE_DEV=/dev/console $peers
 exec sh /run/scenarios-inner.sh /run/scenarios.tsv
 EOF

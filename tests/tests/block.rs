@@ -1,0 +1,94 @@
+//! virtio-blk: microvm.nix's store disk (read-only, on PCI and on MMIO) and
+//! a writable volume (microvm.nix's startup-shutdown check), on images
+//! built by resources/guest-assets.sh ($STORE_IMG with data.bin, whose
+//! bytes are also in $STORE_DATA; an empty ext4 $VOL_IMG).
+
+// Guest tests boot real kernels (a nested test host where the CPU has no
+// vmx/svm): built only with `--features guest` (resources/test.sh does).
+#![cfg(feature = "guest")]
+
+use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
+
+const SECS: u32 = 90;
+
+/// microvm.nix's argv with `devices` and the guest's `action`.
+fn command(pcie: bool, devices: &str, action: &str) -> String {
+    let cmd = microvm_nix_command("$SKIFF", true, devices, &format!("skiff.test={action}"));
+    if pcie {
+        cmd.replace("pcie=off", "pcie=on")
+    } else {
+        cmd
+    }
+}
+
+/// The store disk as microvm.nix attaches it, then the expected checksum.
+fn store_script(pcie: bool) -> String {
+    let device = if pcie {
+        "-device virtio-blk-pci,drive=store,disable-legacy=on"
+    } else {
+        "-device virtio-blk-device,drive=store"
+    };
+    let drive = "-drive id=store,format=raw,read-only=on,file=$STORE_IMG,if=none,aio=io_uring";
+    format!(
+        "{}; echo \"SKIFF-RC=$?\"; echo \"EXPECTED-SHA=$(sha256sum $STORE_DATA | cut -d' ' -f1)\"",
+        command(pcie, &format!("{drive} {device}"), "blk")
+    )
+}
+
+/// microvm.nix's startup-shutdown check: a 32 MiB ext4 volume on tmpfs
+/// with discard=unmap,cache=none; the guest writes `uname -a`, syncs and
+/// reboots; skiff exits; the text is then read back from the image.
+fn volume_script() -> String {
+    let drive = "-drive id=vda,format=raw,file=vol.img,if=none,aio=io_uring,discard=unmap,cache=none,read-only=off";
+    let cmd = command(true, &format!("{drive} -device virtio-blk-pci,drive=vda,serial=vol"), "vol");
+    format!(
+        "cp $VOL_IMG vol.img; {cmd}; echo \"SKIFF-RC=$?\"; \
+         echo \"IMAGE-UNAME=$(strings vol.img | grep '^Linux ' | head -n 1)\""
+    )
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario::new("store-pci", SECS, store_script(true)),
+        Scenario::new("store-mmio", SECS, store_script(false)),
+        Scenario::new("volume", SECS, volume_script()),
+    ]
+}
+
+static BATCH: Batch = Batch::new();
+
+fn result(name: &str) -> &'static ScenarioResult {
+    BATCH.result(scenarios, name)
+}
+
+/// The store disk on either transport: the guest mounts it, reads data.bin
+/// with the checksum it has on the host, lists 1,000 files, and cannot
+/// write to the device.
+#[test]
+fn store_disk_mounts_and_reads_on_both_transports() {
+    for name in ["store-pci", "store-mmio"] {
+        let r = result(name);
+        let expected = r.value("EXPECTED-SHA").unwrap_or_default();
+        assert_eq!(expected.len(), 64, "{name}\n{}", r.describe());
+        assert_eq!(r.value("SKIFF-BLK-SHA"), Some(expected), "{name}\n{}", r.describe());
+        assert_eq!(r.value("SKIFF-BLK-FILES"), Some("1000"), "{name}\n{}", r.describe());
+        // 16 MiB in 512-byte sectors, read-only, no serial.
+        assert_eq!(r.value("SKIFF-BLK-vda"), Some("32768,1,"), "{name}\n{}", r.describe());
+        assert_eq!(r.value("SKIFF-BLK-WRITE"), Some("failed"), "{name}\n{}", r.describe());
+        assert_eq!(r.value("SKIFF-RC"), Some("0"), "{name}\n{}", r.describe());
+    }
+}
+
+#[test]
+fn volume_survives_the_guest_and_the_host_reads_it_back() {
+    let r = result("volume");
+    assert!(r.has_line("SKIFF-VOL-DONE"), "{}", r.describe());
+    assert!(!r.contains("SKIFF-VOL-MOUNT-FAILED"), "{}", r.describe());
+    let uname = r.line_value("SKIFF-UNAME").unwrap_or_default();
+    assert!(uname.starts_with("Linux "), "{}", r.describe());
+    assert_eq!(r.line_value("IMAGE-UNAME"), Some(uname), "{}", r.describe());
+    // cache=none on the test host's tmpfs: the page cache, one warning
+    // naming the file, instead of QEMU's failure.
+    assert!(r.contains("vol.img: the filesystem does not support O_DIRECT"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
