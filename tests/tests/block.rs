@@ -7,7 +7,7 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{microvm_nix_command, Batch, Scenario, ScenarioResult};
+use skiff_tests::{microvm_nix_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 90;
 
@@ -42,8 +42,27 @@ fn volume_script() -> String {
     let drive = "-drive id=vda,format=raw,file=vol.img,if=none,aio=io_uring,discard=unmap,cache=none,read-only=off";
     let cmd = command(true, &format!("{drive} -device virtio-blk-pci,drive=vda,serial=vol"), "vol");
     format!(
-        "cp $VOL_IMG vol.img; {cmd}; echo \"SKIFF-RC=$?\"; \
+        "cp $VOL_IMG vol.img; echo \"DU-BEFORE=$(du -k vol.img | cut -f1)\"; {cmd}; \
+         echo \"SKIFF-RC=$?\"; echo \"DU-AFTER=$(du -k vol.img | cut -f1)\"; \
          echo \"IMAGE-UNAME=$(strings vol.img | grep '^Linux ' | head -n 1)\""
+    )
+}
+
+/// A writable image in use: a second VM on it fails with QEMU's lock
+/// message, also once the first one's guest has rebooted (the image, and
+/// its lock, belong to the process, not to one run of the guest).
+fn lock_script() -> String {
+    let drive = "-drive id=vda,format=raw,file=lock.img,if=none,aio=io_uring";
+    let first = command(true, &format!("{drive} -device virtio-blk-pci,drive=vda"), "reboot")
+        .replace(" -no-reboot", "");
+    let second = command(true, &format!("{drive} -device virtio-blk-pci,drive=vda"), "poweroff");
+    let between = format!(
+        "{second} > second.txt 2>&1; echo \"SECOND-RC=$?\"; \
+         echo \"SECOND-ERR=$(grep -a 'lock' second.txt | head -n 1)\""
+    );
+    format!(
+        "cp $VOL_IMG lock.img\n{}",
+        until_then_sigterm(&first, "SKIFF-INIT-OK", 2, 150, &between)
     )
 }
 
@@ -52,6 +71,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::new("store-pci", SECS, store_script(true)),
         Scenario::new("store-mmio", SECS, store_script(false)),
         Scenario::new("volume", SECS, volume_script()),
+        Scenario::script("lock", 200, &lock_script()),
     ]
 }
 
@@ -91,4 +111,34 @@ fn volume_survives_the_guest_and_the_host_reads_it_back() {
     // naming the file, instead of QEMU's failure.
     assert!(r.contains("vol.img: the filesystem does not support O_DIRECT"), "{}", r.describe());
     assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+/// `serial=` reaches /sys/block/vdX/serial; fstrim in the guest punches
+/// holes in the image (discard=unmap), so it takes less space after.
+#[test]
+fn serial_and_fstrim() {
+    let r = result("volume");
+    assert_eq!(r.value("SKIFF-BLK-SERIAL"), Some("vol"), "{}", r.describe());
+    let fstrim = r.line_value("SKIFF-FSTRIM").unwrap_or_default();
+    assert!(fstrim.contains("trimmed"), "{}", r.describe());
+    let du = |k: &str| r.value(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    assert!(du("DU-BEFORE") > 0, "{}", r.describe());
+    assert!(
+        du("DU-AFTER") < du("DU-BEFORE"),
+        "the image's allocated KiB should shrink: {} -> {}\n{}",
+        du("DU-BEFORE"),
+        du("DU-AFTER"),
+        r.describe()
+    );
+}
+
+#[test]
+fn a_second_writer_is_refused_also_after_a_guest_reboot() {
+    let r = result("lock");
+    assert!(r.lines().filter(|l| l.contains("SKIFF-INIT-OK")).count() >= 2, "{}", r.describe());
+    assert_eq!(r.value("SECOND-RC"), Some("1"), "{}", r.describe());
+    let err = r.line_value("SECOND-ERR").unwrap_or_default();
+    assert!(err.contains("Failed to get \"write\" lock"), "{}", r.describe());
+    assert!(err.contains("lock.img"), "{}", r.describe());
+    assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
 }
