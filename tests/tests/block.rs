@@ -85,6 +85,15 @@ fn safety_script() -> String {
     )
 }
 
+/// aio=io_uring on one queue: the guest's writeback sends many requests
+/// at once; skiff says (SKIFF_LOG=info) how many were in flight at most.
+fn in_flight_script() -> String {
+    let drive = "-drive id=vda,format=raw,file=vol.img,if=none,aio=io_uring";
+    let cmd =
+        command(true, &format!("{drive} -device virtio-blk-pci,drive=vda,num-queues=1"), "flood");
+    format!("cp $VOL_IMG vol.img; SKIFF_LOG=info {cmd}; echo \"SKIFF-RC=$?\"")
+}
+
 fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::new("store-pci", SECS, store_script(true)),
@@ -92,6 +101,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::new("volume", SECS, volume_script()),
         Scenario::script("lock", 200, &lock_script()),
         Scenario::script("data-safety", SECS + 30, &safety_script()),
+        Scenario::new("in-flight", SECS, in_flight_script()),
     ]
 }
 
@@ -170,4 +180,19 @@ fn synced_data_survives_sigkill() {
     assert_eq!(sha.len(), 64, "{}", r.describe());
     assert_eq!(r.value("IMAGE-SHA"), Some(sha), "{}", r.describe());
     assert_eq!(r.value("KILL-RC"), Some("137"), "killed, not exited\n{}", r.describe());
+}
+
+/// Several requests in the kernel's hands at once on one queue.
+#[test]
+fn io_uring_has_eight_requests_in_flight_on_one_queue() {
+    let r = result("in-flight");
+    assert!(r.has_line("SKIFF-FLOOD-DONE"), "{}", r.describe());
+    let most = r
+        .lines()
+        .find_map(|l| l.split("queue 0: at most ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no in-flight report\n{}", r.describe()));
+    assert!(most >= 8, "at most {most} in flight\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }

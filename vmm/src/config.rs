@@ -208,6 +208,8 @@ pub struct DriveConfig {
     pub locking: bool,
     /// `format=raw` was given (else QEMU warns that it probed).
     pub format_given: bool,
+    /// `aio=io_uring`: asynchronous I/O through an io_uring per queue.
+    pub io_uring: bool,
 }
 
 impl VirtioKind {

@@ -164,15 +164,24 @@ pub struct Served {
     pub broken: bool,
 }
 
-/// What a device does with one request: returns the bytes it wrote to the
-/// chain's device-writable buffers (the used length), or None to leave the
-/// request on the available ring for later (a rate limit).
+/// What became of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: the bytes written to the chain's device-writable buffers (the
+    /// used length).
+    Used(u32),
+    /// Taken by an asynchronous engine; the device returns it to the used
+    /// ring when it completes (`complete_used`).
+    Later,
+    /// Not taken: it stays first on the available ring for later (a rate
+    /// limit, an engine with no room left).
+    HoldBack,
+}
+
+/// What a device does with one request.
 pub trait Request {
-    fn serve(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Option<u32>;
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>)
+        -> Outcome;
 }
 
 /// Serves queue `index` within `budget`, with notification suppression
@@ -213,16 +222,17 @@ pub fn serve_queue(
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let Some(len) = device.serve(mem, chain) else {
-                // Held back: the request stays first on the ring.
-                queue.go_to_previous_position();
-                break 'outer;
-            };
-            served.requests += 1;
-            // A bad head index cannot be returned; the guest loses that entry.
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used_any = true,
-                Err(e) => log::debug!("virtio: queue {index}: cannot return request {head}: {e}"),
+            match device.serve(mem, chain) {
+                Outcome::HoldBack => {
+                    // The request stays first on the ring.
+                    queue.go_to_previous_position();
+                    break 'outer;
+                }
+                Outcome::Later => served.requests += 1,
+                Outcome::Used(len) => {
+                    served.requests += 1;
+                    used_any |= add_used(mem, queue, index, head, len);
+                }
             }
         }
         // Re-enabling tells the driver where to kick next; buffers that came
@@ -238,12 +248,49 @@ pub fn serve_queue(
             }
         }
     }
-    if used_any && queue.needs_notification(mem).unwrap_or(true) {
+    if used_any {
+        notify(mem, queue, index, interrupt);
+    }
+    served
+}
+
+/// Returns a request to the used ring. A bad head index cannot be
+/// returned; the guest loses that entry.
+fn add_used(mem: &GuestMemoryMmap, queue: &mut Queue, index: u16, head: u16, len: u32) -> bool {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("virtio: queue {index}: cannot return request {head}: {e}");
+            false
+        }
+    }
+}
+
+/// Interrupts the guest if it wants to know (EVENT_IDX's used_event).
+fn notify(mem: &GuestMemoryMmap, queue: &mut Queue, index: u16, interrupt: &dyn VirtioInterrupt) {
+    if queue.needs_notification(mem).unwrap_or(true) {
         if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
             log::error!("virtio: queue {index}: cannot interrupt the guest: {e}");
         }
     }
-    served
+}
+
+/// Returns requests an asynchronous engine completed, as (head, used
+/// length), and interrupts the guest if it wants to know.
+pub fn complete_used(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    index: u16,
+    interrupt: &dyn VirtioInterrupt,
+    done: &[(u16, u32)],
+) {
+    let mut used_any = false;
+    for &(head, len) in done {
+        used_any |= add_used(mem, queue, index, head, len);
+    }
+    if used_any {
+        notify(mem, queue, index, interrupt);
+    }
 }
 
 #[cfg(test)]

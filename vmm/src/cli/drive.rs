@@ -29,12 +29,15 @@ pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliErro
         }
     };
     let read_only = opts.take_bool("read-only")?.unwrap_or(false);
-    // Every aio= runs on the queues' own worker threads for now.
-    if let Some(aio) = opts.take("aio") {
-        if !matches!(aio.as_str(), "io_uring" | "threads" | "native") {
-            return Err(opts.invalid_value("aio", aio, "io_uring, threads or native"));
+    // io_uring: many requests at once per queue; threads and native: one
+    // at a time on the queue's own worker thread.
+    let io_uring = match opts.take("aio").as_deref() {
+        None | Some("threads") | Some("native") => false,
+        Some("io_uring") => true,
+        Some(other) => {
+            return Err(opts.invalid_value("aio", other.to_owned(), "io_uring, threads or native"))
         }
-    }
+    };
     // QEMU's cache modes: (O_DIRECT, O_DSYNC, flushes ignored).
     let (mut direct, dsync, ignore_flush) = match opts.take("cache").as_deref() {
         None | Some("writeback") => (false, false, false),
@@ -108,6 +111,7 @@ pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliErro
         detect_zeroes,
         locking,
         format_given,
+        io_uring,
     })
 }
 
@@ -126,6 +130,7 @@ mod tests {
                 .unwrap();
         assert_eq!(store.id, "store");
         assert!(store.read_only && store.format_given && !store.direct && store.locking);
+        assert!(store.io_uring);
         let vol = drive("id=vda,format=raw,file=vol.img,if=none,aio=io_uring,discard=unmap,cache=none,read-only=off")
             .unwrap();
         assert!(vol.discard && vol.direct && !vol.read_only);

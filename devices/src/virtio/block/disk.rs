@@ -252,6 +252,11 @@ impl Disk {
         &self.path
     }
 
+    /// The image's descriptor, for an asynchronous engine (io_uring).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// The alignment O_DIRECT needs, when it is on.
     pub fn direct_align(&self) -> Option<usize> {
         self.direct_align

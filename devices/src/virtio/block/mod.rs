@@ -8,6 +8,7 @@
 
 pub mod disk;
 pub mod request;
+mod uring;
 
 use std::sync::Arc;
 
@@ -23,11 +24,14 @@ pub use disk::{Disk, DiskError, DiskOptions};
 pub use request::{DetectZeroes, Policy};
 
 use super::chain::Chain;
-use super::worker::{serve_queue, Budget, Handler, Rearm, Request, Served, Worker};
+use super::worker::{
+    complete_used, serve_queue, Budget, Handler, Outcome, Rearm, Request, Served, Worker,
+};
 use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use uring::Uring;
 
 /// virtio-blk counts in 512-byte sectors, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -49,6 +53,9 @@ pub struct BlockParams {
     /// `physical_block_size=`.
     pub physical_block_size: u32,
     pub policy: Policy,
+    /// `aio=io_uring`: each queue's I/O through an io_uring, many requests
+    /// at a time; otherwise one at a time on the queue's worker.
+    pub io_uring: bool,
 }
 
 fn bit(b: u32) -> u64 {
@@ -144,6 +151,7 @@ impl VirtioDevice for Block {
         }
         let policy = Arc::new(self.params.policy.clone());
         for q in ctx.queues {
+            let engine = if self.params.io_uring { io_uring(q.queue.size()) } else { None };
             let handler = BlockQueue {
                 mem: ctx.mem.clone(),
                 queue: q.queue,
@@ -154,6 +162,7 @@ impl VirtioDevice for Block {
                 policy: policy.clone(),
                 rearm: Rearm::new().map_err(ActivateError::EventFd)?,
                 broken: false,
+                engine,
             };
             let name = format!("virtio-blk-q{}", q.index);
             self.workers.push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
@@ -171,6 +180,21 @@ impl VirtioDevice for Block {
     }
 }
 
+/// An io_uring for a queue of `size`, or None (one warning per process)
+/// where the host has none to give (an old kernel, a seccomp filter).
+fn io_uring(size: u16) -> Option<Uring> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match Uring::new(size) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::warn!("aio=io_uring: io_uring unavailable ({e}); requests run one at a time");
+            }
+            None
+        }
+    }
+}
+
 /// One queue, on its worker.
 struct BlockQueue {
     mem: GuestMemoryMmap,
@@ -182,10 +206,13 @@ struct BlockQueue {
     policy: Arc<Policy>,
     rearm: Rearm,
     broken: bool,
+    /// `aio=io_uring`'s engine, when the host gave one.
+    engine: Option<Uring>,
 }
 
 const KICK: u32 = 0;
 const REARM: u32 = 1;
+const DONE: u32 = 2;
 
 impl BlockQueue {
     fn serve(&mut self) -> Served {
@@ -196,6 +223,7 @@ impl BlockQueue {
             disk: &self.disk,
             policy: &self.policy,
             max_descriptors: usize::from(self.queue.size()),
+            engine: self.engine.as_mut(),
         };
         let budget = Budget { requests: REQUESTS_PER_WAKEUP };
         let served = serve_queue(
@@ -206,11 +234,23 @@ impl BlockQueue {
             budget,
             &mut requests,
         );
+        if let Some(e) = self.engine.as_mut() {
+            if let Err(err) = e.submit() {
+                log::error!("virtio-blk: io_uring submit failed: {err}");
+            }
+        }
         if served.more {
             self.rearm.arm();
         }
         self.broken = served.broken;
         served
+    }
+
+    /// Returns what the engine completed to the guest.
+    fn reap(&mut self) {
+        let Some(e) = self.engine.as_mut() else { return };
+        let done = e.reap(&self.mem);
+        complete_used(&self.mem, &mut self.queue, self.index, &*self.interrupt, &done);
     }
 }
 
@@ -218,6 +258,7 @@ struct Requests<'a> {
     disk: &'a Disk,
     policy: &'a Policy,
     max_descriptors: usize,
+    engine: Option<&'a mut Uring>,
 }
 
 impl Request for Requests<'_> {
@@ -225,22 +266,41 @@ impl Request for Requests<'_> {
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Option<u32> {
+    ) -> Outcome {
         let head = chain.head_index();
-        Some(match Chain::read(mem, chain, self.max_descriptors) {
-            Ok(c) => request::serve(mem, &c, self.disk, self.policy),
+        if self.engine.as_ref().is_some_and(|e| !e.has_room()) {
+            // Completions make room and serve the rest.
+            return Outcome::HoldBack;
+        }
+        let chain = match Chain::read(mem, chain, self.max_descriptors) {
+            Ok(c) => c,
             Err(e) => {
                 // No trustworthy status byte to write to: returned empty.
                 log::debug!("virtio-blk: request {head}: {e}");
-                0
+                return Outcome::Used(0);
             }
-        })
+        };
+        let Some(engine) = self.engine.as_deref_mut() else {
+            return Outcome::Used(request::serve(mem, &chain, self.disk, self.policy));
+        };
+        match request::prepare(mem, &chain, self.disk, self.policy) {
+            Err(used) => Outcome::Used(used),
+            Ok(req) => match engine.push(mem, self.disk, head, req) {
+                Ok(()) => Outcome::Later,
+                // Not for the engine (misaligned for O_DIRECT, ...): here.
+                Err(_) => Outcome::Used(request::serve(mem, &chain, self.disk, self.policy)),
+            },
+        }
     }
 }
 
 impl MutEventSubscriber for BlockQueue {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, data) in [(&self.kick, KICK), (self.rearm.eventfd(), REARM)] {
+        let mut fds = vec![(&self.kick, KICK), (self.rearm.eventfd(), REARM)];
+        if let Some(e) = &self.engine {
+            fds.push((e.eventfd(), DONE));
+        }
+        for (fd, data) in fds {
             if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
                 log::error!("virtio-blk: cannot watch an eventfd: {e:?}");
             }
@@ -254,13 +314,27 @@ impl MutEventSubscriber for BlockQueue {
             KICK => {
                 let _ = self.kick.read();
             }
+            DONE => self.reap(),
             _ => self.rearm.clear(),
         }
         self.serve();
     }
 }
 
-impl Handler for BlockQueue {}
+impl Handler for BlockQueue {
+    /// Requests in the kernel's hands point into guest memory: wait for
+    /// them before the worker (and its hold on that memory) goes.
+    fn quiesce(&mut self) {
+        let Some(e) = self.engine.as_mut() else { return };
+        let done = e.drain(&self.mem);
+        complete_used(&self.mem, &mut self.queue, self.index, &*self.interrupt, &done);
+        log::info!(
+            "virtio-blk queue {}: at most {} requests were in flight at once",
+            self.index,
+            e.max_in_flight
+        );
+    }
+}
 
 #[cfg(test)]
 mod tests;

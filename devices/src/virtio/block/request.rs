@@ -126,6 +126,84 @@ fn range(disk: &Disk, sector: u64, bytes: u64) -> Option<u64> {
     (end <= disk.size() && bytes.is_multiple_of(SECTOR_SIZE)).then_some(offset)
 }
 
+/// A request an asynchronous engine can carry out itself: a plain read,
+/// write or flush of guest buffers, each a (guest address, length) range.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    Read { offset: u64, buffers: Vec<(GuestAddress, usize)> },
+    Write { offset: u64, buffers: Vec<(GuestAddress, usize)> },
+    Flush,
+}
+
+/// An asynchronous request's plan, with where its status goes and the
+/// used length on success.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Async {
+    pub plan: Plan,
+    pub status: GuestAddress,
+    pub used: u32,
+}
+
+/// Sorts a request out: an IN, OUT or FLUSH that passes every check comes
+/// back for an asynchronous engine; anything else (other types, errors,
+/// detect-zeroes writes) is served here, synchronously, and its used
+/// length comes back.
+pub fn prepare(
+    mem: &GuestMemoryMmap,
+    chain: &Chain,
+    disk: &Disk,
+    policy: &Policy,
+) -> Result<Async, u32> {
+    let readable = Stream::new(chain.descriptors.iter().filter(|d| !d.is_write_only()));
+    let writable = Stream::new(chain.writable());
+    let quick = || -> Option<Async> {
+        if writable.len == 0 || readable.len < 16 {
+            return None;
+        }
+        let mut header = [0u8; 16];
+        if !readable.read(mem, 0, &mut header) {
+            return None;
+        }
+        let ty = u32::from_le_bytes(header[0..4].try_into().ok()?);
+        let sector = u64::from_le_bytes(header[8..16].try_into().ok()?);
+        let data_in = writable.len - 1;
+        let data_out = readable.len - 16;
+        let status = writable.ranges(data_in, 1).first()?.0;
+        let (plan, used) = match ty {
+            VIRTIO_BLK_T_IN if data_in > 0 => {
+                let offset = range(disk, sector, data_in)?;
+                (Plan::Read { offset, buffers: writable.ranges(0, data_in) }, data_in + 1)
+            }
+            VIRTIO_BLK_T_OUT
+                if data_out > 0
+                    && !disk.read_only()
+                    && policy.detect_zeroes == DetectZeroes::Off =>
+            {
+                let offset = range(disk, sector, data_out)?;
+                (Plan::Write { offset, buffers: readable.ranges(16, data_out) }, 1)
+            }
+            VIRTIO_BLK_T_FLUSH => (Plan::Flush, 1),
+            _ => return None,
+        };
+        Some(Async { plan, status, used: u32::try_from(used).ok()? })
+    };
+    quick().ok_or_else(|| serve(mem, chain, disk, policy))
+}
+
+/// Writes an asynchronous request's outcome: its status byte; returns the
+/// used length.
+pub fn complete(mem: &GuestMemoryMmap, req: &Async, ok: bool) -> u32 {
+    let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR } as u8;
+    if mem.write_obj(status, req.status).is_err() {
+        return 0;
+    }
+    if ok {
+        req.used
+    } else {
+        1
+    }
+}
+
 /// Serves a request; returns the used length (bytes written to the
 /// device-writable part, status included).
 pub fn serve(mem: &GuestMemoryMmap, chain: &Chain, disk: &Disk, policy: &Policy) -> u32 {

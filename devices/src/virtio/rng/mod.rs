@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use rate_limit::{RateLimit, DEFAULT_PERIOD_MS};
 
 use super::chain::{Chain, ChainError};
-use super::worker::{serve_queue, Budget, Handler, Rearm, Request, Served, Worker};
+use super::worker::{serve_queue, Budget, Handler, Outcome, Rearm, Request, Served, Worker};
 use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -179,12 +179,12 @@ impl Request for Fill<'_> {
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Option<u32> {
+    ) -> Outcome {
         let budget = match self.limiter.as_deref_mut() {
             Some(l) if l.available() == 0 => {
                 // Leave the rest on the ring; the timer resumes us.
                 l.consume(0);
-                return None;
+                return Outcome::HoldBack;
             }
             Some(l) => l.available().min(u64::from(MAX_CHAIN_BYTES)) as u32,
             None => MAX_CHAIN_BYTES,
@@ -200,7 +200,7 @@ impl Request for Fill<'_> {
         if let Some(l) = self.limiter.as_deref_mut() {
             l.consume(u64::from(len));
         }
-        Some(len)
+        Outcome::Used(len)
     }
 }
 
