@@ -76,8 +76,9 @@ Devices:
                          a raw image (no format= means raw, with QEMU's
                          warning); locked as QEMU locks it; cache=none on a
                          filesystem without O_DIRECT (tmpfs) falls back to the
-                         page cache with a warning; each queue's requests run
-                         on a worker thread of its own, whatever aio=
+                         page cache with a warning; each queue runs on a worker
+                         thread of its own: with aio=io_uring many requests at
+                         once through an io_uring, else one at a time
 -device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
                          a root port; devices with bus=ID sit behind it
                          Every explicit addr= is reserved before any device
