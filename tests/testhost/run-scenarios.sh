@@ -185,11 +185,14 @@ if [ "$extras" = auto ]; then
 	extras=
 	grep -q 'QEMU' "$SCEN" && extras="$extras qemu"
 	grep -qE 'VMLINUX|FIRECRACKER|CLOUD_HYPERVISOR' "$SCEN" && extras="$extras vmlinux"
+	# An archive a benchmark brings (resources/bench-blk.sh: fio).
+	[ -n "${SKIFF_L1_EXTRA:-}" ] && extras="$extras extra"
 fi
 for x in $extras; do
 	case "$x" in
 	qemu) pieces+=("$SKIFF_L1_QEMU") ;;
 	vmlinux) pieces+=("$SKIFF_L1_VMLINUX") ;;
+	extra) pieces+=("${SKIFF_L1_EXTRA:?SKIFF_L1_EXTRA names no archive}") ;;
 	*) die "SKIFF_TEST_L1_EXTRAS: unknown piece '$x' (qemu, vmlinux)" 2 ;;
 	esac
 done
