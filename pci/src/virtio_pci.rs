@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::virtio::transport::{QueueField, TransportError, TransportState};
+use devices::virtio::transport::{raise_needs_reset, QueueField, TransportError, TransportState};
 use devices::virtio::{
     CallRelay, GuestMemoryMmap, RelayTarget, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
@@ -209,10 +209,7 @@ impl VirtioInterrupt for VirtioPciInterrupt {
     }
 
     fn needs_reset(&self) {
-        self.needs_reset.store(true, Ordering::SeqCst);
-        if let Err(e) = self.trigger(VirtioInterruptType::Config) {
-            log::error!("virtio-pci: cannot raise the config interrupt: {e}");
-        }
+        raise_needs_reset(&self.needs_reset, self, "virtio-pci");
     }
 }
 

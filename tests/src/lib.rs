@@ -464,12 +464,12 @@ pub fn run_scenarios_with(
             .output()
     };
     let mut out = run()?;
-    // The nested test host (TCG emulating SVM) itself occasionally crashes
-    // under host load ("the batch did not finish", exit 5, or never came up,
-    // exit 3), or its kernel oopses in the thread running skiff's vCPU and a
-    // scenario stalls; that says nothing about skiff, so such a batch runs
-    // once more.
-    if matches!(out.status.code(), Some(3) | Some(5))
+    // The nested test host (TCG emulating SVM) itself occasionally never
+    // comes up (exit 3), or its kernel oopses in the thread running skiff's
+    // vCPU and a scenario stalls; that says nothing about skiff, so such a
+    // batch runs once more. One that froze or ran out of time midway
+    // (exit 5) keeps what finished: `rerun_stalled` runs the rest.
+    if matches!(out.status.code(), Some(3))
         || fs::read_to_string(&log).is_ok_and(|l| test_host_oopsed(&l))
     {
         print!("{}", String::from_utf8_lossy(&out.stderr));
@@ -501,7 +501,7 @@ pub fn run_scenarios_with(
     let parsed = parse_log(&fs::read_to_string(&log).map_err(Error::Io)?);
     let mut by_name: HashMap<String, ScenarioResult> =
         parsed.into_iter().map(|r| (r.name.clone(), r)).collect();
-    rerun_stalled(scenarios, opts, &log, &mut by_name)?;
+    rerun_stalled(scenarios, opts, &log, code == Some(5), &mut by_name)?;
     Ok(scenarios
         .iter()
         .map(|s| {
@@ -538,16 +538,22 @@ fn unasked_reset(output: &str) -> bool {
 /// once more, alone, in a fresh test host; the first attempt's log stays in
 /// `<batch>.stalled.log` and every rerun is recorded in `stalled.txt` next
 /// to it, so a hang that is skiff's (it would stall again) still fails.
+/// When the test host itself froze or ran out of time (`cut_short`), the
+/// scenarios that did not end, or never began, run there too.
 fn rerun_stalled(
     scenarios: &[Scenario],
     opts: &RunOptions,
     log: &Path,
+    cut_short: bool,
     by_name: &mut HashMap<String, ScenarioResult>,
 ) -> Result<(), Error> {
     let stalled: Vec<Scenario> = scenarios
         .iter()
-        .filter(|s| {
-            by_name.get(&s.name).is_some_and(|r| r.rc == Some(124) || unasked_reset(&r.output))
+        .filter(|s| match by_name.get(&s.name) {
+            Some(r) => {
+                r.rc == Some(124) || unasked_reset(&r.output) || (cut_short && r.rc.is_none())
+            }
+            None => cut_short,
         })
         .cloned()
         .collect();
@@ -560,7 +566,7 @@ fn rerun_stalled(
     let mut record =
         fs::OpenOptions::new().create(true).append(true).open(dir.join("stalled.txt"))?;
     for s in &stalled {
-        let out = &by_name[&s.name].output;
+        let out = by_name.get(&s.name).map_or("(it never began)", |r| r.output.as_str());
         // The guest's last words, then skiff's SKIFF_STALL_DUMP lines.
         let last = out
             .lines()
@@ -574,7 +580,7 @@ fn rerun_stalled(
             writeln!(record, "    {l}")?;
         }
     }
-    println!("skiff-tests: {} timed out; running them once more: {names:?}", opts.log_name);
+    println!("skiff-tests: {} did not finish; running them once more: {names:?}", opts.log_name);
     let rerun_opts = RunOptions { log_name: format!("{}.rerun", opts.log_name), ..opts.clone() };
     for r in run_scenarios_with(&stalled, &rerun_opts)? {
         by_name.insert(r.name.clone(), r);

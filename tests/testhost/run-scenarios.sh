@@ -78,6 +78,7 @@ eval "$assets"
 
 # Overall limit: every scenario's own limit plus room for booting.
 total=0
+max_limit=0
 n=0
 while IFS=$'\t' read -r name timeout _; do
 	case "$name" in "" | "#"*) continue ;; esac
@@ -85,6 +86,7 @@ while IFS=$'\t' read -r name timeout _; do
 	t=${t%:console}
 	[[ "$t" =~ ^[0-9]+$ ]] || die "scenario $name: bad time limit '$timeout'" 2
 	total=$((total + t + 3))
+	[ "$t" -gt "$max_limit" ] && max_limit=$t
 	n=$((n + 1))
 done <"$SCEN"
 overall=$((total + ${SKIFF_TEST_BOOT_ALLOWANCE:-180}))
@@ -209,6 +211,8 @@ if [ "${SKIFF_TEST_INTERACTIVE:-0}" = 1 ]; then
 	stdin_src=/dev/tty
 	serial=mon:stdio
 	tflags=(--foreground)
+	# Someone at the console may well be silent.
+	SKIFF_L1_SILENCE_MARGIN=${SKIFF_L1_SILENCE_MARGIN:-100000}
 fi
 # One test-host CPU by default. With two, QEMU's emulated SVM now and then
 # loses an interrupt or hands a guest the host's registers: 2 of 16 guest
@@ -219,16 +223,38 @@ fi
 # seconds (it needs ~5) is stuck before its kernel even runs (seen twice in
 # CI: ~20 minutes of an idle QEMU before a batch began): kill it, which
 # reports "did not come up" (exit 3), and the harness runs the batch again.
+# Once up, a test host whose console stays silent for longer than any
+# scenario's own limit (inside it, a scenario past its limit is killed and
+# reported) has frozen: seen a few times in CI, QEMU's emulated SVM stuck
+# in the middle of a guest's boot with the test host's own timers dead.
+# Kill it too: "the batch did not finish" (exit 5), and the harness runs
+# the scenarios that did not end in a fresh test host.
 boot_limit=${SKIFF_L1_BOOT_LIMIT:-120}
+silence_limit=$((max_limit + ${SKIFF_L1_SILENCE_MARGIN:-60}))
 (
 	i=0
-	while [ "$i" -lt "$boot_limit" ]; do
+	while ! grep -q '^SKIFF-L1-INIT' "$OUT_LOG" 2>/dev/null; do
+		if [ "$i" -ge "$boot_limit" ]; then
+			say "the test host is not up after ${boot_limit}s: stopping it"
+			pkill -f -- "-initrd $tmp/initrd" || true
+			exit 0
+		fi
 		sleep 1
-		grep -q '^SKIFF-L1-INIT' "$OUT_LOG" 2>/dev/null && exit 0
 		i=$((i + 1))
 	done
-	say "the test host is not up after ${boot_limit}s: stopping it"
-	pkill -f -- "-initrd $tmp/initrd" || true
+	size=-1
+	quiet=0
+	while sleep 5; do
+		now=$(stat -c %s "$OUT_LOG" 2>/dev/null || echo 0)
+		if [ "$now" = "$size" ]; then quiet=$((quiet + 5)); else quiet=0; fi
+		size=$now
+		if [ "$quiet" -ge "$silence_limit" ]; then
+			last=$(tr -d '\r' <"$OUT_LOG" | sed -n 's/^=== BEGIN //p' | tail -n 1)
+			say "the test host froze: its console silent for ${quiet}s in scenario ${last:-?}: stopping it"
+			pkill -f -- "-initrd $tmp/initrd" || true
+			exit 0
+		fi
+	done
 ) &
 watchdog=$!
 timeout "${tflags[@]}" "$overall" "$QEMU_HOST" -M q35 -accel "${SKIFF_L1_ACCEL:-tcg,thread=multi}" \

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use acpi_tables::{aml, Aml};
 
 use super::notifier::{CallRelay, RelayTarget};
-use super::transport::{QueueField, TransportError, TransportState};
+use super::transport::{raise_needs_reset, QueueField, TransportError, TransportState};
 use super::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use crate::aml::name;
 use crate::BusDevice;
@@ -80,10 +80,7 @@ impl VirtioInterrupt for MmioInterrupt {
     }
 
     fn needs_reset(&self) {
-        self.needs_reset.store(true, Ordering::SeqCst);
-        if let Err(e) = self.trigger(VirtioInterruptType::Config) {
-            log::error!("virtio-mmio: cannot raise the interrupt: {e}");
-        }
+        raise_needs_reset(&self.needs_reset, self, "virtio-mmio");
     }
 }
 

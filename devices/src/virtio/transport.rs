@@ -301,6 +301,15 @@ impl TransportState {
     }
 }
 
+/// `VirtioInterrupt::needs_reset` as both transports do it: the flag the
+/// status register shows as NEEDS_RESET, then the config interrupt.
+pub fn raise_needs_reset(flag: &AtomicBool, interrupt: &dyn VirtioInterrupt, name: &str) {
+    flag.store(true, Ordering::SeqCst);
+    if let Err(e) = interrupt.trigger(VirtioInterruptType::Config) {
+        log::error!("{name}: cannot raise the config interrupt: {e}");
+    }
+}
+
 fn initial_queue(max_size: u16) -> QueueState {
     QueueState { max_size, size: max_size, ..QueueState::default() }
 }

@@ -22,13 +22,14 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
+use super::{ActiveQueue, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 
 /// A device's data plane, run by a `Worker`.
 pub trait Handler: MutEventSubscriber + Send + 'static {
@@ -141,6 +142,93 @@ impl Rearm {
     /// Consumes a wakeup.
     pub fn clear(&self) {
         let _ = self.0.read();
+    }
+}
+
+/// Event data of a `Ring`'s kick and re-arm in its worker's epoll set;
+/// a device's own events use small numbers.
+const RING_KICK: u32 = u32::MAX - 1;
+const RING_REARM: u32 = u32::MAX;
+
+/// A queue on its worker: what every device's queue handler holds and does
+/// alike. The queue and the memory it lives in, the guest's kick, the
+/// interrupt, the re-arm of a wakeup that ran out of budget, and the stop
+/// once the driver broke the ring. The device adds what it serves
+/// requests with.
+pub struct Ring {
+    pub mem: GuestMemoryMmap,
+    pub queue: Queue,
+    pub index: u16,
+    pub kick: EventFd,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub rearm: Rearm,
+    /// The driver broke the ring: nothing is served until a reset.
+    broken: bool,
+}
+
+impl Ring {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        q: ActiveQueue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> io::Result<Ring> {
+        Ok(Ring {
+            mem,
+            queue: q.queue,
+            index: q.index as u16,
+            kick: q.kick,
+            interrupt,
+            rearm: Rearm::new()?,
+            broken: false,
+        })
+    }
+
+    /// Watches the kick and the re-arm, and arms once: buffers made
+    /// available before the driver's first kick are served on the worker
+    /// (`init` runs on the activating vCPU's thread).
+    pub fn init(&self, ops: &mut EventOps, device: &str) {
+        for (fd, data) in [(&self.kick, RING_KICK), (self.rearm.eventfd(), RING_REARM)] {
+            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
+                log::error!("{device}: cannot watch an eventfd: {e:?}");
+            }
+        }
+        self.rearm.arm();
+    }
+
+    /// Consumes the event if it is the ring's kick or re-arm (the handler
+    /// then serves); false for the device's own events.
+    pub fn take_event(&self, events: &Events) -> bool {
+        match events.data() {
+            RING_KICK => {
+                let _ = self.kick.read();
+                true
+            }
+            RING_REARM => {
+                self.rearm.clear();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// One wakeup's work (`serve_queue`); nothing once the driver broke the
+    /// ring, and a re-arm when the budget ran out with work left.
+    pub fn serve(&mut self, budget: Budget, device: &mut dyn Request) -> Served {
+        if self.broken {
+            return Served::default();
+        }
+        let served =
+            serve_queue(&self.mem, &mut self.queue, self.index, &*self.interrupt, budget, device);
+        if served.more {
+            self.rearm.arm();
+        }
+        self.broken = served.broken;
+        served
+    }
+
+    /// Returns what an asynchronous engine completed (`complete_used`).
+    pub fn complete(&mut self, done: &[(u16, u32)]) {
+        complete_used(&self.mem, &mut self.queue, self.index, &*self.interrupt, done);
     }
 }
 
@@ -277,7 +365,7 @@ fn notify(mem: &GuestMemoryMmap, queue: &mut Queue, index: u16, interrupt: &dyn 
 
 /// Returns requests an asynchronous engine completed, as (head, used
 /// length), and interrupts the guest if it wants to know.
-pub fn complete_used(
+fn complete_used(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     index: u16,

@@ -17,19 +17,16 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::{DescriptorChain, QueueT};
 
 pub use disk::{Disk, DiskError, DiskOptions};
 pub use request::{DetectZeroes, Policy};
 
 use super::chain::Chain;
-use super::worker::{
-    complete_used, serve_queue, Budget, Handler, Outcome, Rearm, Request, Served, Worker,
-};
+use super::worker::{Budget, Handler, Outcome, Request, Ring, Served, Worker};
 use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use uring::Uring;
 
@@ -152,19 +149,11 @@ impl VirtioDevice for Block {
         let policy = Arc::new(self.params.policy.clone());
         for q in ctx.queues {
             let engine = if self.params.io_uring { io_uring(q.queue.size()) } else { None };
-            let handler = BlockQueue {
-                mem: ctx.mem.clone(),
-                queue: q.queue,
-                index: q.index as u16,
-                kick: q.kick,
-                interrupt: ctx.interrupt.clone(),
-                disk: self.disk.clone(),
-                policy: policy.clone(),
-                rearm: Rearm::new().map_err(ActivateError::EventFd)?,
-                broken: false,
-                engine,
-            };
             let name = format!("virtio-blk-q{}", q.index);
+            let ring = Ring::new(ctx.mem.clone(), q, ctx.interrupt.clone())
+                .map_err(ActivateError::EventFd)?;
+            let handler =
+                BlockQueue { ring, disk: self.disk.clone(), policy: policy.clone(), engine };
             self.workers.push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
         }
         Ok(())
@@ -197,60 +186,38 @@ fn io_uring(size: u16) -> Option<Uring> {
 
 /// One queue, on its worker.
 struct BlockQueue {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    index: u16,
-    kick: EventFd,
-    interrupt: Arc<dyn VirtioInterrupt>,
+    ring: Ring,
     disk: Arc<Disk>,
     policy: Arc<Policy>,
-    rearm: Rearm,
-    broken: bool,
     /// `aio=io_uring`'s engine, when the host gave one.
     engine: Option<Uring>,
 }
 
-const KICK: u32 = 0;
-const REARM: u32 = 1;
-const DONE: u32 = 2;
+/// The engine's completion eventfd, in the worker's epoll set.
+const DONE: u32 = 0;
 
 impl BlockQueue {
     fn serve(&mut self) -> Served {
-        if self.broken {
-            return Served::default();
-        }
         let mut requests = Requests {
             disk: &self.disk,
             policy: &self.policy,
-            max_descriptors: usize::from(self.queue.size()),
+            max_descriptors: usize::from(self.ring.queue.size()),
             engine: self.engine.as_mut(),
         };
-        let budget = Budget { requests: REQUESTS_PER_WAKEUP };
-        let served = serve_queue(
-            &self.mem,
-            &mut self.queue,
-            self.index,
-            &*self.interrupt,
-            budget,
-            &mut requests,
-        );
+        let served = self.ring.serve(Budget { requests: REQUESTS_PER_WAKEUP }, &mut requests);
         if let Some(e) = self.engine.as_mut() {
             if let Err(err) = e.submit() {
                 log::error!("virtio-blk: io_uring submit failed: {err}");
             }
         }
-        if served.more {
-            self.rearm.arm();
-        }
-        self.broken = served.broken;
         served
     }
 
     /// Returns what the engine completed to the guest.
     fn reap(&mut self) {
         let Some(e) = self.engine.as_mut() else { return };
-        let done = e.reap(&self.mem);
-        complete_used(&self.mem, &mut self.queue, self.index, &*self.interrupt, &done);
+        let done = e.reap(&self.ring.mem);
+        self.ring.complete(&done);
     }
 }
 
@@ -296,26 +263,17 @@ impl Request for Requests<'_> {
 
 impl MutEventSubscriber for BlockQueue {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds = vec![(&self.kick, KICK), (self.rearm.eventfd(), REARM)];
+        self.ring.init(ops, "virtio-blk");
         if let Some(e) = &self.engine {
-            fds.push((e.eventfd(), DONE));
-        }
-        for (fd, data) in fds {
-            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
-                log::error!("virtio-blk: cannot watch an eventfd: {e:?}");
+            if let Err(e) = ops.add(Events::with_data(e.eventfd(), DONE, EventSet::IN)) {
+                log::error!("virtio-blk: cannot watch io_uring's completions: {e:?}");
             }
         }
-        // Requests made available before the first kick, on the worker.
-        self.rearm.arm();
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        match events.data() {
-            KICK => {
-                let _ = self.kick.read();
-            }
-            DONE => self.reap(),
-            _ => self.rearm.clear(),
+        if !self.ring.take_event(&events) {
+            self.reap();
         }
         self.serve();
     }
@@ -326,11 +284,11 @@ impl Handler for BlockQueue {
     /// them before the worker (and its hold on that memory) goes.
     fn quiesce(&mut self) {
         let Some(e) = self.engine.as_mut() else { return };
-        let done = e.drain(&self.mem);
-        complete_used(&self.mem, &mut self.queue, self.index, &*self.interrupt, &done);
+        let done = e.drain(&self.ring.mem);
+        self.ring.complete(&done);
         log::info!(
             "virtio-blk queue {}: at most {} requests were in flight at once",
-            self.index,
+            self.ring.index,
             e.max_in_flight
         );
     }

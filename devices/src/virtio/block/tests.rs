@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::virtio::test_utils::*;
@@ -80,16 +81,17 @@ fn queue(
     discard: bool,
 ) -> (BlockQueue, Arc<RecordingInterrupt>) {
     let irq = Arc::new(RecordingInterrupt::default());
-    let q = BlockQueue {
-        mem: mem.clone(),
-        queue: tq.queue(),
+    let active = crate::virtio::ActiveQueue {
         index: 0,
+        queue: tq.queue(),
         kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        interrupt: irq.clone(),
+        call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    };
+    let ring = Ring::new(mem.clone(), active, irq.clone()).unwrap();
+    let q = BlockQueue {
+        ring,
         disk: f.disk.clone(),
         policy: Arc::new(params(discard).policy),
-        rearm: Rearm::new().unwrap(),
-        broken: false,
         engine: None,
     };
     (q, irq)

@@ -14,17 +14,16 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryError};
-use vmm_sys_util::eventfd::EventFd;
 
 pub use rate_limit::{RateLimit, DEFAULT_PERIOD_MS};
 
 use super::chain::{Chain, ChainError};
-use super::worker::{serve_queue, Budget, Handler, Outcome, Rearm, Request, Served, Worker};
+use super::worker::{Budget, Handler, Outcome, Request, Ring, Served, Worker};
 use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1,
 };
 use rate_limit::Limiter;
 
@@ -93,71 +92,37 @@ impl Rng {
 
 /// The running queue, on the worker thread.
 struct RngQueue {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    kick: EventFd,
-    interrupt: Arc<dyn VirtioInterrupt>,
+    ring: Ring,
     backend: Arc<RngBackend>,
-    rearm: Rearm,
-    /// The driver broke the ring: nothing is served until a reset.
-    broken: bool,
 }
 
-const KICK: u32 = 0;
-const REARM: u32 = 1;
-const TIMER: u32 = 2;
+/// The rate-limit timer, in the worker's epoll set.
+const TIMER: u32 = 0;
 
 impl RngQueue {
     /// One wakeup's work: at most `REQUESTS_PER_WAKEUP` requests.
     fn serve(&mut self) -> Served {
-        if self.broken {
-            return Served::default();
-        }
         let mut limiter = self.backend.limiter();
-        let mut fill = Fill { limiter: limiter.as_deref_mut(), max_descriptors: self.queue.size() };
-        let budget = Budget { requests: REQUESTS_PER_WAKEUP };
-        let served =
-            serve_queue(&self.mem, &mut self.queue, 0, &*self.interrupt, budget, &mut fill);
-        if served.more {
-            self.rearm.arm();
-        }
-        self.broken = served.broken;
-        served
+        let max_descriptors = self.ring.queue.size();
+        let mut fill = Fill { limiter: limiter.as_deref_mut(), max_descriptors };
+        self.ring.serve(Budget { requests: REQUESTS_PER_WAKEUP }, &mut fill)
     }
 }
 
 impl MutEventSubscriber for RngQueue {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut watch = |fd: &dyn std::os::fd::AsRawFd, data: u32| {
-            let ev = Events::with_data_raw(fd.as_raw_fd(), data, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-rng: cannot watch an eventfd: {e:?}");
-            }
-        };
-        watch(&self.kick, KICK);
-        watch(self.rearm.eventfd(), REARM);
+        self.ring.init(ops, "virtio-rng");
         if let Some(l) = self.backend.limiter() {
-            watch(l.timer(), TIMER);
+            if let Err(e) = ops.add(Events::with_data(l.timer(), TIMER, EventSet::IN)) {
+                log::error!("virtio-rng: cannot watch the rate-limit timer: {e:?}");
+            }
         }
-        // Buffers made available before the driver's first kick, served
-        // on the worker thread (this runs on the activating vCPU's).
-        self.rearm.arm();
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        match events.data() {
-            KICK => {
-                let _ = self.kick.read();
-            }
-            REARM => self.rearm.clear(),
-            TIMER => {
-                let refilled = self.backend.limiter().is_some_and(|mut l| l.on_timer());
-                if !refilled {
-                    return;
-                }
-            }
-            other => {
-                log::debug!("virtio-rng: unexpected event {other}");
+        if !self.ring.take_event(&events) {
+            // The timer: serve only if it refilled the bucket.
+            if !self.backend.limiter().is_some_and(|mut l| l.on_timer()) {
                 return;
             }
         }
@@ -284,15 +249,8 @@ impl VirtioDevice for Rng {
             return Err(ActivateError::AlreadyActive);
         }
         let q = ctx.take_queue(0)?;
-        let handler = RngQueue {
-            mem: ctx.mem,
-            queue: q.queue,
-            kick: q.kick,
-            interrupt: ctx.interrupt,
-            backend: self.backend.clone(),
-            rearm: Rearm::new().map_err(ActivateError::EventFd)?,
-            broken: false,
-        };
+        let ring = Ring::new(ctx.mem, q, ctx.interrupt).map_err(ActivateError::EventFd)?;
+        let handler = RngQueue { ring, backend: self.backend.clone() };
         self.worker = Some(Worker::spawn("virtio-rng", handler).map_err(ActivateError::Worker)?);
         Ok(())
     }
@@ -311,6 +269,8 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
+
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::virtio::test_utils::*;
@@ -343,17 +303,10 @@ mod tests {
         tq: &TestQueue,
         limit: Option<RateLimit>,
     ) -> (RngQueue, Arc<RecordingInterrupt>) {
-        let irq = Arc::new(RecordingInterrupt::default());
-        let q = RngQueue {
-            mem: mem.clone(),
-            queue: tq.queue(),
-            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            interrupt: irq.clone(),
-            backend: backend(limit),
-            rearm: Rearm::new().unwrap(),
-            broken: false,
-        };
-        (q, irq)
+        let (ctx, irq) = context(mem, tq, &EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let ActivationContext { mem, mut queues, interrupt } = ctx;
+        let ring = Ring::new(mem, queues.remove(0), interrupt).unwrap();
+        (RngQueue { ring, backend: backend(limit) }, irq)
     }
 
     /// Waits (up to 10 s) until the used ring has `n` entries.
@@ -552,7 +505,7 @@ mod tests {
             left -= served.requests;
             // With more left the worker wakes itself for the next step.
             assert_eq!(served.more, left > 0);
-            assert_eq!(rng.rearm.eventfd().read().is_ok(), left > 0);
+            assert_eq!(rng.ring.rearm.eventfd().read().is_ok(), left > 0);
             assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(0)]);
         }
         // Every one refused (longer than the queue) and returned empty.
