@@ -27,7 +27,7 @@
 #                   rebuilt (from linux-source, against each kernel's
 #                   headers) with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, for
 #                   acpi=off guests.
-#   l2/store.img, l2/store-data.bin, l2/vol.img  ext4 images for the
+#   l2/store.img, l2/store-data.bin, l2/vol.img  disk images for the
 #                   virtio-blk tests (a store with a known file, a volume).
 #   tools/stamp, tools/outb   static helpers from resources/tools.
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
@@ -267,7 +267,7 @@ STAMP="$CACHE/tools/stamp"
 OUTB="$CACHE/tools/outb"
 
 # --------------------------------------------------------- L2 kernel
-L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs button evdev"
+L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs libcrc32c erofs button evdev"
 if [ -n "${SKIFF_TEST_KERNEL:-}" ]; then
 	[ -f "$SKIFF_TEST_KERNEL" ] || die "SKIFF_TEST_KERNEL=$SKIFF_TEST_KERNEL: no such file"
 	kernel_src=$SKIFF_TEST_KERNEL
@@ -425,12 +425,14 @@ if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 fi
 
 # ------------------------------------------------------------ disk images
-# For the virtio-blk tests: a small ext4 "store" holding data.bin (1 MiB of
+# For the virtio-blk tests: a small "store" holding data.bin (1 MiB of
 # random bytes, also kept beside it as store-data.bin for the checksum) and
-# a directory of 1,000 files, and an empty 32 MiB ext4 volume, as
+# a directory of 1,000 files, compressed erofs owned by root as microvm.nix
+# builds its store disk by default; and an empty 32 MiB ext4 volume, as
 # microvm.nix's startup-shutdown check uses.
 command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 missing: run resources/install-deps.sh (e2fsprogs)"
-k=$(key_of "v1-disks")
+command -v mkfs.erofs >/dev/null || die "mkfs.erofs missing: run resources/install-deps.sh (erofs-utils)"
+k=$(key_of "v2-disks")
 if ! up_to_date "$CACHE/l2/store.img" "$k"; then
 	log "building l2/store.img and l2/vol.img"
 	d="$CACHE/tmp/storeroot"
@@ -438,7 +440,7 @@ if ! up_to_date "$CACHE/l2/store.img" "$k"; then
 	mkdir -p "$d/many"
 	head -c 1048576 /dev/urandom >"$d/data.bin"
 	for i in $(seq 1 1000); do echo "$i" >"$d/many/f$i"; done
-	mkfs.ext4 -q -F -L store -d "$d" "$CACHE/l2/store.img" 16M >/dev/null
+	mkfs.erofs --quiet -zlz4hc --all-root "$CACHE/l2/store.img" "$d" >/dev/null
 	cp "$d/data.bin" "$CACHE/l2/store-data.bin"
 	mkfs.ext4 -q -F -L vol "$CACHE/l2/vol.img" 32M >/dev/null
 	rm -rf "$d"

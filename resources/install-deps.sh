@@ -18,11 +18,12 @@ die() {
 }
 
 # acpica-tools: iasl, which the ACPI unit test disassembles the tables with.
-# e2fsprogs: mkfs.ext4 builds the virtio-blk tests' disk images.
+# e2fsprogs, erofs-utils: mkfs.ext4 and mkfs.erofs build the virtio-blk
+# tests' disk images.
 # make, libelf1, zlib1g: guest-assets.sh rebuilds one guest kernel module
 # (virtio_mmio) against Debian's kernel headers.
 PKGS=(qemu-system-x86 seabios busybox-static cpio socat lz4 zstd xz-utils gzip gcc libc6-dev
-	binutils util-linux grep gawk coreutils make libelf1 zlib1g acpica-tools e2fsprogs)
+	binutils util-linux grep gawk coreutils make libelf1 zlib1g acpica-tools e2fsprogs erofs-utils)
 MIN_QEMU_MAJOR=8
 
 qemu_major() {

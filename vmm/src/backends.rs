@@ -130,7 +130,7 @@ fn block(cfg: &VmConfig, b: &BlockConfig, pci: bool) -> Result<DeviceBackend, Ba
             detect_zeroes: drive.detect_zeroes,
             serial: b.serial.clone().unwrap_or_default().into_bytes(),
         },
-        io_uring: drive.io_uring,
+        aio: drive.aio,
     };
     Ok(DeviceBackend::Block(Arc::new(disk), params))
 }

@@ -186,7 +186,7 @@ pub struct BlockConfig {
     pub physical_block_size: u32,
 }
 
-pub use devices::virtio::block::DetectZeroes;
+pub use devices::virtio::block::{Aio, DetectZeroes};
 
 /// `-drive if=none,id=ID,file=PATH,...`: a raw image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,8 +208,8 @@ pub struct DriveConfig {
     pub locking: bool,
     /// `format=raw` was given (else QEMU warns that it probed).
     pub format_given: bool,
-    /// `aio=io_uring`: asynchronous I/O through an io_uring per queue.
-    pub io_uring: bool,
+    /// `aio=`: a thread pool or an io_uring per queue.
+    pub aio: Aio,
 }
 
 impl VirtioKind {

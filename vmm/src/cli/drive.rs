@@ -3,7 +3,7 @@
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{DetectZeroes, DriveConfig};
+use crate::config::{Aio, DetectZeroes, DriveConfig};
 
 /// `-drive [id=]..,file=PATH,if=none[,...]`.
 pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliError> {
@@ -29,15 +29,9 @@ pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliErro
         }
     };
     let read_only = opts.take_bool("read-only")?.unwrap_or(false);
-    // io_uring: many requests at once per queue; threads and native: one
-    // at a time on the queue's own worker thread.
-    let io_uring = match opts.take("aio").as_deref() {
-        None | Some("threads") | Some("native") => false,
-        Some("io_uring") => true,
-        Some(other) => {
-            return Err(opts.invalid_value("aio", other.to_owned(), "io_uring, threads or native"))
-        }
-    };
+    // native (Linux AIO) is served by io_uring, the kernel's newer
+    // asynchronous interface; QEMU's condition on it stays.
+    let aio = opts.take("aio");
     // QEMU's cache modes: (O_DIRECT, O_DSYNC, flushes ignored).
     let (mut direct, dsync, ignore_flush) = match opts.take("cache").as_deref() {
         None | Some("writeback") => (false, false, false),
@@ -77,6 +71,17 @@ pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliErro
         }
     };
     // Which -drive this is when there are several: no effect with if=none.
+    let aio = match aio.as_deref() {
+        None | Some("threads") => Aio::Threads,
+        Some("io_uring") => Aio::IoUring,
+        Some("native") if direct => Aio::IoUring,
+        Some("native") => return Err(opts.error(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+        )),
+        Some(other) => {
+            return Err(opts.invalid_value("aio", other.to_owned(), "io_uring, threads or native"))
+        }
+    };
     opts.take_uint("index")?;
     for key in ["werror", "rerror"] {
         match opts.take(key).as_deref() {
@@ -111,7 +116,7 @@ pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliErro
         detect_zeroes,
         locking,
         format_given,
-        io_uring,
+        aio,
     })
 }
 
@@ -130,7 +135,9 @@ mod tests {
                 .unwrap();
         assert_eq!(store.id, "store");
         assert!(store.read_only && store.format_given && !store.direct && store.locking);
-        assert!(store.io_uring);
+        assert_eq!(store.aio, Aio::IoUring);
+        assert_eq!(drive("id=d,file=/x").unwrap().aio, Aio::Threads, "QEMU's default");
+        assert_eq!(drive("id=d,file=/x,cache=none,aio=native").unwrap().aio, Aio::IoUring);
         let vol = drive("id=vda,format=raw,file=vol.img,if=none,aio=io_uring,discard=unmap,cache=none,read-only=off")
             .unwrap();
         assert!(vol.discard && vol.direct && !vol.read_only);
@@ -161,6 +168,7 @@ mod tests {
         assert!(err("id=d,file=/x,rerror=stop").contains("rerror=stop"));
         assert!(err("id=d,file=/x,cache=fast").contains("'cache'"));
         assert!(err("id=d,file=/x,aio=posix").contains("'aio'"));
+        assert!(err("id=d,file=/x,aio=native").contains("requires cache.direct=on"));
         assert_eq!(err("id=d,file=/x,bogus=1"), "-drive id=d: unknown property 'bogus'");
     }
 }

@@ -77,8 +77,10 @@ Devices:
                          warning); locked as QEMU locks it; cache=none on a
                          filesystem without O_DIRECT (tmpfs) falls back to the
                          page cache with a warning; each queue runs on a worker
-                         thread of its own: with aio=io_uring many requests at
-                         once through an io_uring, else one at a time
+                         thread of its own, many requests at once: through a
+                         thread pool (aio=threads, the default) or an io_uring
+                         (aio=io_uring or native; a pool where the host has
+                         no io_uring); aio=native needs cache=none, as in QEMU
 -device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
                          a root port; devices with bus=ID sit behind it
                          Every explicit addr= is reserved before any device

@@ -7,6 +7,7 @@
 //! and writes need no lock.
 
 pub mod disk;
+mod pool;
 pub mod request;
 mod uring;
 
@@ -28,6 +29,7 @@ use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use pool::Pool;
 use uring::Uring;
 
 /// virtio-blk counts in 512-byte sectors, whatever the block size.
@@ -50,9 +52,18 @@ pub struct BlockParams {
     /// `physical_block_size=`.
     pub physical_block_size: u32,
     pub policy: Policy,
-    /// `aio=io_uring`: each queue's I/O through an io_uring, many requests
-    /// at a time; otherwise one at a time on the queue's worker.
-    pub io_uring: bool,
+    pub aio: Aio,
+}
+
+/// How a queue's worker carries requests out, many at a time either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Aio {
+    /// `aio=threads`: a pool of threads per queue (`pool`).
+    #[default]
+    Threads,
+    /// `aio=io_uring` (and `native`): an io_uring per queue, the pool where
+    /// the host has none.
+    IoUring,
 }
 
 fn bit(b: u32) -> u64 {
@@ -148,7 +159,7 @@ impl VirtioDevice for Block {
         }
         let policy = Arc::new(self.params.policy.clone());
         for q in ctx.queues {
-            let engine = if self.params.io_uring { io_uring(q.queue.size()) } else { None };
+            let engine = engine(self.params.aio, &ctx.mem, &self.disk, &policy, q.queue.size());
             let name = format!("virtio-blk-q{}", q.index);
             let ring = Ring::new(ctx.mem.clone(), q, ctx.interrupt.clone())
                 .map_err(ActivateError::EventFd)?;
@@ -169,17 +180,102 @@ impl VirtioDevice for Block {
     }
 }
 
-/// An io_uring for a queue of `size`, or None (one warning per process)
-/// where the host has none to give (an old kernel, a seccomp filter).
-fn io_uring(size: u16) -> Option<Uring> {
+/// The engine for a queue of `size`: an io_uring where asked and the host
+/// gives one, else a thread pool (one warning per process when io_uring
+/// was asked for: an old kernel, a seccomp filter); with neither, None:
+/// requests run one at a time on the worker.
+fn engine(
+    aio: Aio,
+    mem: &GuestMemoryMmap,
+    disk: &Arc<Disk>,
+    policy: &Arc<Policy>,
+    size: u16,
+) -> Option<Engine> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    match Uring::new(size) {
-        Ok(u) => Some(u),
-        Err(e) => {
-            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                log::warn!("aio=io_uring: io_uring unavailable ({e}); requests run one at a time");
+    if aio == Aio::IoUring {
+        match Uring::new(size) {
+            Ok(u) => return Some(Engine::Uring(Box::new(u))),
+            Err(e) => {
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    log::warn!("aio=io_uring: io_uring unavailable ({e}); using a thread pool");
+                }
             }
+        }
+    }
+    match Pool::new(mem.clone(), disk.clone(), policy.clone(), size) {
+        Ok(p) => Some(Engine::Pool(p)),
+        Err(e) => {
+            log::warn!("virtio-blk: no thread pool ({e}); requests run one at a time");
             None
+        }
+    }
+}
+
+/// What carries a queue's requests out, many at a time.
+enum Engine {
+    Uring(Box<Uring>),
+    Pool(Pool),
+}
+
+impl Engine {
+    fn eventfd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        match self {
+            Engine::Uring(u) => u.eventfd(),
+            Engine::Pool(p) => p.eventfd(),
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        match self {
+            Engine::Uring(u) => u.has_room(),
+            Engine::Pool(p) => p.has_room(),
+        }
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        match self {
+            Engine::Uring(u) => u.in_flight(),
+            Engine::Pool(p) => p.in_flight(),
+        }
+    }
+
+    /// Completions wait to be reaped (checked without a system call).
+    fn ready(&mut self) -> bool {
+        match self {
+            Engine::Uring(u) => u.ready(),
+            Engine::Pool(_) => false,
+        }
+    }
+
+    fn max_in_flight(&self) -> usize {
+        match self {
+            Engine::Uring(u) => u.max_in_flight,
+            Engine::Pool(p) => p.max_in_flight,
+        }
+    }
+
+    /// Hands what was pushed to the kernel (the pool's threads have it
+    /// already).
+    fn submit(&mut self) {
+        if let Engine::Uring(u) = self {
+            if let Err(err) = u.submit() {
+                log::error!("virtio-blk: io_uring submit failed: {err}");
+            }
+        }
+    }
+
+    fn reap(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+        match self {
+            Engine::Uring(u) => u.reap(mem),
+            Engine::Pool(p) => p.reap(),
+        }
+    }
+
+    fn drain(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+        match self {
+            Engine::Uring(u) => u.drain(mem),
+            Engine::Pool(p) => p.drain(),
         }
     }
 }
@@ -189,8 +285,9 @@ struct BlockQueue {
     ring: Ring,
     disk: Arc<Disk>,
     policy: Arc<Policy>,
-    /// `aio=io_uring`'s engine, when the host gave one.
-    engine: Option<Uring>,
+    /// What carries requests out many at a time; with none, one at a
+    /// time here.
+    engine: Option<Engine>,
 }
 
 /// The engine's completion eventfd, in the worker's epoll set.
@@ -206,9 +303,7 @@ impl BlockQueue {
         };
         let served = self.ring.serve(Budget { requests: REQUESTS_PER_WAKEUP }, &mut requests);
         if let Some(e) = self.engine.as_mut() {
-            if let Err(err) = e.submit() {
-                log::error!("virtio-blk: io_uring submit failed: {err}");
-            }
+            e.submit();
         }
         served
     }
@@ -225,7 +320,7 @@ struct Requests<'a> {
     disk: &'a Disk,
     policy: &'a Policy,
     max_descriptors: usize,
-    engine: Option<&'a mut Uring>,
+    engine: Option<&'a mut Engine>,
 }
 
 impl Request for Requests<'_> {
@@ -247,16 +342,24 @@ impl Request for Requests<'_> {
                 return Outcome::Used(0);
             }
         };
-        let Some(engine) = self.engine.as_deref_mut() else {
-            return Outcome::Used(request::serve(mem, &chain, self.disk, self.policy));
-        };
-        match request::prepare(mem, &chain, self.disk, self.policy) {
-            Err(used) => Outcome::Used(used),
-            Ok(req) => match engine.push(mem, self.disk, head, req) {
+        let here =
+            |chain: &Chain| Outcome::Used(request::serve(mem, chain, self.disk, self.policy));
+        match self.engine.as_deref_mut() {
+            None => here(&chain),
+            Some(Engine::Pool(pool)) => match pool.push(chain) {
                 Ok(()) => Outcome::Later,
-                // Not for the engine (misaligned for O_DIRECT, ...): here.
-                Err(_) => Outcome::Used(request::serve(mem, &chain, self.disk, self.policy)),
+                Err(chain) => here(&chain),
             },
+            Some(Engine::Uring(uring)) => {
+                match request::prepare(mem, &chain, self.disk, self.policy) {
+                    Err(used) => Outcome::Used(used),
+                    Ok(req) => match uring.push(mem, self.disk, head, req) {
+                        Ok(()) => Outcome::Later,
+                        // Not for the engine (misaligned for O_DIRECT, ...): here.
+                        Err(_) => here(&chain),
+                    },
+                }
+            }
         }
     }
 }
@@ -266,7 +369,7 @@ impl MutEventSubscriber for BlockQueue {
         self.ring.init(ops, "virtio-blk");
         if let Some(e) = &self.engine {
             if let Err(e) = ops.add(Events::with_data(e.eventfd(), DONE, EventSet::IN)) {
-                log::error!("virtio-blk: cannot watch io_uring's completions: {e:?}");
+                log::error!("virtio-blk: cannot watch its I/O completions: {e:?}");
             }
         }
     }
@@ -276,6 +379,13 @@ impl MutEventSubscriber for BlockQueue {
             self.reap();
         }
         self.serve();
+        // What the kernel finished while it took the batch (reads the page
+        // cache had) goes back now, not after another trip through epoll;
+        // and the room it frees serves what waits.
+        if self.engine.as_mut().is_some_and(Engine::ready) {
+            self.reap();
+            self.serve();
+        }
     }
 }
 
@@ -289,7 +399,7 @@ impl Handler for BlockQueue {
         log::info!(
             "virtio-blk queue {}: at most {} requests were in flight at once",
             self.ring.index,
-            e.max_in_flight
+            e.max_in_flight()
         );
     }
 }

@@ -123,6 +123,11 @@ impl Uring {
         Ok(())
     }
 
+    /// Completions wait in the ring.
+    pub fn ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Hands what `push` queued to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
         self.ring.submit().map(|_| ())
