@@ -145,6 +145,14 @@ impl Rearm {
     }
 }
 
+/// How a worker watches an eventfd that only says "look again" (a kick, a
+/// completion): edge-triggered, so each signal wakes it once and it never
+/// has to read the count back, one system call less per wakeup. (The count
+/// saturates; it cannot block the writer in practice: 2^64 signals.)
+pub fn notice() -> EventSet {
+    EventSet::IN | EventSet::EDGE_TRIGGERED
+}
+
 /// Event data of a `Ring`'s kick and re-arm in its worker's epoll set;
 /// a device's own events use small numbers.
 const RING_KICK: u32 = u32::MAX - 1;
@@ -187,8 +195,10 @@ impl Ring {
     /// available before the driver's first kick are served on the worker
     /// (`init` runs on the activating vCPU's thread).
     pub fn init(&self, ops: &mut EventOps, device: &str) {
-        for (fd, data) in [(&self.kick, RING_KICK), (self.rearm.eventfd(), RING_REARM)] {
-            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
+        let kick = Events::with_data(&self.kick, RING_KICK, notice());
+        let rearm = Events::with_data(self.rearm.eventfd(), RING_REARM, EventSet::IN);
+        for events in [kick, rearm] {
+            if let Err(e) = ops.add(events) {
                 log::error!("{device}: cannot watch an eventfd: {e:?}");
             }
         }
@@ -199,10 +209,8 @@ impl Ring {
     /// then serves); false for the device's own events.
     pub fn take_event(&self, events: &Events) -> bool {
         match events.data() {
-            RING_KICK => {
-                let _ = self.kick.read();
-                true
-            }
+            // Edge-triggered (`notice`): nothing to read.
+            RING_KICK => true,
             RING_REARM => {
                 self.rearm.clear();
                 true

@@ -13,7 +13,7 @@ mod uring;
 
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -24,7 +24,7 @@ pub use disk::{Disk, DiskError, DiskOptions};
 pub use request::{DetectZeroes, Policy};
 
 use super::chain::Chain;
-use super::worker::{Budget, Handler, Outcome, Request, Ring, Served, Worker};
+use super::worker::{notice, Budget, Handler, Outcome, Request, Ring, Served, Worker};
 use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -368,7 +368,7 @@ impl MutEventSubscriber for BlockQueue {
     fn init(&mut self, ops: &mut EventOps) {
         self.ring.init(ops, "virtio-blk");
         if let Some(e) = &self.engine {
-            if let Err(e) = ops.add(Events::with_data(e.eventfd(), DONE, EventSet::IN)) {
+            if let Err(e) = ops.add(Events::with_data(e.eventfd(), DONE, notice())) {
                 log::error!("virtio-blk: cannot watch its I/O completions: {e:?}");
             }
         }

@@ -35,7 +35,8 @@ pub struct Pool {
     jobs: Option<Sender<Chain>>,
     queue: Arc<Mutex<Receiver<Chain>>>,
     done: Arc<Done>,
-    /// Signalled when a request is done.
+    /// Signalled when a request is done (watch it edge-triggered: nothing
+    /// reads it back).
     signal: Arc<EventFd>,
     threads: Vec<JoinHandle<()>>,
     mem: GuestMemoryMmap,
@@ -128,7 +129,6 @@ impl Pool {
 
     /// The requests that are done, as (head, used length).
     pub fn reap(&mut self) -> Vec<(u16, u32)> {
-        let _ = self.signal.read();
         let done =
             std::mem::take(&mut *self.done.list.lock().unwrap_or_else(PoisonError::into_inner));
         self.in_flight -= done.len().min(self.in_flight);

@@ -57,7 +57,8 @@ impl Uring {
         })
     }
 
-    /// Signalled when requests complete.
+    /// Signalled when requests complete (watch it edge-triggered: nothing
+    /// reads it back).
     pub fn eventfd(&self) -> &EventFd {
         &self.done
     }
@@ -143,7 +144,6 @@ impl Uring {
     /// The requests that completed: their status bytes written, as (head,
     /// used length).
     pub fn reap(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let _ = self.done.read();
         let mut done = Vec::new();
         let cqes: Vec<(u64, i32)> =
             self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
