@@ -123,7 +123,8 @@ fn load_pvh(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKernel> {
 
 /// What the rest of the machine asks of the boot parameters.
 pub struct BootSetup<'a> {
-    pub cmdline: &'a str,
+    /// Bytes, as the kernel takes them (not necessarily UTF-8).
+    pub cmdline: &'a [u8],
     pub initrd: Option<&'a mut File>,
     /// Address of the ACPI RSDP, if there are ACPI tables.
     pub rsdp: Option<GuestAddress>,
@@ -225,8 +226,8 @@ fn write_pvh_start_info(
     Ok(GuestAddress(start))
 }
 
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<()> {
-    if cmdline.contains('\0') {
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &[u8], max: usize) -> Result<()> {
+    if cmdline.contains(&0) {
         return Err(Error::CmdlineNul);
     }
     // The kernel's cmdline_size excludes the terminating NUL.
@@ -234,7 +235,7 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<()>
     if cmdline.len() > max {
         return Err(Error::CmdlineTooLong { len: cmdline.len(), max });
     }
-    let mut bytes = cmdline.as_bytes().to_vec();
+    let mut bytes = cmdline.to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_START))?;
     Ok(())
@@ -348,15 +349,17 @@ mod tests {
     #[test]
     fn cmdline_is_bounded_and_nul_free() {
         let m = mem(16 << 20);
-        write_cmdline(&m, "console=ttyS0", 16).unwrap();
+        write_cmdline(&m, b"console=ttyS0", 16).unwrap();
         let mut buf = [0u8; 14];
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");
         assert!(matches!(
-            write_cmdline(&m, "console=ttyS0 quiet", 16),
+            write_cmdline(&m, b"console=ttyS0 quiet", 16),
             Err(Error::CmdlineTooLong { len: 19, max: 16 })
         ));
-        assert!(matches!(write_cmdline(&m, "a\0b", 16), Err(Error::CmdlineNul)));
+        assert!(matches!(write_cmdline(&m, b"a\0b", 16), Err(Error::CmdlineNul)));
+        // Not UTF-8: the kernel takes bytes.
+        write_cmdline(&m, b"x=\xe9", 16).unwrap();
     }
 
     fn fake_kernel() -> LoadedKernel {

@@ -6,6 +6,7 @@
 pub mod aml;
 pub mod bus;
 pub mod legacy;
+pub mod ratelimit;
 pub mod virtio;
 
 /// A request from a device to the VMM about the machine as a whole.

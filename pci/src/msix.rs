@@ -229,7 +229,7 @@ impl Msix {
         }
         match self.router.route(self.gsis[v], msg) {
             Ok(()) => self.routed[v] = Some(msg),
-            Err(e) => log::error!("msix: cannot route vector {v}: {e}"),
+            Err(e) => devices::error_limited!("msix: cannot route vector {v}: {e}"),
         }
     }
 
@@ -251,7 +251,7 @@ impl Msix {
         }
         if let Some(gsi) = s.attached.take() {
             if let Err(e) = self.router.detach(&s.evt, gsi) {
-                log::error!("msix: cannot detach a source from GSI {gsi}: {e}");
+                devices::error_limited!("msix: cannot detach a source from GSI {gsi}: {e}");
             }
         }
         let Some(gsi) = wanted else { return };
@@ -260,11 +260,11 @@ impl Msix {
         let held = s.evt.read().is_ok();
         match self.router.attach(&s.evt, gsi) {
             Ok(()) => s.attached = Some(gsi),
-            Err(e) => log::error!("msix: cannot attach a source to GSI {gsi}: {e}"),
+            Err(e) => devices::error_limited!("msix: cannot attach a source to GSI {gsi}: {e}"),
         }
         if held {
             if let Err(e) = s.evt.write(1) {
-                log::error!("msix: cannot re-signal vector {v}: {e}");
+                devices::error_limited!("msix: cannot re-signal vector {v}: {e}");
             }
         }
     }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::BusDevice;
-use log::{debug, warn};
+use log::debug;
 
 use crate::address::{DevFn, PciAddress};
 use crate::bridge::HostBridge;
@@ -215,7 +215,7 @@ impl BusDevice for PciRoot {
 /// ECAM takes 1, 2 and 4-byte accesses aligned to their size.
 fn decode(offset: u64, len: usize) -> Option<(PciAddress, u16)> {
     if !matches!(len, 1 | 2 | 4) || offset & (len as u64 - 1) != 0 || offset >= 1 << 28 {
-        warn!("pci: ignoring {len}-byte ECAM access at {offset:#x}");
+        debug!("pci: ignoring {len}-byte ECAM access at {offset:#x}");
         return None;
     }
     Some(PciAddress::from_ecam_offset(offset))

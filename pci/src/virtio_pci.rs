@@ -147,7 +147,7 @@ impl VirtioPciInterrupt {
 
     fn assert_intx(&self) {
         if let Err(e) = self.intx_evt.write(1) {
-            log::error!("virtio-pci: cannot raise INTx: {e}");
+            devices::error_limited!("virtio-pci: cannot raise INTx: {e}");
         }
     }
 

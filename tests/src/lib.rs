@@ -469,9 +469,7 @@ pub fn run_scenarios_with(
     // vCPU and a scenario stalls; that says nothing about skiff, so such a
     // batch runs once more. One that froze or ran out of time midway
     // (exit 5) keeps what finished: `rerun_stalled` runs the rest.
-    if matches!(out.status.code(), Some(3))
-        || fs::read_to_string(&log).is_ok_and(|l| test_host_oopsed(&l))
-    {
+    if matches!(out.status.code(), Some(3)) || read_log(&log).is_ok_and(|l| test_host_oopsed(&l)) {
         print!("{}", String::from_utf8_lossy(&out.stderr));
         println!("skiff-tests: the test host failed; running batch '{}' again", opts.log_name);
         out = run()?;
@@ -498,7 +496,7 @@ pub fn run_scenarios_with(
             stderr.lines().rev().find(|l| l.contains("error:")).unwrap_or("no message").to_string();
         return Err(Error::TestHost { code, log, message });
     }
-    let parsed = parse_log(&fs::read_to_string(&log).map_err(Error::Io)?);
+    let parsed = parse_log(&read_log(&log).map_err(Error::Io)?);
     let mut by_name: HashMap<String, ScenarioResult> =
         parsed.into_iter().map(|r| (r.name.clone(), r)).collect();
     rerun_stalled(scenarios, opts, &log, code == Some(5), &mut by_name)?;
@@ -539,7 +537,10 @@ fn unasked_reset(output: &str) -> bool {
 /// `<batch>.stalled.log` and every rerun is recorded in `stalled.txt` next
 /// to it, so a hang that is skiff's (it would stall again) still fails.
 /// When the test host itself froze or ran out of time (`cut_short`), the
-/// scenarios that did not end, or never began, run there too.
+/// scenarios that did not end, or never began, run there too; a test host
+/// that froze again gets up to `FROZEN_RERUNS` fresh ones (a frozen test
+/// host is never skiff's doing: a hang of skiff's ends at the scenario's
+/// own limit inside it, rc 124, and that runs once more only).
 fn rerun_stalled(
     scenarios: &[Scenario],
     opts: &RunOptions,
@@ -547,17 +548,24 @@ fn rerun_stalled(
     cut_short: bool,
     by_name: &mut HashMap<String, ScenarioResult>,
 ) -> Result<(), Error> {
+    let reruns = opts.log_name.matches(".rerun").count();
+    let stalls_too = reruns == 0;
+    let may_rerun = stalls_too || (cut_short && reruns < FROZEN_RERUNS);
+    if !may_rerun {
+        return Ok(());
+    }
     let stalled: Vec<Scenario> = scenarios
         .iter()
         .filter(|s| match by_name.get(&s.name) {
             Some(r) => {
-                r.rc == Some(124) || unasked_reset(&r.output) || (cut_short && r.rc.is_none())
+                (stalls_too && (r.rc == Some(124) || unasked_reset(&r.output)))
+                    || (cut_short && r.rc.is_none())
             }
             None => cut_short,
         })
         .cloned()
         .collect();
-    if stalled.is_empty() || opts.log_name.ends_with(".rerun") {
+    if stalled.is_empty() {
         return Ok(());
     }
     let names: Vec<&str> = stalled.iter().map(|s| s.name.as_str()).collect();
@@ -586,6 +594,15 @@ fn rerun_stalled(
         by_name.insert(r.name.clone(), r);
     }
     Ok(())
+}
+
+/// Fresh test hosts for scenarios whose test host froze.
+const FROZEN_RERUNS: usize = 3;
+
+/// A console log: bytes that are not UTF-8 (a guest's own, a command line
+/// with Latin-1 in it) read as U+FFFD.
+fn read_log(path: &Path) -> std::io::Result<String> {
+    Ok(String::from_utf8_lossy(&fs::read(path)?).into_owned())
 }
 
 /// Parses a run-scenarios.sh log: `=== BEGIN NAME`, output lines,

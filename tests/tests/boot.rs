@@ -25,7 +25,9 @@ fn scenarios() -> Vec<Scenario> {
         )
     };
     vec![
-        boot("boot-acpi-on", true, "", "poweroff"),
+        // With a byte that is not UTF-8 on the kernel's command line (a
+        // Latin-1 é): the kernel takes bytes, and so does skiff.
+        boot("boot-acpi-on", true, "", "poweroff skiff.latin1=$(printf '\\351')"),
         boot("reboot", true, "", "reboot"),
         boot("panic", true, "", "panic"),
         boot("debug-exit", true, "-device isa-debug-exit,iobase=0xf4,iosize=0x04", "exit=5"),
@@ -112,6 +114,7 @@ fn boot_acpi_on() {
     let r = result("boot-acpi-on");
     assert_booted(r);
     assert_eq!(r.value("SKIFF-NPROC"), Some("2"), "2 vCPUs expected\n{}", r.describe());
+    assert!(r.contains("skiff.latin1=\u{fffd}"), "the kernel got the byte\n{}", r.describe());
     assert_rc(r, 0);
 }
 

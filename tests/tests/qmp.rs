@@ -63,7 +63,26 @@ fn scenarios() -> Vec<Scenario> {
          | socat -t 60 STDIO UNIX:q.sock > qmp2.txt\n{FINISH}",
         start("sleep")
     );
+    // Three clients send and close without reading a byte (socat -u); the
+    // fourth is greeted, answered, and powers the guest down.
+    let unread = "printf '%s\\n' '{\"execute\":\"qmp_capabilities\"}' \
+         '{\"execute\":\"query-status\"}' | socat -u STDIN UNIX-CONNECT:q.sock\n";
+    let deaf = format!(
+        "{}{unread}{unread}{unread}printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' \
+         '{{\"execute\":\"query-status\",\"id\":\"after\"}}' '{{\"execute\":\"system_powerdown\"}}' \
+         | socat -t 60 STDIO UNIX:q.sock,shut-none > qmp.txt\n{FINISH}",
+        start("powerbutton")
+    );
+    // SIGTERM while wait=on holds the start for a client: status 0, as a
+    // signal ends a running VM.
+    let wait_term = "$SKIFF -M microvm -m 256M -kernel $BZIMAGE -nographic \
+         -qmp unix:w.sock,server=on,wait=on > out.txt 2>&1 &\npid=$!\n\
+         i=0; while [ ! -S w.sock ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done\n\
+         [ -S w.sock ] && echo SOCKET=listening\n\
+         kill -TERM $pid\nwait $pid\necho \"SKIFF-RC=$?\"\ncat out.txt\n";
     vec![
+        Scenario::script("qmp-unread-clients", SECS, &deaf),
+        Scenario::script("qmp-wait-sigterm", 30, wait_term),
         Scenario::script("qmp-powerdown", SECS, &powerdown),
         Scenario::script("qmp-ctrl-alt-del", SECS, &cad),
         Scenario::script("qmp-session", SECS, &session),
@@ -92,6 +111,25 @@ fn system_powerdown_as_microvm_nix_sends_it() {
     assert!(r.contains("\"event\":\"SHUTDOWN\""), "no SHUTDOWN event\n{}", r.describe());
     assert!(r.contains("\"reason\":\"guest-shutdown\""), "{}", r.describe());
     assert!(r.has_line("SKIFF-POWER-BUTTON"), "the guest did not see the button\n{}", r.describe());
+}
+
+/// Clients that close without reading their replies leave QMP listening:
+/// the next one is greeted and answered, and its system_powerdown works.
+#[test]
+fn clients_that_never_read_leave_qmp_answering() {
+    let r = result("qmp-unread-clients");
+    assert_clean_exit(r);
+    assert!(r.contains("\"QMP\""), "no greeting\n{}", r.describe());
+    assert!(r.contains(r#""id":"after","return":{"running":true"#), "{}", r.describe());
+    assert!(r.contains("\"event\":\"POWERDOWN\""), "{}", r.describe());
+    assert!(r.has_line("SKIFF-POWER-BUTTON"), "the guest did not see the button\n{}", r.describe());
+}
+
+#[test]
+fn sigterm_while_waiting_for_a_client_exits_0() {
+    let r = result("qmp-wait-sigterm");
+    assert!(r.has_line("SOCKET=listening"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }
 
 #[test]

@@ -347,7 +347,8 @@ pub struct VmConfig {
     pub cpu: CpuConfig,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
-    pub append: String,
+    /// `-append`: bytes for the kernel, UTF-8 or not.
+    pub append: std::ffi::OsString,
     pub no_reboot: bool,
     /// `-nodefaults`: no default serial on stdio.
     pub nodefaults: bool,
@@ -377,7 +378,7 @@ impl Default for VmConfig {
             cpu: CpuConfig::default(),
             kernel: None,
             initrd: None,
-            append: String::new(),
+            append: std::ffi::OsString::new(),
             no_reboot: false,
             nodefaults: false,
             nographic: false,

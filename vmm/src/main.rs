@@ -66,7 +66,8 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 fn main() -> ExitCode {
     diag::trace::init();
     host::logger::init();
-    let args = std::env::args().skip(1);
+    // args_os: std::env::args panics on an argument that is not UTF-8.
+    let args = std::env::args_os().skip(1);
     let config = match cli::parse(args) {
         Ok(cli::Action::Run(cfg)) => cfg,
         Ok(cli::Action::Help) => {
@@ -123,7 +124,16 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     let signal_evt = host::signals::install().map_err(Error::Signals)?;
     let mut servers = Vec::new();
     for q in &cfg.qmp {
-        let server = qmp::QmpServer::bind(q).map_err(Error::Qmp)?;
+        let server = match qmp::QmpServer::bind(q) {
+            Ok(s) => s,
+            // SIGTERM/SIGINT/SIGHUP while waiting for a client (wait=on)
+            // ends skiff as it ends a running VM: status 0.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                log::info!("qmp: {e}");
+                return Ok(0);
+            }
+            Err(e) => return Err(Error::Qmp(e)),
+        };
         servers.push(Arc::new(Mutex::new(server)));
     }
     if let console::ConsoleTarget::Stdio { signal } = console {

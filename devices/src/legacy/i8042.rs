@@ -145,7 +145,7 @@ impl<T: Trigger> I8042<T> {
     fn raise_irq(&self) {
         if self.ctr & CTR_KBD_INT != 0 {
             if let Err(e) = self.irq.trigger() {
-                log::warn!("i8042: failed to raise IRQ 1: {e:?}");
+                crate::warn_limited!("i8042: failed to raise IRQ 1: {e:?}");
             }
         }
     }

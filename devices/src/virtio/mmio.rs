@@ -89,7 +89,7 @@ impl RelayTarget for MmioInterrupt {
     fn relay(&self, source: VirtioInterruptType, call: &EventFd) {
         if call.read().is_ok() {
             if let Err(e) = self.trigger(source) {
-                log::error!("virtio-mmio: cannot raise the interrupt: {e}");
+                crate::error_limited!("virtio-mmio: cannot raise the interrupt: {e}");
             }
         }
     }
@@ -271,7 +271,7 @@ mod tests {
     use virtio_queue::QueueT;
 
     use super::*;
-    use crate::virtio::test_utils::guest_mem;
+    use crate::virtio::test_utils::{guest_mem, logged_lines};
     use crate::virtio::{read_config_from, ActivateError, ActivationContext, VIRTIO_F_VERSION_1};
 
     const MEM: usize = 0x10_0000;
@@ -392,6 +392,24 @@ mod tests {
         assert_eq!(negotiate(t, VIRTIO_F_VERSION_1), 0xb);
         setup_queue(t, 0, size, desc);
         driver_ok(t)
+    }
+
+    /// A driver that writes an invalid status a million times: the
+    /// operator hears of it, at most once a second, not a million times.
+    #[test]
+    fn a_million_invalid_status_writes_log_a_handful_of_lines() {
+        let is_ours = |l: &&String| l.contains("invalid status transition");
+        let before = logged_lines().iter().filter(is_ours).count();
+        let (_, mut t) = setup();
+        let started = std::time::Instant::now();
+        for _ in 0..1_000_000 {
+            // DRIVER without ACKNOWLEDGE.
+            w(&mut t, STATUS, DRIVER);
+        }
+        let secs = started.elapsed().as_secs() as usize;
+        let lines = logged_lines().iter().filter(is_ours).count() - before;
+        assert!((1..=secs + 2).contains(&lines), "{lines} lines in {secs} s");
+        assert_eq!(r(&mut t, STATUS), 0, "and none of them was taken");
     }
 
     #[test]

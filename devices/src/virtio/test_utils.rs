@@ -155,3 +155,28 @@ impl VirtioInterrupt for RecordingInterrupt {
         self.0.lock().unwrap().push(VirtioInterruptType::Config);
     }
 }
+
+/// What this test binary logged at the default level (warn and above):
+/// installs a capturing logger on first use.
+pub fn logged_lines() -> Vec<String> {
+    struct Capture;
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    impl log::Log for Capture {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= log::Level::Warn
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                LINES.lock().unwrap_or_else(|e| e.into_inner()).push(r.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        if log::set_logger(&Capture).is_ok() {
+            log::set_max_level(log::LevelFilter::Warn);
+        }
+    });
+    LINES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}

@@ -195,7 +195,7 @@ impl TransportState {
         match self.queue_evts.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log::error!("{}: cannot signal queue {index}: {e}", self.name);
+                    crate::error_limited!("{}: cannot signal queue {index}: {e}", self.name);
                 }
             }
             None => log::debug!("{}: notify for missing queue {index}", self.name),
@@ -224,7 +224,11 @@ impl TransportState {
             .iter()
             .all(|&(bit, needs)| v & bit == 0 || v & needs != 0);
         if v & self.status != self.status || !in_order {
-            log::warn!("{}: invalid status transition {:#x} -> {v:#x}", self.name, self.status);
+            crate::warn_limited!(
+                "{}: invalid status transition {:#x} -> {v:#x}",
+                self.name,
+                self.status
+            );
             return false;
         }
         let added = v & !self.status;
@@ -251,7 +255,10 @@ impl TransportState {
         let offered = dev.features();
         let f = self.driver_features;
         if f & !offered != 0 || f & VIRTIO_F_VERSION_1 == 0 {
-            log::warn!("{}: driver features {f:#x} refused (offered {offered:#x})", self.name);
+            crate::warn_limited!(
+                "{}: driver features {f:#x} refused (offered {offered:#x})",
+                self.name
+            );
             return false;
         }
         dev.ack_features(f);
@@ -306,7 +313,7 @@ impl TransportState {
 pub fn raise_needs_reset(flag: &AtomicBool, interrupt: &dyn VirtioInterrupt, name: &str) {
     flag.store(true, Ordering::SeqCst);
     if let Err(e) = interrupt.trigger(VirtioInterruptType::Config) {
-        log::error!("{name}: cannot raise the config interrupt: {e}");
+        crate::error_limited!("{name}: cannot raise the config interrupt: {e}");
     }
 }
 

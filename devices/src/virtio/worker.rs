@@ -366,7 +366,7 @@ fn add_used(mem: &GuestMemoryMmap, queue: &mut Queue, index: u16, head: u16, len
 fn notify(mem: &GuestMemoryMmap, queue: &mut Queue, index: u16, interrupt: &dyn VirtioInterrupt) {
     if queue.needs_notification(mem).unwrap_or(true) {
         if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
-            log::error!("virtio: queue {index}: cannot interrupt the guest: {e}");
+            crate::error_limited!("virtio: queue {index}: cannot interrupt the guest: {e}");
         }
     }
 }

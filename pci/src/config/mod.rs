@@ -7,8 +7,6 @@
 //! the BAR's size are read-only zero, so writing all ones reads back the size
 //! mask, as the spec intends.
 
-use log::warn;
-
 mod bar;
 
 use bar::BarSlot;
@@ -200,7 +198,7 @@ impl PciConfig {
         let Ok(offset) = usize::try_from(offset) else { return None };
         if !matches!(len, 1 | 2 | 4) || offset & (len - 1) != 0 || offset + len > CONFIG_SPACE_SIZE
         {
-            warn!("pci: ignoring {len}-byte config write at {offset:#x}");
+            log::debug!("pci: ignoring {len}-byte config write at {offset:#x}");
             return None;
         }
         let reg = offset / 4;

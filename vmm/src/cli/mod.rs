@@ -54,6 +54,10 @@ pub enum CliError {
     InvalidSize { option: String, value: String },
     #[error("{option}: {reason}")]
     Invalid { option: String, reason: String },
+    /// An argument that must be text (options, QEMU's key=value lists) is
+    /// not UTF-8; shown with U+FFFD where it is not.
+    #[error("{option}: the argument '{lossy}' is not valid UTF-8")]
+    NotText { option: String, lossy: String },
 }
 
 /// `-version`.
@@ -168,10 +172,29 @@ fn is_help(arg: &str) -> bool {
 ///
 /// `-h` and `-version` take effect where they appear, as in QEMU; errors in
 /// earlier options are still reported.
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError> {
-    let mut args = args.into_iter();
+///
+/// Arguments are the OS's (`args_os`): paths (`-kernel`, `-initrd`) and
+/// `-append` may be any bytes; everything else must be UTF-8 and is refused
+/// by name where it is not.
+pub fn parse<I, S>(args: I) -> Result<Action, CliError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString>,
+{
+    let mut args = args.into_iter().map(Into::into);
     let mut builder = Builder::default();
     while let Some(arg) = args.next() {
+        let arg = match arg.into_string() {
+            Ok(a) => a,
+            Err(a) => {
+                let lossy = a.to_string_lossy().into_owned();
+                return Err(if lossy.starts_with('-') {
+                    CliError::UnknownOption(lossy)
+                } else {
+                    CliError::Positional(lossy)
+                });
+            }
+        };
         let Some(name) = option_name(&arg) else {
             return Err(CliError::Positional(arg));
         };
@@ -233,8 +256,35 @@ impl Builder {
         &mut self,
         opt: ArgOpt,
         label: &str,
-        arg: String,
+        arg: std::ffi::OsString,
     ) -> Result<Option<Action>, CliError> {
+        let invalid = |reason: &str| CliError::Invalid {
+            option: label.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let config = &mut self.config;
+        // Paths and the kernel's command line are bytes to the OS.
+        match opt {
+            ArgOpt::Kernel | ArgOpt::Initrd if arg.is_empty() => return Err(invalid("empty path")),
+            ArgOpt::Kernel => config.kernel = Some(arg.into()),
+            ArgOpt::Initrd => config.initrd = Some(arg.into()),
+            ArgOpt::Append => config.append = arg,
+            _ => return self.text_option(opt, label, arg),
+        }
+        Ok(None)
+    }
+
+    /// Options whose argument is text.
+    fn text_option(
+        &mut self,
+        opt: ArgOpt,
+        label: &str,
+        arg: std::ffi::OsString,
+    ) -> Result<Option<Action>, CliError> {
+        let arg = arg.into_string().map_err(|a| CliError::NotText {
+            option: label.to_owned(),
+            lossy: a.to_string_lossy().into_owned(),
+        })?;
         let invalid = |reason: &str| CliError::Invalid {
             option: label.to_owned(),
             reason: reason.to_owned(),
@@ -255,11 +305,9 @@ impl Builder {
                 machine::parse_smp(label, &arg, self.smp.get_or_insert_with(SmpArgs::default))?
             }
             ArgOpt::Cpu => config.cpu = machine::parse_cpu(label, &arg)?,
-            // Paths are checked by the VMM, which opens them.
-            ArgOpt::Kernel | ArgOpt::Initrd if arg.is_empty() => return Err(invalid("empty path")),
-            ArgOpt::Kernel => config.kernel = Some(arg.into()),
-            ArgOpt::Initrd => config.initrd = Some(arg.into()),
-            ArgOpt::Append => config.append = arg,
+            // Bytes, taken by `option` (paths are checked by the VMM, which
+            // opens them).
+            ArgOpt::Kernel | ArgOpt::Initrd | ArgOpt::Append => {}
             ArgOpt::Name => config.name = parse_name(label, &arg)?.or(config.name.take()),
             ArgOpt::Display => parse_display(label, &arg)?,
             ArgOpt::Chardev => {

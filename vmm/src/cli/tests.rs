@@ -838,3 +838,28 @@ fn drive_errors_name_the_problem() {
         &["-drive", "duplicate id 'd'"],
     );
 }
+
+/// The OS hands over bytes: paths and the kernel's command line keep them
+/// (QEMU passes them through); where text is needed, the error names the
+/// option. Never a panic (std::env::args would abort on such an argument).
+#[test]
+fn arguments_that_are_not_utf8() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let os = |b: &[u8]| OsString::from_vec(b.to_vec());
+    let line = |v: Vec<OsString>| parse(v);
+    match line(vec![os(b"-kernel"), os(b"/boot/k\xe9"), os(b"-append"), os(b"x=\xe9")]) {
+        Ok(Action::Run(cfg)) => {
+            assert_eq!(cfg.kernel.unwrap().as_os_str().as_bytes(), b"/boot/k\xe9");
+            assert_eq!(cfg.append.as_bytes(), b"x=\xe9");
+        }
+        other => panic!("expected a config, got {other:?}"),
+    }
+    let err = |v: Vec<OsString>| line(v).unwrap_err().to_string();
+    assert_eq!(
+        err(vec![os(b"-drive"), os(b"id=d,file=/d\xe9.img")]),
+        "-drive: the argument 'id=d,file=/d\u{fffd}.img' is not valid UTF-8"
+    );
+    assert_eq!(err(vec![os(b"-m\xe9")]), "-m\u{fffd}: unknown option");
+    assert!(err(vec![os(b"disk\xe9.img")]).contains("unexpected argument"));
+}

@@ -3,6 +3,12 @@
 //! session. One client at a time, as a QEMU monitor: later connections wait
 //! in the listen backlog and get their greeting when the first one leaves.
 //! Per VM run, a `QmpHandler` subscriber connects it to the run's devices.
+//!
+//! The event loop never waits for a client: sockets are non-blocking, what
+//! a client has not read yet waits in its own buffer (bounded: a client
+//! that stops reading is dropped), and a client that left is taken out of
+//! epoll before its socket is closed, on every path, so the next client
+//! (which may get the same descriptor number) is watched again.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -45,6 +51,15 @@ impl Stream {
             Stream::Tcp(s) => s.as_raw_fd(),
         }
     }
+
+    /// Ends the connection but keeps the descriptor: epoll reports a
+    /// hang-up, and the handler takes it out before closing it.
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
 }
 
 trait ReadWrite: Read + Write {}
@@ -54,10 +69,76 @@ struct Client {
     stream: Stream,
     session: Session,
     inbuf: Vec<u8>,
+    /// Replies and events the client has not read yet.
+    outbuf: Vec<u8>,
+    /// What epoll watches on its socket (None: not yet registered).
+    watching: Option<EventSet>,
+    /// It left, failed, or fell too far behind: the handler takes it out
+    /// of epoll, and only then closes it.
+    gone: bool,
 }
 
-/// A slow client must not stall the event loop for long.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most a client may leave unread (replies and events) before it is
+/// dropped; a client that reads keeps far less.
+const MAX_UNREAD: usize = 1 << 20;
+
+impl Client {
+    fn new(stream: Stream) -> Client {
+        Client {
+            stream,
+            session: Session::default(),
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            watching: None,
+            gone: false,
+        }
+    }
+
+    /// Queues one JSON line and writes what the socket takes now.
+    fn send(&mut self, value: &Value) {
+        if self.gone {
+            return;
+        }
+        self.outbuf.extend_from_slice(value.to_string().as_bytes());
+        self.outbuf.extend_from_slice(b"\r\n");
+        if self.outbuf.len() > MAX_UNREAD {
+            log::warn!("qmp: a client left {} bytes unread: dropping it", self.outbuf.len());
+            self.leave();
+            return;
+        }
+        self.flush();
+    }
+
+    /// Marks the client gone and ends its connection, which wakes the
+    /// handler (a hang-up) even when this happens outside it (`emit`).
+    fn leave(&mut self) {
+        self.gone = true;
+        self.stream.shutdown();
+    }
+
+    /// Writes what the socket takes without blocking.
+    fn flush(&mut self) {
+        while !self.outbuf.is_empty() && !self.gone {
+            match self.stream.io().write(&self.outbuf) {
+                Ok(0) => self.leave(),
+                Ok(n) => drop(self.outbuf.drain(..n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => self.leave(),
+            }
+        }
+    }
+
+    /// What epoll should watch: input always, room to write while
+    /// something waits to be written.
+    fn interest(&self) -> EventSet {
+        if self.outbuf.is_empty() {
+            EventSet::IN
+        } else {
+            EventSet::IN | EventSet::OUT
+        }
+    }
+}
 
 pub struct QmpServer {
     listener: Listener,
@@ -77,6 +158,7 @@ impl QmpServer {
             }
         };
         let mut server = QmpServer { listener, client: None };
+        server.set_listener_nonblocking()?;
         if cfg.wait {
             // QEMU's wait=on: the VM starts once a client is connected.
             server.wait_for_client()?;
@@ -87,28 +169,25 @@ impl QmpServer {
     /// Blocks until a client connects, but gives up on a termination signal
     /// (std's accept would retry on EINTR and ignore it).
     fn wait_for_client(&mut self) -> std::io::Result<()> {
-        self.set_listener_nonblocking(true)?;
-        let result = loop {
-            match self.accept() {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Some(sig) = crate::host::signals::last_signal() {
-                        break Err(std::io::Error::other(format!(
-                            "terminated by signal {sig} while waiting for a client"
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                other => break other,
+        loop {
+            if self.accept()? {
+                return Ok(());
             }
-        };
-        self.set_listener_nonblocking(false)?;
-        result
+            if let Some(sig) = crate::host::signals::last_signal() {
+                // Interrupted: the caller ends as a signal ends a run.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    format!("terminated by signal {sig} while waiting for a client"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
-    fn set_listener_nonblocking(&self, on: bool) -> std::io::Result<()> {
+    fn set_listener_nonblocking(&self) -> std::io::Result<()> {
         match &self.listener {
-            Listener::Unix(l, _) => l.set_nonblocking(on),
-            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
         }
     }
 
@@ -119,36 +198,39 @@ impl QmpServer {
         }
     }
 
-    fn accept(&mut self) -> std::io::Result<()> {
-        let stream = match &self.listener {
-            Listener::Unix(l, _) => {
-                let (s, _) = l.accept()?;
-                s.set_nonblocking(false)?;
-                s.set_write_timeout(Some(WRITE_TIMEOUT))?;
-                Stream::Unix(s)
-            }
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nonblocking(false)?;
-                s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    /// Takes the next connection, if one waits, and greets it; true when
+    /// a client is connected now (one that left at once is not kept).
+    fn accept(&mut self) -> std::io::Result<bool> {
+        let accepted = match &self.listener {
+            Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(true)?;
+                Ok(Stream::Unix(s))
+            }),
+            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(true)?;
                 s.set_nodelay(true)?;
-                Stream::Tcp(s)
-            }
+                Ok(Stream::Tcp(s))
+            }),
         };
-        let mut client = Client { stream, session: Session::default(), inbuf: Vec::new() };
-        if send(&mut client, &protocol::greeting()) {
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut client = Client::new(stream);
+        client.send(&protocol::greeting());
+        if !client.gone {
             self.client = Some(client);
         }
-        Ok(())
+        Ok(self.client.is_some())
     }
 
-    /// Sends an event to the connected client, if any.
+    /// Sends an event to the connected client, if any. A client it finds
+    /// gone stays until the handler has taken it out of epoll.
     pub fn emit(&mut self, name: &str, data: Option<Value>) {
         let ev = protocol::event(name, data);
         if let Some(c) = self.client.as_mut() {
-            if !send(c, &ev) {
-                self.client = None;
-            }
+            c.send(&ev);
         }
     }
 }
@@ -161,13 +243,6 @@ impl Drop for QmpServer {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-/// Writes one JSON line; false when the client is gone.
-fn send(client: &mut Client, value: &Value) -> bool {
-    let mut line = value.to_string();
-    line.push_str("\r\n");
-    client.stream.io().write_all(line.as_bytes()).is_ok()
 }
 
 /// The run's devices that QMP commands act on.
@@ -219,18 +294,35 @@ impl QmpHandler {
         }
     }
 
-    /// Reads what the client sent and answers every complete JSON value.
-    fn read_client(&self, server: &mut QmpServer) -> bool {
-        let Some(client) = server.client.as_mut() else { return false };
+    /// Reads what the client sent and answers every complete JSON value;
+    /// marks the client gone when it left.
+    fn read_client(&self, server: &mut QmpServer) {
+        let Some(client) = server.client.as_mut() else { return };
         let mut buf = [0u8; 4096];
         let n = match client.stream.io().read(&mut buf) {
-            Ok(0) | Err(_) => return false,
+            Ok(0) => {
+                client.gone = true;
+                return;
+            }
             Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                return
+            }
+            Err(_) => {
+                client.gone = true;
+                return;
+            }
         };
         client.inbuf.extend_from_slice(&buf[..n]);
         // A client that never ends its JSON must not grow memory unbounded.
         if client.inbuf.len() > 1 << 20 {
-            return false;
+            client.gone = true;
+            return;
         }
         let mut requests = Vec::new();
         loop {
@@ -266,16 +358,47 @@ impl QmpHandler {
             let reply = client.session.handle(input, running);
             // An answered command runs even if the client is already gone.
             requests.extend(reply.request);
-            if !send(client, &reply.response) {
-                server.client = None;
+            client.send(&reply.response);
+            if client.gone {
                 break;
             }
         }
         for r in requests {
             self.carry_out(server, r);
         }
-        // carry_out's events may also have found the client gone.
-        server.client.is_some()
+    }
+
+    /// After the client's turn: a client that is gone leaves epoll first
+    /// and is closed after (closing first would leave its number in the
+    /// event manager's table, and the next client on that number unheard),
+    /// and the listener is watched again; otherwise epoll watches what the
+    /// client's buffer needs.
+    fn settle(server: &mut QmpServer, ops: &mut EventOps) {
+        let listener = server.listener_fd();
+        let Some(c) = server.client.as_mut() else { return };
+        if c.gone {
+            if let Some(set) = c.watching {
+                if let Err(e) = ops.remove(Events::new_raw(c.stream.fd(), set)) {
+                    log::warn!("qmp: cannot stop watching a client: {e:?}");
+                }
+            }
+            server.client = None;
+            if let Err(e) = ops.add(Events::new_raw(listener, EventSet::IN)) {
+                log::error!("qmp: cannot watch the socket for the next client: {e:?}");
+            }
+            return;
+        }
+        let want = c.interest();
+        let fd = c.stream.fd();
+        let res = match c.watching {
+            Some(set) if set == want => Ok(()),
+            Some(_) => ops.modify(Events::new_raw(fd, want)),
+            None => ops.add(Events::new_raw(fd, want)),
+        };
+        match res {
+            Ok(()) => c.watching = Some(want),
+            Err(e) => log::warn!("qmp: cannot watch a client: {e:?}"),
+        }
     }
 }
 
@@ -284,14 +407,23 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MutEventSubscriber for QmpHandler {
+    /// A run's event loop is new: the client (kept across a guest reset)
+    /// or the listener is registered afresh.
     fn init(&mut self, ops: &mut EventOps) {
-        let server = lock(&self.server);
-        let fd = match &server.client {
-            Some(c) => c.stream.fd(),
-            None => server.listener_fd(),
-        };
-        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-            log::warn!("qmp: cannot watch the socket: {e:?}");
+        let mut server = lock(&self.server);
+        if let Some(c) = server.client.as_mut() {
+            c.watching = None;
+            if !c.gone {
+                c.flush();
+            }
+            if c.gone {
+                server.client = None;
+            }
+        }
+        if server.client.is_some() {
+            Self::settle(&mut server, ops);
+        } else if let Err(e) = ops.add(Events::new_raw(server.listener_fd(), EventSet::IN)) {
+            log::error!("qmp: cannot watch the socket: {e:?}");
         }
     }
 
@@ -300,23 +432,60 @@ impl MutEventSubscriber for QmpHandler {
         let mut server = lock(&server);
         let listener = server.listener_fd();
         if events.fd() == listener {
-            if let Err(e) = server.accept() {
-                log::warn!("qmp: accept failed: {e}");
-                // EMFILE and the like leave the listener readable: back off
-                // instead of spinning on it.
-                std::thread::sleep(Duration::from_millis(100));
-                return;
-            }
-            if let Some(c) = &server.client {
+            match server.accept() {
                 // One client at a time: watch it instead of the listener.
-                let _ = ops.remove(Events::new_raw(listener, EventSet::IN));
-                let _ = ops.add(Events::new_raw(c.stream.fd(), EventSet::IN));
+                Ok(true) => {
+                    if let Err(e) = ops.remove(Events::new_raw(listener, EventSet::IN)) {
+                        log::warn!("qmp: cannot pause the listener: {e:?}");
+                    }
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    log::warn!("qmp: accept failed: {e}");
+                    // EMFILE and the like leave the listener readable: back
+                    // off instead of spinning on it.
+                    std::thread::sleep(Duration::from_millis(100));
+                    return;
+                }
             }
-        } else if !self.read_client(&mut server) {
-            // Gone (EOF, error, or a failed write): listen for the next one.
-            let _ = ops.remove(Events::new_raw(events.fd(), EventSet::IN));
-            server.client = None;
-            let _ = ops.add(Events::new_raw(listener, EventSet::IN));
+        } else if let Some(c) = server.client.as_mut() {
+            let set = events.event_set();
+            if set.intersects(EventSet::OUT) {
+                c.flush();
+            }
+            if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                self.read_client(&mut server);
+            }
         }
+        Self::settle(&mut server, ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Past `MAX_UNREAD` a client that does not read is given up, and its
+    /// connection ended at once (the peer sees the end), while its
+    /// descriptor stays for the handler to take out of epoll.
+    #[test]
+    fn a_client_past_the_unread_bound_is_dropped_and_hung_up() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut c = Client::new(Stream::Unix(ours));
+        let event = serde_json::json!({ "event": "X", "data": "y".repeat(1000) });
+        let mut sent = 0;
+        while !c.gone && sent < 10_000 {
+            c.send(&event);
+            sent += 1;
+        }
+        assert!(c.gone, "never dropped");
+        assert!(c.outbuf.len() > MAX_UNREAD && sent > MAX_UNREAD / 1024, "{sent} sent");
+        // SAFETY: fcntl(F_GETFD) on a descriptor this test owns.
+        assert!(unsafe { libc::fcntl(c.stream.fd(), libc::F_GETFD) } >= 0, "still open");
+        peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).expect("the end of the connection, not a timeout");
+        assert!(!got.is_empty());
     }
 }

@@ -258,4 +258,139 @@ mod tests {
         drop(server);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn connect(sock: &std::path::Path) -> UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match UnixStream::connect(sock) {
+                Ok(st) => {
+                    st.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    return st;
+                }
+                Err(e) if Instant::now() > deadline => panic!("connect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Sends `commands` and reads until a reply contains `until`; returns
+    /// everything read, the greeting first.
+    fn converse(stream: UnixStream, commands: &[&str], until: &str) -> Vec<String> {
+        let mut w = stream.try_clone().unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        let mut replies = vec![lines.next().expect("a greeting").expect("read")];
+        for c in commands {
+            w.write_all(c.as_bytes()).unwrap();
+        }
+        while !replies.last().unwrap().contains(until) {
+            replies.push(lines.next().expect("a reply").expect("read"));
+        }
+        replies
+    }
+
+    /// Ends the run when the client thread ends, even by a failed
+    /// assertion: the test fails instead of hanging.
+    struct QuitOnDrop<'a>(&'a Control);
+
+    impl Drop for QuitOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.quit();
+        }
+    }
+
+    fn qmp_server(
+        dir: &std::path::Path,
+        name: &str,
+    ) -> (Arc<Mutex<QmpServer>>, std::path::PathBuf) {
+        let sock = dir.join(name);
+        let cfg = QmpConfig { address: QmpAddress::Unix(sock.clone()), wait: false };
+        (Arc::new(Mutex::new(QmpServer::bind(&cfg).unwrap())), sock)
+    }
+
+    const HELLO: &str = "{\"execute\":\"qmp_capabilities\"}\n";
+    const STATUS: &str = "{\"execute\":\"query-status\"}\n";
+
+    /// Clients that send commands and close without reading the replies
+    /// (microvm.nix's shutdown script when it is killed, systemd giving
+    /// up): each leaves epoll before its socket closes, so the next client,
+    /// often on the same descriptor number, is greeted and answered.
+    #[test]
+    fn qmp_answers_after_clients_that_closed_without_reading() {
+        let dir = std::env::temp_dir().join(format!("skiff-qmp-deaf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, sock) = qmp_server(&dir, "qmp.sock");
+        let control = Arc::new(Control::new().unwrap());
+        let signal = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let replies = std::thread::scope(|s| {
+            let client = s.spawn(|| {
+                let _quit = QuitOnDrop(&control);
+                for _ in 0..3 {
+                    // Greeted (so skiff watches it), then gone before the
+                    // replies: skiff's writes find it closed.
+                    let st = connect(&sock);
+                    let mut w = st.try_clone().unwrap();
+                    let mut greeting = String::new();
+                    BufReader::new(st).read_line(&mut greeting).unwrap();
+                    assert!(greeting.contains("QMP"), "{greeting}");
+                    w.write_all(HELLO.as_bytes()).unwrap();
+                    w.write_all(STATUS.as_bytes()).unwrap();
+                }
+                let replies = converse(connect(&sock), &[HELLO, STATUS], "\"status\"");
+                control.quit();
+                replies
+            });
+            let end = run(&control, &signal, Board::default(), std::slice::from_ref(&server));
+            assert_eq!(end.unwrap(), RunEnd::Quit);
+            client.join().unwrap()
+        });
+        assert!(replies[0].contains("QMP"), "{replies:?}");
+        assert!(replies.last().unwrap().contains("\"running\""), "{replies:?}");
+        drop(server);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A client that sends thousands of commands and does not read: the
+    /// replies wait in its own buffer (more than its socket holds), not in
+    /// the event loop, so a client of the other QMP socket is answered
+    /// meanwhile; and when the first one reads at last, every reply is
+    /// there (blocking writes timed out and dropped it, replies lost).
+    #[test]
+    fn a_client_that_does_not_read_does_not_hold_up_another() {
+        const N: usize = 8192;
+        let dir = std::env::temp_dir().join(format!("skiff-qmp-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (slow_server, slow_sock) = qmp_server(&dir, "slow.sock");
+        let (server, sock) = qmp_server(&dir, "qmp.sock");
+        let control = Arc::new(Control::new().unwrap());
+        let signal = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let servers = [slow_server, server];
+        let (replies, slow_replies) = std::thread::scope(|s| {
+            let client = s.spawn(|| {
+                let _quit = QuitOnDrop(&control);
+                let slow = connect(&slow_sock);
+                let mut w = slow.try_clone().unwrap();
+                w.write_all(HELLO.as_bytes()).unwrap();
+                w.write_all(STATUS.repeat(N).as_bytes()).unwrap();
+                let replies = converse(connect(&sock), &[HELLO, STATUS], "\"status\"");
+                // Now read everything skiff has for the slow one.
+                let mut lines = BufReader::new(slow).lines();
+                let mut running = 0;
+                while running < N {
+                    match lines.next() {
+                        Some(Ok(l)) => running += usize::from(l.contains("\"running\"")),
+                        _ => break,
+                    }
+                }
+                control.quit();
+                (replies, running)
+            });
+            let end = run(&control, &signal, Board::default(), &servers);
+            assert_eq!(end.unwrap(), RunEnd::Quit);
+            client.join().unwrap()
+        });
+        assert!(replies.last().unwrap().contains("\"running\""), "{replies:?}");
+        assert_eq!(slow_replies, N, "every reply reached the client that read late");
+        drop(servers);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

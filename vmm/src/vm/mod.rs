@@ -300,9 +300,9 @@ fn load_guest(
     };
 
     let initrd_path = files.initrd.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
-    let mut cmdline = cfg.append.clone();
+    let mut cmdline = std::os::unix::ffi::OsStrExt::as_bytes(cfg.append.as_os_str()).to_vec();
     if !p.acpi && cfg.machine.auto_kernel_cmdline {
-        cmdline.push_str(&plan.virtio_mmio_cmdline());
+        cmdline.extend_from_slice(plan.virtio_mmio_cmdline().as_bytes());
     }
     let setup = boot::linux::BootSetup {
         cmdline: &cmdline,

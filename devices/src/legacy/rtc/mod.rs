@@ -240,7 +240,7 @@ impl<T: Trigger> Rtc<T> {
         if self.cmos[REG_C] & C_IRQF == 0 && self.cmos[REG_C] & enabled != 0 {
             self.cmos[REG_C] |= C_IRQF;
             if let Err(e) = self.irq.trigger() {
-                log::warn!("rtc: cannot raise IRQ 8: {e:?}");
+                crate::warn_limited!("rtc: cannot raise IRQ 8: {e:?}");
             }
         }
     }
