@@ -332,7 +332,8 @@ impl VirtioPciDevice {
             msix_enabled: AtomicBool::new(false),
             calls,
             isr: AtomicU8::new(0),
-            intx_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?,
+            intx_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(TransportError::EventFd)?,
             intx_enabled: AtomicBool::new(true),
             needs_reset: state.needs_reset.clone(),
         });

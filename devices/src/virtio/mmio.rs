@@ -108,7 +108,8 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<Self, MmioError> {
         let state = TransportState::new("virtio-mmio", mem, device)?;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(TransportError::EventFd)?;
         let needs_reset = state.needs_reset.clone();
         let interrupt = Arc::new(MmioInterrupt { status: AtomicU32::new(0), evt, needs_reset });
         Ok(MmioTransport { state, interrupt })
@@ -410,6 +411,21 @@ mod tests {
         let lines = logged_lines().iter().filter(is_ours).count() - before;
         assert!((1..=secs + 2).contains(&lines), "{lines} lines in {secs} s");
         assert_eq!(r(&mut t, STATUS), 0, "and none of them was taken");
+    }
+
+    /// Nothing skiff starts (a helper, a bridge script) inherits the
+    /// queues' eventfds.
+    #[test]
+    fn the_transports_eventfds_are_close_on_exec() {
+        let (_, t) = setup();
+        let s = &t.state;
+        let fds =
+            s.queue_evts.iter().chain(&s.queue_calls).chain([&s.config_call, &t.interrupt.evt]);
+        for e in fds {
+            // SAFETY: F_GETFD on an eventfd this test owns.
+            let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(e), libc::F_GETFD) };
+            assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        }
     }
 
     #[test]

@@ -81,7 +81,9 @@ impl TransportState {
         for (index, &size) in max_sizes.iter().enumerate() {
             Queue::new(size).map_err(|_| TransportError::QueueMaxSize { index, size })?;
         }
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd);
+        let eventfd = || {
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(TransportError::EventFd)
+        };
         let queue_evts = max_sizes.iter().map(|_| eventfd()).collect::<Result<_, _>>()?;
         let queue_calls = max_sizes.iter().map(|_| eventfd()).collect::<Result<_, _>>()?;
         Ok(TransportState {

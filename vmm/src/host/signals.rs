@@ -33,7 +33,8 @@ pub fn vcpu_kick_signal() -> libc::c_int {
 /// signal. The eventfd is leaked on purpose: the handler may use it until
 /// the process exits.
 pub fn install() -> std::io::Result<&'static EventFd> {
-    let evt: &'static EventFd = Box::leak(Box::new(EventFd::new(libc::EFD_NONBLOCK)?));
+    let evt: &'static EventFd =
+        Box::leak(Box::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?));
     SIGNAL_EVENTFD.store(evt.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         register_signal_handler(sig, on_terminate).map_err(std::io::Error::from)?;

@@ -26,7 +26,10 @@ pub struct Control {
 
 impl Control {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Control { evt: EventFd::new(libc::EFD_NONBLOCK)?, outcome: Mutex::new(None) })
+        Ok(Control {
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            outcome: Mutex::new(None),
+        })
     }
 
     pub fn eventfd(&self) -> &EventFd {

@@ -16,13 +16,15 @@ use crate::vm::{io_err, kvm_err, Result};
 pub(super) fn add(ctx: &BoardContext<'_>, board: &mut Board) -> Result<()> {
     let (pio, mmio) = (ctx.pio, ctx.mmio);
     let irq = |gsi: u32| -> Result<EventFdTrigger> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let evt =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
         ctx.vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
         Ok(EventFdTrigger::new(evt))
     };
 
     if let Some(backend) = ctx.console.open(ctx.first_run)? {
-        let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let ready =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
         let ready2 = ready.try_clone().map_err(io_err("eventfd"))?;
         let out: Box<dyn std::io::Write + Send> = match backend.output {
             Some(file) => {
@@ -60,7 +62,8 @@ pub(super) fn add(ctx: &BoardContext<'_>, board: &mut Board) -> Result<()> {
     }
 
     if ctx.plan.platform.rtc {
-        let rearm = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let rearm =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
         let rearm2 = rearm.try_clone().map_err(io_err("eventfd"))?;
         let dev = Arc::new(Mutex::new(Rtc::new(irq(RTC_IRQ)?, Some(rearm2))));
         pio.insert(dev.clone(), u64::from(RTC_PORT), 2)?;

@@ -247,7 +247,8 @@ pub(super) fn add_pcie(ctx: &BoardContext<'_>, plan: &PciePlan, board: &mut Boar
 
     for (address, interrupt) in intx {
         let Some(gsi) = root.intx_gsi(address) else { continue };
-        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let resample =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
         ctx.vm
             .register_irqfd_with_resample(interrupt.intx_evt(), &resample, gsi)
             .map_err(kvm_err("KVM_IRQFD"))?;
