@@ -12,7 +12,7 @@ use devices::ratelimit::LogLimit;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 /// Crates whose log lines a guest can trigger at will.
-const GUEST_FACING: &[&str] = &["virtio_queue", "vm_virtio", "virtio_blk"];
+const GUEST_FACING: &[&str] = &["virtio_queue"];
 
 struct StderrLogger;
 

@@ -221,23 +221,7 @@ mod tests {
             wait_until("the flood to start", || used() > QUEUE);
 
             let client = s.spawn(|| {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                let stream = loop {
-                    match UnixStream::connect(&sock) {
-                        Ok(st) => break st,
-                        Err(e) if Instant::now() > deadline => panic!("connect: {e}"),
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                };
-                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let mut w = stream.try_clone().unwrap();
-                let mut lines = BufReader::new(stream).lines();
-                let mut replies = vec![lines.next().unwrap().unwrap()];
-                w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
-                w.write_all(b"{\"execute\":\"query-status\"}\n").unwrap();
-                while !replies.last().unwrap().contains("\"status\"") {
-                    replies.push(lines.next().expect("a reply").expect("read"));
-                }
+                let replies = converse(connect(&sock), &[HELLO, STATUS], "\"status\"");
                 control.quit();
                 replies
             });
