@@ -27,8 +27,8 @@ use crate::GuestMemoryMmap;
 /// legacy BIOS-area scan (0xE0000..0xFFFFF) finds it as well as
 /// `boot_params.acpi_rsdp_addr`.
 pub const ACPI_START: u64 = layout::ACPI_START;
-/// The tables must end below this address (start of high memory).
-pub const ACPI_END: u64 = layout::HIGH_MEMORY_START;
+/// The tables must end below this address (where the SMBIOS tables start).
+pub const ACPI_END: u64 = layout::SMBIOS_START;
 /// Guest-physical address of the RSDP.
 pub const RSDP_ADDR: u64 = ACPI_START;
 

@@ -24,6 +24,9 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// The ACPI tables (RSDP first) are written here: inside the BIOS area, so a
 /// guest that scans for the RSDP also finds it.
 pub const ACPI_START: u64 = 0xe_0000;
+/// SMBIOS entry point and tables: the start of the 0xF0000 segment, where
+/// Linux looks for them when there is no EFI. The ACPI tables end here.
+pub const SMBIOS_START: u64 = 0xf_0000;
 /// Where the protected-mode kernel is loaded (bzImage `code32_start`).
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 

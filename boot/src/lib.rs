@@ -7,5 +7,6 @@ pub mod cpu;
 pub mod layout;
 pub mod linux;
 pub mod mptable;
+pub mod smbios;
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

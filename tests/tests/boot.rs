@@ -28,7 +28,8 @@ fn scenarios() -> Vec<Scenario> {
         // With a byte that is not UTF-8 on the kernel's command line (a
         // Latin-1 é): the kernel takes bytes, and so does skiff.
         boot("boot-acpi-on", true, "", "poweroff skiff.latin1=$(printf '\\351')"),
-        boot("reboot", true, "", "reboot"),
+        // microvm.nix's -smbios (its machine id), with more fields.
+        boot("reboot", true, SMBIOS, "reboot"),
         boot("panic", true, "", "panic"),
         boot("debug-exit", true, "-device isa-debug-exit,iobase=0xf4,iosize=0x04", "exit=5"),
         // acpi=off with microvm.nix's argv otherwise. The guest is Debian's
@@ -87,6 +88,9 @@ fn scenarios() -> Vec<Scenario> {
 /// Without -no-reboot a guest reboot restarts the VM: init runs twice.
 /// Then SIGTERM ends skiff with status 0. With the root complex and a
 /// virtio-pci device, so the teardown of a run with PCI is covered too.
+const SMBIOS: &str = "-smbios type=1,uuid=a67472e5-570e-5c8a-b18c-ae3c77701050 \
+                      -smbios type=1,manufacturer=Example,product=nixos-test,serial=S-42";
+
 fn restart_script() -> String {
     let cmd = microvm_nix_command("$SKIFF", true, "-device virtio-rng-pci", "skiff.test=reboot")
         .replace(" -no-reboot", "")
@@ -123,6 +127,35 @@ fn reboot_ends_the_process() {
     let r = result("reboot");
     assert_booted(r);
     assert_rc(r, 0);
+}
+
+/// The `-smbios type=1` fields reach the guest's /sys/class/dmi/id.
+#[test]
+fn smbios_fields_reach_the_guest() {
+    let r = result("reboot");
+    assert_eq!(
+        r.value("SKIFF-DMI"),
+        Some("Example|nixos-test|a67472e5-570e-5c8a-b18c-ae3c77701050|Skiff"),
+        "vendor|product|uuid|bios vendor\n{}",
+        r.describe()
+    );
+}
+
+/// Without -smbios the guest still has DMI (with ACPI and with the MP
+/// table): defaults and a generated version-4 UUID.
+#[test]
+fn smbios_defaults_without_the_option() {
+    for name in ["boot-acpi-on", "boot-acpi-off"] {
+        let r = result(name);
+        let dmi = r.value("SKIFF-DMI").unwrap_or_default();
+        let fields: Vec<&str> = dmi.split('|').collect();
+        assert!(
+            matches!(fields[..], ["Skiff", "microvm", uuid, "Skiff"]
+                if uuid.len() == 36 && uuid.as_bytes()[14] == b'4'),
+            "{name}: SKIFF-DMI={dmi}\n{}",
+            r.describe()
+        );
+    }
 }
 
 #[test]

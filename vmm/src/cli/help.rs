@@ -42,7 +42,9 @@ Standard options:
                          with -object)
 -smbios type=1[,manufacturer=S][,product=S][,version=S][,serial=S]
               [,uuid=UUID][,sku=S][,family=S]
-                         set the SMBIOS system information
+                         set the SMBIOS system information (type 1; the
+                         guest's /sys/class/dmi/id). Without it, or without
+                         uuid=, the UUID is random, fixed for the process
 -sandbox on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]
                [,spawn=allow|deny][,resourcecontrol=allow|deny]
                          confine skiff with seccomp (the policy switches are

@@ -76,6 +76,8 @@ pub enum Error {
     Acpi(#[source] boot::acpi::AcpiError),
     #[error("MP table")]
     Mptable(#[source] boot::mptable::MptableError),
+    #[error("SMBIOS tables")]
+    Smbios(#[source] boot::smbios::SmbiosError),
     #[error("vCPU setup")]
     Cpu(#[from] boot::cpu::Error),
     #[error("{what}")]
@@ -298,6 +300,17 @@ fn load_guest(
         boot::mptable::setup_mptable(mem, &apic_ids, p.pic).map_err(Error::Mptable)?;
         None
     };
+    let t1 = cfg.smbios.clone().unwrap_or_default();
+    let system = boot::smbios::SystemInfo {
+        manufacturer: t1.manufacturer.as_deref(),
+        product: t1.product.as_deref(),
+        version: t1.version.as_deref(),
+        serial: t1.serial.as_deref(),
+        sku: t1.sku.as_deref(),
+        family: t1.family.as_deref(),
+        uuid: t1.uuid.as_deref().and_then(boot::smbios::parse_uuid).unwrap_or_else(process_uuid),
+    };
+    boot::smbios::setup_smbios(mem, &system).map_err(Error::Smbios)?;
 
     let initrd_path = files.initrd.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
     let mut cmdline = std::os::unix::ffi::OsStrExt::as_bytes(cfg.append.as_os_str()).to_vec();
@@ -315,6 +328,29 @@ fn load_guest(
             Error::Initrd { path: initrd_path, source: e }
         }
         e => Error::Kernel { path: files.kernel_path.clone(), source: e },
+    })
+}
+
+/// The machine's UUID where `-smbios` gives none: random (version 4), and
+/// the same for every run of this process, as a machine's is across reboots.
+fn process_uuid() -> [u8; 16] {
+    static UUID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *UUID.get_or_init(|| {
+        let mut u = [0u8; 16];
+        // SAFETY: getrandom writes at most `u.len()` bytes into `u`.
+        let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
+        if n != u.len() as isize {
+            // Entropy not ready this early in the host's boot: a UUID
+            // unique enough to tell this process's machine from others.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            u = (now ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+        }
+        u[6] = (u[6] & 0x0f) | 0x40;
+        u[8] = (u[8] & 0x3f) | 0x80;
+        u
     })
 }
 
