@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use devices::{Bus, VmControl, VmEvent};
-use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::Killable;
 
@@ -59,20 +61,27 @@ impl VcpuHandle {
 }
 
 fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    crate::host::sandbox::confine(crate::host::sandbox::ThreadKind::Vcpu);
     let tracing = trace::enabled();
     let mut exits = VcpuExits::default();
     let mut last_exit = (ExitKind::Other, 0u64);
     let mut count = 0u64;
     trace::milestone(Milestone::FirstVcpuEntry);
+    let kvm_run: *const kvm_run = vcpu.get_kvm_run();
     while !ctx.stop.load(Ordering::Acquire) {
         let exit = vcpu.run();
         count += 1;
         let t0 = tracing.then(std::time::Instant::now);
         let (kind, addr, claimed) = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                let claimed = ctx.pio.read(u64::from(port), data);
-                if !claimed {
-                    data.fill(UNASSIGNED_READ);
+                // One exit for a whole `rep insb`: each element is its own
+                // read of the port, as on hardware.
+                let mut claimed = true;
+                for element in data.chunks_mut(io_element_size(kvm_run)) {
+                    if !ctx.pio.read(u64::from(port), element) {
+                        element.fill(UNASSIGNED_READ);
+                        claimed = false;
+                    }
                 }
                 (ExitKind::PioIn, u64::from(port), claimed)
             }
@@ -82,7 +91,11 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
                         trace::milestone(*m);
                     }
                 }
-                (ExitKind::PioOut, u64::from(port), ctx.pio.write(u64::from(port), data))
+                let mut claimed = true;
+                for element in data.chunks(io_element_size(kvm_run)) {
+                    claimed &= ctx.pio.write(u64::from(port), element);
+                }
+                (ExitKind::PioOut, u64::from(port), claimed)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 let claimed = ctx.mmio.read(addr, data);
@@ -156,6 +169,17 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
     }
 }
 
+/// The element size of the port-I/O exit KVM just returned. String I/O
+/// (`rep outsb`, `rep insw`) exits once with every element in the data, so
+/// the data's length alone does not tell an `inw` from two `insb`.
+fn io_element_size(run: *const kvm_run) -> usize {
+    // SAFETY: `run` is the vCPU's kvm_run page, mapped as long as its VcpuFd
+    // (the caller's) lives; after KVM_EXIT_IO the kernel has filled `io`,
+    // which the exit's data slice (at `io.data_offset`) does not overlap.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+    usize::from(size).max(1)
+}
+
 /// Stops the VM with the error and the vCPU's registers, as QEMU prints them.
 fn fail(vcpu: &VcpuFd, ctx: &VcpuContext, index: u32, what: &str) {
     let mut msg = format!("vcpu{index}: {what}");
@@ -193,4 +217,106 @@ fn fail(vcpu: &VcpuFd, ctx: &VcpuContext, index: u32, what: &str) {
         );
     }
     ctx.control.fail(msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use devices::BusDevice;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    /// Port 0x80 records each write; 0x81 reads 1, 2, 3... (one value per
+    /// access); 0x82 stops.
+    struct Ports {
+        writes: Vec<Vec<u8>>,
+        next: u8,
+        stop: Arc<AtomicBool>,
+    }
+
+    impl BusDevice for Ports {
+        // One value per access, whatever its width: a batched read of
+        // three bytes would store 1, 1, 1.
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            self.next += 1;
+            data.fill(self.next);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            match offset {
+                0 => self.writes.push(data.to_vec()),
+                _ => self.stop.store(true, Ordering::Release),
+            }
+        }
+    }
+
+    /// A real-mode guest on /dev/kvm (it needs no more than PVM emulates):
+    /// `rep outsb` of four bytes, `rep insb` of three, `rep outsb` of
+    /// those three. The device sees seven one-byte accesses, not one wide
+    /// one per instruction.
+    #[test]
+    fn string_port_io_reaches_the_device_one_element_at_a_time() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let host = mem.get_host_address(GuestAddress(0)).unwrap();
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0x10000,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is `mem`'s mapping, which outlives the VM.
+        unsafe { vm.set_user_memory_region(region).unwrap() };
+        #[rustfmt::skip]
+        let code: &[u8] = &[
+            0xbe, 0x00, 0x11, // mov si, 0x1100
+            0xb9, 0x04, 0x00, // mov cx, 4
+            0xba, 0x80, 0x00, // mov dx, 0x80
+            0xf3, 0x6e,       // rep outsb
+            0xbf, 0x00, 0x12, // mov di, 0x1200
+            0xb9, 0x03, 0x00, // mov cx, 3
+            0xba, 0x81, 0x00, // mov dx, 0x81
+            0xf3, 0x6c,       // rep insb
+            0xbe, 0x00, 0x12, // mov si, 0x1200
+            0xb9, 0x03, 0x00, // mov cx, 3
+            0xba, 0x80, 0x00, // mov dx, 0x80
+            0xf3, 0x6e,       // rep outsb
+            0xba, 0x82, 0x00, // mov dx, 0x82
+            0xee,             // out dx, al
+            0xf4,             // hlt
+        ];
+        mem.write_slice(code, GuestAddress(0x1000)).unwrap();
+        mem.write_slice(b"abcd", GuestAddress(0x1100)).unwrap();
+
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
+        vcpu.set_regs(&regs).unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ports = Arc::new(Mutex::new(Ports { writes: Vec::new(), next: 0, stop: stop.clone() }));
+        let pio = Arc::new(Bus::new());
+        pio.insert(ports.clone(), 0x80, 3).unwrap();
+        let ctx = VcpuContext {
+            watched_ports: Vec::new(),
+            pio,
+            mmio: Arc::new(Bus::new()),
+            control: Arc::new(Control::new().unwrap()),
+            stop,
+        };
+        run(0, vcpu, ctx);
+
+        let writes = ports.lock().unwrap().writes.clone();
+        let expected: Vec<Vec<u8>> =
+            [b'a', b'b', b'c', b'd', 1, 2, 3].iter().map(|&b| vec![b]).collect();
+        assert_eq!(writes, expected);
+        let mut stored = [0u8; 3];
+        mem.read_slice(&mut stored, GuestAddress(0x1200)).unwrap();
+        assert_eq!(stored, [1, 2, 3]);
+    }
 }
