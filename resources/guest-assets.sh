@@ -489,7 +489,7 @@ if [ "$want_l1" = 1 ]; then
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
 		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v4-disks")
+		"$CACHE/l2/store.img.key" "v5-nobody")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -501,8 +501,9 @@ if [ "$want_l1" = 1 ]; then
 		# socat: the QMP tests talk to skiff exactly as microvm.nix does.
 		SOCAT_BIN=$(command -v socat) || die "socat missing: run resources/install-deps.sh"
 		install_with_libs "$SOCAT_BIN" "$root/usr/bin/socat" "$root"
-		printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
-		printf 'root:x:0:\n' >"$root/etc/group"
+		# nobody: what -run-with user=nobody becomes.
+		printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+		printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 		: >"$root/lib/modules/l1/order"
 		: >"$root/lib/modules/l1/order-vfio"
 		for m in irqbypass ccp kvm kvm-amd; do

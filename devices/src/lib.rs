@@ -7,6 +7,7 @@ pub mod aml;
 pub mod bus;
 pub mod legacy;
 pub mod ratelimit;
+pub mod threads;
 pub mod virtio;
 
 /// A request from a device to the VMM about the machine as a whole.

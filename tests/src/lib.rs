@@ -686,7 +686,8 @@ pub fn microvm_nix_command(vmm: &str, acpi: bool, extra: &str, append_extra: &st
         cmd.push(' ');
     }
     cmd.push_str(&format!(
-        "-append \"earlyprintk=ttyS0 console=ttyS0 reboot=t panic=-1 {append_extra}\" -nographic"
+        "-append \"earlyprintk=ttyS0 console=ttyS0 reboot=t panic=-1 {append_extra}\" -nographic \
+         -sandbox on"
     ));
     cmd
 }

@@ -78,6 +78,12 @@ fn scenarios() -> Vec<Scenario> {
             "$SKIFF -M microvm -m 512M -kernel /nonexistent -nographic",
         ),
         Scenario::new(
+            "bad-chardev-file",
+            CLI_SECS,
+            "$SKIFF -M microvm -m 512M -kernel $BZIMAGE -nographic \
+             -chardev file,id=log,path=/nonexistent/dir/log",
+        ),
+        Scenario::new(
             "accel-tcg",
             CLI_SECS,
             "$SKIFF -M microvm,accel=tcg -m 512M -kernel $BZIMAGE -nographic",
@@ -243,6 +249,15 @@ fn missing_kernel() {
 #[test]
 fn missing_kernel_names_the_os_error() {
     assert_cli_error("missing-kernel", "No such file or directory (os error 2)");
+}
+
+/// A -chardev nothing uses is still opened, as QEMU opens it.
+#[test]
+fn an_unused_chardev_file_that_cannot_be_created_is_an_error() {
+    assert_cli_error(
+        "bad-chardev-file",
+        "-chardev file,id=log: cannot open '/nonexistent/dir/log': No such file or directory",
+    );
 }
 
 #[test]

@@ -14,14 +14,24 @@ const SECS: u32 = 120;
 
 /// Starts skiff with a QMP socket in the background, its console in out.txt.
 fn start(action: &str) -> String {
+    start_with("", action)
+}
+
+fn start_with(extra: &str, action: &str) -> String {
     let cmd = microvm_nix_command(
         "$SKIFF",
         true,
-        "-qmp unix:q.sock,server,nowait",
+        &format!("-qmp unix:q.sock,server,nowait {extra}"),
         &format!("skiff.test={action}"),
     );
     format!("rm -f q.sock\n: > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\nwait_for SKIFF-WAITING out.txt 90\n")
 }
+
+/// Each of skiff's threads as `THREAD name Uid: ... Seccomp: N`.
+const THREADS: &str = r#"for t in /proc/$pid/task/*; do
+  echo "THREAD $(cat $t/comm) $(grep -E '^(Uid|Gid|Seccomp):' $t/status | tr -s '\t ' ' ' | tr '\n' ' ')"
+done
+"#;
 
 /// After skiff exits: its status, whether the socket still accepts, and
 /// whether its file is gone; then the client's transcript and the console.
@@ -80,7 +90,29 @@ fn scenarios() -> Vec<Scenario> {
          i=0; while [ ! -S w.sock ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done\n\
          [ -S w.sock ] && echo SOCKET=listening\n\
          kill -TERM $pid\nwait $pid\necho \"SKIFF-RC=$?\"\ncat out.txt\n";
+    // microvm.nix's argv (with -sandbox on) plus virtio-rng, QMP and
+    // -run-with user=nobody: every thread confined and no longer root, the
+    // RNG served, and system_powerdown still ends it.
+    let sandbox = format!(
+        "{}{THREADS}printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"system_powerdown\"}}' \
+         | socat -t 60 STDIO UNIX:q.sock,shut-none > qmp.txt\n{FINISH}",
+        start_with("-device virtio-rng-device -run-with user=nobody", "powerbutton")
+    );
+    // The test switch: a vCPU thread, then a device worker (started when
+    // the guest's driver takes the RNG), makes a forbidden call.
+    let trip = |kind: &str| {
+        let cmd = microvm_nix_command(
+            &format!("SKIFF_TEST_SECCOMP_TRIP={kind} $SKIFF"),
+            true,
+            "-device virtio-rng-device",
+            "skiff.test=rng",
+        );
+        format!("{cmd} > out-{kind}.txt 2>&1\necho \"TRIP-{kind}-RC=$?\"\ngrep -a forbidden out-{kind}.txt\n")
+    };
+    let trips = format!("{}{}", trip("vcpu"), trip("worker"));
     vec![
+        Scenario::script("sandbox-run-with", SECS, &sandbox),
+        Scenario::script("sandbox-trip", SECS, &trips),
         Scenario::script("qmp-unread-clients", SECS, &deaf),
         Scenario::script("qmp-wait-sigterm", 30, wait_term),
         Scenario::script("qmp-powerdown", SECS, &powerdown),
@@ -160,4 +192,45 @@ fn quit_status_errors_and_a_second_client() {
     );
     assert_eq!(out.matches("\"QMP\"").count(), 2, "each client gets a greeting\n{}", r.describe());
     assert!(out.contains(r#""reason":"host-qmp-quit""#), "{}", r.describe());
+}
+
+/// `-sandbox on -run-with user=nobody`: every thread has a filter
+/// (Seccomp: 2) and runs as nobody; the guest reads the RNG through a
+/// confined worker; QMP's system_powerdown ends the VM with status 0.
+#[test]
+fn sandbox_and_run_with_confine_every_thread() {
+    let r = result("sandbox-run-with");
+    assert!(r.has_line("SKIFF-WAITING"), "the guest never got ready\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RNG-BYTES"), Some("65536"), "{}", r.describe());
+    let threads: Vec<&str> = r.lines().filter(|l| l.starts_with("THREAD ")).collect();
+    let names: Vec<&str> = threads.iter().filter_map(|t| t.split(' ').nth(1)).collect();
+    for needed in ["skiff", "vcpu0", "vcpu1", "console"] {
+        assert!(names.contains(&needed), "no {needed} thread in {names:?}\n{}", r.describe());
+    }
+    assert!(names.len() > 4, "a device worker too: {names:?}\n{}", r.describe());
+    for t in &threads {
+        assert!(t.contains("Seccomp: 2"), "unconfined: {t}\n{}", r.describe());
+        assert!(t.contains("Uid: 65534 65534 65534 65534"), "not nobody: {t}\n{}", r.describe());
+        assert!(t.contains("Gid: 65534 65534 65534 65534"), "not nogroup: {t}\n{}", r.describe());
+    }
+    assert!(r.has_line("SKIFF-POWER-BUTTON"), "the guest did not see the button\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "skiff should exit 0\n{}", r.describe());
+    assert!(!r.contains("forbidden system call"), "{}", r.describe());
+}
+
+/// A forbidden call ends skiff with 159 and a line naming the call and
+/// the thread, from a vCPU and from a device worker.
+#[test]
+fn a_forbidden_system_call_ends_skiff_naming_it() {
+    let r = result("sandbox-trip");
+    for kind in ["vcpu", "worker"] {
+        assert_eq!(r.value(&format!("TRIP-{kind}-RC")), Some("159"), "{kind}\n{}", r.describe());
+    }
+    assert!(
+        r.contains("thread vcpu0 made a forbidden system call: ptrace (101)")
+            || r.contains("thread vcpu1 made a forbidden system call: ptrace (101)"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(r.output.matches("made a forbidden system call: ptrace (101)").count(), 2);
 }

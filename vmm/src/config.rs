@@ -335,6 +335,33 @@ pub struct SmbiosType1 {
     pub family: Option<String>,
 }
 
+/// `-sandbox on`'s switches: true where a class is `allow`ed. Skiff's
+/// filter is an allowlist, so a class is out unless its switch lets it in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxConfig {
+    pub obsolete: bool,
+    pub elevate_privileges: bool,
+    pub spawn: bool,
+    pub resource_control: bool,
+}
+
+/// Who skiff becomes once everything privileged is open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunWith {
+    pub user: Option<RunAs>,
+    pub chroot: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunAs {
+    /// Looked up in the user database (before any chroot).
+    Name(String),
+    Ids {
+        uid: u32,
+        gid: u32,
+    },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     pub name: Option<String>,
@@ -361,8 +388,10 @@ pub struct VmConfig {
     /// `-drive`s, for the devices that name them.
     pub drives: Vec<DriveConfig>,
     pub smbios: Option<SmbiosType1>,
-    /// `-sandbox on`.
-    pub sandbox: bool,
+    /// `-sandbox on`, with the classes its switches allow.
+    pub sandbox: Option<SandboxConfig>,
+    /// `-run-with user=,chroot=`.
+    pub run_with: RunWith,
     /// `-qmp` monitors.
     pub qmp: Vec<QmpConfig>,
 }
@@ -387,7 +416,8 @@ impl Default for VmConfig {
             devices: Vec::new(),
             drives: Vec::new(),
             smbios: None,
-            sandbox: false,
+            sandbox: None,
+            run_with: RunWith::default(),
             qmp: Vec::new(),
         }
     }

@@ -38,6 +38,12 @@ enum Error {
     Vm(#[from] vm::Error),
     #[error("serial console")]
     Console(#[from] console::Error),
+    #[error(transparent)]
+    Chardev(#[from] host::chardevs::Error),
+    #[error(transparent)]
+    Privileges(#[from] host::privileges::Error),
+    #[error(transparent)]
+    Sandbox(#[from] host::sandbox::Error),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("-qmp")]
@@ -109,9 +115,6 @@ fn main() -> ExitCode {
 const FALLBACK_PHYS_BITS: u8 = 40;
 
 fn run(cfg: &VmConfig) -> Result<i32, Error> {
-    if cfg.sandbox {
-        log::warn!("-sandbox on: no seccomp filter is installed yet; running unconfined");
-    }
     boot::cpu::check_features(&cfg.cpu.features)?;
     let console = console::console_target(cfg)?;
     let kvm = vm::Host::open();
@@ -122,6 +125,15 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     let kvm = kvm?;
     let backends = backends::Backends::open(cfg)?;
     let signal_evt = host::signals::install().map_err(Error::Signals)?;
+    // Held open for the process's life, as QEMU holds every chardev.
+    let _chardevs = match host::chardevs::open_unused(cfg) {
+        Ok(c) => c,
+        Err(e @ host::chardevs::Error::Interrupted { .. }) => {
+            log::info!("{e}");
+            return Ok(0);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut servers = Vec::new();
     for q in &cfg.qmp {
         let server = match qmp::QmpServer::bind(q) {
@@ -136,6 +148,15 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
         };
         servers.push(Arc::new(Mutex::new(server)));
     }
+    // Opened once: a guest reboot writes on where the last run stopped.
+    let serial = console.open()?;
+    vm::prepare(cfg);
+    // Everything privileged is open: become who -run-with says, then
+    // confine what is left.
+    host::privileges::apply(&cfg.run_with)?;
+    if let Some(policy) = cfg.sandbox {
+        host::sandbox::install(policy)?;
+    }
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);
     }
@@ -144,7 +165,7 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
         plan: &plan,
         backends: &backends,
         host: &kvm,
-        console: &console,
+        console: serial.as_ref(),
         signal_evt,
         qmp: &servers,
     };
@@ -161,10 +182,8 @@ fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason:
 
 fn run_until_end(m: &vm::Machine<'_>, files: &mut vm::BootFiles) -> Result<i32, Error> {
     let (cfg, servers) = (m.cfg, m.qmp);
-    let mut first = true;
     loop {
-        let end = vm::run(m, files, first)?;
-        first = false;
+        let end = vm::run(m, files)?;
         // With -no-reboot every reset request becomes a shutdown, as in QEMU.
         let (guest, reason, reset) = match &end {
             RunEnd::Guest(VmEvent::Reset) => (true, "guest-reset", true),

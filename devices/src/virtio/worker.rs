@@ -79,6 +79,7 @@ impl<H: Handler> Worker<H> {
         let running = Running { handler, stop: stop.try_clone()?, stopping: false };
         let id = em.add_subscriber(running);
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            crate::threads::started(crate::threads::ThreadKind::Worker);
             loop {
                 if let Err(e) = em.run() {
                     log::error!("worker: event loop failed: {e:?}");

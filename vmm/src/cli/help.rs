@@ -47,8 +47,14 @@ Standard options:
                          uuid=, the UUID is random, fixed for the process
 -sandbox on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]
                [,spawn=allow|deny][,resourcecontrol=allow|deny]
-                         confine skiff with seccomp (the policy switches are
-                         accepted; skiff's filter is fixed)
+                         confine skiff with seccomp once set up: each thread
+                         (vCPU, device worker, console) may make only the
+                         system calls it needs; any other ends skiff with
+                         status 159 and a message naming the call. A class
+                         is let in only by its switch's 'allow'
+-run-with user=NAME|UID:GID[,chroot=DIR]
+                         once /dev/kvm, images and sockets are open, chroot
+                         and become that user (as QEMU)
 
 Boot options:
 -kernel PATH             the Linux kernel (bzImage or ELF vmlinux)

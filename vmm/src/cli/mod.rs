@@ -18,7 +18,9 @@ mod tests;
 
 pub use help::help_text;
 
-use crate::config::{ChardevBackend, DeviceConfig, SerialConfig, VmConfig};
+use crate::config::{
+    ChardevBackend, DeviceConfig, RunAs, RunWith, SandboxConfig, SerialConfig, VmConfig,
+};
 use machine::SmpArgs;
 use opts::QemuOpts;
 
@@ -94,6 +96,7 @@ enum ArgOpt {
     Serial,
     Device,
     Smbios,
+    RunWith,
     Sandbox,
     Qmp,
     Monitor,
@@ -131,6 +134,7 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("device", Opt::Arg(ArgOpt::Device)),
     ("smbios", Opt::Arg(ArgOpt::Smbios)),
     ("sandbox", Opt::Arg(ArgOpt::Sandbox)),
+    ("run-with", Opt::Arg(ArgOpt::RunWith)),
     ("qmp", Opt::Arg(ArgOpt::Qmp)),
     ("monitor", Opt::Arg(ArgOpt::Monitor)),
     ("object", Opt::Arg(ArgOpt::Object)),
@@ -147,7 +151,7 @@ const OPTIONS: &[(&str, Opt)] = &[
 #[rustfmt::skip]
 const NOT_YET: &[&str] = &[
     "qmp-pretty", "mon", "blockdev", "hda", "hdb", "hdc", "hdd",
-    "cdrom", "netdev", "nic", "net", "fw_cfg", "run-with", "fsdev", "virtfs",
+    "cdrom", "netdev", "nic", "net", "fw_cfg", "fsdev", "virtfs",
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
     "mem-prealloc", "overcommit", "msg", "trace", "plugin", "action", "watchdog-action", "L",
@@ -363,6 +367,7 @@ impl Builder {
                 self.numa_node = Some(memdev);
             }
             ArgOpt::Sandbox => config.sandbox = parse_sandbox(label, &arg)?,
+            ArgOpt::RunWith => parse_run_with(label, &arg, &mut config.run_with)?,
             ArgOpt::Qmp => config.qmp.push(chardev::parse_qmp(label, &arg)?),
             // QEMU's human monitor is not implemented; `none` turns it off.
             ArgOpt::Monitor if arg == "none" => {}
@@ -495,25 +500,58 @@ fn parse_display(label: &str, arg: &str) -> Result<(), CliError> {
 }
 
 /// `-sandbox on|off[,obsolete=..][,elevateprivileges=..][,spawn=..][,resourcecontrol=..]`.
-fn parse_sandbox(label: &str, arg: &str) -> Result<bool, CliError> {
+fn parse_sandbox(label: &str, arg: &str) -> Result<Option<SandboxConfig>, CliError> {
     let mut opts = QemuOpts::parse(label, arg, Some("enable"));
     let enable = opts.take_bool("enable")?.unwrap_or(false);
-    // QEMU's per-class switches are validated but ignored: skiff's seccomp
-    // policy is its own, fitted to what skiff does (it never spawns,
-    // changes privileges or uses obsolete system calls).
-    let classes: [(&str, &[&str], &'static str); 4] = [
-        ("obsolete", &["allow", "deny"], "allow or deny"),
-        ("elevateprivileges", &["allow", "deny", "children"], "allow, deny or children"),
-        ("spawn", &["allow", "deny"], "allow or deny"),
-        ("resourcecontrol", &["allow", "deny"], "allow or deny"),
+    let mut policy = SandboxConfig::default();
+    // `deny` is what skiff's allowlist does anyway; `children` (QEMU: no
+    // set*id in children) too, as skiff never spawns and seccomp sets
+    // no_new_privs.
+    let classes: [(&str, &[&str], &'static str, &mut bool); 4] = [
+        ("obsolete", &["allow", "deny"], "allow or deny", &mut policy.obsolete),
+        (
+            "elevateprivileges",
+            &["allow", "deny", "children"],
+            "allow, deny or children",
+            &mut policy.elevate_privileges,
+        ),
+        ("spawn", &["allow", "deny"], "allow or deny", &mut policy.spawn),
+        ("resourcecontrol", &["allow", "deny"], "allow or deny", &mut policy.resource_control),
     ];
-    for (key, values, expected) in classes {
+    for (key, values, expected, allowed) in classes {
         if let Some(value) = opts.take(key) {
             if !values.contains(&value.as_str()) {
                 return Err(opts.invalid_value(key, value, expected));
             }
+            *allowed = value == "allow";
         }
     }
     opts.finish()?;
-    Ok(enable)
+    Ok(enable.then_some(policy))
+}
+
+/// `-run-with user=NAME|UID:GID[,chroot=DIR]` (QEMU 9's form of `-runas`
+/// and `-chroot`); several merge, later keys winning.
+fn parse_run_with(label: &str, arg: &str, run_with: &mut RunWith) -> Result<(), CliError> {
+    let mut opts = QemuOpts::parse(label, arg, None);
+    if let Some(user) = opts.take("user") {
+        let ids = user.split_once(':').map(|(u, g)| (u.parse::<u32>(), g.parse::<u32>()));
+        run_with.user = Some(match ids {
+            Some((Ok(uid), Ok(gid))) => RunAs::Ids { uid, gid },
+            Some(_) => {
+                return Err(opts.invalid_value("user", user, "a user name or UID:GID"));
+            }
+            None if user.is_empty() => {
+                return Err(opts.invalid_value("user", user, "a user name or UID:GID"));
+            }
+            None => RunAs::Name(user),
+        });
+    }
+    if let Some(dir) = opts.take_path("chroot")? {
+        run_with.chroot = Some(dir);
+    }
+    if opts.contains("async-teardown") {
+        return Err(opts.error("async-teardown is not supported"));
+    }
+    opts.finish()
 }

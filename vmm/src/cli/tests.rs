@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::config::{
-    ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, RamBacking, RamConfig, SmbiosType1,
-    SmpConfig, VirtioConfig, VirtioKind, VirtioTransport,
+    ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, RamBacking, RamConfig, RunAs, RunWith,
+    SandboxConfig, SmbiosType1, SmpConfig, VirtioConfig, VirtioKind, VirtioTransport,
 };
 
 fn args(line: &[&str]) -> Vec<String> {
@@ -93,7 +93,8 @@ fn microvm_nix_command_line() {
         devices: vec![DeviceConfig::I8042],
         drives: Vec::new(),
         smbios: None,
-        sandbox: false,
+        sandbox: None,
+        run_with: RunWith::default(),
         qmp: Vec::new(),
     };
     assert_eq!(config, expected);
@@ -121,12 +122,14 @@ fn microvm_nix_default_command_line_stops_at_virtio_rng() {
         "-append", " reboot=t panic=-1 ",
         "-nographic",
         "-sandbox", "on",
+        "-run-with", "user=microvm",
         "-qmp", "unix:vm.sock,server,nowait",
     ];
     let config = run(&line);
     assert_eq!(config.qmp.len(), 1);
     let (without_qmp, _) = line.split_at(line.len() - 2);
-    assert!(config.sandbox);
+    assert_eq!(config.sandbox, Some(SandboxConfig::default()));
+    assert_eq!(config.run_with.user, Some(RunAs::Name("microvm".into())));
     assert_eq!(config.append, " reboot=t panic=-1 ");
     assert_eq!(
         config.smbios.and_then(|t| t.uuid).as_deref(),
@@ -184,6 +187,7 @@ fn help_and_version() {
         "-device isa-debug-exit",
         "-smbios",
         "-sandbox",
+        "-run-with",
         "-version",
         "-qmp",
         "-monitor",
@@ -208,7 +212,7 @@ fn unknown_and_unsupported_options() {
     fails(&["-foo"], "-foo: unknown option");
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
-    for option in ["-blockdev", "-netdev", "-fw_cfg", "-run-with", "-fsdev", "--netdev"] {
+    for option in ["-blockdev", "-netdev", "-fw_cfg", "-fsdev", "--netdev"] {
         let name = option.trim_start_matches('-');
         fails(
             &[option, "x"],
@@ -527,16 +531,18 @@ fn smbios() {
 
 #[test]
 fn sandbox() {
-    assert!(run(&["-sandbox", "on"]).sandbox);
-    assert!(
+    assert_eq!(run(&["-sandbox", "on"]).sandbox, Some(SandboxConfig::default()));
+    // `allow` lets a class in; deny and children are skiff's filter anyway.
+    assert_eq!(
         run(&[
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=children,spawn=deny,resourcecontrol=deny"
+            "on,obsolete=allow,elevateprivileges=children,spawn=deny,resourcecontrol=allow"
         ])
-        .sandbox
+        .sandbox,
+        Some(SandboxConfig { obsolete: true, resource_control: true, ..Default::default() })
     );
-    assert!(!run(&["-sandbox", "off"]).sandbox);
-    assert!(!run(&["-sandbox", "on", "-sandbox", "enable=off"]).sandbox);
+    assert_eq!(run(&["-sandbox", "off"]).sandbox, None);
+    assert_eq!(run(&["-sandbox", "on", "-sandbox", "enable=off"]).sandbox, None);
     fails(
         &["-sandbox", "maybe"],
         "-sandbox: invalid value 'maybe' for 'enable' (expected on or off)",
@@ -546,6 +552,21 @@ fn sandbox() {
         "-sandbox: invalid value 'children' for 'spawn' (expected allow or deny)",
     );
     fails(&["-sandbox", "on,foo=deny"], "-sandbox: unknown property 'foo'");
+}
+
+#[test]
+fn run_with() {
+    let r = run(&["-run-with", "user=nobody,chroot=/var/empty"]).run_with;
+    assert_eq!(r.user, Some(RunAs::Name("nobody".into())));
+    assert_eq!(r.chroot.as_deref(), Some(std::path::Path::new("/var/empty")));
+    let r = run(&["-run-with", "user=65534:65534"]).run_with;
+    assert_eq!(r.user, Some(RunAs::Ids { uid: 65534, gid: 65534 }));
+    fails(
+        &["-run-with", "user=1:x"],
+        "-run-with: invalid value '1:x' for 'user' (expected a user name or UID:GID)",
+    );
+    fails(&["-run-with", "async-teardown=on"], "-run-with: async-teardown is not supported");
+    fails(&["-run-with", "group=x"], "-run-with: unknown property 'group'");
 }
 
 /// A tiny xorshift generator: reproducible odd inputs without a dependency.

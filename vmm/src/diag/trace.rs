@@ -59,13 +59,14 @@ pub fn record_memory(guest: &[(u64, u64)]) {
     if !enabled() {
         return;
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let (status, smaps) = PROC_FILES.get().map_or((None, None), |(a, b)| (a.as_ref(), b.as_ref()));
+    let status = read_proc(status);
     let hwm = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let smaps = read_proc(smaps);
     *MEMORY.lock().unwrap_or_else(|e| e.into_inner()) = Some((hwm, guest_rss_kib(&smaps, guest)));
 }
 
@@ -95,7 +96,24 @@ pub fn init() {
     START.get_or_init(Instant::now);
     if std::env::var_os("SKIFF_BOOT_TRACE").is_some_and(|v| !v.is_empty() && v != "0") {
         ENABLED.store(true, Ordering::Relaxed);
+        // Opened now: a sandbox forbids opening files later.
+        let open = |p| std::fs::File::open(p).ok();
+        let _ = PROC_FILES.set((open("/proc/self/status"), open("/proc/self/smaps")));
     }
+}
+
+/// /proc/self/status and smaps, read again from the start for each report.
+static PROC_FILES: OnceLock<(Option<std::fs::File>, Option<std::fs::File>)> = OnceLock::new();
+
+fn read_proc(file: Option<&std::fs::File>) -> String {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    if let Some(mut f) = file {
+        if f.rewind().is_ok() {
+            let _ = f.read_to_string(&mut text);
+        }
+    }
+    text
 }
 
 pub fn enabled() -> bool {

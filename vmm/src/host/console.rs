@@ -22,7 +22,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot duplicate standard output: {0}")]
+    #[error("cannot duplicate the console's descriptor: {0}")]
     DupStdout(#[source] std::io::Error),
 }
 
@@ -84,10 +84,21 @@ pub fn console_target(cfg: &VmConfig) -> Result<ConsoleTarget, Error> {
     })
 }
 
+impl SerialBackend {
+    /// The same host side for another run of the guest.
+    pub fn try_clone(&self) -> Result<SerialBackend, Error> {
+        let output = match &self.output {
+            Some(f) => Some(f.try_clone().map_err(Error::DupStdout)?),
+            None => None,
+        };
+        Ok(SerialBackend { output, stdin_input: self.stdin_input })
+    }
+}
+
 impl ConsoleTarget {
-    /// Opens the host side. Called once per VM start: a file is truncated
-    /// only on the first start, later ones (after a guest reboot) append.
-    pub fn open(&self, first: bool) -> Result<Option<SerialBackend>, Error> {
+    /// Opens the host side, once for the process: each run (a guest reboot)
+    /// writes through a duplicate, on from where the last one stopped.
+    pub fn open(&self) -> Result<Option<SerialBackend>, Error> {
         Ok(Some(match self {
             ConsoleTarget::None => return Ok(None),
             ConsoleTarget::Null => SerialBackend { output: None, stdin_input: false },
@@ -101,8 +112,8 @@ impl ConsoleTarget {
                 let file = OpenOptions::new()
                     .create(true)
                     .write(true)
-                    .append(*append || !first)
-                    .truncate(!*append && first)
+                    .append(*append)
+                    .truncate(!*append)
                     .open(path)
                     .map_err(|source| Error::OpenFile {
                         path: path.display().to_string(),
@@ -200,12 +211,14 @@ mod tests {
     }
 
     #[test]
-    fn file_is_truncated_first_then_appended() {
+    fn file_is_truncated_once_and_each_run_writes_on() {
         let path = std::env::temp_dir().join(format!("skiff-console-{}", std::process::id()));
         std::fs::write(&path, "old").unwrap();
         let t = ConsoleTarget::File { path: path.clone(), append: false };
-        t.open(true).unwrap().unwrap().output.unwrap().write_all(b"one").unwrap();
-        t.open(false).unwrap().unwrap().output.unwrap().write_all(b"two").unwrap();
+        let opened = t.open().unwrap().unwrap();
+        // Two runs of the guest, each with its own duplicate.
+        opened.try_clone().unwrap().output.unwrap().write_all(b"one").unwrap();
+        opened.try_clone().unwrap().output.unwrap().write_all(b"two").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "onetwo");
         std::fs::remove_file(&path).unwrap();
     }

@@ -130,6 +130,7 @@ fn spawn_with(
 }
 
 fn write_loop(shared: &Shared, out: &mut dyn Write) {
+    crate::host::sandbox::confine(crate::host::sandbox::ThreadKind::Console);
     let mut broken = false;
     loop {
         let mut s = shared.lock();

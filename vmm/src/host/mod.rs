@@ -1,7 +1,10 @@
 //! The host side of the machine: the terminal and files the console talks
 //! to, signals, and skiff's own log.
 
+pub mod chardevs;
 pub mod console;
 pub mod console_writer;
 pub mod logger;
+pub mod privileges;
+pub mod sandbox;
 pub mod signals;

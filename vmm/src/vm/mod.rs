@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
 use crate::config::VmConfig;
-use crate::host::console::ConsoleTarget;
+use crate::host::console::SerialBackend;
 use crate::plan::MachinePlan;
 use crate::qmp::QmpServer;
 use control::Control;
@@ -149,7 +149,7 @@ pub struct Machine<'a> {
     pub plan: &'a MachinePlan,
     pub backends: &'a Backends,
     pub host: &'a Host,
-    pub console: &'a ConsoleTarget,
+    pub console: Option<&'a SerialBackend>,
     pub signal_evt: &'a EventFd,
     pub qmp: &'a [Arc<Mutex<QmpServer>>],
 }
@@ -181,7 +181,7 @@ impl BootFiles {
 }
 
 /// Builds and runs the machine once.
-pub fn run(m: &Machine<'_>, files: &mut BootFiles, first_run: bool) -> Result<RunEnd> {
+pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     let (cfg, plan) = (m.cfg, m.plan);
     let vm = Arc::new(m.host.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     // Intel needs a 3-page TSS area below 4 GiB before the irqchip exists.
@@ -212,7 +212,6 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles, first_run: bool) -> Result<Ru
         router: &router,
         control: &control,
         console: m.console,
-        first_run,
         pio: &pio,
         mmio: &mmio,
     };
@@ -266,6 +265,11 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles, first_run: bool) -> Result<Ru
     drop(mem);
     drop(ram);
     end
+}
+
+/// Reads, before any sandbox, what later runs would otherwise open.
+pub fn prepare(cfg: &VmConfig) {
+    memory::prepare(&cfg.ram);
 }
 
 /// Loads kernel and initrd, writes firmware tables and boot parameters.

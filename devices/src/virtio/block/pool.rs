@@ -112,15 +112,18 @@ impl Pool {
         let signal = self.signal.clone();
         let (mem, disk, policy) = (self.mem.clone(), self.disk.clone(), self.policy.clone());
         let name = format!("virtio-blk-io{}", self.threads.len());
-        let thread = std::thread::Builder::new().name(name).spawn(move || loop {
-            // One thread at a time waits for the next request.
-            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
-            let Ok(chain) = next else { return };
-            let used = request::serve(&mem, &chain, &disk, &policy);
-            done.list.lock().unwrap_or_else(PoisonError::into_inner).push((chain.head, used));
-            done.ready.notify_one();
-            if let Err(e) = signal.write(1) {
-                log::error!("virtio-blk: cannot signal a completion: {e}");
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            crate::threads::started(crate::threads::ThreadKind::Io);
+            loop {
+                // One thread at a time waits for the next request.
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                let Ok(chain) = next else { return };
+                let used = request::serve(&mem, &chain, &disk, &policy);
+                done.list.lock().unwrap_or_else(PoisonError::into_inner).push((chain.head, used));
+                done.ready.notify_one();
+                if let Err(e) = signal.write(1) {
+                    log::error!("virtio-blk: cannot signal a completion: {e}");
+                }
             }
         })?;
         self.threads.push(thread);

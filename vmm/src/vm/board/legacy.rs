@@ -22,7 +22,9 @@ pub(super) fn add(ctx: &BoardContext<'_>, board: &mut Board) -> Result<()> {
         Ok(EventFdTrigger::new(evt))
     };
 
-    if let Some(backend) = ctx.console.open(ctx.first_run)? {
+    if let Some(backend) =
+        ctx.console.map(crate::host::console::SerialBackend::try_clone).transpose()?
+    {
         let ready =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
         let ready2 = ready.try_clone().map_err(io_err("eventfd"))?;

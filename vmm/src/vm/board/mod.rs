@@ -23,7 +23,7 @@ use super::irq::GsiRouter;
 use super::{Error, Result};
 use crate::backends::Backends;
 use crate::config::{DeviceConfig, VmConfig};
-use crate::host::console::ConsoleTarget;
+use crate::host::console::SerialBackend;
 use crate::plan::{Location, MachinePlan};
 
 /// An event-loop subscriber of the run (relays, resamplers, timers).
@@ -38,8 +38,7 @@ pub(super) struct BoardContext<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub router: &'a Arc<GsiRouter>,
     pub control: &'a Arc<Control>,
-    pub console: &'a ConsoleTarget,
-    pub first_run: bool,
+    pub console: Option<&'a SerialBackend>,
     pub pio: &'a Arc<Bus>,
     pub mmio: &'a Arc<Bus>,
 }

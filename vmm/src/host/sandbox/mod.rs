@@ -1,0 +1,501 @@
+//! `-sandbox on`: seccomp-BPF allowlists, installed once every privileged
+//! resource is open and before the first run builds its VM.
+//!
+//! Two layers, as seccomp stacks filters (the strictest answer wins):
+//! - the process filter, on every thread (TSYNC) and inherited by each new
+//!   one: what skiff does at all, including what a guest reboot needs (a new
+//!   VM, RAM, device threads); so the first run already proves the reboot's
+//!   system calls are allowed;
+//! - a filter per kind of thread, installed by the thread itself when it
+//!   starts: a vCPU, a device worker, a block I/O thread, the console writer
+//!   each get only what they call.
+//!
+//! A call outside the lists raises SIGSYS; the handler names the call and
+//! the thread and ends skiff with status 159 (128 + SIGSYS, what a shell
+//! reports for a process seccomp killed, as QEMU's sandbox does).
+//!
+//! QEMU's switches keep their meaning: its `-sandbox on` blocks a few
+//! classes of calls, skiff's allows only its own, so a class is outside the
+//! filter unless its switch says `allow`: `obsolete=allow` (old calls),
+//! `elevateprivileges=allow` (set*id), `spawn=allow` (fork, exec),
+//! `resourcecontrol=allow` (priorities, affinity). `elevateprivileges=children`
+//! is skiff's default anyway: no_new_privs is set for seccomp.
+
+mod names;
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+use crate::config::SandboxConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("-sandbox on: building the {0} filter: {1}")]
+    Build(&'static str, #[source] seccompiler::BackendError),
+    #[error("-sandbox on: installing the filter: {0}")]
+    Install(#[source] seccompiler::Error),
+    #[error("-sandbox on: installing the SIGSYS handler: {0}")]
+    Handler(#[source] std::io::Error),
+}
+
+/// Who calls: each kind has its own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Setup, the event loop, QMP, and every guest (re)start.
+    Main,
+    Vcpu,
+    /// The serial console's writer.
+    Console,
+    /// A device's queue worker.
+    Worker,
+    /// A block device's I/O thread (`aio=threads`).
+    Io,
+}
+
+impl ThreadKind {
+    fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Console => "console",
+            ThreadKind::Worker => "worker",
+            ThreadKind::Io => "io",
+        }
+    }
+}
+
+/// Set once the process filter is on: threads started later confine
+/// themselves with it in mind.
+static ACTIVE: OnceLock<Active> = OnceLock::new();
+
+struct Active {
+    policy: SandboxConfig,
+    /// `SKIFF_TEST_SECCOMP_TRIP=KIND`: that kind of thread makes one
+    /// forbidden call once confined (for the test that the filter bites).
+    trip: Option<String>,
+}
+
+/// Installs the SIGSYS handler and the process filter, and has device
+/// threads confine themselves from now on.
+pub fn install(policy: SandboxConfig) -> Result<(), Error> {
+    install_sigsys_handler()?;
+    // glibc's threads come from clone3, whose flags live in memory where a
+    // filter cannot look: answer ENOSYS and glibc falls back to clone, whose
+    // flags the lists check (a thread, never a new process).
+    if !policy.spawn {
+        let clone3 = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+        let prog: BpfProgram = SeccompFilter::new(
+            clone3,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            TargetArch::x86_64,
+        )
+        .and_then(TryInto::try_into)
+        .map_err(|e| Error::Build("clone3", e))?;
+        seccompiler::apply_filter_all_threads(&prog).map_err(Error::Install)?;
+    }
+    let main = filter(ThreadKind::Main, &policy)?;
+    seccompiler::apply_filter_all_threads(&main).map_err(Error::Install)?;
+    let trip = std::env::var("SKIFF_TEST_SECCOMP_TRIP").ok();
+    let _ = ACTIVE.set(Active { policy, trip });
+    devices::threads::on_start(|kind| {
+        confine(match kind {
+            devices::threads::ThreadKind::Worker => ThreadKind::Worker,
+            devices::threads::ThreadKind::Io => ThreadKind::Io,
+        })
+    });
+    trip_if_asked(ThreadKind::Main);
+    Ok(())
+}
+
+/// Narrows the calling thread to its kind's list (a no-op without
+/// `-sandbox on`). A thread that cannot be confined ends skiff: running it
+/// unconfined would be a silent hole.
+pub fn confine(kind: ThreadKind) {
+    let Some(active) = ACTIVE.get() else { return };
+    let applied = filter(kind, &active.policy)
+        .and_then(|prog| seccompiler::apply_filter(&prog).map_err(Error::Install));
+    if let Err(e) = applied {
+        log::error!("{} thread: {e}", kind.name());
+        std::process::exit(1);
+    }
+    trip_if_asked(kind);
+}
+
+fn trip_if_asked(kind: ThreadKind) {
+    if ACTIVE.get().and_then(|a| a.trip.as_deref()) == Some(kind.name()) {
+        // ptrace is in no list; with an invalid request it would do
+        // nothing if it ever got through.
+        // SAFETY: a system call with plain integer arguments.
+        unsafe { libc::syscall(libc::SYS_ptrace, -1, 0, 0, 0) };
+    }
+}
+
+/// What every thread may do: memory, locks, time, signals, its own exit,
+/// logging to stderr, closing what it owns.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettimeofday,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_getrandom,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Event loops and the descriptors a device's start creates.
+const EVENTS: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_register,
+    libc::SYS_io_uring_enter,
+];
+
+/// Serving a disk (the image is opened during setup).
+const DISK_IO: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_lseek,
+];
+
+/// The main thread's own: QMP clients, guest RAM for a new run, removing
+/// its sockets at exit, reading the kernel again for a reboot.
+const MAIN_ONLY: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_unlink,
+    libc::SYS_dup3,
+];
+
+/// QEMU's "obsolete" class that x86-64 has.
+const OBSOLETE: &[i64] = &[
+    libc::SYS__sysctl,
+    174, // create_module (libc has no name for the removed ones)
+    177, // get_kernel_syms
+    178, // query_module
+    libc::SYS_sysfs,
+    libc::SYS_uselib,
+    libc::SYS_ustat,
+];
+
+const ELEVATE: &[i64] = &[
+    libc::SYS_setuid,
+    libc::SYS_setgid,
+    libc::SYS_setpgid,
+    libc::SYS_setsid,
+    libc::SYS_setreuid,
+    libc::SYS_setregid,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+];
+
+const SPAWN: &[i64] =
+    &[libc::SYS_fork, libc::SYS_vfork, libc::SYS_execve, libc::SYS_execveat, libc::SYS_wait4];
+
+const RESOURCES: &[i64] = &[
+    libc::SYS_getpriority,
+    libc::SYS_setpriority,
+    libc::SYS_sched_setparam,
+    libc::SYS_sched_getparam,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sched_get_priority_max,
+    libc::SYS_sched_get_priority_min,
+];
+
+/// ioctl type byte of KVM's requests (`KVMIO`).
+const KVMIO: u64 = 0xae;
+
+/// The terminal requests the main thread makes on stdin/stdout (raw mode
+/// and back) and the descriptor flags std sets by ioctl.
+const TTY_IOCTLS: &[u64] = &[
+    libc::TCGETS,
+    libc::TCSETS,
+    libc::TCSETSW,
+    libc::TCSETSF,
+    libc::TIOCGWINSZ,
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    libc::FIONCLEX,
+];
+
+fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(arg, Len::Dword, op, value)
+}
+
+/// The kind's BPF program.
+fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error> {
+    let build = |e| Error::Build(kind.name(), e);
+    let mut calls: Vec<i64> = COMMON.to_vec();
+    let (threads, events, disk, main, kvm, tty) = match kind {
+        ThreadKind::Main => (true, true, true, true, true, true),
+        ThreadKind::Vcpu => (true, true, false, false, true, false),
+        ThreadKind::Worker => (true, true, true, false, false, false),
+        ThreadKind::Io => (false, false, true, false, false, false),
+        ThreadKind::Console => (false, false, false, false, false, false),
+    };
+    for (on, set) in [(events, EVENTS), (disk, DISK_IO), (main, MAIN_ONLY)] {
+        if on {
+            calls.extend_from_slice(set);
+        }
+    }
+    for (on, set) in [
+        (policy.obsolete, OBSOLETE),
+        (policy.elevate_privileges, ELEVATE),
+        (policy.spawn, SPAWN),
+        (policy.resource_control, RESOURCES),
+    ] {
+        if on {
+            calls.extend_from_slice(set);
+        }
+    }
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        calls.into_iter().map(|nr| (nr, Vec::new())).collect();
+    // Creating threads (device workers start on the guest's DRIVER_OK).
+    if threads || policy.spawn {
+        // A thread shares everything with its process: CLONE_THREAD.
+        let clone = if policy.spawn {
+            vec![]
+        } else {
+            let thread = u64::from(libc::CLONE_THREAD as u32);
+            vec![SeccompRule::new(vec![cond(0, Op::MaskedEq(thread), thread).map_err(build)?])
+                .map_err(build)?]
+        };
+        rules.insert(libc::SYS_clone, clone);
+        // Let through here; the clone3 filter answers ENOSYS unless spawn.
+        rules.insert(libc::SYS_clone3, vec![]);
+    }
+    if kvm || tty {
+        let mut ioctls = Vec::new();
+        if kvm {
+            let rule = cond(1, Op::MaskedEq(0xff00), KVMIO << 8).map_err(build)?;
+            ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);
+        }
+        let own: &[u64] = if tty { TTY_IOCTLS } else { &[libc::FIONBIO, libc::FIOCLEX] };
+        for &req in own {
+            ioctls
+                .push(SeccompRule::new(vec![cond(1, Op::Eq, req).map_err(build)?]).map_err(build)?);
+        }
+        rules.insert(libc::SYS_ioctl, ioctls);
+    }
+    // prctl: thread names (std names its threads) and no_new_privs, which
+    // a thread sets before it adds its own filter (seccomp(2), below).
+    let mut names = Vec::new();
+    for op in [libc::PR_SET_NAME, libc::PR_GET_NAME, libc::PR_SET_NO_NEW_PRIVS] {
+        names.push(
+            SeccompRule::new(vec![cond(0, Op::Eq, op as u64).map_err(build)?]).map_err(build)?,
+        );
+    }
+    rules.insert(libc::SYS_prctl, names);
+    // Adding a filter only ever narrows what the thread may do.
+    let mode = u64::from(libc::SECCOMP_SET_MODE_FILTER);
+    rules.insert(
+        libc::SYS_seccomp,
+        vec![SeccompRule::new(vec![cond(0, Op::Eq, mode).map_err(build)?]).map_err(build)?],
+    );
+    SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
+        .and_then(TryInto::try_into)
+        .map_err(build)
+}
+
+/// A fixed buffer the SIGSYS handler formats into: no allocation there.
+struct Line {
+    buf: [u8; 192],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, s: &[u8]) {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+
+    fn push_number(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+fn syscall_name(nr: i64) -> Option<&'static str> {
+    names::NAMES.iter().find(|(n, _)| *n == nr).map(|(_, name)| *name)
+}
+
+/// The message, e.g. `skiff: -sandbox on: thread vcpu0 made a forbidden
+/// system call: ptrace (101)`.
+fn report(thread: &[u8], nr: i64) -> Line {
+    let mut line = Line { buf: [0; 192], len: 0 };
+    line.push(b"skiff: -sandbox on: thread ");
+    line.push(thread);
+    line.push(b" made a forbidden system call: ");
+    line.push(syscall_name(nr).unwrap_or("unknown").as_bytes());
+    line.push(b" (");
+    line.push_number(nr as u64);
+    line.push(b")\n");
+    line
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo; for SIGSYS the x86-64
+    // layout has the call number as an int at byte 24 (`si_syscall`,
+    // after si_signo/si_errno/si_code and the 8-byte `si_call_addr`).
+    let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read() };
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let line = report(&name[..end], i64::from(nr));
+    // SAFETY: write and exit_group are async-signal-safe and in every list.
+    unsafe {
+        libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);
+        libc::syscall(libc::SYS_exit_group, 128 + libc::SIGSYS);
+    }
+}
+
+fn install_sigsys_handler() -> Result<(), Error> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+        .map_err(|e| Error::Handler(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_names_the_call_and_the_thread() {
+        let line = report(b"vcpu0", libc::SYS_ptrace);
+        assert_eq!(
+            std::str::from_utf8(&line.buf[..line.len]).unwrap(),
+            "skiff: -sandbox on: thread vcpu0 made a forbidden system call: ptrace (101)\n"
+        );
+        let line = report(b"x", 9999);
+        assert!(std::str::from_utf8(&line.buf[..line.len]).unwrap().ends_with("unknown (9999)\n"));
+    }
+
+    #[test]
+    fn the_names_table_is_the_kernels() {
+        assert_eq!(syscall_name(libc::SYS_read), Some("read"));
+        assert_eq!(syscall_name(libc::SYS_io_uring_setup), Some("io_uring_setup"));
+        assert_eq!(syscall_name(libc::SYS_execve), Some("execve"));
+    }
+
+    #[test]
+    fn every_kind_builds_with_and_without_the_switches() {
+        let all = SandboxConfig {
+            obsolete: true,
+            elevate_privileges: true,
+            spawn: true,
+            resource_control: true,
+        };
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Console,
+            ThreadKind::Worker,
+            ThreadKind::Io,
+        ] {
+            filter(kind, &SandboxConfig::default()).unwrap();
+            filter(kind, &all).unwrap();
+        }
+    }
+
+    /// The filters really bite: a child process (so the test binary stays
+    /// unconfined) installs the vCPU list, makes an allowed call and a
+    /// forbidden one, and is ended by SIGSYS's default action.
+    #[test]
+    fn a_forbidden_call_is_stopped_and_an_allowed_one_is_not() {
+        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default()).unwrap();
+        // SAFETY: the child only makes system calls and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child; plain system calls.
+            unsafe {
+                libc::signal(libc::SIGSYS, libc::SIG_DFL);
+                if seccompiler::apply_filter(&prog).is_err() {
+                    libc::_exit(2);
+                }
+                if libc::getpid() <= 0 {
+                    libc::_exit(3);
+                }
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::_exit(4);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "status {status:#x}"
+        );
+    }
+}
