@@ -121,17 +121,25 @@ impl PciConfig {
     }
 
     /// After a write to dword `reg`: report the BAR it moved. A 64-bit BAR
-    /// moves when its high dword is written, as guests write low then high.
+    /// moves on a write to either dword that leaves a new address: a guest
+    /// may change only the low one (its high dword already right), or write
+    /// low then high (two moves, the first to a passing address, as QEMU;
+    /// the mapper copes with overlaps). Not while the other dword still
+    /// holds the sizing pattern: restoring after a probe is not a move.
     pub(super) fn bar_written(&mut self, reg: usize, probe: bool) -> Option<BarReprogram> {
         let index = reg.checked_sub(BAR0 / 4).filter(|&i| i < self.header.bar_count())?;
-        let index = match self.bars[index] {
-            BarSlot::Bar { kind, .. } if !kind.is_64bit() => index,
-            BarSlot::Upper => index - 1,
-            _ => return None,
+        let (index, other) = match self.bars[index] {
+            BarSlot::Bar { kind, .. } if kind.is_64bit() => (index, Some(reg + 1)),
+            BarSlot::Bar { .. } => (index, None),
+            BarSlot::Upper => (index - 1, Some(reg - 1)),
+            BarSlot::Empty => return None,
         };
         let BarSlot::Bar { kind, size, mapped } = self.bars[index] else { return None };
+        let sizing = other.is_some_and(|r| {
+            self.writable[r] != 0 && self.regs[r] & self.writable[r] == self.writable[r]
+        });
         let new = self.bar_address(index, kind);
-        if probe || new == mapped {
+        if probe || sizing || new == mapped {
             return None;
         }
         self.bars[index] = BarSlot::Bar { kind, size, mapped: new };
@@ -156,11 +164,11 @@ mod tests {
             let high = c.read_u32(off + 4);
             assert_eq!(w32(c, off + 4, !0), None);
             mask |= u64::from(c.read_u32(off + 4)) << 32;
-            w32(c, off + 4, high);
+            assert_eq!(w32(c, off + 4, high), None, "restoring is not a move");
         } else {
             mask |= 0xffff_ffff_0000_0000;
         }
-        w32(c, off, low);
+        assert_eq!(w32(c, off, low), None, "restoring is not a move");
         (!mask).wrapping_add(1)
     }
 
@@ -214,18 +222,29 @@ mod tests {
     }
 
     #[test]
-    fn bar64_moves_on_high_dword() {
+    fn bar64_moves_on_either_dword() {
         let mut c = endpoint();
         let kind = BarKind::Memory64 { prefetchable: true };
         c.add_bar(2, kind, 0x4000).unwrap();
-        assert_eq!(w32(&mut c, BAR0 + 8, 0x1000_0000), None);
-        assert_eq!(
-            w32(&mut c, BAR0 + 12, 0x80),
-            Some(BarReprogram { index: 2, kind, old: 0, new: 0x80_1000_0000, len: 0x4000 })
-        );
+        let moved = |old, new| Some(BarReprogram { index: 2, kind, old, new, len: 0x4000 });
+        // Low then high, as Linux writes it: a passing address, then the
+        // final one.
+        assert_eq!(w32(&mut c, BAR0 + 8, 0x1000_0000), moved(0, 0x1000_0000));
+        assert_eq!(w32(&mut c, BAR0 + 12, 0x80), moved(0x1000_0000, 0x80_1000_0000));
+        // Sizing, then restoring low and high: never a move.
         assert_eq!(size_bar(&mut c, 2), 0x4000);
         assert_eq!(c.bar(2).unwrap().addr, 0x80_1000_0000);
         assert_eq!(c.bar(3), None);
+        // Linux's order (low probed and restored, then high): no move.
+        for off in [BAR0 + 8, BAR0 + 12] {
+            let v = c.read_u32(off);
+            assert_eq!(w32(&mut c, off, !0), None);
+            assert_eq!(w32(&mut c, off, v), None);
+        }
+        // Only the low dword changes (the high one is already right): the
+        // BAR moves (it kept its old mapping before).
+        assert_eq!(w32(&mut c, BAR0 + 8, 0x2000_0000), moved(0x80_1000_0000, 0x80_2000_0000));
+        assert_eq!(c.bar(2).unwrap().addr, 0x80_2000_0000);
     }
 
     #[test]
