@@ -14,6 +14,8 @@
 //! `SKIFF_TEST_VERBOSE=1` (show the console live), `SKIFF_TEST_KERNEL` (a
 //! different guest bzImage).
 
+pub mod fuzz;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;

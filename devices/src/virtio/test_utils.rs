@@ -121,6 +121,11 @@ impl<'a> TestQueue<'a> {
             .collect()
     }
 
+    /// Descriptors `add_chain` has handed out so far.
+    pub fn descriptors_used(&self) -> u16 {
+        self.next_desc
+    }
+
     pub fn desc_table_addr(&self) -> u64 {
         self.mock.desc_table_addr().0
     }

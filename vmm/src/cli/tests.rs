@@ -569,26 +569,12 @@ fn run_with() {
     fails(&["-run-with", "group=x"], "-run-with: unknown property 'group'");
 }
 
-/// A tiny xorshift generator: reproducible odd inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        let len = u64::try_from(items.len()).unwrap_or(1);
-        let index = usize::try_from(self.next() % len).unwrap_or(0);
-        items[index]
-    }
-}
-
+/// Fuzz target: command lines of random options with values built from
+/// pieces that trip parsers (separators, escapes, huge numbers, odd
+/// Unicode, bytes that are not UTF-8). Each parses or fails with an error,
+/// never a panic.
 #[test]
-fn odd_inputs_never_panic() {
+fn fuzz_command_line() {
     const PIECES: &[&str] = &[
         "",
         ",",
@@ -645,17 +631,22 @@ fn odd_inputs_never_panic() {
         .map(|(name, _)| format!("-{name}"))
         .chain(["-qmp", "--", "-", "-bogus", ""].map(String::from))
         .collect();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for _ in 0..20_000 {
-        let mut line = Vec::new();
-        for _ in 0..(rng.next() % 4) {
-            let index = usize::try_from(rng.next() % options.len() as u64).unwrap_or(0);
-            line.push(options[index].clone());
-            let value: String = (0..rng.next() % 5).map(|_| rng.pick(PIECES)).collect();
-            line.push(value);
+    skiff_tests::fuzz::run("command-line", 20_000, |rng| {
+        let mut line: Vec<std::ffi::OsString> = Vec::new();
+        for _ in 0..rng.below(5) {
+            line.push(rng.pick(&options).into());
+            let mut value: Vec<u8> = Vec::new();
+            for _ in 0..rng.below(5) {
+                if rng.one_in(10) {
+                    value.extend(rng.bytes(6));
+                } else {
+                    value.extend_from_slice(rng.pick(PIECES).as_bytes());
+                }
+            }
+            line.push(std::os::unix::ffi::OsStringExt::from_vec(value));
         }
         let _ = parse(line);
-    }
+    });
     // And every option with each piece alone.
     for option in &options {
         for piece in PIECES {

@@ -327,33 +327,7 @@ impl QmpHandler {
         let mut requests = Vec::new();
         loop {
             let client = server.client.as_mut().expect("checked above");
-            let mut stream =
-                serde_json::Deserializer::from_slice(&client.inbuf).into_iter::<Value>();
-            let parsed = stream.next();
-            let consumed = stream.byte_offset();
-            let input = match parsed {
-                None => {
-                    client.inbuf.clear();
-                    break;
-                }
-                Some(Err(e)) if e.is_eof() => break,
-                Some(Ok(v)) => {
-                    client.inbuf.drain(..consumed);
-                    Ok(v)
-                }
-                Some(Err(e)) => {
-                    // Skip the rest of the bad line, as QEMU's parser resyncs.
-                    let buf = &client.inbuf;
-                    let start =
-                        buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(buf.len());
-                    let end = buf[start..]
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .map_or(buf.len(), |p| start + p + 1);
-                    client.inbuf.drain(..end);
-                    Err(e.to_string())
-                }
-            };
+            let Some(input) = super::protocol::take_input(&mut client.inbuf) else { break };
             let running = self.vm.control.outcome().is_none();
             let reply = client.session.handle(input, running);
             // An answered command runs even if the client is already gone.
