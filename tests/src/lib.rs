@@ -762,6 +762,6 @@ mod unit {
     fn command_has_microvm_nix_argv() {
         let c = microvm_nix_command("$SKIFF", true, "", "skiff.test=poweroff");
         assert!(c.starts_with("$SKIFF -name t -M microvm,accel=kvm:tcg,acpi=on,"));
-        assert!(c.ends_with("panic=-1 skiff.test=poweroff\" -nographic"));
+        assert!(c.ends_with("panic=-1 skiff.test=poweroff\" -nographic -sandbox on"));
     }
 }
