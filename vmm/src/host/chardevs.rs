@@ -4,7 +4,7 @@
 //! client connects; skiff does the same. Nothing writes to such a chardev and
 //! what arrives on it is never read. Each is held for the process's life.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,12 +88,7 @@ pub fn open_unused(cfg: &VmConfig) -> Result<Chardevs, Error> {
         match &c.backend {
             ChardevBackend::Stdio { .. } | ChardevBackend::Null => {}
             ChardevBackend::File { path, append } => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .append(*append)
-                    .truncate(!*append)
-                    .open(path)
+                let file = super::console::open_output(path, *append)
                     .map_err(|source| Error::File { id: id(), path: shown(path), source })?;
                 held.push(Held::File(file));
             }

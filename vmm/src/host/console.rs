@@ -84,6 +84,12 @@ pub fn console_target(cfg: &VmConfig) -> Result<ConsoleTarget, Error> {
     })
 }
 
+/// Opens a file chardev's output as QEMU does: created, truncated unless
+/// `append=on`.
+pub fn open_output(path: &std::path::Path, append: bool) -> std::io::Result<File> {
+    OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(path)
+}
+
 impl SerialBackend {
     /// The same host side for another run of the guest.
     pub fn try_clone(&self) -> Result<SerialBackend, Error> {
@@ -109,16 +115,10 @@ impl ConsoleTarget {
                 SerialBackend { output: Some(File::from(fd)), stdin_input: true }
             }
             ConsoleTarget::File { path, append } => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .append(*append)
-                    .truncate(!*append)
-                    .open(path)
-                    .map_err(|source| Error::OpenFile {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
+                let file = open_output(path, *append).map_err(|source| Error::OpenFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
                 SerialBackend { output: Some(file), stdin_input: false }
             }
         }))

@@ -499,7 +499,13 @@ fn fuzz_virtio_blk_queue() {
                 0 => {
                     let d = rng.below(u64::from(SIZE)) as u16;
                     let flags = rng.next_u64() as u16;
-                    tq.store_desc(d, addr(rng), len(rng), flags, rng.next_u64() as u16 % (SIZE + 2));
+                    tq.store_desc(
+                        d,
+                        addr(rng),
+                        len(rng),
+                        flags,
+                        rng.next_u64() as u16 % (SIZE + 2),
+                    );
                 }
                 1 => {
                     let at = tq.desc_table_addr() + rng.below(u64::from(SIZE) * 16);

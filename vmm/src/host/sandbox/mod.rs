@@ -497,40 +497,9 @@ mod tests {
         }
     }
 
-    /// Opening a file is refused with EACCES (glibc copes), not fatal.
-    #[test]
-    fn opening_a_file_is_refused_not_fatal() {
-        let progs = answers(&SandboxConfig::default()).unwrap();
-        let vcpu = filter(ThreadKind::Io, &SandboxConfig::default()).unwrap();
-        // SAFETY: the child only makes system calls and exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // SAFETY: in the child; plain system calls on valid pointers.
-            unsafe {
-                libc::signal(libc::SIGSYS, libc::SIG_DFL);
-                for p in progs.iter().chain([&vcpu]) {
-                    if seccompiler::apply_filter(p).is_err() {
-                        libc::_exit(2);
-                    }
-                }
-                let fd = libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), libc::O_RDONLY);
-                let eacces = fd < 0 && *libc::__errno_location() == libc::EACCES;
-                libc::_exit(if eacces { 0 } else { 3 });
-            }
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
-    }
-
-    /// The filters really bite: a child process (so the test binary stays
-    /// unconfined) installs the vCPU list, makes an allowed call and a
-    /// forbidden one, and is ended by SIGSYS's default action.
-    #[test]
-    fn a_forbidden_call_is_stopped_and_an_allowed_one_is_not() {
-        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default()).unwrap();
+    /// Runs `body` in a child process (the test binary stays unconfined)
+    /// under `progs`, with SIGSYS's default action; returns its wait status.
+    fn in_confined_child(progs: &[&BpfProgram], body: fn() -> i32) -> i32 {
         // SAFETY: the child only makes system calls and exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
@@ -538,19 +507,54 @@ mod tests {
             // SAFETY: in the child; plain system calls.
             unsafe {
                 libc::signal(libc::SIGSYS, libc::SIG_DFL);
-                if seccompiler::apply_filter(&prog).is_err() {
-                    libc::_exit(2);
+                for p in progs {
+                    if seccompiler::apply_filter(p).is_err() {
+                        libc::_exit(100);
+                    }
                 }
-                if libc::getpid() <= 0 {
-                    libc::_exit(3);
-                }
-                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
-                libc::_exit(4);
+                libc::_exit(body());
             }
         }
         let mut status = 0;
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    /// Opening a file is refused with EACCES (glibc copes), not fatal.
+    #[test]
+    fn opening_a_file_is_refused_not_fatal() {
+        let progs = answers(&SandboxConfig::default()).unwrap();
+        let io = filter(ThreadKind::Io, &SandboxConfig::default()).unwrap();
+        let status = in_confined_child(&[&progs[0], &progs[1], &io], || {
+            // SAFETY: a NUL-terminated path; errno read right after.
+            let fd = unsafe { libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), 0) };
+            // SAFETY: errno of this thread.
+            let eacces = fd < 0 && unsafe { *libc::__errno_location() } == libc::EACCES;
+            if eacces {
+                0
+            } else {
+                3
+            }
+        });
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
+    }
+
+    /// The filters really bite: under the vCPU list an allowed call goes
+    /// through, a forbidden one ends the process by SIGSYS.
+    #[test]
+    fn a_forbidden_call_is_stopped_and_an_allowed_one_is_not() {
+        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default()).unwrap();
+        let status = in_confined_child(&[&prog], || {
+            // SAFETY: plain system calls.
+            unsafe {
+                if libc::getpid() <= 0 {
+                    return 3;
+                }
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
+            }
+            4
+        });
         assert!(
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
             "status {status:#x}"
