@@ -380,9 +380,10 @@ impl MutEventSubscriber for BlockQueue {
         }
         self.serve();
         // What the kernel finished while it took the batch (reads the page
-        // cache had) goes back now, not after another trip through epoll;
-        // and the room it frees serves what waits.
-        if self.engine.as_mut().is_some_and(Engine::ready) {
+        // cache had) goes back now: nothing signals it (the eventfd is for
+        // later completions only). The room it frees serves what waits, and
+        // so on until a batch leaves nothing finished behind.
+        while self.engine.as_mut().is_some_and(Engine::ready) {
             self.reap();
             self.serve();
         }

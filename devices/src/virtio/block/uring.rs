@@ -46,7 +46,10 @@ impl Uring {
     pub fn new(depth: u16) -> io::Result<Uring> {
         let ring = IoUring::new(u32::from(depth.max(1)))?;
         let done = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        ring.submitter().register_eventfd(done.as_raw_fd())?;
+        // Only completions the kernel finishes later are signalled: what it
+        // finishes during the submit (page-cache hits) the worker reaps at
+        // once, and a signal for those would wake it for nothing.
+        ring.submitter().register_eventfd_async(done.as_raw_fd())?;
         let depth = usize::from(depth.max(1));
         Ok(Uring {
             ring,
