@@ -138,7 +138,7 @@ echo "bench-blk: skiff and qemu x $rounds round(s), 8 fio jobs of ${secs}s each"
 tr -d '\r' <"$log" | awk '
 	/=== BEGIN / { who = $3; sub(/^bench-/, "", who); sub(/-[0-9]+$/, "", who); next }
 	/SKIFF-FIO |HOST-FIO / {
-		sub(/.*-FIO /, ""); if (NF >= 3) print who, $1, $2, $3
+		sub(/.*-FIO /, ""); if (NF >= 3) print who, $1, $2, $3, (NF >= 4 ? $4 : "-")
 	}' >"$out_dir/bench-blk.records"
 
 median() { # WHO JOB FIELD
@@ -149,14 +149,14 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) p
 echo
 echo "### virtio-blk, fio in the guest ($rounds round(s), ${secs}s per job; medians; ratio skiff/QEMU, > 1 means Skiff is faster)"
 echo
-echo "| job | skiff KiB/s | QEMU KiB/s | ratio | skiff IOPS | QEMU IOPS | ratio | host KiB/s | host IOPS |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| job | skiff KiB/s | QEMU KiB/s | ratio | skiff IOPS | QEMU IOPS | ratio | skiff IRQ/IO | QEMU IRQ/IO | host KiB/s | host IOPS |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for job in read-1m-qd1 read-1m-qd32 write-1m-qd1 write-1m-qd32 randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32; do
 	sk=$(median skiff "$job" 3)
 	qk=$(median qemu "$job" 3)
 	si=$(median skiff "$job" 4)
 	qi=$(median qemu "$job" 4)
-	echo "| $job | $sk | $qk | $(ratio "$sk" "$qk") | $si | $qi | $(ratio "$si" "$qi") | $(median host "$job" 3) | $(median host "$job" 4) |"
+	echo "| $job | $sk | $qk | $(ratio "$sk" "$qk") | $si | $qi | $(ratio "$si" "$qi") | $(median skiff "$job" 5) | $(median qemu "$job" 5) | $(median host "$job" 3) | $(median host "$job" 4) |"
 done
 echo
 echo "Measured inside the nested test host unless it ran directly: compare ratios, not absolute figures. Log: $log"

@@ -308,11 +308,12 @@ impl BlockQueue {
         served
     }
 
-    /// Returns what the engine completed to the guest.
-    fn reap(&mut self) {
-        let Some(e) = self.engine.as_mut() else { return };
+    /// Puts what the engine completed on the used ring; true if anything
+    /// went on (the caller tells the guest once per wakeup).
+    fn reap(&mut self) -> bool {
+        let Some(e) = self.engine.as_mut() else { return false };
         let done = e.reap(&self.ring.mem);
-        self.ring.complete(&done);
+        self.ring.complete_quietly(&done)
     }
 }
 
@@ -375,8 +376,9 @@ impl MutEventSubscriber for BlockQueue {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut used = false;
         if !self.ring.take_event(&events) {
-            self.reap();
+            used |= self.reap();
         }
         self.serve();
         // What the kernel finished while it took the batch (reads the page
@@ -384,8 +386,12 @@ impl MutEventSubscriber for BlockQueue {
         // later completions only). The room it frees serves what waits, and
         // so on until a batch leaves nothing finished behind.
         while self.engine.as_mut().is_some_and(Engine::ready) {
-            self.reap();
+            used |= self.reap();
             self.serve();
+        }
+        // One interrupt for everything this wakeup completed.
+        if used {
+            self.ring.notify();
         }
     }
 }

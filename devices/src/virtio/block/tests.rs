@@ -388,7 +388,9 @@ fn many_in_flight(tag: &str, make: impl FnOnce(&GuestMemoryMmap, &Fixture) -> En
         };
         // SAFETY: one valid pollfd; a timeout of 100 ms.
         unsafe { libc::poll(&mut pfd, 1, 100) };
-        q.reap();
+        if q.reap() {
+            q.ring.notify();
+        }
     }
     let mut used = tq.used();
     used.sort();
