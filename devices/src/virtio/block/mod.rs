@@ -382,9 +382,9 @@ impl MutEventSubscriber for BlockQueue {
         }
         self.serve();
         // What the kernel finished while it took the batch (reads the page
-        // cache had) goes back now: nothing signals it (the eventfd is for
-        // later completions only). The room it frees serves what waits, and
-        // so on until a batch leaves nothing finished behind.
+        // cache had) goes back now, not after another trip through epoll;
+        // the room it frees serves what waits, and so on until a batch
+        // leaves nothing finished behind.
         while self.engine.as_mut().is_some_and(Engine::ready) {
             used |= self.reap();
             self.serve();
