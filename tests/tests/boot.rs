@@ -168,7 +168,13 @@ fn smbios_defaults_without_the_option() {
 fn panic_ends_the_process() {
     let r = result("panic");
     assert_booted(r);
-    assert!(r.contains("Kernel panic"), "no kernel panic message\n{}", r.describe());
+    // The banner can be cut by init's last line still draining on the UART
+    // ("Kernel pa-0a9b-...nic"); the crash's stack frame comes later.
+    assert!(
+        r.contains("Kernel panic") || r.contains("sysrq_handle_crash"),
+        "no kernel panic message\n{}",
+        r.describe()
+    );
     assert_rc(r, 0);
 }
 
