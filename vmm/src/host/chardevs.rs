@@ -7,7 +7,6 @@
 use std::fs::File;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::config::{ChardevBackend, SerialConfig, VmConfig};
 
@@ -116,12 +115,9 @@ pub fn open_unused(cfg: &VmConfig) -> Result<Chardevs, Error> {
                         c.id,
                         path.display()
                     );
-                    let client = wait_for_client(&server.listener).map_err(|e| match e {
-                        WaitError::Signal(signal) => Error::Interrupted { id: id(), signal },
-                        WaitError::Io(source) => {
-                            Error::Listen { id: id(), path: shown(path), source }
-                        }
-                    })?;
+                    let client = wait_for_client(&server.listener)
+                        .map_err(|source| Error::Listen { id: id(), path: shown(path), source })?
+                        .map_err(|signal| Error::Interrupted { id: id(), signal })?;
                     server._client = Some(client);
                 }
                 held.push(Held::Server(server));
@@ -131,30 +127,21 @@ pub fn open_unused(cfg: &VmConfig) -> Result<Chardevs, Error> {
     Ok(Chardevs { _held: held })
 }
 
-enum WaitError {
-    Signal(i32),
-    Io(std::io::Error),
-}
-
-/// Blocks until a client connects, but gives up on a termination signal
-/// (std's accept retries on EINTR and would never see it).
-fn wait_for_client(listener: &UnixListener) -> Result<UnixStream, WaitError> {
-    listener.set_nonblocking(true).map_err(WaitError::Io)?;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => return Ok(stream),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(WaitError::Io(e)),
+/// The next client, once one connects; Err(signal) on a termination signal.
+fn wait_for_client(listener: &UnixListener) -> std::io::Result<Result<UnixStream, i32>> {
+    listener.set_nonblocking(true)?;
+    super::signals::poll_until_signal(|| match listener.accept() {
+        Ok((stream, _)) => Ok(Some(stream)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(None)
         }
-        if let Some(sig) = crate::host::signals::last_signal() {
-            return Err(WaitError::Signal(sig));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        Err(e) => Err(e),
+    })
 }
 
 #[cfg(test)]
@@ -234,7 +221,7 @@ mod tests {
                 if let Ok(s) = UnixStream::connect(&path) {
                     return s;
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(std::time::Duration::from_millis(10));
             })
         };
         let held = open_unused(&c).unwrap();

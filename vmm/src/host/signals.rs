@@ -43,6 +43,23 @@ pub fn install() -> std::io::Result<&'static EventFd> {
     Ok(evt)
 }
 
+/// Polls `ready` every 20 ms until it yields a value, but gives up on a
+/// termination signal (std's accept retries on EINTR and would never see
+/// one): `Err(signal)`. For the listeners that wait for a client (`wait=on`).
+pub fn poll_until_signal<T>(
+    mut ready: impl FnMut() -> std::io::Result<Option<T>>,
+) -> std::io::Result<Result<T, i32>> {
+    loop {
+        if let Some(v) = ready()? {
+            return Ok(Ok(v));
+        }
+        if let Some(sig) = last_signal() {
+            return Ok(Err(sig));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The last termination signal received, if any.
 pub fn last_signal() -> Option<i32> {
     match LAST_SIGNAL.load(Ordering::SeqCst) {

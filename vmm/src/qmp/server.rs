@@ -166,22 +166,16 @@ impl QmpServer {
         Ok(server)
     }
 
-    /// Blocks until a client connects, but gives up on a termination signal
-    /// (std's accept would retry on EINTR and ignore it).
+    /// Blocks until a client connects, but gives up on a termination signal.
     fn wait_for_client(&mut self) -> std::io::Result<()> {
-        loop {
-            if self.accept()? {
-                return Ok(());
-            }
-            if let Some(sig) = crate::host::signals::last_signal() {
-                // Interrupted: the caller ends as a signal ends a run.
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    format!("terminated by signal {sig} while waiting for a client"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let waited = crate::host::signals::poll_until_signal(|| Ok(self.accept()?.then_some(())))?;
+        waited.map_err(|sig| {
+            // Interrupted: the caller ends as a signal ends a run.
+            std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                format!("terminated by signal {sig} while waiting for a client"),
+            )
+        })
     }
 
     fn set_listener_nonblocking(&self) -> std::io::Result<()> {
