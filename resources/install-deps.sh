@@ -22,8 +22,34 @@ die() {
 # tests' disk images.
 # make, libelf1, zlib1g: guest-assets.sh rebuilds one guest kernel module
 # (virtio_mmio) against Debian's kernel headers.
+# libseccomp-dev, libcap-ng-dev: to build virtiofsd (below), the
+# vhost-user-fs tests' backend.
 PKGS=(qemu-system-x86 seabios busybox-static cpio socat lz4 zstd xz-utils gzip gcc libc6-dev
-	binutils util-linux grep gawk coreutils make libelf1 zlib1g acpica-tools e2fsprogs erofs-utils)
+	binutils util-linux grep gawk coreutils make libelf1 zlib1g acpica-tools e2fsprogs erofs-utils
+	libseccomp-dev libcap-ng-dev)
+# virtiofsd from crates.io, as microvm.nix users run it (Debian's is older).
+VIRTIOFSD_VERSION=1.14.0
+
+# virtiofsd: on PATH, or where cargo install puts it.
+virtiofsd_path() {
+	local p
+	for p in "${SKIFF_VIRTIOFSD:-}" "$(command -v virtiofsd 2>/dev/null || true)" \
+		"${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd"; do
+		[ -n "$p" ] && [ -x "$p" ] && echo "$p" && return 0
+	done
+	return 1
+}
+
+install_virtiofsd() {
+	if p=$(virtiofsd_path); then
+		say "virtiofsd: $p"
+		return 0
+	fi
+	command -v cargo >/dev/null || die "cargo is needed to build virtiofsd (install Rust >= 1.80)"
+	say "building virtiofsd $VIRTIOFSD_VERSION (cargo install, about a minute)"
+	cargo install --locked --quiet --version "$VIRTIOFSD_VERSION" virtiofsd ||
+		die "cargo install virtiofsd failed"
+}
 MIN_QEMU_MAJOR=8
 
 qemu_major() {
@@ -39,6 +65,7 @@ done
 qv=$(qemu_major || true)
 if [ "${#missing[@]}" -eq 0 ] && [ -n "$qv" ] && [ "$qv" -ge "$MIN_QEMU_MAJOR" ]; then
 	command -v cargo >/dev/null || say "warning: cargo is not on PATH (install Rust >= 1.80, e.g. with rustup)"
+	install_virtiofsd
 	say "all dependencies present (QEMU $qv)"
 	exit 0
 fi
@@ -96,5 +123,5 @@ else
 fi
 qv=$(qemu_major || true)
 { [ -n "$qv" ] && [ "$qv" -ge "$MIN_QEMU_MAJOR" ]; } || die "QEMU >= $MIN_QEMU_MAJOR needed, have '${qv:-none}'"
-command -v cargo >/dev/null || say "warning: cargo is not on PATH (install Rust >= 1.80, e.g. with rustup)"
+install_virtiofsd
 say "done (QEMU $qv)"

@@ -12,7 +12,8 @@
 //! Environment: `SKIFF_BIN` (default `target/release/skiff`), `SKIFF_CACHE`
 //! (assets, default `~/.cache/skiff`), `SKIFF_TEST_HOST=auto|l1|direct`,
 //! `SKIFF_TEST_VERBOSE=1` (show the console live), `SKIFF_TEST_KERNEL` (a
-//! different guest bzImage).
+//! different guest bzImage), `SKIFF_TEST_ONLY=NAME,...` (run only these
+//! scenarios of a batch, while working on them: the others' tests fail).
 
 pub mod fuzz;
 
@@ -48,9 +49,17 @@ impl Scenario {
     /// one line per scenario, so the script travels base64-encoded and is
     /// sourced (it sees `$SKIFF`, `$BZIMAGE`, ... like a plain command).
     /// `SCRIPT_PRELUDE` is prepended: it defines `wait_for`.
+    /// The names of the tools the script uses stay readable after it, as
+    /// a comment: run-scenarios.sh takes along what the scenarios file
+    /// mentions (QEMU, VIRTIOFSD, ...).
     pub fn script(name: impl Into<String>, timeout_secs: u32, script: &str) -> Self {
         let full = format!("{SCRIPT_PRELUDE}\n{script}");
-        let command = format!("echo {} | base64 -d > script.sh && . ./script.sh", base64(&full));
+        let mut command =
+            format!("echo {} | base64 -d > script.sh && . ./script.sh", base64(&full));
+        let tools: Vec<&str> = TOOLS.iter().copied().filter(|t| full.contains(t)).collect();
+        if !tools.is_empty() {
+            command.push_str(&format!(" # uses {}", tools.join(" ")));
+        }
         Scenario::new(name, timeout_secs, command)
     }
 
@@ -60,6 +69,9 @@ impl Scenario {
         self
     }
 }
+
+/// What run-scenarios.sh brings into the test host when a scenario names it.
+const TOOLS: &[&str] = &["$QEMU", "$VMLINUX", "$FIRECRACKER", "$CLOUD_HYPERVISOR", "$VIRTIOFSD"];
 
 /// Shell helpers for `Scenario::script`: `wait_for MARKER FILE SECS` waits
 /// until FILE has a line with MARKER (returns 1 on time-out);
@@ -373,7 +385,11 @@ impl Batch {
     /// Panics (fails the calling test) when the batch could not run.
     pub fn result(&self, scenarios: fn() -> Vec<Scenario>, name: &str) -> &ScenarioResult {
         let results = self.results.get_or_init(|| {
-            run_scenarios(&scenarios())
+            let mut all = scenarios();
+            if let Some(only) = std::env::var("SKIFF_TEST_ONLY").ok().filter(|o| !o.is_empty()) {
+                all.retain(|s| only.split(',').any(|n| n == s.name));
+            }
+            run_scenarios(&all)
                 .map(|rs| rs.into_iter().map(|r| (r.name.clone(), r)).collect())
                 .map_err(|e| e.to_string())
         });
@@ -718,6 +734,14 @@ mod unit {
         assert!(test_host_oopsed("[ 24.8] BUG: scheduling while atomic: vcpu0/125/0x00110001"));
         assert!(test_host_oopsed("x\n[ 173.9] BUG: TASK stack guard page was hit at 0000"));
         assert!(!test_host_oopsed("[ 4.7] Kernel panic - not syncing: sysrq triggered crash"));
+    }
+
+    #[test]
+    fn scripts_say_which_tools_they_use() {
+        let s = Scenario::script("x", 1, "\"$VIRTIOFSD\" --version; $SKIFF");
+        assert!(s.command.ends_with("# uses $VIRTIOFSD"), "{}", s.command);
+        let s = Scenario::script("x", 1, "$SKIFF");
+        assert!(s.command.ends_with(". ./script.sh"), "{}", s.command);
     }
 
     #[test]

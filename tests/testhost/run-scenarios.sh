@@ -63,6 +63,20 @@ die() {
 	exit "${2:-1}"
 }
 
+# virtiofsd, for the scenarios that start it (resources/install-deps.sh
+# builds it): SKIFF_VIRTIOFSD, else on PATH, else cargo's bin directory.
+VFSD=
+if grep -q 'VIRTIOFSD' "$SCEN"; then
+	for p in "${SKIFF_VIRTIOFSD:-}" "$(command -v virtiofsd 2>/dev/null || true)" \
+		"${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd"; do
+		if [ -n "$p" ] && [ -x "$p" ]; then
+			VFSD=$p
+			break
+		fi
+	done
+	[ -n "$VFSD" ] || say "warning: no virtiofsd (run resources/install-deps.sh); \$VIRTIOFSD scenarios will fail"
+fi
+
 mode=${SKIFF_TEST_HOST:-auto}
 if [ "$mode" = auto ]; then
 	if grep -qwE 'vmx|svm' /proc/cpuinfo; then mode=direct; else mode=l1; fi
@@ -129,7 +143,7 @@ if [ "$mode" = direct ]; then
 		VMLINUX="$SKIFF_L2_VMLINUX" INITRD="$SKIFF_L2_INITRD" STAMP="$SKIFF_STAMP" \
 		STORE_IMG="$SKIFF_L2_STORE" STORE_DATA="$SKIFF_L2_STORE_DATA" VOL_IMG="$SKIFF_L2_VOL" \
 		FIRECRACKER="${SKIFF_FIRECRACKER:-}" CLOUD_HYPERVISOR="${SKIFF_CLOUD_HYPERVISOR:-}" \
-		WORK_ROOT="$tmp/work" timeout "$overall" sh "$HERE/scenarios-inner.sh" "$SCEN" 2>&1 | progress
+		VIRTIOFSD="$VFSD" WORK_ROOT="$tmp/work" timeout "$overall" sh "$HERE/scenarios-inner.sh" "$SCEN" 2>&1 | progress
 	rc=${PIPESTATUS[0]}
 	set -e
 	[ "$rc" = 124 ] && die "the batch did not finish within ${overall}s; log: $OUT_LOG" 5
@@ -166,6 +180,10 @@ fi
 if [ -n "${SKIFF_CLOUD_HYPERVISOR:-}" ]; then
 	copy_with_libs "$SKIFF_CLOUD_HYPERVISOR" /opt/peers/cloud-hypervisor
 	peers="$peers CLOUD_HYPERVISOR=/opt/peers/cloud-hypervisor"
+fi
+if [ -n "$VFSD" ]; then
+	copy_with_libs "$VFSD" /opt/peers/virtiofsd
+	peers="$peers VIRTIOFSD=/opt/peers/virtiofsd"
 fi
 cp "$SCEN" "$run/run/scenarios.tsv"
 cp "$HERE/scenarios-inner.sh" "$run/run/scenarios-inner.sh"

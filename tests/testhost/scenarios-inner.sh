@@ -12,7 +12,7 @@
 #
 # Environment (set by the caller): SKIFF QEMU BZIMAGE BZIMAGE_GENERIC VMLINUX INITRD STAMP,
 # WORK_ROOT (each scenario gets a fresh $WORK under it), optionally
-# FIRECRACKER CLOUD_HYPERVISOR, CONSOLE_DEV (the terminal of ":console"
+# FIRECRACKER CLOUD_HYPERVISOR VIRTIOFSD, CONSOLE_DEV (the terminal of ":console"
 # scenarios, default /dev/tty).
 #
 # Output, per scenario, on stdout:

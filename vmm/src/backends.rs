@@ -9,12 +9,16 @@
 //! on them, `attach` them to the run's guest memory (a vhost memory table,
 //! VFIO DMA maps) and `detach` them before that memory is unmapped.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use devices::vhost_user::fs::FsParams;
+use devices::vhost_user::Connection;
 use devices::virtio::block::{BlockParams, Disk, DiskError, DiskOptions, Policy};
 use devices::virtio::{RngBackend, RngError};
 
-use crate::config::{BlockConfig, DeviceConfig, VirtioKind, VirtioTransport, VmConfig};
+use crate::config::{
+    BlockConfig, ChardevBackend, DeviceConfig, FsConfig, VirtioKind, VirtioTransport, VmConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -23,6 +27,13 @@ pub enum BackendError {
         driver: String,
         #[source]
         source: RngError,
+    },
+    #[error("-device {driver},chardev={chardev}")]
+    VhostUser {
+        driver: String,
+        chardev: String,
+        #[source]
+        source: devices::vhost_user::Error,
     },
     #[error("-drive id={drive}")]
     Disk {
@@ -37,6 +48,8 @@ pub enum DeviceBackend {
     Rng(Arc<RngBackend>),
     /// The image, and the device's shape.
     Block(Arc<Disk>, BlockParams),
+    /// The connection to virtiofsd, and the device's shape.
+    Fs(Arc<Mutex<Connection>>, FsParams),
 }
 
 impl DeviceBackend {
@@ -44,14 +57,14 @@ impl DeviceBackend {
     /// VFIO's DMA maps). Nothing to do for the backends skiff has so far.
     fn attach(&self, _mem: &boot::GuestMemoryMmap) {
         match self {
-            DeviceBackend::Rng(_) | DeviceBackend::Block(..) => {}
+            DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
         }
     }
 
     /// Takes the run's guest memory back before it is unmapped.
     fn detach(&self) {
         match self {
-            DeviceBackend::Rng(_) | DeviceBackend::Block(..) => {}
+            DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
         }
     }
 }
@@ -74,6 +87,7 @@ impl Backends {
                         let pci = matches!(v.transport, VirtioTransport::Pci(_));
                         Ok(Some(block(cfg, b, pci)?))
                     }
+                    VirtioKind::Fs(f) => Ok(Some(fs(cfg, f, v.driver())?)),
                     &VirtioKind::Rng { max_bytes, period_ms } => {
                         let limit =
                             max_bytes.and_then(|m| devices::virtio::RateLimit::new(m, period_ms));
@@ -133,4 +147,24 @@ fn block(cfg: &VmConfig, b: &BlockConfig, pci: bool) -> Result<DeviceBackend, Ba
         aio: drive.aio,
     };
     Ok(DeviceBackend::Block(Arc::new(disk), params))
+}
+
+/// A vhost-user-fs's connection to virtiofsd, made here once: virtiofsd
+/// serves one client and exits when it goes, so the connection must
+/// outlive guest reboots.
+fn fs(cfg: &VmConfig, f: &FsConfig, driver: String) -> Result<DeviceBackend, BackendError> {
+    let path = cfg.chardevs.iter().find_map(|c| match &c.backend {
+        ChardevBackend::Socket { path, server: false, .. } if c.id == f.chardev => Some(path),
+        _ => None,
+    });
+    let Some(path) = path else { unreachable!("the command line checked chardev={}", f.chardev) };
+    let queues = 1 + usize::from(f.num_request_queues);
+    let connection = Connection::connect(path, queues)
+        .map_err(|source| BackendError::VhostUser { driver, chardev: f.chardev.clone(), source })?;
+    let params = FsParams {
+        tag: f.tag.clone(),
+        num_request_queues: f.num_request_queues,
+        queue_size: f.queue_size,
+    };
+    Ok(DeviceBackend::Fs(Arc::new(Mutex::new(connection)), params))
 }

@@ -112,8 +112,10 @@ pub enum ChardevBackend {
     File { path: PathBuf, append: bool },
     /// `null`
     Null,
-    /// `socket,path=PATH[,server=on][,wait=off]` (Unix sockets only).
-    Socket { path: PathBuf, server: bool, wait: bool },
+    /// `socket,path=PATH[,server=on][,wait=off][,reconnect=S|reconnect-ms=MS]`
+    /// (Unix sockets only; a client retries every `reconnect_ms` after it
+    /// lost its server, None or 0 meaning never).
+    Socket { path: PathBuf, server: bool, wait: bool, reconnect_ms: Option<u64> },
 }
 
 /// Where a `-serial` goes.
@@ -172,6 +174,18 @@ pub enum VirtioKind {
     Rng { max_bytes: Option<u64>, period_ms: Option<u64> },
     /// `virtio-blk-*,drive=ID[,serial=S][,num-queues=N][,queue-size=N]...`
     Block(BlockConfig),
+    /// `vhost-user-fs-*,chardev=ID,tag=TAG[,queue-size=N][,num-request-queues=N]`
+    Fs(FsConfig),
+}
+
+/// `-device vhost-user-fs-*`: virtiofsd on the `-chardev socket` named by
+/// `chardev`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    pub chardev: String,
+    pub tag: String,
+    pub queue_size: u16,
+    pub num_request_queues: u16,
 }
 
 /// `-device virtio-blk-*` (its image is the `-drive` named by `drive`).
@@ -218,6 +232,15 @@ impl VirtioKind {
         match self {
             VirtioKind::Rng { .. } => "virtio-rng",
             VirtioKind::Block(_) => "virtio-blk",
+            VirtioKind::Fs(_) => "vhost-user-fs",
+        }
+    }
+
+    /// The `-chardev` of a vhost-user backend, if the device has one.
+    pub fn vhost_user_chardev(&self) -> Option<&str> {
+        match self {
+            VirtioKind::Fs(f) => Some(&f.chardev),
+            VirtioKind::Rng { .. } | VirtioKind::Block(_) => None,
         }
     }
 }

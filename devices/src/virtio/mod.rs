@@ -108,6 +108,8 @@ pub enum ActivateError {
     QueueOutsideMemory(usize),
     #[error("eventfd operation failed")]
     EventFd(#[source] std::io::Error),
+    #[error("the device's backend failed")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot start the device's worker thread")]
     Worker(#[source] std::io::Error),
 }

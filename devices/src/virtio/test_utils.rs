@@ -53,6 +53,12 @@ impl<'a> TestQueue<'a> {
         TestQueue { mem, mock: MockSplitQueue::new(mem, size), size, next_desc: 0 }
     }
 
+    /// A queue whose rings start at `base` instead of 0.
+    pub fn new_at(mem: &'a GuestMemoryMmap, size: u16, base: u64) -> Self {
+        let mock = MockSplitQueue::create(mem, vm_memory::GuestAddress(base), size);
+        TestQueue { mem, mock, size, next_desc: 0 }
+    }
+
     /// Adds a chain of `(addr, len, flags)` descriptors, linked in order
     /// (NEXT is set on all but the last), and makes it available.
     pub fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {

@@ -32,7 +32,22 @@ pub(super) fn parse_chardev(label: &str, arg: &str) -> Result<ChardevConfig, Cli
             if !server && wait.is_some() {
                 return Err(opts.error("'wait' is only valid with server=on"));
             }
-            ChardevBackend::Socket { path, server, wait: wait.unwrap_or(true) }
+            // QEMU's reconnect=SECONDS, and reconnect-ms= which replaces it.
+            let reconnect_ms =
+                match (opts.take_uint("reconnect")?, opts.take_uint("reconnect-ms")?) {
+                    (Some(_), Some(_)) => {
+                        return Err(
+                            opts.error("'reconnect' and 'reconnect-ms' are mutually exclusive")
+                        )
+                    }
+                    (Some(s), None) => Some(s.saturating_mul(1000)),
+                    (None, ms) => ms,
+                }
+                .filter(|&ms| ms > 0);
+            if server && reconnect_ms.is_some() {
+                return Err(opts.error("'reconnect' is only valid for a client (server=off)"));
+            }
+            ChardevBackend::Socket { path, server, wait: wait.unwrap_or(true), reconnect_ms }
         }
         _ => ChardevBackend::Null,
     };
@@ -130,21 +145,62 @@ mod tests {
             chardev("socket,id=c,path=/run/x.sock"),
             ok(
                 "c",
-                ChardevBackend::Socket { path: "/run/x.sock".into(), server: false, wait: true }
+                ChardevBackend::Socket {
+                    path: "/run/x.sock".into(),
+                    server: false,
+                    wait: true,
+                    reconnect_ms: None
+                }
             )
         );
         assert_eq!(
             chardev("socket,id=c,path=p,server=on,wait=off"),
-            ok("c", ChardevBackend::Socket { path: "p".into(), server: true, wait: false })
+            ok(
+                "c",
+                ChardevBackend::Socket {
+                    path: "p".into(),
+                    server: true,
+                    wait: false,
+                    reconnect_ms: None
+                }
+            )
         );
+        let reconnecting = |ms| ChardevBackend::Socket {
+            path: "p".into(),
+            server: false,
+            wait: true,
+            reconnect_ms: ms,
+        };
+        assert_eq!(chardev("socket,id=c,path=p,reconnect=2"), ok("c", reconnecting(Some(2000))));
+        assert_eq!(
+            chardev("socket,id=c,path=p,reconnect-ms=250"),
+            ok("c", reconnecting(Some(250)))
+        );
+        assert_eq!(chardev("socket,id=c,path=p,reconnect=0"), ok("c", reconnecting(None)));
         // QEMU's legacy flag forms.
         assert_eq!(
             chardev("socket,id=c,path=p,server,nowait"),
-            ok("c", ChardevBackend::Socket { path: "p".into(), server: true, wait: false })
+            ok(
+                "c",
+                ChardevBackend::Socket {
+                    path: "p".into(),
+                    server: true,
+                    wait: false,
+                    reconnect_ms: None
+                }
+            )
         );
         assert_eq!(
             chardev("socket,id=c,path=p,server"),
-            ok("c", ChardevBackend::Socket { path: "p".into(), server: true, wait: true })
+            ok(
+                "c",
+                ChardevBackend::Socket {
+                    path: "p".into(),
+                    server: true,
+                    wait: true,
+                    reconnect_ms: None
+                }
+            )
         );
     }
 
@@ -173,6 +229,12 @@ mod tests {
             "-chardev socket: 'wait' is only valid with server=on"
         );
         assert_eq!(err("socket,id=x,path=p,nodelay"), "-chardev socket: unknown property 'delay'");
+        assert_eq!(
+            err("socket,id=x,path=p,server=on,wait=off,reconnect=1"),
+            "-chardev socket: 'reconnect' is only valid for a client (server=off)"
+        );
+        assert!(err("socket,id=x,path=p,reconnect=1,reconnect-ms=5").contains("mutually exclusive"));
+        assert!(err("socket,id=x,path=p,reconnect=soon").contains("'reconnect'"));
     }
 
     #[test]

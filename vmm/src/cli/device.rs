@@ -3,7 +3,7 @@
 use super::opts::QemuOpts;
 use super::CliError;
 use crate::config::{
-    BlockConfig, DeviceConfig, PciSlotConfig, RootPortConfig, SmbiosType1, VirtioConfig,
+    BlockConfig, DeviceConfig, FsConfig, PciSlotConfig, RootPortConfig, SmbiosType1, VirtioConfig,
     VirtioKind, VirtioTransport,
 };
 
@@ -25,7 +25,7 @@ type FamilyParser = fn(&mut QemuOpts) -> Result<VirtioKind, CliError>;
 /// both resolve to the family's description plus a transport. A new family
 /// adds one line here and one `VirtioKind` variant.
 const VIRTIO_FAMILIES: &[(&str, FamilyParser)] =
-    &[("virtio-rng", virtio_rng), ("virtio-blk", virtio_blk)];
+    &[("virtio-rng", virtio_rng), ("virtio-blk", virtio_blk), ("vhost-user-fs", vhost_user_fs)];
 
 /// `NAME-pci` or `NAME-device` of a known family.
 fn virtio_family(driver: &str) -> Option<(FamilyParser, bool)> {
@@ -171,6 +171,35 @@ fn virtio_blk(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
     }))
 }
 
+/// `vhost-user-fs-*,chardev=ID,tag=TAG[,queue-size=N][,num-request-queues=N]`
+/// with QEMU's defaults and limits (hw/virtio/vhost-user-fs.c).
+fn vhost_user_fs(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
+    let chardev = opts.take("chardev").ok_or_else(|| opts.missing("chardev"))?;
+    let tag = opts.take("tag").ok_or_else(|| opts.missing("tag"))?;
+    if tag.is_empty() {
+        return Err(opts.error("tag property must not be empty"));
+    }
+    if tag.len() > devices::vhost_user::fs::TAG_LEN {
+        return Err(opts.error(format!(
+            "tag property must be {} bytes or less (is {})",
+            devices::vhost_user::fs::TAG_LEN,
+            tag.len()
+        )));
+    }
+    let num_request_queues = match opts.take_uint("num-request-queues")?.unwrap_or(1) {
+        n @ 1..=1022 => n as u16,
+        0 => return Err(opts.error("num-request-queues property must be larger than 0")),
+        n => return Err(opts.error(format!("num-request-queues={n}: at most 1022"))),
+    };
+    let queue_size = opts.take_uint("queue-size")?.unwrap_or(128);
+    if !queue_size.is_power_of_two() || !(2..=1024).contains(&queue_size) {
+        return Err(
+            opts.error(format!("queue-size={queue_size}: must be a power of 2 from 2 to 1024"))
+        );
+    }
+    Ok(VirtioKind::Fs(FsConfig { chardev, tag, queue_size: queue_size as u16, num_request_queues }))
+}
+
 /// The placement properties every PCI device has: `addr`, `bus`,
 /// `multifunction`.
 fn pci_slot(opts: &mut QemuOpts, driver: &str) -> Result<PciSlotConfig, CliError> {
@@ -280,6 +309,33 @@ mod tests {
         assert_eq!(device("isa-debug-exit,iobase=0xfffe").unwrap().config, debug_exit(0xfffe, 2));
     }
 
+    /// microvm.nix's virtiofs share, on both transports, with QEMU's
+    /// defaults (one request queue of 128).
+    #[test]
+    fn vhost_user_fs() {
+        let fs = |chardev: &str, tag: &str, queue_size, num_request_queues| {
+            VirtioKind::Fs(FsConfig {
+                chardev: chardev.into(),
+                tag: tag.into(),
+                queue_size,
+                num_request_queues,
+            })
+        };
+        let d = device("vhost-user-fs-pci,chardev=fs0,tag=ro-store").unwrap();
+        let DeviceConfig::Virtio(v) = d.config else { panic!("{d:?}") };
+        assert_eq!(v.kind, fs("fs0", "ro-store", 128, 1));
+        assert_eq!(v.driver(), "vhost-user-fs-pci");
+        let d = device(
+            "vhost-user-fs-device,id=f,chardev=c,tag=data,queue-size=1024,num-request-queues=2",
+        )
+        .unwrap();
+        let DeviceConfig::Virtio(v) = d.config else { panic!("{d:?}") };
+        assert_eq!((v.transport, v.kind), (VirtioTransport::Mmio, fs("c", "data", 1024, 2)));
+        assert_eq!(d.id.as_deref(), Some("f"));
+        let tag36 = "t".repeat(36);
+        assert!(device(&format!("vhost-user-fs-pci,chardev=c,tag={tag36},addr=2.0")).is_ok());
+    }
+
     #[test]
     fn device_errors() {
         let err = |arg: &str| device(arg).unwrap_err();
@@ -288,7 +344,7 @@ mod tests {
         assert_eq!(err("id=x"), "-device: missing property 'driver'");
         for driver in [
             "virtio-9p-pci",
-            "vhost-user-fs-pci",
+            "vhost-user-blk-pci",
             "vfio-pci",
             "virtio-net-pci",
             "virtio-net-device",
@@ -296,6 +352,21 @@ mod tests {
             assert_eq!(err(driver), format!("-device: '{driver}' is not supported yet"));
         }
         assert_eq!(err("i8042,foo=1"), "-device i8042: unknown property 'foo'");
+        let fs = "vhost-user-fs-pci,chardev=c";
+        assert_eq!(err(fs), "-device vhost-user-fs-pci: missing property 'tag'");
+        assert_eq!(
+            err("vhost-user-fs-device,tag=t"),
+            "-device vhost-user-fs-device: missing property 'chardev'"
+        );
+        assert!(err(&format!("{fs},tag=")).contains("tag property must not be empty"));
+        assert!(err(&format!("{fs},tag={}", "t".repeat(37))).contains("36 bytes or less"));
+        assert!(err(&format!("{fs},tag=t,num-request-queues=0")).contains("larger than 0"));
+        assert!(err(&format!("{fs},tag=t,queue-size=100")).contains("power of 2"));
+        assert!(err(&format!("{fs},tag=t,queue-size=2048")).contains("power of 2"));
+        assert_eq!(
+            err(&format!("{fs},tag=t,cache-size=2G")),
+            "-device vhost-user-fs-pci: unknown property 'cache-size'"
+        );
         assert_eq!(err("isa-debug-exit,foo"), "-device isa-debug-exit: unknown property 'foo'");
         assert!(err("isa-debug-exit,iobase=zz")
             .starts_with("-device isa-debug-exit: invalid value 'zz' for 'iobase'"));

@@ -19,7 +19,7 @@ mod tests;
 pub use help::help_text;
 
 use crate::config::{
-    ChardevBackend, DeviceConfig, RunAs, RunWith, SandboxConfig, SerialConfig, VmConfig,
+    ChardevBackend, DeviceConfig, RamBacking, RunAs, RunWith, SandboxConfig, SerialConfig, VmConfig,
 };
 use machine::SmpArgs;
 use opts::QemuOpts;
@@ -385,10 +385,13 @@ impl Builder {
         }
         check_chardev_users(&self.config)?;
         check_drive_users(&self.config)?;
+        check_vhost_user_chardevs(&self.config)?;
         let node = self.numa_node.take();
-        if let Some(b) = memory::resolve(&self.memory_backends, node, self.config.mem_size)? {
+        let backend = memory::resolve(&self.memory_backends, node, self.config.mem_size)?;
+        if let Some(b) = backend {
             self.config.ram = b.ram.clone();
         }
+        share_ram_with_vhost_user(&mut self.config, backend.map(|b| b.id.as_str()))?;
         // As QEMU: these only make sense for a direct kernel boot.
         if self.config.kernel.is_none() {
             let requires_kernel = |option: &str| CliError::Invalid {
@@ -441,6 +444,67 @@ fn check_chardev_users(config: &VmConfig) -> Result<(), CliError> {
         });
     }
     Ok(())
+}
+
+/// Every vhost-user device's `chardev=` names a client `-chardev socket`
+/// that nothing else uses.
+fn check_vhost_user_chardevs(config: &VmConfig) -> Result<(), CliError> {
+    let mut used: Vec<&str> = config
+        .serials
+        .iter()
+        .filter_map(|s| match s {
+            SerialConfig::Chardev(id) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    for d in &config.devices {
+        let DeviceConfig::Virtio(v) = d else { continue };
+        let Some(id) = v.kind.vhost_user_chardev() else { continue };
+        let err = |reason: String| CliError::Invalid {
+            option: format!("-device {}", v.driver()),
+            reason,
+        };
+        let Some(c) = config.chardevs.iter().find(|c| c.id == id) else {
+            return Err(err(format!("Property 'chardev' can't find value '{id}'")));
+        };
+        if !matches!(c.backend, ChardevBackend::Socket { server: false, .. }) {
+            return Err(err(format!(
+                "chardev '{id}' must be a client socket to the backend \
+                 (-chardev socket,id={id},path=PATH)"
+            )));
+        }
+        if used.contains(&id) {
+            return Err(err(format!("Property 'chardev' can't take value '{id}', it's in use")));
+        }
+        used.push(id);
+    }
+    Ok(())
+}
+
+/// A vhost-user backend maps guest RAM, so RAM must be a shared memfd:
+/// skiff makes it one when no memory backend was given (QEMU and Cloud
+/// Hypervisor fail instead), and refuses a given backend that is not.
+fn share_ram_with_vhost_user(config: &mut VmConfig, backend: Option<&str>) -> Result<(), CliError> {
+    let Some(driver) = config.devices.iter().find_map(|d| match d {
+        DeviceConfig::Virtio(v) if v.kind.vhost_user_chardev().is_some() => Some(v.driver()),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    match (backend, &config.ram.backing) {
+        (_, RamBacking::Memfd { share: true, .. }) => Ok(()),
+        (None, _) => {
+            config.ram.backing = RamBacking::Memfd { share: true, hugetlb: None, seal: true };
+            Ok(())
+        }
+        (Some(id), _) => Err(CliError::Invalid {
+            option: format!("-device {driver}"),
+            reason: format!(
+                "the vhost-user backend must map guest RAM, but memory backend '{id}' is not \
+                 shared: use -object memory-backend-memfd,id={id},size=...,share=on"
+            ),
+        }),
+    }
 }
 
 /// Every `drive=` names a `-drive`, and no drive backs two devices (QEMU:

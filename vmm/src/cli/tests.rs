@@ -450,7 +450,12 @@ fn chardevs_and_serials() {
         config.chardevs,
         vec![ChardevConfig {
             id: "c1".into(),
-            backend: ChardevBackend::Socket { path: "/run/c1".into(), server: true, wait: false },
+            backend: ChardevBackend::Socket {
+                path: "/run/c1".into(),
+                server: true,
+                wait: false,
+                reconnect_ms: None
+            },
         }]
     );
     assert_eq!(run(&["-serial", "stdio"]).serials, vec![SerialConfig::Stdio]);
@@ -499,7 +504,7 @@ fn devices() {
         &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
         "-device: duplicate id 'x'",
     );
-    for driver in ["virtio-9p-pci", "vhost-user-fs-pci", "vfio-pci", "virtio-net-pci"] {
+    for driver in ["virtio-9p-pci", "vhost-user-blk-pci", "vfio-pci", "virtio-net-pci"] {
         fails(
             &["-device", &format!("{driver},id=x")],
             &format!("-device: '{driver}' is not supported yet"),

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use crate::config::{ChardevBackend, SerialConfig, VmConfig};
+use crate::config::{ChardevBackend, DeviceConfig, SerialConfig, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,15 +65,18 @@ pub struct Chardevs {
     _held: Vec<Held>,
 }
 
-/// The chardevs something else opens: the serial port's.
+/// The chardevs something else opens: the serial port's, and vhost-user
+/// devices' (`backends`).
 fn taken(cfg: &VmConfig) -> Vec<&str> {
-    cfg.serials
-        .iter()
-        .filter_map(|s| match s {
-            SerialConfig::Chardev(id) => Some(id.as_str()),
-            _ => None,
-        })
-        .collect()
+    let serials = cfg.serials.iter().filter_map(|s| match s {
+        SerialConfig::Chardev(id) => Some(id.as_str()),
+        _ => None,
+    });
+    let vhost_user = cfg.devices.iter().filter_map(|d| match d {
+        DeviceConfig::Virtio(v) => v.kind.vhost_user_chardev(),
+        _ => None,
+    });
+    serials.chain(vhost_user).collect()
 }
 
 /// Opens every chardev nothing else takes; `wait=on` servers block here
@@ -99,7 +102,7 @@ pub fn open_unused(cfg: &VmConfig) -> Result<Chardevs, Error> {
                 })?;
                 held.push(Held::Stream(stream));
             }
-            ChardevBackend::Socket { path, server: true, wait } => {
+            ChardevBackend::Socket { path, server: true, wait, .. } => {
                 // A stale socket file from an earlier run is replaced.
                 let _ = std::fs::remove_file(path);
                 let listener = UnixListener::bind(path).map_err(|source| Error::Listen {
@@ -195,7 +198,12 @@ mod tests {
         let path = d.join("client.sock");
         let c = cfg(vec![(
             "c",
-            ChardevBackend::Socket { path: path.clone(), server: false, wait: true },
+            ChardevBackend::Socket {
+                path: path.clone(),
+                server: false,
+                wait: true,
+                reconnect_ms: None,
+            },
         )]);
         let e = open_unused(&c).err().unwrap().to_string();
         assert!(e.contains(&format!("cannot connect to '{}'", path.display())), "{e}");
@@ -213,7 +221,12 @@ mod tests {
         std::fs::write(&path, b"").unwrap();
         let c = cfg(vec![(
             "s",
-            ChardevBackend::Socket { path: path.clone(), server: true, wait: true },
+            ChardevBackend::Socket {
+                path: path.clone(),
+                server: true,
+                wait: true,
+                reconnect_ms: None,
+            },
         )]);
         let connector = {
             let path = path.clone();

@@ -233,6 +233,11 @@ const DISK_IO: &[i64] = &[
     libc::SYS_lseek,
 ];
 
+/// Talking to a vhost-user backend (requests with file descriptors): a
+/// vCPU starts and resets the device, the main thread stops it at the end
+/// of a run.
+const BACKEND_SOCKETS: &[i64] = &[libc::SYS_sendmsg, libc::SYS_recvmsg];
+
 /// The main thread's own: QMP clients, guest RAM for a new run, removing
 /// its sockets at exit, reading the kernel again for a reboot.
 const MAIN_ONLY: &[i64] = &[
@@ -323,7 +328,10 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
         ThreadKind::Io => (false, false, true, false, false, false),
         ThreadKind::Console => (false, false, false, false, false, false),
     };
-    for (on, set) in [(events, EVENTS), (disk, DISK_IO), (main, MAIN_ONLY)] {
+    let backends = matches!(kind, ThreadKind::Vcpu);
+    for (on, set) in
+        [(events, EVENTS), (disk, DISK_IO), (main, MAIN_ONLY), (backends, BACKEND_SOCKETS)]
+    {
         if on {
             calls.extend_from_slice(set);
         }

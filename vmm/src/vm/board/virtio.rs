@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use boot::GuestMemoryMmap;
+use devices::vhost_user::fs::VhostUserFs;
 use devices::virtio::block::Block;
 use devices::virtio::{
     CallRelay, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
@@ -32,6 +33,9 @@ pub(super) fn create(
         }
         (VirtioKind::Block(_), Some(DeviceBackend::Block(disk, params))) => {
             Ok(Arc::new(Mutex::new(Block::new(disk.clone(), params.clone()))))
+        }
+        (VirtioKind::Fs(_), Some(DeviceBackend::Fs(connection, params))) => {
+            Ok(Arc::new(Mutex::new(VhostUserFs::new(connection.clone(), params))))
         }
         _ => Err(super::missing_backend(desc.driver())),
     }

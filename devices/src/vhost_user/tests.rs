@@ -1,0 +1,439 @@
+//! The frontend against a scripted backend on the other end of a socket:
+//! the order of QEMU's requests, the descriptors that go with them, and a
+//! backend that lies, stalls or dies.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vm_memory::{Bytes, FileOffset, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::fs::{FsParams, VhostUserFs};
+use super::{Connection, Error};
+use crate::virtio::test_utils::{fill, read, RecordingInterrupt, TestQueue, DATA, WRITE};
+use crate::virtio::{
+    ActivationContext, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterruptType,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+const SET_OWNER: u32 = 3;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_BASE: u32 = 10;
+const GET_VRING_BASE: u32 = 11;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_QUEUE_NUM: u32 = 17;
+const SET_VRING_ENABLE: u32 = 18;
+const RESET_DEVICE: u32 = 34;
+
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// MQ | REPLY_ACK | CONFIG | RESET_DEVICE, and one skiff does not ask for.
+const OFFERED_PROTOCOL: u64 = 0x1 | 0x8 | 0x200 | 0x2000 | 0x20;
+const INDIRECT_DESC: u64 = 1 << 28;
+
+/// How the scripted backend answers.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Honest,
+    /// Answers GET_FEATURES without VIRTIO_F_VERSION_1.
+    Legacy,
+    /// Serves this many queues (GET_QUEUE_NUM).
+    Queues(u64),
+    /// Answers GET_FEATURES with another request's reply.
+    WrongReply,
+    /// Answers GET_FEATURES with a header announcing 4 GiB of payload.
+    Oversized,
+    /// Answers GET_FEATURES with a header and no body.
+    Short,
+    /// Never answers GET_FEATURES.
+    Silent,
+}
+
+/// One request as the backend saw it: its code, flags, body and how many
+/// descriptors came with it.
+#[derive(Debug, Clone)]
+struct Seen {
+    request: u32,
+    body: Vec<u8>,
+    fds: usize,
+}
+
+struct Backend {
+    path: PathBuf,
+    _dir: TempDir,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// The backend's end of the connection, for `kill`.
+    stream: Arc<Mutex<Option<UnixStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Backend {
+    fn start(behaviour: Behaviour) -> Backend {
+        let dir = std::env::temp_dir().join(format!(
+            "skiff-vhost-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("backend.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let stream = Arc::new(Mutex::new(None));
+        let end = stream.clone();
+        let thread = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            *end.lock().unwrap() = s.try_clone().ok();
+            serve(s, behaviour, &log);
+        });
+        Backend { path, _dir: TempDir(dir), seen, stream, thread: Some(thread) }
+    }
+
+    /// The backend dies: its end of the socket closes.
+    fn kill(&self) {
+        if let Some(s) = self.stream.lock().unwrap().take() {
+            s.shutdown(std::net::Shutdown::Both).unwrap();
+        }
+    }
+
+    /// The requests seen so far, once there are at least `n` (a request
+    /// without a reply may still be on its way).
+    fn requests_at_least(&self, n: usize) -> Vec<u32> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.requests().len() < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.requests()
+    }
+
+    fn requests(&self) -> Vec<u32> {
+        self.seen.lock().unwrap().iter().map(|s| s.request).collect()
+    }
+
+    fn seen(&self, request: u32) -> Vec<Seen> {
+        self.seen.lock().unwrap().iter().filter(|s| s.request == request).cloned().collect()
+    }
+
+    /// Waits for the backend to hang up (it does when the frontend does).
+    fn join(mut self) -> Self {
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self
+    }
+}
+
+fn reply(stream: &mut UnixStream, request: u32, body: &[u8]) {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&request.to_le_bytes());
+    msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    stream.write_all(&msg).unwrap();
+}
+
+/// Reads requests until the frontend hangs up, answering as `behaviour`
+/// says and acknowledging whatever asks for it (REPLY_ACK).
+fn serve(mut stream: UnixStream, behaviour: Behaviour, log: &Mutex<Vec<Seen>>) {
+    loop {
+        let mut hdr = [0u8; 12];
+        let Ok((n, file)) = stream.recv_with_fd(&mut hdr) else { return };
+        if n == 0 {
+            return;
+        }
+        if n < 12 && stream.read_exact(&mut hdr[n..]).is_err() {
+            return;
+        }
+        let word = |i: usize| u32::from_le_bytes(hdr[i * 4..i * 4 + 4].try_into().unwrap());
+        let (request, flags, size) = (word(0), word(1), word(2));
+        let mut body = vec![0u8; size as usize];
+        if stream.read_exact(&mut body).is_err() {
+            return;
+        }
+        let fds = usize::from(file.is_some());
+        log.lock().unwrap().push(Seen { request, body: body.clone(), fds });
+        match request {
+            GET_FEATURES => match behaviour {
+                Behaviour::Legacy => reply(&mut stream, request, &PROTOCOL_FEATURES.to_le_bytes()),
+                Behaviour::WrongReply => reply(&mut stream, SET_OWNER, &[0; 8]),
+                Behaviour::Oversized => {
+                    let mut msg = request.to_le_bytes().to_vec();
+                    msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+                    msg.extend_from_slice(&u32::MAX.to_le_bytes());
+                    msg.extend_from_slice(&[0xff; 8]);
+                    stream.write_all(&msg).unwrap();
+                }
+                Behaviour::Short => {
+                    // A header that announces a body, then nothing.
+                    let mut msg = request.to_le_bytes().to_vec();
+                    msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+                    msg.extend_from_slice(&8u32.to_le_bytes());
+                    stream.write_all(&msg).unwrap();
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Behaviour::Silent => std::thread::sleep(Duration::from_secs(2)),
+                _ => {
+                    let f = VIRTIO_F_VERSION_1
+                        | VIRTIO_RING_F_EVENT_IDX
+                        | INDIRECT_DESC
+                        | PROTOCOL_FEATURES
+                        | 1 << 33; // offered by the backend, not passed on
+                    reply(&mut stream, request, &f.to_le_bytes());
+                }
+            },
+            GET_PROTOCOL_FEATURES => reply(&mut stream, request, &OFFERED_PROTOCOL.to_le_bytes()),
+            GET_QUEUE_NUM => {
+                let n = if let Behaviour::Queues(n) = behaviour { n } else { 4 };
+                reply(&mut stream, request, &n.to_le_bytes());
+            }
+            GET_VRING_BASE => {
+                let mut state = body[..4].to_vec();
+                state.extend_from_slice(&7u32.to_le_bytes());
+                reply(&mut stream, request, &state);
+            }
+            _ if flags & 0x8 != 0 => reply(&mut stream, request, &0u64.to_le_bytes()),
+            _ => {}
+        }
+    }
+}
+
+/// Guest RAM in a memfd, as `-object memory-backend-memfd` makes it.
+fn shared_mem(size: usize) -> GuestMemoryMmap {
+    // SAFETY: a valid NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"skiff-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    let ranges = [(GuestAddress(0), size, Some(FileOffset::new(file, 0)))];
+    GuestMemoryMmap::from_ranges_with_files(ranges.iter().cloned()).unwrap()
+}
+
+/// `n` queues as a transport hands them over, with the guest's side of
+/// each (`TestQueue`) and a duplicate of its kick eventfd.
+fn active_queues(
+    mem: &GuestMemoryMmap,
+    n: usize,
+) -> (Vec<TestQueue<'_>>, Vec<ActiveQueue>, Vec<EventFd>) {
+    let mut tqs = Vec::new();
+    let mut queues = Vec::new();
+    let mut kicks = Vec::new();
+    for index in 0..n {
+        let tq = TestQueue::new_at(mem, 16, 0x1_0000 * (index as u64 + 1));
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        kicks.push(kick.try_clone().unwrap());
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        queues.push(ActiveQueue { index, queue: tq.queue(), kick, call });
+        tqs.push(tq);
+    }
+    (tqs, queues, kicks)
+}
+
+/// QEMU's order, from connection to a stopped device, with the memfd
+/// and the eventfds passed along; and only the features the transport
+/// can carry reach the guest.
+#[test]
+fn requests_go_in_qemus_order_with_their_descriptors() {
+    let backend = Backend::start(Behaviour::Honest);
+    let mut c = Connection::connect(&backend.path, 2).unwrap();
+    assert_eq!(
+        backend.requests_at_least(5),
+        [GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER]
+    );
+    let acked =
+        u64::from_le_bytes(backend.seen(SET_PROTOCOL_FEATURES)[0].body[..8].try_into().unwrap());
+    assert_eq!(acked, OFFERED_PROTOCOL & !0x20, "only what skiff asks for");
+    assert_eq!(
+        c.device_features(),
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | INDIRECT_DESC | 1 << 33
+    );
+
+    let mem = shared_mem(0x40_0000);
+    let (tqs, queues, _) = active_queues(&mem, 2);
+    c.start(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, &mem, &queues).unwrap();
+    let per_queue = [
+        SET_VRING_NUM,
+        SET_VRING_BASE,
+        SET_VRING_ADDR,
+        SET_VRING_KICK,
+        SET_VRING_CALL,
+        SET_VRING_ENABLE,
+    ];
+    let mut want = vec![SET_FEATURES, SET_MEM_TABLE];
+    want.extend(per_queue);
+    want.extend(per_queue);
+    assert_eq!(backend.requests_at_least(19)[5..], want[..]);
+    let features = u64::from_le_bytes(backend.seen(SET_FEATURES)[0].body[..8].try_into().unwrap());
+    assert_eq!(features, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | PROTOCOL_FEATURES);
+    let table = &backend.seen(SET_MEM_TABLE)[0];
+    assert_eq!(table.fds, 1, "the memfd");
+    // One region: guest address 0, the whole size, skiff's mapping, offset 0.
+    let region =
+        |i: usize| u64::from_le_bytes(table.body[8 + i * 8..16 + i * 8].try_into().unwrap());
+    assert_eq!((region(0), region(1), region(3)), (0, 0x40_0000, 0));
+    let base = region(2);
+    assert!(backend.seen(SET_VRING_KICK).iter().all(|s| s.fds == 1));
+    assert!(backend.seen(SET_VRING_CALL).iter().all(|s| s.fds == 1));
+    // Ring addresses are skiff's: the memory table's base plus the guest address.
+    let addr = &backend.seen(SET_VRING_ADDR)[1].body;
+    let field = |i: usize| u64::from_le_bytes(addr[8 + i * 8..16 + i * 8].try_into().unwrap());
+    assert_eq!(field(0), base + tqs[1].desc_table_addr());
+    assert_eq!(field(1), base + tqs[1].used_addr());
+    assert_eq!(field(2), base + tqs[1].avail_addr());
+
+    c.stop();
+    let tail = backend.requests_at_least(24)[19..].to_vec();
+    assert_eq!(
+        tail,
+        [SET_VRING_ENABLE, GET_VRING_BASE, SET_VRING_ENABLE, GET_VRING_BASE, RESET_DEVICE]
+    );
+    // A second stop has nothing to stop.
+    c.stop();
+    assert_eq!(backend.requests().len(), 24);
+    drop(c);
+    backend.join();
+}
+
+#[test]
+fn guest_ram_without_a_file_is_refused() {
+    let backend = Backend::start(Behaviour::Honest);
+    let mut c = Connection::connect(&backend.path, 1).unwrap();
+    let mem = crate::virtio::test_utils::guest_mem(0x40_0000);
+    let (_tqs, queues, _) = active_queues(&mem, 1);
+    let err = c.start(VIRTIO_F_VERSION_1, &mem, &queues).unwrap_err();
+    assert!(matches!(err, Error::RamNotShared), "{err}");
+}
+
+#[test]
+fn a_backend_that_misbehaves_is_an_error_not_a_panic_or_a_hang() {
+    for (behaviour, what) in [
+        (Behaviour::Legacy, "VIRTIO_F_VERSION_1"),
+        (Behaviour::Queues(1), "serves 1 queues, the device needs 2"),
+        (Behaviour::WrongReply, "GET_FEATURES failed"),
+        (Behaviour::Oversized, "GET_FEATURES failed"),
+        (Behaviour::Short, "GET_FEATURES failed"),
+    ] {
+        let backend = Backend::start(behaviour);
+        let t = std::time::Instant::now();
+        let err = Connection::connect_with_timeout(&backend.path, 2, Duration::from_millis(300))
+            .err()
+            .expect(what)
+            .to_string();
+        assert!(t.elapsed() < Duration::from_secs(2), "{what}: {:?}", t.elapsed());
+        assert!(err.contains(what), "{err}");
+        assert!(err.contains("backend.sock"), "names the socket: {err}");
+    }
+}
+
+#[test]
+fn a_silent_backend_times_out() {
+    let backend = Backend::start(Behaviour::Silent);
+    let t = std::time::Instant::now();
+    let err = Connection::connect_with_timeout(&backend.path, 1, Duration::from_millis(200))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("GET_FEATURES failed"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn a_missing_socket_names_its_path() {
+    let err = Connection::connect(std::path::Path::new("/nonexistent/v.sock"), 1).err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "cannot connect to '/nonexistent/v.sock': No such file or directory (os error 2)"
+    );
+}
+
+/// The device: config space with the tag and queue count, and a backend
+/// that dies under it asks the driver for a reset, once, then lets the
+/// device reset without talking to the dead socket.
+#[test]
+fn fs_device_config_and_backend_death() {
+    let backend = Backend::start(Behaviour::Honest);
+    let connection = Arc::new(Mutex::new(Connection::connect(&backend.path, 3).unwrap()));
+    let params = FsParams { tag: "ro-store".into(), num_request_queues: 2, queue_size: 128 };
+    let mut fs = VhostUserFs::new(connection.clone(), &params);
+    assert_eq!(fs.device_type(), 26);
+    assert_eq!(fs.queue_max_sizes(), [128, 128, 128]);
+    assert_eq!(fs.features(), VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | INDIRECT_DESC);
+    assert!(fs.calls_from_outside());
+    let mut config = [0xffu8; 40];
+    fs.read_config(0, &mut config);
+    assert_eq!(&config[..8], b"ro-store");
+    assert!(config[8..36].iter().all(|&b| b == 0));
+    assert_eq!(config[36..], 2u32.to_le_bytes());
+
+    let mem = shared_mem(0x40_0000);
+    let (mut tqs, queues, kicks) = active_queues(&mem, 3);
+    let interrupt = Arc::new(RecordingInterrupt::default());
+    fs.ack_features(VIRTIO_F_VERSION_1);
+    fs.activate(ActivationContext { mem: mem.clone(), queues, interrupt: interrupt.clone() })
+        .unwrap();
+    // Requests the backend took and never finished: a FUSE_GETATTR (3)
+    // with unique 0x1234 on a request queue, and a FORGET on hiprio.
+    let fuse_in = |opcode: u32, unique: u64| {
+        let mut h = [0u8; 40];
+        h[..4].copy_from_slice(&40u32.to_le_bytes());
+        h[4..8].copy_from_slice(&opcode.to_le_bytes());
+        h[8..16].copy_from_slice(&unique.to_le_bytes());
+        h
+    };
+    mem.write_slice(&fuse_in(3, 0x1234), GuestAddress(DATA)).unwrap();
+    mem.write_slice(&fuse_in(2, 0x99), GuestAddress(DATA + 0x1000)).unwrap();
+    fill(&mem, DATA + 0x2000, 128, 0xee);
+    let getattr = tqs[1].add_chain(&[(DATA, 40, 0), (DATA + 0x2000, 128, WRITE)]);
+    let forget = tqs[0].add_chain(&[(DATA + 0x1000, 40, 0)]);
+    backend.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (tqs[1].used().is_empty() || tqs[0].used().is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(connection.lock().unwrap().is_down());
+    // The GETATTR fails with ENOTCONN; the FORGET is returned as it is.
+    assert_eq!(tqs[1].used(), [(u32::from(getattr), 16)]);
+    let out = read(&mem, DATA + 0x2000, 17);
+    assert_eq!(out[..4], 16u32.to_le_bytes());
+    assert_eq!(out[4..8], (-libc::ENOTCONN).to_le_bytes());
+    assert_eq!(out[8..16], 0x1234u64.to_le_bytes());
+    assert_eq!(out[16], 0xee, "nothing written past the header");
+    assert_eq!(tqs[0].used(), [(u32::from(forget), 0)]);
+    let raised = interrupt.take();
+    assert_eq!(raised.iter().filter(|t| **t == VirtioInterruptType::Config).count(), 1);
+    assert!(raised.contains(&VirtioInterruptType::Queue(1)), "{raised:?}");
+    // A later request, kicked, is refused too.
+    let later = tqs[2].add_chain(&[(DATA, 40, 0), (DATA + 0x3000, 128, WRITE)]);
+    kicks[2].write(1).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tqs[2].used().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(tqs[2].used(), [(u32::from(later), 16)]);
+    let before = backend.requests().len();
+    assert!(fs.reset());
+    assert_eq!(backend.requests().len(), before, "nothing sent to a dead backend");
+}
