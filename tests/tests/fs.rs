@@ -117,13 +117,36 @@ fn death() -> String {
          : > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
          wait_for SKIFF-FS-MOUNTED out.txt 90\n\
          kill -KILL $(pidof virtiofsd)\n\
-         wait_for SKIFF-FS-STATUS out.txt 30\n\
+         wait_for SKIFF-FS-AFTER out.txt 30\n\
          ticks() {{ awk '{{ print $14 + $15 }}' /proc/$pid/task/*/stat | awk '{{ s += $1 }} END {{ print s }}'; }}\n\
          t0=$(ticks); sleep 2; t1=$(ticks)\n\
          echo \"IDLE-TICKS=$((t1 - t0))\"\n\
          k=0; while kill -0 $pid 2>/dev/null && [ $k -lt 300 ]; do sleep 0.1; k=$((k + 1)); done\n\
          kill -0 $pid 2>/dev/null && {{ echo STILL-RUNNING; kill -TERM $pid; }}\n\
          wait $pid\necho \"SKIFF-RC=$?\"\ncat out.txt\n"
+    )
+}
+
+/// `reconnect=1`: virtiofsd is killed, the guest's requests fail, a new
+/// virtiofsd comes up on the same socket, skiff reconnects and a new mount
+/// in the guest reads the share again.
+fn reconnect() -> String {
+    let cmd = command(
+        true,
+        "-chardev socket,id=fs0,path=fs0.sock,reconnect=1 \
+         -device vhost-user-fs-pci,chardev=fs0,tag=ro-store",
+        "skiff.test=fs-reconnect skiff.fs=ro-store:ro",
+    );
+    format!(
+        "{HELPERS}share store; virtiofsd fs0 store; expected STORE store/data.bin\n\
+         : > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
+         wait_for SKIFF-FS-MOUNTED out.txt 90\n\
+         kill -KILL $(pidof virtiofsd)\n\
+         wait_for SKIFF-FS-AFTER out.txt 30\n\
+         virtiofsd fs0 store\n\
+         k=0; while kill -0 $pid 2>/dev/null && [ $k -lt 400 ]; do sleep 0.1; k=$((k + 1)); done\n\
+         kill -0 $pid 2>/dev/null && {{ echo STILL-RUNNING; kill -TERM $pid; }}\n\
+         wait $pid\necho \"SKIFF-RC=$?\"\ncat out.txt\necho '--- virtiofsd'\ncat fs0.log\n"
     )
 }
 
@@ -159,6 +182,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::script("fs-seed-order", SECS, &seed_order()),
         Scenario::script("fs-reboot", SECS + 60, &reboot()),
         Scenario::script("fs-death", SECS, &death()),
+        Scenario::script("fs-reconnect", SECS, &reconnect()),
     ]
 }
 
@@ -232,6 +256,9 @@ fn backend_death_is_reported_once_and_the_guest_goes_on() {
     let status = u32::from_str_radix(status.trim_start_matches("0x"), 16).unwrap_or(0);
     assert_eq!(status & 0x40, 0x40, "NEEDS_RESET\n{}", r.describe());
     assert_eq!(r.value("SKIFF-FS-ALIVE"), Some("alive"), "{}", r.describe());
+    // The share's requests fail instead of hanging.
+    let after = r.line_value("SKIFF-FS-AFTER").unwrap_or_default();
+    assert!(after.contains("not connected"), "ENOTCONN\n{}", r.describe());
     let reports = r.lines().filter(|l| l.contains("went away")).count();
     assert_eq!(reports, 1, "one line\n{}", r.describe());
     assert!(r.contains("fs0.sock"), "the socket is named\n{}", r.describe());
@@ -256,4 +283,16 @@ fn bad_memory_missing_socket_and_unknown_keys_exit_1_naming_them() {
         let err = r.line_value(&format!("{case}-ERR")).unwrap_or_default();
         assert!(err.contains(needle), "{case}: {err}\n{}", r.describe());
     }
+}
+
+#[test]
+fn reconnect_brings_the_share_back_to_a_new_mount() {
+    let r = result("fs-reconnect");
+    let after = r.line_value("SKIFF-FS-AFTER").unwrap_or_default();
+    assert!(after.contains("not connected"), "ENOTCONN while down\n{}", r.describe());
+    assert!(r.contains("reconnected to 'fs0.sock'"), "{}", r.describe());
+    let expected = r.value("EXPECTED-STORE").unwrap_or_default();
+    assert_eq!(expected.len(), 64, "{}", r.describe());
+    assert_eq!(r.value("SKIFF-FS-BACK"), Some(expected), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }

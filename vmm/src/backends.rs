@@ -153,14 +153,19 @@ fn block(cfg: &VmConfig, b: &BlockConfig, pci: bool) -> Result<DeviceBackend, Ba
 /// serves one client and exits when it goes, so the connection must
 /// outlive guest reboots.
 fn fs(cfg: &VmConfig, f: &FsConfig, driver: String) -> Result<DeviceBackend, BackendError> {
-    let path = cfg.chardevs.iter().find_map(|c| match &c.backend {
-        ChardevBackend::Socket { path, server: false, .. } if c.id == f.chardev => Some(path),
+    let socket = cfg.chardevs.iter().find_map(|c| match &c.backend {
+        ChardevBackend::Socket { path, server: false, reconnect_ms, .. } if c.id == f.chardev => {
+            Some((path, *reconnect_ms))
+        }
         _ => None,
     });
-    let Some(path) = path else { unreachable!("the command line checked chardev={}", f.chardev) };
+    let Some((path, reconnect_ms)) = socket else {
+        unreachable!("the command line checked chardev={}", f.chardev)
+    };
     let queues = 1 + usize::from(f.num_request_queues);
-    let connection = Connection::connect(path, queues)
+    let mut connection = Connection::connect(path, queues)
         .map_err(|source| BackendError::VhostUser { driver, chardev: f.chardev.clone(), source })?;
+    connection.set_reconnect(reconnect_ms.map(std::time::Duration::from_millis));
     let params = FsParams {
         tag: f.tag.clone(),
         num_request_queues: f.num_request_queues,

@@ -13,12 +13,15 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::Connection;
+use super::{Connection, QueueView};
 use crate::virtio::chain::Chain;
 use crate::virtio::worker::{Budget, Handler, Outcome, Request, Ring, Worker};
 use crate::virtio::{
@@ -119,12 +122,12 @@ impl VirtioDevice for VhostUserFs {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let (socket, down, path) = {
+        let (socket, down, path, reconnect) = {
             let mut c = self.connection();
-            c.start(self.acked_features, &ctx.mem, &ctx.queues)
+            c.start(self.acked_features, &ctx.mem, ctx.queues.iter().map(Into::into))
                 .map_err(|e| ActivateError::Backend(Box::new(e)))?;
             let socket = c.socket_fd().try_clone_to_owned().map_err(ActivateError::EventFd);
-            (socket, c.down_flag(), c.path().display().to_string())
+            (socket, c.down_flag(), c.path().display().to_string(), c.reconnect_interval())
         };
         let watch = Watch {
             socket: socket?,
@@ -134,6 +137,12 @@ impl VirtioDevice for VhostUserFs {
             mem: ctx.mem,
             queues: ctx.queues,
             rings: Vec::new(),
+            calls: Vec::new(),
+            connection: self.connection.clone(),
+            acked_features: self.acked_features,
+            reconnect,
+            timer: None,
+            reconnect_told: false,
         };
         let watcher = Worker::spawn("vhost-user-fs", watch).map_err(ActivateError::Worker)?;
         self.active = Some(Active { watcher });
@@ -165,8 +174,16 @@ struct Watch {
     mem: GuestMemoryMmap,
     /// The queues as the driver set them up, until the backend dies.
     queues: Vec<ActiveQueue>,
-    /// The queues skiff serves once it has.
+    /// The queues skiff serves once it has, and their call eventfds.
     rings: Vec<Ring>,
+    calls: Vec<(usize, EventFd)>,
+    /// For `reconnect=`: the connection, what the driver accepted, how
+    /// often to try, and the timer that says when.
+    connection: Arc<Mutex<Connection>>,
+    acked_features: u64,
+    reconnect: Option<Duration>,
+    timer: Option<TimerFd>,
+    reconnect_told: bool,
 }
 
 /// Requests answered per queue and wakeup once the backend is gone.
@@ -185,21 +202,96 @@ impl Watch {
             );
         }
         self.interrupt.needs_reset();
-        for mut q in std::mem::take(&mut self.queues) {
-            let used_idx = GuestAddress(q.queue.used_ring()).checked_add(2);
-            let Some(done) = used_idx.and_then(|a| self.mem.read_obj::<u16>(a).ok()) else {
-                log::error!("vhost-user-fs: queue {}: used ring unreadable", q.index);
-                continue;
-            };
-            q.queue.set_next_avail(done);
-            q.queue.set_next_used(done);
-            match Ring::new(self.mem.clone(), q, self.interrupt.clone()) {
+        for q in std::mem::take(&mut self.queues) {
+            let ActiveQueue { index, mut queue, kick, call } = q;
+            let used_idx = GuestAddress(queue.used_ring()).checked_add(2);
+            let done = used_idx.and_then(|a| self.mem.read_obj::<u16>(a).ok());
+            let done = done.unwrap_or_else(|| queue.next_used());
+            queue.set_next_avail(done);
+            queue.set_next_used(done);
+            let ring = call.try_clone().and_then(|dup| {
+                let q = ActiveQueue { index, queue, kick, call: dup };
+                Ring::new(self.mem.clone(), q, self.interrupt.clone())
+            });
+            self.calls.push((index, call));
+            match ring {
                 Ok(ring) => {
                     ring.init(ops, "vhost-user-fs");
                     self.rings.push(ring);
                 }
-                Err(e) => log::error!("vhost-user-fs: cannot take a queue over: {e}"),
+                Err(e) => log::error!("vhost-user-fs: cannot take queue {index} over: {e}"),
             }
+        }
+        if let Some(every) = self.reconnect {
+            match TimerFd::new().and_then(|mut t| t.reset(every, Some(every)).map(|()| t)) {
+                Ok(timer) => {
+                    if let Err(e) = ops.add(Events::with_data(&timer, TIMER, EventSet::IN)) {
+                        log::error!("vhost-user-fs: cannot watch the reconnect timer: {e:?}");
+                    }
+                    self.timer = Some(timer);
+                }
+                Err(e) => log::error!("vhost-user-fs: no reconnect timer: {e}"),
+            }
+        }
+    }
+
+    /// `reconnect=`: the socket is tried again; once a backend answers,
+    /// it gets the queues where skiff left them and the worker goes back
+    /// to watching.
+    fn try_reconnect(&mut self, ops: &mut EventOps) {
+        let connection = self.connection.clone();
+        let mut c = connection.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = c.reconnect() {
+            // Said once; the timer tries again quietly.
+            if !std::mem::replace(&mut self.reconnect_told, true) {
+                log::warn!(
+                    "vhost-user-fs: reconnecting: {e} (trying again every {:?})",
+                    self.reconnect.unwrap_or_default()
+                );
+            }
+            return;
+        }
+        self.reconnect_told = false;
+        let views = self.rings.iter().filter_map(|r| {
+            let index = usize::from(r.index);
+            let call = &self.calls.iter().find(|(i, _)| *i == index)?.1;
+            Some(QueueView { index, queue: &r.queue, kick: &r.kick, call })
+        });
+        if let Err(e) = c.start(self.acked_features, &self.mem, views) {
+            log::warn!("vhost-user-fs: reconnected, but the backend refused the queues: {e}");
+            return;
+        }
+        let socket = match c.socket_fd().try_clone_to_owned() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("vhost-user-fs: cannot watch the new connection: {e}");
+                return;
+            }
+        };
+        drop(c);
+        log::warn!("vhost-user-fs: reconnected to '{}'", self.path);
+        if let Some(timer) = self.timer.take() {
+            let _ = ops.remove(Events::new(&timer, EventSet::IN));
+        }
+        for ring in std::mem::take(&mut self.rings) {
+            let _ = ops.remove(Events::new(&ring.kick, EventSet::IN));
+            let _ = ops.remove(Events::new(ring.rearm.eventfd(), EventSet::IN));
+            let index = usize::from(ring.index);
+            let Some(at) = self.calls.iter().position(|(i, _)| *i == index) else { continue };
+            let (_, call) = self.calls.swap_remove(at);
+            let Ring { queue, kick, .. } = ring;
+            self.queues.push(ActiveQueue { index, queue, kick, call });
+        }
+        self.calls.clear();
+        self.socket = socket;
+        self.watch_socket(ops);
+    }
+
+    fn watch_socket(&self, ops: &mut EventOps) {
+        // No IN: replies to the vCPU's requests arrive on this socket too.
+        let set = EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR;
+        if let Err(e) = ops.add(Events::with_data(&self.socket, SOCKET, set)) {
+            log::error!("vhost-user-fs: cannot watch '{}': {e:?}", self.path);
         }
     }
 
@@ -214,18 +306,24 @@ impl Watch {
 
 impl MutEventSubscriber for Watch {
     fn init(&mut self, ops: &mut EventOps) {
-        // No IN: replies to the vCPU's requests arrive on this socket too.
-        let set = EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR;
-        if let Err(e) = ops.add(Events::with_data(&self.socket, SOCKET, set)) {
-            log::error!("vhost-user-fs: cannot watch '{}': {e:?}", self.path);
-        }
+        self.watch_socket(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.data() == SOCKET {
-            // Once is enough: a hung-up socket stays readable for ever.
-            let _ = ops.remove(events);
-            self.take_over(ops);
+        match events.data() {
+            SOCKET => {
+                // Once is enough: a hung-up socket stays readable for ever.
+                let _ = ops.remove(events);
+                self.take_over(ops);
+            }
+            TIMER => {
+                if let Some(t) = &mut self.timer {
+                    let _ = t.wait();
+                }
+                self.try_reconnect(ops);
+                return;
+            }
+            _ => {}
         }
         // A kick or a re-arm of any ring: each wakeup looks at them all.
         self.refuse_all();
@@ -234,8 +332,9 @@ impl MutEventSubscriber for Watch {
 
 impl Handler for Watch {}
 
-/// The socket's token in the worker's epoll set.
+/// The socket's and the reconnect timer's tokens in the worker's epoll set.
 const SOCKET: u32 = 0;
+const TIMER: u32 = 1;
 
 /// FUSE requests that get no reply.
 const FUSE_FORGET: u32 = 2;

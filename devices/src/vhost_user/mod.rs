@@ -31,6 +31,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 use watchdog::Watchdog;
 
 use crate::virtio::{ActiveQueue, GuestMemoryMmap};
@@ -89,6 +90,51 @@ pub struct Connection {
     /// Set once the backend hung up or stopped answering.
     down: Arc<AtomicBool>,
     watchdog: Watchdog,
+    num_queues: usize,
+    timeout: Duration,
+    reconnect: Option<Duration>,
+}
+
+/// A connected socket: the frontend on it, a duplicate to watch, and its
+/// watchdog.
+fn open(
+    path: &Path,
+    num_queues: usize,
+    timeout: Duration,
+    down: &Arc<AtomicBool>,
+) -> Result<(Frontend, UnixStream, Watchdog), Error> {
+    let socket = UnixStream::connect(path)
+        .map_err(|source| Error::Connect { path: path.display().to_string(), source })?;
+    wrap(socket, path, num_queues, timeout, down)
+}
+
+fn wrap(
+    socket: UnixStream,
+    path: &Path,
+    num_queues: usize,
+    timeout: Duration,
+    down: &Arc<AtomicBool>,
+) -> Result<(Frontend, UnixStream, Watchdog), Error> {
+    let connect_err = |source| Error::Connect { path: path.display().to_string(), source };
+    let watch = socket.try_clone().map_err(connect_err)?;
+    let watchdog = Watchdog::new(socket.try_clone().map_err(connect_err)?, down.clone(), timeout)
+        .map_err(connect_err)?;
+    Ok((Frontend::from_stream(socket, num_queues as u64), watch, watchdog))
+}
+
+/// What the backend needs of one queue: the driver's rings and the
+/// transport's kick and call eventfds.
+pub struct QueueView<'a> {
+    pub index: usize,
+    pub queue: &'a Queue,
+    pub kick: &'a EventFd,
+    pub call: &'a EventFd,
+}
+
+impl<'a> From<&'a ActiveQueue> for QueueView<'a> {
+    fn from(q: &'a ActiveQueue) -> Self {
+        QueueView { index: q.index, queue: &q.queue, kick: &q.kick, call: &q.call }
+    }
 }
 
 impl Connection {
@@ -98,33 +144,70 @@ impl Connection {
         Self::connect_with_timeout(path, num_queues, REPLY_TIMEOUT)
     }
 
-    /// `connect`, waiting at most `timeout` for each reply.
+    /// `connect`, with at most `timeout` for each request sequence.
     pub fn connect_with_timeout(
         path: &Path,
         num_queues: usize,
         timeout: Duration,
     ) -> Result<Self, Error> {
-        let shown = path.display().to_string();
-        let connect_err = |source| Error::Connect { path: shown.clone(), source };
-        let socket = UnixStream::connect(path).map_err(connect_err)?;
-        let watch = socket.try_clone().map_err(connect_err)?;
+        let stream = UnixStream::connect(path)
+            .map_err(|source| Error::Connect { path: path.display().to_string(), source })?;
+        Self::from_stream(stream, path, num_queues, timeout)
+    }
+
+    /// A connection on a socket already connected to the backend at `path`.
+    pub fn from_stream(
+        stream: UnixStream,
+        path: &Path,
+        num_queues: usize,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
         let down = Arc::new(AtomicBool::new(false));
-        let watchdog =
-            Watchdog::new(socket.try_clone().map_err(connect_err)?, down.clone(), timeout)
-                .map_err(connect_err)?;
-        let frontend = Frontend::from_stream(socket, num_queues as u64);
+        let (frontend, socket, watchdog) = wrap(stream, path, num_queues, timeout, &down)?;
         let mut c = Connection {
             path: path.to_owned(),
             frontend,
-            socket: watch,
+            socket,
             backend_features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             started: Vec::new(),
             down,
             watchdog,
+            num_queues,
+            timeout,
+            reconnect: None,
         };
         c.negotiate(num_queues)?;
         Ok(c)
+    }
+
+    /// With `-chardev socket,reconnect=`: how often to try the socket
+    /// again once the backend went away.
+    pub fn set_reconnect(&mut self, every: Option<Duration>) {
+        self.reconnect = every;
+    }
+
+    pub fn reconnect_interval(&self) -> Option<Duration> {
+        self.reconnect
+    }
+
+    /// Connects again to a backend that went away (a new virtiofsd on the
+    /// same socket) and negotiates from scratch; the device then `start`s
+    /// it with the queues as they stand.
+    pub fn reconnect(&mut self) -> Result<(), Error> {
+        let (frontend, socket, watchdog) =
+            open(&self.path, self.num_queues, self.timeout, &self.down)?;
+        // The old watchdog goes first: it shares `down`.
+        self.watchdog = watchdog;
+        self.frontend = frontend;
+        self.socket = socket;
+        self.started.clear();
+        self.down.store(false, Ordering::SeqCst);
+        let negotiated = self.negotiate(self.num_queues);
+        if negotiated.is_err() {
+            self.down.store(true, Ordering::SeqCst);
+        }
+        negotiated
     }
 
     /// QEMU's order (vhost_user_backend_init, vhost_dev_init): features,
@@ -201,14 +284,18 @@ impl Connection {
 
     /// Starts the backend on the driver's queues: the features the driver
     /// accepted, guest RAM, then each queue (QEMU's vhost_dev_start order).
-    pub fn start(
+    pub fn start<'a>(
         &mut self,
         acked_features: u64,
         mem: &GuestMemoryMmap,
-        queues: &[ActiveQueue],
+        queues: impl IntoIterator<Item = QueueView<'a>>,
     ) -> Result<(), Error> {
         if self.is_down() {
-            return Err(Error::Down);
+            if self.reconnect.is_none() {
+                return Err(Error::Down);
+            }
+            // The backend came back since (or will not: then this fails).
+            self.reconnect()?;
         }
         let _deadline = self.watchdog.arm();
         // vhost-user's own bit stays on: SET_VRING_ENABLE depends on it.
@@ -218,15 +305,15 @@ impl Connection {
         let regions = memory_table(mem)?;
         self.frontend.set_mem_table(&regions).map_err(self.failed("SET_MEM_TABLE"))?;
         for q in queues {
-            self.start_queue(mem, q)?;
+            self.start_queue(mem, &q)?;
             self.started.push(q.index);
         }
         Ok(())
     }
 
-    fn start_queue(&mut self, mem: &GuestMemoryMmap, q: &ActiveQueue) -> Result<(), Error> {
+    fn start_queue(&mut self, mem: &GuestMemoryMmap, q: &QueueView) -> Result<(), Error> {
         let i = q.index;
-        let queue: &Queue = &q.queue;
+        let queue = q.queue;
         let config = VringConfigData {
             queue_max_size: queue.max_size(),
             queue_size: queue.size(),
@@ -240,8 +327,8 @@ impl Connection {
         f.set_vring_num(i, queue.size()).map_err(self.failed("SET_VRING_NUM"))?;
         f.set_vring_base(i, queue.next_avail()).map_err(self.failed("SET_VRING_BASE"))?;
         f.set_vring_addr(i, &config).map_err(self.failed("SET_VRING_ADDR"))?;
-        f.set_vring_kick(i, &q.kick).map_err(self.failed("SET_VRING_KICK"))?;
-        f.set_vring_call(i, &q.call).map_err(self.failed("SET_VRING_CALL"))?;
+        f.set_vring_kick(i, q.kick).map_err(self.failed("SET_VRING_KICK"))?;
+        f.set_vring_call(i, q.call).map_err(self.failed("SET_VRING_CALL"))?;
         if self.backend_features & PROTOCOL_BIT != 0 {
             self.frontend.set_vring_enable(i, true).map_err(self.failed("SET_VRING_ENABLE"))?;
         }
@@ -295,7 +382,8 @@ fn memory_table(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>,
 fn host_address(mem: &GuestMemoryMmap, gpa: u64, len: u64, queue: usize) -> Result<u64, Error> {
     let (region, offset) =
         mem.to_region_addr(GuestAddress(gpa)).ok_or(Error::QueueOutsideRegion(queue))?;
-    if offset.0.checked_add(len).map_or(true, |end| end > region.len()) {
+    let end = offset.0.checked_add(len);
+    if end.filter(|&end| end <= region.len()).is_none() {
         return Err(Error::QueueOutsideRegion(queue));
     }
     let base = region.as_ptr() as u64;

@@ -15,6 +15,8 @@ use vm_memory::{Bytes, FileOffset, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use skiff_tests::fuzz::Rng;
+
 use super::fs::{FsParams, VhostUserFs};
 use super::{Connection, Error};
 use crate::virtio::test_utils::{fill, read, RecordingInterrupt, TestQueue, DATA, WRITE};
@@ -60,6 +62,8 @@ enum Behaviour {
     Short,
     /// Never answers GET_FEATURES.
     Silent,
+    /// Honest answers, mangled by a fuzzer seeded so.
+    Fuzz(u64, u64),
 }
 
 /// One request as the backend saw it: its code, flags, body and how many
@@ -73,7 +77,7 @@ struct Seen {
 
 struct Backend {
     path: PathBuf,
-    _dir: TempDir,
+    _dir: Option<TempDir>,
     seen: Arc<Mutex<Vec<Seen>>>,
     /// The backend's end of the connection, for `kill`.
     stream: Arc<Mutex<Option<UnixStream>>>,
@@ -97,7 +101,14 @@ impl Backend {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("backend.sock");
+        let mut b = Backend::listen(dir.join("backend.sock"), behaviour);
+        b._dir = Some(TempDir(dir));
+        b
+    }
+
+    /// A new backend on `path` (a restarted virtiofsd).
+    fn listen(path: PathBuf, behaviour: Behaviour) -> Backend {
+        let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -108,7 +119,7 @@ impl Backend {
             *end.lock().unwrap() = s.try_clone().ok();
             serve(s, behaviour, &log);
         });
-        Backend { path, _dir: TempDir(dir), seen, stream, thread: Some(thread) }
+        Backend { path, _dir: None, seen, stream, thread: Some(thread) }
     }
 
     /// The backend dies: its end of the socket closes.
@@ -151,12 +162,60 @@ fn reply(stream: &mut UnixStream, request: u32, body: &[u8]) {
     msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(body);
-    stream.write_all(&msg).unwrap();
+    let _ = stream.write_all(&msg);
+}
+
+/// An honest reply, mangled: fields or bytes changed, cut short or
+/// replaced by noise (then the connection closes: a frontend waiting for
+/// the rest would only meet its watchdog, which `a_silent_backend_times_out`
+/// covers, slowly), or the connection closed instead of a reply.
+fn mangle(rng: &mut Rng, stream: &mut UnixStream, request: u32, body: &[u8]) -> bool {
+    let mut msg = request.to_le_bytes().to_vec();
+    msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    match rng.below(8) {
+        0..=2 => {}
+        3 => {
+            for _ in 0..=rng.below(4) {
+                let i = rng.index(msg.len());
+                msg[i] = rng.next_u64() as u8;
+            }
+        }
+        4 => {
+            let field = rng.index(3) * 4;
+            let v = rng.interesting() as u32;
+            msg[field..field + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        5 | 6 => {
+            if rng.one_in(2) {
+                msg.truncate(rng.index(msg.len()));
+            } else {
+                msg = rng.bytes(64);
+            }
+            let _ = stream.write_all(&msg);
+            return false;
+        }
+        _ => return false,
+    }
+    let _ = stream.write_all(&msg);
+    true
 }
 
 /// Reads requests until the frontend hangs up, answering as `behaviour`
 /// says and acknowledging whatever asks for it (REPLY_ACK).
 fn serve(mut stream: UnixStream, behaviour: Behaviour, log: &Mutex<Vec<Seen>>) {
+    let mut fuzz = match behaviour {
+        Behaviour::Fuzz(seed, index) => Some(Rng::for_input(seed, index)),
+        _ => None,
+    };
+    let mut reply = |stream: &mut UnixStream, request: u32, body: &[u8]| match &mut fuzz {
+        Some(rng) => mangle(rng, stream, request, body),
+        None => {
+            reply(stream, request, body);
+            true
+        }
+    };
     loop {
         let mut hdr = [0u8; 12];
         let Ok((n, file)) = stream.recv_with_fd(&mut hdr) else { return };
@@ -174,47 +233,57 @@ fn serve(mut stream: UnixStream, behaviour: Behaviour, log: &Mutex<Vec<Seen>>) {
         }
         let fds = usize::from(file.is_some());
         log.lock().unwrap().push(Seen { request, body: body.clone(), fds });
-        match request {
-            GET_FEATURES => match behaviour {
-                Behaviour::Legacy => reply(&mut stream, request, &PROTOCOL_FEATURES.to_le_bytes()),
-                Behaviour::WrongReply => reply(&mut stream, SET_OWNER, &[0; 8]),
-                Behaviour::Oversized => {
-                    let mut msg = request.to_le_bytes().to_vec();
-                    msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
-                    msg.extend_from_slice(&u32::MAX.to_le_bytes());
-                    msg.extend_from_slice(&[0xff; 8]);
-                    stream.write_all(&msg).unwrap();
-                }
-                Behaviour::Short => {
-                    // A header that announces a body, then nothing.
-                    let mut msg = request.to_le_bytes().to_vec();
-                    msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
-                    msg.extend_from_slice(&8u32.to_le_bytes());
-                    stream.write_all(&msg).unwrap();
-                    std::thread::sleep(Duration::from_secs(2));
-                }
-                Behaviour::Silent => std::thread::sleep(Duration::from_secs(2)),
-                _ => {
-                    let f = VIRTIO_F_VERSION_1
-                        | VIRTIO_RING_F_EVENT_IDX
-                        | INDIRECT_DESC
-                        | PROTOCOL_FEATURES
-                        | 1 << 33; // offered by the backend, not passed on
-                    reply(&mut stream, request, &f.to_le_bytes());
-                }
-            },
-            GET_PROTOCOL_FEATURES => reply(&mut stream, request, &OFFERED_PROTOCOL.to_le_bytes()),
-            GET_QUEUE_NUM => {
-                let n = if let Behaviour::Queues(n) = behaviour { n } else { 4 };
-                reply(&mut stream, request, &n.to_le_bytes());
+        // The honest answer, if the request has one.
+        let answer: Option<Vec<u8>> = match (request, behaviour) {
+            (GET_FEATURES, Behaviour::Legacy) => Some(PROTOCOL_FEATURES.to_le_bytes().to_vec()),
+            (GET_FEATURES, Behaviour::WrongReply) => {
+                reply(&mut stream, SET_OWNER, &[0; 8]);
+                None
             }
-            GET_VRING_BASE => {
-                let mut state = body[..4].to_vec();
+            (GET_FEATURES, Behaviour::Oversized) => {
+                let mut msg = request.to_le_bytes().to_vec();
+                msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+                msg.extend_from_slice(&u32::MAX.to_le_bytes());
+                msg.extend_from_slice(&[0xff; 8]);
+                stream.write_all(&msg).unwrap();
+                None
+            }
+            (GET_FEATURES, Behaviour::Short) => {
+                // A header that announces a body, then nothing.
+                let mut msg = request.to_le_bytes().to_vec();
+                msg.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+                msg.extend_from_slice(&8u32.to_le_bytes());
+                stream.write_all(&msg).unwrap();
+                std::thread::sleep(Duration::from_secs(2));
+                None
+            }
+            (GET_FEATURES, Behaviour::Silent) => {
+                std::thread::sleep(Duration::from_secs(2));
+                None
+            }
+            (GET_FEATURES, _) => {
+                let f = VIRTIO_F_VERSION_1
+                    | VIRTIO_RING_F_EVENT_IDX
+                    | INDIRECT_DESC
+                    | PROTOCOL_FEATURES
+                    | 1 << 33; // offered by the backend, not passed on
+                Some(f.to_le_bytes().to_vec())
+            }
+            (GET_PROTOCOL_FEATURES, _) => Some(OFFERED_PROTOCOL.to_le_bytes().to_vec()),
+            (GET_QUEUE_NUM, Behaviour::Queues(n)) => Some(n.to_le_bytes().to_vec()),
+            (GET_QUEUE_NUM, _) => Some(4u64.to_le_bytes().to_vec()),
+            (GET_VRING_BASE, _) => {
+                let mut state = body.get(..4).unwrap_or(&[0; 4]).to_vec();
                 state.extend_from_slice(&7u32.to_le_bytes());
-                reply(&mut stream, request, &state);
+                Some(state)
             }
-            _ if flags & 0x8 != 0 => reply(&mut stream, request, &0u64.to_le_bytes()),
-            _ => {}
+            _ if flags & 0x8 != 0 => Some(0u64.to_le_bytes().to_vec()),
+            _ => None,
+        };
+        if let Some(answer) = answer {
+            if !reply(&mut stream, request, &answer) {
+                return;
+            }
         }
     }
 }
@@ -272,7 +341,8 @@ fn requests_go_in_qemus_order_with_their_descriptors() {
 
     let mem = shared_mem(0x40_0000);
     let (tqs, queues, _) = active_queues(&mem, 2);
-    c.start(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, &mem, &queues).unwrap();
+    c.start(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, &mem, queues.iter().map(Into::into))
+        .unwrap();
     let per_queue = [
         SET_VRING_NUM,
         SET_VRING_BASE,
@@ -322,7 +392,7 @@ fn guest_ram_without_a_file_is_refused() {
     let mut c = Connection::connect(&backend.path, 1).unwrap();
     let mem = crate::virtio::test_utils::guest_mem(0x40_0000);
     let (_tqs, queues, _) = active_queues(&mem, 1);
-    let err = c.start(VIRTIO_F_VERSION_1, &mem, &queues).unwrap_err();
+    let err = c.start(VIRTIO_F_VERSION_1, &mem, queues.iter().map(Into::into)).unwrap_err();
     assert!(matches!(err, Error::RamNotShared), "{err}");
 }
 
@@ -436,4 +506,77 @@ fn fs_device_config_and_backend_death() {
     let before = backend.requests().len();
     assert!(fs.reset());
     assert_eq!(backend.requests().len(), before, "nothing sent to a dead backend");
+}
+
+/// `reconnect=`: once the backend is gone, skiff tries the socket again;
+/// a new backend gets the memory table and every queue from where skiff
+/// left it (the requests it refused meanwhile included), and the device
+/// is the backend's again.
+#[test]
+fn reconnect_hands_the_queues_to_a_new_backend() {
+    let backend = Backend::start(Behaviour::Honest);
+    let mut c = Connection::connect(&backend.path, 2).unwrap();
+    c.set_reconnect(Some(Duration::from_millis(20)));
+    let connection = Arc::new(Mutex::new(c));
+    let params = FsParams { tag: "t".into(), num_request_queues: 1, queue_size: 16 };
+    let mut fs = VhostUserFs::new(connection.clone(), &params);
+    let mem = shared_mem(0x40_0000);
+    let (mut tqs, queues, kicks) = active_queues(&mem, 2);
+    let interrupt = Arc::new(RecordingInterrupt::default());
+    fs.ack_features(VIRTIO_F_VERSION_1);
+    fs.activate(ActivationContext { mem: mem.clone(), queues, interrupt }).unwrap();
+    backend.kill();
+    // A request while nobody serves: refused.
+    let head = tqs[1].add_chain(&[(DATA, 40, 0), (DATA + 0x2000, 128, WRITE)]);
+    kicks[1].write(1).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tqs[1].used().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(tqs[1].used(), [(u32::from(head), 16)]);
+
+    let second = Backend::listen(backend.path.clone(), Behaviour::Honest);
+    let seen = second.requests_at_least(19);
+    assert!(!connection.lock().unwrap().is_down());
+    assert_eq!(
+        seen[..5],
+        [GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER]
+    );
+    assert_eq!(seen[5..7], [SET_FEATURES, SET_MEM_TABLE]);
+    // Queue 1 resumes after the refused request; queue 0 where it was.
+    let bases: Vec<[u8; 8]> =
+        second.seen(SET_VRING_BASE).iter().map(|s| s.body[..8].try_into().unwrap()).collect();
+    let base = |index: u32, num: u32| {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&index.to_le_bytes());
+        b[4..].copy_from_slice(&num.to_le_bytes());
+        b
+    };
+    assert_eq!(bases, [base(0, 0), base(1, 1)]);
+    // The device's reset reaches the new backend.
+    assert!(fs.reset());
+    assert!(second.requests_at_least(24).ends_with(&[GET_VRING_BASE, RESET_DEVICE]));
+}
+
+/// A backend whose replies are mangled at random (resources/fuzz.sh runs a
+/// million): every sequence ends in an error or success, never a panic or
+/// a hang (the harness's watchdog).
+#[test]
+fn fuzz_vhost_user_replies() {
+    use skiff_tests::fuzz::run;
+    let mem = shared_mem(0x40_0000);
+    run("vhost-user-replies", 1000, |rng| {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let seed = rng.next_u64();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let backend = std::thread::spawn(move || serve(theirs, Behaviour::Fuzz(seed, 0), &log));
+        let name = std::path::Path::new("fuzz.sock");
+        if let Ok(mut c) = Connection::from_stream(ours, name, 2, Duration::from_secs(5)) {
+            let (_tqs, queues, _) = active_queues(&mem, 2);
+            if c.start(VIRTIO_F_VERSION_1, &mem, queues.iter().map(Into::into)).is_ok() {
+                c.stop();
+            }
+        }
+        backend.join().unwrap();
+    });
 }

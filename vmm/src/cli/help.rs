@@ -89,6 +89,13 @@ Devices:
                          thread pool (aio=threads, the default) or an io_uring
                          (aio=io_uring or native; a pool where the host has
                          no io_uring); aio=native needs cache=none, as in QEMU
+-device vhost-user-fs-device|vhost-user-fs-pci,chardev=ID,tag=TAG
+        [,queue-size=N][,num-request-queues=N][,addr=..][,bus=ID][,id=ID]
+                         a virtiofs share served by virtiofsd on -chardev
+                         socket ID; guest RAM is shared with it (without
+                         -object memory-backend-memfd,share=on, skiff makes
+                         RAM a shared memfd); if virtiofsd dies, the share
+                         fails with ENOTCONN and the VM goes on
 -device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
                          a root port; devices with bus=ID sit behind it
                          Every explicit addr= is reserved before any device
@@ -99,6 +106,7 @@ Character devices:
 -chardev file,id=ID,path=PATH[,append=on|off]
 -chardev null,id=ID
 -chardev socket,id=ID,path=PATH[,server=on|off][,wait=on|off]
+        [,reconnect=SECONDS|reconnect-ms=MS]
                          Unix sockets only (also QEMU's server,nowait)
 -serial stdio|null|none|file:PATH|chardev:ID
                          the next ISA serial port (COM1 to COM4)

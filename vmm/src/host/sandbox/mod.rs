@@ -233,10 +233,12 @@ const DISK_IO: &[i64] = &[
     libc::SYS_lseek,
 ];
 
-/// Talking to a vhost-user backend (requests with file descriptors): a
-/// vCPU starts and resets the device, the main thread stops it at the end
-/// of a run.
-const BACKEND_SOCKETS: &[i64] = &[libc::SYS_sendmsg, libc::SYS_recvmsg];
+/// Talking to a vhost-user backend (requests with file descriptors, the
+/// watchdog's shutdown): a vCPU starts and resets the device, the main
+/// thread stops it at the end of a run, a device worker reconnects
+/// (`reconnect=`), which also takes `socket` (AF_UNIX only, below).
+const BACKEND_SOCKETS: &[i64] =
+    &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown, libc::SYS_connect];
 
 /// The main thread's own: QMP clients, guest RAM for a new run, removing
 /// its sockets at exit, reading the kernel again for a reboot.
@@ -328,7 +330,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
         ThreadKind::Io => (false, false, true, false, false, false),
         ThreadKind::Console => (false, false, false, false, false, false),
     };
-    let backends = matches!(kind, ThreadKind::Vcpu);
+    let backends = matches!(kind, ThreadKind::Main | ThreadKind::Vcpu | ThreadKind::Worker);
     for (on, set) in
         [(events, EVENTS), (disk, DISK_IO), (main, MAIN_ONLY), (backends, BACKEND_SOCKETS)]
     {
@@ -374,6 +376,10 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
                 .push(SeccompRule::new(vec![cond(1, Op::Eq, req).map_err(build)?]).map_err(build)?);
         }
         rules.insert(libc::SYS_ioctl, ioctls);
+    }
+    if backends {
+        let unix = cond(0, Op::Eq, libc::AF_UNIX as u64).map_err(build)?;
+        rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix]).map_err(build)?]);
     }
     // prctl: thread names (std names its threads) and no_new_privs, which
     // a thread sets before it adds its own filter (seccomp(2), below).
@@ -558,6 +564,10 @@ mod tests {
             unsafe {
                 if libc::getpid() <= 0 {
                     return 3;
+                }
+                // A vhost-user reconnect's socket is allowed; others not.
+                if libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) < 0 {
+                    return 5;
                 }
                 libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
             }
