@@ -125,6 +125,11 @@ mod tests {
         Ok(ChardevConfig { id: id.to_owned(), backend })
     }
 
+    /// A Unix socket chardev on `path`.
+    fn socket(path: &str, server: bool, wait: bool, reconnect_ms: Option<u64>) -> ChardevBackend {
+        ChardevBackend::Socket { path: path.into(), server, wait, reconnect_ms }
+    }
+
     #[test]
     fn chardev_backends() {
         assert_eq!(chardev("stdio,id=s"), ok("s", ChardevBackend::Stdio { signal: true }));
@@ -143,65 +148,30 @@ mod tests {
         );
         assert_eq!(
             chardev("socket,id=c,path=/run/x.sock"),
-            ok(
-                "c",
-                ChardevBackend::Socket {
-                    path: "/run/x.sock".into(),
-                    server: false,
-                    wait: true,
-                    reconnect_ms: None
-                }
-            )
+            ok("c", socket("/run/x.sock", false, true, None))
         );
         assert_eq!(
             chardev("socket,id=c,path=p,server=on,wait=off"),
-            ok(
-                "c",
-                ChardevBackend::Socket {
-                    path: "p".into(),
-                    server: true,
-                    wait: false,
-                    reconnect_ms: None
-                }
-            )
+            ok("c", socket("p", true, false, None))
         );
-        let reconnecting = |ms| ChardevBackend::Socket {
-            path: "p".into(),
-            server: false,
-            wait: true,
-            reconnect_ms: ms,
-        };
-        assert_eq!(chardev("socket,id=c,path=p,reconnect=2"), ok("c", reconnecting(Some(2000))));
+        assert_eq!(
+            chardev("socket,id=c,path=p,reconnect=2"),
+            ok("c", socket("p", false, true, Some(2000)))
+        );
         assert_eq!(
             chardev("socket,id=c,path=p,reconnect-ms=250"),
-            ok("c", reconnecting(Some(250)))
+            ok("c", socket("p", false, true, Some(250)))
         );
-        assert_eq!(chardev("socket,id=c,path=p,reconnect=0"), ok("c", reconnecting(None)));
+        assert_eq!(
+            chardev("socket,id=c,path=p,reconnect=0"),
+            ok("c", socket("p", false, true, None))
+        );
         // QEMU's legacy flag forms.
         assert_eq!(
             chardev("socket,id=c,path=p,server,nowait"),
-            ok(
-                "c",
-                ChardevBackend::Socket {
-                    path: "p".into(),
-                    server: true,
-                    wait: false,
-                    reconnect_ms: None
-                }
-            )
+            ok("c", socket("p", true, false, None))
         );
-        assert_eq!(
-            chardev("socket,id=c,path=p,server"),
-            ok(
-                "c",
-                ChardevBackend::Socket {
-                    path: "p".into(),
-                    server: true,
-                    wait: true,
-                    reconnect_ms: None
-                }
-            )
-        );
+        assert_eq!(chardev("socket,id=c,path=p,server"), ok("c", socket("p", true, true, None)));
     }
 
     #[test]
