@@ -29,9 +29,9 @@
 #                   acpi=off guests.
 #   l2/store.img, l2/store-data.bin, l2/vol.img  disk images for the
 #                   virtio-blk tests (a store with a known file, a volume).
-#   tools/stamp, tools/outb   static helpers from resources/tools.
+#   tools/stamp, tools/outb, tools/vsock   static helpers from resources/tools.
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
-#   l1/l1-base.cpio.zst   test-host root: busybox, KVM (and VFIO) modules,
+#   l1/l1-base.cpio.zst   test-host root: busybox, KVM, vhost-vsock (and VFIO) modules,
 #                   stamp, the L2 bzImage and initrd under /assets.
 #   l1/l1-qemu.cpio.zst   qemu-system-x86_64 with its libraries and the
 #                   firmware files microvm opens (appended when needed).
@@ -248,7 +248,7 @@ BUSYBOX="$busybox_dir/bin/busybox"
 [ -x "$BUSYBOX" ] || die "no bin/busybox in busybox-static"
 
 # --------------------------------------------------------------- tools
-for t in stamp outb; do
+for t in stamp outb vsock; do
 	src="$REPO/resources/tools/$t.c"
 	k=$(key_of "$src" "$(gcc -dumpfullversion)")
 	if ! up_to_date "$CACHE/tools/$t" "$k"; then
@@ -265,9 +265,10 @@ for t in stamp outb; do
 done
 STAMP="$CACHE/tools/stamp"
 OUTB="$CACHE/tools/outb"
+VSOCK_TOOL="$CACHE/tools/vsock"
 
 # --------------------------------------------------------- L2 kernel
-L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs libcrc32c erofs button evdev"
+L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs libcrc32c erofs button evdev vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
 if [ -n "${SKIFF_TEST_KERNEL:-}" ]; then
 	[ -f "$SKIFF_TEST_KERNEL" ] || die "SKIFF_TEST_KERNEL=$SKIFF_TEST_KERNEL: no such file"
 	kernel_src=$SKIFF_TEST_KERNEL
@@ -389,7 +390,7 @@ build_mmio_ko "${generic_pkg#linux-image-}" "$MMIO_KO_GENERIC"
 # --------------------------------------------------------- L2 initrd
 # Modules for both guest kernels, each under /lib/modules/VERSION with its
 # load order: init picks the running kernel's (uname -r).
-k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "${moddir:-nomodules}" "$generic_moddir" \
+k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "$VSOCK_TOOL.key" "${moddir:-nomodules}" "$generic_moddir" \
 	"$L2_MODULES" "${MMIO_KO:+$MMIO_KO.key}" "$MMIO_KO_GENERIC.key" "v2")
 if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	log "building l2/initrd.img"
@@ -398,6 +399,7 @@ if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	mkdir -p "$root"/{proc,sys,dev,tmp,run,lib/modules}
 	install_busybox "$BUSYBOX" "$root"
 	cp "$OUTB" "$root/bin/outb"
+	cp "$VSOCK_TOOL" "$root/bin/vsock"
 	install -m 0755 "$REPO/resources/guest/init" "$root/init"
 	# add_modules MODDIR MMIO_KO: MODDIR's share of L2_MODULES, virtio_mmio
 	# replaced by MMIO_KO when given.
@@ -489,7 +491,7 @@ if [ "$want_l1" = 1 ]; then
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
 		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v5-nobody")
+		"$CACHE/l2/store.img.key" "v6-vhost")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -509,6 +511,13 @@ if [ "$want_l1" = 1 ]; then
 		for m in irqbypass ccp kvm kvm-amd; do
 			f=$(find_module "$l1_moddir" "$m")
 			[ -n "$f" ] || die "module $m not found in $generic_pkg"
+			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order"
+		done
+		# vhost-vsock for -device vhost-vsock-*: /dev/vhost-vsock, and the
+		# host's side of AF_VSOCK (CID 2) for the tests' socat.
+		for m in vhost_iotlb vhost vsock vhost_vsock; do
+			f=$(find_module "$l1_moddir" "$m")
+			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
 			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order"
 		done
 		for m in vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci; do

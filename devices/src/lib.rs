@@ -8,6 +8,7 @@ pub mod bus;
 pub mod legacy;
 pub mod ratelimit;
 pub mod threads;
+pub mod vhost_kernel;
 pub mod vhost_user;
 pub mod virtio;
 

@@ -11,6 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::vhost_kernel::vsock::VsockBackend;
 use devices::vhost_user::fs::FsParams;
 use devices::vhost_user::Connection;
 use devices::virtio::block::{BlockParams, Disk, DiskError, DiskOptions, Policy};
@@ -35,6 +36,13 @@ pub enum BackendError {
         #[source]
         source: devices::vhost_user::Error,
     },
+    #[error("-device {driver},guest-cid={cid}")]
+    Vsock {
+        driver: String,
+        cid: u32,
+        #[source]
+        source: devices::vhost_kernel::vsock::VsockError,
+    },
     #[error("-drive id={drive}")]
     Disk {
         drive: String,
@@ -50,13 +58,17 @@ pub enum DeviceBackend {
     Block(Arc<Disk>, BlockParams),
     /// The connection to virtiofsd, and the device's shape.
     Fs(Arc<Mutex<Connection>>, FsParams),
+    /// /dev/vhost-vsock, holding the guest's CID.
+    Vsock(Arc<VsockBackend>),
 }
 
 impl DeviceBackend {
-    /// Gives the backend the run's guest memory (vhost-user's memory table,
-    /// VFIO's DMA maps). Nothing to do for the backends skiff has so far.
-    fn attach(&self, _mem: &boot::GuestMemoryMmap) {
+    /// Gives the backend the run's guest memory (the kernel's vhost
+    /// translates ring addresses through it; vhost-user devices send their
+    /// memory table when the driver starts them).
+    fn attach(&self, mem: &boot::GuestMemoryMmap) {
         match self {
+            DeviceBackend::Vsock(v) => v.attach(mem),
             DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
         }
     }
@@ -64,6 +76,7 @@ impl DeviceBackend {
     /// Takes the run's guest memory back before it is unmapped.
     fn detach(&self) {
         match self {
+            DeviceBackend::Vsock(v) => v.detach(),
             DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
         }
     }
@@ -88,6 +101,12 @@ impl Backends {
                         Ok(Some(block(cfg, b, pci)?))
                     }
                     VirtioKind::Fs(f) => Ok(Some(fs(cfg, f, v.driver())?)),
+                    &VirtioKind::Vsock { guest_cid } => {
+                        let vsock = VsockBackend::open(guest_cid).map_err(|source| {
+                            BackendError::Vsock { driver: v.driver(), cid: guest_cid, source }
+                        })?;
+                        Ok(Some(DeviceBackend::Vsock(Arc::new(vsock))))
+                    }
                     &VirtioKind::Rng { max_bytes, period_ms } => {
                         let limit =
                             max_bytes.and_then(|m| devices::virtio::RateLimit::new(m, period_ms));

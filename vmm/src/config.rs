@@ -176,6 +176,8 @@ pub enum VirtioKind {
     Block(BlockConfig),
     /// `vhost-user-fs-*,chardev=ID,tag=TAG[,queue-size=N][,num-request-queues=N]`
     Fs(FsConfig),
+    /// `vhost-vsock-*,guest-cid=N`: the host kernel's vhost-vsock.
+    Vsock { guest_cid: u32 },
 }
 
 /// `-device vhost-user-fs-*`: virtiofsd on the `-chardev socket` named by
@@ -233,6 +235,7 @@ impl VirtioKind {
             VirtioKind::Rng { .. } => "virtio-rng",
             VirtioKind::Block(_) => "virtio-blk",
             VirtioKind::Fs(_) => "vhost-user-fs",
+            VirtioKind::Vsock { .. } => "vhost-vsock",
         }
     }
 
@@ -240,7 +243,7 @@ impl VirtioKind {
     pub fn vhost_user_chardev(&self) -> Option<&str> {
         match self {
             VirtioKind::Fs(f) => Some(&f.chardev),
-            VirtioKind::Rng { .. } | VirtioKind::Block(_) => None,
+            VirtioKind::Rng { .. } | VirtioKind::Block(_) | VirtioKind::Vsock { .. } => None,
         }
     }
 }

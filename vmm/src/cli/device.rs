@@ -24,8 +24,12 @@ type FamilyParser = fn(&mut QemuOpts) -> Result<VirtioKind, CliError>;
 /// The virtio device families: `-device NAME-pci` and `-device NAME-device`
 /// both resolve to the family's description plus a transport. A new family
 /// adds one line here and one `VirtioKind` variant.
-const VIRTIO_FAMILIES: &[(&str, FamilyParser)] =
-    &[("virtio-rng", virtio_rng), ("virtio-blk", virtio_blk), ("vhost-user-fs", vhost_user_fs)];
+const VIRTIO_FAMILIES: &[(&str, FamilyParser)] = &[
+    ("virtio-rng", virtio_rng),
+    ("virtio-blk", virtio_blk),
+    ("vhost-user-fs", vhost_user_fs),
+    ("vhost-vsock", vhost_vsock),
+];
 
 /// `NAME-pci` or `NAME-device` of a known family.
 fn virtio_family(driver: &str) -> Option<(FamilyParser, bool)> {
@@ -200,6 +204,20 @@ fn vhost_user_fs(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
     Ok(VirtioKind::Fs(FsConfig { chardev, tag, queue_size: queue_size as u16, num_request_queues }))
 }
 
+/// `vhost-vsock-*,guest-cid=N`, QEMU's limits (hw/virtio/vhost-vsock.c).
+fn vhost_vsock(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
+    let cid = opts.take_uint("guest-cid")?.ok_or_else(|| opts.missing("guest-cid"))?;
+    if cid <= 2 {
+        return Err(opts.error("guest-cid property must be greater than 2"));
+    }
+    let guest_cid =
+        u32::try_from(cid).map_err(|_| opts.error("guest-cid property must be a 32-bit number"))?;
+    if opts.contains("vhostfd") {
+        return Err(opts.error("vhostfd= is not supported (skiff opens /dev/vhost-vsock)"));
+    }
+    Ok(VirtioKind::Vsock { guest_cid })
+}
+
 /// The placement properties every PCI device has: `addr`, `bus`,
 /// `multifunction`.
 fn pci_slot(opts: &mut QemuOpts, driver: &str) -> Result<PciSlotConfig, CliError> {
@@ -334,6 +352,24 @@ mod tests {
         assert_eq!(d.id.as_deref(), Some("f"));
         let tag36 = "t".repeat(36);
         assert!(device(&format!("vhost-user-fs-pci,chardev=c,tag={tag36},addr=2.0")).is_ok());
+    }
+
+    #[test]
+    fn vhost_vsock() {
+        let d = device("vhost-vsock-pci,guest-cid=3,id=v").unwrap();
+        let DeviceConfig::Virtio(v) = d.config else { panic!("{d:?}") };
+        assert_eq!(v.kind, VirtioKind::Vsock { guest_cid: 3 });
+        let d = device("vhost-vsock-device,guest-cid=4294967295").unwrap();
+        let DeviceConfig::Virtio(v) = d.config else { panic!("{d:?}") };
+        assert_eq!(
+            (v.transport, v.kind),
+            (VirtioTransport::Mmio, VirtioKind::Vsock { guest_cid: u32::MAX })
+        );
+        let err = |arg: &str| device(arg).unwrap_err();
+        assert_eq!(err("vhost-vsock-pci"), "-device vhost-vsock-pci: missing property 'guest-cid'");
+        assert!(err("vhost-vsock-pci,guest-cid=2").contains("greater than 2"));
+        assert!(err("vhost-vsock-pci,guest-cid=4294967296").contains("32-bit"));
+        assert!(err("vhost-vsock-pci,guest-cid=3,vhostfd=5").contains("vhostfd"));
     }
 
     #[test]

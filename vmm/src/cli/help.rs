@@ -96,6 +96,10 @@ Devices:
                          -object memory-backend-memfd,share=on, skiff makes
                          RAM a shared memfd); if virtiofsd dies, the share
                          fails with ENOTCONN and the VM goes on
+-device vhost-vsock-device|vhost-vsock-pci,guest-cid=N[,addr=..][,bus=ID][,id=ID]
+                         AF_VSOCK to the guest through the host kernel's
+                         vhost_vsock (/dev/vhost-vsock); the CID is held
+                         from start to exit, across guest reboots
 -device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
                          a root port; devices with bus=ID sit behind it
                          Every explicit addr= is reserved before any device

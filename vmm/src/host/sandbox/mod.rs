@@ -299,6 +299,9 @@ const RESOURCES: &[i64] = &[
 
 /// ioctl type byte of KVM's requests (`KVMIO`).
 const KVMIO: u64 = 0xae;
+/// ioctl type byte of vhost's requests (`VHOST_VIRTIO`): vhost-vsock is
+/// started by a vCPU (DRIVER_OK) and stopped by a vCPU or the main thread.
+const VHOST_VIRTIO: u64 = 0xaf;
 
 /// The terminal requests the main thread makes on stdin/stdout (raw mode
 /// and back) and the descriptor flags std sets by ioctl.
@@ -367,8 +370,10 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
     if kvm || tty {
         let mut ioctls = Vec::new();
         if kvm {
-            let rule = cond(1, Op::MaskedEq(0xff00), KVMIO << 8).map_err(build)?;
-            ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);
+            for ty in [KVMIO, VHOST_VIRTIO] {
+                let rule = cond(1, Op::MaskedEq(0xff00), ty << 8).map_err(build)?;
+                ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);
+            }
         }
         let own: &[u64] = if tty { TTY_IOCTLS } else { &[libc::FIONBIO, libc::FIOCLEX] };
         for &req in own {

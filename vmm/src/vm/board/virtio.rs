@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use boot::GuestMemoryMmap;
+use devices::vhost_kernel::vsock::VhostVsock;
 use devices::vhost_user::fs::VhostUserFs;
 use devices::virtio::block::Block;
 use devices::virtio::{
@@ -36,6 +37,9 @@ pub(super) fn create(
         }
         (VirtioKind::Fs(_), Some(DeviceBackend::Fs(connection, params))) => {
             Ok(Arc::new(Mutex::new(VhostUserFs::new(connection.clone(), params))))
+        }
+        (VirtioKind::Vsock { .. }, Some(DeviceBackend::Vsock(backend))) => {
+            Ok(Arc::new(Mutex::new(VhostVsock::new(backend.clone()))))
         }
         _ => Err(super::missing_backend(desc.driver())),
     }
