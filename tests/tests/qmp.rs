@@ -232,5 +232,11 @@ fn a_forbidden_system_call_ends_skiff_naming_it() {
         "{}",
         r.describe()
     );
-    assert_eq!(r.output.matches("made a forbidden system call: ptrace (101)").count(), 2);
+    // Every vCPU trips, and a second one may print before the process is
+    // gone: what counts is that the worker's trip is named too.
+    assert!(
+        r.contains("thread virtio-rng made a forbidden system call: ptrace (101)"),
+        "{}",
+        r.describe()
+    );
 }
