@@ -491,7 +491,7 @@ if [ "$want_l1" = 1 ]; then
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
 		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v6-vhost")
+		"$CACHE/l2/store.img.key" "v7-vhost")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -515,7 +515,7 @@ if [ "$want_l1" = 1 ]; then
 		done
 		# vhost-vsock for -device vhost-vsock-*: /dev/vhost-vsock, and the
 		# host's side of AF_VSOCK (CID 2) for the tests' socat.
-		for m in vhost_iotlb vhost vsock vhost_vsock; do
+		for m in vhost_iotlb vhost vsock vmw_vsock_virtio_transport_common vhost_vsock; do
 			f=$(find_module "$l1_moddir" "$m")
 			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
 			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order"

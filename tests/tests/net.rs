@@ -1,7 +1,8 @@
 //! Host-guest channels (issue 15): vhost-vsock as microvm.nix attaches it
 //! (`-device vhost-vsock-pci,guest-cid=N`), on PCI and on virtio-mmio,
 //! with socat on the test host and resources/tools/vsock.c in the guest;
-//! a CID held by a running skiff, also across a guest reboot.
+//! a CID held by a running skiff, also across a guest reboot, and free
+//! again once it exits.
 
 // Guest tests boot real kernels (a nested test host where the CPU has no
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
@@ -112,4 +113,10 @@ fn the_cid_stays_across_a_guest_reboot() {
     let err = r.line_value("SECOND-ERR").unwrap_or_default();
     assert!(err.contains("guest CID 5 is already in use"), "{}", r.describe());
     assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
+    assert_eq!(
+        r.value("AGAIN-RC"),
+        Some("0"),
+        "the CID is free once skiff is gone\n{}",
+        r.describe()
+    );
 }
