@@ -47,7 +47,7 @@ fn exchange(pcie: bool, cid: u32) -> String {
 }
 
 /// Without -no-reboot: each run's guest reads the same CID, and the CID
-/// stays taken across the reboot.
+/// stays taken across the reboot; once skiff has exited, it is free again.
 fn reboot() -> String {
     let cmd =
         command(true, &vsock_device(true, 5), "skiff.test=vsock-cid").replace(" -no-reboot", "");
@@ -56,7 +56,10 @@ fn reboot() -> String {
         "{second} > second.txt 2>&1; echo \"SECOND-RC=$?\"; \
          echo \"SECOND-ERR=$(grep -a 'guest-cid' second.txt | head -n 1)\""
     );
-    until_then_sigterm(&cmd, "SKIFF-VSOCK-CID", 2, 150, &between)
+    format!(
+        "{}{second} > again.txt 2>&1; echo \"AGAIN-RC=$?\"\n",
+        until_then_sigterm(&cmd, "SKIFF-VSOCK-CID", 2, 150, &between)
+    )
 }
 
 fn scenarios() -> Vec<Scenario> {
