@@ -81,8 +81,14 @@ impl VsockBackend {
         }
     }
 
-    /// Lets go of the run's RAM before it is unmapped.
+    /// Lets go of the run's RAM before it is unmapped. The device stops
+    /// the kernel when it goes; stopping again here (idempotent) keeps the
+    /// kernel off that RAM even if something still held the device.
     pub fn detach(&self) {
+        let _ = self.vsock.stop();
+        for index in 0..KERNEL_QUEUES {
+            let _ = self.vsock.get_vring_base(index);
+        }
         if let Ok(guard) = self.mem.lock() {
             guard.replace(GuestMemoryMmap::new());
         }

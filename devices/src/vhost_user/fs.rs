@@ -83,11 +83,13 @@ impl VhostUserFs {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Stops the watcher, then the backend's rings (nothing is sent when
+    /// none was started, e.g. after an activation that failed half-way).
     fn stop(&mut self) {
         if let Some(active) = self.active.take() {
             active.watcher.stop();
-            self.connection().stop();
         }
+        self.connection().stop();
     }
 }
 
@@ -124,13 +126,24 @@ impl VirtioDevice for VhostUserFs {
         }
         let (socket, down, path, reconnect) = {
             let mut c = self.connection();
-            c.start(self.acked_features, &ctx.mem, ctx.queues.iter().map(Into::into))
-                .map_err(|e| ActivateError::Backend(Box::new(e)))?;
-            let socket = c.socket_fd().try_clone_to_owned().map_err(ActivateError::EventFd);
+            if let Err(e) =
+                c.start(self.acked_features, &ctx.mem, ctx.queues.iter().map(Into::into))
+            {
+                c.stop();
+                return Err(ActivateError::Backend(Box::new(e)));
+            }
+            let socket = c.socket_fd().try_clone_to_owned();
             (socket, c.down_flag(), c.path().display().to_string(), c.reconnect_interval())
         };
+        let socket = match socket {
+            Ok(s) => s,
+            Err(e) => {
+                self.connection().stop();
+                return Err(ActivateError::EventFd(e));
+            }
+        };
         let watch = Watch {
-            socket: socket?,
+            socket,
             down,
             path,
             interrupt: ctx.interrupt,
@@ -144,7 +157,13 @@ impl VirtioDevice for VhostUserFs {
             timer: None,
             reconnect_told: false,
         };
-        let watcher = Worker::spawn("vhost-user-fs", watch).map_err(ActivateError::Worker)?;
+        let watcher = match Worker::spawn("vhost-user-fs", watch) {
+            Ok(w) => w,
+            Err(e) => {
+                self.connection().stop();
+                return Err(ActivateError::Worker(e));
+            }
+        };
         self.active = Some(Active { watcher });
         Ok(())
     }
@@ -192,7 +211,12 @@ const REFUSED_PER_WAKEUP: usize = 64;
 impl Watch {
     /// The backend hung up: report it, ask for a reset, and serve the
     /// queues from where the backend's used rings stop (what it took and
-    /// did not finish is answered again, with an error).
+    /// did not finish is answered again, with an error). That assumes the
+    /// backend finished requests in order, as virtiofsd does without
+    /// `--thread-pool-size`; with a pool, a request finished out of order
+    /// would be answered twice and the driver would mark the ring broken.
+    /// Knowing exactly what was in flight needs the backend's inflight
+    /// region (INFLIGHT_SHMFD), which skiff does not negotiate yet.
     fn take_over(&mut self, ops: &mut EventOps) {
         if !self.down.swap(true, Ordering::SeqCst) {
             log::error!(
@@ -237,7 +261,11 @@ impl Watch {
 
     /// `reconnect=`: the socket is tried again; once a backend answers,
     /// it gets the queues where skiff left them and the worker goes back
-    /// to watching.
+    /// to watching. The new backend has no FUSE session: the guest's mount
+    /// keeps failing until it is mounted again, which sends FUSE_INIT. Old
+    /// node IDs cannot reach the new session, since Linux keeps one
+    /// superblock per virtio-fs device, and a new one exists only once the
+    /// old one is gone.
     fn try_reconnect(&mut self, ops: &mut EventOps) {
         let connection = self.connection.clone();
         let mut c = connection.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,16 +279,20 @@ impl Watch {
             }
             return;
         }
-        self.reconnect_told = false;
         let views = self.rings.iter().filter_map(|r| {
             let index = usize::from(r.index);
             let call = &self.calls.iter().find(|(i, _)| *i == index)?.1;
             Some(QueueView { index, queue: &r.queue, kick: &r.kick, call })
         });
         if let Err(e) = c.start(self.acked_features, &self.mem, views) {
-            log::warn!("vhost-user-fs: reconnected, but the backend refused the queues: {e}");
+            // Nothing of it may stay live while skiff answers the rings.
+            c.stop();
+            if !std::mem::replace(&mut self.reconnect_told, true) {
+                log::warn!("vhost-user-fs: reconnected, but the backend refused the queues: {e}");
+            }
             return;
         }
+        self.reconnect_told = false;
         let socket = match c.socket_fd().try_clone_to_owned() {
             Ok(s) => s,
             Err(e) => {

@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
@@ -74,6 +76,8 @@ pub enum Error {
     QueueOutsideRegion(usize),
     #[error("the connection is down (the backend went away)")]
     Down,
+    #[error("'{path}': the backend no longer offers features the driver uses ({missing:#x})")]
+    FeaturesGone { path: String, missing: u64 },
 }
 
 /// One backend socket, set up (SET_OWNER, features) and ready for a device.
@@ -228,6 +232,11 @@ impl Connection {
             self.frontend
                 .set_protocol_features(self.protocol)
                 .map_err(self.failed("SET_PROTOCOL_FEATURES"))?;
+            if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request from here on is acknowledged: a backend that
+                // refuses SET_MEM_TABLE or a ring fails that request.
+                self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
             if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
                 let available =
                     self.frontend.get_queue_num().map_err(self.failed("GET_QUEUE_NUM"))?;
@@ -288,7 +297,7 @@ impl Connection {
         &mut self,
         acked_features: u64,
         mem: &GuestMemoryMmap,
-        queues: impl IntoIterator<Item = QueueView<'a>>,
+        queues: impl IntoIterator<Item = QueueView<'a>> + Clone,
     ) -> Result<(), Error> {
         if self.is_down() {
             if self.reconnect.is_none() {
@@ -296,6 +305,29 @@ impl Connection {
             }
             // The backend came back since (or will not: then this fails).
             self.reconnect()?;
+        }
+        match self.start_now(acked_features, mem, queues.clone()) {
+            // A backend that went away while the device was not running is
+            // only noticed here: with `reconnect=`, once more on a new one.
+            Err(Error::Request { .. }) if self.is_down() && self.reconnect.is_some() => {
+                self.reconnect()?;
+                self.start_now(acked_features, mem, queues)
+            }
+            r => r,
+        }
+    }
+
+    fn start_now<'a>(
+        &mut self,
+        acked_features: u64,
+        mem: &GuestMemoryMmap,
+        queues: impl IntoIterator<Item = QueueView<'a>>,
+    ) -> Result<(), Error> {
+        // A backend met again after a reconnect must still offer what the
+        // driver chose; the rings would otherwise mean different things.
+        let missing = acked_features & !self.device_features();
+        if missing != 0 {
+            return Err(Error::FeaturesGone { path: self.shown(), missing });
         }
         let _deadline = self.watchdog.arm();
         // vhost-user's own bit stays on: SET_VRING_ENABLE depends on it.
@@ -305,8 +337,10 @@ impl Connection {
         let regions = memory_table(mem)?;
         self.frontend.set_mem_table(&regions).map_err(self.failed("SET_MEM_TABLE"))?;
         for q in queues {
-            self.start_queue(mem, &q)?;
+            // Counted before it is configured: a half-configured ring is
+            // stopped too.
             self.started.push(q.index);
+            self.start_queue(mem, &q)?;
         }
         Ok(())
     }

@@ -64,6 +64,10 @@ enum Behaviour {
     Silent,
     /// Honest answers, mangled by a fuzzer seeded so.
     Fuzz(u64, u64),
+    /// Acknowledges SET_MEM_TABLE with a failure (REPLY_ACK).
+    RefuseMemTable,
+    /// Offers no VIRTIO_RING_F_EVENT_IDX.
+    NoEventIdx,
 }
 
 /// One request as the backend saw it: its code, flags, body and how many
@@ -71,6 +75,7 @@ enum Behaviour {
 #[derive(Debug, Clone)]
 struct Seen {
     request: u32,
+    flags: u32,
     body: Vec<u8>,
     fds: usize,
 }
@@ -232,7 +237,7 @@ fn serve(mut stream: UnixStream, behaviour: Behaviour, log: &Mutex<Vec<Seen>>) {
             return;
         }
         let fds = usize::from(file.is_some());
-        log.lock().unwrap().push(Seen { request, body: body.clone(), fds });
+        log.lock().unwrap().push(Seen { request, flags, body: body.clone(), fds });
         // The honest answer, if the request has one.
         let answer: Option<Vec<u8>> = match (request, behaviour) {
             (GET_FEATURES, Behaviour::Legacy) => Some(PROTOCOL_FEATURES.to_le_bytes().to_vec()),
@@ -260,6 +265,12 @@ fn serve(mut stream: UnixStream, behaviour: Behaviour, log: &Mutex<Vec<Seen>>) {
             (GET_FEATURES, Behaviour::Silent) => {
                 std::thread::sleep(Duration::from_secs(2));
                 None
+            }
+            (GET_FEATURES, Behaviour::NoEventIdx) => Some(
+                (VIRTIO_F_VERSION_1 | INDIRECT_DESC | PROTOCOL_FEATURES).to_le_bytes().to_vec(),
+            ),
+            (SET_MEM_TABLE, Behaviour::RefuseMemTable) if flags & 0x8 != 0 => {
+                Some(1u64.to_le_bytes().to_vec())
             }
             (GET_FEATURES, _) => {
                 let f = VIRTIO_F_VERSION_1
@@ -359,6 +370,10 @@ fn requests_go_in_qemus_order_with_their_descriptors() {
     assert_eq!(features, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | PROTOCOL_FEATURES);
     let table = &backend.seen(SET_MEM_TABLE)[0];
     assert_eq!(table.fds, 1, "the memfd");
+    // REPLY_ACK: every request after the negotiation asks for an answer.
+    let asked: Vec<bool> =
+        backend.seen.lock().unwrap()[5..19].iter().map(|s| s.flags & 0x8 != 0).collect();
+    assert_eq!(asked, [true; 14]);
     // One region: guest address 0, the whole size, skiff's mapping, offset 0.
     let region =
         |i: usize| u64::from_le_bytes(table.body[8 + i * 8..16 + i * 8].try_into().unwrap());
@@ -579,4 +594,36 @@ fn fuzz_vhost_user_replies() {
         }
         backend.join().unwrap();
     });
+}
+
+/// With REPLY_ACK a backend can refuse a request, and the start fails there
+/// instead of leaving the guest waiting on rings nobody serves.
+#[test]
+fn a_refused_memory_table_fails_the_start() {
+    let backend = Backend::start(Behaviour::RefuseMemTable);
+    let mut c = Connection::connect(&backend.path, 1).unwrap();
+    let mem = shared_mem(0x40_0000);
+    let (_tqs, queues, _) = active_queues(&mem, 1);
+    let err = c.start(VIRTIO_F_VERSION_1, &mem, queues.iter().map(Into::into)).unwrap_err();
+    assert!(err.to_string().contains("SET_MEM_TABLE failed"), "{err}");
+    assert!(!backend.requests().contains(&SET_VRING_NUM), "no ring after the refusal");
+}
+
+/// A backend met after a reconnect that lacks a feature the driver chose
+/// is refused, not handed rings it would read differently.
+#[test]
+fn a_new_backend_without_the_drivers_features_is_refused() {
+    let first = Backend::start(Behaviour::Honest);
+    let mut c = Connection::connect(&first.path, 1).unwrap();
+    first.kill();
+    let _second = Backend::listen(first.path.clone(), Behaviour::NoEventIdx);
+    c.reconnect().unwrap();
+    let mem = shared_mem(0x40_0000);
+    let (_tqs, queues, _) = active_queues(&mem, 1);
+    let acked = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+    let err = c.start(acked, &mem, queues.iter().map(Into::into)).unwrap_err();
+    assert!(
+        matches!(err, Error::FeaturesGone { missing, .. } if missing == VIRTIO_RING_F_EVENT_IDX),
+        "{err}"
+    );
 }
