@@ -710,6 +710,17 @@ pub fn microvm_nix_command(vmm: &str, acpi: bool, extra: &str, append_extra: &st
     cmd
 }
 
+/// `microvm_nix_command` for `$SKIFF` with ACPI, on the PCIe root complex
+/// (`pcie=on`) or on virtio-mmio (microvm.nix's `pcie=off`).
+pub fn skiff_command(pcie: bool, devices: &str, append_extra: &str) -> String {
+    let cmd = microvm_nix_command("$SKIFF", true, devices, append_extra);
+    if pcie {
+        cmd.replace("pcie=off", "pcie=on")
+    } else {
+        cmd
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;

@@ -8,18 +8,13 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{microvm_nix_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
+use skiff_tests::{until_then_sigterm, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 90;
 
 /// microvm.nix's argv with `devices` and the guest's `action`.
 fn command(pcie: bool, devices: &str, action: &str) -> String {
-    let cmd = microvm_nix_command("$SKIFF", true, devices, &format!("skiff.test={action}"));
-    if pcie {
-        cmd.replace("pcie=off", "pcie=on")
-    } else {
-        cmd
-    }
+    skiff_tests::skiff_command(pcie, devices, &format!("skiff.test={action}"))
 }
 
 /// The store disk as microvm.nix attaches it, then the expected checksum.

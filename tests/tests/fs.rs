@@ -11,7 +11,8 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{microvm_nix_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
+// `command`: microvm.nix's argv with `devices` and the guest's action.
+use skiff_tests::{skiff_command as command, until_then_sigterm, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 120;
 
@@ -33,16 +34,6 @@ virtiofsd() {
 }
 expected() { echo "EXPECTED-$1=$(sha256sum "$2" | cut -d' ' -f1)"; }
 "#;
-
-/// microvm.nix's argv with `devices` and the guest's action.
-fn command(pcie: bool, devices: &str, action: &str) -> String {
-    let cmd = microvm_nix_command("$SKIFF", true, devices, action);
-    if pcie {
-        cmd.replace("pcie=off", "pcie=on")
-    } else {
-        cmd
-    }
-}
 
 /// microvm.nix's memory and one share's chardev and device.
 const MEMFD: &str = "-numa node,memdev=mem -object memory-backend-memfd,id=mem,size=512M,share=on";
@@ -180,7 +171,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::script("fs-two-shares-pci", SECS, &two_shares(true, MEMFD)),
         Scenario::script("fs-mmio-auto-shared", SECS, &two_shares(false, "")),
         Scenario::script("fs-seed-order", SECS, &seed_order()),
-        Scenario::script("fs-reboot", SECS + 60, &reboot()),
+        Scenario::script("fs-reboot", SECS + 20, &reboot()),
         Scenario::script("fs-death", SECS, &death()),
         Scenario::script("fs-reconnect", SECS, &reconnect()),
     ]

@@ -8,18 +8,10 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{microvm_nix_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
+// `command`: microvm.nix's argv with `devices` and the guest's action.
+use skiff_tests::{skiff_command as command, until_then_sigterm, Batch, Scenario, ScenarioResult};
 
 const SECS: u32 = 120;
-
-fn command(pcie: bool, devices: &str, action: &str) -> String {
-    let cmd = microvm_nix_command("$SKIFF", true, devices, action);
-    if pcie {
-        cmd.replace("pcie=off", "pcie=on")
-    } else {
-        cmd
-    }
-}
 
 fn vsock_device(pcie: bool, cid: u32) -> String {
     let driver = if pcie { "vhost-vsock-pci" } else { "vhost-vsock-device" };
@@ -58,7 +50,7 @@ fn reboot() -> String {
     );
     format!(
         "{}{second} > again.txt 2>&1; echo \"AGAIN-RC=$?\"\n",
-        until_then_sigterm(&cmd, "SKIFF-VSOCK-CID", 2, 150, &between)
+        until_then_sigterm(&cmd, "SKIFF-VSOCK-CID", 2, 100, &between)
     )
 }
 
@@ -66,7 +58,7 @@ fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::script("vsock-pci", SECS, &exchange(true, 3)),
         Scenario::script("vsock-mmio", SECS, &exchange(false, 4)),
-        Scenario::script("vsock-reboot", SECS + 60, &reboot()),
+        Scenario::script("vsock-reboot", SECS + 20, &reboot()),
     ]
 }
 
