@@ -85,6 +85,34 @@ impl VhostUserFs {
 
     /// Stops the watcher, then the backend's rings (nothing is sent when
     /// none was started, e.g. after an activation that failed half-way).
+    /// Starts the backend on the driver's queues and the worker that
+    /// watches it.
+    fn start(&mut self, ctx: ActivationContext) -> Result<Worker<Watch>, ActivateError> {
+        let (socket, down, path, reconnect) = {
+            let mut c = self.connection();
+            c.start(self.acked_features, &ctx.mem, ctx.queues.iter().map(Into::into))
+                .map_err(|e| ActivateError::Backend(Box::new(e)))?;
+            let socket = c.socket_fd().try_clone_to_owned().map_err(ActivateError::EventFd)?;
+            (socket, c.down_flag(), c.path().display().to_string(), c.reconnect_interval())
+        };
+        let watch = Watch {
+            socket,
+            down,
+            path,
+            interrupt: ctx.interrupt,
+            mem: ctx.mem,
+            queues: ctx.queues,
+            rings: Vec::new(),
+            calls: Vec::new(),
+            connection: self.connection.clone(),
+            acked_features: self.acked_features,
+            reconnect,
+            timer: None,
+            reconnect_told: false,
+        };
+        Worker::spawn("vhost-user-fs", watch).map_err(ActivateError::Worker)
+    }
+
     fn stop(&mut self) {
         if let Some(active) = self.active.take() {
             active.watcher.stop();
@@ -124,48 +152,17 @@ impl VirtioDevice for VhostUserFs {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let (socket, down, path, reconnect) = {
-            let mut c = self.connection();
-            if let Err(e) =
-                c.start(self.acked_features, &ctx.mem, ctx.queues.iter().map(Into::into))
-            {
-                c.stop();
-                return Err(ActivateError::Backend(Box::new(e)));
+        match self.start(ctx) {
+            Ok(watcher) => {
+                self.active = Some(Active { watcher });
+                Ok(())
             }
-            let socket = c.socket_fd().try_clone_to_owned();
-            (socket, c.down_flag(), c.path().display().to_string(), c.reconnect_interval())
-        };
-        let socket = match socket {
-            Ok(s) => s,
             Err(e) => {
+                // Whatever the backend was given goes back to idle.
                 self.connection().stop();
-                return Err(ActivateError::EventFd(e));
+                Err(e)
             }
-        };
-        let watch = Watch {
-            socket,
-            down,
-            path,
-            interrupt: ctx.interrupt,
-            mem: ctx.mem,
-            queues: ctx.queues,
-            rings: Vec::new(),
-            calls: Vec::new(),
-            connection: self.connection.clone(),
-            acked_features: self.acked_features,
-            reconnect,
-            timer: None,
-            reconnect_told: false,
-        };
-        let watcher = match Worker::spawn("vhost-user-fs", watch) {
-            Ok(w) => w,
-            Err(e) => {
-                self.connection().stop();
-                return Err(ActivateError::Worker(e));
-            }
-        };
-        self.active = Some(Active { watcher });
-        Ok(())
+        }
     }
 
     fn reset(&mut self) -> bool {

@@ -19,7 +19,9 @@ use skiff_tests::fuzz::Rng;
 
 use super::fs::{FsParams, VhostUserFs};
 use super::{Connection, Error};
-use crate::virtio::test_utils::{fill, read, RecordingInterrupt, TestQueue, DATA, WRITE};
+use crate::virtio::test_utils::{
+    fill, read, wait_until, RecordingInterrupt, TestQueue, DATA, WRITE,
+};
 use crate::virtio::{
     ActivationContext, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterruptType,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -137,10 +139,7 @@ impl Backend {
     /// The requests seen so far, once there are at least `n` (a request
     /// without a reply may still be on its way).
     fn requests_at_least(&self, n: usize) -> Vec<u32> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while self.requests().len() < n && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_until(5, || self.requests().len() >= n);
         self.requests()
     }
 
@@ -492,12 +491,7 @@ fn fs_device_config_and_backend_death() {
     let getattr = tqs[1].add_chain(&[(DATA, 40, 0), (DATA + 0x2000, 128, WRITE)]);
     let forget = tqs[0].add_chain(&[(DATA + 0x1000, 40, 0)]);
     backend.kill();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while (tqs[1].used().is_empty() || tqs[0].used().is_empty())
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(10, || !tqs[1].used().is_empty() && !tqs[0].used().is_empty());
     assert!(connection.lock().unwrap().is_down());
     // The GETATTR fails with ENOTCONN; the FORGET is returned as it is.
     assert_eq!(tqs[1].used(), [(u32::from(getattr), 16)]);
@@ -513,10 +507,7 @@ fn fs_device_config_and_backend_death() {
     // A later request, kicked, is refused too.
     let later = tqs[2].add_chain(&[(DATA, 40, 0), (DATA + 0x3000, 128, WRITE)]);
     kicks[2].write(1).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tqs[2].used().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(10, || !tqs[2].used().is_empty());
     assert_eq!(tqs[2].used(), [(u32::from(later), 16)]);
     let before = backend.requests().len();
     assert!(fs.reset());
@@ -544,10 +535,7 @@ fn reconnect_hands_the_queues_to_a_new_backend() {
     // A request while nobody serves: refused.
     let head = tqs[1].add_chain(&[(DATA, 40, 0), (DATA + 0x2000, 128, WRITE)]);
     kicks[1].write(1).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tqs[1].used().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(10, || !tqs[1].used().is_empty());
     assert_eq!(tqs[1].used(), [(u32::from(head), 16)]);
 
     let second = Backend::listen(backend.path.clone(), Behaviour::Honest);

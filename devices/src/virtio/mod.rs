@@ -224,10 +224,7 @@ mod tests {
         let head = tq.add_chain(&[(DATA, 32, WRITE)]);
         w(&mut t, NOTIFY_REG_OFFSET, 0);
         // The device's worker thread serves it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while tq.used().is_empty() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_until(10, || !tq.used().is_empty());
         assert_eq!(tq.used(), vec![(head.into(), 32)]);
         assert_eq!(r(&mut t, 0x60), 1, "used-buffer interrupt");
         assert_eq!(t.interrupt_evt().read().unwrap(), 1);

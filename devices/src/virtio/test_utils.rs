@@ -145,6 +145,15 @@ impl<'a> TestQueue<'a> {
     }
 }
 
+/// Waits (at most `secs` seconds) until `done` holds, for a device's
+/// worker thread to get somewhere; the caller asserts on what it did.
+pub fn wait_until(secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Records every interrupt a device raises.
 #[derive(Default)]
 pub struct RecordingInterrupt(pub Mutex<Vec<VirtioInterruptType>>);
