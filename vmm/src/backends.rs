@@ -11,14 +11,18 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::vhost_kernel::net::VhostNetBackend;
 use devices::vhost_kernel::vsock::VsockBackend;
 use devices::vhost_user::fs::FsParams;
 use devices::vhost_user::Connection;
 use devices::virtio::block::{BlockParams, Disk, DiskError, DiskOptions, Policy};
+use devices::virtio::net::tap::Tap;
+use devices::virtio::net::{NetBackend, NetError, NetParams};
 use devices::virtio::{RngBackend, RngError};
 
 use crate::config::{
-    BlockConfig, ChardevBackend, DeviceConfig, FsConfig, VirtioKind, VirtioTransport, VmConfig,
+    BlockConfig, ChardevBackend, DeviceConfig, FsConfig, NetConfig, NetdevConfig, TapSource,
+    VirtioKind, VirtioTransport, VmConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,13 @@ pub enum BackendError {
         #[source]
         source: devices::vhost_kernel::vsock::VsockError,
     },
+    #[error("-netdev {kind},id={netdev}")]
+    Net {
+        kind: &'static str,
+        netdev: String,
+        #[source]
+        source: NetError,
+    },
     #[error("-drive id={drive}")]
     Disk {
         drive: String,
@@ -60,6 +71,8 @@ pub enum DeviceBackend {
     Fs(Arc<Mutex<Connection>>, FsParams),
     /// /dev/vhost-vsock, holding the guest's CID.
     Vsock(Arc<VsockBackend>),
+    /// The tap's queues (and vhost-net), and the device's shape.
+    Net(Arc<NetBackend>, NetParams),
 }
 
 impl DeviceBackend {
@@ -69,6 +82,7 @@ impl DeviceBackend {
     fn attach(&self, mem: &boot::GuestMemoryMmap) {
         match self {
             DeviceBackend::Vsock(v) => v.attach(mem),
+            DeviceBackend::Net(n, _) => n.attach(mem),
             DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
         }
     }
@@ -77,6 +91,7 @@ impl DeviceBackend {
     fn detach(&self) {
         match self {
             DeviceBackend::Vsock(v) => v.detach(),
+            DeviceBackend::Net(n, _) => n.detach(),
             DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
         }
     }
@@ -101,6 +116,7 @@ impl Backends {
                         Ok(Some(block(cfg, b, pci)?))
                     }
                     VirtioKind::Fs(f) => Ok(Some(fs(cfg, f, v.driver())?)),
+                    VirtioKind::Net(n) => Ok(Some(net(cfg, n)?)),
                     &VirtioKind::Vsock { guest_cid } => {
                         let vsock = VsockBackend::open(guest_cid).map_err(|source| {
                             BackendError::Vsock { driver: v.driver(), cid: guest_cid, source }
@@ -191,4 +207,33 @@ fn fs(cfg: &VmConfig, f: &FsConfig, driver: String) -> Result<DeviceBackend, Bac
         queue_size: f.queue_size,
     };
     Ok(DeviceBackend::Fs(Arc::new(Mutex::new(connection)), params))
+}
+
+/// A virtio-net's tap queues (opened or adopted here, once: a reboot keeps
+/// the interface and inherited descriptors) and, with `vhost=on`, one
+/// vhost-net instance per queue pair.
+fn net(cfg: &VmConfig, n: &NetConfig) -> Result<DeviceBackend, BackendError> {
+    let Some(NetdevConfig::Tap { id, source, vhost }) =
+        cfg.netdevs.iter().find(|d| d.id() == n.netdev)
+    else {
+        unreachable!("the command line checked netdev={}", n.netdev)
+    };
+    let failed = |source: NetError| BackendError::Net { kind: "tap", netdev: id.clone(), source };
+    let queues = source.queues();
+    let taps = (0..queues)
+        .map(|q| match source {
+            TapSource::Ifname { name, .. } => Tap::open(name, q, queues > 1),
+            TapSource::Fds(fds) => Tap::from_fd(fds[q]),
+        })
+        .map(|t| t.map(Arc::new).map_err(|e| failed(e.into())))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Without mq=on the driver is offered one pair (QEMU's default).
+    let taps = if n.mq { taps } else { taps.into_iter().take(1).collect() };
+    let vhost = vhost
+        .then(|| VhostNetBackend::open(taps.len()))
+        .transpose()
+        .map_err(|e| failed(e.into()))?;
+    let params =
+        NetParams { mac: n.mac.unwrap_or([0x52, 0x54, 0, 0x12, 0x34, 0x56]), queue_size: 256 };
+    Ok(DeviceBackend::Net(Arc::new(NetBackend { taps, vhost }), params))
 }

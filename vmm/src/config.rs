@@ -178,6 +178,53 @@ pub enum VirtioKind {
     Fs(FsConfig),
     /// `vhost-vsock-*,guest-cid=N`: the host kernel's vhost-vsock.
     Vsock { guest_cid: u32 },
+    /// `virtio-net-*,netdev=ID[,mac=MAC][,mq=on]`
+    Net(NetConfig),
+}
+
+/// `-device virtio-net-*` (its host side is the `-netdev` named by
+/// `netdev`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub netdev: String,
+    /// None until the command line is complete: then QEMU's default,
+    /// 52:54:00:12:34:56 plus the NIC's index.
+    pub mac: Option<[u8; 6]>,
+    /// `mq=on`: offer the tap's queues as queue pairs.
+    pub mq: bool,
+}
+
+/// `-netdev`: a NIC's host side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetdevConfig {
+    /// `-netdev tap`: an existing (or new) tap, or descriptors of one.
+    Tap { id: String, source: TapSource, vhost: bool },
+}
+
+impl NetdevConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            NetdevConfig::Tap { id, .. } => id,
+        }
+    }
+}
+
+/// Where a tap's queues come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapSource {
+    /// `ifname=NAME[,queues=N]`: skiff opens (or creates) it.
+    Ifname { name: String, queues: u16 },
+    /// `fd=N` / `fds=N:M:...`: inherited from the parent, one per queue.
+    Fds(Vec<i32>),
+}
+
+impl TapSource {
+    pub fn queues(&self) -> usize {
+        match self {
+            TapSource::Ifname { queues, .. } => usize::from(*queues),
+            TapSource::Fds(fds) => fds.len(),
+        }
+    }
 }
 
 /// `-device vhost-user-fs-*`: virtiofsd on the `-chardev socket` named by
@@ -236,6 +283,7 @@ impl VirtioKind {
             VirtioKind::Block(_) => "virtio-blk",
             VirtioKind::Fs(_) => "vhost-user-fs",
             VirtioKind::Vsock { .. } => "vhost-vsock",
+            VirtioKind::Net(_) => "virtio-net",
         }
     }
 
@@ -243,7 +291,10 @@ impl VirtioKind {
     pub fn vhost_user_chardev(&self) -> Option<&str> {
         match self {
             VirtioKind::Fs(f) => Some(&f.chardev),
-            VirtioKind::Rng { .. } | VirtioKind::Block(_) | VirtioKind::Vsock { .. } => None,
+            VirtioKind::Rng { .. }
+            | VirtioKind::Block(_)
+            | VirtioKind::Vsock { .. }
+            | VirtioKind::Net(_) => None,
         }
     }
 }
@@ -413,6 +464,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// `-drive`s, for the devices that name them.
     pub drives: Vec<DriveConfig>,
+    /// `-netdev`s, for the NICs that name them.
+    pub netdevs: Vec<NetdevConfig>,
     pub smbios: Option<SmbiosType1>,
     /// `-sandbox on`, with the classes its switches allow.
     pub sandbox: Option<SandboxConfig>,
@@ -441,6 +494,7 @@ impl Default for VmConfig {
             serials: Vec::new(),
             devices: Vec::new(),
             drives: Vec::new(),
+            netdevs: Vec::new(),
             smbios: None,
             sandbox: None,
             run_with: RunWith::default(),

@@ -12,9 +12,8 @@ use std::sync::Arc;
 
 use vhost::vhost_kern::vsock::Vsock;
 use vhost::vsock::VhostVsock as _;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::QueueT;
-use vm_memory::{Address, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vhost::VhostBackend;
+use vm_memory::GuestMemoryAtomic;
 
 use crate::virtio::{
     ActivateError, ActivationContext, ActiveQueue, GuestMemoryMmap, VirtioDevice,
@@ -112,34 +111,9 @@ impl VhostVsock {
         let v = &self.backend.vsock;
         let failed = |what| move |e| VsockError::Request(what, e);
         v.set_features(self.acked_features).map_err(failed("VHOST_SET_FEATURES"))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.start_addr().raw_value(),
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-                mmap_offset: 0,
-                mmap_handle: -1,
-            })
-            .collect();
-        v.set_mem_table(&regions).map_err(failed("VHOST_SET_MEM_TABLE"))?;
+        v.set_mem_table(&super::memory_table(mem)).map_err(failed("VHOST_SET_MEM_TABLE"))?;
         for q in queues.iter().filter(|q| q.index < KERNEL_QUEUES) {
-            let queue = &q.queue;
-            let config = VringConfigData {
-                queue_max_size: queue.max_size(),
-                queue_size: queue.size(),
-                flags: 0,
-                desc_table_addr: queue.desc_table(),
-                used_ring_addr: queue.used_ring(),
-                avail_ring_addr: queue.avail_ring(),
-                log_addr: None,
-            };
-            v.set_vring_num(q.index, queue.size()).map_err(failed("VHOST_SET_VRING_NUM"))?;
-            v.set_vring_addr(q.index, &config).map_err(failed("VHOST_SET_VRING_ADDR"))?;
-            v.set_vring_base(q.index, queue.next_avail())
-                .map_err(failed("VHOST_SET_VRING_BASE"))?;
-            v.set_vring_call(q.index, &q.call).map_err(failed("VHOST_SET_VRING_CALL"))?;
-            v.set_vring_kick(q.index, &q.kick).map_err(failed("VHOST_SET_VRING_KICK"))?;
+            super::set_vring(v, q.index, q).map_err(|(what, e)| VsockError::Request(what, e))?;
         }
         v.start().map_err(failed("VHOST_VSOCK_SET_RUNNING"))
     }

@@ -14,6 +14,7 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod notifier;
 pub mod rng;
 #[cfg(test)]

@@ -207,12 +207,13 @@ impl Ring {
     }
 
     /// Consumes the event if it is the ring's kick or re-arm (the handler
-    /// then serves); false for the device's own events.
+    /// then serves); false for the device's own events and for another
+    /// ring's (a handler may serve several rings).
     pub fn take_event(&self, events: &Events) -> bool {
         match events.data() {
             // Edge-triggered (`notice`): nothing to read.
-            RING_KICK => true,
-            RING_REARM => {
+            RING_KICK => events.fd() == self.kick.as_raw_fd(),
+            RING_REARM if events.fd() == self.rearm.eventfd().as_raw_fd() => {
                 self.rearm.clear();
                 true
             }

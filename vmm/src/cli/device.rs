@@ -3,8 +3,8 @@
 use super::opts::QemuOpts;
 use super::CliError;
 use crate::config::{
-    BlockConfig, DeviceConfig, FsConfig, PciSlotConfig, RootPortConfig, SmbiosType1, VirtioConfig,
-    VirtioKind, VirtioTransport,
+    BlockConfig, DeviceConfig, FsConfig, NetConfig, PciSlotConfig, RootPortConfig, SmbiosType1,
+    VirtioConfig, VirtioKind, VirtioTransport,
 };
 
 /// QEMU's isa-debug-exit defaults.
@@ -29,6 +29,7 @@ const VIRTIO_FAMILIES: &[(&str, FamilyParser)] = &[
     ("virtio-blk", virtio_blk),
     ("vhost-user-fs", vhost_user_fs),
     ("vhost-vsock", vhost_vsock),
+    ("virtio-net", virtio_net),
 ];
 
 /// `NAME-pci` or `NAME-device` of a known family.
@@ -88,6 +89,15 @@ fn virtio(
         // Modern-only is skiff's behaviour; QEMU's switch to say so is accepted.
         if opts.take_bool("disable-legacy")? == Some(false) {
             return Err(opts.error("legacy virtio (disable-legacy=off) is not supported"));
+        }
+        // No firmware runs, so no option ROM is loaded (microvm.nix passes
+        // an empty romfile=); skiff gives every queue its own MSI-X vector
+        // plus one for configuration changes, whatever `vectors=` asks.
+        opts.take("romfile");
+        if let Some(v) = opts.take_uint("vectors")? {
+            if v > 2048 {
+                return Err(opts.invalid_value("vectors", v.to_string(), "at most 2048"));
+            }
         }
         VirtioTransport::Pci(slot)
     } else {
@@ -216,6 +226,16 @@ fn vhost_vsock(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
         return Err(opts.error("vhostfd= is not supported (skiff opens /dev/vhost-vsock)"));
     }
     Ok(VirtioKind::Vsock { guest_cid })
+}
+
+/// `virtio-net-*,netdev=ID[,mac=MAC][,mq=on|off]`.
+fn virtio_net(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
+    let netdev = opts
+        .take("netdev")
+        .ok_or_else(|| opts.error("netdev= is required (skiff has no NIC without a host side)"))?;
+    let mac = opts.take("mac").map(|m| super::netdev::parse_mac(opts, "mac", m)).transpose()?;
+    let mq = opts.take_bool("mq")?.unwrap_or(false);
+    Ok(VirtioKind::Net(NetConfig { netdev, mac, mq }))
 }
 
 /// The placement properties every PCI device has: `addr`, `bus`,
@@ -382,8 +402,8 @@ mod tests {
             "virtio-9p-pci",
             "vhost-user-blk-pci",
             "vfio-pci",
-            "virtio-net-pci",
-            "virtio-net-device",
+            "virtio-balloon-pci",
+            "virtio-balloon-device",
         ] {
             assert_eq!(err(driver), format!("-device: '{driver}' is not supported yet"));
         }

@@ -100,6 +100,24 @@ Devices:
                          AF_VSOCK to the guest through the host kernel's
                          vhost_vsock (/dev/vhost-vsock); the CID is held
                          from start to exit, across guest reboots
+-device virtio-net-device|virtio-net-pci,netdev=ID[,mac=MAC][,mq=on|off]
+        [,vectors=N][,romfile=..][,addr=..][,bus=ID][,id=ID]
+                         a NIC on -netdev ID (default mac 52:54:00:12:34:56,
+                         then :57, ...); mq=on offers the tap's queues as
+                         queue pairs, each on a worker thread of its own;
+                         vectors= and romfile= have no effect (one MSI-X
+                         vector per queue; no firmware loads option ROMs)
+-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,queues=N]
+        [,vhost=on|off][,vnet_hdr=on]
+-netdev tap,id=ID,fd=N|fds=N:M:..[,vhost=on|off]
+                         a tap (ifname= is opened, or created if skiff may)
+                         or descriptors of one inherited from the parent
+                         (a macvtap's /dev/tapN); it keeps across guest
+                         reboots; vhost=on moves frames in the host kernel
+                         (/dev/vhost-net); skiff runs no scripts
+-net nic,netdev=ID[,model=virtio][,macaddr=MAC]
+                         a virtio-net on the machine's bus (PCIe with
+                         pcie=on, else virtio-mmio)
 -device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
                          a root port; devices with bus=ID sit behind it
                          Every explicit addr= is reserved before any device
@@ -130,9 +148,9 @@ Monitor:
                          system_reset, quit, input-send-event
 -monitor none            no human monitor (the only form accepted)
 
-Every other QEMU option (for example -blockdev, -netdev, -fw_cfg, -fsdev),
-every other -object type, and every other -device (for example virtio-net-pci,
-vhost-user-fs-pci, vfio-pci) is not supported yet: skiff
+Every other QEMU option (for example -blockdev, -fw_cfg, -fsdev), every
+other -netdev type (user, bridge), every other -object type, and every other
+-device (for example virtio-9p-pci, vfio-pci) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
 

@@ -12,6 +12,7 @@ mod drive;
 mod help;
 mod machine;
 mod memory;
+mod netdev;
 mod opts;
 #[cfg(test)]
 mod tests;
@@ -103,6 +104,8 @@ enum ArgOpt {
     Object,
     Numa,
     Drive,
+    Netdev,
+    Net,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -140,6 +143,8 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("object", Opt::Arg(ArgOpt::Object)),
     ("numa", Opt::Arg(ArgOpt::Numa)),
     ("drive", Opt::Arg(ArgOpt::Drive)),
+    ("netdev", Opt::Arg(ArgOpt::Netdev)),
+    ("net", Opt::Arg(ArgOpt::Net)),
     ("h", Opt::Flag(Flag::Help)),
     ("help", Opt::Flag(Flag::Help)),
     ("version", Opt::Flag(Flag::Version)),
@@ -151,7 +156,7 @@ const OPTIONS: &[(&str, Opt)] = &[
 #[rustfmt::skip]
 const NOT_YET: &[&str] = &[
     "qmp-pretty", "mon", "blockdev", "hda", "hdb", "hdc", "hdd",
-    "cdrom", "netdev", "nic", "net", "fw_cfg", "fsdev", "virtfs",
+    "cdrom", "nic", "fw_cfg", "fsdev", "virtfs",
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
     "mem-prealloc", "overcommit", "msg", "trace", "plugin", "action", "watchdog-action", "L",
@@ -235,6 +240,8 @@ struct Builder {
     memory_backends: Vec<crate::config::MemoryBackendConfig>,
     /// The one `-numa node`'s `memdev=`, if a node was given.
     numa_node: Option<Option<String>>,
+    /// `-net nic`s, which become virtio-net devices on the machine's bus.
+    nics: Vec<netdev::NicConfig>,
 }
 
 /// At most COM1..COM4, as QEMU's ISA serial ports.
@@ -350,6 +357,14 @@ impl Builder {
                 }
                 config.drives.push(drive);
             }
+            ArgOpt::Netdev => {
+                let netdev = netdev::parse_netdev(label, &arg)?;
+                if config.netdevs.iter().any(|n| n.id() == netdev.id()) {
+                    return Err(invalid(&format!("duplicate id '{}'", netdev.id())));
+                }
+                config.netdevs.push(netdev);
+            }
+            ArgOpt::Net => self.nics.push(netdev::parse_net(label, &arg)?),
             ArgOpt::Object => {
                 let backend = memory::parse_object(label, &arg)?;
                 if self.memory_backends.iter().any(|b| b.id == backend.id) {
@@ -385,6 +400,8 @@ impl Builder {
         }
         check_chardev_users(&self.config)?;
         check_drive_users(&self.config)?;
+        self.place_nics();
+        check_netdev_users(&mut self.config)?;
         check_vhost_user_chardevs(&self.config)?;
         let node = self.numa_node.take();
         let backend = memory::resolve(&self.memory_backends, node, self.config.mem_size)?;
@@ -407,6 +424,74 @@ impl Builder {
         }
         Ok(self.config)
     }
+}
+
+impl Builder {
+    /// `-net nic`: a virtio-net-pci on the root complex with `pcie=on`,
+    /// else a virtio-net-device (microvm's default NIC), after the
+    /// `-device`s, as QEMU creates them.
+    fn place_nics(&mut self) {
+        use crate::config::{NetConfig, OnOffAuto, VirtioConfig, VirtioKind, VirtioTransport};
+        for nic in self.nics.drain(..) {
+            let transport = match self.config.machine.pcie {
+                OnOffAuto::On => VirtioTransport::Pci(Default::default()),
+                OnOffAuto::Off | OnOffAuto::Auto => VirtioTransport::Mmio,
+            };
+            let kind = VirtioKind::Net(NetConfig { netdev: nic.netdev, mac: nic.mac, mq: false });
+            self.config.devices.push(DeviceConfig::Virtio(VirtioConfig {
+                id: None,
+                transport,
+                kind,
+            }));
+        }
+    }
+}
+
+/// Every NIC names a `-netdev` no other NIC uses, inherited descriptors
+/// are not shared between netdevs, and NICs without `mac=` get QEMU's
+/// defaults (52:54:00:12:34:56, then ...:57, ...). A netdev without a NIC
+/// gets QEMU's warning.
+fn check_netdev_users(config: &mut VmConfig) -> Result<(), CliError> {
+    let mut used: Vec<String> = Vec::new();
+    let mut index = 0u8;
+    for d in &mut config.devices {
+        let DeviceConfig::Virtio(v) = d else { continue };
+        let driver = v.driver();
+        let crate::config::VirtioKind::Net(n) = &mut v.kind else { continue };
+        let option = format!("-device {driver}");
+        if !config.netdevs.iter().any(|nd| nd.id() == n.netdev) {
+            return Err(CliError::Invalid {
+                option,
+                reason: format!("Property 'netdev' can't find value '{}'", n.netdev),
+            });
+        }
+        if used.contains(&n.netdev) {
+            return Err(CliError::Invalid {
+                option,
+                reason: format!("Property 'netdev' can't take value '{}', it's in use", n.netdev),
+            });
+        }
+        used.push(n.netdev.clone());
+        n.mac.get_or_insert([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index)]);
+        index = index.wrapping_add(1);
+    }
+    let mut fds: Vec<i32> = Vec::new();
+    for nd in &config.netdevs {
+        let crate::config::NetdevConfig::Tap { id, source, .. } = nd;
+        if !used.iter().any(|u| u == id) {
+            log::warn!("netdev {id} has no peer (no -device virtio-net-*,netdev={id})");
+        }
+        if let crate::config::TapSource::Fds(list) = source {
+            if let Some(fd) = list.iter().find(|f| fds.contains(f)) {
+                return Err(CliError::Invalid {
+                    option: format!("-netdev tap,id={id}"),
+                    reason: format!("fd {fd} is already used by another -netdev"),
+                });
+            }
+            fds.extend(list);
+        }
+    }
+    Ok(())
 }
 
 /// Every `-serial chardev:ID` names a `-chardev`, no chardev feeds two serial

@@ -92,6 +92,7 @@ fn microvm_nix_command_line() {
         serials: vec![SerialConfig::Chardev("stdio".into())],
         devices: vec![DeviceConfig::I8042],
         drives: Vec::new(),
+        netdevs: Vec::new(),
         smbios: None,
         sandbox: None,
         run_with: RunWith::default(),
@@ -212,7 +213,7 @@ fn unknown_and_unsupported_options() {
     fails(&["-foo"], "-foo: unknown option");
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
-    for option in ["-blockdev", "-netdev", "-fw_cfg", "-fsdev", "--netdev"] {
+    for option in ["-blockdev", "-nic", "-fw_cfg", "-fsdev", "--virtfs"] {
         let name = option.trim_start_matches('-');
         fails(
             &[option, "x"],
@@ -504,7 +505,7 @@ fn devices() {
         &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
         "-device: duplicate id 'x'",
     );
-    for driver in ["virtio-9p-pci", "vhost-user-blk-pci", "vfio-pci", "virtio-net-pci"] {
+    for driver in ["virtio-9p-pci", "vhost-user-blk-pci", "vfio-pci", "virtio-balloon-pci"] {
         fails(
             &["-device", &format!("{driver},id=x")],
             &format!("-device: '{driver}' is not supported yet"),
@@ -879,4 +880,93 @@ fn arguments_that_are_not_utf8() {
     );
     assert_eq!(err(vec![os(b"-m\xe9")]), "-m\u{fffd}: unknown option");
     assert!(err(vec![os(b"disk\xe9.img")]).contains("unexpected argument"));
+}
+
+/// microvm.nix's interface forms: the NIC names its netdev, whatever the
+/// order; MACs default as QEMU's; a netdev serves one NIC.
+#[test]
+fn nics_and_their_netdevs() {
+    use crate::config::{NetConfig, NetdevConfig, TapSource};
+    let c = run(&[
+        "-device",
+        "virtio-net-pci,netdev=a,mac=02:00:00:00:00:01,romfile=,mq=on,vectors=6",
+        "-netdev",
+        "tap,id=a,ifname=vm-a,script=no,downscript=no,vhost=on,queues=2",
+        "-netdev",
+        "tap,id=b,fd=3",
+        "-device",
+        "virtio-net-device,netdev=b",
+    ]);
+    let nets: Vec<&NetConfig> = c
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            DeviceConfig::Virtio(VirtioConfig { kind: VirtioKind::Net(n), .. }) => Some(n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    assert!(nets[0].mq);
+    assert_eq!(nets[1].mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x57]), "the second NIC's default");
+    assert_eq!(
+        c.netdevs[0],
+        NetdevConfig::Tap {
+            id: "a".into(),
+            source: TapSource::Ifname { name: "vm-a".into(), queues: 2 },
+            vhost: true
+        }
+    );
+    fails(
+        &["-device", "virtio-net-pci,netdev=x"],
+        "-device virtio-net-pci: Property 'netdev' can't find value 'x'",
+    );
+    fails(
+        &[
+            "-netdev",
+            "tap,id=a,fd=3",
+            "-device",
+            "virtio-net-pci,netdev=a",
+            "-device",
+            "virtio-net-pci,netdev=a",
+        ],
+        "-device virtio-net-pci: Property 'netdev' can't take value 'a', it's in use",
+    );
+    fails_with(
+        &["-netdev", "tap,id=a,fd=3", "-netdev", "tap,id=b,fds=4:3"],
+        &["-netdev tap,id=b", "fd 3 is already used"],
+    );
+    fails(&["-netdev", "tap,id=a,fd=3", "-netdev", "tap,id=a,fd=4"], "-netdev: duplicate id 'a'");
+    fails_with(&["-device", "virtio-net-pci"], &["netdev= is required"]);
+    fails(
+        &["-device", "virtio-net-device,netdev=a,vectors=3"],
+        "-device virtio-net-device: unknown property 'vectors'",
+    );
+}
+
+/// `-net nic` (NixOS test VMs): a virtio-net on PCIe with pcie=on, on
+/// virtio-mmio otherwise, decided once the whole line is read.
+#[test]
+fn legacy_net_nic_follows_the_machine() {
+    let nic = |c: &VmConfig| {
+        c.devices
+            .iter()
+            .find_map(|d| match d {
+                DeviceConfig::Virtio(v @ VirtioConfig { kind: VirtioKind::Net(_), .. }) => {
+                    Some(v.transport.clone())
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    let c = run(&[
+        "-net",
+        "nic,netdev=n,model=virtio",
+        "-netdev",
+        "tap,id=n,fd=3",
+        "-M",
+        "microvm,pcie=on",
+    ]);
+    assert!(matches!(nic(&c), VirtioTransport::Pci(_)));
+    let c = run(&["-netdev", "tap,id=n,fd=3", "-net", "nic,netdev=n"]);
+    assert_eq!(nic(&c), VirtioTransport::Mmio);
 }

@@ -303,6 +303,14 @@ const KVMIO: u64 = 0xae;
 /// started by a vCPU (DRIVER_OK) and stopped by a vCPU or the main thread.
 const VHOST_VIRTIO: u64 = 0xaf;
 
+/// A tap's requests after setup: the offloads the driver accepted (a vCPU
+/// at DRIVER_OK) and attaching or detaching queues (the control queue's
+/// worker, for the queue pairs the driver uses).
+const TAP_IOCTLS: &[u64] = &[
+    0x4004_54d0, // TUNSETOFFLOAD
+    0x4004_54d9, // TUNSETQUEUE
+];
+
 /// The terminal requests the main thread makes on stdin/stdout (raw mode
 /// and back) and the descriptor flags std sets by ioctl.
 const TTY_IOCTLS: &[u64] = &[
@@ -367,8 +375,8 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
         // Let through here; the answers filter says ENOSYS unless spawn.
         rules.insert(libc::SYS_clone3, vec![]);
     }
+    let mut ioctls = Vec::new();
     if kvm || tty {
-        let mut ioctls = Vec::new();
         if kvm {
             for ty in [KVMIO, VHOST_VIRTIO] {
                 let rule = cond(1, Op::MaskedEq(0xff00), ty << 8).map_err(build)?;
@@ -380,6 +388,14 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
             ioctls
                 .push(SeccompRule::new(vec![cond(1, Op::Eq, req).map_err(build)?]).map_err(build)?);
         }
+    }
+    if backends {
+        for &req in TAP_IOCTLS {
+            ioctls
+                .push(SeccompRule::new(vec![cond(1, Op::Eq, req).map_err(build)?]).map_err(build)?);
+        }
+    }
+    if !ioctls.is_empty() {
         rules.insert(libc::SYS_ioctl, ioctls);
     }
     if backends {

@@ -11,6 +11,7 @@ use boot::GuestMemoryMmap;
 use devices::vhost_kernel::vsock::VhostVsock;
 use devices::vhost_user::fs::VhostUserFs;
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::virtio::{
     CallRelay, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
@@ -40,6 +41,9 @@ pub(super) fn create(
         }
         (VirtioKind::Vsock { .. }, Some(DeviceBackend::Vsock(backend))) => {
             Ok(Arc::new(Mutex::new(VhostVsock::new(backend.clone()))))
+        }
+        (VirtioKind::Net(_), Some(DeviceBackend::Net(backend, params))) => {
+            Ok(Arc::new(Mutex::new(Net::new(backend.clone(), params))))
         }
         _ => Err(super::missing_backend(desc.driver())),
     }

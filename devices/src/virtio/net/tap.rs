@@ -1,0 +1,277 @@
+//! A tap queue: one file descriptor of a TAP interface, carrying whole
+//! Ethernet frames behind a 12-byte virtio-net header (IFF_VNET_HDR), so
+//! checksum and segmentation offloads pass between the guest and the
+//! host's stack untouched.
+//!
+//! A `Tap` is opened once, before the sandbox and before the first run
+//! (`-netdev tap,ifname=` opens it, `fd=`/`fds=` adopts an inherited
+//! descriptor, as microvm.nix's runner passes a macvtap's /dev/tapN), and
+//! lives as long as the process: a guest reboot keeps the interface.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
+use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
+
+const TUNTAP: u32 = b'T' as u32;
+ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, libc::c_int);
+ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
+ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, libc::c_uint);
+ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, libc::c_int);
+ioctl_iow_nr!(TUNSETQUEUE, TUNTAP, 217, libc::c_int);
+
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
+
+/// TUNSETOFFLOAD bits: what the tap may hand the guest.
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+pub const TUN_F_TSO_ECN: u32 = 0x08;
+
+/// virtio-net's header as virtio 1.x has it (with `num_buffers`), on
+/// every frame either way.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// `struct ifreq` as TUNSETIFF/TUNGETIFF/TUNSETQUEUE read it: the name
+/// and the flags; the rest of the union is padding here.
+#[repr(C)]
+#[derive(Default)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("interface name '{0}' is empty or longer than 15 bytes")]
+    Name(String),
+    #[error("cannot open /dev/net/tun (is the tun module loaded?)")]
+    OpenTun(#[source] io::Error),
+    #[error("cannot attach to tap '{name}' (queue {queue})")]
+    Attach {
+        name: String,
+        queue: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fd {0} is not a tap device")]
+    NotTap(i32, #[source] io::Error),
+    #[error("fd {0} is a tun (layer 3) device, not a tap")]
+    NotEthernet(i32),
+    #[error("fd {0} is a tap without a virtio-net header (vnet_hdr); skiff needs one")]
+    NoVnetHdr(i32),
+    #[error("fd {0} is not an open descriptor")]
+    BadFd(i32, #[source] io::Error),
+    #[error("{0} failed")]
+    Ioctl(&'static str, #[source] io::Error),
+}
+
+/// One queue of a tap interface.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    /// For messages: the interface name, or `fd=N`.
+    name: String,
+    /// The descriptor is not a real tap (a socket pair in unit tests):
+    /// the offload requests are skipped.
+    #[cfg(test)]
+    plain: bool,
+}
+
+impl Tap {
+    /// Opens queue `queue` of tap `name` (creating the interface if it does
+    /// not exist and skiff may), with a virtio-net header; `multi_queue`
+    /// when the interface has several queues.
+    pub fn open(name: &str, queue: usize, multi_queue: bool) -> Result<Tap, TapError> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(TapError::Name(name.to_owned()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = IfReq::default();
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        req.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if multi_queue {
+            req.flags |= IFF_MULTI_QUEUE;
+        }
+        // SAFETY: TUNSETIFF reads an ifreq, which `req` is, and `file` is
+        // the tun control device.
+        let ret = unsafe { ioctl_with_ref(&file, TUNSETIFF(), &req) };
+        if ret < 0 {
+            let source = io::Error::last_os_error();
+            return Err(TapError::Attach { name: name.to_owned(), queue, source });
+        }
+        let tap = Tap::new(file, name.to_owned());
+        tap.set_vnet_hdr_len()?;
+        Ok(tap)
+    }
+
+    /// Adopts `fd`, inherited from the parent (`fd=`, `fds=`): it must be
+    /// a tap (tun or macvtap) with a virtio-net header.
+    pub fn from_fd(fd: i32) -> Result<Tap, TapError> {
+        // SAFETY: F_GETFD only reads the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(TapError::BadFd(fd, io::Error::last_os_error()));
+        }
+        // SAFETY: the descriptor is open (above) and the command line hands
+        // it to skiff, which owns it from here on.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let mut req = IfReq::default();
+        // SAFETY: TUNGETIFF writes an ifreq, which `req` is.
+        let ret = unsafe { ioctl_with_mut_ref(&file, TUNGETIFF(), &mut req) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            // The caller still owns the number on the command line.
+            std::mem::forget(file);
+            return Err(TapError::NotTap(fd, e));
+        }
+        if req.flags & IFF_TAP == 0 {
+            std::mem::forget(file);
+            return Err(TapError::NotEthernet(fd));
+        }
+        if req.flags & IFF_VNET_HDR == 0 {
+            std::mem::forget(file);
+            return Err(TapError::NoVnetHdr(fd));
+        }
+        // Inherited descriptors may be blocking; the workers poll them.
+        // SAFETY: plain flag updates on a descriptor skiff now owns.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        let tap = Tap::new(file, format!("fd={fd}"));
+        tap.set_vnet_hdr_len()?;
+        Ok(tap)
+    }
+
+    fn new(file: File, name: String) -> Tap {
+        Tap {
+            file,
+            name,
+            #[cfg(test)]
+            plain: false,
+        }
+    }
+
+    /// A packet descriptor that is not a tap (one end of a datagram socket
+    /// pair), for the device's unit tests.
+    #[cfg(test)]
+    pub fn plain(fd: OwnedFd) -> Tap {
+        Tap { file: File::from(fd), name: "test".to_owned(), plain: true }
+    }
+
+    #[cfg(test)]
+    fn is_plain(&self) -> bool {
+        self.plain
+    }
+
+    #[cfg(not(test))]
+    fn is_plain(&self) -> bool {
+        false
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn set_vnet_hdr_len(&self) -> Result<(), TapError> {
+        let len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int.
+        let ret = unsafe { ioctl_with_ref(&self.file, TUNSETVNETHDRSZ(), &len) };
+        if ret < 0 {
+            return Err(TapError::Ioctl("TUNSETVNETHDRSZ", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// What the tap may hand the guest (`TUN_F_*`): the offloads the
+    /// driver accepted.
+    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        if self.is_plain() {
+            return Ok(());
+        }
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_val(
+                &self.file,
+                TUNSETOFFLOAD(),
+                libc::c_ulong::from(flags),
+            )
+        };
+        if ret < 0 {
+            return Err(TapError::Ioctl("TUNSETOFFLOAD", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Attaches or detaches this queue (multi-queue taps): the host steers
+    /// no frames to a detached queue, so queues the driver does not use
+    /// hold none back.
+    pub fn set_queue_enabled(&self, enabled: bool) -> Result<(), TapError> {
+        if self.is_plain() {
+            return Ok(());
+        }
+        let mut req = IfReq::default();
+        req.flags = if enabled { IFF_ATTACH_QUEUE } else { IFF_DETACH_QUEUE };
+        // SAFETY: TUNSETQUEUE reads an ifreq, which `req` is.
+        let ret = unsafe { ioctl_with_ref(&self.file, TUNSETQUEUE(), &req) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            // A tap with one queue (or a macvtap) cannot detach: it has
+            // nothing to steer.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(TapError::Ioctl("TUNSETQUEUE", e));
+        }
+        Ok(())
+    }
+
+    /// Reads one frame (header included); WouldBlock when there is none.
+    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one frame gathered from `iov`.
+    ///
+    /// # Safety
+    /// Every iovec must point to memory valid for reads of its length.
+    pub unsafe fn write_frame(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller vouches for the buffers; the count is the
+        // slice's.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}

@@ -1,0 +1,221 @@
+//! virtio-net on hand-built chains, with a datagram socket pair standing
+//! in for the tap (one datagram, one frame, as a tap reads and writes).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+
+use virtio_bindings::virtio_net::*;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::virtio::test_utils::*;
+use crate::virtio::{GuestMemoryMmap, VirtioInterruptType};
+
+const MEM: usize = 0x40_0000;
+/// Where the transmit queue's rings go (the receive queue's are at 0).
+const TX_RINGS: u64 = 0x8_0000;
+
+/// The device side as a `Tap`, and the host side to talk to it.
+fn tap_pair() -> (Arc<Tap>, UnixDatagram) {
+    let (dev, host) = UnixDatagram::pair().unwrap();
+    dev.set_nonblocking(true).unwrap();
+    host.set_nonblocking(true).unwrap();
+    // SAFETY: the descriptor was just created and is handed over whole.
+    let fd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(dev)) };
+    (Arc::new(Tap::plain(fd)), host)
+}
+
+fn active(tq: &TestQueue, index: usize) -> ActiveQueue {
+    ActiveQueue {
+        index,
+        queue: tq.queue(),
+        kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    }
+}
+
+fn pair(
+    mem: &GuestMemoryMmap,
+    rx: &TestQueue,
+    tx: &TestQueue,
+    mergeable: bool,
+) -> (QueuePair, UnixDatagram, Arc<RecordingInterrupt>) {
+    let irq = Arc::new(RecordingInterrupt::default());
+    let (tap, host) = tap_pair();
+    let rx = Ring::new(mem.clone(), active(rx, 0), irq.clone()).unwrap();
+    let tx = Ring::new(mem.clone(), active(tx, 1), irq.clone()).unwrap();
+    (QueuePair::new(rx, tx, tap, mergeable, "test".to_owned()), host, irq)
+}
+
+/// A frame as the tap hands it: a header (no offloads) and `len` bytes.
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; tap::VNET_HDR_LEN];
+    f.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f
+}
+
+#[test]
+fn transmits_a_chain_as_one_frame() {
+    let mem = guest_mem(MEM);
+    let rxq = TestQueue::new(&mem, 16);
+    let mut txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, irq) = pair(&mem, &rxq, &txq, true);
+    let f = frame(100, 1);
+    mem.write_slice(&f[..12], GuestAddress(DATA)).unwrap();
+    mem.write_slice(&f[12..], GuestAddress(DATA + 0x1000)).unwrap();
+    let head = txq.add_chain(&[(DATA, 12, 0), (DATA + 0x1000, 100, 0)]);
+    qp.transmit();
+    let mut got = vec![0u8; 4096];
+    let n = host.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &f[..], "header and payload, in one frame");
+    assert_eq!(txq.used(), vec![(u32::from(head), 0)]);
+    assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(1)]);
+}
+
+#[test]
+fn a_transmit_chain_shorter_than_a_header_is_dropped() {
+    let mem = guest_mem(MEM);
+    let rxq = TestQueue::new(&mem, 16);
+    let mut txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, _) = pair(&mem, &rxq, &txq, true);
+    let short = txq.add_chain(&[(DATA, 8, 0)]);
+    let outside = txq.add_chain(&[(MEM as u64 - 4, 64, 0)]);
+    qp.transmit();
+    assert!(host.recv(&mut [0u8; 64]).is_err(), "nothing reached the tap");
+    assert_eq!(txq.used(), vec![(u32::from(short), 0), (u32::from(outside), 0)]);
+}
+
+use vm_memory::{Bytes, GuestAddress};
+
+#[test]
+fn a_frame_spans_mergeable_buffers_published_together() {
+    let mem = guest_mem(MEM);
+    let mut rxq = TestQueue::new(&mem, 16);
+    let txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, irq) = pair(&mem, &rxq, &txq, true);
+    let bufs: Vec<u16> =
+        (0..3).map(|i| rxq.add_chain(&[(DATA + i * 0x1000, 1500, WRITE)])).collect();
+    let f = frame(2500, 3);
+    host.send(&f).unwrap();
+    qp.receive();
+    // 2512 bytes: 1500 in the first buffer, 1012 in the second.
+    assert_eq!(rxq.used(), vec![(u32::from(bufs[0]), 1500), (u32::from(bufs[1]), 1012)]);
+    let mut got = read(&mem, DATA, 1500);
+    got.extend(read(&mem, DATA + 0x1000, 1012));
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+    assert_eq!(&got[12..], &f[12..]);
+    assert_eq!(&got[..10], &f[..10]);
+    assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(0)]);
+}
+
+#[test]
+fn a_frame_waits_for_buffers_then_arrives() {
+    let mem = guest_mem(MEM);
+    let mut rxq = TestQueue::new(&mem, 16);
+    let txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, irq) = pair(&mem, &rxq, &txq, true);
+    // One buffer, too small for the frame: it is given back, unused.
+    rxq.add_chain(&[(DATA, 1000, WRITE)]);
+    let f = frame(1400, 5);
+    host.send(&f).unwrap();
+    qp.receive();
+    assert!(rxq.used().is_empty());
+    assert!(irq.take().is_empty());
+    // The driver adds another and kicks: both carry the frame.
+    rxq.add_chain(&[(DATA + 0x1000, 1000, WRITE)]);
+    qp.receive();
+    assert_eq!(rxq.used(), vec![(0, 1000), (1, 412)]);
+    let mut got = read(&mem, DATA, 1000);
+    got.extend(read(&mem, DATA + 0x1000, 412));
+    assert_eq!(&got[12..], &f[12..]);
+}
+
+#[test]
+fn without_mergeable_buffers_each_frame_takes_one_chain() {
+    let mem = guest_mem(MEM);
+    let mut rxq = TestQueue::new(&mem, 16);
+    let txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, _) = pair(&mem, &rxq, &txq, false);
+    rxq.add_chain(&[(DATA, 12, WRITE), (DATA + 0x100, 2000, WRITE)]);
+    rxq.add_chain(&[(DATA + 0x1000, 2012, WRITE)]);
+    host.send(&frame(60, 1)).unwrap();
+    host.send(&frame(70, 2)).unwrap();
+    qp.receive();
+    assert_eq!(rxq.used(), vec![(0, 72), (2, 82)]);
+    assert_eq!(u16::from_le_bytes(read(&mem, DATA + 10, 2).try_into().unwrap()), 1);
+    assert_eq!(read(&mem, DATA + 0x100, 60), frame(60, 1)[12..]);
+}
+
+#[test]
+fn a_receive_buffer_outside_memory_needs_a_reset() {
+    let mem = guest_mem(MEM);
+    let mut rxq = TestQueue::new(&mem, 16);
+    let txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, irq) = pair(&mem, &rxq, &txq, true);
+    rxq.add_chain(&[(MEM as u64 - 100, 1500, WRITE)]);
+    host.send(&frame(60, 1)).unwrap();
+    qp.receive();
+    assert_eq!(irq.take(), vec![VirtioInterruptType::Config], "NEEDS_RESET");
+    assert!(rxq.used().is_empty());
+    // Later frames are not received until the reset.
+    rxq.add_chain(&[(DATA, 1500, WRITE)]);
+    host.send(&frame(60, 2)).unwrap();
+    qp.receive();
+    assert!(rxq.used().is_empty());
+}
+
+#[test]
+fn the_control_queue_sets_pairs_and_mac() {
+    let (taps, _hosts): (Vec<_>, Vec<_>) = (0..2).map(|_| tap_pair()).unzip();
+    let mac = Arc::new(Mutex::new([0u8; 6]));
+    let state = CtrlState { taps, mac: mac.clone(), mq: true };
+    let mq = VIRTIO_NET_CTRL_MQ as u8;
+    let set = VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
+    assert!(state.command(mq, set, &2u16.to_le_bytes()));
+    assert!(state.command(mq, set, &1u16.to_le_bytes()));
+    assert!(!state.command(mq, set, &0u16.to_le_bytes()), "zero pairs");
+    assert!(!state.command(mq, set, &3u16.to_le_bytes()), "more pairs than offered");
+    assert!(!state.command(mq, set, &[1]), "short");
+    let mac_class = VIRTIO_NET_CTRL_MAC as u8;
+    assert!(state.command(mac_class, VIRTIO_NET_CTRL_MAC_ADDR_SET as u8, &[2, 0, 0, 0, 0, 9]));
+    assert_eq!(*mac.lock().unwrap(), [2, 0, 0, 0, 0, 9]);
+    assert!(!state.command(mac_class, VIRTIO_NET_CTRL_MAC_ADDR_SET as u8, &[2, 0]));
+    assert!(state.command(VIRTIO_NET_CTRL_RX as u8, VIRTIO_NET_CTRL_RX_PROMISC as u8, &[1]));
+    assert!(!state.command(VIRTIO_NET_CTRL_VLAN as u8, 0, &[0, 1]), "not offered");
+}
+
+#[test]
+fn a_control_command_gets_its_ack_byte() {
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, 16);
+    let (tap, _host) = tap_pair();
+    let mac = Arc::new(Mutex::new([0u8; 6]));
+    let mut state = CtrlState { taps: vec![tap], mac, mq: true };
+    mem.write_slice(&[VIRTIO_NET_CTRL_MQ as u8, 0, 1, 0], GuestAddress(DATA)).unwrap();
+    fill(&mem, DATA + 0x100, 1, 0xff);
+    tq.add_chain(&[(DATA, 2, 0), (DATA + 2, 2, 0), (DATA + 0x100, 1, WRITE)]);
+    // A header with no ack buffer at all is returned untouched.
+    tq.add_chain(&[(DATA, 2, 0)]);
+    let irq = Arc::new(RecordingInterrupt::default());
+    let mut ring = Ring::new(mem.clone(), active(&tq, 2), irq).unwrap();
+    ring.serve(crate::virtio::worker::Budget { requests: 8 }, &mut state);
+    assert_eq!(read(&mem, DATA + 0x100, 1), [VIRTIO_NET_OK as u8]);
+    assert_eq!(tq.used(), vec![(0, 1), (3, 0)]);
+}
+
+#[test]
+fn describes_itself() {
+    let (taps, _hosts): (Vec<_>, Vec<_>) = (0..2).map(|_| tap_pair()).unzip();
+    let backend = Arc::new(NetBackend { taps, vhost: None });
+    let params = NetParams { mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], queue_size: 256 };
+    let net = Net::new(backend, &params);
+    assert_eq!(net.device_type(), 1);
+    assert_eq!(net.queue_max_sizes(), &[256; 5], "two pairs and the control queue");
+    let f = net.features();
+    for b in [VIRTIO_NET_F_MQ, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MAC] {
+        assert_ne!(f & bit(b), 0, "feature {b}");
+    }
+    let mut config = [0u8; 10];
+    net.read_config(0, &mut config);
+    assert_eq!(config, [0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0, 2, 0]);
+}

@@ -1,0 +1,227 @@
+//! `-netdev` and the legacy `-net nic`: a NIC's host side, with QEMU's
+//! keys and meanings (net/tap.c, net/net.c).
+
+use super::opts::QemuOpts;
+use super::CliError;
+use crate::config::{NetdevConfig, TapSource};
+
+/// QEMU's limit on a tap's queues (MAX_TAP_QUEUES).
+const MAX_TAP_QUEUES: u64 = 1024;
+
+/// `-netdev TYPE,id=ID,...`.
+pub(super) fn parse_netdev(label: &str, arg: &str) -> Result<NetdevConfig, CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("type"));
+    let ty = opts.take("type").ok_or_else(|| opts.missing("type"))?;
+    opts.relabel(format!("{label} {ty}"));
+    let id = opts.take_id()?.ok_or_else(|| opts.missing("id"))?;
+    opts.relabel(format!("{label} {ty},id={id}"));
+    let netdev = match ty.as_str() {
+        "tap" => tap(&mut opts, id)?,
+        "user" | "bridge" => {
+            return Err(opts.error(format!("-netdev {ty} is not supported yet (use -netdev tap)")))
+        }
+        other => return Err(opts.error(format!("netdev type '{other}' is not supported"))),
+    };
+    opts.finish()?;
+    Ok(netdev)
+}
+
+/// `-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,vhost=on]
+/// [,queues=N][,vnet_hdr=on]` or `,fd=N` / `,fds=N:M:...`.
+fn tap(opts: &mut QemuOpts, id: String) -> Result<NetdevConfig, CliError> {
+    // skiff runs no scripts: the interface is set up by whoever made it
+    // (microvm.nix's runner, systemd-networkd), and `no` is what every
+    // such caller passes.
+    for key in ["script", "downscript"] {
+        match opts.take(key).as_deref() {
+            None | Some("no") | Some("") => {}
+            Some(_) => {
+                return Err(opts.error(format!(
+                    "{key}= is not supported (skiff runs no scripts; set the tap up beforehand \
+                     and pass {key}=no)"
+                )))
+            }
+        }
+    }
+    if opts.take_bool("vnet_hdr")? == Some(false) {
+        return Err(opts.error("vnet_hdr=off is not supported (skiff needs the virtio-net header)"));
+    }
+    let vhost = opts.take_bool("vhost")?.unwrap_or(false);
+    // Forces vhost for guests without MSI-X in QEMU; skiff's vhost needs no
+    // such guest help.
+    opts.take_bool("vhostforce")?;
+    for key in ["vhostfd", "vhostfds", "helper", "sndbuf"] {
+        if opts.contains(key) {
+            return Err(opts.error(format!("{key}= is not supported")));
+        }
+    }
+    let ifname = opts.take("ifname");
+    let fd = opts.take("fd");
+    let fds = opts.take("fds");
+    let queues = opts.take_uint("queues")?;
+    if let Some(q) = queues {
+        if q == 0 || q > MAX_TAP_QUEUES {
+            return Err(opts.invalid_value("queues", q.to_string(), "1 to 1024"));
+        }
+    }
+    let source = match (ifname, fd, fds) {
+        (Some(name), None, None) => {
+            if name.is_empty() || name.len() > 15 {
+                return Err(opts.invalid_value("ifname", name, "a name of 1 to 15 bytes"));
+            }
+            TapSource::Ifname { name, queues: queues.unwrap_or(1) as u16 }
+        }
+        (None, Some(fd), None) => {
+            if queues.is_some_and(|q| q > 1) {
+                return Err(opts.error("fd= carries one queue; use fds= for several"));
+            }
+            TapSource::Fds(vec![parse_fd(opts, "fd", &fd)?])
+        }
+        (None, None, Some(list)) => {
+            let fds =
+                list.split(':').map(|f| parse_fd(opts, "fds", f)).collect::<Result<Vec<_>, _>>()?;
+            if queues.is_some_and(|q| q as usize != fds.len()) {
+                return Err(opts.error("queues= does not match the number of fds="));
+            }
+            if (1..fds.len()).any(|i| fds[..i].contains(&fds[i])) {
+                return Err(opts.invalid_value("fds", list, "distinct descriptors"));
+            }
+            TapSource::Fds(fds)
+        }
+        (None, None, None) => {
+            return Err(opts.error("ifname=, fd= or fds= is required (skiff does not name taps)"))
+        }
+        _ => return Err(opts.error("ifname=, fd= and fds= exclude each other")),
+    };
+    Ok(NetdevConfig::Tap { id, source, vhost })
+}
+
+/// A descriptor number inherited from the parent; not stdin, stdout or
+/// stderr, which skiff uses itself.
+fn parse_fd(opts: &QemuOpts, key: &str, value: &str) -> Result<i32, CliError> {
+    match value.parse::<i32>() {
+        Ok(fd) if fd > 2 => Ok(fd),
+        _ => Err(opts.invalid_value(key, value.to_owned(), "a descriptor number above 2")),
+    }
+}
+
+/// `-net nic,netdev=ID,model=virtio[,macaddr=MAC][,id=..]`: QEMU's legacy
+/// NIC, a virtio-net on the machine's bus. Other `-net` types are refused.
+pub(super) fn parse_net(label: &str, arg: &str) -> Result<NicConfig, CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("type"));
+    let ty = opts.take("type").ok_or_else(|| opts.missing("type"))?;
+    opts.relabel(format!("{label} {ty}"));
+    if ty != "nic" {
+        return Err(opts.error(format!(
+            "-net {ty} is not supported (use -netdev {ty},id=ID with -net nic,netdev=ID)"
+        )));
+    }
+    let netdev = opts.take("netdev").ok_or_else(|| opts.missing("netdev"))?;
+    match opts.take("model").as_deref() {
+        None | Some("virtio") | Some("virtio-net-pci") | Some("virtio-net-device") => {}
+        Some(other) => {
+            return Err(opts.invalid_value("model", other.to_owned(), "virtio"));
+        }
+    }
+    let mac = opts.take("macaddr").map(|m| parse_mac(&opts, "macaddr", m)).transpose()?;
+    // `name=` names the client in QEMU's monitor; nothing to show here.
+    opts.take("name");
+    opts.take_id()?;
+    opts.finish()?;
+    Ok(NicConfig { netdev, mac })
+}
+
+/// A `-net nic`, placed once the machine's bus is known.
+#[derive(Debug)]
+pub(super) struct NicConfig {
+    pub netdev: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// `52:54:00:12:34:56`; a multicast address is refused, as QEMU does.
+pub(super) fn parse_mac(opts: &QemuOpts, key: &str, value: String) -> Result<[u8; 6], CliError> {
+    let bytes: Vec<Option<u8>> = value
+        .split(':')
+        .map(|b| (b.len() == 2).then(|| u8::from_str_radix(b, 16).ok()).flatten())
+        .collect();
+    match <[Option<u8>; 6]>::try_from(bytes) {
+        Ok(b) if b.iter().all(Option::is_some) => {
+            let mac = b.map(|x| x.unwrap_or(0));
+            if mac[0] & 1 != 0 {
+                return Err(opts.error(format!("{key}={value} is a multicast address")));
+            }
+            Ok(mac)
+        }
+        _ => Err(opts.invalid_value(key, value, "a MAC address such as 52:54:00:12:34:56")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn netdev(arg: &str) -> Result<NetdevConfig, String> {
+        parse_netdev("-netdev", arg).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn microvm_nix_tap_forms() {
+        let n =
+            netdev("tap,id=vm-a,ifname=vm-a,script=no,downscript=no,vhost=on,queues=4").unwrap();
+        assert_eq!(
+            n,
+            NetdevConfig::Tap {
+                id: "vm-a".into(),
+                source: TapSource::Ifname { name: "vm-a".into(), queues: 4 },
+                vhost: true
+            }
+        );
+        let n = netdev("tap,id=n1,fd=3").unwrap();
+        assert_eq!(
+            n,
+            NetdevConfig::Tap { id: "n1".into(), source: TapSource::Fds(vec![3]), vhost: false }
+        );
+        let n = netdev("tap,id=n1,fds=3:4:5,vhost=on").unwrap();
+        assert_eq!(
+            n,
+            NetdevConfig::Tap {
+                id: "n1".into(),
+                source: TapSource::Fds(vec![3, 4, 5]),
+                vhost: true
+            }
+        );
+    }
+
+    #[test]
+    fn tap_errors_name_their_key() {
+        let err = |a| netdev(a).unwrap_err();
+        assert!(err("tap,id=n,ifname=t,script=/etc/qemu-ifup").contains("script="));
+        assert!(err("tap,id=n,ifname=t,vnet_hdr=off").contains("vnet_hdr=off"));
+        assert!(err("tap,id=n,ifname=t,vhostfd=5").contains("vhostfd="));
+        assert!(err("tap,id=n").contains("ifname=, fd= or fds="));
+        assert!(err("tap,id=n,ifname=t,fd=3").contains("exclude"));
+        assert!(err("tap,id=n,fd=1").contains("above 2"));
+        assert!(err("tap,id=n,fds=3:3").contains("distinct"));
+        assert!(err("tap,id=n,fds=3:4,queues=3").contains("queues="));
+        assert!(err("tap,id=n,ifname=t,queues=0").contains("queues"));
+        assert!(err("tap,id=n,ifname=abcdefghijklmnop").contains("ifname"));
+        assert!(err("tap,id=n,ifname=t,bogus=1").contains("'bogus'"));
+        assert!(err("tap,ifname=t").contains("'id'"));
+        assert!(err("user,id=n").contains("-netdev user is not supported yet"));
+        assert!(err("socket,id=n").contains("'socket'"));
+    }
+
+    #[test]
+    fn legacy_nic() {
+        let n = parse_net("-net", "nic,netdev=user.0,model=virtio").unwrap();
+        assert_eq!(n.netdev, "user.0");
+        assert_eq!(n.mac, None);
+        let n = parse_net("-net", "nic,netdev=n,macaddr=52:54:00:00:00:01").unwrap();
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+        let err = |a| parse_net("-net", a).unwrap_err().to_string();
+        assert!(err("nic,netdev=n,model=e1000").contains("model"));
+        assert!(err("user").contains("-net user is not supported"));
+        assert!(err("nic,netdev=n,macaddr=01:00:00:00:00:01").contains("multicast"));
+        assert!(err("nic,netdev=n,macaddr=52:54:00").contains("MAC address"));
+    }
+}
