@@ -1,8 +1,14 @@
-//! Host-guest channels (issue 15): vhost-vsock as microvm.nix attaches it
-//! (`-device vhost-vsock-pci,guest-cid=N`), on PCI and on virtio-mmio,
-//! with socat on the test host and resources/tools/vsock.c in the guest;
-//! a CID held by a running skiff, also across a guest reboot, and free
-//! again once it exits.
+//! Host-guest channels (issue 15).
+//!
+//! - vhost-vsock as microvm.nix attaches it (`-device
+//!   vhost-vsock-pci,guest-cid=N`), on PCI and on virtio-mmio, with socat on
+//!   the test host and resources/tools/vsock.c in the guest; a CID held by a
+//!   running skiff, also across a guest reboot, and free again once it exits.
+//! - virtio-net on a tap, as microvm.nix's tap interfaces
+//!   (`-netdev tap,id=ID,ifname=ID,script=no,downscript=no[,vhost=on]
+//!   [,queues=N]`) and its macvtap runner (`fd=3`, /dev/tapN opened by the
+//!   caller) use it: the guest pings the test host and moves 8 MiB each way
+//!   with matching checksums (large frames: TSO, mergeable buffers).
 
 // Guest tests boot real kernels (a nested test host where the CPU has no
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
@@ -54,11 +60,82 @@ fn reboot() -> String {
     )
 }
 
+/// The test host's side of the bulk transfers: 8 MiB served on :5001,
+/// whatever arrives on :5000 kept in got.bin.
+const BULK_HOST: &str = "head -c 8388608 /dev/urandom > in.bin\n\
+     echo \"HOST-IN-SHA=$(sha256sum < in.bin | cut -d' ' -f1)\"\n\
+     socat -u OPEN:in.bin TCP-LISTEN:5001,reuseaddr &\n\
+     socat -u TCP-LISTEN:5000,reuseaddr OPEN:got.bin,creat &\n";
+
+/// A tap skiff opens (and creates) by name; the test host addresses its
+/// side once it exists. `tap` is the -netdev's extra keys.
+fn tap(pcie: bool, tap: &str, bulk: bool) -> String {
+    let driver = if pcie { "virtio-net-pci" } else { "virtio-net-device" };
+    let mq = if tap.contains("queues=") { ",mq=on" } else { "" };
+    let devices = format!(
+        "-netdev tap,id=n0,ifname=tap0,script=no,downscript=no{tap} \
+         -device {driver},netdev=n0,mac=02:00:00:00:00:0f{mq}"
+    );
+    let bulk = if bulk { ",bulk" } else { "" };
+    let cmd =
+        command(pcie, &devices, &format!("skiff.test=net skiff.net=10.0.2.15/24,10.0.2.1{bulk}"));
+    format!(
+        "{BULK_HOST}: > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
+         i=0; while [ ! -e /sys/class/net/tap0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n\
+         ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up\n\
+         wait $pid\necho \"SKIFF-RC=$?\"\n\
+         echo \"HOST-GOT-SHA=$(sha256sum < got.bin 2>/dev/null | cut -d' ' -f1)\"\n\
+         cat out.txt\n"
+    )
+}
+
+/// Taps that cannot be used, each exit 1 before any guest runs: an fd
+/// that is not open, an fd that is not a tap.
+fn tap_errors() -> String {
+    let with = |netdev: &str| {
+        command(true, &format!("-netdev tap,id=n0,{netdev} -device virtio-net-pci,netdev=n0"), "")
+    };
+    format!(
+        "{} > closed.txt 2>&1; echo \"CLOSED-RC=$?\"\n\
+         echo \"CLOSED-ERR=$(grep -a 'netdev' closed.txt | head -n 1)\"\n\
+         {} 3</dev/null > null.txt 2>&1; echo \"NULL-RC=$?\"\n\
+         echo \"NULL-ERR=$(grep -a 'netdev' null.txt | head -n 1)\"\n",
+        with("fd=9"),
+        with("fd=3"),
+    )
+}
+
+/// microvm.nix's macvtap: a macvtap (bridge mode, the guest's MAC) on a
+/// dummy link, its /dev/tapN opened as fd 3 by the caller; a macvlan peer
+/// on the same link answers. Without -no-reboot, the second run must reach
+/// the peer through the same inherited descriptor.
+fn macvtap() -> String {
+    let cmd = command(
+        true,
+        "-netdev tap,id=n0,fd=3 -device virtio-net-pci,netdev=n0",
+        "skiff.test=net skiff.net=10.0.3.15/24,10.0.3.1",
+    )
+    .replace(" -no-reboot", "");
+    let setup = "ip=/usr/sbin/ip\n\
+         $ip link add lower0 type dummy && $ip link set lower0 up\n\
+         $ip link add link lower0 name mvt0 address 52:54:00:12:34:56 type macvtap mode bridge\n\
+         $ip link add link lower0 name mvl0 type macvlan mode bridge\n\
+         $ip addr add 10.0.3.1/24 dev mvl0 && $ip link set mvl0 up && $ip link set mvt0 up\n\
+         idx=$(cat /sys/class/net/mvt0/ifindex)\n\
+         i=0; while [ ! -e /dev/tap$idx ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done\n\
+         exec 3<>/dev/tap$idx\n";
+    format!("{setup}{}", until_then_sigterm(&cmd, "SKIFF-NET-DONE", 2, 150, ""))
+}
+
 fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::script("vsock-pci", SECS, &exchange(true, 3)),
         Scenario::script("vsock-mmio", SECS, &exchange(false, 4)),
         Scenario::script("vsock-reboot", SECS + 20, &reboot()),
+        Scenario::script("tap-pci", SECS, &format!("{}{}", tap_errors(), tap(true, "", true))),
+        Scenario::script("tap-vhost-mmio", SECS, &tap(false, ",vhost=on", true)),
+        Scenario::script("tap-mq", SECS, &tap(true, ",queues=2", false)),
+        Scenario::script("macvtap-fd", SECS + 60, &macvtap()),
     ]
 }
 
@@ -114,4 +191,68 @@ fn the_cid_stays_across_a_guest_reboot() {
         "the CID is free once skiff is gone\n{}",
         r.describe()
     );
+}
+
+/// The guest's side of a tap scenario: link, address, ping, and with bulk
+/// both transfers intact.
+fn tap_worked(name: &str, bulk: bool) -> &'static ScenarioResult {
+    let r = result(name);
+    assert_eq!(r.value("SKIFF-NET-CARRIER"), Some("1"), "{name}\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-NET-PING"), Some("ok"), "{name}\n{}", r.describe());
+    if bulk {
+        let sent = r.value("HOST-IN-SHA").expect("the host's data");
+        assert_eq!(sent.len(), 64, "{name}\n{}", r.describe());
+        assert_eq!(r.value("SKIFF-NET-IN-SHA"), Some(sent), "host to guest\n{}", r.describe());
+        let out = r.value("SKIFF-NET-OUT-SHA").expect("the guest's data");
+        assert_eq!(r.value("HOST-GOT-SHA"), Some(out), "guest to host\n{}", r.describe());
+    }
+    assert!(r.has_line("SKIFF-NET-DONE"), "{name}\n{}", r.describe());
+    r
+}
+
+#[test]
+fn tap_on_pci_pings_and_moves_data_both_ways() {
+    let r = tap_worked("tap-pci", true);
+    assert_eq!(r.value("SKIFF-NET-MAC"), Some("02:00:00:00:00:0f"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+#[test]
+fn tap_with_vhost_net_on_mmio() {
+    let r = tap_worked("tap-vhost-mmio", true);
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+#[test]
+fn a_two_queue_tap_gives_the_guest_two_queue_pairs() {
+    let r = tap_worked("tap-mq", false);
+    assert_eq!(r.value("SKIFF-NET-QUEUES"), Some("rx-0,rx-1,tx-0,tx-1,"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+#[test]
+fn unusable_taps_are_refused_by_name() {
+    let r = result("tap-pci");
+    assert_eq!(r.value("CLOSED-RC"), Some("1"), "{}", r.describe());
+    let err = r.line_value("CLOSED-ERR").unwrap_or_default();
+    assert!(
+        err.contains("-netdev tap,id=n0") && err.contains("fd 9 is not an open descriptor"),
+        "{err}"
+    );
+    assert_eq!(r.value("NULL-RC"), Some("1"), "{}", r.describe());
+    let err = r.line_value("NULL-ERR").unwrap_or_default();
+    assert!(err.contains("fd 3 is not a tap device"), "{err}");
+}
+
+#[test]
+fn macvtap_fd_from_the_parent_works_across_a_reboot() {
+    let r = result("macvtap-fd");
+    let pings: Vec<&str> = r
+        .lines()
+        .filter_map(|l| l.split("SKIFF-NET-PING=").nth(1))
+        .map(|v| v.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(pings, ["ok", "ok"], "both runs reach the macvlan peer\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-NET-MAC"), Some("52:54:00:12:34:56"), "QEMU's default MAC");
+    assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
 }
