@@ -24,7 +24,7 @@ die() {
 # (virtio_mmio) against Debian's kernel headers.
 # libseccomp-dev, libcap-ng-dev: to build virtiofsd (below), the
 # vhost-user-fs tests' backend.
-PKGS=(qemu-system-x86 seabios busybox-static cpio socat iproute2 lz4 zstd xz-utils gzip gcc libc6-dev
+PKGS=(qemu-system-x86 seabios busybox-static cpio socat iproute2 pkg-config libslirp-dev libglib2.0-dev lz4 zstd xz-utils gzip gcc libc6-dev
 	binutils util-linux grep gawk coreutils make libelf1 zlib1g acpica-tools e2fsprogs erofs-utils
 	libseccomp-dev libcap-ng-dev)
 # virtiofsd from crates.io, as microvm.nix users run it (Debian's is older).

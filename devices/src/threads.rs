@@ -9,6 +9,8 @@ pub enum ThreadKind {
     Worker,
     /// A block device's I/O thread (`aio=threads`): requests only.
     Io,
+    /// User networking's stack (`-netdev user`): the host's sockets.
+    Network,
 }
 
 static ON_START: OnceLock<fn(ThreadKind)> = OnceLock::new();
@@ -18,9 +20,15 @@ pub fn on_start(hook: fn(ThreadKind)) {
     let _ = ON_START.set(hook);
 }
 
-/// Called by each device thread before it does anything else.
-pub(crate) fn started(kind: ThreadKind) {
-    if let Some(hook) = ON_START.get() {
-        hook(kind);
+/// Called by each device thread before it does anything else. False when
+/// no hook is set yet: a thread started before the VMM set it (user
+/// networking's, which starts with the process) calls again later.
+pub(crate) fn started(kind: ThreadKind) -> bool {
+    match ON_START.get() {
+        Some(hook) => {
+            hook(kind);
+            true
+        }
+        None => false,
     }
 }

@@ -9,6 +9,10 @@
 //!   [,queues=N]`) and its macvtap runner (`fd=3`, /dev/tapN opened by the
 //!   caller) use it: the guest pings the test host and moves 8 MiB each way
 //!   with matching checksums (large frames: TSO, mergeable buffers).
+//! - user networking (libslirp) as microvm.nix writes it (with its trailing
+//!   comma) and as NixOS test VMs do (`-net nic,netdev=user.0,model=virtio
+//!   -netdev user,id=user.0`): DHCP, a host port forwarded to the guest,
+//!   the guest reaching the host through 10.0.2.2.
 
 // Guest tests boot real kernels (a nested test host where the CPU has no
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
@@ -127,6 +131,37 @@ fn macvtap() -> String {
     format!("{setup}{}", until_then_sigterm(&cmd, "SKIFF-NET-DONE", 2, 150, ""))
 }
 
+/// `-netdev user` with a forwarded port: the host reads the guest's line
+/// through 127.0.0.1:2222, the guest reads the host's through 10.0.2.2.
+fn user_fwd() -> String {
+    let cmd = command(
+        true,
+        "-netdev user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22, -device virtio-net-pci,netdev=n0",
+        "skiff.test=net-user skiff.net=fwd",
+    );
+    format!(
+        "ip link set lo up\n\
+         socat TCP-LISTEN:5005,reuseaddr,fork SYSTEM:'echo host-line' &\nlistener=$!\n\
+         : > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
+         wait_for SKIFF-NET-LISTENING out.txt 90\n\
+         for i in 1 2 3 4 5; do line=$(socat -t 5 - TCP:127.0.0.1:2222 </dev/null); \
+         [ -n \"$line\" ] && break; sleep 1; done\n\
+         echo \"HOSTFWD-LINE=$line\"\n\
+         wait $pid\necho \"SKIFF-RC=$?\"\nkill $listener 2>/dev/null\ncat out.txt\n"
+    )
+}
+
+/// NixOS test VMs' NIC (seed 001): `-net nic` on the machine's bus
+/// (virtio-mmio here, pcie=off), `-netdev user` with nothing else.
+fn user_seed() -> String {
+    let cmd = command(
+        false,
+        "-net nic,netdev=user.0,model=virtio -netdev user,id=user.0",
+        "skiff.test=net-user",
+    );
+    format!("{cmd}\necho \"SKIFF-RC=$?\"\n")
+}
+
 fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::script("vsock-pci", SECS, &exchange(true, 3)),
@@ -136,6 +171,8 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::script("tap-vhost-mmio", SECS, &tap(false, ",vhost=on", true)),
         Scenario::script("tap-mq", SECS, &tap(true, ",queues=2", false)),
         Scenario::script("macvtap-fd", SECS + 60, &macvtap()),
+        Scenario::script("user-fwd", SECS, &user_fwd()),
+        Scenario::script("user-seed", SECS, &user_seed()),
     ]
 }
 
@@ -255,4 +292,21 @@ fn macvtap_fd_from_the_parent_works_across_a_reboot() {
     assert_eq!(pings, ["ok", "ok"], "both runs reach the macvlan peer\n{}", r.describe());
     assert_eq!(r.value("SKIFF-NET-MAC"), Some("52:54:00:12:34:56"), "QEMU's default MAC");
     assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
+}
+
+#[test]
+fn user_networking_gives_dhcp_and_forwards_both_ways() {
+    let r = result("user-fwd");
+    assert_eq!(r.value("SKIFF-DHCP-ADDR"), Some("10.0.2.15"), "{}", r.describe());
+    assert_eq!(r.value("HOSTFWD-LINE"), Some("guest-line"), "hostfwd\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-HOST-LINE"), Some("host-line"), "via 10.0.2.2\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+#[test]
+fn nixos_test_vm_nic_gets_dhcp() {
+    let r = result("user-seed");
+    assert_eq!(r.value("SKIFF-DHCP-ADDR"), Some("10.0.2.15"), "{}", r.describe());
+    assert!(r.has_line("SKIFF-NET-DONE"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }

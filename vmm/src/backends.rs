@@ -17,6 +17,7 @@ use devices::vhost_user::fs::FsParams;
 use devices::vhost_user::Connection;
 use devices::virtio::block::{BlockParams, Disk, DiskError, DiskOptions, Policy};
 use devices::virtio::net::tap::Tap;
+use devices::virtio::net::user::UserNet;
 use devices::virtio::net::{NetBackend, NetError, NetParams};
 use devices::virtio::{RngBackend, RngError};
 
@@ -213,10 +214,22 @@ fn fs(cfg: &VmConfig, f: &FsConfig, driver: String) -> Result<DeviceBackend, Bac
 /// the interface and inherited descriptors) and, with `vhost=on`, one
 /// vhost-net instance per queue pair.
 fn net(cfg: &VmConfig, n: &NetConfig) -> Result<DeviceBackend, BackendError> {
-    let Some(NetdevConfig::Tap { id, source, vhost }) =
-        cfg.netdevs.iter().find(|d| d.id() == n.netdev)
-    else {
-        unreachable!("the command line checked netdev={}", n.netdev)
+    let params =
+        NetParams { mac: n.mac.unwrap_or([0x52, 0x54, 0, 0x12, 0x34, 0x56]), queue_size: 256 };
+    let netdev = cfg.netdevs.iter().find(|d| d.id() == n.netdev);
+    let (id, source, vhost) = match netdev {
+        Some(NetdevConfig::Tap { id, source, vhost }) => (id, source, vhost),
+        Some(NetdevConfig::User { id, config }) => {
+            let (user, fd) = UserNet::start(config).map_err(|e| BackendError::Net {
+                kind: "user",
+                netdev: id.clone(),
+                source: e.into(),
+            })?;
+            let taps = vec![Arc::new(Tap::socket(fd, &format!("netdev {id}")))];
+            let backend = NetBackend { taps, vhost: None, user: Some(user) };
+            return Ok(DeviceBackend::Net(Arc::new(backend), params));
+        }
+        None => unreachable!("the command line checked netdev={}", n.netdev),
     };
     let failed = |source: NetError| BackendError::Net { kind: "tap", netdev: id.clone(), source };
     let queues = source.queues();
@@ -233,7 +246,5 @@ fn net(cfg: &VmConfig, n: &NetConfig) -> Result<DeviceBackend, BackendError> {
         .then(|| VhostNetBackend::open(taps.len()))
         .transpose()
         .map_err(|e| failed(e.into()))?;
-    let params =
-        NetParams { mac: n.mac.unwrap_or([0x52, 0x54, 0, 0x12, 0x34, 0x56]), queue_size: 256 };
-    Ok(DeviceBackend::Net(Arc::new(NetBackend { taps, vhost }), params))
+    Ok(DeviceBackend::Net(Arc::new(NetBackend { taps, vhost, user: None }), params))
 }

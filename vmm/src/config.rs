@@ -199,12 +199,16 @@ pub struct NetConfig {
 pub enum NetdevConfig {
     /// `-netdev tap`: an existing (or new) tap, or descriptors of one.
     Tap { id: String, source: TapSource, vhost: bool },
+    /// `-netdev user`: libslirp's network behind the NIC.
+    User { id: String, config: UserConfig },
 }
+
+pub use devices::virtio::net::user::{HostFwd, UserConfig};
 
 impl NetdevConfig {
     pub fn id(&self) -> &str {
         match self {
-            NetdevConfig::Tap { id, .. } => id,
+            NetdevConfig::Tap { id, .. } | NetdevConfig::User { id, .. } => id,
         }
     }
 }

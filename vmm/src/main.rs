@@ -155,7 +155,9 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     // confine what is left.
     host::privileges::apply(&cfg.run_with)?;
     if let Some(policy) = cfg.sandbox {
-        host::sandbox::install(policy)?;
+        // User networking's thread opens the host's sockets for the guest.
+        let inet = cfg.netdevs.iter().any(|n| matches!(n, config::NetdevConfig::User { .. }));
+        host::sandbox::install(policy, inet)?;
     }
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);

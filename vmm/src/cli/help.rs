@@ -115,6 +115,14 @@ Devices:
                          (a macvtap's /dev/tapN); it keeps across guest
                          reboots; vhost=on moves frames in the host kernel
                          (/dev/vhost-net); skiff runs no scripts
+-netdev user,id=ID[,net=ADDR[/MASK]][,host=ADDR][,dhcpstart=ADDR][,dns=ADDR]
+        [,hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT]...[,restrict=on|off]
+        [,ipv6=on|off][,hostname=NAME]
+                         user networking (libslirp, on a thread of its own):
+                         QEMU's 10.0.2.0/24, DHCP from .15, the host as .2;
+                         a host port that cannot be bound exits 1 naming it;
+                         under -sandbox on, DNS forwarding cannot read
+                         /etc/resolv.conf (use dns= or a resolver by IP)
 -net nic,netdev=ID[,model=virtio][,macaddr=MAC]
                          a virtio-net on the machine's bus (PCIe with
                          pcie=on, else virtio-mmio)
@@ -149,7 +157,7 @@ Monitor:
 -monitor none            no human monitor (the only form accepted)
 
 Every other QEMU option (for example -blockdev, -fw_cfg, -fsdev), every
-other -netdev type (user, bridge), every other -object type, and every other
+other -netdev type (bridge, socket, ...), every other -object type, and every other
 -device (for example virtio-9p-pci, vfio-pci) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";

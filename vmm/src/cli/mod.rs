@@ -477,11 +477,15 @@ fn check_netdev_users(config: &mut VmConfig) -> Result<(), CliError> {
     }
     let mut fds: Vec<i32> = Vec::new();
     for nd in &config.netdevs {
-        let crate::config::NetdevConfig::Tap { id, source, .. } = nd;
+        let id = nd.id();
         if !used.iter().any(|u| u == id) {
             log::warn!("netdev {id} has no peer (no -device virtio-net-*,netdev={id})");
         }
-        if let crate::config::TapSource::Fds(list) = source {
+        if let crate::config::NetdevConfig::Tap {
+            source: crate::config::TapSource::Fds(list),
+            ..
+        } = nd
+        {
             if let Some(fd) = list.iter().find(|f| fds.contains(f)) {
                 return Err(CliError::Invalid {
                     option: format!("-netdev tap,id={id}"),

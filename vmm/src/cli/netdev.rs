@@ -3,7 +3,9 @@
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{NetdevConfig, TapSource};
+use std::net::Ipv4Addr;
+
+use crate::config::{HostFwd, NetdevConfig, TapSource, UserConfig};
 
 /// QEMU's limit on a tap's queues (MAX_TAP_QUEUES).
 const MAX_TAP_QUEUES: u64 = 1024;
@@ -17,7 +19,8 @@ pub(super) fn parse_netdev(label: &str, arg: &str) -> Result<NetdevConfig, CliEr
     opts.relabel(format!("{label} {ty},id={id}"));
     let netdev = match ty.as_str() {
         "tap" => tap(&mut opts, id)?,
-        "user" | "bridge" => {
+        "user" => NetdevConfig::User { id, config: user(&mut opts)? },
+        "bridge" => {
             return Err(opts.error(format!("-netdev {ty} is not supported yet (use -netdev tap)")))
         }
         other => return Err(opts.error(format!("netdev type '{other}' is not supported"))),
@@ -94,6 +97,117 @@ fn tap(opts: &mut QemuOpts, id: String) -> Result<NetdevConfig, CliError> {
         _ => return Err(opts.error("ifname=, fd= and fds= exclude each other")),
     };
     Ok(NetdevConfig::Tap { id, source, vhost })
+}
+
+/// `-netdev user,id=ID[,net=ADDR[/MASK]][,host=][,dhcpstart=][,dns=]
+/// [,hostfwd=RULE]...[,restrict=on][,ipv4=on][,ipv6=on|off][,hostname=]`,
+/// with QEMU's defaults (net/slirp.c): 10.0.2.0/24, the host at .2, DNS
+/// at .3, DHCP from .15; addresses not given follow `net=`.
+fn user(opts: &mut QemuOpts) -> Result<UserConfig, CliError> {
+    let mut c = UserConfig::default();
+    if let Some(net) = opts.take("net") {
+        let (addr, mask) = parse_net_mask(&net).ok_or_else(|| {
+            opts.invalid_value("net", net.clone(), "ADDR[/MASK] such as 10.0.2.0/24")
+        })?;
+        let base = u32::from(addr) & u32::from(mask);
+        c.net = Ipv4Addr::from(base);
+        c.mask = mask;
+        c.host = Ipv4Addr::from(base | 2);
+        c.dns = Ipv4Addr::from(base | 3);
+        c.dhcp_start = Ipv4Addr::from(base | 15);
+    }
+    let in_net = |a: Ipv4Addr| u32::from(a) & u32::from(c.mask) == u32::from(c.net);
+    for (key, slot) in
+        [("host", &mut c.host), ("dns", &mut c.dns), ("dhcpstart", &mut c.dhcp_start)]
+    {
+        if let Some(v) = opts.take(key) {
+            let addr: Ipv4Addr =
+                v.parse().map_err(|_| opts.invalid_value(key, v.clone(), "an IPv4 address"))?;
+            *slot = addr;
+        }
+    }
+    for (key, addr) in [("host", c.host), ("dns", c.dns), ("dhcpstart", c.dhcp_start)] {
+        if !in_net(addr) {
+            return Err(opts.error(format!("{key}={addr} is not in net={}", c.net)));
+        }
+    }
+    c.restrict = match opts.take("restrict").as_deref() {
+        None => false,
+        Some("on" | "yes" | "y" | "true") => true,
+        Some("off" | "no" | "n" | "false") => false,
+        Some(other) => return Err(opts.invalid_value("restrict", other.to_owned(), "on or off")),
+    };
+    if opts.take_bool("ipv4")? == Some(false) {
+        return Err(opts.error("ipv4=off is not supported"));
+    }
+    c.ipv6 = opts.take_bool("ipv6")?.unwrap_or(true);
+    c.hostname = opts.take("hostname");
+    for rule in opts.take_all("hostfwd") {
+        let fwd = parse_hostfwd(&rule).ok_or_else(|| {
+            opts.invalid_value("hostfwd", rule.clone(), "tcp|udp:[HADDR]:HPORT-[GADDR]:GPORT")
+        })?;
+        if fwd.guest_addr.is_some_and(|a| !in_net(a)) {
+            return Err(
+                opts.error(format!("hostfwd={rule}: the guest address is not in net={}", c.net))
+            );
+        }
+        c.hostfwd.push(fwd);
+    }
+    Ok(c)
+}
+
+/// `ADDR[/BITS|/MASK]`.
+fn parse_net_mask(s: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let (addr, mask) = match s.split_once('/') {
+        None => (s, None),
+        Some((a, m)) => (a, Some(m)),
+    };
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let mask = match mask {
+        None => Ipv4Addr::new(255, 255, 255, 0),
+        Some(m) => match m.parse::<u8>() {
+            Ok(bits) if (1..=30).contains(&bits) => Ipv4Addr::from(u32::MAX << (32 - bits)),
+            Ok(_) => return None,
+            Err(_) => {
+                let m: Ipv4Addr = m.parse().ok()?;
+                let v = u32::from(m);
+                // A mask is ones then zeros.
+                if v == 0 || v.leading_ones() + v.trailing_zeros() != 32 {
+                    return None;
+                }
+                m
+            }
+        },
+    };
+    Some((addr, mask))
+}
+
+/// QEMU's `hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT`.
+fn parse_hostfwd(rule: &str) -> Option<HostFwd> {
+    let (proto, rest) = rule.split_once(':')?;
+    let udp = match proto {
+        "" | "tcp" => false,
+        "udp" => true,
+        _ => return None,
+    };
+    let (host, guest) = rest.split_once('-')?;
+    let (haddr, hport) = host.rsplit_once(':')?;
+    let (gaddr, gport) = guest.rsplit_once(':')?;
+    let addr = |a: &str| -> Option<Option<Ipv4Addr>> {
+        if a.is_empty() {
+            Some(None)
+        } else {
+            a.parse().ok().map(Some)
+        }
+    };
+    Some(HostFwd {
+        udp,
+        host_addr: addr(haddr)?.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        host_port: hport.parse().ok()?,
+        guest_addr: addr(gaddr)?,
+        guest_port: gport.parse().ok().filter(|&p| p != 0)?,
+        text: rule.to_owned(),
+    })
 }
 
 /// A descriptor number inherited from the parent; not stdin, stdout or
@@ -207,8 +321,54 @@ mod tests {
         assert!(err("tap,id=n,ifname=abcdefghijklmnop").contains("ifname"));
         assert!(err("tap,id=n,ifname=t,bogus=1").contains("'bogus'"));
         assert!(err("tap,ifname=t").contains("'id'"));
-        assert!(err("user,id=n").contains("-netdev user is not supported yet"));
+        assert!(err("bridge,id=n,br=br0").contains("-netdev bridge is not supported yet"));
         assert!(err("socket,id=n").contains("'socket'"));
+    }
+
+    /// microvm.nix's user form, with its trailing comma, and QEMU's
+    /// defaults following net=.
+    #[test]
+    fn user_networking() {
+        let NetdevConfig::User { id, config } =
+            netdev("user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-10.0.2.9:53,")
+                .unwrap()
+        else {
+            panic!("not user")
+        };
+        assert_eq!(id, "n0");
+        assert_eq!(config.dhcp_start, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(config.hostfwd.len(), 2);
+        let f = &config.hostfwd[0];
+        assert_eq!(
+            (f.udp, f.host_addr, f.host_port, f.guest_addr, f.guest_port),
+            (false, Ipv4Addr::LOCALHOST, 2222, None, 22)
+        );
+        let f = &config.hostfwd[1];
+        assert_eq!(
+            (f.udp, f.host_addr, f.guest_addr),
+            (true, Ipv4Addr::UNSPECIFIED, Some(Ipv4Addr::new(10, 0, 2, 9)))
+        );
+        let NetdevConfig::User { config, .. } =
+            netdev("user,id=u,net=192.168.7.0/24,restrict=yes").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (config.host, config.dns, config.dhcp_start, config.restrict),
+            (
+                Ipv4Addr::new(192, 168, 7, 2),
+                Ipv4Addr::new(192, 168, 7, 3),
+                Ipv4Addr::new(192, 168, 7, 15),
+                true
+            )
+        );
+        let err = |a| netdev(a).unwrap_err();
+        assert!(err("user,id=n,hostfwd=tcp:2222-:22").contains("hostfwd"));
+        assert!(err("user,id=n,hostfwd=sctp::1-:2").contains("hostfwd"));
+        assert!(err("user,id=n,net=10.0.2.0/33").contains("net"));
+        assert!(err("user,id=n,host=10.0.3.2").contains("not in net="));
+        assert!(err("user,id=n,smb=/srv").contains("'smb'"));
+        assert!(err("user,id=n,ipv4=off").contains("ipv4=off"));
     }
 
     #[test]

@@ -48,6 +48,21 @@ impl QemuOpts {
         last
     }
 
+    /// Removes every `key` and returns their values in order (keys that
+    /// may repeat, as `hostfwd=`).
+    pub fn take_all(&mut self, key: &str) -> Vec<String> {
+        let mut all = Vec::new();
+        self.params.retain_mut(|(k, v)| {
+            if k == key {
+                all.push(std::mem::take(v));
+                false
+            } else {
+                true
+            }
+        });
+        all
+    }
+
     /// Whether `key` was given (without taking it).
     pub fn contains(&self, key: &str) -> bool {
         self.params.iter().any(|(k, _)| k == key)

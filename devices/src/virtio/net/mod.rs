@@ -13,6 +13,7 @@ pub mod queue_pair;
 pub mod tap;
 #[cfg(test)]
 mod tests;
+pub mod user;
 
 use std::sync::{Arc, Mutex};
 
@@ -57,6 +58,8 @@ pub struct NetBackend {
     /// One per queue pair.
     pub taps: Vec<Arc<Tap>>,
     pub vhost: Option<VhostNetBackend>,
+    /// `-netdev user`'s network thread, which the taps' stand-in reaches.
+    pub user: Option<user::UserNet>,
 }
 
 impl NetBackend {
@@ -79,6 +82,8 @@ pub enum NetError {
     Tap(#[from] tap::TapError),
     #[error(transparent)]
     Vhost(#[from] crate::vhost_kernel::net::VhostNetError),
+    #[error(transparent)]
+    User(#[from] user::UserError),
 }
 
 pub struct Net {
@@ -207,20 +212,24 @@ impl VirtioDevice for Net {
     fn features(&self) -> u64 {
         let mut f = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
-            | bit(VIRTIO_NET_F_CSUM)
-            | bit(VIRTIO_NET_F_GUEST_CSUM)
-            | bit(VIRTIO_NET_F_GUEST_TSO4)
-            | bit(VIRTIO_NET_F_GUEST_TSO6)
-            | bit(VIRTIO_NET_F_GUEST_ECN)
-            | bit(VIRTIO_NET_F_HOST_TSO4)
-            | bit(VIRTIO_NET_F_HOST_TSO6)
-            | bit(VIRTIO_NET_F_HOST_ECN)
             | bit(VIRTIO_NET_F_MRG_RXBUF)
             | bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_CTRL_VQ)
             | bit(VIRTIO_NET_F_CTRL_RX)
             | bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
+        // Offloads only where the host side carries them (QEMU: a peer
+        // with a virtio-net header); user networking wants whole frames.
+        if self.backend.taps.iter().all(|t| t.offloads()) {
+            f |= bit(VIRTIO_NET_F_CSUM)
+                | bit(VIRTIO_NET_F_GUEST_CSUM)
+                | bit(VIRTIO_NET_F_GUEST_TSO4)
+                | bit(VIRTIO_NET_F_GUEST_TSO6)
+                | bit(VIRTIO_NET_F_GUEST_ECN)
+                | bit(VIRTIO_NET_F_HOST_TSO4)
+                | bit(VIRTIO_NET_F_HOST_TSO6)
+                | bit(VIRTIO_NET_F_HOST_ECN);
+        }
         if self.pairs() > 1 {
             f |= bit(VIRTIO_NET_F_MQ);
         }

@@ -81,10 +81,10 @@ pub struct Tap {
     file: File,
     /// For messages: the interface name, or `fd=N`.
     name: String,
-    /// The descriptor is not a real tap (a socket pair in unit tests):
-    /// the offload requests are skipped.
-    #[cfg(test)]
-    plain: bool,
+    /// The descriptor is a datagram socket standing in for a tap (user
+    /// networking's end, or a unit test's): no offloads, no queues to
+    /// attach.
+    socket: bool,
 }
 
 impl Tap {
@@ -159,29 +159,23 @@ impl Tap {
     }
 
     fn new(file: File, name: String) -> Tap {
-        Tap {
-            file,
-            name,
-            #[cfg(test)]
-            plain: false,
-        }
+        Tap { file, name, socket: false }
     }
 
-    /// A packet descriptor that is not a tap (one end of a datagram socket
-    /// pair), for the device's unit tests.
-    #[cfg(test)]
-    pub fn plain(fd: OwnedFd) -> Tap {
-        Tap { file: File::from(fd), name: "test".to_owned(), plain: true }
+    /// One end of a datagram socket pair carrying frames as a tap would
+    /// (behind the virtio-net header), without offloads: user networking.
+    pub fn socket(fd: OwnedFd, name: &str) -> Tap {
+        Tap { file: File::from(fd), name: name.to_owned(), socket: true }
     }
 
-    #[cfg(test)]
+    /// Whether the host side takes and gives checksum and segmentation
+    /// offloads (a real tap does, a socket stand-in does not).
+    pub fn offloads(&self) -> bool {
+        !self.socket
+    }
+
     fn is_plain(&self) -> bool {
-        self.plain
-    }
-
-    #[cfg(not(test))]
-    fn is_plain(&self) -> bool {
-        false
+        self.socket
     }
 
     pub fn name(&self) -> &str {

@@ -22,7 +22,7 @@ fn tap_pair() -> (Arc<Tap>, UnixDatagram) {
     host.set_nonblocking(true).unwrap();
     // SAFETY: the descriptor was just created and is handed over whole.
     let fd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(dev)) };
-    (Arc::new(Tap::plain(fd)), host)
+    (Arc::new(Tap::socket(fd, "test")), host)
 }
 
 fn active(tq: &TestQueue, index: usize) -> ActiveQueue {
@@ -206,7 +206,7 @@ fn a_control_command_gets_its_ack_byte() {
 #[test]
 fn describes_itself() {
     let (taps, _hosts): (Vec<_>, Vec<_>) = (0..2).map(|_| tap_pair()).unzip();
-    let backend = Arc::new(NetBackend { taps, vhost: None });
+    let backend = Arc::new(NetBackend { taps, vhost: None, user: None });
     let params = NetParams { mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], queue_size: 256 };
     let net = Net::new(backend, &params);
     assert_eq!(net.device_type(), 1);

@@ -56,6 +56,8 @@ pub enum ThreadKind {
     Worker,
     /// A block device's I/O thread (`aio=threads`).
     Io,
+    /// User networking's stack: the guest's connections as host sockets.
+    Network,
 }
 
 impl ThreadKind {
@@ -66,6 +68,7 @@ impl ThreadKind {
             ThreadKind::Console => "console",
             ThreadKind::Worker => "worker",
             ThreadKind::Io => "io",
+            ThreadKind::Network => "network",
         }
     }
 }
@@ -76,6 +79,8 @@ static ACTIVE: OnceLock<Active> = OnceLock::new();
 
 struct Active {
     policy: SandboxConfig,
+    /// `-netdev user`: the process may open internet sockets.
+    inet: bool,
     /// `SKIFF_TEST_SECCOMP_TRIP=KIND`: that kind of thread makes one
     /// forbidden call once confined (for the test that the filter bites).
     trip: Option<String>,
@@ -83,19 +88,22 @@ struct Active {
 
 /// Installs the SIGSYS handler and the process filter, and has device
 /// threads confine themselves from now on.
-pub fn install(policy: SandboxConfig) -> Result<(), Error> {
+/// `inet`: user networking runs, whose thread (started before this, and
+/// confining itself now) opens internet sockets for the guest.
+pub fn install(policy: SandboxConfig, inet: bool) -> Result<(), Error> {
     install_sigsys_handler()?;
     for prog in answers(&policy)? {
         seccompiler::apply_filter_all_threads(&prog).map_err(Error::Install)?;
     }
-    let main = filter(ThreadKind::Main, &policy)?;
+    let main = filter(ThreadKind::Main, &policy, inet)?;
     seccompiler::apply_filter_all_threads(&main).map_err(Error::Install)?;
     let trip = std::env::var("SKIFF_TEST_SECCOMP_TRIP").ok();
-    let _ = ACTIVE.set(Active { policy, trip });
+    let _ = ACTIVE.set(Active { policy, inet, trip });
     devices::threads::on_start(|kind| {
         confine(match kind {
             devices::threads::ThreadKind::Worker => ThreadKind::Worker,
             devices::threads::ThreadKind::Io => ThreadKind::Io,
+            devices::threads::ThreadKind::Network => ThreadKind::Network,
         })
     });
     trip_if_asked(ThreadKind::Main);
@@ -107,7 +115,7 @@ pub fn install(policy: SandboxConfig) -> Result<(), Error> {
 /// unconfined would be a silent hole.
 pub fn confine(kind: ThreadKind) {
     let Some(active) = ACTIVE.get() else { return };
-    let applied = filter(kind, &active.policy)
+    let applied = filter(kind, &active.policy, active.inet)
         .and_then(|prog| seccompiler::apply_filter(&prog).map_err(Error::Install));
     if let Err(e) = applied {
         log::error!("{} thread: {e}", kind.name());
@@ -240,6 +248,26 @@ const DISK_IO: &[i64] = &[
 const BACKEND_SOCKETS: &[i64] =
     &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown, libc::SYS_connect];
 
+/// User networking's sockets: the guest's TCP and UDP connections and
+/// pings, and `hostfwd=` listeners.
+const INET_SOCKETS: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_shutdown,
+    libc::SYS_fcntl,
+];
+
 /// The main thread's own: QMP clients, guest RAM for a new run, removing
 /// its sockets at exit, reading the kernel again for a reboot.
 const MAIN_ONLY: &[i64] = &[
@@ -329,7 +357,7 @@ fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, seccompiler::Ba
 }
 
 /// The kind's BPF program.
-fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error> {
+fn filter(kind: ThreadKind, policy: &SandboxConfig, inet: bool) -> Result<BpfProgram, Error> {
     let build = |e| Error::Build(kind.name(), e);
     let mut calls: Vec<i64> = COMMON.to_vec();
     let (threads, events, disk, main, kvm, tty) = match kind {
@@ -339,12 +367,18 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
         ThreadKind::Vcpu => (true, true, true, false, true, false),
         ThreadKind::Worker => (true, true, true, false, false, false),
         ThreadKind::Io => (false, false, true, false, false, false),
-        ThreadKind::Console => (false, false, false, false, false, false),
+        ThreadKind::Console | ThreadKind::Network => (false, false, false, false, false, false),
     };
     let backends = matches!(kind, ThreadKind::Main | ThreadKind::Vcpu | ThreadKind::Worker);
-    for (on, set) in
-        [(events, EVENTS), (disk, DISK_IO), (main, MAIN_ONLY), (backends, BACKEND_SOCKETS)]
-    {
+    // The process filter (main's) carries every thread's calls.
+    let inet = inet && matches!(kind, ThreadKind::Main | ThreadKind::Network);
+    for (on, set) in [
+        (events, EVENTS),
+        (disk, DISK_IO),
+        (main, MAIN_ONLY),
+        (backends, BACKEND_SOCKETS),
+        (inet, INET_SOCKETS),
+    ] {
         if on {
             calls.extend_from_slice(set);
         }
@@ -389,6 +423,11 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
                 .push(SeccompRule::new(vec![cond(1, Op::Eq, req).map_err(build)?]).map_err(build)?);
         }
     }
+    if inet {
+        // How much a UDP socket holds (libslirp sizes its reads by it).
+        let rule = cond(1, Op::Eq, libc::FIONREAD).map_err(build)?;
+        ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);
+    }
     if backends {
         for &req in TAP_IOCTLS {
             ioctls
@@ -398,9 +437,20 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig) -> Result<BpfProgram, Error>
     if !ioctls.is_empty() {
         rules.insert(libc::SYS_ioctl, ioctls);
     }
+    let mut families = Vec::new();
     if backends {
-        let unix = cond(0, Op::Eq, libc::AF_UNIX as u64).map_err(build)?;
-        rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix]).map_err(build)?]);
+        families.push(libc::AF_UNIX);
+    }
+    if inet {
+        families.extend([libc::AF_INET, libc::AF_INET6]);
+    }
+    if !families.is_empty() {
+        let mut sockets = Vec::new();
+        for family in families {
+            let rule = cond(0, Op::Eq, family as u64).map_err(build)?;
+            sockets.push(SeccompRule::new(vec![rule]).map_err(build)?);
+        }
+        rules.insert(libc::SYS_socket, sockets);
     }
     // prctl: thread names (std names its threads) and no_new_privs, which
     // a thread sets before it adds its own filter (seccomp(2), below).
@@ -526,9 +576,10 @@ mod tests {
             ThreadKind::Console,
             ThreadKind::Worker,
             ThreadKind::Io,
+            ThreadKind::Network,
         ] {
-            filter(kind, &SandboxConfig::default()).unwrap();
-            filter(kind, &all).unwrap();
+            filter(kind, &SandboxConfig::default(), true).unwrap();
+            filter(kind, &all, false).unwrap();
         }
     }
 
@@ -560,7 +611,7 @@ mod tests {
     #[test]
     fn opening_a_file_is_refused_not_fatal() {
         let progs = answers(&SandboxConfig::default()).unwrap();
-        let io = filter(ThreadKind::Io, &SandboxConfig::default()).unwrap();
+        let io = filter(ThreadKind::Io, &SandboxConfig::default(), false).unwrap();
         let status = in_confined_child(&[&progs[0], &progs[1], &io], || {
             // SAFETY: a NUL-terminated path; errno read right after.
             let fd = unsafe { libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), 0) };
@@ -579,7 +630,7 @@ mod tests {
     /// through, a forbidden one ends the process by SIGSYS.
     #[test]
     fn a_forbidden_call_is_stopped_and_an_allowed_one_is_not() {
-        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default()).unwrap();
+        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default(), false).unwrap();
         let status = in_confined_child(&[&prog], || {
             // SAFETY: plain system calls.
             unsafe {

@@ -1,0 +1,429 @@
+//! User networking (`-netdev user`): libslirp's TCP/IP stack on a thread of
+//! its own, as QEMU's slirp backend. No privileges, no host interface: the
+//! guest's connections become the host's sockets; DHCP, DNS forwarding and
+//! `hostfwd=` come from libslirp.
+//!
+//! The thread and the device meet on a datagram socket pair: the device's
+//! end looks like a tap without offloads to the virtio-net queue pair (one
+//! datagram, one frame behind a 12-byte virtio-net header), so the device
+//! code is the same for both. The thread belongs to the process: created
+//! (and its host ports bound) before the first run, so a busy port fails
+//! the start, and it keeps its connections across guest reboots.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use libslirp_sys as sys;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::VNET_HDR_LEN;
+
+/// One `hostfwd=`: a host port handed to a guest port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostFwd {
+    pub udp: bool,
+    pub host_addr: Ipv4Addr,
+    pub host_port: u16,
+    /// None: the DHCP server's first address (QEMU's default guest).
+    pub guest_addr: Option<Ipv4Addr>,
+    pub guest_port: u16,
+    /// As written on the command line, for messages.
+    pub text: String,
+}
+
+/// `-netdev user`'s network, with QEMU's defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserConfig {
+    pub net: Ipv4Addr,
+    pub mask: Ipv4Addr,
+    pub host: Ipv4Addr,
+    pub dhcp_start: Ipv4Addr,
+    pub dns: Ipv4Addr,
+    /// `restrict=on`: the guest reaches nothing but the host forwards.
+    pub restrict: bool,
+    /// `ipv6=` (on by default, as QEMU: fec0::/64, the host at fec0::2).
+    pub ipv6: bool,
+    pub hostname: Option<String>,
+    pub hostfwd: Vec<HostFwd>,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        UserConfig {
+            net: Ipv4Addr::new(10, 0, 2, 0),
+            mask: Ipv4Addr::new(255, 255, 255, 0),
+            host: Ipv4Addr::new(10, 0, 2, 2),
+            dhcp_start: Ipv4Addr::new(10, 0, 2, 15),
+            dns: Ipv4Addr::new(10, 0, 2, 3),
+            restrict: false,
+            ipv6: true,
+            hostname: None,
+            hostfwd: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("cannot create the socket pair to the network thread")]
+    Socket(#[source] io::Error),
+    #[error("libslirp could not start")]
+    Slirp,
+    #[error("Could not set up host forwarding rule '{0}'")]
+    HostFwd(String),
+    #[error("cannot start the network thread")]
+    Thread(#[source] io::Error),
+}
+
+/// The running network thread; dropping it stops the thread.
+pub struct UserNet {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A timer libslirp asked for: a callback and when it is due (ms).
+struct Timer {
+    cb: sys::SlirpTimerCb,
+    cb_opaque: *mut c_void,
+    expire_ms: Option<i64>,
+}
+
+/// What libslirp's callbacks reach through their opaque pointer; lives on
+/// the network thread.
+struct Stack {
+    /// The network thread's end of the pair.
+    wire: UnixDatagram,
+    timers: Vec<*mut Timer>,
+    epoch: Instant,
+}
+
+impl Stack {
+    fn now_ns(&self) -> i64 {
+        self.epoch.elapsed().as_nanos() as i64
+    }
+}
+
+/// The libslirp instance, moved to the network thread once set up.
+struct Instance(*mut sys::Slirp);
+// SAFETY: libslirp is single-threaded; the instance is used by one thread
+// at a time: set up on the caller's, then only on the network thread.
+unsafe impl Send for Instance {}
+
+struct BoxedStack(Box<Stack>);
+// SAFETY: as `Instance`: the stack (and the timers libslirp gave it) moves
+// to the network thread with the instance and is used there only.
+unsafe impl Send for BoxedStack {}
+
+/// libslirp's frames to the guest: behind a zeroed virtio-net header.
+unsafe extern "C" fn send_packet(buf: *const c_void, len: usize, opaque: *mut c_void) -> isize {
+    // SAFETY: `opaque` is the thread's `Stack` (slirp_new), alive as long
+    // as the instance; `buf` holds `len` bytes for this call.
+    let (stack, frame) =
+        unsafe { (&*(opaque as *const Stack), std::slice::from_raw_parts(buf as *const u8, len)) };
+    let mut datagram = Vec::with_capacity(VNET_HDR_LEN + len);
+    datagram.resize(VNET_HDR_LEN, 0);
+    datagram.extend_from_slice(frame);
+    // A full socket drops the frame, as a busy wire would; TCP resends.
+    let _ = stack.wire.send(&datagram);
+    len as isize
+}
+
+unsafe extern "C" fn guest_error(msg: *const c_char, _opaque: *mut c_void) {
+    // SAFETY: libslirp passes a NUL-terminated message.
+    let msg = unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy();
+    crate::error_limited!("-netdev user: {msg}");
+}
+
+unsafe extern "C" fn clock_get_ns(opaque: *mut c_void) -> i64 {
+    // SAFETY: `opaque` is the thread's `Stack`.
+    unsafe { &*(opaque as *const Stack) }.now_ns()
+}
+
+unsafe extern "C" fn timer_new(
+    cb: sys::SlirpTimerCb,
+    cb_opaque: *mut c_void,
+    opaque: *mut c_void,
+) -> *mut c_void {
+    // SAFETY: `opaque` is the thread's `Stack`, used by this thread only.
+    let stack = unsafe { &mut *(opaque as *mut Stack) };
+    let timer = Box::into_raw(Box::new(Timer { cb, cb_opaque, expire_ms: None }));
+    stack.timers.push(timer);
+    timer.cast()
+}
+
+unsafe extern "C" fn timer_free(timer: *mut c_void, opaque: *mut c_void) {
+    // SAFETY: `opaque` is the thread's `Stack`; `timer` came from
+    // `timer_new` and is freed once, here.
+    let stack = unsafe { &mut *(opaque as *mut Stack) };
+    let timer = timer as *mut Timer;
+    stack.timers.retain(|&t| t != timer);
+    // SAFETY: see above.
+    drop(unsafe { Box::from_raw(timer) });
+}
+
+unsafe extern "C" fn timer_mod(timer: *mut c_void, expire_ms: i64, _opaque: *mut c_void) {
+    // SAFETY: `timer` came from `timer_new` and is not freed yet.
+    unsafe { (*(timer as *mut Timer)).expire_ms = Some(expire_ms) };
+}
+
+unsafe extern "C" fn no_fd(_fd: c_int, _opaque: *mut c_void) {}
+unsafe extern "C" fn no_notify(_opaque: *mut c_void) {}
+
+static CALLBACKS: sys::SlirpCb = sys::SlirpCb {
+    send_packet: Some(send_packet),
+    guest_error: Some(guest_error),
+    clock_get_ns: Some(clock_get_ns),
+    timer_new: Some(timer_new),
+    timer_free: Some(timer_free),
+    timer_mod: Some(timer_mod),
+    register_poll_fd: Some(no_fd),
+    unregister_poll_fd: Some(no_fd),
+    notify: Some(no_notify),
+};
+
+/// libslirp's descriptors for one poll(2), built by `slirp_pollfds_fill`.
+unsafe extern "C" fn add_poll(fd: c_int, events: c_int, opaque: *mut c_void) -> c_int {
+    // SAFETY: `opaque` is the loop's pollfd vector for this round.
+    let fds = unsafe { &mut *(opaque as *mut Vec<libc::pollfd>) };
+    let mut ev = 0;
+    for (slirp, poll) in [
+        (sys::SLIRP_POLL_IN, libc::POLLIN),
+        (sys::SLIRP_POLL_OUT, libc::POLLOUT),
+        (sys::SLIRP_POLL_PRI, libc::POLLPRI),
+    ] {
+        if events & slirp != 0 {
+            ev |= poll;
+        }
+    }
+    fds.push(libc::pollfd { fd, events: ev, revents: 0 });
+    (fds.len() - 1) as c_int
+}
+
+unsafe extern "C" fn get_revents(idx: c_int, opaque: *mut c_void) -> c_int {
+    // SAFETY: `opaque` is the loop's pollfd vector, `idx` an index
+    // `add_poll` returned this round.
+    let fds = unsafe { &*(opaque as *const Vec<libc::pollfd>) };
+    let Some(p) = usize::try_from(idx).ok().and_then(|i| fds.get(i)) else { return 0 };
+    let mut r = 0;
+    for (poll, slirp) in [
+        (libc::POLLIN, sys::SLIRP_POLL_IN),
+        (libc::POLLOUT, sys::SLIRP_POLL_OUT),
+        (libc::POLLPRI, sys::SLIRP_POLL_PRI),
+        (libc::POLLERR, sys::SLIRP_POLL_ERR),
+        (libc::POLLHUP, sys::SLIRP_POLL_HUP),
+    ] {
+        if p.revents & poll != 0 {
+            r |= slirp;
+        }
+    }
+    r
+}
+
+impl UserNet {
+    /// Starts user networking for `config`; returns the thread and the
+    /// device's end of the wire.
+    pub fn start(config: &UserConfig) -> Result<(UserNet, OwnedFd), UserError> {
+        let (device, wire) = UnixDatagram::pair().map_err(UserError::Socket)?;
+        for s in [&device, &wire] {
+            s.set_nonblocking(true).map_err(UserError::Socket)?;
+            set_buffers(s);
+        }
+        let mut stack = Box::new(Stack { wire, timers: Vec::new(), epoch: Instant::now() });
+        let hostname = config.hostname.as_deref().map(CString::new).transpose().ok().flatten();
+        let cfg = sys::SlirpConfig {
+            // Version 4 reads two callbacks past the end of libslirp-sys's
+            // SlirpCb (init_completed, timer_new_opaque): stay at 3.
+            version: 3,
+            restricted: c_int::from(config.restrict),
+            in_enabled: true,
+            vnetwork: config.net.into(),
+            vnetmask: config.mask.into(),
+            vhost: config.host.into(),
+            in6_enabled: config.ipv6,
+            vprefix_addr6: std::net::Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0).into(),
+            vprefix_len: 64,
+            vhost6: std::net::Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 2).into(),
+            vhostname: hostname.as_ref().map_or(std::ptr::null(), |h| h.as_ptr()),
+            tftp_server_name: std::ptr::null(),
+            tftp_path: std::ptr::null(),
+            bootfile: std::ptr::null(),
+            vdhcp_start: config.dhcp_start.into(),
+            vnameserver: config.dns.into(),
+            vnameserver6: std::net::Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 3).into(),
+            vdnssearch: std::ptr::null_mut(),
+            vdomainname: std::ptr::null(),
+            if_mtu: 0,
+            if_mru: 0,
+            disable_host_loopback: false,
+            enable_emu: false,
+            outbound_addr: std::ptr::null(),
+            outbound_addr6: std::ptr::null(),
+            disable_dns: false,
+            disable_dhcp: false,
+        };
+        let opaque = (&mut *stack as *mut Stack).cast::<c_void>();
+        // SAFETY: the config and callbacks are valid for the call (libslirp
+        // copies the strings); `opaque` points to the boxed stack, which
+        // lives until after slirp_cleanup.
+        let slirp = unsafe { sys::slirp_new(&cfg, &CALLBACKS, opaque) };
+        if slirp.is_null() {
+            return Err(UserError::Slirp);
+        }
+        let instance = Instance(slirp);
+        for f in &config.hostfwd {
+            let guest = f.guest_addr.unwrap_or(config.dhcp_start);
+            // SAFETY: a live instance; the addresses are plain values.
+            let ret = unsafe {
+                sys::slirp_add_hostfwd(
+                    instance.0,
+                    c_int::from(f.udp),
+                    f.host_addr.into(),
+                    c_int::from(f.host_port),
+                    guest.into(),
+                    c_int::from(f.guest_port),
+                )
+            };
+            if ret < 0 {
+                // SAFETY: the instance is not used again.
+                unsafe { sys::slirp_cleanup(instance.0) };
+                return Err(UserError::HostFwd(f.text.clone()));
+            }
+        }
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(UserError::Thread)?;
+        let stop_thread = stop.try_clone().map_err(UserError::Thread)?;
+        let stack = BoxedStack(stack);
+        let thread = std::thread::Builder::new()
+            .name("netdev-user".to_owned())
+            .spawn(move || {
+                let (instance, stack) = (instance, stack);
+                run(&instance, stack.0, &stop_thread);
+            })
+            .map_err(UserError::Thread)?;
+        Ok((UserNet { stop, thread: Some(thread) }, OwnedFd::from(device)))
+    }
+}
+
+/// Room for a few hundred frames each way, so a burst is not dropped.
+fn set_buffers(s: &UnixDatagram) {
+    let size: c_int = 1 << 20;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads an int from a valid pointer.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const c_int).cast(),
+                std::mem::size_of::<c_int>() as u32,
+            )
+        };
+    }
+}
+
+/// The network thread: frames from the device into libslirp, libslirp's
+/// sockets and timers, until `stop`.
+fn run(instance: &Instance, mut stack: Box<Stack>, stop: &EventFd) {
+    let slirp = instance.0;
+    let mut frame = vec![0u8; 65536 + VNET_HDR_LEN];
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    // The thread starts before the VMM confines its threads: it confines
+    // itself as soon as it may (within a round of this loop).
+    let mut confined = false;
+    loop {
+        if !confined {
+            confined = crate::threads::started(crate::threads::ThreadKind::Network);
+        }
+        fds.clear();
+        fds.push(libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        fds.push(libc::pollfd { fd: stack.wire.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        // The next timer bounds the wait.
+        let now_ms = stack.now_ns() / 1_000_000;
+        let mut timeout: u32 = stack
+            .timers
+            .iter()
+            // SAFETY: the timers are live until timer_free removes them.
+            .filter_map(|&t| unsafe { (*t).expire_ms })
+            .map(|e| (e - now_ms).clamp(0, 1000) as u32)
+            .min()
+            .unwrap_or(1000);
+        // SAFETY: a live instance; the callback fills `fds`, passed as its
+        // opaque pointer for this call only.
+        unsafe {
+            sys::slirp_pollfds_fill(
+                slirp,
+                &mut timeout,
+                Some(add_poll),
+                (&mut fds as *mut Vec<libc::pollfd>).cast(),
+            )
+        };
+        // SAFETY: `fds` is a valid array of its length.
+        let ret =
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout as c_int) };
+        if fds[0].revents != 0 {
+            break;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            while let Ok(n) = stack.wire.recv(&mut frame) {
+                if n > VNET_HDR_LEN {
+                    let payload = &frame[VNET_HDR_LEN..n];
+                    // SAFETY: a live instance; the frame is valid for the call.
+                    unsafe { sys::slirp_input(slirp, payload.as_ptr(), payload.len() as c_int) };
+                }
+            }
+        }
+        // SAFETY: as for fill; `fds` holds the revents of this round.
+        unsafe {
+            sys::slirp_pollfds_poll(
+                slirp,
+                c_int::from(ret < 0),
+                Some(get_revents),
+                (&mut fds as *mut Vec<libc::pollfd>).cast(),
+            )
+        };
+        run_timers(&mut stack);
+    }
+    // SAFETY: the instance is not used after this; the timers it frees go
+    // through `timer_free` with the still-live stack.
+    unsafe { sys::slirp_cleanup(slirp) };
+}
+
+/// Fires the timers that are due (each once per `timer_mod`).
+fn run_timers(stack: &mut Stack) {
+    let now_ms = stack.now_ns() / 1_000_000;
+    let due: Vec<*mut Timer> = stack
+        .timers
+        .iter()
+        .copied()
+        // SAFETY: live timers, as above.
+        .filter(|&t| unsafe { (*t).expire_ms }.is_some_and(|e| e <= now_ms))
+        .collect();
+    for t in due {
+        // A callback may free other timers: fire only those still live.
+        if !stack.timers.contains(&t) {
+            continue;
+        }
+        // SAFETY: `t` is live (checked above); its callback and opaque are
+        // libslirp's own.
+        unsafe {
+            (*t).expire_ms = None;
+            if let Some(cb) = (*t).cb {
+                cb((*t).cb_opaque);
+            }
+        }
+    }
+}
+
+impl Drop for UserNet {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
