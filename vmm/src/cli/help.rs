@@ -121,8 +121,8 @@ Devices:
                          user networking (libslirp, on a thread of its own):
                          QEMU's 10.0.2.0/24, DHCP from .15, the host as .2;
                          a host port that cannot be bound exits 1 naming it;
-                         under -sandbox on, DNS forwarding cannot read
-                         /etc/resolv.conf (use dns= or a resolver by IP)
+                         under -sandbox on, libslirp cannot read
+                         /etc/resolv.conf and forwards DNS to 127.0.0.1:53
 -net nic,netdev=ID[,model=virtio][,macaddr=MAC]
                          a virtio-net on the machine's bus (PCIe with
                          pcie=on, else virtio-mmio)
