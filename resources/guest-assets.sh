@@ -491,7 +491,7 @@ if [ "$want_l1" = 1 ]; then
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
 		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v8-net")
+		"$CACHE/l2/store.img.key" "v9-bridge")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -522,7 +522,7 @@ if [ "$want_l1" = 1 ]; then
 		done
 		# Networking for -netdev tap: tun and vhost-net; macvtap on a dummy
 		# link, as microvm.nix's runner uses it.
-		for m in tun tap macvlan macvtap vhost_net dummy; do
+		for m in tun tap macvlan macvtap vhost_net dummy llc stp bridge; do
 			f=$(find_module "$l1_moddir" "$m")
 			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
 			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order"
@@ -531,6 +531,12 @@ if [ "$want_l1" = 1 ]; then
 		# as /usr/sbin/ip: the scenarios name it by path.
 		IP_BIN=$(command -v ip) || die "ip missing: run resources/install-deps.sh (iproute2)"
 		install_with_libs "$IP_BIN" "$root/usr/sbin/ip" "$root"
+		# QEMU's bridge helper, for -netdev bridge (qemu-system-common).
+		if [ -x /usr/lib/qemu/qemu-bridge-helper ]; then
+			install_with_libs /usr/lib/qemu/qemu-bridge-helper "$root/usr/lib/qemu/qemu-bridge-helper" "$root"
+		else
+			log "note: no /usr/lib/qemu/qemu-bridge-helper (qemu-system-common): -netdev bridge tests will fail"
+		fi
 		for m in vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci; do
 			f=$(find_module "$l1_moddir" "$m")
 			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }

@@ -9,6 +9,7 @@
 //!   [,queues=N]`) and its macvtap runner (`fd=3`, /dev/tapN opened by the
 //!   caller) use it: the guest pings the test host and moves 8 MiB each way
 //!   with matching checksums (large frames: TSO, mergeable buffers).
+//! - `-netdev bridge,id=ID,br=BR` through QEMU's own qemu-bridge-helper.
 //! - user networking (libslirp) as microvm.nix writes it (with its trailing
 //!   comma) and as NixOS test VMs do (`-net nic,netdev=user.0,model=virtio
 //!   -netdev user,id=user.0`): DHCP, a host port forwarded to the guest,
@@ -131,6 +132,25 @@ fn macvtap() -> String {
     format!("{setup}{}", until_then_sigterm(&cmd, "SKIFF-NET-DONE", 2, 150, ""))
 }
 
+/// `-netdev bridge`: QEMU's helper puts a tap on br0 (allowed in
+/// /etc/qemu/bridge.conf) and hands it over; the guest pings the bridge's
+/// address. A bridge the configuration does not allow is refused.
+fn bridge() -> String {
+    let device =
+        |br: &str| format!("-netdev bridge,id=n0,br={br} -device virtio-net-pci,netdev=n0");
+    let cmd = command(true, &device("br0"), "skiff.test=net skiff.net=10.0.4.15/24,10.0.4.1");
+    let refused = command(true, &device("br9"), "");
+    format!(
+        "ip=/usr/sbin/ip\n\
+         $ip link add br0 type bridge && $ip addr add 10.0.4.1/24 dev br0 && $ip link set br0 up\n\
+         mkdir -p /etc/qemu && echo 'allow br0' > /etc/qemu/bridge.conf\n\
+         {refused} > refused.txt 2>&1; echo \"REFUSED-RC=$?\"\n\
+         echo \"REFUSED-ERR=$(grep -a 'netdev' refused.txt | head -n 1)\"\n\
+         {cmd} > out.txt 2>&1\necho \"SKIFF-RC=$?\"\n\
+         echo \"BRIDGE-PORTS=$(ls /sys/class/net/br0/brif | wc -l)\"\ncat out.txt\n"
+    )
+}
+
 /// `-netdev user` with a forwarded port: the host reads the guest's line
 /// through 127.0.0.1:2222, the guest reads the host's through 10.0.2.2.
 fn user_fwd() -> String {
@@ -172,6 +192,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::script("tap-mq", SECS, &tap(true, ",queues=2", false)),
         Scenario::script("macvtap-fd", SECS + 60, &macvtap()),
         Scenario::script("user-fwd", SECS, &user_fwd()),
+        Scenario::script("bridge", SECS, &bridge()),
         Scenario::script("user-seed", SECS, &user_seed()),
     ]
 }
@@ -309,4 +330,14 @@ fn nixos_test_vm_nic_gets_dhcp() {
     assert_eq!(r.value("SKIFF-DHCP-ADDR"), Some("10.0.2.15"), "{}", r.describe());
     assert!(r.has_line("SKIFF-NET-DONE"), "{}", r.describe());
     assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+#[test]
+fn bridge_helper_puts_the_nic_on_the_bridge() {
+    let r = result("bridge");
+    assert_eq!(r.value("SKIFF-NET-PING"), Some("ok"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+    assert_eq!(r.value("REFUSED-RC"), Some("1"), "{}", r.describe());
+    let err = r.line_value("REFUSED-ERR").unwrap_or_default();
+    assert!(err.contains("-netdev bridge,id=n0") && err.contains("bridge helper failed"), "{err}");
 }

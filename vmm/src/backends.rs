@@ -55,6 +55,12 @@ pub enum BackendError {
         #[source]
         source: NetError,
     },
+    #[error("-netdev bridge,id={netdev}")]
+    Bridge {
+        netdev: String,
+        #[source]
+        source: crate::host::bridge_helper::HelperError,
+    },
     #[error("-drive id={drive}")]
     Disk {
         drive: String,
@@ -227,6 +233,15 @@ fn net(cfg: &VmConfig, n: &NetConfig) -> Result<DeviceBackend, BackendError> {
             })?;
             let taps = vec![Arc::new(Tap::socket(fd, &format!("netdev {id}")))];
             let backend = NetBackend { taps, vhost: None, user: Some(user) };
+            return Ok(DeviceBackend::Net(Arc::new(backend), params));
+        }
+        Some(NetdevConfig::Bridge { id, br, helper }) => {
+            let failed = |source| BackendError::Bridge { netdev: id.clone(), source };
+            let fd = crate::host::bridge_helper::tap_for_bridge(helper, br).map_err(failed)?;
+            let tap = Tap::from_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)).map_err(|e| {
+                BackendError::Net { kind: "bridge", netdev: id.clone(), source: e.into() }
+            })?;
+            let backend = NetBackend { taps: vec![Arc::new(tap)], vhost: None, user: None };
             return Ok(DeviceBackend::Net(Arc::new(backend), params));
         }
         None => unreachable!("the command line checked netdev={}", n.netdev),

@@ -201,6 +201,8 @@ pub enum NetdevConfig {
     Tap { id: String, source: TapSource, vhost: bool },
     /// `-netdev user`: libslirp's network behind the NIC.
     User { id: String, config: UserConfig },
+    /// `-netdev bridge`: a tap on bridge `br` from QEMU's setuid helper.
+    Bridge { id: String, br: String, helper: String },
 }
 
 pub use devices::virtio::net::user::{HostFwd, UserConfig};
@@ -208,7 +210,9 @@ pub use devices::virtio::net::user::{HostFwd, UserConfig};
 impl NetdevConfig {
     pub fn id(&self) -> &str {
         match self {
-            NetdevConfig::Tap { id, .. } | NetdevConfig::User { id, .. } => id,
+            NetdevConfig::Tap { id, .. }
+            | NetdevConfig::User { id, .. }
+            | NetdevConfig::Bridge { id, .. } => id,
         }
     }
 }

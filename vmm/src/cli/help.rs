@@ -123,6 +123,10 @@ Devices:
                          a host port that cannot be bound exits 1 naming it;
                          under -sandbox on, libslirp cannot read
                          /etc/resolv.conf and forwards DNS to 127.0.0.1:53
+-netdev bridge,id=ID[,br=BRIDGE][,helper=PATH]
+                         a tap on BRIDGE (default br0) from QEMU's setuid
+                         helper (default /usr/lib/qemu/qemu-bridge-helper),
+                         which /etc/qemu/bridge.conf must allow
 -net nic,netdev=ID[,model=virtio][,macaddr=MAC]
                          a virtio-net on the machine's bus (PCIe with
                          pcie=on, else virtio-mmio)
@@ -157,7 +161,7 @@ Monitor:
 -monitor none            no human monitor (the only form accepted)
 
 Every other QEMU option (for example -blockdev, -fw_cfg, -fsdev), every
-other -netdev type (bridge, socket, ...), every other -object type, and every other
+other -netdev type (socket, stream, vde, ...), every other -object type, and every other
 -device (for example virtio-9p-pci, vfio-pci) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";

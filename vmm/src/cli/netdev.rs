@@ -21,7 +21,12 @@ pub(super) fn parse_netdev(label: &str, arg: &str) -> Result<NetdevConfig, CliEr
         "tap" => tap(&mut opts, id)?,
         "user" => NetdevConfig::User { id, config: user(&mut opts)? },
         "bridge" => {
-            return Err(opts.error(format!("-netdev {ty} is not supported yet (use -netdev tap)")))
+            // QEMU's defaults: br0, and the helper its package installs.
+            let br = opts.take("br").unwrap_or_else(|| "br0".to_owned());
+            let helper = opts
+                .take("helper")
+                .unwrap_or_else(|| crate::host::bridge_helper::DEFAULT_HELPER.to_owned());
+            NetdevConfig::Bridge { id, br, helper }
         }
         other => return Err(opts.error(format!("netdev type '{other}' is not supported"))),
     };
@@ -321,7 +326,15 @@ mod tests {
         assert!(err("tap,id=n,ifname=abcdefghijklmnop").contains("ifname"));
         assert!(err("tap,id=n,ifname=t,bogus=1").contains("'bogus'"));
         assert!(err("tap,ifname=t").contains("'id'"));
-        assert!(err("bridge,id=n,br=br0").contains("-netdev bridge is not supported yet"));
+        assert_eq!(
+            netdev("bridge,id=n,br=br1").unwrap(),
+            NetdevConfig::Bridge {
+                id: "n".into(),
+                br: "br1".into(),
+                helper: "/usr/lib/qemu/qemu-bridge-helper".into()
+            }
+        );
+        assert!(err("bridge,id=n,vhost=on").contains("'vhost'"));
         assert!(err("socket,id=n").contains("'socket'"));
     }
 

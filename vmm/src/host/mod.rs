@@ -1,6 +1,7 @@
 //! The host side of the machine: the terminal and files the console talks
 //! to, signals, and skiff's own log.
 
+pub mod bridge_helper;
 pub mod chardevs;
 pub mod console;
 pub mod console_writer;

@@ -27,6 +27,9 @@ use crate::virtio::{GuestMemoryMmap, VirtioInterruptType};
 /// header and a VLAN tag, behind the virtio-net header.
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65535 + 14 + 4;
 
+/// An Ethernet header: destination, source, type.
+const ETH_HLEN: usize = 14;
+
 /// Frames moved per wakeup in each direction, so one busy queue pair
 /// cannot keep its worker from `stop`.
 const FRAMES_PER_WAKEUP: usize = 64;
@@ -79,6 +82,9 @@ impl QueuePair {
             let len = match self.pending.take() {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.frame) {
+                    // Not even a header and an Ethernet header: nothing a
+                    // driver could take; dropped.
+                    Ok(len) if len < VNET_HDR_LEN + ETH_HLEN => continue,
                     Ok(len) => len,
                     Err(e) => {
                         if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -121,8 +127,7 @@ impl QueuePair {
         let mut used: Vec<(u16, u32)> = Vec::new();
         let mut first: Option<Chain> = None;
         let mut written = 0;
-        // Frames too short to carry a header are the tap's to never send.
-        let frame = &mut self.frame[..len.max(VNET_HDR_LEN)];
+        let frame = &mut self.frame[..len];
         loop {
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),

@@ -147,6 +147,19 @@ fn without_mergeable_buffers_each_frame_takes_one_chain() {
 }
 
 #[test]
+fn runt_frames_are_dropped() {
+    let mem = guest_mem(MEM);
+    let mut rxq = TestQueue::new(&mem, 16);
+    let txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, _) = pair(&mem, &rxq, &txq, true);
+    rxq.add_chain(&[(DATA, 1500, WRITE)]);
+    host.send(&[0u8; 20]).unwrap();
+    host.send(&frame(60, 4)).unwrap();
+    qp.receive();
+    assert_eq!(rxq.used(), vec![(0, 72)], "only the whole frame arrives");
+}
+
+#[test]
 fn a_receive_buffer_outside_memory_needs_a_reset() {
     let mem = guest_mem(MEM);
     let mut rxq = TestQueue::new(&mem, 16);

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# virtio-net benchmark: iperf3 and a TCP request/response loop between the
+# guest and the test host, Skiff against QEMU's microvm with the same argv
+# (microvm.nix's interface: virtio-net-pci on a tap, vhost off and on, and
+# user networking), in ONE test-host run, VMMs alternating.
+#
+#   resources/bench-net.sh [-n ROUNDS] [-t SECONDS] [--skiff PATH]
+#
+#   -n ROUNDS    guest runs per VMM and mode (default 2)
+#   -t SECONDS   length of each measurement (default 5)
+#
+# Rows: TCP throughput guest -> host (tx) and host -> guest (rx, iperf3 -R),
+# and request/response transactions per second (rr: one byte each way,
+# resources/tools/tcprr.c, as netperf's TCP_RR; netperf is not in Debian
+# main). Prints a Markdown table of medians and skiff/QEMU ratios; ratios
+# only are meaningful in the nested test host. Needs iperf3 on this machine
+# (installed if missing); it and its libraries travel into the test host and
+# the guest's initrd. Raw log: target/skiff-tests/bench-net.log.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+rounds=2
+secs=5
+skiff=${SKIFF_BIN:-$REPO/target/release/skiff}
+usage() {
+	sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
+	exit 2
+}
+while [ $# -gt 0 ]; do
+	case "$1" in
+	-n) rounds=${2:?-n needs a number}; shift 2 ;;
+	-t) secs=${2:?-t needs seconds}; shift 2 ;;
+	--skiff) skiff=${2:?--skiff needs a path}; shift 2 ;;
+	-h | --help) usage ;;
+	*) echo "bench-net: unknown argument: $1" >&2; usage ;;
+	esac
+done
+die() {
+	echo "bench-net: error: $*" >&2
+	exit 1
+}
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number"
+[[ "$secs" =~ ^[1-9][0-9]*$ ]] || die "-t wants a positive number of seconds"
+[ -x "$skiff" ] || die "no skiff binary at $skiff: cargo build --release -p vmm (or --skiff PATH)"
+if ! command -v iperf3 >/dev/null; then
+	echo "bench-net: installing iperf3" >&2
+	if [ "$(id -u)" -eq 0 ]; then apt-get install -y -q iperf3 >/dev/null; else sudo apt-get install -y -q iperf3 >/dev/null; fi
+fi
+IPERF=$(command -v iperf3)
+
+eval "$("$REPO/resources/guest-assets.sh" --quiet --env)"
+work="$SKIFF_CACHE/bench"
+mkdir -p "$work"
+
+# iperf3 with its libraries, and tcprr, rooted at DIR.
+make_root() {
+	mkdir -p "$1/usr/bin" "$1/lib64"
+	cp -L "$IPERF" "$1/usr/bin/iperf3"
+	ldd "$IPERF" | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}' | while read -r lib; do
+		mkdir -p "$1$(dirname "$lib")"
+		cp -L "$lib" "$1$lib"
+	done
+	gcc -O2 -Wall -static -s -o "$1/usr/bin/tcprr" "$REPO/resources/tools/tcprr.c"
+}
+cpio_of() { (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet); }
+
+key="$(sha256sum "$IPERF" "$SKIFF_L2_INITRD" "${BASH_SOURCE[0]}" "$REPO/resources/tools/tcprr.c" | sha256sum | cut -c1-16)"
+if [ ! -e "$work/l1-net-$key.cpio.zst" ]; then
+	echo "bench-net: packing iperf3 and tcprr for the guest and the test host" >&2
+	rm -rf "$work"/net-root-* "$work"/l1-net-*.cpio.zst "$work"/initrd-net.img
+	make_root "$work/net-root-l2"
+	{ cat "$SKIFF_L2_INITRD"; cpio_of "$work/net-root-l2" | gzip -1; } >"$work/initrd-net.img"
+	make_root "$work/net-root-l1"
+	mkdir -p "$work/net-root-l1/assets"
+	cp "$work/initrd-net.img" "$work/net-root-l1/assets/"
+	cpio_of "$work/net-root-l1" | zstd -q -T0 -3 >"$work/l1-net.tmp"
+	pad=$(((4 - $(stat -c %s "$work/l1-net.tmp") % 4) % 4))
+	head -c "$pad" /dev/zero >>"$work/l1-net.tmp"
+	mv "$work/l1-net.tmp" "$work/l1-net-$key.cpio.zst"
+	rm -rf "$work"/net-root-*
+fi
+
+out_dir="$REPO/target/skiff-tests"
+mkdir -p "$out_dir"
+scen="$out_dir/bench-net.tsv"
+log="$out_dir/bench-net.log"
+
+# microvm.nix's argv with one interface of MODE (tap, vhost, user).
+argv() {
+	local netdev net
+	case "$1" in
+	tap) netdev="tap,id=n0,ifname=tap0,script=no,downscript=no" net="10.0.2.15/24,10.0.2.1" ;;
+	vhost) netdev="tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=on" net="10.0.2.15/24,10.0.2.1" ;;
+	user) netdev="user,id=n0," net="dhcp,10.0.2.2" ;;
+	esac
+	echo "-name t -M microvm,accel=kvm:tcg,acpi=on,mem-merge=on,pcie=on,pic=off,pit=off,rtc=on,usb=off" \
+		"-m 1G -smp 2 -nodefaults -no-user-config -no-reboot -kernel \$BZIMAGE -initrd /assets/initrd-net.img" \
+		"-chardev stdio,id=stdio,signal=off -serial chardev:stdio -enable-kvm -cpu host,+x2apic,-sgx" \
+		"-device i8042 -netdev $netdev -device virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=" \
+		"-append \"console=ttyS0 reboot=t panic=-1 quiet skiff.test=iperf skiff.net=$net skiff.secs=$secs\" -nographic"
+}
+# The test host's side: servers, and the tap's address once the VMM made it.
+host_side() {
+	echo "ip link set lo up; iperf3 -s -D >/dev/null 2>&1; tcprr server 7000 & srv=\$!;" \
+		"$2 > out.txt 2>&1 & pid=\$!;" \
+		"if [ $1 != user ]; then i=0; while [ ! -e /sys/class/net/tap0 ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i+1)); done;" \
+		"ip addr add 10.0.2.1/24 dev tap0; ip link set tap0 up; fi;" \
+		"wait \$pid; kill \$srv; killall iperf3 2>/dev/null; cat out.txt"
+}
+{
+	echo "# generated by resources/bench-net.sh"
+	for ((i = 1; i <= rounds; i++)); do
+		if ((i % 2)); then order=(skiff qemu); else order=(qemu skiff); fi
+		for mode in tap vhost user; do
+			for v in "${order[@]}"; do
+				vmm='$SKIFF'
+				[ "$v" = qemu ] && vmm='$QEMU'
+				printf '%s\t%s\t%s\n' "bench-$v-$mode-$i" $((secs * 3 + 200)) "$(host_side "$mode" "$vmm $(argv "$mode")")"
+			done
+		done
+	done
+} >"$scen"
+
+export SKIFF_BIN=$skiff
+export SKIFF_L1_EXTRA="$work/l1-net-$key.cpio.zst"
+export SKIFF_L1_SMP=${SKIFF_L1_SMP:-2}
+echo "bench-net: skiff and qemu x 3 modes x $rounds round(s), ${secs}s per measurement" >&2
+"$REPO/tests/testhost/run-scenarios.sh" "$scen" "$log" || die "the benchmark run failed; log: $log"
+
+# Records: who mode metric value
+tr -d '\r' <"$log" | awk '
+	/=== BEGIN / { split($3, a, "-"); who = a[2]; mode = a[3]; next }
+	/SKIFF-BENCH / { sub(/.*SKIFF-BENCH /, ""); if (NF >= 2 && $2 != "-") print who, mode, $1, $2 }' \
+	>"$out_dir/bench-net.records"
+
+median() { # WHO MODE METRIC
+	awk -v w="$1" -v m="$2" -v x="$3" '$1 == w && $2 == m && $3 == x { print $4 }' "$out_dir/bench-net.records" |
+		sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+echo
+echo "### virtio-net, guest <-> test host ($rounds round(s), ${secs}s each; medians; ratio skiff/QEMU, > 1 means Skiff is faster)"
+echo
+echo "| netdev | row | skiff | QEMU | ratio |"
+echo "|---|---|---|---|---|"
+for mode in tap vhost user; do
+	for metric in tx rx rr; do
+		unit="Kbit/s"
+		[ "$metric" = rr ] && unit="transactions/s"
+		s=$(median skiff "$mode" "$metric")
+		q=$(median qemu "$mode" "$metric")
+		echo "| $mode | $metric ($unit) | $s | $q | $(ratio "$s" "$q") |"
+	done
+done
+echo
+echo "Measured inside the nested test host unless it ran directly: compare ratios, not absolute figures. Log: $log"
