@@ -40,9 +40,16 @@ fn bit(b: u32) -> u64 {
     1 << b
 }
 
+/// Indirect descriptor tables: Linux puts a transmitted frame's pieces in
+/// one, so a frame takes one ring entry instead of up to 19.
+/// `chain::Chain` follows them (bounded by the queue size).
+const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+
 /// The ring and transport features vhost-net must handle for the device
 /// to offer them with `vhost=on`.
-const RING_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+const RING_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
 
 /// The device's shape, from `-device virtio-net-*`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,6 +219,7 @@ impl VirtioDevice for Net {
     fn features(&self) -> u64 {
         let mut f = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
             | bit(VIRTIO_NET_F_MRG_RXBUF)
             | bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
