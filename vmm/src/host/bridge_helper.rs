@@ -74,12 +74,12 @@ fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     }
     // SAFETY: CMSG_FIRSTHDR reads the header recvmsg filled in.
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    if cmsg.is_null() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "no control message"));
+    }
     // SAFETY: a non-null cmsg points into `control`, as recvmsg wrote it.
-    if cmsg.is_null()
-        || unsafe {
-            (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        }
-    {
+    let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+    if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "no SCM_RIGHTS message"));
     }
     // SAFETY: an SCM_RIGHTS message carries at least one int.

@@ -326,7 +326,7 @@ impl Request for Sender<'_> {
                 iov_len: slice.len(),
             });
         }
-        if total < VNET_HDR_LEN || total > MAX_FRAME {
+        if !(VNET_HDR_LEN..=MAX_FRAME).contains(&total) {
             crate::error_limited!("{}: dropped a {total}-byte transmit frame", self.name);
             return Outcome::Used(0);
         }

@@ -223,8 +223,8 @@ impl Tap {
         if self.is_plain() {
             return Ok(());
         }
-        let mut req = IfReq::default();
-        req.flags = if enabled { IFF_ATTACH_QUEUE } else { IFF_DETACH_QUEUE };
+        let flags = if enabled { IFF_ATTACH_QUEUE } else { IFF_DETACH_QUEUE };
+        let req = IfReq { flags, ..IfReq::default() };
         // SAFETY: TUNSETQUEUE reads an ifreq, which `req` is.
         let ret = unsafe { ioctl_with_ref(&self.file, TUNSETQUEUE(), &req) };
         if ret < 0 {

@@ -427,3 +427,47 @@ impl Drop for UserNet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn fwd(port: u16) -> HostFwd {
+        HostFwd {
+            udp: false,
+            host_addr: Ipv4Addr::LOCALHOST,
+            host_port: port,
+            guest_addr: None,
+            guest_port: 22,
+            text: format!("tcp:127.0.0.1:{port}-:22"),
+        }
+    }
+
+    #[test]
+    fn a_busy_host_port_is_named() {
+        let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let config = UserConfig { hostfwd: vec![fwd(port)], ..UserConfig::default() };
+        let err = UserNet::start(&config).err().expect("the port is taken");
+        assert_eq!(
+            err.to_string(),
+            format!("Could not set up host forwarding rule 'tcp:127.0.0.1:{port}-:22'")
+        );
+    }
+
+    /// The forwarded port listens while the thread runs, and is let go
+    /// when it stops.
+    #[test]
+    fn a_forwarded_port_listens_until_the_thread_stops() {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let config = UserConfig { hostfwd: vec![fwd(port)], ..UserConfig::default() };
+        let (net, _device) = UserNet::start(&config).unwrap();
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_err(), "libslirp holds the port");
+        drop(net);
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "released");
+    }
+}
