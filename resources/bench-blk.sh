@@ -21,50 +21,20 @@
 # target/skiff-tests/bench-blk.log.
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-rounds=2
-secs=5
-skiff=${SKIFF_BIN:-$REPO/target/release/skiff}
-usage() {
-	sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
-	exit 2
-}
-while [ $# -gt 0 ]; do
-	case "$1" in
-	-n) rounds=${2:?-n needs a number}; shift 2 ;;
-	-t) secs=${2:?-t needs seconds}; shift 2 ;;
-	--skiff) skiff=${2:?--skiff needs a path}; shift 2 ;;
-	-h | --help) usage ;;
-	*) echo "bench-blk: unknown argument: $1" >&2; usage ;;
-	esac
-done
-die() {
-	echo "bench-blk: error: $*" >&2
-	exit 1
-}
-[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number"
-[[ "$secs" =~ ^[1-9][0-9]*$ ]] || die "-t wants a positive number of seconds"
-[ -x "$skiff" ] || die "no skiff binary at $skiff: cargo build --release -p vmm (or --skiff PATH)"
-if ! command -v fio >/dev/null; then
-	echo "bench-blk: installing fio" >&2
-	if [ "$(id -u)" -eq 0 ]; then apt-get install -y -q fio >/dev/null; else sudo apt-get install -y -q fio >/dev/null; fi
-fi
+NAME=bench-blk
+SCRIPT=${BASH_SOURCE[0]}
+# shellcheck source=resources/bench-lib.sh
+. "$(dirname "$SCRIPT")/bench-lib.sh"
+bench_args "$@"
+need_tool fio fio
 FIO=$(command -v fio)
 
 eval "$("$REPO/resources/guest-assets.sh" --quiet --env)"
 work="$SKIFF_CACHE/bench"
 mkdir -p "$work"
 
-# fio and its libraries as a cpio archive rooted at /.
-make_root() { # DIR: fio and what it links to, at their own paths
-	mkdir -p "$1/usr/bin" "$1/lib64"
-	cp -L "$FIO" "$1/usr/bin/fio"
-	ldd "$FIO" | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}' | while read -r lib; do
-		mkdir -p "$1$(dirname "$lib")"
-		cp -L "$lib" "$1$lib"
-	done
-}
-cpio_of() { (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet); }
+# fio and what it links to, at their own paths under DIR.
+make_root() { copy_with_libs "$FIO" /usr/bin/fio "$1"; }
 
 key="$(sha256sum "$FIO" "$SKIFF_L2_INITRD" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 if [ ! -e "$work/l1-fio-$key.cpio.zst" ]; then
@@ -93,10 +63,7 @@ EOS
 	chmod +x "$work/root-l1/usr/bin/fio-jobs"
 	mkdir -p "$work/root-l1/assets"
 	cp "$work/initrd-fio.img" "$work/root-l1/assets/"
-	cpio_of "$work/root-l1" | zstd -q -T0 -3 >"$work/l1-fio-$key.cpio.zst.tmp"
-	pad=$(((4 - $(stat -c %s "$work/l1-fio-$key.cpio.zst.tmp") % 4) % 4))
-	head -c "$pad" /dev/zero >>"$work/l1-fio-$key.cpio.zst.tmp"
-	mv "$work/l1-fio-$key.cpio.zst.tmp" "$work/l1-fio-$key.cpio.zst"
+	zstd_archive "$work/root-l1" "$work/l1-fio-$key.cpio.zst"
 	rm -rf "$work"/root-*
 fi
 
@@ -141,22 +108,19 @@ tr -d '\r' <"$log" | awk '
 		sub(/.*-FIO /, ""); if (NF >= 3) print who, $1, $2, $3, (NF >= 4 ? $4 : "-")
 	}' >"$out_dir/bench-blk.records"
 
-median() { # WHO JOB FIELD
-	awk -v w="$1" -v j="$2" -v f="$3" '$1 == w && $2 == j { print $(f) }' "$out_dir/bench-blk.records" |
-		sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+# The median of FIELD (3: KiB/s, 4: IOPS, 5: interrupts per I/O) for WHO's JOB.
+field() { median "$out_dir/bench-blk.records" "$3" "$1" "$2"; }
 echo
 echo "### virtio-blk, fio in the guest ($rounds round(s), ${secs}s per job; medians; ratio skiff/QEMU, > 1 means Skiff is faster)"
 echo
 echo "| job | skiff KiB/s | QEMU KiB/s | ratio | skiff IOPS | QEMU IOPS | ratio | skiff IRQ/IO | QEMU IRQ/IO | host KiB/s | host IOPS |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for job in read-1m-qd1 read-1m-qd32 write-1m-qd1 write-1m-qd32 randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32; do
-	sk=$(median skiff "$job" 3)
-	qk=$(median qemu "$job" 3)
-	si=$(median skiff "$job" 4)
-	qi=$(median qemu "$job" 4)
-	echo "| $job | $sk | $qk | $(ratio "$sk" "$qk") | $si | $qi | $(ratio "$si" "$qi") | $(median skiff "$job" 5) | $(median qemu "$job" 5) | $(median host "$job" 3) | $(median host "$job" 4) |"
+	sk=$(field skiff "$job" 3)
+	qk=$(field qemu "$job" 3)
+	si=$(field skiff "$job" 4)
+	qi=$(field qemu "$job" 4)
+	echo "| $job | $sk | $qk | $(ratio "$sk" "$qk") | $si | $qi | $(ratio "$si" "$qi") | $(field skiff "$job" 5) | $(field qemu "$job" 5) | $(field host "$job" 3) | $(field host "$job" 4) |"
 done
 echo
 echo "Measured inside the nested test host unless it ran directly: compare ratios, not absolute figures. Log: $log"

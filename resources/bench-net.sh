@@ -18,34 +18,12 @@
 # the guest's initrd. Raw log: target/skiff-tests/bench-net.log.
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-rounds=2
-secs=5
-skiff=${SKIFF_BIN:-$REPO/target/release/skiff}
-usage() {
-	sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
-	exit 2
-}
-while [ $# -gt 0 ]; do
-	case "$1" in
-	-n) rounds=${2:?-n needs a number}; shift 2 ;;
-	-t) secs=${2:?-t needs seconds}; shift 2 ;;
-	--skiff) skiff=${2:?--skiff needs a path}; shift 2 ;;
-	-h | --help) usage ;;
-	*) echo "bench-net: unknown argument: $1" >&2; usage ;;
-	esac
-done
-die() {
-	echo "bench-net: error: $*" >&2
-	exit 1
-}
-[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number"
-[[ "$secs" =~ ^[1-9][0-9]*$ ]] || die "-t wants a positive number of seconds"
-[ -x "$skiff" ] || die "no skiff binary at $skiff: cargo build --release -p vmm (or --skiff PATH)"
-if ! command -v iperf3 >/dev/null; then
-	echo "bench-net: installing iperf3" >&2
-	if [ "$(id -u)" -eq 0 ]; then apt-get install -y -q iperf3 >/dev/null; else sudo apt-get install -y -q iperf3 >/dev/null; fi
-fi
+NAME=bench-net
+SCRIPT=${BASH_SOURCE[0]}
+# shellcheck source=resources/bench-lib.sh
+. "$(dirname "$SCRIPT")/bench-lib.sh"
+bench_args "$@"
+need_tool iperf3 iperf3
 IPERF=$(command -v iperf3)
 
 eval "$("$REPO/resources/guest-assets.sh" --quiet --env)"
@@ -54,15 +32,9 @@ mkdir -p "$work"
 
 # iperf3 with its libraries, and tcprr, rooted at DIR.
 make_root() {
-	mkdir -p "$1/usr/bin" "$1/lib64"
-	cp -L "$IPERF" "$1/usr/bin/iperf3"
-	ldd "$IPERF" | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}' | while read -r lib; do
-		mkdir -p "$1$(dirname "$lib")"
-		cp -L "$lib" "$1$lib"
-	done
+	copy_with_libs "$IPERF" /usr/bin/iperf3 "$1"
 	gcc -O2 -Wall -static -s -o "$1/usr/bin/tcprr" "$REPO/resources/tools/tcprr.c"
 }
-cpio_of() { (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet); }
 
 key="$(sha256sum "$IPERF" "$SKIFF_L2_INITRD" "${BASH_SOURCE[0]}" "$REPO/resources/tools/tcprr.c" | sha256sum | cut -c1-16)"
 if [ ! -e "$work/l1-net-$key.cpio.zst" ]; then
@@ -73,10 +45,7 @@ if [ ! -e "$work/l1-net-$key.cpio.zst" ]; then
 	make_root "$work/net-root-l1"
 	mkdir -p "$work/net-root-l1/assets"
 	cp "$work/initrd-net.img" "$work/net-root-l1/assets/"
-	cpio_of "$work/net-root-l1" | zstd -q -T0 -3 >"$work/l1-net.tmp"
-	pad=$(((4 - $(stat -c %s "$work/l1-net.tmp") % 4) % 4))
-	head -c "$pad" /dev/zero >>"$work/l1-net.tmp"
-	mv "$work/l1-net.tmp" "$work/l1-net-$key.cpio.zst"
+	zstd_archive "$work/net-root-l1" "$work/l1-net-$key.cpio.zst"
 	rm -rf "$work"/net-root-*
 fi
 
@@ -133,11 +102,6 @@ tr -d '\r' <"$log" | awk '
 	/SKIFF-BENCH / { sub(/.*SKIFF-BENCH /, ""); if (NF >= 2 && $2 != "-") print who, mode, $1, $2 }' \
 	>"$out_dir/bench-net.records"
 
-median() { # WHO MODE METRIC
-	awk -v w="$1" -v m="$2" -v x="$3" '$1 == w && $2 == m && $3 == x { print $4 }' "$out_dir/bench-net.records" |
-		sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 echo
 echo "### virtio-net, guest <-> test host ($rounds round(s), ${secs}s each; medians; ratio skiff/QEMU, > 1 means Skiff is faster)"
 echo
@@ -147,8 +111,8 @@ for mode in tap vhost user; do
 	for metric in tx rx rr; do
 		unit="Kbit/s"
 		[ "$metric" = rr ] && unit="transactions/s"
-		s=$(median skiff "$mode" "$metric")
-		q=$(median qemu "$mode" "$metric")
+		s=$(median "$out_dir/bench-net.records" 4 skiff "$mode" "$metric")
+		q=$(median "$out_dir/bench-net.records" 4 qemu "$mode" "$metric")
 		echo "| $mode | $metric ($unit) | $s | $q | $(ratio "$s" "$q") |"
 	done
 done

@@ -1,0 +1,81 @@
+# Shared by the benchmark scripts (bench-blk.sh, bench-net.sh); sourced
+# after the script sets NAME (its short name, for messages) and SCRIPT (its
+# path, whose header comment is its usage).
+#
+#   bench_args "$@"          -n ROUNDS, -t SECONDS, --skiff PATH into
+#                            $rounds, $secs, $skiff (defaults 2, 5, the
+#                            release build)
+#   need_tool CMD PACKAGE    installs PACKAGE when CMD is missing
+#   copy_with_libs BIN DEST ROOT   BIN at ROOT/DEST, its ldd libraries at
+#                            their own paths under ROOT
+#   cpio_of DIR              DIR as a newc archive on stdout
+#   zstd_archive DIR OUT     DIR as a zstd'ed archive OUT, padded to 4 bytes
+#                            (the test host's initramfs pieces concatenate)
+#   median FILE COLUMN VALUE... the median of COLUMN over the records of
+#                            FILE whose first columns equal VALUE...
+#   ratio A B                A/B to two places, or - when either is missing
+
+REPO=$(cd "$(dirname "$SCRIPT")/.." && pwd)
+
+die() {
+	echo "$NAME: error: $*" >&2
+	exit 1
+}
+
+usage() {
+	sed -n '2,/^set -euo/p' "$SCRIPT" | sed '$d; s/^# \{0,1\}//' >&2
+	exit 2
+}
+
+bench_args() {
+	rounds=2
+	secs=5
+	skiff=${SKIFF_BIN:-$REPO/target/release/skiff}
+	while [ $# -gt 0 ]; do
+		case "$1" in
+		-n) rounds=${2:?-n needs a number}; shift 2 ;;
+		-t) secs=${2:?-t needs seconds}; shift 2 ;;
+		--skiff) skiff=${2:?--skiff needs a path}; shift 2 ;;
+		-h | --help) usage ;;
+		*) echo "$NAME: unknown argument: $1" >&2; usage ;;
+		esac
+	done
+	[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number"
+	[[ "$secs" =~ ^[1-9][0-9]*$ ]] || die "-t wants a positive number of seconds"
+	[ -x "$skiff" ] || die "no skiff binary at $skiff: cargo build --release -p vmm (or --skiff PATH)"
+}
+
+need_tool() {
+	command -v "$1" >/dev/null && return
+	echo "$NAME: installing $2" >&2
+	if [ "$(id -u)" -eq 0 ]; then apt-get install -y -q "$2" >/dev/null; else sudo apt-get install -y -q "$2" >/dev/null; fi
+}
+
+copy_with_libs() {
+	mkdir -p "$3$(dirname "$2")" "$3/lib64"
+	cp -L "$1" "$3$2"
+	ldd "$1" | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}' | while read -r lib; do
+		mkdir -p "$3$(dirname "$lib")"
+		cp -L "$lib" "$3$lib"
+	done
+}
+
+cpio_of() { (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet); }
+
+zstd_archive() {
+	cpio_of "$1" | zstd -q -T0 -3 >"$2.tmp"
+	local pad=$(((4 - $(stat -c %s "$2.tmp") % 4) % 4))
+	head -c "$pad" /dev/zero >>"$2.tmp"
+	mv "$2.tmp" "$2"
+}
+
+median() {
+	local file=$1 col=$2
+	shift 2
+	awk -v col="$col" -v want="$*" '
+		BEGIN { n = split(want, w, " ") }
+		{ for (i = 1; i <= n; i++) if ($i != w[i]) next; print $(col) }' "$file" |
+		sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
