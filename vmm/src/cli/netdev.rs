@@ -147,6 +147,11 @@ fn user(opts: &mut QemuOpts) -> Result<UserConfig, CliError> {
     }
     c.ipv6 = opts.take_bool("ipv6")?.unwrap_or(true);
     c.hostname = opts.take("hostname");
+    for key in ["guestfwd", "smb", "tftp", "bootfile", "dnssearch", "domainname", "ipv6-net"] {
+        if opts.contains(key) {
+            return Err(opts.error(format!("{key}= is not supported yet")));
+        }
+    }
     for rule in opts.take_all("hostfwd") {
         let fwd = parse_hostfwd(&rule).ok_or_else(|| {
             opts.invalid_value("hostfwd", rule.clone(), "tcp|udp:[HADDR]:HPORT-[GADDR]:GPORT")
@@ -169,7 +174,21 @@ fn parse_net_mask(s: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
     };
     let addr: Ipv4Addr = addr.parse().ok()?;
     let mask = match mask {
-        None => Ipv4Addr::new(255, 255, 255, 0),
+        // QEMU's classful default (net/slirp.c): /8, 172.16/12, 192.168/16,
+        // else /24.
+        None => {
+            let a = u32::from(addr);
+            let bits = if a & 0x8000_0000 == 0 {
+                8
+            } else if a & 0xfff0_0000 == 0xac10_0000 {
+                12
+            } else if a & 0xffff_0000 == 0xc0a8_0000 {
+                16
+            } else {
+                24
+            };
+            Ipv4Addr::from(u32::MAX << (32 - bits))
+        }
         Some(m) => match m.parse::<u8>() {
             Ok(bits) if (1..=30).contains(&bits) => Ipv4Addr::from(u32::MAX << (32 - bits)),
             Ok(_) => return None,
@@ -257,10 +276,11 @@ pub(super) struct NicConfig {
     pub mac: Option<[u8; 6]>,
 }
 
-/// `52:54:00:12:34:56`; a multicast address is refused, as QEMU does.
+/// `52:54:00:12:34:56` (or with `-`, as QEMU also takes); a multicast
+/// address is refused, as QEMU does.
 pub(super) fn parse_mac(opts: &QemuOpts, key: &str, value: String) -> Result<[u8; 6], CliError> {
     let bytes: Vec<Option<u8>> = value
-        .split(':')
+        .split([':', '-'])
         .map(|b| (b.len() == 2).then(|| u8::from_str_radix(b, 16).ok()).flatten())
         .collect();
     match <[Option<u8>; 6]>::try_from(bytes) {
@@ -380,7 +400,16 @@ mod tests {
         assert!(err("user,id=n,hostfwd=sctp::1-:2").contains("hostfwd"));
         assert!(err("user,id=n,net=10.0.2.0/33").contains("net"));
         assert!(err("user,id=n,host=10.0.3.2").contains("not in net="));
-        assert!(err("user,id=n,smb=/srv").contains("'smb'"));
+        assert!(err("user,id=n,smb=/srv").contains("smb= is not supported yet"));
+        assert!(err("user,id=n,guestfwd=tcp:10.0.2.100:80-cmd:nc").contains("guestfwd="));
+        let NetdevConfig::User { config, .. } = netdev("user,id=u,net=10.0.0.0").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (config.mask, config.dhcp_start),
+            (Ipv4Addr::new(255, 0, 0, 0), Ipv4Addr::new(10, 0, 0, 15)),
+            "QEMU's classful default"
+        );
         assert!(err("user,id=n,ipv4=off").contains("ipv4=off"));
     }
 
@@ -389,7 +418,7 @@ mod tests {
         let n = parse_net("-net", "nic,netdev=user.0,model=virtio").unwrap();
         assert_eq!(n.netdev, "user.0");
         assert_eq!(n.mac, None);
-        let n = parse_net("-net", "nic,netdev=n,macaddr=52:54:00:00:00:01").unwrap();
+        let n = parse_net("-net", "nic,netdev=n,macaddr=52-54-00-00-00-01").unwrap();
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
         let err = |a| parse_net("-net", a).unwrap_err().to_string();
         assert!(err("nic,netdev=n,model=e1000").contains("model"));

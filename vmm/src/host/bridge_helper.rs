@@ -7,6 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 /// QEMU's default helper (Debian's qemu-system-common installs it there).
@@ -44,6 +45,22 @@ pub fn tap_for_bridge(helper: &str, br: &str) -> Result<OwnedFd, HelperError> {
         c.args(["--use-vnet", &fd_arg, &br_arg]);
         c
     };
+    // The helper is setuid: it gets its socket and stdio, nothing else
+    // skiff holds (inherited fd= taps not adopted yet, images), as QEMU
+    // closes every other descriptor in the child.
+    let keep = theirs.as_raw_fd() as libc::c_uint;
+    // Marked close-on-exec rather than closed, so std's own pipe that
+    // reports a failed exec keeps working until the exec.
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: close_range is async-signal-safe and touches only the
+    // child's descriptor table.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::syscall(libc::SYS_close_range, 3u32, keep - 1, CLOSE_RANGE_CLOEXEC);
+            libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        })
+    };
     let mut child = cmd.spawn().map_err(|e| HelperError::Spawn(helper.to_owned(), e))?;
     drop(theirs);
     let received = receive_fd(&ours);
@@ -72,6 +89,9 @@ fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors than one"));
+    }
     // SAFETY: CMSG_FIRSTHDR reads the header recvmsg filled in.
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
     if cmsg.is_null() {
@@ -82,10 +102,20 @@ fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "no SCM_RIGHTS message"));
     }
-    // SAFETY: an SCM_RIGHTS message carries at least one int.
-    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const i32) };
-    // SAFETY: the kernel just installed `fd` in this process for us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // SAFETY: a valid cmsg header, as above; CMSG_LEN is arithmetic.
+    let count = unsafe { ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4 };
+    // SAFETY: the message's data holds `count` descriptors the kernel just
+    // installed in this process for us: the first is the tap, any others
+    // are closed.
+    let fds: Vec<OwnedFd> = (0..count)
+        .map(|i| unsafe {
+            let at = (libc::CMSG_DATA(cmsg) as *const i32).add(i);
+            OwnedFd::from_raw_fd(std::ptr::read_unaligned(at))
+        })
+        .collect();
+    fds.into_iter()
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "an empty SCM_RIGHTS message"))
 }
 
 #[cfg(test)]

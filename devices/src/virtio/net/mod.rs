@@ -96,6 +96,8 @@ pub enum NetError {
 pub struct Net {
     backend: Arc<NetBackend>,
     queue_sizes: Vec<u16>,
+    /// `mac=`, which a reset restores (the driver may change `mac`).
+    configured_mac: [u8; 6],
     mac: Arc<Mutex<[u8; 6]>>,
     acked_features: u64,
     workers: Vec<Worker<QueuePair>>,
@@ -112,6 +114,7 @@ impl Net {
         Net {
             backend,
             queue_sizes,
+            configured_mac: params.mac,
             mac: Arc::new(Mutex::new(params.mac)),
             acked_features: 0,
             workers: Vec::new(),
@@ -292,6 +295,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) -> bool {
         self.stop();
         self.acked_features = 0;
+        *self.mac.lock().unwrap_or_else(|e| e.into_inner()) = self.configured_mac;
         true
     }
 }

@@ -187,6 +187,24 @@ fn runt_frames_are_dropped() {
     assert_eq!(rxq.used(), vec![(0, 72)], "only the whole frame arrives");
 }
 
+/// A driver whose receive chains have no room at all: the worker takes at
+/// most a ring's worth for one frame, then gives up on the device.
+#[test]
+fn receive_chains_without_room_end_in_a_reset_not_a_spin() {
+    let mem = guest_mem(MEM);
+    let rxq = TestQueue::new(&mem, 16);
+    let txq = TestQueue::new_at(&mem, 16, TX_RINGS);
+    let (mut qp, host, irq) = pair(&mem, &rxq, &txq, true);
+    // One read-only descriptor, offered sixteen times over.
+    rxq.store_desc(0, DATA, 64, 0, 0);
+    for _ in 0..16 {
+        rxq.make_available(0);
+    }
+    host.send(&frame(60, 1)).unwrap();
+    qp.receive();
+    assert_eq!(irq.take(), vec![VirtioInterruptType::Config], "NEEDS_RESET");
+}
+
 #[test]
 fn a_receive_buffer_outside_memory_needs_a_reset() {
     let mem = guest_mem(MEM);

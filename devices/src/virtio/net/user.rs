@@ -10,6 +10,7 @@
 //! (and its host ports bound) before the first run, so a busy port fails
 //! the start, and it keeps its connections across guest reboots.
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io;
 use std::net::Ipv4Addr;
@@ -94,11 +95,13 @@ struct Timer {
 }
 
 /// What libslirp's callbacks reach through their opaque pointer; lives on
-/// the network thread.
+/// the network thread. Only ever reached through shared references (the
+/// callbacks re-enter while the loop holds one), so the timer list sits in
+/// a RefCell, borrowed for a moment at a time.
 struct Stack {
     /// The network thread's end of the pair.
     wire: UnixDatagram,
-    timers: Vec<*mut Timer>,
+    timers: RefCell<Vec<*mut Timer>>,
     epoch: Instant,
 }
 
@@ -114,10 +117,12 @@ struct Instance(*mut sys::Slirp);
 // at a time: set up on the caller's, then only on the network thread.
 unsafe impl Send for Instance {}
 
-struct BoxedStack(Box<Stack>);
+/// The stack, leaked from its Box for libslirp's opaque pointer and freed
+/// (`Box::from_raw`) after `slirp_cleanup`.
+struct StackPtr(*mut Stack);
 // SAFETY: as `Instance`: the stack (and the timers libslirp gave it) moves
 // to the network thread with the instance and is used there only.
-unsafe impl Send for BoxedStack {}
+unsafe impl Send for StackPtr {}
 
 /// libslirp's frames to the guest: behind a zeroed virtio-net header.
 unsafe extern "C" fn send_packet(buf: *const c_void, len: usize, opaque: *mut c_void) -> isize {
@@ -149,19 +154,19 @@ unsafe extern "C" fn timer_new(
     cb_opaque: *mut c_void,
     opaque: *mut c_void,
 ) -> *mut c_void {
-    // SAFETY: `opaque` is the thread's `Stack`, used by this thread only.
-    let stack = unsafe { &mut *(opaque as *mut Stack) };
+    // SAFETY: `opaque` is the thread's `Stack`, alive as long as the instance.
+    let stack = unsafe { &*(opaque as *const Stack) };
     let timer = Box::into_raw(Box::new(Timer { cb, cb_opaque, expire_ms: None }));
-    stack.timers.push(timer);
+    stack.timers.borrow_mut().push(timer);
     timer.cast()
 }
 
 unsafe extern "C" fn timer_free(timer: *mut c_void, opaque: *mut c_void) {
     // SAFETY: `opaque` is the thread's `Stack`; `timer` came from
     // `timer_new` and is freed once, here.
-    let stack = unsafe { &mut *(opaque as *mut Stack) };
+    let stack = unsafe { &*(opaque as *const Stack) };
     let timer = timer as *mut Timer;
-    stack.timers.retain(|&t| t != timer);
+    stack.timers.borrow_mut().retain(|&t| t != timer);
     // SAFETY: see above.
     drop(unsafe { Box::from_raw(timer) });
 }
@@ -233,7 +238,12 @@ impl UserNet {
             s.set_nonblocking(true).map_err(UserError::Socket)?;
             set_buffers(s);
         }
-        let mut stack = Box::new(Stack { wire, timers: Vec::new(), epoch: Instant::now() });
+        let stack = Box::into_raw(Box::new(Stack {
+            wire,
+            timers: RefCell::new(Vec::new()),
+            epoch: Instant::now(),
+        }));
+        let stack = StackPtr(stack);
         let hostname = config.hostname.as_deref().map(CString::new).transpose().ok().flatten();
         let cfg = sys::SlirpConfig {
             // Version 4 reads two callbacks past the end of libslirp-sys's
@@ -266,15 +276,28 @@ impl UserNet {
             disable_dns: false,
             disable_dhcp: false,
         };
-        let opaque = (&mut *stack as *mut Stack).cast::<c_void>();
+        let opaque = stack.0.cast::<c_void>();
         // SAFETY: the config and callbacks are valid for the call (libslirp
         // copies the strings); `opaque` points to the boxed stack, which
         // lives until after slirp_cleanup.
         let slirp = unsafe { sys::slirp_new(&cfg, &CALLBACKS, opaque) };
         if slirp.is_null() {
+            // SAFETY: libslirp holds no pointer to the stack.
+            drop(unsafe { Box::from_raw(stack.0) });
             return Err(UserError::Slirp);
         }
         let instance = Instance(slirp);
+        // Every way out before the thread owns them frees both.
+        let give_up = |e: UserError| {
+            // SAFETY: nothing uses the instance or the stack after this;
+            // slirp_cleanup closes the forwarded ports and frees its timers
+            // through the still-live stack.
+            unsafe {
+                sys::slirp_cleanup(instance.0);
+                drop(Box::from_raw(stack.0));
+            }
+            e
+        };
         for f in &config.hostfwd {
             let guest = f.guest_addr.unwrap_or(config.dhcp_start);
             // SAFETY: a live instance; the addresses are plain values.
@@ -289,20 +312,22 @@ impl UserNet {
                 )
             };
             if ret < 0 {
-                // SAFETY: the instance is not used again.
-                unsafe { sys::slirp_cleanup(instance.0) };
-                return Err(UserError::HostFwd(f.text.clone()));
+                return Err(give_up(UserError::HostFwd(f.text.clone())));
             }
         }
-        let stop =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(UserError::Thread)?;
-        let stop_thread = stop.try_clone().map_err(UserError::Thread)?;
-        let stack = BoxedStack(stack);
+        let events = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .and_then(|stop| Ok((stop.try_clone()?, stop)));
+        let (stop, stop_thread) = match events {
+            Ok(pair) => pair,
+            Err(e) => return Err(give_up(UserError::Thread(e))),
+        };
+        // If the spawn fails, the closure (and with it the instance and the
+        // stack) is dropped unrun: both leak rather than be freed twice.
         let thread = std::thread::Builder::new()
             .name("netdev-user".to_owned())
             .spawn(move || {
                 let (instance, stack) = (instance, stack);
-                run(&instance, stack.0, &stop_thread);
+                run(&instance, &stack, &stop_thread);
             })
             .map_err(UserError::Thread)?;
         Ok((UserNet { stop, thread: Some(thread) }, OwnedFd::from(device)))
@@ -328,8 +353,11 @@ fn set_buffers(s: &UnixDatagram) {
 
 /// The network thread: frames from the device into libslirp, libslirp's
 /// sockets and timers, until `stop`.
-fn run(instance: &Instance, mut stack: Box<Stack>, stop: &EventFd) {
+fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
     let slirp = instance.0;
+    // SAFETY: the stack lives until the Box::from_raw below; shared
+    // references only (libslirp's callbacks make their own).
+    let stack = unsafe { &*stack_ptr.0 };
     let mut frame = vec![0u8; 65536 + VNET_HDR_LEN];
     let mut fds: Vec<libc::pollfd> = Vec::new();
     // The thread starts before the VMM confines its threads: it confines
@@ -346,6 +374,7 @@ fn run(instance: &Instance, mut stack: Box<Stack>, stop: &EventFd) {
         let now_ms = stack.now_ns() / 1_000_000;
         let mut timeout: u32 = stack
             .timers
+            .borrow()
             .iter()
             // SAFETY: the timers are live until timer_free removes them.
             .filter_map(|&t| unsafe { (*t).expire_ms })
@@ -386,18 +415,22 @@ fn run(instance: &Instance, mut stack: Box<Stack>, stop: &EventFd) {
                 (&mut fds as *mut Vec<libc::pollfd>).cast(),
             )
         };
-        run_timers(&mut stack);
+        run_timers(stack);
     }
     // SAFETY: the instance is not used after this; the timers it frees go
-    // through `timer_free` with the still-live stack.
-    unsafe { sys::slirp_cleanup(slirp) };
+    // through `timer_free` with the still-live stack, which is freed last.
+    unsafe {
+        sys::slirp_cleanup(slirp);
+        drop(Box::from_raw(stack_ptr.0));
+    }
 }
 
 /// Fires the timers that are due (each once per `timer_mod`).
-fn run_timers(stack: &mut Stack) {
+fn run_timers(stack: &Stack) {
     let now_ms = stack.now_ns() / 1_000_000;
     let due: Vec<*mut Timer> = stack
         .timers
+        .borrow()
         .iter()
         .copied()
         // SAFETY: live timers, as above.
@@ -405,7 +438,7 @@ fn run_timers(stack: &mut Stack) {
         .collect();
     for t in due {
         // A callback may free other timers: fire only those still live.
-        if !stack.timers.contains(&t) {
+        if !stack.timers.borrow().contains(&t) {
             continue;
         }
         // SAFETY: `t` is live (checked above); its callback and opaque are
