@@ -185,7 +185,16 @@ fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason:
 fn run_until_end(m: &vm::Machine<'_>, files: &mut vm::BootFiles) -> Result<i32, Error> {
     let (cfg, servers) = (m.cfg, m.qmp);
     loop {
-        let end = vm::run(m, files)?;
+        let end = match vm::run(m, files) {
+            Ok(end) => end,
+            // A termination signal while a run is being built (a reboot's
+            // KVM_CREATE_VM answers EINTR) ends skiff as it would end a
+            // running guest: status 0, not a setup error.
+            Err(e) => match host::signals::last_signal() {
+                Some(sig) => RunEnd::Signal(sig),
+                None => return Err(e.into()),
+            },
+        };
         // With -no-reboot every reset request becomes a shutdown, as in QEMU.
         let (guest, reason, reset) = match &end {
             RunEnd::Guest(VmEvent::Reset) => (true, "guest-reset", true),

@@ -183,7 +183,16 @@ impl BootFiles {
 /// Builds and runs the machine once.
 pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     let (cfg, plan) = (m.cfg, m.plan);
-    let vm = Arc::new(m.host.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    // Creating a VM sleeps interruptibly (slowly under nesting): a signal
+    // that is not a termination (a vCPU kick) is no reason to fail.
+    let vm = loop {
+        match m.host.kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR && crate::host::signals::last_signal().is_none() => {
+            }
+            r => break r,
+        }
+    };
+    let vm = Arc::new(vm.map_err(kvm_err("KVM_CREATE_VM"))?);
     // Intel needs a 3-page TSS area below 4 GiB before the irqchip exists.
     let tss = boot::layout::KVM_TSS_ADDRESS as usize;
     vm.set_tss_address(tss).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
