@@ -149,8 +149,7 @@ fn bridge() -> String {
          mkdir -p /etc/qemu && echo 'allow br0' > /etc/qemu/bridge.conf\n\
          {refused} > refused.txt 2>&1; echo \"REFUSED-RC=$?\"\n\
          echo \"REFUSED-ERR=$(grep -a 'netdev' refused.txt | head -n 1)\"\n\
-         {cmd} > out.txt 2>&1\necho \"SKIFF-RC=$?\"\n\
-         echo \"BRIDGE-PORTS=$(ls /sys/class/net/br0/brif | wc -l)\"\ncat out.txt\n"
+         {cmd} > out.txt 2>&1\necho \"SKIFF-RC=$?\"\ncat out.txt\n"
     )
 }
 

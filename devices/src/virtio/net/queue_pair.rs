@@ -129,6 +129,18 @@ impl QueuePair {
         let mut written = 0;
         let frame = &mut self.frame[..len];
         loop {
+            // A frame never needs more chains than the ring holds; a driver
+            // whose buffers cannot hold one (empty chains, tiny ones) would
+            // otherwise keep the worker taking chains for ever.
+            if used.len() == max {
+                crate::error_limited!(
+                    "{}: the receive ring cannot hold a {}-byte frame; the device needs a reset",
+                    self.name,
+                    len
+                );
+                self.rx.interrupt.needs_reset();
+                return Delivery::Broken;
+            }
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
                 Err(e) => {
@@ -147,29 +159,11 @@ impl QueuePair {
                 if let Ok(true) = queue.enable_notification(mem) {
                     continue;
                 }
-                // A whole ring's buffers did not hold the frame: more
-                // will never come.
-                if used.len() >= max {
-                    self.rx.interrupt.needs_reset();
-                    return Delivery::Broken;
-                }
                 for _ in 0..used.len() {
                     queue.go_to_previous_position();
                 }
                 return Delivery::NoBuffers;
             };
-            // A frame never needs more chains than the ring holds; a driver
-            // whose buffers cannot hold one (empty chains, tiny ones) would
-            // otherwise keep the worker taking chains for ever.
-            if used.len() == max {
-                crate::error_limited!(
-                    "{}: the receive ring cannot hold a {}-byte frame; the device needs a reset",
-                    self.name,
-                    len
-                );
-                self.rx.interrupt.needs_reset();
-                return Delivery::Broken;
-            }
             let head = chain.head_index();
             let chain = match Chain::read(mem, chain, max) {
                 Ok(c) => c,
