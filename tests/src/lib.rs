@@ -206,7 +206,8 @@ impl ScenarioResult {
         self.lines().find_map(|l| Some(l[l.find(&pat)? + pat.len()..].trim()))
     }
 
-    /// A report for assertion messages: name, rc and the end of the output.
+    /// A report for assertion messages: name, rc, the guest's error lines
+    /// and the end of the output.
     pub fn describe(&self) -> String {
         const TAIL: usize = 60;
         let lines: Vec<&str> = self.output.lines().collect();
@@ -222,6 +223,22 @@ impl ScenarioResult {
                 String::new()
             }
         );
+        // The first sign of trouble scrolls away behind a soft lockup's
+        // repeated traces: keep the guest's own error lines from before.
+        let alarms: Vec<&str> = lines[..skip]
+            .iter()
+            .copied()
+            .filter(|l| ALARMS.iter().any(|a| l.contains(a)))
+            .take(20)
+            .collect();
+        if !alarms.is_empty() {
+            s.push_str("--- earlier error lines ---\n");
+            for l in alarms {
+                s.push_str(l);
+                s.push('\n');
+            }
+            s.push_str("--- last lines ---\n");
+        }
         for l in &lines[skip..] {
             s.push_str(l);
             s.push('\n');
@@ -230,6 +247,20 @@ impl ScenarioResult {
         s
     }
 }
+
+/// Words of a guest kernel's (or skiff's) error lines: a broken virtqueue
+/// ("is not a head", "out of range"), a lockup, an oops, a device error.
+const ALARMS: &[&str] = &[
+    "is not a head",
+    "out of range",
+    "BUG:",
+    "WARNING:",
+    "Oops",
+    "virtio",
+    "skiff:",
+    "timed out",
+    "error",
+];
 
 /// Why a batch could not run.
 #[derive(Debug)]
@@ -414,6 +445,9 @@ pub struct RunOptions {
     pub require_skiff: bool,
     /// Name of the log file under `target/skiff-tests/`.
     pub log_name: String,
+    /// Scenarios that already ran once more after stalling on their own
+    /// (see `rerun_stalled`): a second stall is their result.
+    pub retried: std::collections::BTreeSet<String>,
 }
 
 impl Default for RunOptions {
@@ -424,7 +458,7 @@ impl Default for RunOptions {
             .ok()
             .and_then(|p| p.file_stem()?.to_str()?.split('-').next().map(str::to_owned))
             .unwrap_or_else(|| "scenarios".into());
-        RunOptions { require_skiff: true, log_name }
+        RunOptions { require_skiff: true, log_name, retried: Default::default() }
     }
 }
 
@@ -551,14 +585,16 @@ fn unasked_reset(output: &str) -> bool {
 /// the host is loaded, in no repeatable place; `SKIFF_STALL_DUMP` shows the
 /// guest's registers replaced by the test host's own then. Such scenarios
 /// (rc 124, or a reset the guest did not ask for: `unasked_reset`) run
-/// once more, alone, in a fresh test host; the first attempt's log stays in
+/// once more in a fresh test host; the first attempt's log stays in
 /// `<batch>.stalled.log` and every rerun is recorded in `stalled.txt` next
 /// to it, so a hang that is skiff's (it would stall again) still fails.
 /// When the test host itself froze or ran out of time (`cut_short`), the
 /// scenarios that did not end, or never began, run there too; a test host
 /// that froze again gets up to `FROZEN_RERUNS` fresh ones (a frozen test
 /// host is never skiff's doing: a hang of skiff's ends at the scenario's
-/// own limit inside it, rc 124, and that runs once more only).
+/// own limit inside it, rc 124). The one more run a scenario's own stall
+/// earns is counted per scenario (`RunOptions::retried`), so one that
+/// first ran in a rerun batch, after a freeze, gets it too.
 fn rerun_stalled(
     scenarios: &[Scenario],
     opts: &RunOptions,
@@ -567,22 +603,20 @@ fn rerun_stalled(
     by_name: &mut HashMap<String, ScenarioResult>,
 ) -> Result<(), Error> {
     let reruns = opts.log_name.matches(".rerun").count();
-    let stalls_too = reruns == 0;
-    let may_rerun = stalls_too || (cut_short && reruns < FROZEN_RERUNS);
-    if !may_rerun {
+    if reruns > FROZEN_RERUNS {
         return Ok(());
     }
-    let stalled: Vec<Scenario> = scenarios
-        .iter()
-        .filter(|s| match by_name.get(&s.name) {
-            Some(r) => {
-                (stalls_too && (r.rc == Some(124) || unasked_reset(&r.output)))
-                    || (cut_short && r.rc.is_none())
-            }
-            None => cut_short,
-        })
-        .cloned()
-        .collect();
+    let stalled_itself = |s: &Scenario| {
+        by_name.get(&s.name).is_some_and(|r| r.rc == Some(124) || unasked_reset(&r.output))
+            && !opts.retried.contains(&s.name)
+    };
+    let frozen_in = |s: &Scenario| {
+        cut_short && reruns < FROZEN_RERUNS && by_name.get(&s.name).map_or(true, |r| r.rc.is_none())
+    };
+    let stalled: Vec<Scenario> =
+        scenarios.iter().filter(|s| stalled_itself(s) || frozen_in(s)).cloned().collect();
+    let mut retried = opts.retried.clone();
+    retried.extend(scenarios.iter().filter(|s| stalled_itself(s)).map(|s| s.name.clone()));
     if stalled.is_empty() {
         return Ok(());
     }
@@ -607,7 +641,8 @@ fn rerun_stalled(
         }
     }
     println!("skiff-tests: {} did not finish; running them once more: {names:?}", opts.log_name);
-    let rerun_opts = RunOptions { log_name: format!("{}.rerun", opts.log_name), ..opts.clone() };
+    let rerun_opts =
+        RunOptions { log_name: format!("{}.rerun", opts.log_name), retried, ..opts.clone() };
     for r in run_scenarios_with(&stalled, &rerun_opts)? {
         by_name.insert(r.name.clone(), r);
     }

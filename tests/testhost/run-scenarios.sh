@@ -33,7 +33,9 @@
 # Test host knobs: SKIFF_L1_MEM (MiB, default 3072), SKIFF_L1_CPU (default
 # max), SKIFF_L1_SMP (default 1), SKIFF_L1_ACCEL (default tcg,thread=multi),
 # SKIFF_L1_APPEND (more
-# kernel parameters), SKIFF_TEST_INTERACTIVE=1 (terminal wired to the
+# kernel parameters), SKIFF_L1_HEARTBEAT_LIMIT (seconds without the test
+# host's heartbeat before it counts as frozen, default 40),
+# SKIFF_TEST_INTERACTIVE=1 (terminal wired to the
 # console, for ":console" scenarios), SKIFF_TEST_BOOT_ALLOWANCE (seconds
 # added to the scenarios' limits for the overall limit, default 180).
 #
@@ -187,8 +189,11 @@ if [ -n "$VFSD" ]; then
 fi
 cp "$SCEN" "$run/run/scenarios.tsv"
 cp "$HERE/scenarios-inner.sh" "$run/run/scenarios-inner.sh"
+# The heartbeat: the test host's uptime on its second serial port every
+# 2 s, from its own timers, whatever the scenarios print (see the watchdog).
 cat >"$run/run/runner.sh" <<EOF
 #!/bin/sh
+(while :; do read -r up _ </proc/uptime; echo "\$up"; sleep 2; done) >/dev/ttyS1 2>/dev/null &
 export SKIFF=/opt/skiff/skiff QEMU=/usr/bin/qemu-system-x86_64
 export BZIMAGE=/assets/bzImage BZIMAGE_GENERIC=/assets/bzImage-generic VMLINUX=/assets/vmlinux INITRD=/assets/initrd.img
 export STORE_IMG=/assets/store.img STORE_DATA=/assets/store-data.bin VOL_IMG=/assets/vol.img
@@ -241,14 +246,19 @@ fi
 # seconds (it needs ~5) is stuck before its kernel even runs (seen twice in
 # CI: ~20 minutes of an idle QEMU before a batch began): kill it, which
 # reports "did not come up" (exit 3), and the harness runs the batch again.
-# Once up, a test host whose console stays silent for longer than any
-# scenario's own limit (inside it, a scenario past its limit is killed and
-# reported) has frozen: seen a few times in CI, QEMU's emulated SVM stuck
-# in the middle of a guest's boot with the test host's own timers dead.
-# Kill it too: "the batch did not finish" (exit 5), and the harness runs
-# the scenarios that did not end in a fresh test host.
+# Once up, a test host can freeze: seen a few times per CI run, QEMU's
+# emulated SVM stuck in the middle of a guest's boot or reboot with the
+# test host's own timers dead. Its heartbeat (runner.sh) then stops: after
+# SKIFF_L1_HEARTBEAT_LIMIT seconds without one (default 40; the longest gap
+# seen in a healthy run is printed at the end) it is killed: "the batch did
+# not finish" (exit 5), and the harness runs the scenarios that did not end
+# in a fresh test host. Before the first heartbeat, a console silent for
+# longer than any scenario's own limit counts as frozen.
 boot_limit=${SKIFF_L1_BOOT_LIMIT:-120}
 silence_limit=$((max_limit + ${SKIFF_L1_SILENCE_MARGIN:-60}))
+heartbeat_limit=${SKIFF_L1_HEARTBEAT_LIMIT:-40}
+beats="$tmp/heartbeat"
+: >"$beats"
 (
 	i=0
 	while ! grep -q '^SKIFF-L1-INIT' "$OUT_LOG" 2>/dev/null; do
@@ -262,13 +272,28 @@ silence_limit=$((max_limit + ${SKIFF_L1_SILENCE_MARGIN:-60}))
 	done
 	size=-1
 	quiet=0
-	while sleep 5; do
+	beat=0
+	since=0
+	gap=0
+	while sleep 2; do
 		now=$(stat -c %s "$OUT_LOG" 2>/dev/null || echo 0)
-		if [ "$now" = "$size" ]; then quiet=$((quiet + 5)); else quiet=0; fi
+		if [ "$now" = "$size" ]; then quiet=$((quiet + 2)); else quiet=0; fi
 		size=$now
-		if [ "$quiet" -ge "$silence_limit" ]; then
+		now=$(stat -c %s "$beats" 2>/dev/null || echo 0)
+		if [ "$now" = "$beat" ]; then since=$((since + 2)); else
+			[ "$beat" -gt 0 ] && [ "$since" -gt "$gap" ] && gap=$since && echo "$gap" >"$tmp/gap"
+			since=0
+		fi
+		beat=$now
+		why=
+		if [ "$beat" -gt 0 ]; then
+			[ "$since" -ge "$heartbeat_limit" ] && why="no heartbeat for ${since}s"
+		elif [ "$quiet" -ge "$silence_limit" ]; then
+			why="its console silent for ${quiet}s"
+		fi
+		if [ -n "$why" ]; then
 			last=$(tr -d '\r' <"$OUT_LOG" | sed -n 's/^=== BEGIN //p' | tail -n 1)
-			say "the test host froze: its console silent for ${quiet}s in scenario ${last:-?}: stopping it"
+			say "the test host froze ($why) in scenario ${last:-?}: stopping it"
 			pkill -f -- "-initrd $tmp/initrd" || true
 			exit 0
 		fi
@@ -277,7 +302,7 @@ silence_limit=$((max_limit + ${SKIFF_L1_SILENCE_MARGIN:-60}))
 watchdog=$!
 timeout "${tflags[@]}" "$overall" "$QEMU_HOST" -M q35 -accel "${SKIFF_L1_ACCEL:-tcg,thread=multi}" \
 	-cpu "${SKIFF_L1_CPU:-max}" -smp "${SKIFF_L1_SMP:-1}" \
-	-m "${SKIFF_L1_MEM:-3072}" -nodefaults -no-user-config -display none -monitor none -serial "$serial" \
+	-m "${SKIFF_L1_MEM:-3072}" -nodefaults -no-user-config -display none -monitor none -serial "$serial" -serial "file:$beats" \
 	-no-reboot -kernel "$SKIFF_L1_KERNEL" -initrd "$tmp/initrd" \
 	-append "console=ttyS0 quiet panic=-1 mitigations=off ${SKIFF_L1_APPEND:-}" <"$stdin_src" 2>&1 | progress
 rc=${PIPESTATUS[0]}
@@ -304,4 +329,5 @@ ready=$(sed -n '/^SKIFF-L1-READY uptime=/{s/^SKIFF-L1-READY uptime=//; s/\r//; p
 if ! log_has '^SKIFF-L1-DONE'; then
 	die "the batch did not finish (QEMU exit $rc after ${took}s, limit ${overall}s); log: $OUT_LOG" 5
 fi
-say "done in ${took}s (test host ready at uptime ${ready}s); log: $OUT_LOG"
+gap=$(cat "$tmp/gap" 2>/dev/null || echo 0)
+say "done in ${took}s (test host ready at uptime ${ready}s, longest heartbeat gap ${gap}s); log: $OUT_LOG"

@@ -22,9 +22,7 @@
 // `command`: microvm.nix's argv with `devices` and the guest's action.
 use skiff_tests::{skiff_command as command, until_then_sigterm, Batch, Scenario, ScenarioResult};
 
-/// Each scenario's limit (they take 20 to 60 s under nested TCG); the test
-/// host counts as frozen after the longest limit plus a minute of silence,
-/// so long limits make an environmental stall cost more.
+/// Each scenario's limit (they take 20 to 60 s under nested TCG).
 const SECS: u32 = 90;
 
 fn vsock_device(pcie: bool, cid: u32) -> String {

@@ -39,7 +39,11 @@ fn qemu_microvm_reference() {
             "$QEMU -M microvm -m 512M -kernel /nonexistent -nographic",
         ),
     ];
-    let opts = RunOptions { require_skiff: false, log_name: "qemu-reference".into() };
+    let opts = RunOptions {
+        require_skiff: false,
+        log_name: "qemu-reference".into(),
+        ..Default::default()
+    };
     let results = run_scenarios_with(&scenarios, &opts).unwrap_or_else(|e| panic!("{e}"));
 
     println!("| scenario | rc | wall ms | init marker | guest uptime at init |");
