@@ -130,6 +130,11 @@ const _P9_LOCK_BLOCKED: u8 = 1;
 const _P9_LOCK_ERROR: u8 = 2;
 const _P9_LOCK_GRACE: u8 = 3;
 
+// skiff: at most this many names in one Twalk (P9_MAXWELEM), and fids per
+// connection (each holds a descriptor).
+const MAX_WALK_NAMES: usize = 16;
+const MAX_FIDS: usize = 1 << 16;
+
 // Minimum and maximum message size that we'll expect from the client.
 const MIN_MESSAGE_SIZE: u32 = 256;
 const MAX_MESSAGE_SIZE: u32 = 64 * 1024 + 24; // 64 KiB of payload plus some extra for the header
@@ -276,6 +281,66 @@ fn ebadf() -> io::Error {
     io::Error::from_raw_os_error(libc::EBADF)
 }
 
+// skiff: a name the client hands over must be one entry of the directory
+// it names: not empty, not "." or "..", without '/'. Every *at() call
+// below resolves names relative to a fid's descriptor, and a walk opens
+// each component with O_NOFOLLOW, so this keeps the client inside the
+// share without a jail: ".." at the root and "a/../.." reach no further.
+fn check_name(name: &P9String) -> io::Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
+}
+
+// skiff: the names of a request, checked before it is served.
+fn check_names(msg: &Tmessage) -> io::Result<()> {
+    match msg {
+        Tmessage::Walk(w) => {
+            if w.wnames.len() > MAX_WALK_NAMES {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            w.wnames.iter().try_for_each(|n| {
+                check_name(n).map_err(|_| io::Error::from_raw_os_error(libc::ENOENT))
+            })
+        }
+        Tmessage::Lcreate(m) => check_name(&m.name),
+        Tmessage::Symlink(m) => check_name(&m.name),
+        Tmessage::Mknod(m) => check_name(&m.name),
+        Tmessage::Rename(m) => check_name(&m.name),
+        Tmessage::Link(m) => check_name(&m.name),
+        Tmessage::Mkdir(m) => check_name(&m.name),
+        Tmessage::RenameAt(m) => check_name(&m.oldname).and_then(|_| check_name(&m.newname)),
+        Tmessage::UnlinkAt(m) => check_name(&m.name),
+        _ => Ok(()),
+    }
+}
+
+// skiff: whether a request may change the share (refused with EROFS when
+// it is read-only).
+fn modifies(msg: &Tmessage) -> bool {
+    match msg {
+        Tmessage::Write(_)
+        | Tmessage::Remove(_)
+        | Tmessage::Lcreate(_)
+        | Tmessage::Symlink(_)
+        | Tmessage::Mknod(_)
+        | Tmessage::Rename(_)
+        | Tmessage::SetAttr(_)
+        | Tmessage::XattrCreate(_)
+        | Tmessage::Link(_)
+        | Tmessage::Mkdir(_)
+        | Tmessage::RenameAt(_)
+        | Tmessage::UnlinkAt(_) => true,
+        Tmessage::Lopen(m) => {
+            m.flags & P9_NOACCESS != P9_RDONLY
+                || m.flags & (P9_CREATE | P9_TRUNC | P9_APPEND) != 0
+        }
+        _ => false,
+    }
+}
+
 pub type ServerIdMap<T> = BTreeMap<T, T>;
 pub type ServerUidMap = ServerIdMap<libc::uid_t>;
 pub type ServerGidMap = ServerIdMap<libc::gid_t>;
@@ -378,6 +443,9 @@ pub struct Config {
     pub gid_map: ServerGidMap,
 
     pub ascii_casefold: bool,
+
+    // skiff: every request that would change the share fails with EROFS.
+    pub readonly: bool,
 }
 
 impl FromStr for Config {
@@ -416,12 +484,16 @@ impl Default for Config {
             uid_map: Default::default(),
             gid_map: Default::default(),
             ascii_casefold: false,
+            readonly: false,
         }
     }
 }
 pub struct Server {
     fids: BTreeMap<u32, Fid>,
     proc: File,
+    // skiff: the share, opened once (O_PATH): an attach duplicates it, so
+    // none needs a path lookup once skiff's sandbox is on.
+    root: File,
     cfg: Config,
 }
 
@@ -437,6 +509,7 @@ impl Server {
             uid_map,
             gid_map,
             ascii_casefold: false,
+            readonly: false,
         })
     }
 
@@ -455,15 +528,37 @@ impl Server {
 
         // Safe because we just opened this fd and we know it is valid.
         let proc = unsafe { File::from_raw_fd(fd) };
+
+        let root = CString::new(cfg.root.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        // Safe because this doesn't modify any memory and we check the return value.
+        let fd = syscall!(unsafe {
+            libc::openat64(
+                libc::AT_FDCWD,
+                root.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        // Safe because we just opened this fd and we know it is valid.
+        let root = unsafe { File::from_raw_fd(fd) };
         Ok(Server {
             fids: BTreeMap::new(),
             proc,
+            root,
             cfg,
         })
     }
 
     pub fn keep_fds(&self) -> Vec<RawFd> {
-        vec![self.proc.as_raw_fd()]
+        vec![self.proc.as_raw_fd(), self.root.as_raw_fd()]
+    }
+
+    // skiff: whether one more fid may be made.
+    fn fid_room(&self) -> io::Result<()> {
+        if self.fids.len() >= MAX_FIDS {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        Ok(())
     }
 
     pub fn handle_message<R: Read, W: Write>(
@@ -473,6 +568,14 @@ impl Server {
     ) -> io::Result<()> {
         let Tframe { tag, msg } = WireFormat::decode(&mut reader.take(self.cfg.msize as u64))?;
 
+        // skiff: names and read-only shares, checked before any request runs.
+        let msg = msg.and_then(|m| {
+            check_names(&m)?;
+            if self.cfg.readonly && modifies(&m) {
+                return Err(io::Error::from_raw_os_error(libc::EROFS));
+            }
+            Ok(m)
+        });
         let rmsg = match msg {
             Ok(Tmessage::Version(ref version)) => self.version(version).map(Rmessage::Version),
             Ok(Tmessage::Flush(ref flush)) => self.flush(flush).and(Ok(Rmessage::Flush)),
@@ -512,6 +615,8 @@ impl Server {
             Ok(Tmessage::UnlinkAt(unlink_at)) => {
                 self.unlink_at(unlink_at).and(Ok(Rmessage::UnlinkAt))
             }
+            // skiff: a refused request keeps its errno.
+            Err(e) if e.raw_os_error().is_some() => Err(e),
             Err(e) => {
                 // The header was successfully decoded, but the body failed to decode - send an
                 // error response for this tag.
@@ -538,21 +643,10 @@ impl Server {
 
     fn attach(&mut self, attach: &Tattach) -> io::Result<Rattach> {
         // TODO: Check attach parameters
+        self.fid_room()?;
         match self.fids.entry(attach.fid) {
             btree_map::Entry::Vacant(entry) => {
-                let root = CString::new(self.cfg.root.as_os_str().as_bytes())
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-
-                // Safe because this doesn't modify any memory and we check the return value.
-                let fd = syscall!(unsafe {
-                    libc::openat64(
-                        libc::AT_FDCWD,
-                        root.as_ptr(),
-                        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                    )
-                })?;
-
-                let root_path = unsafe { File::from_raw_fd(fd) };
+                let root_path = self.root.try_clone()?;
                 let st = stat(&root_path)?;
 
                 let fid = Fid {
@@ -598,6 +692,10 @@ impl Server {
         // `newfid` must not currently be in use unless it is the same as `fid`.
         if walk.fid != walk.newfid && self.fids.contains_key(&walk.newfid) {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+
+        if walk.fid != walk.newfid {
+            self.fid_room()?;
         }
 
         // We need to walk the tree.  First get the starting path.
@@ -723,7 +821,17 @@ impl Server {
     fn lopen(&mut self, lopen: &Tlopen) -> io::Result<Rlopen> {
         let fid = self.fids.get_mut(&lopen.fid).ok_or_else(ebadf)?;
 
-        let file = open_fid(&self.proc, &fid.path, lopen.flags)?;
+        // skiff: a symlink is never opened (the client reads it with
+        // Treadlink and walks to its target itself), and a FIFO or device
+        // is opened without blocking the server.
+        let mut flags = lopen.flags;
+        if fid.filetype == FileType::Other {
+            if stat(&fid.path)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            flags |= P9_NONBLOCK;
+        }
+        let file = open_fid(&self.proc, &fid.path, flags)?;
         let st = stat(&file)?;
 
         fid.file = Some(file);
@@ -777,9 +885,21 @@ impl Server {
         })
     }
 
-    fn symlink(&mut self, _symlink: &Tsymlink) -> io::Result<Rsymlink> {
-        // symlinks are not allowed.
-        Err(io::Error::from_raw_os_error(libc::EACCES))
+    // skiff: symlinks are made (never followed by the server: walks open
+    // each name with O_NOFOLLOW and lopen refuses them), so a share holds
+    // what the guest's tools expect (ln -s, package trees).
+    fn symlink(&mut self, symlink: &Tsymlink) -> io::Result<Rsymlink> {
+        let fid = self.fids.get(&symlink.fid).ok_or_else(ebadf)?;
+        if fid.filetype != FileType::Directory {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        // Safe because this doesn't modify any memory and we check the return value.
+        syscall!(unsafe {
+            libc::symlinkat(symlink.symtgt.as_ptr(), fid.path.as_raw_fd(), symlink.name.as_ptr())
+        })?;
+        Ok(Rsymlink {
+            qid: statat(&fid.path, symlink.name.as_c_str(), 0).map(Qid::from)?,
+        })
     }
 
     fn mknod(&mut self, _mknod: &Tmknod) -> io::Result<Rmknod> {
@@ -1135,3 +1255,6 @@ impl Server {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod skiff_tests;

@@ -1,0 +1,221 @@
+// skiff: the server as a hostile guest drives it, through the wire format:
+// names that leave the share, symlinks, read-only shares, malformed
+// frames. Every request gets an answer (Rlerror when refused), never a
+// panic, and nothing outside the share changes.
+
+use std::fs;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+
+const ROOT: u32 = 1;
+
+/// `<tmp>/skiff-p9-<pid>-<n>/{share,outside.txt}`, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "skiff-p9-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        fs::create_dir_all(dir.join("share/sub")).unwrap();
+        fs::write(dir.join("outside.txt"), b"host secret").unwrap();
+        fs::write(dir.join("share/inside.txt"), b"shared").unwrap();
+        Scratch(dir)
+    }
+
+    fn share(&self) -> PathBuf {
+        self.0.join("share")
+    }
+
+    fn outside(&self) -> Vec<u8> {
+        fs::read(self.0.join("outside.txt")).unwrap()
+    }
+
+    fn server(&self, readonly: bool) -> Server {
+        let cfg = Config { root: self.share().into(), readonly, ..Config::default() };
+        let mut s = Server::with_config(cfg).unwrap();
+        let attach = Tattach {
+            fid: ROOT,
+            afid: u32::MAX,
+            uname: name("root"),
+            aname: name(""),
+            n_uname: 0,
+        };
+        assert!(matches!(call(&mut s, Tmessage::Attach(attach)), Rmessage::Attach(_)));
+        s
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn name(s: &str) -> P9String {
+    P9String::new(s.as_bytes()).unwrap()
+}
+
+/// Sends raw bytes; returns the answer's tag and message.
+fn raw(server: &mut Server, bytes: &[u8]) -> io::Result<(u16, Rmessage)> {
+    let mut out = Vec::new();
+    server.handle_message(&mut Cursor::new(bytes), &mut out)?;
+    let Rframe { tag, msg } = WireFormat::decode(&mut Cursor::new(out))?;
+    Ok((tag, msg))
+}
+
+fn call(server: &mut Server, msg: Tmessage) -> Rmessage {
+    let mut bytes = Vec::new();
+    Tframe { tag: 7, msg: Ok(msg) }.encode(&mut bytes).unwrap();
+    let (tag, msg) = raw(server, &bytes).unwrap();
+    assert_eq!(tag, 7);
+    msg
+}
+
+fn errno(msg: Rmessage) -> i32 {
+    match msg {
+        Rmessage::Lerror(e) => e.ecode as i32,
+        other => panic!("expected Rlerror, got {other:?}"),
+    }
+}
+
+fn walk(server: &mut Server, newfid: u32, names: &[&str]) -> Rmessage {
+    let wnames = names.iter().map(|n| name(n)).collect();
+    call(server, Tmessage::Walk(Twalk { fid: ROOT, newfid, wnames }))
+}
+
+#[test]
+fn walks_stay_inside_the_share() {
+    let dir = Scratch::new();
+    let mut s = dir.server(false);
+    assert_eq!(errno(walk(&mut s, 2, &[".."])), libc::ENOENT);
+    assert_eq!(errno(walk(&mut s, 2, &["sub", "..", ".."])), libc::ENOENT);
+    assert_eq!(errno(walk(&mut s, 2, &["../outside.txt"])), libc::ENOENT);
+    assert_eq!(errno(walk(&mut s, 2, &["/etc"])), libc::ENOENT);
+    assert_eq!(errno(walk(&mut s, 2, &["."])), libc::ENOENT);
+    let deep = ["sub"; 17];
+    assert_eq!(errno(walk(&mut s, 2, &deep)), libc::EINVAL);
+    assert!(matches!(walk(&mut s, 2, &["sub"]), Rmessage::Walk(w) if w.wqids.len() == 1));
+}
+
+#[test]
+fn symlinks_are_never_followed() {
+    let dir = Scratch::new();
+    std::os::unix::fs::symlink(dir.0.join("outside.txt"), dir.share().join("abs")).unwrap();
+    std::os::unix::fs::symlink("../outside.txt", dir.share().join("rel")).unwrap();
+    std::os::unix::fs::symlink("..", dir.share().join("up")).unwrap();
+    let mut s = dir.server(false);
+    for (fid, link) in [(2, "abs"), (3, "rel")] {
+        assert!(matches!(walk(&mut s, fid, &[link]), Rmessage::Walk(_)));
+        for flags in [P9_RDONLY, P9_RDWR, P9_WRONLY | P9_TRUNC] {
+            let open = Tmessage::Lopen(Tlopen { fid, flags });
+            assert_eq!(errno(call(&mut s, open)), libc::ELOOP, "{link}");
+        }
+        // The client reads the link itself, and resolves it on its side.
+        let target = call(&mut s, Tmessage::Readlink(Treadlink { fid }));
+        assert!(matches!(target, Rmessage::Readlink(_)));
+    }
+    // Through a symlink to a directory: not a directory to the server; the
+    // walk stops at the link (a partial walk makes no fid).
+    assert!(matches!(walk(&mut s, 4, &["up", "outside.txt"]), Rmessage::Walk(w) if w.wqids.len() == 1));
+    let attr = Tmessage::GetAttr(Tgetattr { fid: 4, request_mask: P9_GETATTR_BASIC });
+    assert_eq!(errno(call(&mut s, attr)), libc::EBADF);
+    // The guest's own symlink, made and then opened.
+    let ln = Tsymlink { fid: ROOT, name: name("mine"), symtgt: name("/etc/passwd"), gid: 0 };
+    assert!(matches!(call(&mut s, Tmessage::Symlink(ln)), Rmessage::Symlink(_)));
+    assert!(matches!(walk(&mut s, 5, &["mine"]), Rmessage::Walk(_)));
+    let open = Tmessage::Lopen(Tlopen { fid: 5, flags: P9_RDWR });
+    assert_eq!(errno(call(&mut s, open)), libc::ELOOP);
+    assert_eq!(dir.outside(), b"host secret");
+}
+
+#[test]
+fn names_that_leave_the_directory_are_refused() {
+    let dir = Scratch::new();
+    let mut s = dir.server(false);
+    for bad in ["..", ".", "", "../x", "a/b", "/tmp/x"] {
+        let create = Tlcreate { fid: ROOT, name: name(bad), flags: P9_RDWR, mode: 0o644, gid: 0 };
+        assert_eq!(errno(call(&mut s, Tmessage::Lcreate(create))), libc::EINVAL, "{bad:?}");
+        let mkdir = Tmkdir { dfid: ROOT, name: name(bad), mode: 0o755, gid: 0 };
+        assert_eq!(errno(call(&mut s, Tmessage::Mkdir(mkdir))), libc::EINVAL, "{bad:?}");
+        let unlink = Tunlinkat { dirfd: ROOT, name: name(bad), flags: 0 };
+        assert_eq!(errno(call(&mut s, Tmessage::UnlinkAt(unlink))), libc::EINVAL, "{bad:?}");
+        let ln = Tsymlink { fid: ROOT, name: name(bad), symtgt: name("x"), gid: 0 };
+        assert_eq!(errno(call(&mut s, Tmessage::Symlink(ln))), libc::EINVAL, "{bad:?}");
+    }
+    // mv inside.txt ../moved.txt, and a hard link out: refused by name.
+    let mv = Trenameat {
+        olddirfid: ROOT,
+        oldname: name("inside.txt"),
+        newdirfid: ROOT,
+        newname: name("../moved.txt"),
+    };
+    assert_eq!(errno(call(&mut s, Tmessage::RenameAt(mv))), libc::EINVAL);
+    assert!(matches!(walk(&mut s, 2, &["inside.txt"]), Rmessage::Walk(_)));
+    let link = Tlink { dfid: ROOT, fid: 2, name: name("../linked.txt") };
+    assert_eq!(errno(call(&mut s, Tmessage::Link(link))), libc::EINVAL);
+    assert!(!dir.0.join("moved.txt").exists() && !dir.0.join("linked.txt").exists());
+    assert!(dir.share().join("inside.txt").exists());
+}
+
+#[test]
+fn a_read_only_share_refuses_every_change() {
+    let dir = Scratch::new();
+    let mut s = dir.server(true);
+    assert!(matches!(walk(&mut s, 2, &["inside.txt"]), Rmessage::Walk(_)));
+    for flags in [P9_WRONLY, P9_RDWR, P9_RDONLY | P9_TRUNC, P9_RDONLY | P9_APPEND] {
+        let open = Tmessage::Lopen(Tlopen { fid: 2, flags });
+        assert_eq!(errno(call(&mut s, open)), libc::EROFS, "{flags:#o}");
+    }
+    let create = Tlcreate { fid: ROOT, name: name("new"), flags: P9_RDWR, mode: 0o644, gid: 0 };
+    assert_eq!(errno(call(&mut s, Tmessage::Lcreate(create))), libc::EROFS);
+    let mkdir = Tmkdir { dfid: ROOT, name: name("d"), mode: 0o755, gid: 0 };
+    assert_eq!(errno(call(&mut s, Tmessage::Mkdir(mkdir))), libc::EROFS);
+    let unlink = Tunlinkat { dirfd: ROOT, name: name("inside.txt"), flags: 0 };
+    assert_eq!(errno(call(&mut s, Tmessage::UnlinkAt(unlink))), libc::EROFS);
+    // Reading still works.
+    let open = Tmessage::Lopen(Tlopen { fid: 2, flags: P9_RDONLY });
+    assert!(matches!(call(&mut s, open), Rmessage::Lopen(_)));
+    let read = Tmessage::Read(Tread { fid: 2, offset: 0, count: 64 });
+    assert!(matches!(call(&mut s, read), Rmessage::Read(r) if &*r.data == b"shared"));
+    assert_eq!(fs::read(dir.share().join("inside.txt")).unwrap(), b"shared");
+    assert!(!dir.share().join("new").exists());
+}
+
+#[test]
+fn malformed_frames_get_an_error_not_a_panic() {
+    let dir = Scratch::new();
+    let mut s = dir.server(false);
+    // Unknown type 250, tag 9: Rlerror for that tag.
+    let (tag, msg) = raw(&mut s, &[7, 0, 0, 0, 250, 9, 0]).unwrap();
+    assert_eq!((tag, errno(msg)), (9, libc::EINVAL));
+    // A Twalk whose body is cut short (claims 3 names, carries none).
+    let (tag, msg) = raw(&mut s, &[17, 0, 0, 0, 110, 3, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0]).unwrap();
+    assert_eq!((tag, errno(msg)), (3, libc::EINVAL));
+    // A name that is not UTF-8.
+    let mut walk = vec![0, 0, 0, 0, 110, 4, 0, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0, 2, 0, 0xff, 0xfe];
+    walk[0] = walk.len() as u8;
+    let (tag, msg) = raw(&mut s, &walk).unwrap();
+    assert_eq!((tag, errno(msg)), (4, libc::EINVAL));
+    // A size smaller than the header, and a frame cut inside it: no
+    // answer can name a tag; the caller drops the request.
+    assert!(raw(&mut s, &[2, 0, 0, 0]).is_err());
+    assert!(raw(&mut s, &[7, 0, 0]).is_err());
+    // Fids that do not exist.
+    let read = Tmessage::Read(Tread { fid: 99, offset: 0, count: 1 });
+    assert_eq!(errno(call(&mut s, read)), libc::EBADF);
+    let clunk = Tmessage::Clunk(Tclunk { fid: 99 });
+    assert_eq!(errno(call(&mut s, clunk)), libc::EBADF);
+    // The server still serves.
+    assert!(matches!(walk_fid(&mut s), Rmessage::Walk(_)));
+}
+
+fn walk_fid(s: &mut Server) -> Rmessage {
+    walk(s, 10, &["sub"])
+}
