@@ -19,11 +19,12 @@ use devices::virtio::block::{BlockParams, Disk, DiskError, DiskOptions, Policy};
 use devices::virtio::net::tap::Tap;
 use devices::virtio::net::user::UserNet;
 use devices::virtio::net::{NetBackend, NetError, NetParams};
+use devices::virtio::p9::{P9Backend, P9Error, ShareParams};
 use devices::virtio::{RngBackend, RngError};
 
 use crate::config::{
-    BlockConfig, ChardevBackend, DeviceConfig, FsConfig, NetConfig, NetdevConfig, TapSource,
-    VirtioKind, VirtioTransport, VmConfig,
+    BlockConfig, ChardevBackend, DeviceConfig, FsConfig, NetConfig, NetdevConfig, P9Config,
+    TapSource, VirtioKind, VirtioTransport, VmConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,12 @@ pub enum BackendError {
         #[source]
         source: crate::host::bridge_helper::HelperError,
     },
+    #[error("-fsdev id={fsdev}")]
+    P9 {
+        fsdev: String,
+        #[source]
+        source: P9Error,
+    },
     #[error("-drive id={drive}")]
     Disk {
         drive: String,
@@ -80,6 +87,8 @@ pub enum DeviceBackend {
     Vsock(Arc<VsockBackend>),
     /// The tap's queues (and vhost-net), and the device's shape.
     Net(Arc<NetBackend>, NetParams),
+    /// The share's 9p server, and the device's shape.
+    P9(Arc<P9Backend>, ShareParams),
 }
 
 impl DeviceBackend {
@@ -90,7 +99,10 @@ impl DeviceBackend {
         match self {
             DeviceBackend::Vsock(v) => v.attach(mem),
             DeviceBackend::Net(n, _) => n.attach(mem),
-            DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
+            DeviceBackend::Rng(_)
+            | DeviceBackend::Block(..)
+            | DeviceBackend::Fs(..)
+            | DeviceBackend::P9(..) => {}
         }
     }
 
@@ -99,7 +111,10 @@ impl DeviceBackend {
         match self {
             DeviceBackend::Vsock(v) => v.detach(),
             DeviceBackend::Net(n, _) => n.detach(),
-            DeviceBackend::Rng(_) | DeviceBackend::Block(..) | DeviceBackend::Fs(..) => {}
+            DeviceBackend::Rng(_)
+            | DeviceBackend::Block(..)
+            | DeviceBackend::Fs(..)
+            | DeviceBackend::P9(..) => {}
         }
     }
 }
@@ -124,6 +139,7 @@ impl Backends {
                     }
                     VirtioKind::Fs(f) => Ok(Some(fs(cfg, f, v.driver())?)),
                     VirtioKind::Net(n) => Ok(Some(net(cfg, n)?)),
+                    VirtioKind::P9(p) => Ok(Some(p9(cfg, p)?)),
                     &VirtioKind::Vsock { guest_cid } => {
                         let vsock = VsockBackend::open(guest_cid).map_err(|source| {
                             BackendError::Vsock { driver: v.driver(), cid: guest_cid, source }
@@ -156,6 +172,21 @@ impl Backends {
     pub fn detach(&self) {
         self.devices.iter().flatten().for_each(DeviceBackend::detach);
     }
+}
+
+/// A virtio-9p's server, on its share opened here (before the sandbox).
+fn p9(cfg: &VmConfig, p: &P9Config) -> Result<DeviceBackend, BackendError> {
+    let Some(fsdev) = cfg.fsdevs.iter().find(|f| f.id == p.fsdev) else {
+        unreachable!("the command line checked fsdev={}", p.fsdev)
+    };
+    let params = ShareParams {
+        tag: p.mount_tag.clone(),
+        readonly: fsdev.readonly,
+        security: fsdev.security,
+    };
+    let server = P9Backend::open(&fsdev.path, &params)
+        .map_err(|source| BackendError::P9 { fsdev: fsdev.id.clone(), source })?;
+    Ok(DeviceBackend::P9(Arc::new(server), params))
 }
 
 /// A virtio-blk's image (opened and locked here, once) and shape.

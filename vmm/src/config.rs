@@ -180,6 +180,24 @@ pub enum VirtioKind {
     Vsock { guest_cid: u32 },
     /// `virtio-net-*,netdev=ID[,mac=MAC][,mq=on]`
     Net(NetConfig),
+    /// `virtio-9p-*,fsdev=ID,mount_tag=TAG`: a `-fsdev local` share.
+    P9(P9Config),
+}
+
+/// `-device virtio-9p-*` (its host side is the `-fsdev` named by `fsdev`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct P9Config {
+    pub fsdev: String,
+    pub mount_tag: String,
+}
+
+/// `-fsdev local`: a host directory a virtio-9p device shares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsdevConfig {
+    pub id: String,
+    pub path: PathBuf,
+    pub security: devices::virtio::p9::SecurityModel,
+    pub readonly: bool,
 }
 
 /// `-device virtio-net-*` (its host side is the `-netdev` named by
@@ -292,6 +310,7 @@ impl VirtioKind {
             VirtioKind::Fs(_) => "vhost-user-fs",
             VirtioKind::Vsock { .. } => "vhost-vsock",
             VirtioKind::Net(_) => "virtio-net",
+            VirtioKind::P9(_) => "virtio-9p",
         }
     }
 
@@ -302,7 +321,8 @@ impl VirtioKind {
             VirtioKind::Rng { .. }
             | VirtioKind::Block(_)
             | VirtioKind::Vsock { .. }
-            | VirtioKind::Net(_) => None,
+            | VirtioKind::Net(_)
+            | VirtioKind::P9(_) => None,
         }
     }
 }
@@ -474,6 +494,8 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// `-netdev`s, for the NICs that name them.
     pub netdevs: Vec<NetdevConfig>,
+    /// `-fsdev`s (and `-virtfs`'s), for the 9p devices that name them.
+    pub fsdevs: Vec<FsdevConfig>,
     pub smbios: Option<SmbiosType1>,
     /// `-sandbox on`, with the classes its switches allow.
     pub sandbox: Option<SandboxConfig>,
@@ -503,6 +525,7 @@ impl Default for VmConfig {
             devices: Vec::new(),
             drives: Vec::new(),
             netdevs: Vec::new(),
+            fsdevs: Vec::new(),
             smbios: None,
             sandbox: None,
             run_with: RunWith::default(),

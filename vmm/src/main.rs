@@ -155,9 +155,13 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     // confine what is left.
     host::privileges::apply(&cfg.run_with)?;
     if let Some(policy) = cfg.sandbox {
-        // User networking's thread opens the host's sockets for the guest.
-        let inet = cfg.netdevs.iter().any(|n| matches!(n, config::NetdevConfig::User { .. }));
-        host::sandbox::install(policy, inet)?;
+        let needs = host::sandbox::Needs {
+            inet: cfg.netdevs.iter().any(|n| matches!(n, config::NetdevConfig::User { .. })),
+            shares: cfg.devices.iter().any(|d| {
+                matches!(d, config::DeviceConfig::Virtio(v) if matches!(v.kind, config::VirtioKind::P9(_)))
+            }),
+        };
+        host::sandbox::install(policy, needs)?;
     }
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);

@@ -16,6 +16,7 @@ pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod notifier;
+pub mod p9;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;

@@ -3,8 +3,8 @@
 use super::opts::QemuOpts;
 use super::CliError;
 use crate::config::{
-    BlockConfig, DeviceConfig, FsConfig, NetConfig, PciSlotConfig, RootPortConfig, SmbiosType1,
-    VirtioConfig, VirtioKind, VirtioTransport,
+    BlockConfig, DeviceConfig, FsConfig, NetConfig, P9Config, PciSlotConfig, RootPortConfig,
+    SmbiosType1, VirtioConfig, VirtioKind, VirtioTransport,
 };
 
 /// QEMU's isa-debug-exit defaults.
@@ -30,6 +30,7 @@ const VIRTIO_FAMILIES: &[(&str, FamilyParser)] = &[
     ("vhost-user-fs", vhost_user_fs),
     ("vhost-vsock", vhost_vsock),
     ("virtio-net", virtio_net),
+    ("virtio-9p", virtio_9p),
 ];
 
 /// `NAME-pci` or `NAME-device` of a known family.
@@ -238,6 +239,14 @@ fn virtio_net(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
     Ok(VirtioKind::Net(NetConfig { netdev, mac, mq }))
 }
 
+/// `virtio-9p-*,fsdev=ID,mount_tag=TAG`.
+fn virtio_9p(opts: &mut QemuOpts) -> Result<VirtioKind, CliError> {
+    let fsdev = opts.take("fsdev").ok_or_else(|| opts.missing("fsdev"))?;
+    let mount_tag = opts.take("mount_tag").ok_or_else(|| opts.missing("mount_tag"))?;
+    super::fsdev::check_tag(opts, &mount_tag)?;
+    Ok(VirtioKind::P9(P9Config { fsdev, mount_tag }))
+}
+
 /// The placement properties every PCI device has: `addr`, `bus`,
 /// `multifunction`.
 fn pci_slot(opts: &mut QemuOpts, driver: &str) -> Result<PciSlotConfig, CliError> {
@@ -398,13 +407,10 @@ mod tests {
         assert_eq!(err("e1000"), "-device: unknown device 'e1000'");
         assert_eq!(err(""), "-device: missing property 'driver'");
         assert_eq!(err("id=x"), "-device: missing property 'driver'");
-        for driver in [
-            "virtio-9p-pci",
-            "vhost-user-blk-pci",
-            "vfio-pci",
-            "virtio-balloon-pci",
-            "virtio-balloon-device",
-        ] {
+        assert_eq!(err("virtio-9p-pci"), "-device virtio-9p-pci: missing property 'fsdev'");
+        for driver in
+            ["vhost-user-blk-pci", "vfio-pci", "virtio-balloon-pci", "virtio-balloon-device"]
+        {
             assert_eq!(err(driver), format!("-device: '{driver}' is not supported yet"));
         }
         assert_eq!(err("i8042,foo=1"), "-device i8042: unknown property 'foo'");

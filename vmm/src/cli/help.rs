@@ -130,6 +130,20 @@ Devices:
 -net nic,netdev=ID[,model=virtio][,macaddr=MAC]
                          a virtio-net on the machine's bus (PCIe with
                          pcie=on, else virtio-mmio)
+-device virtio-9p-device|virtio-9p-pci,fsdev=ID,mount_tag=TAG[,addr=..][,bus=ID][,id=ID]
+                         a 9P2000.L share of -fsdev ID, served by skiff on
+                         a worker thread; the guest cannot reach outside
+                         the directory (no '..', '/' in names, symlinks
+                         are never followed by skiff)
+-fsdev local,id=ID,path=DIR,security_model=none|passthrough[,readonly=on|off]
+                         the directory a virtio-9p shares; readonly=on
+                         refuses every change with EROFS; passthrough
+                         applies the guest's chown, none ignores a chown
+                         the host refuses (mapped-xattr: not yet;
+                         mapped-file: not supported)
+-virtfs local,path=DIR,mount_tag=TAG,security_model=..[,readonly=on][,id=ID]
+                         both at once: the -fsdev (id= or the tag) and its
+                         virtio-9p (PCIe with pcie=on, else virtio-mmio)
 -device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
                          a root port; devices with bus=ID sit behind it
                          Every explicit addr= is reserved before any device
@@ -160,9 +174,9 @@ Monitor:
                          system_reset, quit, input-send-event
 -monitor none            no human monitor (the only form accepted)
 
-Every other QEMU option (for example -blockdev, -fw_cfg, -fsdev), every
-other -netdev type (socket, stream, vde, ...), every other -object type, and every other
--device (for example virtio-9p-pci, vfio-pci) is not supported yet: skiff
+Every other QEMU option (for example -blockdev, -fw_cfg), every other
+-netdev type (socket, stream, vde, ...), every other -object type, and every other
+-device (for example vfio-pci, virtio-balloon-pci) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
 

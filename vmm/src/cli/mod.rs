@@ -9,6 +9,7 @@
 mod chardev;
 mod device;
 mod drive;
+mod fsdev;
 mod help;
 mod machine;
 mod memory;
@@ -106,6 +107,8 @@ enum ArgOpt {
     Drive,
     Netdev,
     Net,
+    Fsdev,
+    Virtfs,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -145,6 +148,8 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("drive", Opt::Arg(ArgOpt::Drive)),
     ("netdev", Opt::Arg(ArgOpt::Netdev)),
     ("net", Opt::Arg(ArgOpt::Net)),
+    ("fsdev", Opt::Arg(ArgOpt::Fsdev)),
+    ("virtfs", Opt::Arg(ArgOpt::Virtfs)),
     ("h", Opt::Flag(Flag::Help)),
     ("help", Opt::Flag(Flag::Help)),
     ("version", Opt::Flag(Flag::Version)),
@@ -156,7 +161,7 @@ const OPTIONS: &[(&str, Opt)] = &[
 #[rustfmt::skip]
 const NOT_YET: &[&str] = &[
     "qmp-pretty", "mon", "blockdev", "hda", "hdb", "hdc", "hdd",
-    "cdrom", "nic", "fw_cfg", "fsdev", "virtfs",
+    "cdrom", "nic", "fw_cfg",
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
     "mem-prealloc", "overcommit", "msg", "trace", "plugin", "action", "watchdog-action", "L",
@@ -242,6 +247,8 @@ struct Builder {
     numa_node: Option<Option<String>>,
     /// `-net nic`s, which become virtio-net devices on the machine's bus.
     nics: Vec<netdev::NicConfig>,
+    /// `-virtfs` devices to place: (fsdev id, mount tag).
+    virtfs: Vec<(String, String)>,
 }
 
 /// At most COM1..COM4, as QEMU's ISA serial ports.
@@ -365,6 +372,12 @@ impl Builder {
                 config.netdevs.push(netdev);
             }
             ArgOpt::Net => self.nics.push(netdev::parse_net(label, &arg)?),
+            ArgOpt::Fsdev => self.add_fsdev(fsdev::parse_fsdev(label, &arg)?, label)?,
+            ArgOpt::Virtfs => {
+                let (fsdev, tag) = fsdev::parse_virtfs(label, &arg)?;
+                self.virtfs.push((fsdev.id.clone(), tag));
+                self.add_fsdev(fsdev, label)?;
+            }
             ArgOpt::Object => {
                 let backend = memory::parse_object(label, &arg)?;
                 if self.memory_backends.iter().any(|b| b.id == backend.id) {
@@ -402,6 +415,8 @@ impl Builder {
         check_drive_users(&self.config)?;
         self.place_nics();
         check_netdev_users(&mut self.config)?;
+        self.place_virtfs();
+        check_fsdev_users(&self.config)?;
         check_vhost_user_chardevs(&self.config)?;
         let node = self.numa_node.take();
         let backend = memory::resolve(&self.memory_backends, node, self.config.mem_size)?;
@@ -427,6 +442,38 @@ impl Builder {
 }
 
 impl Builder {
+    fn add_fsdev(
+        &mut self,
+        fsdev: crate::config::FsdevConfig,
+        label: &str,
+    ) -> Result<(), CliError> {
+        if self.config.fsdevs.iter().any(|f| f.id == fsdev.id) {
+            return Err(CliError::Invalid {
+                option: label.to_owned(),
+                reason: format!("duplicate fsdev id: {}", fsdev.id),
+            });
+        }
+        self.config.fsdevs.push(fsdev);
+        Ok(())
+    }
+
+    /// `-virtfs`'s device: a virtio-9p-pci with `pcie=on`, else a
+    /// virtio-9p-device, as `-net nic` places its NIC.
+    fn place_virtfs(&mut self) {
+        use crate::config::{OnOffAuto, P9Config, VirtioConfig, VirtioKind, VirtioTransport};
+        for (fsdev, mount_tag) in self.virtfs.drain(..) {
+            let transport = match self.config.machine.pcie {
+                OnOffAuto::On => VirtioTransport::Pci(Default::default()),
+                OnOffAuto::Off | OnOffAuto::Auto => VirtioTransport::Mmio,
+            };
+            self.config.devices.push(DeviceConfig::Virtio(VirtioConfig {
+                id: None,
+                transport,
+                kind: VirtioKind::P9(P9Config { fsdev, mount_tag }),
+            }));
+        }
+    }
+
     /// `-net nic`: a virtio-net-pci on the root complex with `pcie=on`,
     /// else a virtio-net-device (microvm's default NIC), after the
     /// `-device`s, as QEMU creates them.
@@ -445,6 +492,31 @@ impl Builder {
             }));
         }
     }
+}
+
+/// Every virtio-9p device names an `-fsdev` no other device uses (each
+/// device has its own server: fids are per connection).
+fn check_fsdev_users(config: &VmConfig) -> Result<(), CliError> {
+    let mut used: Vec<&str> = Vec::new();
+    for d in &config.devices {
+        let DeviceConfig::Virtio(v) = d else { continue };
+        let crate::config::VirtioKind::P9(p) = &v.kind else { continue };
+        let option = format!("-device {}", v.driver());
+        if !config.fsdevs.iter().any(|f| f.id == p.fsdev) {
+            return Err(CliError::Invalid {
+                option,
+                reason: format!("fsdev with id {} needs to be defined", p.fsdev),
+            });
+        }
+        if used.contains(&p.fsdev.as_str()) {
+            return Err(CliError::Invalid {
+                option,
+                reason: format!("fsdev '{}' is already used by another 9p device", p.fsdev),
+            });
+        }
+        used.push(&p.fsdev);
+    }
+    Ok(())
 }
 
 /// Every NIC names a `-netdev` no other NIC uses, inherited descriptors

@@ -93,6 +93,7 @@ fn microvm_nix_command_line() {
         devices: vec![DeviceConfig::I8042],
         drives: Vec::new(),
         netdevs: Vec::new(),
+        fsdevs: Vec::new(),
         smbios: None,
         sandbox: None,
         run_with: RunWith::default(),
@@ -213,7 +214,7 @@ fn unknown_and_unsupported_options() {
     fails(&["-foo"], "-foo: unknown option");
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
-    for option in ["-blockdev", "-nic", "-fw_cfg", "-fsdev", "--virtfs"] {
+    for option in ["-blockdev", "-nic", "-fw_cfg", "-mem-path", "--pidfile"] {
         let name = option.trim_start_matches('-');
         fails(
             &[option, "x"],
@@ -505,7 +506,7 @@ fn devices() {
         &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
         "-device: duplicate id 'x'",
     );
-    for driver in ["virtio-9p-pci", "vhost-user-blk-pci", "vfio-pci", "virtio-balloon-pci"] {
+    for driver in ["vhost-user-blk-pci", "vfio-pci", "virtio-balloon-pci"] {
         fails(
             &["-device", &format!("{driver},id=x")],
             &format!("-device: '{driver}' is not supported yet"),
@@ -880,6 +881,78 @@ fn arguments_that_are_not_utf8() {
     );
     assert_eq!(err(vec![os(b"-m\xe9")]), "-m\u{fffd}: unknown option");
     assert!(err(vec![os(b"disk\xe9.img")]).contains("unexpected argument"));
+}
+
+/// microvm.nix's 9p shares and qemu-vm.nix's -virtfs: the device names
+/// its fsdev whatever the order; -virtfs places its device as -net nic
+/// does; an fsdev serves one device.
+#[test]
+fn nine_p_shares_and_their_fsdevs() {
+    use crate::config::{FsdevConfig, P9Config, VirtioTransport};
+    let shares = |c: &VmConfig| -> Vec<(P9Config, bool)> {
+        c.devices
+            .iter()
+            .filter_map(|d| match d {
+                DeviceConfig::Virtio(VirtioConfig {
+                    kind: VirtioKind::P9(p), transport, ..
+                }) => Some((p.clone(), matches!(transport, VirtioTransport::Pci(_)))),
+                _ => None,
+            })
+            .collect()
+    };
+    let c = run(&[
+        "-M",
+        "microvm,pcie=on",
+        "-device",
+        "virtio-9p-pci,fsdev=fs0,mount_tag=ro-store",
+        "-fsdev",
+        "local,id=fs0,path=/nix/store,security_model=none,readonly=true",
+        "-virtfs",
+        "local,path=/tmp,security_model=none,mount_tag=shared",
+    ]);
+    let p = shares(&c);
+    assert_eq!(p[0].0, P9Config { fsdev: "fs0".into(), mount_tag: "ro-store".into() });
+    assert_eq!(p[1], (P9Config { fsdev: "shared".into(), mount_tag: "shared".into() }, true));
+    assert_eq!(
+        c.fsdevs[0],
+        FsdevConfig {
+            id: "fs0".into(),
+            path: "/nix/store".into(),
+            security: devices::virtio::p9::SecurityModel::None,
+            readonly: true
+        }
+    );
+    let c = run(&["-virtfs", "local,path=/tmp,security_model=none,mount_tag=s"]);
+    assert!(!shares(&c)[0].1, "virtio-mmio without pcie=on");
+    fails(
+        &["-device", "virtio-9p-pci,fsdev=x,mount_tag=t"],
+        "-device virtio-9p-pci: fsdev with id x needs to be defined",
+    );
+    fails_with(
+        &[
+            "-fsdev",
+            "local,id=a,path=/tmp,security_model=none",
+            "-device",
+            "virtio-9p-device,fsdev=a,mount_tag=t",
+            "-device",
+            "virtio-9p-device,fsdev=a,mount_tag=u",
+        ],
+        &["fsdev 'a' is already used"],
+    );
+    fails_with(
+        &[
+            "-fsdev",
+            "local,id=a,path=/tmp,security_model=none",
+            "-virtfs",
+            "local,path=/x,security_model=none,mount_tag=a",
+        ],
+        &["-virtfs", "duplicate fsdev id: a"],
+    );
+    fails_with(&["-device", "virtio-9p-pci,fsdev=a"], &["-device virtio-9p-pci", "mount_tag"]);
+    fails_with(
+        &["-device", "virtio-9p-device,fsdev=a,mount_tag=t,cache=loose"],
+        &["unknown property 'cache'"],
+    );
 }
 
 /// microvm.nix's interface forms: the NIC names its netdev, whatever the

@@ -446,6 +446,10 @@ pub struct Config {
 
     // skiff: every request that would change the share fails with EROFS.
     pub readonly: bool,
+
+    // skiff: a Tsetattr's ownership change that fails is ignored (QEMU's
+    // security_model=none, for an unprivileged server).
+    pub ignore_chown_errors: bool,
 }
 
 impl FromStr for Config {
@@ -485,6 +489,7 @@ impl Default for Config {
             gid_map: Default::default(),
             ascii_casefold: false,
             readonly: false,
+            ignore_chown_errors: false,
         }
     }
 }
@@ -495,6 +500,9 @@ pub struct Server {
     // none needs a path lookup once skiff's sandbox is on.
     root: File,
     cfg: Config,
+    // skiff: the configured msize, which each Tversion negotiates from (a
+    // rebooted guest may ask for more than the last one).
+    max_msize: u32,
 }
 
 impl Server {
@@ -510,6 +518,7 @@ impl Server {
             gid_map,
             ascii_casefold: false,
             readonly: false,
+            ignore_chown_errors: false,
         })
     }
 
@@ -545,6 +554,7 @@ impl Server {
             fids: BTreeMap::new(),
             proc,
             root,
+            max_msize: cfg.msize,
             cfg,
         })
     }
@@ -670,7 +680,7 @@ impl Server {
 
         // A Tversion request clunks all open fids and terminates any pending I/O.
         self.fids.clear();
-        self.cfg.msize = min(self.cfg.msize, version.msize);
+        self.cfg.msize = min(self.max_msize, version.msize);
 
         Ok(Rversion {
             msize: self.cfg.msize,
@@ -987,7 +997,12 @@ impl Server {
             };
 
             // Safe because this doesn't modify any memory and we check the return value.
-            syscall!(unsafe { libc::fchownat(self.proc.as_raw_fd(), path.as_ptr(), uid, gid, 0) })?;
+            let chown =
+                syscall!(unsafe { libc::fchownat(self.proc.as_raw_fd(), path.as_ptr(), uid, gid, 0) });
+            // skiff: security_model=none.
+            if !self.cfg.ignore_chown_errors {
+                chown?;
+            }
         }
 
         if set_attr.valid & P9_SETATTR_SIZE != 0 {

@@ -77,10 +77,24 @@ impl ThreadKind {
 /// themselves with it in mind.
 static ACTIVE: OnceLock<Active> = OnceLock::new();
 
+/// What the process's devices need beyond the base lists.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Needs {
+    /// `-netdev user`: user networking's thread (started before the
+    /// filters, and confining itself then) opens internet sockets for the
+    /// guest.
+    pub inet: bool,
+    /// A 9p share: its worker opens, reads and changes files relative to
+    /// the share's descriptors, opened during setup. Opening relative to a
+    /// descriptor is then let through (an absolute path still resolves
+    /// from `/`: seccomp cannot read the path, so this is QEMU's openness
+    /// for those calls, not a jail).
+    pub shares: bool,
+}
+
 struct Active {
     policy: SandboxConfig,
-    /// `-netdev user`: the process may open internet sockets.
-    inet: bool,
+    needs: Needs,
     /// `SKIFF_TEST_SECCOMP_TRIP=KIND`: that kind of thread makes one
     /// forbidden call once confined (for the test that the filter bites).
     trip: Option<String>,
@@ -88,17 +102,15 @@ struct Active {
 
 /// Installs the SIGSYS handler and the process filter, and has device
 /// threads confine themselves from now on.
-/// `inet`: user networking runs, whose thread (started before this, and
-/// confining itself now) opens internet sockets for the guest.
-pub fn install(policy: SandboxConfig, inet: bool) -> Result<(), Error> {
+pub fn install(policy: SandboxConfig, needs: Needs) -> Result<(), Error> {
     install_sigsys_handler()?;
-    for prog in answers(&policy)? {
+    for prog in answers(&policy, needs)? {
         seccompiler::apply_filter_all_threads(&prog).map_err(Error::Install)?;
     }
-    let main = filter(ThreadKind::Main, &policy, inet)?;
+    let main = filter(ThreadKind::Main, &policy, needs)?;
     seccompiler::apply_filter_all_threads(&main).map_err(Error::Install)?;
     let trip = std::env::var("SKIFF_TEST_SECCOMP_TRIP").ok();
-    let _ = ACTIVE.set(Active { policy, inet, trip });
+    let _ = ACTIVE.set(Active { policy, needs, trip });
     devices::threads::on_start(|kind| {
         confine(match kind {
             devices::threads::ThreadKind::Worker => ThreadKind::Worker,
@@ -115,7 +127,7 @@ pub fn install(policy: SandboxConfig, inet: bool) -> Result<(), Error> {
 /// unconfined would be a silent hole.
 pub fn confine(kind: ThreadKind) {
     let Some(active) = ACTIVE.get() else { return };
-    let applied = filter(kind, &active.policy, active.inet)
+    let applied = filter(kind, &active.policy, active.needs)
         .and_then(|prog| seccompiler::apply_filter(&prog).map_err(Error::Install));
     if let Err(e) = applied {
         log::error!("{} thread: {e}", kind.name());
@@ -138,13 +150,20 @@ fn trip_if_asked(kind: ThreadKind) {
 /// these through):
 /// - opening a file: EACCES. Nothing of skiff's opens one after setup, but
 ///   glibc's malloc, shrinking a thread's heap, reads
-///   /proc/sys/vm/overcommit_memory once and copes with a refusal;
+///   /proc/sys/vm/overcommit_memory once and copes with a refusal. With a
+///   9p share, openat relative to a descriptor goes through (`Needs`);
 /// - clone3: ENOSYS. glibc then falls back to clone, whose flags the lists
 ///   check (a thread, never a process); clone3's live in memory, out of a
 ///   filter's reach.
-fn answers(policy: &SandboxConfig) -> Result<Vec<BpfProgram>, Error> {
+fn answers(policy: &SandboxConfig, needs: Needs) -> Result<Vec<BpfProgram>, Error> {
     let build = |e| Error::Build("answers", e);
-    let mut eacces = BTreeMap::from([(libc::SYS_open, vec![]), (libc::SYS_openat, vec![])]);
+    let openat = if needs.shares {
+        let cwd = libc::AT_FDCWD as u32 as u64;
+        vec![SeccompRule::new(vec![cond(0, Op::Eq, cwd).map_err(build)?]).map_err(build)?]
+    } else {
+        vec![]
+    };
+    let mut eacces = BTreeMap::from([(libc::SYS_open, vec![]), (libc::SYS_openat, openat)]);
     eacces.insert(libc::SYS_openat2, vec![]);
     let open: BpfProgram = SeccompFilter::new(
         eacces,
@@ -247,6 +266,31 @@ const DISK_IO: &[i64] = &[
 /// (`reconnect=`), which also takes `socket` (AF_UNIX only, below).
 const BACKEND_SOCKETS: &[i64] =
     &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown, libc::SYS_connect];
+
+/// A 9p share's requests, on its worker (a vCPU starts it, and the main
+/// thread's filter is the process's): lookups, reads and changes, all
+/// relative to descriptors of the share.
+const SHARE_FILES: &[i64] = &[
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_getdents64,
+    libc::SYS_mkdirat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_linkat,
+    libc::SYS_symlinkat,
+    libc::SYS_readlinkat,
+    libc::SYS_fchmodat,
+    libc::SYS_fchmod,
+    libc::SYS_fchownat,
+    libc::SYS_fchown,
+    libc::SYS_utimensat,
+    libc::SYS_ftruncate,
+    libc::SYS_flock,
+];
 
 /// User networking's sockets: the guest's TCP and UDP connections and
 /// pings, and `hostfwd=` listeners.
@@ -357,7 +401,7 @@ fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, seccompiler::Ba
 }
 
 /// The kind's BPF program.
-fn filter(kind: ThreadKind, policy: &SandboxConfig, inet: bool) -> Result<BpfProgram, Error> {
+fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfProgram, Error> {
     let build = |e| Error::Build(kind.name(), e);
     let mut calls: Vec<i64> = COMMON.to_vec();
     let (threads, events, disk, main, kvm, tty) = match kind {
@@ -371,13 +415,15 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, inet: bool) -> Result<BpfPro
     };
     let backends = matches!(kind, ThreadKind::Main | ThreadKind::Vcpu | ThreadKind::Worker);
     // The process filter (main's) carries every thread's calls.
-    let inet = inet && matches!(kind, ThreadKind::Main | ThreadKind::Network);
+    let inet = needs.inet && matches!(kind, ThreadKind::Main | ThreadKind::Network);
+    let shares = needs.shares && backends;
     for (on, set) in [
         (events, EVENTS),
         (disk, DISK_IO),
         (main, MAIN_ONLY),
         (backends, BACKEND_SOCKETS),
         (inet, INET_SOCKETS),
+        (shares, SHARE_FILES),
     ] {
         if on {
             calls.extend_from_slice(set);
@@ -578,8 +624,8 @@ mod tests {
             ThreadKind::Io,
             ThreadKind::Network,
         ] {
-            filter(kind, &SandboxConfig::default(), true).unwrap();
-            filter(kind, &all, false).unwrap();
+            filter(kind, &SandboxConfig::default(), Needs { inet: true, shares: true }).unwrap();
+            filter(kind, &all, Needs::default()).unwrap();
         }
     }
 
@@ -610,8 +656,8 @@ mod tests {
     /// Opening a file is refused with EACCES (glibc copes), not fatal.
     #[test]
     fn opening_a_file_is_refused_not_fatal() {
-        let progs = answers(&SandboxConfig::default()).unwrap();
-        let io = filter(ThreadKind::Io, &SandboxConfig::default(), false).unwrap();
+        let progs = answers(&SandboxConfig::default(), Needs::default()).unwrap();
+        let io = filter(ThreadKind::Io, &SandboxConfig::default(), Needs::default()).unwrap();
         let status = in_confined_child(&[&progs[0], &progs[1], &io], || {
             // SAFETY: a NUL-terminated path; errno read right after.
             let fd = unsafe { libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), 0) };
@@ -626,11 +672,55 @@ mod tests {
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
     }
 
+    /// With a 9p share, a worker opens and lists files relative to the
+    /// share's descriptor; opening by a path from the working directory is
+    /// still refused.
+    #[test]
+    fn a_share_worker_opens_relative_to_its_share_only() {
+        static DIR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+        // SAFETY: a NUL-terminated path; the descriptor stays open for the
+        // child, which inherits it.
+        let dir = unsafe { libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
+        assert!(dir >= 0);
+        DIR.store(dir, std::sync::atomic::Ordering::SeqCst);
+        let needs = Needs { inet: false, shares: true };
+        let progs = answers(&SandboxConfig::default(), needs).unwrap();
+        let worker = filter(ThreadKind::Worker, &SandboxConfig::default(), needs).unwrap();
+        let status = in_confined_child(&[&progs[0], &progs[1], &worker], || {
+            let dir = DIR.load(std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: NUL-terminated paths, a buffer of the length given;
+            // errno read right after the call.
+            unsafe {
+                let fd = libc::openat(dir, c"status".as_ptr(), libc::O_RDONLY);
+                if fd < 0 {
+                    return 3;
+                }
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::fstatat(dir, c"status".as_ptr(), &mut st, 0) != 0 {
+                    return 4;
+                }
+                let fd = libc::openat(dir, c".".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+                let mut buf = [0u8; 512];
+                if fd < 0 || libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), 512) <= 0 {
+                    return 5;
+                }
+                let cwd = libc::openat(libc::AT_FDCWD, c"/etc/hostname".as_ptr(), 0);
+                if cwd >= 0 || *libc::__errno_location() != libc::EACCES {
+                    return 6;
+                }
+            }
+            0
+        });
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(dir) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
+    }
+
     /// The filters really bite: under the vCPU list an allowed call goes
     /// through, a forbidden one ends the process by SIGSYS.
     #[test]
     fn a_forbidden_call_is_stopped_and_an_allowed_one_is_not() {
-        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default(), false).unwrap();
+        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default(), Needs::default()).unwrap();
         let status = in_confined_child(&[&prog], || {
             // SAFETY: plain system calls.
             unsafe {

@@ -45,6 +45,9 @@ pub(super) fn create(
         (VirtioKind::Net(_), Some(DeviceBackend::Net(backend, params))) => {
             Ok(Arc::new(Mutex::new(Net::new(backend.clone(), params))))
         }
+        (VirtioKind::P9(_), Some(DeviceBackend::P9(backend, params))) => {
+            Ok(Arc::new(Mutex::new(devices::virtio::p9::P9::new(backend.clone(), params.clone()))))
+        }
         _ => Err(super::missing_backend(desc.driver())),
     }
 }
