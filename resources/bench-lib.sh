@@ -1,4 +1,4 @@
-# Shared by the benchmark scripts (bench-blk.sh, bench-net.sh); sourced
+# Shared by the benchmark scripts (bench-blk.sh, bench-net.sh, bench-9p.sh); sourced
 # after the script sets NAME (its short name, for messages) and SCRIPT (its
 # path, whose header comment is its usage).
 #

@@ -29,7 +29,7 @@
 #                   acpi=off guests.
 #   l2/store.img, l2/store-data.bin, l2/vol.img  disk images for the
 #                   virtio-blk tests (a store with a known file, a volume).
-#   tools/stamp, tools/outb, tools/vsock   static helpers from resources/tools.
+#   tools/stamp, tools/outb, tools/vsock, tools/xattr   static helpers from resources/tools.
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
 #   l1/l1-base.cpio.zst   test-host root: busybox, KVM, vhost-vsock (and VFIO) modules,
 #                   stamp, the L2 bzImage and initrd under /assets.
@@ -248,7 +248,7 @@ BUSYBOX="$busybox_dir/bin/busybox"
 [ -x "$BUSYBOX" ] || die "no bin/busybox in busybox-static"
 
 # --------------------------------------------------------------- tools
-for t in stamp outb vsock; do
+for t in stamp outb vsock xattr; do
 	src="$REPO/resources/tools/$t.c"
 	k=$(key_of "$src" "$(gcc -dumpfullversion)")
 	if ! up_to_date "$CACHE/tools/$t" "$k"; then
@@ -268,7 +268,7 @@ OUTB="$CACHE/tools/outb"
 VSOCK_TOOL="$CACHE/tools/vsock"
 
 # --------------------------------------------------------- L2 kernel
-L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs libcrc32c erofs button evdev vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
+L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs libcrc32c erofs button evdev vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport netfs fscache 9pnet 9pnet_virtio 9p"
 if [ -n "${SKIFF_TEST_KERNEL:-}" ]; then
 	[ -f "$SKIFF_TEST_KERNEL" ] || die "SKIFF_TEST_KERNEL=$SKIFF_TEST_KERNEL: no such file"
 	kernel_src=$SKIFF_TEST_KERNEL
@@ -490,8 +490,8 @@ if [ "$want_l1" = 1 ]; then
 	# the L2 vmlinux (when one uses $VMLINUX). Unpacking costs ~11 ms/MB
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
-		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v9-bridge")
+		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$CACHE/tools/xattr.key" "$generic_kernel" \
+		"$CACHE/l2/store.img.key" "v10-ext4")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -500,6 +500,7 @@ if [ "$want_l1" = 1 ]; then
 		install_busybox "$BUSYBOX" "$root"
 		install -m 0755 "$REPO/tests/testhost/l1-init" "$root/init"
 		cp "$STAMP" "$root/bin/stamp"
+		cp "$CACHE/tools/xattr" "$root/bin/xattr"
 		# socat: the QMP tests talk to skiff exactly as microvm.nix does.
 		SOCAT_BIN=$(command -v socat) || die "socat missing: run resources/install-deps.sh"
 		install_with_libs "$SOCAT_BIN" "$root/usr/bin/socat" "$root"
@@ -523,6 +524,13 @@ if [ "$want_l1" = 1 ]; then
 		# Networking for -netdev tap: tun and vhost-net; macvtap on a dummy
 		# link, as microvm.nix's runner uses it.
 		for m in tun tap macvlan macvtap vhost_net dummy llc stp bridge; do
+			f=$(find_module "$l1_moddir" "$m")
+			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
+			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order"
+		done
+		# A loop-mounted ext4 (the test host's tmpfs, kernel 6.1, takes no
+		# user xattrs): a 9p share with security_model=mapped-xattr.
+		for m in loop crc16 mbcache jbd2 crc32c_generic ext4; do
 			f=$(find_module "$l1_moddir" "$m")
 			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
 			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order"

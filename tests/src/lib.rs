@@ -722,6 +722,17 @@ pub fn parse_log(log: &str) -> Vec<ScenarioResult> {
     results
 }
 
+/// Shell function `share DIR`: a share as the file-system tests use it,
+/// DIR/data.bin (1 MiB of random bytes) and DIR/many/ (1,000 files).
+pub const SHARE_FN: &str = r#"
+share() {
+	mkdir -p "$1/many"
+	head -c 1048576 /dev/urandom >"$1/data.bin"
+	i=1
+	while [ $i -le 1000 ]; do echo $i >"$1/many/f$i"; i=$((i + 1)); done
+}
+"#;
+
 /// microvm.nix's argv for a guest without devices (see
 /// shared/MICROVM-NIX.md), with `$BZIMAGE`/`$INITRD` and the guest action:
 /// `vmm` is `$SKIFF` or `$QEMU`, `machine_extra` is appended to the `-M`

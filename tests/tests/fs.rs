@@ -12,19 +12,15 @@
 #![cfg(feature = "guest")]
 
 // `command`: microvm.nix's argv with `devices` and the guest's action.
-use skiff_tests::{skiff_command as command, until_then_sigterm, Batch, Scenario, ScenarioResult};
+use skiff_tests::{
+    skiff_command as command, until_then_sigterm, Batch, Scenario, ScenarioResult, SHARE_FN,
+};
 
 const SECS: u32 = 120;
 
-/// Shell helpers: `share DIR` fills a share, `virtiofsd NAME DIR` starts
-/// one on NAME.sock (log in NAME.log) and waits for its socket.
-const HELPERS: &str = r#"
-share() {
-	mkdir -p "$1/many"
-	head -c 1048576 /dev/urandom >"$1/data.bin"
-	i=1
-	while [ $i -le 1000 ]; do echo $i >"$1/many/f$i"; i=$((i + 1)); done
-}
+/// Shell helpers: `virtiofsd NAME DIR` starts one on NAME.sock (log in
+/// NAME.log) and waits for its socket (`share DIR`: `SHARE_FN`).
+const VIRTIOFSD_FN: &str = r#"
 virtiofsd() {
 	rm -f "$1.sock"
 	"$VIRTIOFSD" --socket-path="$PWD/$1.sock" --shared-dir="$PWD/$2" --cache=auto --sandbox=none >"$1.log" 2>&1 &
@@ -52,7 +48,7 @@ fn two_shares(pcie: bool, memory: &str) -> String {
     );
     let cmd = command(pcie, devices.trim(), "skiff.test=fs skiff.fs=ro-store:ro,data:rw");
     format!(
-        "{HELPERS}share store; share data; virtiofsd fs0 store; virtiofsd fs1 data\n\
+        "{SHARE_FN}{VIRTIOFSD_FN}share store; share data; virtiofsd fs0 store; virtiofsd fs1 data\n\
          {cmd}\necho \"SKIFF-RC=$?\"\n\
          expected STORE store/data.bin; expected DATA data/data.bin\n\
          echo \"HOST-SEES=$(sha256sum data/from-guest.bin 2>/dev/null | cut -d' ' -f1)\"\n\
@@ -74,7 +70,7 @@ fn seed_order() -> String {
         1,
     );
     format!(
-        "{HELPERS}share store; virtiofsd fs0 store\n{cmd}\necho \"SKIFF-RC=$?\"\n\
+        "{SHARE_FN}{VIRTIOFSD_FN}share store; virtiofsd fs0 store\n{cmd}\necho \"SKIFF-RC=$?\"\n\
          expected STORE store/data.bin\nwait\n"
     )
 }
@@ -89,7 +85,7 @@ fn reboot() -> String {
     )
     .replace(" -no-reboot", "");
     format!(
-        "{HELPERS}share store; virtiofsd fs0 store\nexpected STORE store/data.bin\n{}",
+        "{SHARE_FN}{VIRTIOFSD_FN}share store; virtiofsd fs0 store\nexpected STORE store/data.bin\n{}",
         until_then_sigterm(&cmd, "SKIFF-FS-ro-store-SHA", 2, 100, "")
     )
 }
@@ -104,7 +100,7 @@ fn death() -> String {
         "skiff.test=fs-death skiff.fs=ro-store:ro",
     );
     format!(
-        "{HELPERS}share store; virtiofsd fs0 store\n\
+        "{SHARE_FN}{VIRTIOFSD_FN}share store; virtiofsd fs0 store\n\
          : > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
          wait_for SKIFF-FS-MOUNTED out.txt 90\n\
          kill -KILL $(pidof virtiofsd)\n\
@@ -129,7 +125,7 @@ fn reconnect() -> String {
         "skiff.test=fs-reconnect skiff.fs=ro-store:ro",
     );
     format!(
-        "{HELPERS}share store; virtiofsd fs0 store; expected STORE store/data.bin\n\
+        "{SHARE_FN}{VIRTIOFSD_FN}share store; virtiofsd fs0 store; expected STORE store/data.bin\n\
          : > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
          wait_for SKIFF-FS-MOUNTED out.txt 90\n\
          kill -KILL $(pidof virtiofsd)\n\

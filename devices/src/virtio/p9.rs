@@ -55,6 +55,9 @@ pub enum SecurityModel {
     /// As passthrough, except that ownership changes which fail are
     /// ignored (an unprivileged skiff).
     None,
+    /// The guest's owners and modes in `user.virtfs.*` xattrs; the host
+    /// files keep skiff's owner and a private mode.
+    MappedXattr,
 }
 
 /// A share as `-fsdev` describes it.
@@ -84,6 +87,7 @@ impl P9Backend {
             msize: MSIZE,
             readonly: params.readonly,
             ignore_chown_errors: params.security == SecurityModel::None,
+            mapped_xattr: params.security == SecurityModel::MappedXattr,
             ..p9::Config::default()
         };
         let server = p9::Server::with_config(cfg)

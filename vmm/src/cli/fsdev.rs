@@ -63,15 +63,12 @@ fn local(opts: &mut QemuOpts, id: String) -> Result<FsdevConfig, CliError> {
     let security = match opts.take("security_model").as_deref() {
         Some("none") => SecurityModel::None,
         Some("passthrough") => SecurityModel::Passthrough,
-        Some(m @ ("mapped-xattr" | "mapped")) => {
-            return Err(opts.error(format!(
-                "security_model={m} is not supported yet (use none or passthrough)"
-            )))
-        }
+        Some("mapped-xattr" | "mapped") => SecurityModel::MappedXattr,
         Some("mapped-file") => {
-            return Err(
-                opts.error("security_model=mapped-file is not supported (use none or passthrough)")
-            )
+            return Err(opts.error(
+                "security_model=mapped-file is not supported (use mapped-xattr, none or \
+                 passthrough)",
+            ))
         }
         Some(other) => {
             return Err(opts.invalid_value(
@@ -89,8 +86,14 @@ fn local(opts: &mut QemuOpts, id: String) -> Result<FsdevConfig, CliError> {
     let readonly = opts.take_bool("readonly")?.unwrap_or(false);
     // QEMU: "fmode and dmode are only valid for mapped security modes".
     for key in ["fmode", "dmode"] {
-        if opts.contains(key) {
+        if opts.contains(key) && security != SecurityModel::MappedXattr {
             return Err(opts.error(format!("{key}= is only valid for mapped security models")));
+        }
+        if opts.contains(key) {
+            return Err(opts.error(format!(
+                "{key}= is not supported (mapped-xattr creates files 0600 and directories \
+                 0700 on the host)"
+            )));
         }
     }
     // Written data reaches the host file at once either way.
@@ -134,6 +137,10 @@ mod tests {
         assert!(f.readonly);
         let rel = fsdev("local,id=r,path=share,security_model=none").unwrap();
         assert!(rel.path.is_absolute() && rel.path.ends_with("share"));
+        let m = fsdev("local,id=m,path=/x,security_model=mapped-xattr").unwrap();
+        assert_eq!(m.security, SecurityModel::MappedXattr);
+        let m = fsdev("local,id=m,path=/x,security_model=mapped").unwrap();
+        assert_eq!(m.security, SecurityModel::MappedXattr, "QEMU's alias");
     }
 
     #[test]
@@ -143,7 +150,7 @@ mod tests {
             ("local,id=a,security_model=none", "path"),
             ("local,id=a,path=/x", "security_model= is required"),
             ("local,id=a,path=/x,security_model=bogus", "bogus"),
-            ("local,id=a,path=/x,security_model=mapped-xattr", "not supported yet"),
+            ("local,id=a,path=/x,security_model=mapped-xattr,fmode=0644", "not supported"),
             ("local,id=a,path=/x,security_model=mapped-file", "mapped-file"),
             ("proxy,id=a,path=/x,security_model=none", "'proxy'"),
             ("local,id=a,path=/x,security_model=none,fmode=0644", "fmode"),

@@ -135,12 +135,13 @@ Devices:
                          a worker thread; the guest cannot reach outside
                          the directory (no '..', '/' in names, symlinks
                          are never followed by skiff)
--fsdev local,id=ID,path=DIR,security_model=none|passthrough[,readonly=on|off]
+-fsdev local,id=ID,path=DIR,security_model=MODEL[,readonly=on|off]
                          the directory a virtio-9p shares; readonly=on
-                         refuses every change with EROFS; passthrough
-                         applies the guest's chown, none ignores a chown
-                         the host refuses (mapped-xattr: not yet;
-                         mapped-file: not supported)
+                         refuses every change with EROFS; MODEL:
+                         passthrough applies the guest's chown, none ignores
+                         a chown the host refuses, mapped-xattr keeps the
+                         guest's owners and modes in user.virtfs.* xattrs
+                         (mapped-file is not supported)
 -virtfs local,path=DIR,mount_tag=TAG,security_model=..[,readonly=on][,id=ID]
                          both at once: the -fsdev (id= or the tag) and its
                          virtio-9p (PCIe with pcie=on, else virtio-mmio)

@@ -165,6 +165,85 @@ struct Fid {
     path: File,
     file: Option<File>,
     filetype: FileType,
+    // skiff: the attaching user (Tattach's n_uname), who owns what is
+    // created through this fid under security_model=mapped-xattr.
+    uid: u32,
+}
+
+// skiff: security_model=mapped-xattr, as QEMU's 9p-local stores it. The
+// guest's owner, group, mode (with the file type) and device number live
+// in these xattrs (little-endian u32, u32, u32, u64); the host file keeps
+// the server's owner and a private mode (0600, directories 0700). Files
+// without them show the host's values. Symlinks are the host's own (Linux
+// allows no user xattrs on them) and show the host's values too.
+const XATTR_UID: &CStr = c"user.virtfs.uid";
+const XATTR_GID: &CStr = c"user.virtfs.gid";
+const XATTR_MODE: &CStr = c"user.virtfs.mode";
+const XATTR_RDEV: &CStr = c"user.virtfs.rdev";
+
+// The fd's file as a path the xattr calls take (they have no *at form).
+fn fd_path(f: &File) -> io::Result<CString> {
+    string_to_cstring(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
+fn get_xattr<const N: usize>(path: &CStr, name: &CStr) -> io::Result<Option<[u8; N]>> {
+    let mut buf = [0u8; N];
+    // Safe because the kernel writes at most N bytes to `buf`, and we check
+    // the return value.
+    let ret = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), N) };
+    if ret == N as isize {
+        return Ok(Some(buf));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        _ if ret >= 0 => Ok(None),
+        Some(libc::ENODATA) | Some(libc::ENOTSUP) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+fn set_xattr(path: &CStr, name: &CStr, value: &[u8]) -> io::Result<()> {
+    // Safe because this only reads `value` and we check the return value.
+    syscall!(unsafe {
+        libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+    })?;
+    Ok(())
+}
+
+// Overlays the stored owner, group, mode and device number on `st`.
+fn mapped_stat(f: &File, st: &mut libc::stat64) -> io::Result<()> {
+    if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Ok(());
+    }
+    let path = fd_path(f)?;
+    if let Some(v) = get_xattr::<4>(&path, XATTR_UID)? {
+        st.st_uid = u32::from_le_bytes(v);
+    }
+    if let Some(v) = get_xattr::<4>(&path, XATTR_GID)? {
+        st.st_gid = u32::from_le_bytes(v);
+    }
+    if let Some(v) = get_xattr::<4>(&path, XATTR_MODE)? {
+        st.st_mode = u32::from_le_bytes(v);
+    }
+    if let Some(v) = get_xattr::<8>(&path, XATTR_RDEV)? {
+        st.st_rdev = u64::from_le_bytes(v);
+    }
+    Ok(())
+}
+
+// Stores what the guest asked for on a new file (QEMU's local_set_xattrat).
+fn set_mapped(f: &File, uid: Option<u32>, gid: Option<u32>, mode: Option<u32>) -> io::Result<()> {
+    let path = fd_path(f)?;
+    if let Some(uid) = uid {
+        set_xattr(&path, XATTR_UID, &uid.to_le_bytes())?;
+    }
+    if let Some(gid) = gid {
+        set_xattr(&path, XATTR_GID, &gid.to_le_bytes())?;
+    }
+    if let Some(mode) = mode {
+        set_xattr(&path, XATTR_MODE, &mode.to_le_bytes())?;
+    }
+    Ok(())
 }
 
 impl From<libc::stat64> for Qid {
@@ -450,6 +529,9 @@ pub struct Config {
     // skiff: a Tsetattr's ownership change that fails is ignored (QEMU's
     // security_model=none, for an unprivileged server).
     pub ignore_chown_errors: bool,
+
+    // skiff: security_model=mapped-xattr (see XATTR_UID).
+    pub mapped_xattr: bool,
 }
 
 impl FromStr for Config {
@@ -490,6 +572,7 @@ impl Default for Config {
             ascii_casefold: false,
             readonly: false,
             ignore_chown_errors: false,
+            mapped_xattr: false,
         }
     }
 }
@@ -519,6 +602,7 @@ impl Server {
             ascii_casefold: false,
             readonly: false,
             ignore_chown_errors: false,
+            mapped_xattr: false,
         })
     }
 
@@ -664,6 +748,7 @@ impl Server {
                     path: root_path,
                     file: None,
                     filetype: st.st_mode.into(),
+                    uid: attach.n_uname,
                 };
                 let response = Rattach { qid: st.into() };
                 entry.insert(fid);
@@ -709,7 +794,8 @@ impl Server {
         }
 
         // We need to walk the tree.  First get the starting path.
-        let start = &self.fids.get(&walk.fid).ok_or_else(ebadf)?.path;
+        let start_fid = self.fids.get(&walk.fid).ok_or_else(ebadf)?;
+        let (start, uid) = (&start_fid.path, start_fid.uid);
 
         // Now walk the tree and break on the first error, if any.
         let expected_len = walk.wnames.len();
@@ -731,6 +817,7 @@ impl Server {
                             path: end,
                             file: None,
                             filetype: st.st_mode.into(),
+                            uid,
                         },
                     );
                 }
@@ -868,18 +955,24 @@ impl Server {
             flags |= libc::O_RDONLY;
         }
 
+        // skiff: under mapped-xattr the host file is private to the server.
+        let host_mode = if self.cfg.mapped_xattr { 0o600 } else { lcreate.mode };
         // Safe because this doesn't modify any memory and we check the return value.
         let fd = syscall!(unsafe {
             libc::openat64(
                 fid.path.as_raw_fd(),
                 lcreate.name.as_ptr(),
                 flags,
-                lcreate.mode,
+                host_mode,
             )
         })?;
 
         // Safe because we just opened this fd and we know it is valid.
         let file = unsafe { File::from_raw_fd(fd) };
+        if self.cfg.mapped_xattr {
+            let mode = libc::S_IFREG | (lcreate.mode & 0o7777);
+            set_mapped(&file, Some(fid.uid), Some(lcreate.gid), Some(mode))?;
+        }
         let st = stat(&file)?;
 
         fid.file = Some(file);
@@ -947,7 +1040,10 @@ impl Server {
     fn get_attr(&mut self, get_attr: &Tgetattr) -> io::Result<Rgetattr> {
         let fid = self.fids.get_mut(&get_attr.fid).ok_or_else(ebadf)?;
 
-        let st = stat(&fid.path)?;
+        let mut st = stat(&fid.path)?;
+        if self.cfg.mapped_xattr {
+            mapped_stat(&fid.path, &mut st)?;
+        }
 
         Ok(Rgetattr {
             valid: P9_GETATTR_BASIC,
@@ -977,14 +1073,39 @@ impl Server {
         let fid = self.fids.get(&set_attr.fid).ok_or_else(ebadf)?;
         let path = string_to_cstring(format!("self/fd/{}", fid.path.as_raw_fd()))?;
 
-        if set_attr.valid & P9_SETATTR_MODE != 0 {
+        // skiff: under mapped-xattr, mode and owner go to the xattrs, and the
+        // host file keeps its own.
+        if self.cfg.mapped_xattr
+            && set_attr.valid & (P9_SETATTR_MODE | P9_SETATTR_UID | P9_SETATTR_GID) != 0
+        {
+            let mut st = stat(&fid.path)?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            mapped_stat(&fid.path, &mut st)?;
+            let take = |bit: u32, v: u32| (set_attr.valid & bit != 0).then_some(v);
+            let mode = take(P9_SETATTR_MODE, (st.st_mode & libc::S_IFMT) | (set_attr.mode & 0o7777));
+            set_mapped(
+                &fid.path,
+                take(P9_SETATTR_UID, set_attr.uid),
+                take(P9_SETATTR_GID, set_attr.gid),
+                mode,
+            )?;
+        }
+        let valid = if self.cfg.mapped_xattr {
+            set_attr.valid & !(P9_SETATTR_MODE | P9_SETATTR_UID | P9_SETATTR_GID)
+        } else {
+            set_attr.valid
+        };
+
+        if valid & P9_SETATTR_MODE != 0 {
             // Safe because this doesn't modify any memory and we check the return value.
             syscall!(unsafe {
                 libc::fchmodat(self.proc.as_raw_fd(), path.as_ptr(), set_attr.mode, 0)
             })?;
         }
 
-        if set_attr.valid & (P9_SETATTR_UID | P9_SETATTR_GID) != 0 {
+        if valid & (P9_SETATTR_UID | P9_SETATTR_GID) != 0 {
             let uid = if set_attr.valid & P9_SETATTR_UID != 0 {
                 set_attr.uid
             } else {
@@ -1229,8 +1350,15 @@ impl Server {
     fn mkdir(&mut self, mkdir: Tmkdir) -> io::Result<Rmkdir> {
         let fid = self.fids.get(&mkdir.dfid).ok_or_else(ebadf)?;
 
+        // skiff: under mapped-xattr the host directory is private to the server.
+        let host_mode = if self.cfg.mapped_xattr { 0o700 } else { mkdir.mode };
         // Safe because this doesn't modify any memory and we check the return value.
-        syscall!(unsafe { libc::mkdirat(fid.path.as_raw_fd(), mkdir.name.as_ptr(), mkdir.mode) })?;
+        syscall!(unsafe { libc::mkdirat(fid.path.as_raw_fd(), mkdir.name.as_ptr(), host_mode) })?;
+        if self.cfg.mapped_xattr {
+            let dir = lookup(&fid.path, mkdir.name.as_c_str())?;
+            let mode = libc::S_IFDIR | (mkdir.mode & 0o7777);
+            set_mapped(&dir, Some(fid.uid), Some(mkdir.gid), Some(mode))?;
+        }
         Ok(Rmkdir {
             qid: statat(&fid.path, mkdir.name.as_c_str(), 0).map(Qid::from)?,
         })

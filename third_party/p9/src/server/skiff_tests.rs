@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io::Cursor;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -38,14 +39,18 @@ impl Scratch {
     }
 
     fn server(&self, readonly: bool) -> Server {
-        let cfg = Config { root: self.share().into(), readonly, ..Config::default() };
+        self.server_with(Config { readonly, ..Config::default() })
+    }
+
+    fn server_with(&self, cfg: Config) -> Server {
+        let cfg = Config { root: self.share().into(), ..cfg };
         let mut s = Server::with_config(cfg).unwrap();
         let attach = Tattach {
             fid: ROOT,
             afid: u32::MAX,
             uname: name("root"),
             aname: name(""),
-            n_uname: 0,
+            n_uname: 1234,
         };
         assert!(matches!(call(&mut s, Tmessage::Attach(attach)), Rmessage::Attach(_)));
         s
@@ -218,4 +223,69 @@ fn malformed_frames_get_an_error_not_a_panic() {
 
 fn walk_fid(s: &mut Server) -> Rmessage {
     walk(s, 10, &["sub"])
+}
+
+fn host_xattr(path: &std::path::Path, name: &CStr) -> Option<Vec<u8>> {
+    let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut buf = [0u8; 16];
+    // Safe because the kernel writes at most 16 bytes to `buf`.
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 16) };
+    (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+fn attr(s: &mut Server, fid: u32) -> Rgetattr {
+    match call(s, Tmessage::GetAttr(Tgetattr { fid, request_mask: P9_GETATTR_BASIC })) {
+        Rmessage::GetAttr(a) => a,
+        other => panic!("expected Rgetattr, got {other:?}"),
+    }
+}
+
+#[test]
+fn mapped_xattr_keeps_the_guests_owner_and_mode_in_xattrs() {
+    let dir = Scratch::new();
+    let mut s = dir.server_with(Config { mapped_xattr: true, ..Config::default() });
+    // A file the guest creates 0644 as the attaching user (1234), group 50.
+    assert!(matches!(walk(&mut s, 2, &[]), Rmessage::Walk(_)));
+    let create = Tlcreate { fid: 2, name: name("f"), flags: P9_RDWR, mode: 0o644, gid: 50 };
+    assert!(matches!(call(&mut s, Tmessage::Lcreate(create)), Rmessage::Lcreate(_)));
+    let host = dir.share().join("f");
+    let md = fs::metadata(&host).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o600, "the host file stays private");
+    assert_eq!(host_xattr(&host, XATTR_UID), Some(1234u32.to_le_bytes().to_vec()));
+    assert_eq!(host_xattr(&host, XATTR_GID), Some(50u32.to_le_bytes().to_vec()));
+    assert_eq!(host_xattr(&host, XATTR_MODE), Some(0o100644u32.to_le_bytes().to_vec()));
+    let a = attr(&mut s, 2);
+    assert_eq!((a.uid, a.gid, a.mode), (1234, 50, 0o100644));
+    // chown 1000:1000, chmod 0600: xattrs only.
+    let set = |valid, mode, uid, gid| {
+        Tmessage::SetAttr(Tsetattr {
+            fid: 2,
+            valid,
+            mode,
+            uid,
+            gid,
+            size: 0,
+            atime_sec: 0,
+            atime_nsec: 0,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+        })
+    };
+    let chown = set(P9_SETATTR_UID | P9_SETATTR_GID, 0, 1000, 1000);
+    assert!(matches!(call(&mut s, chown), Rmessage::SetAttr));
+    assert!(matches!(call(&mut s, set(P9_SETATTR_MODE, 0o600, 0, 0)), Rmessage::SetAttr));
+    let a = attr(&mut s, 2);
+    assert_eq!((a.uid, a.gid, a.mode), (1000, 1000, 0o100600));
+    assert_eq!(host_xattr(&host, XATTR_MODE), Some(0o100600u32.to_le_bytes().to_vec()));
+    assert_eq!(fs::metadata(&host).unwrap().uid(), md.uid(), "the host owner stays");
+    // A directory: 0700 on the host, the guest's mode in the xattr.
+    let mkdir = Tmkdir { dfid: ROOT, name: name("d"), mode: 0o755, gid: 7 };
+    assert!(matches!(call(&mut s, Tmessage::Mkdir(mkdir)), Rmessage::Mkdir(_)));
+    let d = dir.share().join("d");
+    assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(host_xattr(&d, XATTR_MODE), Some(0o040755u32.to_le_bytes().to_vec()));
+    // A file the host made shows the host's values.
+    assert!(matches!(walk(&mut s, 3, &["inside.txt"]), Rmessage::Walk(_)));
+    let host_md = fs::metadata(dir.share().join("inside.txt")).unwrap();
+    assert_eq!(attr(&mut s, 3).uid, host_md.uid());
 }

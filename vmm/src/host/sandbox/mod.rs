@@ -290,6 +290,9 @@ const SHARE_FILES: &[i64] = &[
     libc::SYS_utimensat,
     libc::SYS_ftruncate,
     libc::SYS_flock,
+    // security_model=mapped-xattr's user.virtfs.* (through /proc/self/fd).
+    libc::SYS_getxattr,
+    libc::SYS_setxattr,
 ];
 
 /// User networking's sockets: the guest's TCP and UDP connections and
