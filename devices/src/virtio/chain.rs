@@ -11,7 +11,7 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -68,6 +68,23 @@ impl Chain {
     /// The device-writable buffers, in order.
     pub fn writable(&self) -> impl Iterator<Item = &Descriptor> {
         self.descriptors.iter().filter(|d| d.is_write_only())
+    }
+
+    /// Copies `data` into the device-writable buffers, in order; returns
+    /// how much fit (a buffer that cannot be written ends the copy).
+    pub fn write_from(&self, mem: &impl GuestMemory, data: &[u8]) -> usize {
+        let mut done = 0;
+        for d in self.writable() {
+            if done == data.len() {
+                break;
+            }
+            let n = (d.len() as usize).min(data.len() - done);
+            if mem.write_slice(&data[done..done + n], d.addr()).is_err() {
+                break;
+            }
+            done += n;
+        }
+        done
     }
 }
 

@@ -193,17 +193,7 @@ fn gather(mem: &GuestMemoryMmap, chain: &Chain, out: &mut Vec<u8>) {
 /// Copies `data` into the chain's device-writable buffers; returns how
 /// much fit.
 fn scatter(mem: &GuestMemoryMmap, chain: &Chain, data: &[u8]) -> u32 {
-    let mut done = 0usize;
-    for d in chain.writable() {
-        if done == data.len() {
-            break;
-        }
-        let n = (d.len() as usize).min(data.len() - done);
-        if mem.write_slice(&data[done..done + n], d.addr()).is_err() {
-            break;
-        }
-        done += n;
-    }
+    let done = chain.write_from(mem, data);
     if done < data.len() {
         crate::error_limited!(
             "virtio-9p: a {}-byte reply did not fit the request's {done}-byte buffers",

@@ -460,17 +460,9 @@ impl Builder {
     /// `-virtfs`'s device: a virtio-9p-pci with `pcie=on`, else a
     /// virtio-9p-device, as `-net nic` places its NIC.
     fn place_virtfs(&mut self) {
-        use crate::config::{OnOffAuto, P9Config, VirtioConfig, VirtioKind, VirtioTransport};
-        for (fsdev, mount_tag) in self.virtfs.drain(..) {
-            let transport = match self.config.machine.pcie {
-                OnOffAuto::On => VirtioTransport::Pci(Default::default()),
-                OnOffAuto::Off | OnOffAuto::Auto => VirtioTransport::Mmio,
-            };
-            self.config.devices.push(DeviceConfig::Virtio(VirtioConfig {
-                id: None,
-                transport,
-                kind: VirtioKind::P9(P9Config { fsdev, mount_tag }),
-            }));
+        use crate::config::{P9Config, VirtioKind};
+        for (fsdev, mount_tag) in std::mem::take(&mut self.virtfs) {
+            self.place_on_the_machines_bus(VirtioKind::P9(P9Config { fsdev, mount_tag }));
         }
     }
 
@@ -478,19 +470,22 @@ impl Builder {
     /// else a virtio-net-device (microvm's default NIC), after the
     /// `-device`s, as QEMU creates them.
     fn place_nics(&mut self) {
-        use crate::config::{NetConfig, OnOffAuto, VirtioConfig, VirtioKind, VirtioTransport};
-        for nic in self.nics.drain(..) {
-            let transport = match self.config.machine.pcie {
-                OnOffAuto::On => VirtioTransport::Pci(Default::default()),
-                OnOffAuto::Off | OnOffAuto::Auto => VirtioTransport::Mmio,
-            };
+        use crate::config::{NetConfig, VirtioKind};
+        for nic in std::mem::take(&mut self.nics) {
             let kind = VirtioKind::Net(NetConfig { netdev: nic.netdev, mac: nic.mac, mq: false });
-            self.config.devices.push(DeviceConfig::Virtio(VirtioConfig {
-                id: None,
-                transport,
-                kind,
-            }));
+            self.place_on_the_machines_bus(kind);
         }
+    }
+
+    /// A device the command line implies: on PCIe with `pcie=on`, else on
+    /// virtio-mmio.
+    fn place_on_the_machines_bus(&mut self, kind: crate::config::VirtioKind) {
+        use crate::config::{OnOffAuto, VirtioConfig, VirtioTransport};
+        let transport = match self.config.machine.pcie {
+            OnOffAuto::On => VirtioTransport::Pci(Default::default()),
+            OnOffAuto::Off | OnOffAuto::Auto => VirtioTransport::Mmio,
+        };
+        self.config.devices.push(DeviceConfig::Virtio(VirtioConfig { id: None, transport, kind }));
     }
 }
 

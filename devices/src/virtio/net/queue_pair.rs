@@ -179,7 +179,7 @@ impl QueuePair {
                     return Delivery::Broken;
                 }
             };
-            let n = copy_into(mem, &chain, &frame[written..]);
+            let n = chain.write_from(mem, &frame[written..]);
             written += n;
             used.push((head, n as u32));
             if first.is_none() {
@@ -265,22 +265,6 @@ enum Delivery {
     Done,
     NoBuffers,
     Broken,
-}
-
-/// Copies `data` into the chain's writable buffers; returns what fit.
-fn copy_into(mem: &GuestMemoryMmap, chain: &Chain, data: &[u8]) -> usize {
-    let mut done = 0;
-    for d in chain.writable() {
-        if done == data.len() {
-            break;
-        }
-        let n = (d.len() as usize).min(data.len() - done);
-        if mem.write_slice(&data[done..done + n], d.addr()).is_err() {
-            break;
-        }
-        done += n;
-    }
-    done
 }
 
 /// Writes `bytes` at `offset` into the chain's writable buffers.
