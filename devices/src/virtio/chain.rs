@@ -11,7 +11,7 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestMemory, Permissions};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -88,6 +88,83 @@ impl Chain {
     }
 }
 
+/// A chain's device-readable buffers as one stream, read in place from
+/// guest memory (a message decoded without copying it first).
+pub struct ChainReader<'a, M> {
+    mem: &'a M,
+    chain: &'a Chain,
+    /// The descriptor being read and how far into it.
+    at: usize,
+    offset: u32,
+}
+
+impl<'a, M: GuestMemory> ChainReader<'a, M> {
+    pub fn new(mem: &'a M, chain: &'a Chain) -> Self {
+        ChainReader { mem, chain, at: 0, offset: 0 }
+    }
+}
+
+impl<M: GuestMemory> std::io::Read for ChainReader<'_, M> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(d) = self.chain.descriptors.get(self.at) {
+            let left = d.len() - self.offset;
+            if d.is_write_only() || left == 0 {
+                self.at += 1;
+                self.offset = 0;
+                continue;
+            }
+            let n = (left as usize).min(buf.len());
+            let addr = d.addr().unchecked_add(u64::from(self.offset));
+            // `Chain::read` checked the buffer; a failure is the guest's doing.
+            self.mem.read_slice(&mut buf[..n], addr).map_err(std::io::Error::other)?;
+            self.offset += n as u32;
+            return Ok(n);
+        }
+        Ok(0)
+    }
+}
+
+/// A chain's device-writable buffers as one stream, written in place in
+/// guest memory. Past their end, writes fail (`WriteZero` from
+/// `write_all`); `written` says how much went in.
+pub struct ChainWriter<'a, M> {
+    mem: &'a M,
+    chain: &'a Chain,
+    at: usize,
+    offset: u32,
+    pub written: usize,
+}
+
+impl<'a, M: GuestMemory> ChainWriter<'a, M> {
+    pub fn new(mem: &'a M, chain: &'a Chain) -> Self {
+        ChainWriter { mem, chain, at: 0, offset: 0, written: 0 }
+    }
+}
+
+impl<M: GuestMemory> std::io::Write for ChainWriter<'_, M> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        while let Some(d) = self.chain.descriptors.get(self.at) {
+            let left = d.len() - self.offset;
+            if !d.is_write_only() || left == 0 {
+                self.at += 1;
+                self.offset = 0;
+                continue;
+            }
+            let n = (left as usize).min(buf.len());
+            let addr = d.addr().unchecked_add(u64::from(self.offset));
+            self.mem.write_slice(&buf[..n], addr).map_err(std::io::Error::other)?;
+            self.offset += n as u32;
+            self.written += n;
+            return Ok(n);
+        }
+        Ok(0)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_queue::{Queue, QueueT};
@@ -130,6 +207,37 @@ mod tests {
         tq.store_desc(0, DATA, 16, WRITE | NEXT, 200);
         tq.make_available(0);
         assert_eq!(pop(&tq, &mem).unwrap_err(), ChainError::Unterminated);
+    }
+
+    #[test]
+    fn reads_and_writes_the_buffers_as_streams() {
+        use std::io::{Read, Write};
+        let mem = guest_mem(MEM);
+        let mut tq = TestQueue::new(&mem, 16);
+        for (i, b) in b"abcdefgh".iter().enumerate() {
+            fill(&mem, DATA + 0x100 * (i as u64 / 3) + i as u64 % 3, 1, *b);
+        }
+        // Readable: "abc", nothing, "def", "gh"; writable: 2 and 4 bytes.
+        tq.add_chain(&[
+            (DATA, 3, 0),
+            (DATA + 0x80, 0, 0),
+            (DATA + 0x100, 3, 0),
+            (DATA + 0x200, 2, 0),
+            (DATA + 0x1000, 2, WRITE),
+            (DATA + 0x2000, 4, WRITE),
+        ]);
+        let c = pop(&tq, &mem).unwrap();
+        let mut got = Vec::new();
+        ChainReader::new(&mem, &c).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"abcdefgh");
+        let mut w = ChainWriter::new(&mem, &c);
+        w.write_all(b"123456").unwrap();
+        assert_eq!(
+            (read(&mem, DATA + 0x1000, 2), read(&mem, DATA + 0x2000, 4)),
+            (b"12".to_vec(), b"3456".to_vec())
+        );
+        let err = w.write_all(b"7").unwrap_err();
+        assert_eq!((err.kind(), w.written), (std::io::ErrorKind::WriteZero, 6));
     }
 
     #[test]

@@ -16,9 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::Bytes;
 
-use super::chain::Chain;
+use super::chain::{Chain, ChainReader, ChainWriter};
 use super::worker::{Budget, Handler, Outcome, Request, Ring, Worker};
 use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
@@ -112,9 +111,6 @@ impl P9 {
 struct P9Queue {
     ring: Ring,
     backend: Arc<P9Backend>,
-    /// The request and reply of the current message, reused.
-    request: Vec<u8>,
-    reply: Vec<u8>,
 }
 
 impl MutEventSubscriber for P9Queue {
@@ -126,12 +122,7 @@ impl MutEventSubscriber for P9Queue {
         if self.ring.take_event(&events) {
             let max = usize::from(self.ring.queue.size());
             let mut server = self.backend.server.lock().unwrap_or_else(|e| e.into_inner());
-            let mut serve = Serve {
-                server: &mut server,
-                max,
-                request: &mut self.request,
-                reply: &mut self.reply,
-            };
+            let mut serve = Serve { server: &mut server, max };
             self.ring.serve(Budget { requests: REQUESTS_PER_WAKEUP }, &mut serve);
         }
     }
@@ -142,8 +133,6 @@ impl Handler for P9Queue {}
 struct Serve<'a> {
     server: &'a mut p9::Server,
     max: usize,
-    request: &'a mut Vec<u8>,
-    reply: &'a mut Vec<u8>,
 }
 
 impl Request for Serve<'_> {
@@ -160,47 +149,24 @@ impl Request for Serve<'_> {
                 return Outcome::Used(0);
             }
         };
-        gather(mem, &chain, self.request);
-        self.reply.clear();
-        // A frame whose header cannot be read has no tag to answer: the
-        // request comes back empty and the client fails it (EIO).
-        if let Err(e) = self.server.handle_message(&mut &self.request[..], self.reply) {
-            log::debug!("virtio-9p: request {head} dropped: {e}");
-            return Outcome::Used(0);
+        // The message is decoded from, and its reply encoded into, guest
+        // memory in place: under nesting every copy of a 64 KiB read shows.
+        let mut reply = ChainWriter::new(mem, &chain);
+        let result = self.server.handle_message(&mut ChainReader::new(mem, &chain), &mut reply);
+        match result {
+            Ok(()) => {}
+            // The reply began: the client sees it cut short and fails it.
+            Err(e) if reply.written > 0 => crate::error_limited!(
+                "virtio-9p: request {head}: the reply did not fit its buffers \
+                 ({} bytes written): {e}",
+                reply.written
+            ),
+            // A frame whose header cannot be read has no tag to answer:
+            // the request comes back empty and the client fails it (EIO).
+            Err(e) => log::debug!("virtio-9p: request {head} dropped: {e}"),
         }
-        Outcome::Used(scatter(mem, &chain, self.reply))
+        Outcome::Used(reply.written as u32)
     }
-}
-
-/// The device-readable bytes of `chain`, in order, up to one message.
-fn gather(mem: &GuestMemoryMmap, chain: &Chain, out: &mut Vec<u8>) {
-    out.clear();
-    let limit = MSIZE as usize;
-    for d in chain.descriptors.iter().filter(|d| !d.is_write_only()) {
-        let n = (d.len() as usize).min(limit - out.len());
-        let start = out.len();
-        out.resize(start + n, 0);
-        if mem.read_slice(&mut out[start..], d.addr()).is_err() {
-            out.truncate(start);
-            return;
-        }
-        if out.len() == limit {
-            return;
-        }
-    }
-}
-
-/// Copies `data` into the chain's device-writable buffers; returns how
-/// much fit.
-fn scatter(mem: &GuestMemoryMmap, chain: &Chain, data: &[u8]) -> u32 {
-    let done = chain.write_from(mem, data);
-    if done < data.len() {
-        crate::error_limited!(
-            "virtio-9p: a {}-byte reply did not fit the request's {done}-byte buffers",
-            data.len()
-        );
-    }
-    done as u32
 }
 
 impl VirtioDevice for P9 {
@@ -240,8 +206,7 @@ impl VirtioDevice for P9 {
         }
         let q = ctx.take_queue(0)?;
         let ring = Ring::new(ctx.mem, q, ctx.interrupt).map_err(ActivateError::EventFd)?;
-        let handler =
-            P9Queue { ring, backend: self.backend.clone(), request: Vec::new(), reply: Vec::new() };
+        let handler = P9Queue { ring, backend: self.backend.clone() };
         self.worker = Some(Worker::spawn("virtio-9p", handler).map_err(ActivateError::Worker)?);
         Ok(())
     }
@@ -362,7 +327,7 @@ mod tests {
             };
             let irq = Arc::new(RecordingInterrupt::default());
             let ring = Ring::new(mem.clone(), q, irq).unwrap();
-            let queue = P9Queue { ring, backend, request: Vec::new(), reply: Vec::new() };
+            let queue = P9Queue { ring, backend };
             Rig { mem, tq, queue }
         }
 
@@ -385,12 +350,7 @@ mod tests {
             let before = self.tq.used().len();
             let max = usize::from(self.queue.ring.queue.size());
             let mut server = self.queue.backend.server.lock().unwrap();
-            let mut serve = Serve {
-                server: &mut server,
-                max,
-                request: &mut self.queue.request,
-                reply: &mut self.queue.reply,
-            };
+            let mut serve = Serve { server: &mut server, max };
             self.queue.ring.serve(Budget { requests: 8 }, &mut serve);
             let used = self.tq.used();
             assert_eq!(used.len(), before + 1, "one request, one used entry");
@@ -402,7 +362,7 @@ mod tests {
         }
     }
 
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     /// Rlerror's errno, or None for another reply.
     fn lerror(reply: &[u8]) -> Option<u32> {
@@ -465,12 +425,7 @@ mod tests {
         rig.tq.add_chain(&[(MEM as u64 - 4, 64, 0), (REPLY, 64, WRITE)]);
         let before = rig.tq.used().len();
         let mut server = rig.queue.backend.server.lock().unwrap();
-        let mut serve = Serve {
-            server: &mut server,
-            max: 16,
-            request: &mut rig.queue.request,
-            reply: &mut rig.queue.reply,
-        };
+        let mut serve = Serve { server: &mut server, max: 16 };
         rig.queue.ring.serve(Budget { requests: 8 }, &mut serve);
         drop(server);
         assert_eq!(rig.tq.used()[before].1, 0);

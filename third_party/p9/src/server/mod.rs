@@ -586,6 +586,8 @@ pub struct Server {
     // skiff: the configured msize, which each Tversion negotiates from (a
     // rebooted guest may ask for more than the last one).
     max_msize: u32,
+    // skiff: Tread's buffer, kept between requests.
+    read_buf: Vec<u8>,
 }
 
 impl Server {
@@ -639,6 +641,7 @@ impl Server {
             proc,
             root,
             max_msize: cfg.msize,
+            read_buf: Vec::new(),
             cfg,
         })
     }
@@ -725,8 +728,12 @@ impl Server {
             msg: rmsg.unwrap_or_else(error_to_rmessage),
         };
 
-        response.encode(writer)?;
-        writer.flush()
+        let sent = response.encode(writer).and_then(|_| writer.flush());
+        // skiff: the read buffer serves the next Tread.
+        if let Rmessage::Read(r) = response.msg {
+            self.read_buf = r.data.0;
+        }
+        sent
     }
 
     fn auth(&mut self, _auth: &Tauth) -> io::Result<Rauth> {
@@ -852,13 +859,17 @@ impl Server {
         }
         .byte_size();
 
-        let capacity = min(self.cfg.msize - header_size, read.count);
-        let mut buf = Data(vec![0u8; capacity as usize]);
-
-        let count = file.read_at(&mut buf, read.offset)?;
+        let capacity = min(self.cfg.msize - header_size, read.count) as usize;
+        // skiff: one buffer for every read (handle_message gives it back),
+        // zeroed only where it grows.
+        let mut buf = mem::take(&mut self.read_buf);
+        if buf.len() < capacity {
+            buf.resize(capacity, 0);
+        }
+        let count = file.read_at(&mut buf[..capacity], read.offset)?;
         buf.truncate(count);
 
-        Ok(Rread { data: buf })
+        Ok(Rread { data: Data(buf) })
     }
 
     fn write(&mut self, write: &Twrite) -> io::Result<Rwrite> {
