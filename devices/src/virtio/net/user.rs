@@ -358,7 +358,7 @@ fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
     // SAFETY: the stack lives until the Box::from_raw below; shared
     // references only (libslirp's callbacks make their own).
     let stack = unsafe { &*stack_ptr.0 };
-    let mut frame = vec![0u8; 65536 + VNET_HDR_LEN];
+    let mut frames = Frames::new();
     let mut fds: Vec<libc::pollfd> = Vec::new();
     // The thread starts before the VMM confines its threads: it confines
     // itself as soon as it may (within a round of this loop).
@@ -398,9 +398,8 @@ fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
             break;
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            while let Ok(n) = stack.wire.recv(&mut frame) {
-                if n > VNET_HDR_LEN {
-                    let payload = &frame[VNET_HDR_LEN..n];
+            while let Some(n) = frames.receive(&stack.wire) {
+                for payload in frames.payloads(n) {
                     // SAFETY: a live instance; the frame is valid for the call.
                     unsafe { sys::slirp_input(slirp, payload.as_ptr(), payload.len() as c_int) };
                 }
@@ -422,6 +421,67 @@ fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
     unsafe {
         sys::slirp_cleanup(slirp);
         drop(Box::from_raw(stack_ptr.0));
+    }
+}
+
+/// Buffers for the device's frames, taken several per call (recvmmsg):
+/// the device sends a wakeup's frames together.
+struct Frames {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+}
+
+impl Frames {
+    const COUNT: usize = 32;
+    /// A frame the device sends: at most a 64 KiB one behind the header.
+    const SIZE: usize = 65536 + VNET_HDR_LEN;
+
+    fn new() -> Self {
+        Frames { bufs: vec![vec![0; Self::SIZE]; Self::COUNT], lens: vec![0; Self::COUNT] }
+    }
+
+    /// Takes what is waiting (up to COUNT frames); None when nothing is.
+    fn receive(&mut self, wire: &UnixDatagram) -> Option<usize> {
+        let mut iov: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+            .collect();
+        // SAFETY: an all-zero mmsghdr is a valid empty one.
+        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; Self::COUNT];
+        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: each header points at one iovec of `iov`, each into a
+        // buffer of `bufs`; all outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                wire.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                Self::COUNT as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            return None;
+        }
+        for (len, m) in self.lens.iter_mut().zip(&msgs[..n as usize]) {
+            // A frame cut short (MSG_TRUNC) is dropped.
+            *len = if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 { 0 } else { m.msg_len as usize };
+        }
+        Some(n as usize)
+    }
+
+    /// The first `n` frames' Ethernet frames, behind their headers.
+    fn payloads(&self, n: usize) -> impl Iterator<Item = &[u8]> {
+        self.bufs
+            .iter()
+            .zip(&self.lens)
+            .take(n)
+            .filter(|(_, &len)| len > VNET_HDR_LEN)
+            .map(|(b, &len)| &b[VNET_HDR_LEN..len])
     }
 }
 
@@ -488,6 +548,30 @@ mod tests {
             err.to_string(),
             format!("Could not set up host forwarding rule 'tcp:127.0.0.1:{port}-:22'")
         );
+    }
+
+    /// Frames come several per call, in order; one cut short is dropped.
+    #[test]
+    fn frames_are_taken_in_batches() {
+        let (dev, net) = UnixDatagram::pair().unwrap();
+        set_buffers(&dev);
+        set_buffers(&net);
+        let mut frames = Frames::new();
+        assert!(frames.receive(&net).is_none(), "nothing waiting");
+        for i in 0..40u8 {
+            let mut f = vec![0u8; VNET_HDR_LEN];
+            f.extend([i; 60]);
+            dev.send(&f).unwrap();
+        }
+        let mut seen = Vec::new();
+        while let Some(n) = frames.receive(&net) {
+            assert!(n <= Frames::COUNT);
+            seen.extend(frames.payloads(n).map(|p| (p[0], p.len())));
+        }
+        assert_eq!(seen, (0..40u8).map(|i| (i, 60)).collect::<Vec<_>>());
+        dev.send(&vec![1u8; Frames::SIZE + 1]).unwrap();
+        let n = frames.receive(&net).unwrap();
+        assert_eq!(frames.payloads(n).count(), 0, "a truncated frame is dropped");
     }
 
     /// The forwarded port listens while the thread runs, and is let go

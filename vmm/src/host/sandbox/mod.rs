@@ -263,9 +263,15 @@ const DISK_IO: &[i64] = &[
 /// Talking to a vhost-user backend (requests with file descriptors, the
 /// watchdog's shutdown): a vCPU starts and resets the device, the main
 /// thread stops it at the end of a run, a device worker reconnects
-/// (`reconnect=`), which also takes `socket` (AF_UNIX only, below).
-const BACKEND_SOCKETS: &[i64] =
-    &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown, libc::SYS_connect];
+/// (`reconnect=`), which also takes `socket` (AF_UNIX only, below). And a
+/// virtio-net worker's batch of frames to user networking's thread.
+const BACKEND_SOCKETS: &[i64] = &[
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    libc::SYS_connect,
+    libc::SYS_sendmmsg,
+];
 
 /// A 9p share's requests, on its worker (a vCPU starts it, and the main
 /// thread's filter is the process's): lookups, reads and changes, all
@@ -307,6 +313,8 @@ const INET_SOCKETS: &[i64] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
+    // The device's frames, several per call.
+    libc::SYS_recvmmsg,
     libc::SYS_setsockopt,
     libc::SYS_getsockopt,
     libc::SYS_getsockname,
