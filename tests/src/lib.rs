@@ -77,16 +77,23 @@ const TOOLS: &[&str] = &["$QEMU", "$VMLINUX", "$FIRECRACKER", "$CLOUD_HYPERVISOR
 /// until FILE has a line with MARKER (returns 1 on time-out);
 /// `count_lines MARKER FILE` prints how many lines have MARKER (0 when FILE
 /// does not exist yet: a backgrounded `cmd > FILE &` opens FILE in the
-/// child, which may not have run when the script first looks).
+/// child, which may not have run when the script first looks). Both look
+/// at whole lines only (`complete_lines`): the console writes a line a byte
+/// at a time, and a test that acts on a marker must not cut off the value
+/// after it (a SIGTERM sent between a checksum and its newline once did).
 pub const SCRIPT_PRELUDE: &str = r#"
+complete_lines() {
+	n=$(wc -l 2>/dev/null < "$1")
+	head -n "${n:-0}" "$1" 2>/dev/null
+}
 count_lines() {
-	n=$(grep -c "$1" "$2" 2>/dev/null)
+	n=$(complete_lines "$2" | grep -c "$1")
 	echo "${n:-0}"
 }
 wait_for() {
 	i=0
 	while [ "$i" -lt $(($3 * 10)) ]; do
-		grep -q "$1" "$2" 2>/dev/null && return 0
+		complete_lines "$2" | grep -q "$1" && return 0
 		sleep 0.1
 		i=$((i + 1))
 	done
