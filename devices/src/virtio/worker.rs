@@ -242,15 +242,13 @@ impl Ring {
     }
 
     /// Puts completed requests on the used ring without telling the guest
-    /// yet; true if any went on. `notify` once for what a whole wakeup
+    /// yet; how many went on. `notify` once for what a whole wakeup
     /// completed: under nesting an interrupt costs more than the I/O, and
     /// one per batch is what QEMU's deferred notifications send.
-    pub fn complete_quietly(&mut self, done: &[(u16, u32)]) -> bool {
-        let mut used_any = false;
-        for &(head, len) in done {
-            used_any |= add_used(&self.mem, &mut self.queue, self.index, head, len);
-        }
-        used_any
+    pub fn complete_quietly(&mut self, done: &[(u16, u32)]) -> usize {
+        done.iter()
+            .filter(|&&(head, len)| add_used(&self.mem, &mut self.queue, self.index, head, len))
+            .count()
     }
 
     /// Interrupts the guest if it wants to know (EVENT_IDX).

@@ -3,10 +3,12 @@
 //! The image (`disk::Disk`) belongs to the process: opened and locked once,
 //! it outlives guest reboots. Each queue runs on a worker of its own
 //! (`BlockQueue`), serving at most `REQUESTS_PER_WAKEUP` requests per
-//! wakeup; the queues share nothing but the image, whose positional reads
-//! and writes need no lock.
+//! wakeup and telling the guest of completions as `moderation` says; the
+//! queues share nothing but the image, whose positional reads and writes
+//! need no lock.
 
 pub mod disk;
+mod moderation;
 mod pool;
 pub mod request;
 mod uring;
@@ -29,6 +31,7 @@ use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use moderation::Moderation;
 use pool::Pool;
 use uring::Uring;
 
@@ -163,8 +166,14 @@ impl VirtioDevice for Block {
             let name = format!("virtio-blk-q{}", q.index);
             let ring = Ring::new(ctx.mem.clone(), q, ctx.interrupt.clone())
                 .map_err(ActivateError::EventFd)?;
-            let handler =
-                BlockQueue { ring, disk: self.disk.clone(), policy: policy.clone(), engine };
+            let moderation = Moderation::new().map_err(ActivateError::EventFd)?;
+            let handler = BlockQueue {
+                ring,
+                disk: self.disk.clone(),
+                policy: policy.clone(),
+                engine,
+                moderation,
+            };
             self.workers.push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
         }
         Ok(())
@@ -232,7 +241,6 @@ impl Engine {
         }
     }
 
-    #[cfg(test)]
     fn in_flight(&self) -> usize {
         match self {
             Engine::Uring(u) => u.in_flight(),
@@ -288,10 +296,14 @@ struct BlockQueue {
     /// What carries requests out many at a time; with none, one at a
     /// time here.
     engine: Option<Engine>,
+    /// When the guest hears of the engine's completions.
+    moderation: Moderation,
 }
 
 /// The engine's completion eventfd, in the worker's epoll set.
 const DONE: u32 = 0;
+/// The moderation timer.
+const HOLD: u32 = 1;
 
 impl BlockQueue {
     fn serve(&mut self) -> Served {
@@ -308,10 +320,10 @@ impl BlockQueue {
         served
     }
 
-    /// Puts what the engine completed on the used ring; true if anything
-    /// went on (the caller tells the guest once per wakeup).
-    fn reap(&mut self) -> bool {
-        let Some(e) = self.engine.as_mut() else { return false };
+    /// Puts what the engine completed on the used ring; how many went on
+    /// (the caller tells the guest: `moderation`).
+    fn reap(&mut self) -> usize {
+        let Some(e) = self.engine.as_mut() else { return 0 };
         let done = e.reap(&self.ring.mem);
         self.ring.complete_quietly(&done)
     }
@@ -372,13 +384,23 @@ impl MutEventSubscriber for BlockQueue {
             if let Err(e) = ops.add(Events::with_data(e.eventfd(), DONE, notice())) {
                 log::error!("virtio-blk: cannot watch its I/O completions: {e:?}");
             }
+            let timer = Events::with_data(self.moderation.timer(), HOLD, notice());
+            if let Err(e) = ops.add(timer) {
+                log::error!("virtio-blk: cannot watch its interrupt timer: {e:?}");
+            }
         }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut used = false;
+        let mut added = 0;
+        if events.data() == HOLD {
+            if self.moderation.expired() {
+                self.ring.notify();
+            }
+            return;
+        }
         if !self.ring.take_event(&events) {
-            used |= self.reap();
+            added += self.reap();
         }
         self.serve();
         // What the kernel finished while it took the batch (reads the page
@@ -386,11 +408,13 @@ impl MutEventSubscriber for BlockQueue {
         // the room it frees serves what waits, and so on until a batch
         // leaves nothing finished behind.
         while self.engine.as_mut().is_some_and(Engine::ready) {
-            used |= self.reap();
+            added += self.reap();
             self.serve();
         }
-        // One interrupt for everything this wakeup completed.
-        if used {
+        // At most one interrupt for everything this wakeup completed, and
+        // none yet while enough is still in flight to keep it company.
+        let in_flight = self.engine.as_ref().map_or(0, Engine::in_flight);
+        if self.moderation.completed(added, in_flight) {
             self.ring.notify();
         }
     }
@@ -403,6 +427,9 @@ impl Handler for BlockQueue {
         let Some(e) = self.engine.as_mut() else { return };
         let done = e.drain(&self.ring.mem);
         self.ring.complete(&done);
+        if self.moderation.flush() {
+            self.ring.notify();
+        }
         log::info!(
             "virtio-blk queue {}: at most {} requests were in flight at once",
             self.ring.index,

@@ -80,7 +80,6 @@ impl Pool {
         self.in_flight < self.depth
     }
 
-    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }

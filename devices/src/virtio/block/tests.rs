@@ -93,6 +93,7 @@ fn queue(
         disk: f.disk.clone(),
         policy: Arc::new(params(discard).policy),
         engine: None,
+        moderation: super::moderation::Moderation::new().unwrap(),
     };
     (q, irq)
 }
@@ -388,7 +389,7 @@ fn many_in_flight(tag: &str, make: impl FnOnce(&GuestMemoryMmap, &Fixture) -> En
         };
         // SAFETY: one valid pollfd; a timeout of 100 ms.
         unsafe { libc::poll(&mut pfd, 1, 100) };
-        if q.reap() {
+        if q.reap() > 0 {
             q.ring.notify();
         }
     }
