@@ -99,7 +99,7 @@ export SKIFF_BIN=$skiff
 export SKIFF_L1_EXTRA="$work/l1-fio-$key.cpio.zst"
 export SKIFF_L1_SMP=${SKIFF_L1_SMP:-2}
 echo "bench-blk: skiff and qemu x $rounds round(s), 8 fio jobs of ${secs}s each" >&2
-"$REPO/tests/testhost/run-scenarios.sh" "$scen" "$log" || die "the benchmark run failed; log: $log"
+run_batch "$scen" "$log"
 
 # Records: who job kib iops
 tr -d '\r' <"$log" | awk '

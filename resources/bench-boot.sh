@@ -152,7 +152,7 @@ export SKIFF_L1_SMP=${SKIFF_L1_SMP:-2}
 [ -n "$fc" ] && export SKIFF_FIRECRACKER=$fc
 [ -n "$ch" ] && export SKIFF_CLOUD_HYPERVISOR=$ch
 echo "bench-boot: ${#vmms[@]} VMM(s) x $rounds boot(s): ${vmms[*]}" >&2
-"$REPO/tests/testhost/run-scenarios.sh" "$scen" "$log" || die "the benchmark run failed; log: $log"
+run_batch "$scen" "$log"
 
 # One record per boot: vmm round rc init_ms exit_ms rss_kb uptime
 tr -d '\r' <"$log" | awk '

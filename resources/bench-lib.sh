@@ -14,6 +14,10 @@
 #   median FILE COLUMN VALUE... the median of COLUMN over the records of
 #                            FILE whose first columns equal VALUE...
 #   ratio A B                A/B to two places, or - when either is missing
+#   run_batch SCENARIOS LOG  runs the scenarios in one test host; when it
+#                            froze before the end (run-scenarios exit 5)
+#                            warns and goes on: the table then shows what
+#                            finished, "-" for the rest
 
 REPO=$(cd "$(dirname "$SCRIPT")/.." && pwd)
 
@@ -79,3 +83,13 @@ median() {
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+
+run_batch() {
+	local rc=0
+	"$REPO/tests/testhost/run-scenarios.sh" "$1" "$2" || rc=$?
+	case $rc in
+	0) ;;
+	5) echo "$NAME: warning: the test host froze before the end (see its log): the table holds what finished" >&2 ;;
+	*) die "the benchmark run failed; log: $2" ;;
+	esac
+}

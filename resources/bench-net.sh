@@ -112,7 +112,7 @@ export SKIFF_BIN=$skiff
 export SKIFF_L1_EXTRA="$work/l1-net-$key.cpio.zst"
 export SKIFF_L1_SMP=${SKIFF_L1_SMP:-2}
 echo "bench-net: skiff and qemu x modes $modes x $rounds round(s), ${secs}s per measurement" >&2
-"$REPO/tests/testhost/run-scenarios.sh" "$scen" "$log" || die "the benchmark run failed; log: $log"
+run_batch "$scen" "$log"
 
 # Records: who mode metric value
 tr -d '\r' <"$log" | awk '
