@@ -224,11 +224,30 @@ impl Ring {
     /// One wakeup's work (`serve_queue`); nothing once the driver broke the
     /// ring, and a re-arm when the budget ran out with work left.
     pub fn serve(&mut self, budget: Budget, device: &mut dyn Request) -> Served {
+        self.serve_with(budget, device, Kicks::On)
+    }
+
+    /// As `serve`, but the guest's kicks stay off (EVENT_IDX: avail_event
+    /// is not moved on; without it, NO_NOTIFY stays set): the caller polls
+    /// the ring instead, and must come back (a timer) until it `serve`s
+    /// with kicks on again.
+    pub fn serve_polled(&mut self, budget: Budget, device: &mut dyn Request) -> Served {
+        self.serve_with(budget, device, Kicks::Off)
+    }
+
+    fn serve_with(&mut self, budget: Budget, device: &mut dyn Request, kicks: Kicks) -> Served {
         if self.broken {
             return Served::default();
         }
-        let served =
-            serve_queue(&self.mem, &mut self.queue, self.index, &*self.interrupt, budget, device);
+        let served = serve_queue(
+            &self.mem,
+            &mut self.queue,
+            self.index,
+            &*self.interrupt,
+            budget,
+            device,
+            kicks,
+        );
         if served.more {
             self.rearm.arm();
         }
@@ -291,6 +310,14 @@ pub enum Outcome {
     HoldBack,
 }
 
+/// Whether the guest is asked to kick again once the ring is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kicks {
+    On,
+    /// The device polls the ring (`Ring::serve_polled`).
+    Off,
+}
+
 /// What a device does with one request.
 pub trait Request {
     fn serve(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>)
@@ -308,9 +335,13 @@ pub fn serve_queue(
     interrupt: &dyn VirtioInterrupt,
     budget: Budget,
     device: &mut dyn Request,
+    kicks: Kicks,
 ) -> Served {
     let mut served = Served::default();
     let mut used_any = false;
+    // Kicks were off before this call's first re-enable (a polled queue,
+    // a held-back request): what came before it was not kicked for.
+    let mut rechecked = false;
     'outer: loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::debug!("virtio: queue {index}: {e}");
@@ -348,11 +379,17 @@ pub fn serve_queue(
                 }
             }
         }
+        if kicks == Kicks::Off {
+            break;
+        }
         // Re-enabling tells the driver where to kick next; buffers that came
-        // in meanwhile are served before sleeping. A pass that served
-        // nothing cannot be followed by one that does.
+        // in meanwhile are served before sleeping. Once kicks are on, a pass
+        // that served nothing cannot be followed by one that does.
         match queue.enable_notification(mem) {
-            Ok(true) if served.requests > before => continue,
+            Ok(true) if served.requests > before || !rechecked => {
+                rechecked = true;
+                continue;
+            }
             Ok(true) => break,
             Ok(false) => break,
             Err(e) => {

@@ -31,7 +31,7 @@ use super::{
     read_config_from, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use moderation::Moderation;
+use moderation::{Moderation, Polling};
 use pool::Pool;
 use uring::Uring;
 
@@ -167,12 +167,14 @@ impl VirtioDevice for Block {
             let ring = Ring::new(ctx.mem.clone(), q, ctx.interrupt.clone())
                 .map_err(ActivateError::EventFd)?;
             let moderation = Moderation::new().map_err(ActivateError::EventFd)?;
+            let polling = Polling::new().map_err(ActivateError::EventFd)?;
             let handler = BlockQueue {
                 ring,
                 disk: self.disk.clone(),
                 policy: policy.clone(),
                 engine,
                 moderation,
+                polling,
             };
             self.workers.push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
         }
@@ -298,12 +300,16 @@ struct BlockQueue {
     engine: Option<Engine>,
     /// When the guest hears of the engine's completions.
     moderation: Moderation,
+    /// Whether the guest kicks or the worker looks.
+    polling: Polling,
 }
 
 /// The engine's completion eventfd, in the worker's epoll set.
 const DONE: u32 = 0;
 /// The moderation timer.
 const HOLD: u32 = 1;
+/// The poll timer.
+const POLL: u32 = 2;
 
 impl BlockQueue {
     fn serve(&mut self) -> Served {
@@ -313,7 +319,12 @@ impl BlockQueue {
             max_descriptors: usize::from(self.ring.queue.size()),
             engine: self.engine.as_mut(),
         };
-        let served = self.ring.serve(Budget { requests: REQUESTS_PER_WAKEUP }, &mut requests);
+        let budget = Budget { requests: REQUESTS_PER_WAKEUP };
+        let served = if self.polling.on() {
+            self.ring.serve_polled(budget, &mut requests)
+        } else {
+            self.ring.serve(budget, &mut requests)
+        };
         if let Some(e) = self.engine.as_mut() {
             e.submit();
         }
@@ -389,27 +400,46 @@ impl MutEventSubscriber for BlockQueue {
                 log::error!("virtio-blk: cannot watch its interrupt timer: {e:?}");
             }
         }
+        // Polling starts only once its timer is watched.
+        match ops.add(Events::with_data(self.polling.timer(), POLL, notice())) {
+            Ok(()) => self.polling.watched(),
+            Err(e) => log::error!("virtio-blk: cannot watch its poll timer: {e:?}"),
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut added = 0;
-        if events.data() == HOLD {
-            if self.moderation.expired() {
-                self.ring.notify();
+        let tick = match events.data() {
+            HOLD => {
+                if self.moderation.expired() {
+                    self.ring.notify();
+                }
+                return;
             }
-            return;
-        }
+            // A stale edge of a timer that was not re-armed.
+            POLL if !self.polling.on() => return,
+            POLL => true,
+            _ => false,
+        };
+        let mut added = 0;
         if !self.ring.take_event(&events) {
             added += self.reap();
         }
-        self.serve();
+        let mut served = self.serve().requests;
         // What the kernel finished while it took the batch (reads the page
         // cache had) goes back now, not after another trip through epoll;
         // the room it frees serves what waits, and so on until a batch
         // leaves nothing finished behind.
         while self.engine.as_mut().is_some_and(Engine::ready) {
             added += self.reap();
-            self.serve();
+            served += self.serve().requests;
+        }
+        if tick {
+            if !self.polling.ticked(served) {
+                // Kicks back on; what came since the tick is served too.
+                self.serve();
+            }
+        } else {
+            self.polling.kicked(served);
         }
         // At most one interrupt for everything this wakeup completed, and
         // none yet while enough is still in flight to keep it company.

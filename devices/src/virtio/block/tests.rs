@@ -94,6 +94,7 @@ fn queue(
         policy: Arc::new(params(discard).policy),
         engine: None,
         moderation: super::moderation::Moderation::new().unwrap(),
+        polling: super::moderation::Polling::new().unwrap(),
     };
     (q, irq)
 }
