@@ -275,38 +275,43 @@ impl Tap {
     /// as it takes (sendmmsg); returns how many went. A full socket drops
     /// the rest, as a wire would.
     pub fn send_frames(&self, frames: &[&[u8]]) -> io::Result<usize> {
-        let mut iov: Vec<libc::iovec> = frames
-            .iter()
-            .map(|f| libc::iovec { iov_base: f.as_ptr().cast_mut().cast(), iov_len: f.len() })
-            .collect();
-        // SAFETY: an all-zero mmsghdr is a valid empty one.
-        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; frames.len()];
-        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-            m.msg_hdr.msg_iov = v;
-            m.msg_hdr.msg_iovlen = 1;
-        }
-        let mut sent = 0;
-        while sent < msgs.len() {
-            let rest = &mut msgs[sent..];
-            // SAFETY: every header points at one iovec of `iov`, which
-            // points into `frames`; all outlive the call.
-            let n = unsafe {
-                libc::sendmmsg(self.file.as_raw_fd(), rest.as_mut_ptr(), rest.len() as u32, 0)
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock && sent > 0 {
-                    break;
-                }
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return if sent > 0 { Ok(sent) } else { Err(e) };
-            }
-            sent += n as usize;
-        }
-        Ok(sent)
+        send_datagrams(self.file.as_raw_fd(), frames)
     }
+}
+
+/// Sends `frames` as datagrams on socket `fd` with as few calls as it
+/// takes (sendmmsg); returns how many went. A full socket drops the rest,
+/// as a wire would.
+pub(super) fn send_datagrams(fd: i32, frames: &[&[u8]]) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = frames
+        .iter()
+        .map(|f| libc::iovec { iov_base: f.as_ptr().cast_mut().cast(), iov_len: f.len() })
+        .collect();
+    // SAFETY: an all-zero mmsghdr is a valid empty one.
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; frames.len()];
+    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+        m.msg_hdr.msg_iov = v;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut sent = 0;
+    while sent < msgs.len() {
+        let rest = &mut msgs[sent..];
+        // SAFETY: every header points at one iovec of `iov`, which points
+        // into `frames`; all outlive the call.
+        let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as u32, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock && sent > 0 {
+                break;
+            }
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return if sent > 0 { Ok(sent) } else { Err(e) };
+        }
+        sent += n as usize;
+    }
+    Ok(sent)
 }
 
 impl AsRawFd for Tap {

@@ -101,13 +101,31 @@ struct Timer {
 struct Stack {
     /// The network thread's end of the pair.
     wire: UnixDatagram,
+    /// Frames for the guest, sent together at the end of a round of the
+    /// thread's loop (`flush`): one wakeup of the device for them all.
+    outbox: RefCell<Vec<Vec<u8>>>,
     timers: RefCell<Vec<*mut Timer>>,
     epoch: Instant,
 }
 
 impl Stack {
+    /// Frames held at most before they go anyway.
+    const OUTBOX: usize = 64;
+
     fn now_ns(&self) -> i64 {
         self.epoch.elapsed().as_nanos() as i64
+    }
+
+    /// Sends the held frames in one sendmmsg. A full socket drops the
+    /// rest, as a busy wire would; TCP resends.
+    fn flush(&self) {
+        let mut outbox = self.outbox.borrow_mut();
+        if outbox.is_empty() {
+            return;
+        }
+        let frames: Vec<&[u8]> = outbox.iter().map(Vec::as_slice).collect();
+        let _ = super::tap::send_datagrams(self.wire.as_raw_fd(), &frames);
+        outbox.clear();
     }
 }
 
@@ -133,8 +151,14 @@ unsafe extern "C" fn send_packet(buf: *const c_void, len: usize, opaque: *mut c_
     let mut datagram = Vec::with_capacity(VNET_HDR_LEN + len);
     datagram.resize(VNET_HDR_LEN, 0);
     datagram.extend_from_slice(frame);
-    // A full socket drops the frame, as a busy wire would; TCP resends.
-    let _ = stack.wire.send(&datagram);
+    let full = {
+        let mut outbox = stack.outbox.borrow_mut();
+        outbox.push(datagram);
+        outbox.len() >= Stack::OUTBOX
+    };
+    if full {
+        stack.flush();
+    }
     len as isize
 }
 
@@ -240,6 +264,7 @@ impl UserNet {
         }
         let stack = Box::into_raw(Box::new(Stack {
             wire,
+            outbox: RefCell::new(Vec::new()),
             timers: RefCell::new(Vec::new()),
             epoch: Instant::now(),
         }));
@@ -415,6 +440,7 @@ fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
             )
         };
         run_timers(stack);
+        stack.flush();
     }
     // SAFETY: the instance is not used after this; the timers it frees go
     // through `timer_free` with the still-live stack, which is freed last.
@@ -572,6 +598,43 @@ mod tests {
         dev.send(&vec![1u8; Frames::SIZE + 1]).unwrap();
         let n = frames.receive(&net).unwrap();
         assert_eq!(frames.payloads(n).count(), 0, "a truncated frame is dropped");
+    }
+
+    /// libslirp's frames for the guest wait for the round's flush (or a
+    /// full outbox), then go in order behind a zeroed header.
+    #[test]
+    fn frames_for_the_guest_go_together() {
+        let (dev, net) = UnixDatagram::pair().unwrap();
+        dev.set_nonblocking(true).unwrap();
+        let stack = Stack {
+            wire: net,
+            outbox: RefCell::new(Vec::new()),
+            timers: RefCell::new(Vec::new()),
+            epoch: Instant::now(),
+        };
+        let opaque = &stack as *const Stack as *mut c_void;
+        for i in 0..3u8 {
+            let frame = [i; 60];
+            // SAFETY: `opaque` is a live Stack; the frame is valid for the call.
+            let n = unsafe { send_packet(frame.as_ptr().cast(), frame.len(), opaque) };
+            assert_eq!(n, 60);
+        }
+        let mut buf = [0u8; 256];
+        assert!(dev.recv(&mut buf).is_err(), "held until the flush");
+        stack.flush();
+        for i in 0..3u8 {
+            let n = dev.recv(&mut buf).unwrap();
+            assert_eq!(n, VNET_HDR_LEN + 60);
+            assert_eq!(&buf[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
+            assert_eq!(buf[VNET_HDR_LEN], i, "in order");
+        }
+        for _ in 0..Stack::OUTBOX {
+            let frame = [7u8; 60];
+            // SAFETY: as above.
+            unsafe { send_packet(frame.as_ptr().cast(), frame.len(), opaque) };
+        }
+        assert!(dev.recv(&mut buf).is_ok(), "a full outbox goes at once");
+        assert!(stack.outbox.borrow().is_empty());
     }
 
     /// The forwarded port listens while the thread runs, and is let go

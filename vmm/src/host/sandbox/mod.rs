@@ -313,8 +313,9 @@ const INET_SOCKETS: &[i64] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
-    // The device's frames, several per call.
+    // The device's frames, several per call, and the guest's back.
     libc::SYS_recvmmsg,
+    libc::SYS_sendmmsg,
     libc::SYS_setsockopt,
     libc::SYS_getsockopt,
     libc::SYS_getsockname,
