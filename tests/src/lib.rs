@@ -128,6 +128,37 @@ pub fn until_then_sigterm(
     )
 }
 
+/// A console line cut where a kernel message begins in its middle: a
+/// starved guest's kernel (a soft lockup report, "hrtimer: interrupt took")
+/// writes its `[ seconds.micros]` lines into whatever init was printing,
+/// and the value before it must not take the message's first bytes
+/// (`SKIFF-9P-data-FILES=1000[   54.337597] watchdog: ...` was read as
+/// "1000[").
+fn split_printk(line: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(line);
+    std::iter::from_fn(move || {
+        let l = rest?;
+        match (1..l.len()).find(|&i| l.is_char_boundary(i) && printk_stamp(&l[i..])) {
+            Some(at) => {
+                rest = Some(&l[at..]);
+                Some(&l[..at])
+            }
+            None => rest.take(),
+        }
+    })
+}
+
+/// Whether `s` starts with a kernel log timestamp: `[`, spaces, digits, a
+/// dot, digits, `]`.
+fn printk_stamp(s: &str) -> bool {
+    let Some(s) = s.strip_prefix('[') else { return false };
+    let s = s.trim_start_matches(' ');
+    let int = s.bytes().take_while(u8::is_ascii_digit).count();
+    let Some(s) = s[int..].strip_prefix('.') else { return false };
+    let frac = s.bytes().take_while(u8::is_ascii_digit).count();
+    int > 0 && frac > 0 && s[frac..].starts_with(']')
+}
+
 /// Whether the test host's own kernel reported a fault in one of its vCPU
 /// threads (these lines come from the test host's console, not the guest's:
 /// a guest's vCPU threads do not exist inside the guest).
@@ -174,7 +205,7 @@ pub struct ScenarioResult {
 
 impl ScenarioResult {
     pub fn lines(&self) -> impl Iterator<Item = &str> {
-        self.output.lines()
+        self.output.lines().flat_map(split_printk)
     }
 
     /// Whether `marker` was printed as a line of its own. Kernel messages
@@ -791,6 +822,26 @@ mod unit {
         let split = "[ 10.39] sysrq: Trigger a crash\n[ 10.428106] KeKIFF-UPTIME=10.rn11\nel panic";
         assert!(!unasked_reset(&format!("{split}\n{dump}")));
         assert!(!unasked_reset("[ 6.4] reboot: Power down"));
+    }
+
+    #[test]
+    fn a_kernel_message_inside_a_line_ends_the_value_before_it() {
+        let r = ScenarioResult {
+            name: "t".into(),
+            rc: Some(0),
+            output: "SKIFF-9P-data-FILES=1000[   54.337597] watchdog: BUG: soft lockup\n\
+                     SKIFF-VSOCK-REPLY=host-pong[   25.898910] hrtimer: interrupt took 1 ns\n\
+                     [    1.000000] early SKIFF-DONE\nA=[x] B=[1.5 C=v[ 2.0]"
+                .into(),
+            millis: None,
+        };
+        assert_eq!(r.value("SKIFF-9P-data-FILES"), Some("1000"));
+        assert_eq!(r.value("SKIFF-VSOCK-REPLY"), Some("host-pong"));
+        assert!(r.lines().any(|l| l.starts_with("[   25.898910] hrtimer")), "kept as a line");
+        assert!(r.has_line("SKIFF-DONE"), "a marker after a message still counts");
+        assert_eq!(r.value("A"), Some("[x]"), "brackets that are not a timestamp stay");
+        assert_eq!(r.value("B"), Some("[1.5"));
+        assert_eq!(r.value("C"), Some("v"));
     }
 
     #[test]
