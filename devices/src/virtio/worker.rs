@@ -255,9 +255,12 @@ impl Ring {
         served
     }
 
-    /// Returns what an asynchronous engine completed (`complete_used`).
+    /// Returns what an asynchronous engine completed, as (head, used
+    /// length), and interrupts the guest if it wants to know.
     pub fn complete(&mut self, done: &[(u16, u32)]) {
-        complete_used(&self.mem, &mut self.queue, self.index, &*self.interrupt, done);
+        if self.complete_quietly(done) > 0 {
+            self.notify();
+        }
     }
 
     /// Puts completed requests on the used ring without telling the guest
@@ -303,7 +306,7 @@ pub enum Outcome {
     /// used length).
     Used(u32),
     /// Taken by an asynchronous engine; the device returns it to the used
-    /// ring when it completes (`complete_used`).
+    /// ring when it completes (`Ring::complete`).
     Later,
     /// Not taken: it stays first on the available ring for later (a rate
     /// limit, an engine with no room left).
@@ -422,24 +425,6 @@ fn notify(mem: &GuestMemoryMmap, queue: &mut Queue, index: u16, interrupt: &dyn 
         if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
             crate::error_limited!("virtio: queue {index}: cannot interrupt the guest: {e}");
         }
-    }
-}
-
-/// Returns requests an asynchronous engine completed, as (head, used
-/// length), and interrupts the guest if it wants to know.
-fn complete_used(
-    mem: &GuestMemoryMmap,
-    queue: &mut Queue,
-    index: u16,
-    interrupt: &dyn VirtioInterrupt,
-    done: &[(u16, u32)],
-) {
-    let mut used_any = false;
-    for &(head, len) in done {
-        used_any |= add_used(mem, queue, index, head, len);
-    }
-    if used_any {
-        notify(mem, queue, index, interrupt);
     }
 }
 
