@@ -14,10 +14,12 @@
 #   median FILE COLUMN VALUE... the median of COLUMN over the records of
 #                            FILE whose first columns equal VALUE...
 #   ratio A B                A/B to two places, or - when either is missing
-#   run_batch SCENARIOS LOG  runs the scenarios in one test host; when it
-#                            froze before the end (run-scenarios exit 5)
-#                            warns and goes on: the table then shows what
-#                            finished, "-" for the rest
+#   run_batch SCENARIOS LOG  runs the scenarios in a test host; when it
+#                            froze (run-scenarios exit 5), the scenarios
+#                            that had not ended run again in a new one, at
+#                            most SKIFF_BENCH_RETRIES times (default 2).
+#                            LOG keeps the scenarios that ended; a table
+#                            shows "-" for what never did
 
 REPO=$(cd "$(dirname "$SCRIPT")/.." && pwd)
 
@@ -85,11 +87,33 @@ median() {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
 run_batch() {
-	local rc=0
-	"$REPO/tests/testhost/run-scenarios.sh" "$1" "$2" || rc=$?
-	case $rc in
-	0) ;;
-	5) echo "$NAME: warning: the test host froze before the end (see its log): the table holds what finished" >&2 ;;
-	*) die "the benchmark run failed; log: $2" ;;
-	esac
+	local scen=$1 log=$2 todo="$1.todo" part="$2.part" rc tries=0
+	local retries=${SKIFF_BENCH_RETRIES:-2}
+	cp "$scen" "$todo"
+	: >"$log"
+	while :; do
+		rc=0
+		"$REPO/tests/testhost/run-scenarios.sh" "$todo" "$part" || rc=$?
+		# Only scenarios that ended count: a frozen one's first rows would
+		# add a sample to its round.
+		tr -d '\r' <"$part" | awk '
+			/^=== BEGIN / { buf = $0 "\n"; inside = 1; next }
+			inside { buf = buf $0 "\n" }
+			/^=== END / && inside { printf "%s", buf; inside = 0 }' >>"$log"
+		case $rc in
+		0) break ;;
+		5) ;;
+		*) die "the benchmark run failed; log: $part" ;;
+		esac
+		awk -F'\t' 'NR == FNR { if ($0 ~ /^=== END /) { split($0, w, " "); done[w[3]] = 1 }; next }
+			/^#/ || NF < 3 || !($1 in done)' "$log" "$scen" >"$todo"
+		left=$(grep -c -v '^#' "$todo" || true)
+		if ((tries >= retries)); then
+			echo "$NAME: warning: the test host froze $((tries + 1)) time(s); $left scenario(s) never ran (see $part): the table holds what finished" >&2
+			break
+		fi
+		tries=$((tries + 1))
+		echo "$NAME: the test host froze (its emulated SVM); running the $left scenario(s) left in a new one" >&2
+	done
+	rm -f "$todo"
 }
