@@ -18,7 +18,8 @@
 #                            froze (run-scenarios exit 5), the scenarios
 #                            that had not ended run again in a new one, at
 #                            most SKIFF_BENCH_RETRIES times (default 2).
-#                            LOG keeps the scenarios that ended; a table
+#                            LOG keeps the scenarios that ended (LOG.hostN
+#                            each test host's whole console); a table
 #                            shows "-" for what never did
 
 REPO=$(cd "$(dirname "$SCRIPT")/.." && pwd)
@@ -87,12 +88,14 @@ median() {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
 run_batch() {
-	local scen=$1 log=$2 todo="$1.todo" part="$2.part" rc tries=0
+	local scen=$1 log=$2 todo="$1.todo" part rc tries=0
 	local retries=${SKIFF_BENCH_RETRIES:-2}
 	cp "$scen" "$todo"
+	rm -f "$log".host*
 	: >"$log"
 	while :; do
 		rc=0
+		part="$log.host$((tries + 1))"
 		"$REPO/tests/testhost/run-scenarios.sh" "$todo" "$part" || rc=$?
 		# Only scenarios that ended count: a frozen one's first rows would
 		# add a sample to its round.
@@ -105,7 +108,7 @@ run_batch() {
 		5) ;;
 		*) die "the benchmark run failed; log: $part" ;;
 		esac
-		awk -F'\t' 'NR == FNR { if ($0 ~ /^=== END /) { split($0, w, " "); done[w[3]] = 1 }; next }
+		awk -F'\t' 'FILENAME == ARGV[1] { if ($0 ~ /^=== END /) { split($0, w, " "); done[w[3]] = 1 }; next }
 			/^#/ || NF < 3 || !($1 in done)' "$log" "$scen" >"$todo"
 		left=$(grep -c -v '^#' "$todo" || true)
 		if ((tries >= retries)); then
