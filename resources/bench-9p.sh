@@ -55,8 +55,8 @@ argv() {
 export SKIFF_BIN=$skiff
 # Two test-host CPUs. Neither choice is safe in TCG's nested SVM: with two,
 # the test host's kernel now and then crashes under QEMU's stat phase (a stack
-# guard page hit in qemu-system-x86); with one, it froze in each of six
-# runs of skiff's first scenario (2026-12-02). With two, most runs finish,
+# guard page hit in qemu-system-x86); with one, it froze in each of five
+# test hosts, in skiff's first scenario (2026-12-02). With two, most runs finish,
 # and run_batch reruns the rest in a new test host.
 export SKIFF_L1_SMP=${SKIFF_L1_SMP:-2}
 echo "bench-9p: skiff and qemu x $rounds round(s)" >&2
