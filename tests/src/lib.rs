@@ -138,7 +138,7 @@ fn split_printk(line: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(line);
     std::iter::from_fn(move || {
         let l = rest?;
-        match (1..l.len()).find(|&i| l.is_char_boundary(i) && printk_stamp(&l[i..])) {
+        match l.match_indices('[').map(|(i, _)| i).find(|&i| i > 0 && printk_stamp(&l[i..])) {
             Some(at) => {
                 rest = Some(&l[at..]);
                 Some(&l[..at])
