@@ -109,8 +109,9 @@ run_batch() {
 		*) die "the benchmark run failed; log: $part" ;;
 		esac
 		awk -F'\t' 'FILENAME == ARGV[1] { if ($0 ~ /^=== END /) { split($0, w, " "); done[w[3]] = 1 }; next }
-			/^#/ || NF < 3 || !($1 in done)' "$log" "$scen" >"$todo"
-		left=$(grep -c -v '^#' "$todo" || true)
+			NF >= 3 && !($1 in done)' "$log" "$scen" >"$todo"
+		left=$(wc -l <"$todo")
+		((left > 0)) || break
 		if ((tries >= retries)); then
 			echo "$NAME: warning: the test host froze $((tries + 1)) time(s); $left scenario(s) never ran (see $part): the table holds what finished" >&2
 			break
