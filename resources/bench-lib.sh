@@ -13,6 +13,8 @@
 #                            (the test host's initramfs pieces concatenate)
 #   median FILE COLUMN VALUE... the median of COLUMN over the records of
 #                            FILE whose first columns equal VALUE...
+#   count FILE VALUE...      how many records of FILE have first columns
+#                            VALUE... (the samples behind a median)
 #   ratio A B                A/B to two places, or - when either is missing
 #   run_batch SCENARIOS LOG  runs the scenarios in a test host; when it
 #                            froze (run-scenarios exit 5), the scenarios
@@ -83,6 +85,15 @@ median() {
 		BEGIN { n = split(want, w, " ") }
 		{ for (i = 1; i <= n; i++) if ($i != w[i]) next; print $(col) }' "$file" |
 		sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+count() {
+	local file=$1
+	shift
+	awk -v want="$*" '
+		BEGIN { n = split(want, w, " ") }
+		{ for (i = 1; i <= n; i++) if ($i != w[i]) next; c++ }
+		END { print c + 0 }' "$file"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
