@@ -11,6 +11,9 @@
 #   cpio_of DIR              DIR as a newc archive on stdout
 #   zstd_archive DIR OUT     DIR as a zstd'ed archive OUT, padded to 4 bytes
 #                            (the test host's initramfs pieces concatenate)
+#   column_of FILE COLUMN VALUE...
+#                            COLUMN of the records of FILE whose first
+#                            columns equal VALUE..., one a line
 #   median FILE COLUMN VALUE... the median of COLUMN over the records of
 #                            FILE whose first columns equal VALUE...
 #   count FILE VALUE...      how many records of FILE have first columns
@@ -78,22 +81,24 @@ zstd_archive() {
 	mv "$2.tmp" "$2"
 }
 
-median() {
+# COLUMN of FILE's records whose first columns are VALUE..., one a line.
+column_of() {
 	local file=$1 col=$2
 	shift 2
 	awk -v col="$col" -v want="$*" '
 		BEGIN { n = split(want, w, " ") }
-		{ for (i = 1; i <= n; i++) if ($i != w[i]) next; print $(col) }' "$file" |
+		{ for (i = 1; i <= n; i++) if ($i != w[i]) next; print $(col) }' "$file"
+}
+
+median() {
+	column_of "$@" |
 		sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
 count() {
 	local file=$1
 	shift
-	awk -v want="$*" '
-		BEGIN { n = split(want, w, " ") }
-		{ for (i = 1; i <= n; i++) if ($i != w[i]) next; c++ }
-		END { print c + 0 }' "$file"
+	column_of "$file" 1 "$@" | awk 'END { print NR }'
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
