@@ -157,38 +157,37 @@ pub struct PciSlotConfig {
     pub multifunction: bool,
 }
 
-/// How the guest reaches a virtio device: `-device NAME-device` (virtio-mmio)
-/// or `-device NAME-pci` (virtio-pci on the root complex).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VirtioTransport {
-    Mmio,
-    Pci(PciSlotConfig),
+/// A `-device`: its driver, `id=`, where it asks to go, and its kind's
+/// own properties (`kinds`), references to other options resolved.
+pub struct DeviceConfig {
+    /// The `-device` name, as QEMU names the device in errors.
+    pub driver: &'static str,
+    pub id: Option<String>,
+    pub bus: crate::kinds::Bus,
+    /// `addr=`, `bus=`, `multifunction=` (default off the root complex).
+    pub pci: PciSlotConfig,
+    pub device: Box<dyn crate::kinds::Device>,
 }
 
-/// What a virtio device is, whatever its transport: one variant per
-/// family, parsed from the family's own properties (`cli::device`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VirtioKind {
-    /// `virtio-rng-*[,max-bytes=N][,period=MS]`: QEMU's rate limit of
-    /// `max_bytes` per `period_ms` milliseconds when `max_bytes` is given.
-    Rng { max_bytes: Option<u64>, period_ms: Option<u64> },
-    /// `virtio-blk-*,drive=ID[,serial=S][,num-queues=N][,queue-size=N]...`
-    Block(BlockConfig),
-    /// `vhost-user-fs-*,chardev=ID,tag=TAG[,queue-size=N][,num-request-queues=N]`
-    Fs(FsConfig),
-    /// `vhost-vsock-*,guest-cid=N`: the host kernel's vhost-vsock.
-    Vsock { guest_cid: u32 },
-    /// `virtio-net-*,netdev=ID[,mac=MAC][,mq=on]`
-    Net(NetConfig),
-    /// `virtio-9p-*,fsdev=ID,mount_tag=TAG`: a `-fsdev local` share.
-    P9(P9Config),
+impl PartialEq for DeviceConfig {
+    fn eq(&self, o: &Self) -> bool {
+        (self.driver, &self.id, self.bus, &self.pci) == (o.driver, &o.id, o.bus, &o.pci)
+            && *self.device == *o.device
+    }
 }
 
-/// `-device virtio-9p-*` (its host side is the `-fsdev` named by `fsdev`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct P9Config {
-    pub fsdev: String,
-    pub mount_tag: String,
+impl Eq for DeviceConfig {}
+
+impl std::fmt::Debug for DeviceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceConfig")
+            .field("driver", &self.driver)
+            .field("id", &self.id)
+            .field("bus", &self.bus)
+            .field("pci", &self.pci)
+            .field("device", &self.device)
+            .finish()
+    }
 }
 
 /// `-fsdev local`: a host directory a virtio-9p device shares.
@@ -198,18 +197,6 @@ pub struct FsdevConfig {
     pub path: PathBuf,
     pub security: devices::virtio::p9::SecurityModel,
     pub readonly: bool,
-}
-
-/// `-device virtio-net-*` (its host side is the `-netdev` named by
-/// `netdev`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    pub netdev: String,
-    /// None until the command line is complete: then QEMU's default,
-    /// 52:54:00:12:34:56 plus the NIC's index.
-    pub mac: Option<[u8; 6]>,
-    /// `mq=on`: offer the tap's queues as queue pairs.
-    pub mq: bool,
 }
 
 /// `-netdev`: a NIC's host side.
@@ -253,28 +240,6 @@ impl TapSource {
     }
 }
 
-/// `-device vhost-user-fs-*`: virtiofsd on the `-chardev socket` named by
-/// `chardev`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FsConfig {
-    pub chardev: String,
-    pub tag: String,
-    pub queue_size: u16,
-    pub num_request_queues: u16,
-}
-
-/// `-device virtio-blk-*` (its image is the `-drive` named by `drive`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockConfig {
-    pub drive: String,
-    pub serial: Option<String>,
-    /// None: QEMU's default, one queue per vCPU on PCI, one on MMIO.
-    pub num_queues: Option<u16>,
-    pub queue_size: u16,
-    pub logical_block_size: u32,
-    pub physical_block_size: u32,
-}
-
 pub use devices::virtio::block::{Aio, DetectZeroes};
 
 /// `-drive if=none,id=ID,file=PATH,...`: a raw image.
@@ -299,87 +264,6 @@ pub struct DriveConfig {
     pub format_given: bool,
     /// `aio=`: a thread pool or an io_uring per queue.
     pub aio: Aio,
-}
-
-impl VirtioKind {
-    /// The family's name: `-device` takes it with `-pci` or `-device`.
-    pub fn family(&self) -> &'static str {
-        match self {
-            VirtioKind::Rng { .. } => "virtio-rng",
-            VirtioKind::Block(_) => "virtio-blk",
-            VirtioKind::Fs(_) => "vhost-user-fs",
-            VirtioKind::Vsock { .. } => "vhost-vsock",
-            VirtioKind::Net(_) => "virtio-net",
-            VirtioKind::P9(_) => "virtio-9p",
-        }
-    }
-
-    /// The `-chardev` of a vhost-user backend, if the device has one.
-    pub fn vhost_user_chardev(&self) -> Option<&str> {
-        match self {
-            VirtioKind::Fs(f) => Some(&f.chardev),
-            VirtioKind::Rng { .. }
-            | VirtioKind::Block(_)
-            | VirtioKind::Vsock { .. }
-            | VirtioKind::Net(_)
-            | VirtioKind::P9(_) => None,
-        }
-    }
-}
-
-/// One virtio `-device`: the same description on either transport.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VirtioConfig {
-    pub id: Option<String>,
-    pub transport: VirtioTransport,
-    pub kind: VirtioKind,
-}
-
-impl VirtioConfig {
-    /// The `-device` driver name, as QEMU names the device in errors.
-    pub fn driver(&self) -> String {
-        let suffix = match self.transport {
-            VirtioTransport::Mmio => "device",
-            VirtioTransport::Pci(_) => "pci",
-        };
-        format!("{}-{suffix}", self.kind.family())
-    }
-}
-
-/// `pcie-root-port,chassis=N,slot=N[,port=N]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RootPortConfig {
-    pub id: Option<String>,
-    pub pci: PciSlotConfig,
-    pub chassis: u8,
-    pub slot: u16,
-    pub port: u8,
-}
-
-/// A `-device`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeviceConfig {
-    I8042,
-    IsaDebugExit { iobase: u16, iosize: u16 },
-    RootPort(RootPortConfig),
-    Virtio(VirtioConfig),
-}
-
-impl DeviceConfig {
-    /// Where it asks to go on the root complex, if it is a PCI function:
-    /// (driver, id, slot request, whether it is a root port).
-    pub fn pci_slot(&self) -> Option<(String, Option<&str>, &PciSlotConfig, bool)> {
-        match self {
-            DeviceConfig::RootPort(p) => {
-                Some(("pcie-root-port".to_owned(), p.id.as_deref(), &p.pci, true))
-            }
-            DeviceConfig::Virtio(v) => match &v.transport {
-                VirtioTransport::Pci(slot) => Some((v.driver(), v.id.as_deref(), slot, false)),
-                VirtioTransport::Mmio => None,
-            },
-            _ => None,
-        }
-    }
 }
 
 /// Guest RAM's host backing: `-object memory-backend-*` bound with
@@ -467,7 +351,7 @@ pub enum RunAs {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct VmConfig {
     pub name: Option<String>,
     pub machine: MachineConfig,
@@ -490,6 +374,9 @@ pub struct VmConfig {
     /// `-serial` in order: the first is COM1 (0x3f8). Empty means "default".
     pub serials: Vec<SerialConfig>,
     pub devices: Vec<DeviceConfig>,
+    /// Chardevs a serial port or a device took (the others are opened as
+    /// QEMU opens them, used or not).
+    pub taken_chardevs: Vec<String>,
     /// `-drive`s, for the devices that name them.
     pub drives: Vec<DriveConfig>,
     /// `-netdev`s, for the NICs that name them.
@@ -523,6 +410,7 @@ impl Default for VmConfig {
             chardevs: Vec::new(),
             serials: Vec::new(),
             devices: Vec::new(),
+            taken_chardevs: Vec::new(),
             drives: Vec::new(),
             netdevs: Vec::new(),
             fsdevs: Vec::new(),

@@ -9,8 +9,10 @@
 mod backends;
 mod cli;
 mod config;
+mod ctl;
 mod diag;
 mod host;
+mod kinds;
 mod plan;
 mod qmp;
 mod vm;
@@ -33,7 +35,7 @@ enum Error {
     #[error(transparent)]
     Plan(#[from] plan::PlanError),
     #[error(transparent)]
-    Backend(#[from] backends::BackendError),
+    Backend(#[from] kinds::OpenError),
     #[error(transparent)]
     Vm(#[from] vm::Error),
     #[error("serial console")]
@@ -155,17 +157,19 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     // confine what is left.
     host::privileges::apply(&cfg.run_with)?;
     if let Some(policy) = cfg.sandbox {
-        let needs = host::sandbox::Needs {
-            inet: cfg.netdevs.iter().any(|n| matches!(n, config::NetdevConfig::User { .. })),
-            shares: cfg.devices.iter().any(|d| {
-                matches!(d, config::DeviceConfig::Virtio(v) if matches!(v.kind, config::VirtioKind::P9(_)))
-            }),
-        };
+        let needs =
+            cfg.devices.iter().fold(kinds::Sandbox::default(), |n, d| n.union(d.device.sandbox()));
         host::sandbox::install(policy, needs)?;
     }
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);
     }
+    let monitors = |controls: &ctl::Controls| -> Vec<vm::Subscriber> {
+        let handler = |s: &Arc<Mutex<qmp::QmpServer>>| -> vm::Subscriber {
+            Arc::new(Mutex::new(qmp::QmpHandler::new(s.clone(), controls.clone())))
+        };
+        servers.iter().map(handler).collect()
+    };
     let machine = vm::Machine {
         cfg,
         plan: &plan,
@@ -173,10 +177,10 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
         host: &kvm,
         console: serial.as_ref(),
         signal_evt,
-        qmp: &servers,
+        monitors: &monitors,
     };
     // Dropping the servers (here or on an early return) removes the sockets.
-    run_until_end(&machine, &mut files)
+    run_until_end(&machine, &servers, &mut files)
 }
 
 fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason: &str) {
@@ -186,8 +190,12 @@ fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason:
     }
 }
 
-fn run_until_end(m: &vm::Machine<'_>, files: &mut vm::BootFiles) -> Result<i32, Error> {
-    let (cfg, servers) = (m.cfg, m.qmp);
+fn run_until_end(
+    m: &vm::Machine<'_>,
+    servers: &[Arc<Mutex<qmp::QmpServer>>],
+    files: &mut vm::BootFiles,
+) -> Result<i32, Error> {
+    let cfg = m.cfg;
     loop {
         let end = match vm::run(m, files) {
             Ok(end) => end,

@@ -8,7 +8,8 @@
 use boot::layout::*;
 use pci::{allocate, BarWindows, DeviceRequest, Window};
 
-use crate::config::{DeviceConfig, VirtioTransport, VmConfig};
+use crate::config::VmConfig;
+use crate::kinds::Bus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -51,7 +52,7 @@ impl Platform {
             // QEMU microvm leaves the RTC out under KVM unless asked; the
             // FADT then says so, and the guest does not probe for it.
             rtc: m.rtc.resolve(false),
-            i8042: cfg.devices.iter().any(|d| matches!(d, DeviceConfig::I8042)),
+            i8042: cfg.devices.iter().any(|d| d.device.facts().i8042),
             serial,
         }
     }
@@ -98,17 +99,17 @@ impl MachinePlan {
             .devices
             .iter()
             .enumerate()
-            .filter_map(|(i, d)| {
-                let (driver, id, slot, is_root_port) = d.pci_slot()?;
+            .filter(|(_, d)| d.bus.is_pci())
+            .map(|(i, d)| {
                 let request = DeviceRequest {
-                    driver,
-                    id: id.map(str::to_owned),
-                    bus: slot.bus.clone(),
-                    addr: slot.addr,
-                    multifunction: slot.multifunction,
-                    is_root_port,
+                    driver: d.driver.to_owned(),
+                    id: d.id.clone(),
+                    bus: d.pci.bus.clone(),
+                    addr: d.pci.addr,
+                    multifunction: d.pci.multifunction,
+                    is_root_port: d.device.facts().root_port,
                 };
-                Some((i, request))
+                (i, request)
             })
             .collect();
         let mut pcie = None;
@@ -134,19 +135,14 @@ impl MachinePlan {
         }
 
         // virtio-mmio slots in command-line order, each with its GSI.
-        let mut index = 0;
-        for (i, d) in cfg.devices.iter().enumerate() {
-            let DeviceConfig::Virtio(v) = d else { continue };
-            if v.transport != VirtioTransport::Mmio {
-                continue;
-            }
+        let mmio = cfg.devices.iter().enumerate().filter(|(_, d)| d.bus == Bus::VirtioMmio);
+        for (index, (i, d)) in mmio.enumerate() {
             let gsi = virtio_mmio_gsi(&platform, index).ok_or_else(|| {
                 let (max, why) = virtio_mmio_limit(&platform);
-                PlanError::TooManyVirtioMmio { driver: v.driver(), max, why }
+                PlanError::TooManyVirtioMmio { driver: d.driver.to_owned(), max, why }
             })?;
             let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SLOT_SIZE;
             locations[i] = Location::VirtioMmio { index, base, gsi };
-            index += 1;
         }
 
         // ECAM is reserved as firmware reserves MMCONFIG, so the guest
@@ -171,8 +167,8 @@ impl MachinePlan {
         if p.serial {
             aml.extend(devices::legacy::serial::aml(COM1_PORT, COM1_IRQ));
         }
-        if p.i8042 {
-            aml.extend(devices::legacy::i8042::aml(I8042_PORT, I8042_IRQ));
+        for d in cfg.devices.iter().filter(|d| d.bus == Bus::Isa) {
+            aml.extend(d.device.aml());
         }
         if p.rtc {
             aml.extend(devices::legacy::rtc::aml(RTC_PORT, RTC_IRQ));
@@ -180,12 +176,8 @@ impl MachinePlan {
         aml.extend(devices::legacy::ged::aml(GED_MMIO_BASE, GED_IRQ));
         for (d, at) in cfg.devices.iter().zip(&self.locations) {
             if let Location::VirtioMmio { index, base, gsi } = *at {
-                let driver = match d {
-                    DeviceConfig::Virtio(v) => v.driver(),
-                    _ => String::new(),
-                };
                 let bytes = devices::virtio::mmio::aml(index, base, gsi)
-                    .map_err(|source| PlanError::Aml { driver, source })?;
+                    .map_err(|source| PlanError::Aml { driver: d.driver.to_owned(), source })?;
                 aml.extend(bytes);
             }
         }

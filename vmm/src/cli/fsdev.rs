@@ -35,7 +35,7 @@ pub(super) fn parse_virtfs(label: &str, arg: &str) -> Result<(FsdevConfig, Strin
 }
 
 /// A mount tag as QEMU's virtio-9p takes it: not empty, at most 31 bytes.
-pub(super) fn check_tag(opts: &QemuOpts, tag: &str) -> Result<(), CliError> {
+pub(crate) fn check_tag(opts: &QemuOpts, tag: &str) -> Result<(), CliError> {
     if tag.is_empty() {
         return Err(opts.error("mount_tag must not be empty"));
     }

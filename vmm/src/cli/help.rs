@@ -1,6 +1,6 @@
 //! `-help`.
 
-const HELP: &str = "\
+const HEAD: &str = "\
 usage: skiff [options]
 
 Skiff runs a KVM virtual machine like qemu-system-x86_64 -M microvm, with the
@@ -62,94 +62,11 @@ Boot options:
 -append CMDLINE          the kernel command line
 
 Devices:
--device i8042[,id=ID]    PS/2 controller (i8042 reset reboots the guest)
--device isa-debug-exit[,iobase=PORT][,iosize=N][,id=ID]
-                         writing V to PORT ends skiff with status (V << 1) | 1
-                         (default iobase=0x501, iosize=2)
--device virtio-rng-device[,max-bytes=N,period=MS][,id=ID]
-                         entropy on virtio-mmio (0xfeb00000 + 512 * n)
--device virtio-rng-pci[,addr=SLOT[.FN]][,bus=ID][,multifunction=on|off]
-                      [,max-bytes=N,period=MS][,disable-legacy=on][,id=ID]
-                         entropy on PCIe (needs -M microvm,pcie=on); MSI-X
--device virtio-blk-device|virtio-blk-pci,drive=ID[,serial=S][,num-queues=N]
-        [,queue-size=N][,logical_block_size=N][,physical_block_size=N]
-        [,bootindex=N][,addr=..][,bus=ID][,disable-legacy=on][,id=ID]
-                         a disk on -drive ID (virtio-mmio or PCIe); num-queues
-                         defaults to one per vCPU on PCIe; bootindex has no
-                         effect (skiff has no firmware to boot a disk)
--drive id=ID,file=PATH[,if=none][,format=raw][,read-only=on|off]
-       [,cache=none|writeback|writethrough|directsync|unsafe][,cache.direct=on|off]
-       [,discard=unmap|ignore][,detect-zeroes=off|on|unmap][,aio=io_uring|threads|native]
-       [,werror=report][,rerror=report][,file.locking=on|off][,index=N]
-                         a raw image (no format= means raw, with QEMU's
-                         warning); locked as QEMU locks it; cache=none on a
-                         filesystem without O_DIRECT (tmpfs) falls back to the
-                         page cache with a warning; each queue runs on a worker
-                         thread of its own, many requests at once: through a
-                         thread pool (aio=threads, the default) or an io_uring
-                         (aio=io_uring or native; a pool where the host has
-                         no io_uring); aio=native needs cache=none, as in QEMU
--device vhost-user-fs-device|vhost-user-fs-pci,chardev=ID,tag=TAG
-        [,queue-size=N][,num-request-queues=N][,addr=..][,bus=ID][,id=ID]
-                         a virtiofs share served by virtiofsd on -chardev
-                         socket ID; guest RAM is shared with it (without
-                         -object memory-backend-memfd,share=on, skiff makes
-                         RAM a shared memfd); if virtiofsd dies, the share
-                         fails with ENOTCONN and the VM goes on
--device vhost-vsock-device|vhost-vsock-pci,guest-cid=N[,addr=..][,bus=ID][,id=ID]
-                         AF_VSOCK to the guest through the host kernel's
-                         vhost_vsock (/dev/vhost-vsock); the CID is held
-                         from start to exit, across guest reboots
--device virtio-net-device|virtio-net-pci,netdev=ID[,mac=MAC][,mq=on|off]
-        [,vectors=N][,romfile=..][,addr=..][,bus=ID][,id=ID]
-                         a NIC on -netdev ID (default mac 52:54:00:12:34:56,
-                         then :57, ...); mq=on offers the tap's queues as
-                         queue pairs, each on a worker thread of its own;
-                         vectors= and romfile= have no effect (one MSI-X
-                         vector per queue; no firmware loads option ROMs)
--netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,queues=N]
-        [,vhost=on|off][,vnet_hdr=on]
--netdev tap,id=ID,fd=N|fds=N:M:..[,vhost=on|off]
-                         a tap (ifname= is opened, or created if skiff may)
-                         or descriptors of one inherited from the parent
-                         (a macvtap's /dev/tapN); it keeps across guest
-                         reboots; vhost=on moves frames in the host kernel
-                         (/dev/vhost-net); skiff runs no scripts
--netdev user,id=ID[,net=ADDR[/MASK]][,host=ADDR][,dhcpstart=ADDR][,dns=ADDR]
-        [,hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT]...[,restrict=on|off]
-        [,ipv6=on|off][,hostname=NAME]
-                         user networking (libslirp, on a thread of its own):
-                         QEMU's 10.0.2.0/24, DHCP from .15, the host as .2;
-                         a host port that cannot be bound exits 1 naming it;
-                         under -sandbox on, libslirp cannot read
-                         /etc/resolv.conf and forwards DNS to 127.0.0.1:53
--netdev bridge,id=ID[,br=BRIDGE][,helper=PATH]
-                         a tap on BRIDGE (default br0) from QEMU's setuid
-                         helper (default /usr/lib/qemu/qemu-bridge-helper),
-                         which /etc/qemu/bridge.conf must allow
--net nic,netdev=ID[,model=virtio][,macaddr=MAC]
-                         a virtio-net on the machine's bus (PCIe with
-                         pcie=on, else virtio-mmio)
--device virtio-9p-device|virtio-9p-pci,fsdev=ID,mount_tag=TAG[,addr=..][,bus=ID][,id=ID]
-                         a 9P2000.L share of -fsdev ID, served by skiff on
-                         a worker thread; the guest cannot reach outside
-                         the directory (no '..', '/' in names, symlinks
-                         are never followed by skiff)
--fsdev local,id=ID,path=DIR,security_model=MODEL[,readonly=on|off]
-                         the directory a virtio-9p shares; readonly=on
-                         refuses every change with EROFS; MODEL:
-                         passthrough applies the guest's chown, none ignores
-                         a chown the host refuses, mapped-xattr keeps the
-                         guest's owners and modes in user.virtfs.* xattrs
-                         (mapped-file is not supported)
--virtfs local,path=DIR,mount_tag=TAG,security_model=..[,readonly=on][,id=ID]
-                         both at once: the -fsdev (id= or the tag) and its
-                         virtio-9p (PCIe with pcie=on, else virtio-mmio)
--device pcie-root-port,id=ID[,chassis=N][,slot=N][,port=N][,addr=..][,bus=pcie.0]
-                         a root port; devices with bus=ID sit behind it
-                         Every explicit addr= is reserved before any device
-                         is placed automatically, whatever the order.
+";
 
+/// After the devices (each kind's lines come from the registry).
+const TAIL: &str = "
+\
 Character devices:
 -chardev stdio,id=ID[,signal=on|off]
 -chardev file,id=ID,path=PATH[,append=on|off]
@@ -181,7 +98,14 @@ Every other QEMU option (for example -blockdev, -fw_cfg), every other
 stops with an error naming it rather than ignore it.
 ";
 
-/// The `-help` text: every supported option and device.
+/// The `-help` text: every supported option, and every device kind's
+/// lines from the registry.
 pub fn help_text() -> &'static str {
-    HELP
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut text = HEAD.to_owned();
+        crate::kinds::KINDS.iter().for_each(|k| text.push_str(k.help()));
+        text.push_str(TAIL);
+        text
+    })
 }

@@ -18,13 +18,17 @@ mod opts;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use fsdev::check_tag;
 pub use help::help_text;
+pub(crate) use netdev::parse_mac;
+pub(crate) use opts::QemuOpts;
 
 use crate::config::{
-    ChardevBackend, DeviceConfig, RamBacking, RunAs, RunWith, SandboxConfig, SerialConfig, VmConfig,
+    ChardevBackend, DeviceConfig, NetdevConfig, RamBacking, RunAs, RunWith, SandboxConfig,
+    SerialConfig, VmConfig,
 };
+use crate::kinds::Refs;
 use machine::SmpArgs;
-use opts::QemuOpts;
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -241,6 +245,9 @@ struct Builder {
     /// `-smp` values; derived once all `-smp` are merged.
     smp: Option<SmpArgs>,
     device_ids: Vec<String>,
+    /// `-device`s in command-line order, references unresolved until the
+    /// whole command line is read.
+    devices: Vec<device::Pending>,
     /// `-object memory-backend-*`, resolved against `-numa` at the end.
     memory_backends: Vec<crate::config::MemoryBackendConfig>,
     /// The one `-numa node`'s `memdev=`, if a node was given.
@@ -341,21 +348,7 @@ impl Builder {
                 }
                 config.serials.push(chardev::parse_serial(label, &arg)?);
             }
-            ArgOpt::Device => {
-                let device = device::parse_device(label, &arg)?;
-                if let Some(id) = device.id {
-                    if self.device_ids.contains(&id) {
-                        return Err(invalid(&format!("duplicate id '{id}'")));
-                    }
-                    self.device_ids.push(id);
-                }
-                if device.config == DeviceConfig::I8042
-                    && config.devices.contains(&DeviceConfig::I8042)
-                {
-                    return Err(invalid("only one i8042 is supported"));
-                }
-                config.devices.push(device.config);
-            }
+            ArgOpt::Device => self.add_device(device::parse_device(label, &arg)?, label)?,
             ArgOpt::Smbios => device::parse_smbios(label, &arg, &mut config.smbios)?,
             ArgOpt::Drive => {
                 let drive = drive::parse_drive(label, &arg)?;
@@ -412,12 +405,11 @@ impl Builder {
             self.config.smp = machine::resolve_smp("-smp", smp)?;
         }
         check_chardev_users(&self.config)?;
-        check_drive_users(&self.config)?;
-        self.place_nics();
-        check_netdev_users(&mut self.config)?;
-        self.place_virtfs();
-        check_fsdev_users(&self.config)?;
-        check_vhost_user_chardevs(&self.config)?;
+        self.place_nics()?;
+        self.place_virtfs()?;
+        self.resolve_devices()?;
+        check_netdev_fds(&self.config)?;
+        warn_probed_drives(&self.config);
         let node = self.numa_node.take();
         let backend = memory::resolve(&self.memory_backends, node, self.config.mem_size)?;
         if let Some(b) = backend {
@@ -439,6 +431,37 @@ impl Builder {
         }
         Ok(self.config)
     }
+
+    /// Resolves every device's references to drives, netdevs, fsdevs and
+    /// chardevs in one pass, in command-line order.
+    fn resolve_devices(&mut self) -> Result<(), CliError> {
+        let c = &mut self.config;
+        let serials: Vec<&str> = c
+            .serials
+            .iter()
+            .filter_map(|s| match s {
+                SerialConfig::Chardev(id) => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut refs = Refs::new(&c.drives, &c.netdevs, &c.fsdevs, &c.chardevs, &serials);
+        for p in std::mem::take(&mut self.devices) {
+            let device = p.device.resolve(&format!("-device {}", p.driver), &mut refs)?;
+            c.devices.push(DeviceConfig {
+                driver: p.driver,
+                id: p.id,
+                bus: p.bus,
+                pci: p.pci,
+                device,
+            });
+        }
+        for nd in refs.unused_netdevs() {
+            let id = nd.id();
+            log::warn!("netdev {id} has no peer (no -device virtio-net-*,netdev={id})");
+        }
+        c.taken_chardevs = refs.taken_chardevs();
+        Ok(())
+    }
 }
 
 impl Builder {
@@ -457,105 +480,75 @@ impl Builder {
         Ok(())
     }
 
+    /// A `-device`, once its id and its kind's limit allow it.
+    fn add_device(&mut self, device: device::Pending, label: &str) -> Result<(), CliError> {
+        let invalid = |reason: String| CliError::Invalid { option: label.to_owned(), reason };
+        if let Some(id) = &device.id {
+            if self.device_ids.contains(id) {
+                return Err(invalid(format!("duplicate id '{id}'")));
+            }
+            self.device_ids.push(id.clone());
+        }
+        let kind = device.kind;
+        let same = self.devices.iter().filter(|d| d.kind.name() == kind.name()).count();
+        if kind.max().is_some_and(|max| same >= max) {
+            return Err(invalid(format!("only one {} is supported", kind.name())));
+        }
+        self.devices.push(device);
+        Ok(())
+    }
+
     /// `-virtfs`'s device: a virtio-9p-pci with `pcie=on`, else a
     /// virtio-9p-device, as `-net nic` places its NIC.
-    fn place_virtfs(&mut self) {
-        use crate::config::{P9Config, VirtioKind};
+    fn place_virtfs(&mut self) -> Result<(), CliError> {
         for (fsdev, mount_tag) in std::mem::take(&mut self.virtfs) {
-            self.place_on_the_machines_bus(VirtioKind::P9(P9Config { fsdev, mount_tag }));
+            let props = vec![("fsdev".into(), fsdev), ("mount_tag".into(), mount_tag)];
+            self.place_on_the_machines_bus("-virtfs", "virtio-9p", props)?;
         }
+        Ok(())
     }
 
     /// `-net nic`: a virtio-net-pci on the root complex with `pcie=on`,
     /// else a virtio-net-device (microvm's default NIC), after the
     /// `-device`s, as QEMU creates them.
-    fn place_nics(&mut self) {
-        use crate::config::{NetConfig, VirtioKind};
+    fn place_nics(&mut self) -> Result<(), CliError> {
         for nic in std::mem::take(&mut self.nics) {
-            let kind = VirtioKind::Net(NetConfig { netdev: nic.netdev, mac: nic.mac, mq: false });
-            self.place_on_the_machines_bus(kind);
+            let mut props = vec![("netdev".into(), nic.netdev)];
+            if let Some(m) = nic.mac {
+                let mac = m.map(|b| format!("{b:02x}")).join(":");
+                props.push(("mac".into(), mac));
+            }
+            self.place_on_the_machines_bus("-net nic", "virtio-net", props)?;
         }
+        Ok(())
     }
 
-    /// A device the command line implies: on PCIe with `pcie=on`, else on
-    /// virtio-mmio.
-    fn place_on_the_machines_bus(&mut self, kind: crate::config::VirtioKind) {
-        use crate::config::{OnOffAuto, VirtioConfig, VirtioTransport};
-        let transport = match self.config.machine.pcie {
-            OnOffAuto::On => VirtioTransport::Pci(Default::default()),
-            OnOffAuto::Off | OnOffAuto::Auto => VirtioTransport::Mmio,
+    /// A device the command line implies: `FAMILY-pci` with `pcie=on`,
+    /// else `FAMILY-device` on virtio-mmio; parsed as its `-device` would be.
+    fn place_on_the_machines_bus(
+        &mut self,
+        label: &str,
+        family: &str,
+        props: Vec<(String, String)>,
+    ) -> Result<(), CliError> {
+        use crate::config::OnOffAuto;
+        let suffix = match self.config.machine.pcie {
+            OnOffAuto::On => "pci",
+            OnOffAuto::Off | OnOffAuto::Auto => "device",
         };
-        self.config.devices.push(DeviceConfig::Virtio(VirtioConfig { id: None, transport, kind }));
+        let device = device::implied_device(label, &format!("{family}-{suffix}"), props)?;
+        self.add_device(device, label)
     }
 }
 
-/// Every virtio-9p device names an `-fsdev` no other device uses (each
-/// device has its own server: fids are per connection).
-fn check_fsdev_users(config: &VmConfig) -> Result<(), CliError> {
-    let mut used: Vec<&str> = Vec::new();
-    for d in &config.devices {
-        let DeviceConfig::Virtio(v) = d else { continue };
-        let crate::config::VirtioKind::P9(p) = &v.kind else { continue };
-        let option = format!("-device {}", v.driver());
-        if !config.fsdevs.iter().any(|f| f.id == p.fsdev) {
-            return Err(CliError::Invalid {
-                option,
-                reason: format!("fsdev with id {} needs to be defined", p.fsdev),
-            });
-        }
-        if used.contains(&p.fsdev.as_str()) {
-            return Err(CliError::Invalid {
-                option,
-                reason: format!("fsdev '{}' is already used by another 9p device", p.fsdev),
-            });
-        }
-        used.push(&p.fsdev);
-    }
-    Ok(())
-}
-
-/// Every NIC names a `-netdev` no other NIC uses, inherited descriptors
-/// are not shared between netdevs, and NICs without `mac=` get QEMU's
-/// defaults (52:54:00:12:34:56, then ...:57, ...). A netdev without a NIC
-/// gets QEMU's warning.
-fn check_netdev_users(config: &mut VmConfig) -> Result<(), CliError> {
-    let mut used: Vec<String> = Vec::new();
-    let mut index = 0u8;
-    for d in &mut config.devices {
-        let DeviceConfig::Virtio(v) = d else { continue };
-        let driver = v.driver();
-        let crate::config::VirtioKind::Net(n) = &mut v.kind else { continue };
-        let option = format!("-device {driver}");
-        if !config.netdevs.iter().any(|nd| nd.id() == n.netdev) {
-            return Err(CliError::Invalid {
-                option,
-                reason: format!("Property 'netdev' can't find value '{}'", n.netdev),
-            });
-        }
-        if used.contains(&n.netdev) {
-            return Err(CliError::Invalid {
-                option,
-                reason: format!("Property 'netdev' can't take value '{}', it's in use", n.netdev),
-            });
-        }
-        used.push(n.netdev.clone());
-        n.mac.get_or_insert([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index)]);
-        index = index.wrapping_add(1);
-    }
+/// Inherited descriptors are not shared between netdevs.
+fn check_netdev_fds(config: &VmConfig) -> Result<(), CliError> {
     let mut fds: Vec<i32> = Vec::new();
     for nd in &config.netdevs {
-        let id = nd.id();
-        if !used.iter().any(|u| u == id) {
-            log::warn!("netdev {id} has no peer (no -device virtio-net-*,netdev={id})");
-        }
-        if let crate::config::NetdevConfig::Tap {
-            source: crate::config::TapSource::Fds(list),
-            ..
-        } = nd
-        {
+        if let NetdevConfig::Tap { source: crate::config::TapSource::Fds(list), .. } = nd {
             if let Some(fd) = list.iter().find(|f| fds.contains(f)) {
                 return Err(CliError::Invalid {
-                    option: format!("-netdev tap,id={id}"),
+                    option: format!("-netdev tap,id={}", nd.id()),
                     reason: format!("fd {fd} is already used by another -netdev"),
                 });
             }
@@ -602,49 +595,13 @@ fn check_chardev_users(config: &VmConfig) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Every vhost-user device's `chardev=` names a client `-chardev socket`
-/// that nothing else uses.
-fn check_vhost_user_chardevs(config: &VmConfig) -> Result<(), CliError> {
-    let mut used: Vec<&str> = config
-        .serials
-        .iter()
-        .filter_map(|s| match s {
-            SerialConfig::Chardev(id) => Some(id.as_str()),
-            _ => None,
-        })
-        .collect();
-    for d in &config.devices {
-        let DeviceConfig::Virtio(v) = d else { continue };
-        let Some(id) = v.kind.vhost_user_chardev() else { continue };
-        let err = |reason: String| CliError::Invalid {
-            option: format!("-device {}", v.driver()),
-            reason,
-        };
-        let Some(c) = config.chardevs.iter().find(|c| c.id == id) else {
-            return Err(err(format!("Property 'chardev' can't find value '{id}'")));
-        };
-        if !matches!(c.backend, ChardevBackend::Socket { server: false, .. }) {
-            return Err(err(format!(
-                "chardev '{id}' must be a client socket to the backend \
-                 (-chardev socket,id={id},path=PATH)"
-            )));
-        }
-        if used.contains(&id) {
-            return Err(err(format!("Property 'chardev' can't take value '{id}', it's in use")));
-        }
-        used.push(id);
-    }
-    Ok(())
-}
-
 /// A vhost-user backend maps guest RAM, so RAM must be a shared memfd:
 /// skiff makes it one when no memory backend was given (QEMU and Cloud
 /// Hypervisor fail instead), and refuses a given backend that is not.
 fn share_ram_with_vhost_user(config: &mut VmConfig, backend: Option<&str>) -> Result<(), CliError> {
-    let Some(driver) = config.devices.iter().find_map(|d| match d {
-        DeviceConfig::Virtio(v) if v.kind.vhost_user_chardev().is_some() => Some(v.driver()),
-        _ => None,
-    }) else {
+    let Some(driver) =
+        config.devices.iter().find(|d| d.device.facts().maps_guest_ram).map(|d| d.driver)
+    else {
         return Ok(());
     };
     match (backend, &config.ram.backing) {
@@ -663,29 +620,9 @@ fn share_ram_with_vhost_user(config: &mut VmConfig, backend: Option<&str>) -> Re
     }
 }
 
-/// Every `drive=` names a `-drive`, and no drive backs two devices (QEMU:
-/// "Drive 'ID' is already in use"). A `-drive` without `format=` gets
-/// QEMU's warning that it was probed (skiff only knows raw).
-fn check_drive_users(config: &VmConfig) -> Result<(), CliError> {
-    let mut used: Vec<&str> = Vec::new();
-    for d in &config.devices {
-        let DeviceConfig::Virtio(v) = d else { continue };
-        let crate::config::VirtioKind::Block(b) = &v.kind else { continue };
-        let option = format!("-device {}", v.driver());
-        if !config.drives.iter().any(|dr| dr.id == b.drive) {
-            return Err(CliError::Invalid {
-                option,
-                reason: format!("Property 'drive' can't find value '{}'", b.drive),
-            });
-        }
-        if used.contains(&b.drive.as_str()) {
-            return Err(CliError::Invalid {
-                option,
-                reason: format!("Drive '{}' is already in use by another device", b.drive),
-            });
-        }
-        used.push(&b.drive);
-    }
+/// A `-drive` without `format=` gets QEMU's warning that it was probed
+/// (skiff only knows raw).
+fn warn_probed_drives(config: &VmConfig) {
     for dr in config.drives.iter().filter(|d| !d.format_given) {
         log::warn!(
             "Image format was not specified for '{}' and probing guessed raw. Specify the \
@@ -693,7 +630,6 @@ fn check_drive_users(config: &VmConfig) -> Result<(), CliError> {
             dr.file.display()
         );
     }
-    Ok(())
 }
 
 /// `-name [guest=]NAME[,debug-threads=on|off][,process=NAME]`.
@@ -774,4 +710,45 @@ fn parse_run_with(label: &str, arg: &str, run_with: &mut RunWith) -> Result<(), 
         return Err(opts.error("async-teardown is not supported"));
     }
     opts.finish()
+}
+
+/// Parsing helpers for the tests of the kinds and the VMM.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::{parse, Action, VmConfig};
+    use crate::config::DeviceConfig;
+    use crate::kinds::Device;
+
+    /// A whole command line's configuration, or its error's message.
+    pub fn config(line: &[&str]) -> Result<VmConfig, String> {
+        match parse(line.iter().map(|s| s.to_string())) {
+            Ok(Action::Run(config)) => Ok(*config),
+            Ok(other) => Err(format!("not a VM: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// `-device ARG` alone (on a machine with PCIe), as its kind's type,
+    /// with its `id=`.
+    pub fn device<T: Device>(arg: &str) -> Result<(T, Option<String>), String> {
+        let mut cfg = config(&["-M", "microvm,pcie=on", "-device", arg])?;
+        let d = cfg.devices.remove(0);
+        let id = d.id.clone();
+        match d.device.into_any().downcast::<T>() {
+            Ok(t) => Ok((*t, id)),
+            Err(_) => Err(format!("-device {arg} is another kind")),
+        }
+    }
+
+    /// A configured device, as a test expects it.
+    pub fn expected(driver: &'static str, id: Option<&str>, device: impl Device) -> DeviceConfig {
+        let (_, d) = crate::kinds::driver(driver).expect("a registered driver");
+        DeviceConfig {
+            driver,
+            id: id.map(str::to_owned),
+            bus: d.bus,
+            pci: Default::default(),
+            device: Box::new(device),
+        }
+    }
 }

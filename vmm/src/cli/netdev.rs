@@ -278,7 +278,7 @@ pub(super) struct NicConfig {
 
 /// `52:54:00:12:34:56` (or with `-`, as QEMU also takes); a multicast
 /// address is refused, as QEMU does.
-pub(super) fn parse_mac(opts: &QemuOpts, key: &str, value: String) -> Result<[u8; 6], CliError> {
+pub(crate) fn parse_mac(opts: &QemuOpts, key: &str, value: String) -> Result<[u8; 6], CliError> {
     let bytes: Vec<Option<u8>> = value
         .split([':', '-'])
         .map(|b| (b.len() == 2).then(|| u8::from_str_radix(b, 16).ok()).flatten())

@@ -15,7 +15,7 @@ use crate::config::OnOffAuto;
 /// Option parsers `take` the keys they know; `finish` then rejects whatever is
 /// left, so that an unknown key is never silently ignored.
 #[derive(Debug)]
-pub(super) struct QemuOpts {
+pub(crate) struct QemuOpts {
     /// Names the option in errors, e.g. `-M` and later `-M microvm`.
     label: String,
     /// Key/value pairs in command-line order (a key may repeat: last wins).
@@ -27,6 +27,11 @@ impl QemuOpts {
     /// (`type` for `-M`, `driver` for `-device`, ...).
     pub fn parse(label: impl Into<String>, arg: &str, implied: Option<&str>) -> Self {
         QemuOpts { label: label.into(), params: split(arg, implied) }
+    }
+
+    /// Key/value pairs the command line implies (a `-net nic`'s device).
+    pub fn from_pairs(label: impl Into<String>, params: Vec<(String, String)>) -> Self {
+        QemuOpts { label: label.into(), params }
     }
 
     /// Renames the option in later errors, once its type is known.

@@ -1,11 +1,14 @@
 //! Tests of `parse` over whole command lines. The tokenizer and each option's
 //! value parsing are tested beside their code.
 
+use super::tests_support::expected;
 use super::*;
 use crate::config::{
     ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, RamBacking, RamConfig, RunAs, RunWith,
-    SandboxConfig, SmbiosType1, SmpConfig, VirtioConfig, VirtioKind, VirtioTransport,
+    SandboxConfig, SmbiosType1, SmpConfig,
 };
+use crate::kinds::{block::Blk, debug_exit::ExitPort, i8042::Ps2, net::Nic, p9::NineP};
+use crate::kinds::{rng::Entropy, Bus};
 
 fn args(line: &[&str]) -> Vec<String> {
     line.iter().map(|s| s.to_string()).collect()
@@ -90,7 +93,8 @@ fn microvm_nix_command_line() {
             backend: ChardevBackend::Stdio { signal: false },
         }],
         serials: vec![SerialConfig::Chardev("stdio".into())],
-        devices: vec![DeviceConfig::I8042],
+        devices: vec![expected("i8042", None, Ps2)],
+        taken_chardevs: vec!["stdio".into()],
         drives: Vec::new(),
         netdevs: Vec::new(),
         fsdevs: Vec::new(),
@@ -496,7 +500,10 @@ fn devices() {
         run(&["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-device", "i8042,id=kbd"]);
     assert_eq!(
         config.devices,
-        vec![DeviceConfig::IsaDebugExit { iobase: 0xf4, iosize: 4 }, DeviceConfig::I8042]
+        vec![
+            expected("isa-debug-exit", None, ExitPort { iobase: 0xf4, iosize: 4 }),
+            expected("i8042", Some("kbd"), Ps2)
+        ]
     );
     fails(&["-device", "e1000"], "-device: unknown device 'e1000'");
     fails(&["-device", "isa-debug-exit,foo=1"], "-device isa-debug-exit: unknown property 'foo'");
@@ -702,10 +709,11 @@ fn virtio_rng_device_properties() {
     let c = run(&["-device", "virtio-rng-device,id=rng0,max-bytes=1024,period=1000"]);
     assert_eq!(
         c.devices,
-        vec![DeviceConfig::Virtio(VirtioConfig {
-            id: Some("rng0".into()),
-            ..rng_device(Some(1024), Some(1000))
-        })]
+        vec![expected(
+            "virtio-rng-device",
+            Some("rng0"),
+            Entropy { max_bytes: Some(1024), period_ms: Some(1000) }
+        )]
     );
     fails(
         &["-device", "virtio-rng-device,period=0"],
@@ -721,17 +729,9 @@ fn virtio_rng_device_properties() {
         .contains("rng="));
 }
 
-fn rng_device(max_bytes: Option<u64>, period_ms: Option<u64>) -> VirtioConfig {
-    VirtioConfig {
-        id: None,
-        transport: VirtioTransport::Mmio,
-        kind: VirtioKind::Rng { max_bytes, period_ms },
-    }
-}
-
-/// `virtio-rng-device` as parsed: the rng description on virtio-mmio.
+/// `virtio-rng-device` as parsed: the rng on virtio-mmio.
 fn rng_mmio(max_bytes: Option<u64>, period_ms: Option<u64>) -> DeviceConfig {
-    DeviceConfig::Virtio(rng_device(max_bytes, period_ms))
+    expected("virtio-rng-device", None, Entropy { max_bytes, period_ms })
 }
 
 /// microvm.nix's shares need shared RAM: `-numa node,memdev=mem` and the
@@ -812,23 +812,21 @@ fn drives_and_virtio_blk() {
         "-device", "virtio-blk-pci,bootindex=1,drive=drive1,serial=root",
     ]);
     assert_eq!(c.drives.len(), 3);
-    let blk = |i: usize| match &c.devices[i] {
-        DeviceConfig::Virtio(VirtioConfig { kind: VirtioKind::Block(b), transport, .. }) => {
-            (b.clone(), matches!(transport, VirtioTransport::Pci(_)))
-        }
-        other => panic!("{other:?}"),
+    let blk = |i: usize| {
+        let d = &c.devices[i];
+        (d.device.downcast_ref::<Blk>().expect("a virtio-blk"), d.bus == Bus::VirtioPci)
     };
     let (store, pci) = blk(0);
     assert!(pci);
-    assert_eq!((store.drive.as_str(), store.num_queues, store.queue_size), ("store", None, 256));
+    let s = &store.shape;
+    assert_eq!((store.drive.id.as_str(), s.num_queues, s.queue_size), ("store", None, 256));
+    assert!(store.drive.read_only, "the device has the drive itself");
     let (vol, pci) = blk(1);
     assert!(!pci);
-    assert_eq!(
-        (vol.serial.as_deref(), vol.num_queues, vol.queue_size),
-        (Some("vol"), Some(2), 128)
-    );
-    assert_eq!((vol.logical_block_size, vol.physical_block_size), (4096, 4096));
-    assert_eq!(blk(2).0.serial.as_deref(), Some("root"));
+    let v = &vol.shape;
+    assert_eq!((v.serial.as_deref(), v.num_queues, v.queue_size), (Some("vol"), Some(2), 128));
+    assert_eq!((v.logical_block_size, v.physical_block_size), (4096, 4096));
+    assert_eq!(blk(2).0.shape.serial.as_deref(), Some("root"));
 }
 
 #[test]
@@ -888,15 +886,13 @@ fn arguments_that_are_not_utf8() {
 /// does; an fsdev serves one device.
 #[test]
 fn nine_p_shares_and_their_fsdevs() {
-    use crate::config::{FsdevConfig, P9Config, VirtioTransport};
-    let shares = |c: &VmConfig| -> Vec<(P9Config, bool)> {
+    use crate::config::FsdevConfig;
+    let shares = |c: &VmConfig| -> Vec<((String, String), bool)> {
         c.devices
             .iter()
-            .filter_map(|d| match d {
-                DeviceConfig::Virtio(VirtioConfig {
-                    kind: VirtioKind::P9(p), transport, ..
-                }) => Some((p.clone(), matches!(transport, VirtioTransport::Pci(_)))),
-                _ => None,
+            .filter_map(|d| {
+                let p = d.device.downcast_ref::<NineP>()?;
+                Some(((p.fsdev.id.clone(), p.mount_tag.clone()), d.bus == Bus::VirtioPci))
             })
             .collect()
     };
@@ -911,8 +907,8 @@ fn nine_p_shares_and_their_fsdevs() {
         "local,path=/tmp,security_model=none,mount_tag=shared",
     ]);
     let p = shares(&c);
-    assert_eq!(p[0].0, P9Config { fsdev: "fs0".into(), mount_tag: "ro-store".into() });
-    assert_eq!(p[1], (P9Config { fsdev: "shared".into(), mount_tag: "shared".into() }, true));
+    assert_eq!(p[0].0, ("fs0".into(), "ro-store".into()));
+    assert_eq!(p[1], (("shared".into(), "shared".into()), true));
     assert_eq!(
         c.fsdevs[0],
         FsdevConfig {
@@ -959,7 +955,7 @@ fn nine_p_shares_and_their_fsdevs() {
 /// order; MACs default as QEMU's; a netdev serves one NIC.
 #[test]
 fn nics_and_their_netdevs() {
-    use crate::config::{NetConfig, NetdevConfig, TapSource};
+    use crate::config::{NetdevConfig, TapSource};
     let c = run(&[
         "-device",
         "virtio-net-pci,netdev=a,mac=02:00:00:00:00:01,romfile=,mq=on,vectors=6",
@@ -970,17 +966,11 @@ fn nics_and_their_netdevs() {
         "-device",
         "virtio-net-device,netdev=b",
     ]);
-    let nets: Vec<&NetConfig> = c
-        .devices
-        .iter()
-        .filter_map(|d| match d {
-            DeviceConfig::Virtio(VirtioConfig { kind: VirtioKind::Net(n), .. }) => Some(n),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    let nets: Vec<&Nic> = c.devices.iter().filter_map(|d| d.device.downcast_ref()).collect();
+    assert_eq!(nets[0].mac, [2, 0, 0, 0, 0, 1]);
     assert!(nets[0].mq);
-    assert_eq!(nets[1].mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x57]), "the second NIC's default");
+    assert_eq!(nets[1].mac, [0x52, 0x54, 0, 0x12, 0x34, 0x57], "the second NIC's default");
+    assert_eq!(*nets[1].netdev, c.netdevs[1], "the NIC has its netdev itself");
     assert_eq!(
         c.netdevs[0],
         NetdevConfig::Tap {
@@ -1021,15 +1011,7 @@ fn nics_and_their_netdevs() {
 #[test]
 fn legacy_net_nic_follows_the_machine() {
     let nic = |c: &VmConfig| {
-        c.devices
-            .iter()
-            .find_map(|d| match d {
-                DeviceConfig::Virtio(v @ VirtioConfig { kind: VirtioKind::Net(_), .. }) => {
-                    Some(v.transport.clone())
-                }
-                _ => None,
-            })
-            .unwrap()
+        c.devices.iter().find(|d| d.device.downcast_ref::<Nic>().is_some()).unwrap().bus
     };
     let c = run(&[
         "-net",
@@ -1039,7 +1021,7 @@ fn legacy_net_nic_follows_the_machine() {
         "-M",
         "microvm,pcie=on",
     ]);
-    assert!(matches!(nic(&c), VirtioTransport::Pci(_)));
+    assert_eq!(nic(&c), Bus::VirtioPci);
     let c = run(&["-netdev", "tap,id=n,fd=3", "-net", "nic,netdev=n"]);
-    assert_eq!(nic(&c), VirtioTransport::Mmio);
+    assert_eq!(nic(&c), Bus::VirtioMmio);
 }

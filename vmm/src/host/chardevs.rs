@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use crate::config::{ChardevBackend, DeviceConfig, SerialConfig, VmConfig};
+use crate::config::{ChardevBackend, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,18 +65,10 @@ pub struct Chardevs {
     _held: Vec<Held>,
 }
 
-/// The chardevs something else opens: the serial port's, and vhost-user
-/// devices' (`backends`).
+/// The chardevs something else opens: the serial port's, and those of
+/// devices (`kinds`), which the command line resolved.
 fn taken(cfg: &VmConfig) -> Vec<&str> {
-    let serials = cfg.serials.iter().filter_map(|s| match s {
-        SerialConfig::Chardev(id) => Some(id.as_str()),
-        _ => None,
-    });
-    let vhost_user = cfg.devices.iter().filter_map(|d| match d {
-        DeviceConfig::Virtio(v) => v.kind.vhost_user_chardev(),
-        _ => None,
-    });
-    serials.chain(vhost_user).collect()
+    cfg.taken_chardevs.iter().map(String::as_str).collect()
 }
 
 /// Opens every chardev nothing else takes; `wait=on` servers block here
@@ -187,9 +179,9 @@ mod tests {
     #[test]
     fn the_serial_ports_chardev_is_left_to_the_console() {
         let bad = dir().join("missing/serial");
-        let mut c = cfg(vec![("s", ChardevBackend::File { path: bad, append: false })]);
-        c.serials = vec![SerialConfig::Chardev("s".into())];
-        assert!(open_unused(&c).is_ok());
+        let file = format!("file,id=s,path={}", bad.display());
+        let c = crate::cli::tests_support::config(&["-chardev", &file, "-serial", "chardev:s"]);
+        assert!(open_unused(&c.unwrap()).is_ok());
     }
 
     #[test]

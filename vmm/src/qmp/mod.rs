@@ -1,8 +1,7 @@
 //! QMP, the QEMU Machine Protocol: the control socket microvm.nix (and
 //! other QEMU tooling) uses to power a VM down, reset it, or send keys.
 
-mod keys;
 mod protocol;
 mod server;
 
-pub use server::{QmpHandler, QmpServer, VmHandles};
+pub use server::{QmpHandler, QmpServer};

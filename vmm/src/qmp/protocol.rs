@@ -6,7 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use super::keys;
+use crate::ctl::keys;
+pub use crate::ctl::KeyEvent;
 
 /// What a command asks of the machine; the session has already answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,14 +16,12 @@ pub enum Request {
     Powerdown,
     Reset,
     Quit,
-    /// Key events, in order.
-    Keys(Vec<KeyEvent>),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyEvent {
-    pub qcode: String,
-    pub down: bool,
+    /// Key events, in order, to the keyboard with `device`'s id or the
+    /// first keyboard.
+    Keys {
+        device: Option<String>,
+        events: Vec<KeyEvent>,
+    },
 }
 
 const COMMANDS: &[&str] = &[
@@ -194,8 +193,10 @@ impl Session {
         }
         if command == "input-send-event" {
             return match key_events(&args) {
-                Ok(keys) => {
-                    Reply { response: json!({ "return": {} }), request: Some(Request::Keys(keys)) }
+                Ok(events) => {
+                    let device = args.get("device").and_then(Value::as_str).map(str::to_owned);
+                    let request = Request::Keys { device, events };
+                    Reply { response: json!({ "return": {} }), request: Some(request) }
                 }
                 Err(e) => Reply::only(e),
             };
@@ -426,11 +427,14 @@ mod tests {
         );
         assert_eq!(
             r.request,
-            Some(Request::Keys(vec![
-                KeyEvent { qcode: "ctrl".into(), down: true },
-                KeyEvent { qcode: "alt".into(), down: true },
-                KeyEvent { qcode: "delete".into(), down: true },
-            ]))
+            Some(Request::Keys {
+                device: None,
+                events: vec![
+                    KeyEvent { qcode: "ctrl".into(), down: true },
+                    KeyEvent { qcode: "alt".into(), down: true },
+                    KeyEvent { qcode: "delete".into(), down: true },
+                ]
+            })
         );
         let bad = send(
             &mut s,

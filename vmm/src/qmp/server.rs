@@ -18,14 +18,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::legacy::{EventFdTrigger, Ged, GED_EVT_POWER_BUTTON, I8042};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde_json::Value;
 
-use super::keys;
 use super::protocol::{self, Request, Session};
 use crate::config::{QmpAddress, QmpConfig};
-use crate::vm::control::Control;
+use crate::ctl::{Command, Controls, CtlError};
 
 enum Listener {
     Unix(UnixListener, PathBuf),
@@ -239,52 +237,40 @@ impl Drop for QmpServer {
     }
 }
 
-/// The run's devices that QMP commands act on.
-pub struct VmHandles {
-    pub control: Arc<Control>,
-    pub ged: Option<Arc<Mutex<Ged<EventFdTrigger>>>>,
-    pub i8042: Option<Arc<Mutex<I8042<EventFdTrigger>>>>,
-}
-
 pub struct QmpHandler {
     server: Arc<Mutex<QmpServer>>,
-    vm: VmHandles,
+    vm: Controls,
 }
 
 impl QmpHandler {
-    pub fn new(server: Arc<Mutex<QmpServer>>, vm: VmHandles) -> Self {
+    pub fn new(server: Arc<Mutex<QmpServer>>, vm: Controls) -> Self {
         QmpHandler { server, vm }
     }
 
     fn carry_out(&self, server: &mut QmpServer, request: Request) {
-        match request {
+        let sent = match request {
             Request::Powerdown => {
                 server.emit("POWERDOWN", None);
-                match &self.vm.ged {
-                    Some(ged) => {
-                        let res = lock(ged).notify(GED_EVT_POWER_BUTTON);
-                        if let Err(e) = res {
-                            log::warn!("qmp: cannot raise the GED interrupt: {e}");
-                        }
-                    }
-                    // As QEMU without ACPI: the request is accepted, nothing hears it.
-                    None => log::warn!("qmp: system_powerdown without ACPI has no effect"),
-                }
+                self.vm.faces.send(&Command::PowerButton)
             }
-            Request::Reset => self.vm.control.host_reset(),
-            Request::Quit => self.vm.control.quit(),
-            Request::Keys(events) => match &self.vm.i8042 {
-                Some(kbd) => {
-                    let mut kbd = lock(kbd);
-                    for ev in events {
-                        let translated = kbd.translating();
-                        if let Some(bytes) = keys::scancode(&ev.qcode, ev.down, translated) {
-                            kbd.push_keyboard_bytes(&bytes);
-                        }
-                    }
-                }
-                None => log::warn!("qmp: input-send-event without -device i8042 has no effect"),
-            },
+            Request::Reset => {
+                self.vm.machine.reset();
+                Ok(())
+            }
+            Request::Quit => {
+                self.vm.machine.quit();
+                Ok(())
+            }
+            Request::Keys { device: None, events } => self.vm.faces.send(&Command::Keys(events)),
+            Request::Keys { device: Some(id), events } => {
+                self.vm.faces.send_to(&id, &Command::Keys(events))
+            }
+        };
+        match sent {
+            Ok(()) => {}
+            // As QEMU: the request is accepted; nothing hears it.
+            Err(e @ CtlError::NoDevice(_)) => log::warn!("qmp: no effect: {e}"),
+            Err(e) => log::warn!("qmp: {e}"),
         }
     }
 
@@ -322,7 +308,7 @@ impl QmpHandler {
         loop {
             let client = server.client.as_mut().expect("checked above");
             let Some(input) = super::protocol::take_input(&mut client.inbuf) else { break };
-            let running = self.vm.control.outcome().is_none();
+            let running = self.vm.machine.running();
             let reply = client.session.handle(input, running);
             // An answered command runs even if the client is already gone.
             requests.extend(reply.request);

@@ -62,6 +62,18 @@ impl Control {
     }
 }
 
+impl crate::ctl::MachineControl for Control {
+    fn quit(&self) {
+        Control::quit(self);
+    }
+    fn reset(&self) {
+        self.host_reset();
+    }
+    fn running(&self) -> bool {
+        self.outcome().is_none()
+    }
+}
+
 impl VmControl for Control {
     fn request(&self, event: VmEvent) {
         self.set(Outcome::Guest(event));

@@ -9,8 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::board::Board;
 use super::control::{Control, Outcome};
-use super::{io_err, Error, Result, RunEnd};
-use crate::qmp::{QmpHandler, QmpServer, VmHandles};
+use super::{io_err, Error, Monitors, Result, RunEnd};
+use crate::ctl::Controls;
 
 /// Wakes the loop when the machine must stop: a device/vCPU outcome or a
 /// termination signal. It only drains the eventfds; the loop reads why.
@@ -43,7 +43,7 @@ pub(super) fn run(
     control: &Arc<Control>,
     signal_evt: &EventFd,
     board: Board,
-    qmp: &[Arc<Mutex<QmpServer>>],
+    monitors: &Monitors<'_>,
 ) -> Result<RunEnd> {
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(Error::EventManager)?;
@@ -52,13 +52,9 @@ pub(super) fn run(
         signal: signal_evt.try_clone().map_err(io_err("eventfd"))?,
     };
     em.add_subscriber(Arc::new(Mutex::new(watcher)));
-    for server in qmp {
-        let vm = VmHandles {
-            control: control.clone(),
-            ged: board.ged.clone(),
-            i8042: board.i8042.clone(),
-        };
-        em.add_subscriber(Arc::new(Mutex::new(QmpHandler::new(server.clone(), vm))));
+    let controls = Controls { machine: control.clone(), faces: board.faces };
+    for monitor in monitors(&controls) {
+        em.add_subscriber(monitor);
     }
     for sub in board.subscribers {
         em.add_subscriber(sub);
@@ -97,6 +93,14 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::qmp::{QmpHandler, QmpServer};
+
+    /// The run's monitors: QMP on `server`.
+    fn monitor(
+        server: &Arc<Mutex<QmpServer>>,
+    ) -> impl Fn(&Controls) -> Vec<crate::vm::Subscriber> + '_ {
+        move |c| vec![Arc::new(Mutex::new(QmpHandler::new(server.clone(), c.clone())))]
+    }
     use crate::config::{QmpAddress, QmpConfig};
 
     type Mem = vm_memory::GuestMemoryMmap<()>;
@@ -225,7 +229,7 @@ mod tests {
                 control.quit();
                 replies
             });
-            let end = run(&control, &signal, Board::default(), std::slice::from_ref(&server));
+            let end = run(&control, &signal, Board::default(), &monitor(&server));
             let replies = client.join().unwrap();
             assert_eq!(end.unwrap(), RunEnd::Quit);
             assert!(replies[0].contains("QMP"), "{replies:?}");
@@ -323,7 +327,7 @@ mod tests {
                 control.quit();
                 replies
             });
-            let end = run(&control, &signal, Board::default(), std::slice::from_ref(&server));
+            let end = run(&control, &signal, Board::default(), &monitor(&server));
             assert_eq!(end.unwrap(), RunEnd::Quit);
             client.join().unwrap()
         });
@@ -368,7 +372,10 @@ mod tests {
                 control.quit();
                 (replies, running)
             });
-            let end = run(&control, &signal, Board::default(), &servers);
+            let both = |c: &Controls| -> Vec<crate::vm::Subscriber> {
+                servers.iter().flat_map(|s| monitor(s)(c)).collect()
+            };
+            let end = run(&control, &signal, Board::default(), &both);
             assert_eq!(end.unwrap(), RunEnd::Quit);
             client.join().unwrap()
         });

@@ -18,7 +18,6 @@ use crate::backends::Backends;
 use crate::config::VmConfig;
 use crate::host::console::SerialBackend;
 use crate::plan::MachinePlan;
-use crate::qmp::QmpServer;
 use control::Control;
 use vcpu::{VcpuContext, VcpuHandle};
 
@@ -98,7 +97,7 @@ pub enum Error {
     VirtioMmio(#[source] devices::virtio::MmioError),
 }
 
-type Result<T> = std::result::Result<T, Error>;
+pub type Result<T> = std::result::Result<T, Error>;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::KvmIoctl { what, source }
@@ -151,8 +150,16 @@ pub struct Machine<'a> {
     pub host: &'a Host,
     pub console: Option<&'a SerialBackend>,
     pub signal_evt: &'a EventFd,
-    pub qmp: &'a [Arc<Mutex<QmpServer>>],
+    /// The monitors (QMP) that serve each run, given its controls.
+    pub monitors: &'a Monitors<'a>,
 }
+
+/// An event-loop subscriber of a run (monitors, relays, resamplers,
+/// timers).
+pub type Subscriber = Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>;
+
+/// Makes a run's monitor subscribers from its controls.
+pub type Monitors<'a> = dyn Fn(&crate::ctl::Controls) -> Vec<Subscriber> + 'a;
 
 /// Opens the files a run needs, so a bad path fails before any VM exists.
 pub struct BootFiles {
@@ -244,7 +251,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
 
     crate::diag::trace::milestone(crate::diag::trace::Milestone::VmReady);
     let mut console = board.console.take();
-    let end = event_loop::run(&control, m.signal_evt, board, m.qmp);
+    let end = event_loop::run(&control, m.signal_evt, board, m.monitors);
 
     stop.store(true, Ordering::Release);
     for h in handles {

@@ -77,20 +77,15 @@ impl ThreadKind {
 /// themselves with it in mind.
 static ACTIVE: OnceLock<Active> = OnceLock::new();
 
-/// What the process's devices need beyond the base lists.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Needs {
-    /// `-netdev user`: user networking's thread (started before the
-    /// filters, and confining itself then) opens internet sockets for the
-    /// guest.
-    pub inet: bool,
-    /// A 9p share: its worker opens, reads and changes files relative to
-    /// the share's descriptors, opened during setup. Opening relative to a
-    /// descriptor is then let through (an absolute path still resolves
-    /// from `/`: seccomp cannot read the path, so this is QEMU's openness
-    /// for those calls, not a jail).
-    pub shares: bool,
-}
+/// What the process's devices need beyond the base lists: each device's
+/// kind says (`kinds::Sandbox`). `inet`: user networking's thread (started
+/// before the filters, and confining itself then) opens internet sockets
+/// for the guest. `share_files`: a 9p share's worker opens, reads and
+/// changes files relative to the share's descriptors, opened during setup;
+/// opening relative to a descriptor is then let through (an absolute path
+/// still resolves from `/`: seccomp cannot read the path, so this is
+/// QEMU's openness for those calls, not a jail).
+pub use crate::kinds::Sandbox as Needs;
 
 struct Active {
     policy: SandboxConfig,
@@ -157,7 +152,7 @@ fn trip_if_asked(kind: ThreadKind) {
 ///   filter's reach.
 fn answers(policy: &SandboxConfig, needs: Needs) -> Result<Vec<BpfProgram>, Error> {
     let build = |e| Error::Build("answers", e);
-    let openat = if needs.shares {
+    let openat = if needs.share_files {
         let cwd = libc::AT_FDCWD as u32 as u64;
         vec![SeccompRule::new(vec![cond(0, Op::Eq, cwd).map_err(build)?]).map_err(build)?]
     } else {
@@ -428,7 +423,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
     let backends = matches!(kind, ThreadKind::Main | ThreadKind::Vcpu | ThreadKind::Worker);
     // The process filter (main's) carries every thread's calls.
     let inet = needs.inet && matches!(kind, ThreadKind::Main | ThreadKind::Network);
-    let shares = needs.shares && backends;
+    let shares = needs.share_files && backends;
     for (on, set) in [
         (events, EVENTS),
         (disk, DISK_IO),
@@ -636,7 +631,12 @@ mod tests {
             ThreadKind::Io,
             ThreadKind::Network,
         ] {
-            filter(kind, &SandboxConfig::default(), Needs { inet: true, shares: true }).unwrap();
+            filter(
+                kind,
+                &SandboxConfig::default(),
+                Needs { inet: true, share_files: true, ..Needs::default() },
+            )
+            .unwrap();
             filter(kind, &all, Needs::default()).unwrap();
         }
     }
@@ -695,7 +695,7 @@ mod tests {
         let dir = unsafe { libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
         assert!(dir >= 0);
         DIR.store(dir, std::sync::atomic::Ordering::SeqCst);
-        let needs = Needs { inet: false, shares: true };
+        let needs = Needs { share_files: true, ..Needs::default() };
         let progs = answers(&SandboxConfig::default(), needs).unwrap();
         let worker = filter(ThreadKind::Worker, &SandboxConfig::default(), needs).unwrap();
         let status = in_confined_child(&[&progs[0], &progs[1], &worker], || {

@@ -1,26 +1,21 @@
-//! The ISA and ACPI platform devices: COM1, the i8042, isa-debug-exit, the
-//! CMOS RTC and the ACPI GED, at their fixed ports and addresses
+//! The machine's own platform devices: COM1, the CMOS RTC and the ACPI GED
+//! (with the power button QMP presses), at their fixed ports and addresses
 //! (`boot::layout`), each interrupt an irqfd on its ISA IRQ.
 
 use std::sync::{Arc, Mutex};
 
 use boot::layout::*;
-use devices::legacy::{DebugExit, EventFdTrigger, Ged, Rtc, RtcTimer, Serial, SerialInput, I8042};
-use devices::BusDevice;
+use devices::legacy::GED_EVT_POWER_BUTTON;
+use devices::legacy::{EventFdTrigger, Ged, Rtc, RtcTimer, Serial, SerialInput};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Board, BoardContext};
-use crate::config::DeviceConfig;
-use crate::vm::{io_err, kvm_err, Result};
+use super::{irq_line, Board, BoardContext};
+use crate::ctl::{Class, Command, CtlError, DeviceControl};
+use crate::vm::{io_err, Result};
 
 pub(super) fn add(ctx: &BoardContext<'_>, board: &mut Board) -> Result<()> {
     let (pio, mmio) = (ctx.pio, ctx.mmio);
-    let irq = |gsi: u32| -> Result<EventFdTrigger> {
-        let evt =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
-        ctx.vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
-        Ok(EventFdTrigger::new(evt))
-    };
+    let irq = |gsi: u32| irq_line(ctx.vm, gsi);
 
     if let Some(backend) =
         ctx.console.map(crate::host::console::SerialBackend::try_clone).transpose()?
@@ -46,23 +41,6 @@ pub(super) fn add(ctx: &BoardContext<'_>, board: &mut Board) -> Result<()> {
         }
     }
 
-    for d in &ctx.cfg.devices {
-        match d {
-            DeviceConfig::I8042 => {
-                let dev = Arc::new(Mutex::new(I8042::new(irq(I8042_IRQ)?, ctx.control.clone())));
-                let bus_dev: Arc<Mutex<dyn BusDevice>> = dev.clone();
-                pio.insert(bus_dev.clone(), u64::from(I8042_PORT), 1)?;
-                pio.insert_at_offset(bus_dev, u64::from(I8042_PORT) + 4, 1, 4)?;
-                board.i8042 = Some(dev);
-            }
-            DeviceConfig::IsaDebugExit { iobase, iosize } => {
-                let dev = Arc::new(Mutex::new(DebugExit::new(ctx.control.clone())));
-                pio.insert(dev, u64::from(*iobase), u64::from(*iosize))?;
-            }
-            DeviceConfig::RootPort(_) | DeviceConfig::Virtio(_) => {}
-        }
-    }
-
     if ctx.plan.platform.rtc {
         let rearm =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
@@ -76,7 +54,22 @@ pub(super) fn add(ctx: &BoardContext<'_>, board: &mut Board) -> Result<()> {
     if ctx.plan.platform.acpi {
         let dev = Arc::new(Mutex::new(Ged::new(irq(GED_IRQ)?, ctx.control.clone())));
         mmio.insert(dev.clone(), GED_MMIO_BASE, GED_MMIO_SIZE)?;
-        board.ged = Some(dev);
+        board.faces.offer(None, Arc::new(PowerButton(dev)));
     }
     Ok(())
+}
+
+/// The ACPI power button, on the GED's interrupt.
+struct PowerButton(Arc<Mutex<Ged<EventFdTrigger>>>);
+
+impl DeviceControl for PowerButton {
+    fn classes(&self) -> &'static [Class] {
+        &[Class::PowerButton]
+    }
+
+    fn command(&self, _: &Command) -> std::result::Result<(), CtlError> {
+        let mut ged = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        ged.notify(GED_EVT_POWER_BUTTON)
+            .map_err(|e| CtlError::Failed(format!("cannot raise the GED interrupt: {e}")))
+    }
 }

@@ -2,8 +2,9 @@
 //! MMIO buses, wired to KVM (irqfd, ioeventfd), their host side taken from
 //! the process's backends. `legacy` has the ISA and ACPI platform devices,
 //! `virtio` turns one virtio description into a device on either
-//! transport, `pcie` builds the root complex. The event loop and QMP reach
-//! the few devices they need through `Board`.
+//! transport, `pcie` builds the root complex. Each `-device` is built by
+//! its kind (`kinds`) from its host side; the board places what that made
+//! where the plan says. Devices that QMP drives offer a control face.
 
 mod legacy;
 pub(super) mod pcie;
@@ -13,21 +14,21 @@ use std::sync::{Arc, Mutex};
 
 use boot::layout::COM1_PORT;
 use boot::GuestMemoryMmap;
-use devices::legacy::{EventFdTrigger, Ged, I8042};
+use devices::legacy::EventFdTrigger;
 use devices::Bus;
-use event_manager::MutEventSubscriber;
 use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::control::Control;
 use super::irq::GsiRouter;
-use super::{Error, Result};
+use super::{io_err, kvm_err, Error, Result};
 use crate::backends::Backends;
 use crate::config::{DeviceConfig, VmConfig};
 use crate::host::console::SerialBackend;
+use crate::kinds::{Built, RunContext};
 use crate::plan::{Location, MachinePlan};
 
-/// An event-loop subscriber of the run (relays, resamplers, timers).
-pub(super) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+use super::Subscriber;
 
 /// What one run is built from.
 pub(super) struct BoardContext<'a> {
@@ -49,8 +50,8 @@ pub(super) struct Board {
     pub serial: bool,
     /// Writes the UART's output; finished when the run ends.
     pub console: Option<crate::host::console_writer::ConsoleWriter>,
-    pub ged: Option<Arc<Mutex<Ged<EventFdTrigger>>>>,
-    pub i8042: Option<Arc<Mutex<I8042<EventFdTrigger>>>>,
+    /// What the run's devices offer QMP.
+    pub faces: crate::ctl::Faces,
     /// Work for the event loop: serial input, the RTC's timer, call
     /// relays, INTx resamplers. Device data planes run on their own
     /// workers.
@@ -61,19 +62,51 @@ pub(super) struct Board {
 pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
     let mut board = Board::default();
     legacy::add(ctx, &mut board)?;
+    let irq = |gsi| irq_line(ctx.vm, gsi);
+    let control: Arc<dyn devices::VmControl> = ctx.control.clone();
+    let mut pci = Vec::new();
     for (i, (d, at)) in ctx.cfg.devices.iter().zip(&ctx.plan.locations).enumerate() {
-        if let (DeviceConfig::Virtio(v), Location::VirtioMmio { base, gsi, .. }) = (d, *at) {
-            let device = virtio::create(v, ctx.backends.device(i))?;
-            let relay = virtio::attach_mmio(ctx.vm, ctx.mem, ctx.mmio, device, base, gsi)?;
-            if let Some(relay) = relay {
-                board.subscribers.push(Arc::new(Mutex::new(relay)));
+        let host = ctx.backends.device(i).ok_or_else(|| missing_backend(d.driver))?;
+        let mut run = RunContext {
+            pio: ctx.pio,
+            irq: &irq,
+            control: &control,
+            location: *at,
+            faces: &mut board.faces,
+            id: d.id.as_deref(),
+            multifunction: d.pci.multifunction,
+        };
+        match (host.build(&mut run)?, *at) {
+            (Built::Placed, Location::Isa) => {}
+            (Built::Virtio(device), Location::VirtioMmio { base, gsi, .. }) => {
+                let relay = virtio::attach_mmio(ctx.vm, ctx.mem, ctx.mmio, device, base, gsi)?;
+                if let Some(relay) = relay {
+                    board.subscribers.push(Arc::new(Mutex::new(relay)));
+                }
+            }
+            (built @ (Built::Virtio(_) | Built::Pci(_)), Location::Pci(place)) => {
+                pci.push(pcie::Function { config: d, place, built });
+            }
+            // The plan and the kind disagree on the bus: never silently.
+            (Built::Placed | Built::Virtio(_) | Built::Pci(_), at) => {
+                return Err(Error::Internal(format!(
+                    "{} built for a bus other than {at:?}",
+                    d.driver
+                )))
             }
         }
     }
     if let Some(pcie) = &ctx.plan.pcie {
-        pcie::add_pcie(ctx, pcie, &mut board)?;
+        pcie::add_pcie(ctx, pcie, pci, &mut board)?;
     }
     Ok(board)
+}
+
+/// An interrupt line: an irqfd on `gsi`.
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<EventFdTrigger> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
+    vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(EventFdTrigger::new(evt))
 }
 
 /// Ports whose first write marks a boot milestone in the trace.
@@ -86,14 +119,10 @@ pub(super) fn watched_ports(
     if board.serial {
         ports.push((COM1_PORT, Milestone::FirstSerialByte));
     }
-    for d in &cfg.devices {
-        if let DeviceConfig::IsaDebugExit { iobase, .. } = d {
-            ports.push((*iobase, Milestone::DebugExit));
-        }
-    }
+    ports.extend(cfg.devices.iter().filter_map(|d: &DeviceConfig| d.device.facts().milestone_port));
     ports
 }
 
-fn missing_backend(driver: String) -> Error {
+fn missing_backend(driver: &str) -> Error {
     Error::Internal(format!("{driver} has no host backend"))
 }

@@ -15,15 +15,13 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::root::lock;
 use pci::virtio_pci::{vectors_needed, Placement as Location};
-use pci::{
-    BarReprogram, MsiRouter, PciAddress, PciRoot, RootPort, RootPortParams, SharedDevice,
-    VirtioPciInterrupt,
-};
+use pci::{BarReprogram, MsiRouter, PciAddress, PciRoot, SharedDevice, VirtioPciInterrupt};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{virtio, Board, BoardContext};
 use crate::config::DeviceConfig;
-use crate::plan::{Location as At, PciePlan};
+use crate::kinds::Built;
+use crate::plan::PciePlan;
 use crate::vm::{io_err, kvm_err, Error, Result};
 
 /// One BAR of one function, as the MMIO bus sees it.
@@ -182,42 +180,31 @@ impl<D: Doorbells> BarMapper<D> {
     }
 }
 
+/// A function the plan put on the root complex, as its kind built it.
+pub(super) struct Function<'a> {
+    pub config: &'a DeviceConfig,
+    pub place: pci::Placement,
+    pub built: Built,
+}
+
 /// Builds the root complex the plan placed: root ports, then the functions
 /// behind them, BARs assigned as firmware would, everything on the MMIO
 /// bus, and the event-loop work (call relays, INTx resamplers) on `board`.
-pub(super) fn add_pcie(ctx: &BoardContext<'_>, plan: &PciePlan, board: &mut Board) -> Result<()> {
-    let mut pci: Vec<_> = ctx
-        .cfg
-        .devices
-        .iter()
-        .zip(&ctx.plan.locations)
-        .enumerate()
-        .filter_map(|(i, (d, at))| match at {
-            At::Pci(p) => Some((i, d, *p)),
-            _ => None,
-        })
-        .collect();
+pub(super) fn add_pcie(
+    ctx: &BoardContext<'_>,
+    plan: &PciePlan,
+    mut functions: Vec<Function<'_>>,
+    board: &mut Board,
+) -> Result<()> {
     // A function behind a root port needs its port in the tree first.
-    pci.sort_by_key(|(_, _, p)| p.address.bus);
+    functions.sort_by_key(|f| f.place.address.bus);
 
     let mut root = PciRoot::new(PCIE_INTX_GSI_BASE);
     let mut intx = Vec::new();
-    for (i, dev_cfg, place) in pci {
-        let dev: SharedDevice = match dev_cfg {
-            DeviceConfig::RootPort(rp) => {
-                let secondary_bus = place.secondary_bus.ok_or_else(|| {
-                    Error::Internal(format!("{} has no bus number", place.address))
-                })?;
-                Arc::new(Mutex::new(RootPort::new(RootPortParams {
-                    chassis: rp.chassis,
-                    slot: rp.slot,
-                    port: rp.port,
-                    multifunction: rp.pci.multifunction,
-                    secondary_bus,
-                })))
-            }
-            DeviceConfig::Virtio(desc) => {
-                let device = virtio::create(desc, ctx.backends.device(i))?;
+    for Function { config, place, built } in functions {
+        let dev: SharedDevice = match built {
+            Built::Pci(dev) => dev,
+            Built::Virtio(device) => {
                 let outside = virtio::calls_from_outside(&device);
                 let n = vectors_needed(&*device.lock().unwrap_or_else(|e| e.into_inner()));
                 let gsis = (0..n)
@@ -229,8 +216,7 @@ pub(super) fn add_pcie(ctx: &BoardContext<'_>, plan: &PciePlan, board: &mut Boar
                     Location::BehindRootPort
                 };
                 let router: Arc<dyn MsiRouter> = ctx.router.clone();
-                let multifunction = matches!(&desc.transport,
-                    crate::config::VirtioTransport::Pci(s) if s.multifunction);
+                let multifunction = config.pci.multifunction;
                 let f =
                     virtio::pci_function(ctx.mem, device, gsis, router, location, multifunction)?;
                 intx.push((place.address, f.interrupt()));
@@ -240,7 +226,9 @@ pub(super) fn add_pcie(ctx: &BoardContext<'_>, plan: &PciePlan, board: &mut Boar
                 }
                 Arc::new(Mutex::new(f))
             }
-            DeviceConfig::I8042 | DeviceConfig::IsaDebugExit { .. } => continue,
+            Built::Placed => {
+                return Err(Error::Internal(format!("{} is not a PCI function", config.driver)))
+            }
         };
         root.insert(place.address, dev).map_err(Error::PciRoot)?;
     }

@@ -1,56 +1,19 @@
-//! Virtio devices: one description (`VirtioConfig`: the family and its
-//! properties) and the host backend it was given make the device model,
-//! whatever the transport; `attach_mmio` and `pci_function` put that model
-//! behind virtio-mmio or virtio-pci. A new family adds its device folder in
-//! `devices/src/virtio/`, a `VirtioKind` variant with its `cli::device`
-//! parser, its backend in `backends`, and one arm in `create`.
+//! Virtio transports: a kind (`kinds`) builds the device model from its
+//! host side, whatever the transport; `attach_mmio` and `pci_function` put
+//! that model behind virtio-mmio or virtio-pci.
 
 use std::sync::{Arc, Mutex};
 
 use boot::GuestMemoryMmap;
-use devices::vhost_kernel::vsock::VhostVsock;
-use devices::vhost_user::fs::VhostUserFs;
-use devices::virtio::block::Block;
-use devices::virtio::net::Net;
 use devices::virtio::{
-    CallRelay, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
+    CallRelay, MmioTransport, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
 use devices::Bus;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use pci::virtio_pci::Placement;
 use pci::{MsiRouter, VirtioPciDevice};
 
-use crate::backends::DeviceBackend;
-use crate::config::{VirtioConfig, VirtioKind};
 use crate::vm::{io_err, kvm_err, Error, Result};
-
-/// The device model a description stands for, on its host backend.
-pub(super) fn create(
-    desc: &VirtioConfig,
-    backend: Option<&DeviceBackend>,
-) -> Result<Arc<Mutex<dyn VirtioDevice>>> {
-    match (&desc.kind, backend) {
-        (VirtioKind::Rng { .. }, Some(DeviceBackend::Rng(b))) => {
-            Ok(Arc::new(Mutex::new(Rng::new(b.clone()))))
-        }
-        (VirtioKind::Block(_), Some(DeviceBackend::Block(disk, params))) => {
-            Ok(Arc::new(Mutex::new(Block::new(disk.clone(), params.clone()))))
-        }
-        (VirtioKind::Fs(_), Some(DeviceBackend::Fs(connection, params))) => {
-            Ok(Arc::new(Mutex::new(VhostUserFs::new(connection.clone(), params))))
-        }
-        (VirtioKind::Vsock { .. }, Some(DeviceBackend::Vsock(backend))) => {
-            Ok(Arc::new(Mutex::new(VhostVsock::new(backend.clone()))))
-        }
-        (VirtioKind::Net(_), Some(DeviceBackend::Net(backend, params))) => {
-            Ok(Arc::new(Mutex::new(Net::new(backend.clone(), params))))
-        }
-        (VirtioKind::P9(_), Some(DeviceBackend::P9(backend, params))) => {
-            Ok(Arc::new(Mutex::new(devices::virtio::p9::P9::new(backend.clone(), params.clone()))))
-        }
-        _ => Err(super::missing_backend(desc.driver())),
-    }
-}
 
 /// The device behind a virtio-mmio window at `base`: queue notifications go
 /// to eventfds inside KVM (ioeventfd, no exit to skiff), the interrupt is an
@@ -108,7 +71,7 @@ mod tests {
 
     use super::*;
     use crate::backends::Backends;
-    use crate::config::{DeviceConfig, VirtioTransport, VmConfig};
+    use crate::kinds::{Built, RunContext};
 
     struct NoKvm;
 
@@ -124,40 +87,54 @@ mod tests {
         }
     }
 
-    /// One virtio-rng description builds the device for both transports:
+    /// One virtio-rng kind builds the device for both transports:
     /// virtio-mmio sees device type 4, virtio-pci the modern ID 0x1044.
     #[test]
     fn one_description_builds_virtio_rng_for_both_transports() {
-        let kind = VirtioKind::Rng { max_bytes: Some(1024), period_ms: None };
-        let desc = |transport| VirtioConfig { id: None, transport, kind: kind.clone() };
-        let cfg = VmConfig {
-            devices: vec![
-                DeviceConfig::Virtio(desc(VirtioTransport::Mmio)),
-                DeviceConfig::Virtio(desc(VirtioTransport::Pci(Default::default()))),
-            ],
-            ..Default::default()
-        };
+        let cfg = crate::cli::tests_support::config(&[
+            "-M",
+            "microvm,pcie=on",
+            "-device",
+            "virtio-rng-device,max-bytes=1024",
+            "-device",
+            "virtio-rng-pci,max-bytes=1024",
+        ])
+        .unwrap();
         let backends = Backends::open(&cfg).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let pio = Bus::new();
+        let irq = |_| Err(Error::Internal("no interrupts here".into()));
+        let control: Arc<dyn devices::VmControl> =
+            Arc::new(crate::vm::control::Control::new().unwrap());
+        let mut faces = crate::ctl::Faces::default();
+        let mut build = |i: usize| {
+            let mut run = RunContext {
+                pio: &pio,
+                irq: &irq,
+                control: &control,
+                location: crate::plan::Location::Isa,
+                faces: &mut faces,
+                id: None,
+                multifunction: false,
+            };
+            match backends.device(i).unwrap().build(&mut run).unwrap() {
+                Built::Virtio(d) => d,
+                _ => panic!("virtio-rng is a virtio device"),
+            }
+        };
 
-        let DeviceConfig::Virtio(mmio_desc) = &cfg.devices[0] else { unreachable!() };
-        let dev = create(mmio_desc, backends.device(0)).unwrap();
-        let mut mmio = MmioTransport::new(mem.clone(), dev).unwrap();
+        let mut mmio = MmioTransport::new(mem.clone(), build(0)).unwrap();
         let mut word = [0u8; 4];
         mmio.read(0x08, &mut word);
         assert_eq!(u32::from_le_bytes(word), 4, "virtio-mmio DeviceID: entropy");
 
-        let DeviceConfig::Virtio(pci_desc) = &cfg.devices[1] else { unreachable!() };
-        let dev = create(pci_desc, backends.device(1)).unwrap();
+        let dev = build(1);
         let n = pci::virtio_pci::vectors_needed(&*dev.lock().unwrap());
         let gsis = (24..24 + n as u32).collect();
         let mut f =
             pci_function(&mem, dev, gsis, Arc::new(NoKvm), Placement::RootBus, false).unwrap();
         assert_eq!(f.config_read(0), 0x1044_1af4, "virtio-pci: 1af4:1044, entropy");
-        assert_eq!(mmio_desc.driver(), "virtio-rng-device");
-        assert_eq!(pci_desc.driver(), "virtio-rng-pci");
-
-        // A description without its backend is refused, not guessed at.
-        assert!(create(pci_desc, None).is_err());
+        assert_eq!(cfg.devices[0].driver, "virtio-rng-device");
+        assert_eq!(cfg.devices[1].driver, "virtio-rng-pci");
     }
 }

@@ -1,0 +1,178 @@
+//! `-device virtio-net-pci|virtio-net-device,netdev=ID[,mac=MAC][,mq=on]`:
+//! a NIC on a `-netdev` (tap, vhost-net, user networking, bridge).
+
+use std::sync::{Arc, Mutex};
+
+use devices::vhost_kernel::net::VhostNetBackend;
+use devices::virtio::net::tap::Tap;
+use devices::virtio::net::user::UserNet;
+use devices::virtio::net::{Net, NetBackend, NetError, NetParams};
+
+use super::{Built, Bus, Device, Driver, HostSide, Kind, OpenContext, OpenError, Refs};
+use super::{RunContext, Sandbox, Unresolved};
+use crate::cli::{CliError, QemuOpts};
+use crate::config::{NetdevConfig, TapSource};
+
+pub struct NetKind;
+pub static KIND: NetKind = NetKind;
+
+impl Kind for NetKind {
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+    fn drivers(&self) -> &'static [Driver] {
+        &[
+            Driver { name: "virtio-net-pci", bus: Bus::VirtioPci },
+            Driver { name: "virtio-net-device", bus: Bus::VirtioMmio },
+        ]
+    }
+    fn help(&self) -> &'static str {
+        "\
+-device virtio-net-device|virtio-net-pci,netdev=ID[,mac=MAC][,mq=on|off]
+        [,vectors=N][,romfile=..][,addr=..][,bus=ID][,id=ID]
+                         a NIC on -netdev ID (default mac 52:54:00:12:34:56,
+                         then :57, ...); mq=on offers the tap's queues as
+                         queue pairs, each on a worker thread of its own;
+                         vectors= and romfile= have no effect (one MSI-X
+                         vector per queue; no firmware loads option ROMs)
+-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,queues=N]
+        [,vhost=on|off][,vnet_hdr=on]
+-netdev tap,id=ID,fd=N|fds=N:M:..[,vhost=on|off]
+                         a tap (ifname= is opened, or created if skiff may)
+                         or descriptors of one inherited from the parent
+                         (a macvtap's /dev/tapN); it keeps across guest
+                         reboots; vhost=on moves frames in the host kernel
+                         (/dev/vhost-net); skiff runs no scripts
+-netdev user,id=ID[,net=ADDR[/MASK]][,host=ADDR][,dhcpstart=ADDR][,dns=ADDR]
+        [,hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT]...[,restrict=on|off]
+        [,ipv6=on|off][,hostname=NAME]
+                         user networking (libslirp, on a thread of its own):
+                         QEMU's 10.0.2.0/24, DHCP from .15, the host as .2;
+                         a host port that cannot be bound exits 1 naming it;
+                         under -sandbox on, libslirp cannot read
+                         /etc/resolv.conf and forwards DNS to 127.0.0.1:53
+-netdev bridge,id=ID[,br=BRIDGE][,helper=PATH]
+                         a tap on BRIDGE (default br0) from QEMU's setuid
+                         helper (default /usr/lib/qemu/qemu-bridge-helper),
+                         which /etc/qemu/bridge.conf must allow
+-net nic,netdev=ID[,model=virtio][,macaddr=MAC]
+                         a virtio-net on the machine's bus (PCIe with
+                         pcie=on, else virtio-mmio)
+"
+    }
+    fn sandbox(&self) -> Sandbox {
+        Sandbox { tap: true, vhost: true, backend_socket: true, inet: true, ..Sandbox::default() }
+    }
+    fn parse(&self, opts: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
+        let netdev = opts.take("netdev").ok_or_else(|| {
+            opts.error("netdev= is required (skiff has no NIC without a host side)")
+        })?;
+        let mac = opts.take("mac").map(|m| crate::cli::parse_mac(opts, "mac", m)).transpose()?;
+        let mq = opts.take_bool("mq")?.unwrap_or(false);
+        Ok(Box::new(Pending { netdev, mac, mq }))
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    netdev: String,
+    mac: Option<[u8; 6]>,
+    mq: bool,
+}
+
+impl Unresolved for Pending {
+    fn resolve(
+        self: Box<Self>,
+        option: &str,
+        refs: &mut Refs,
+    ) -> Result<Box<dyn Device>, CliError> {
+        let netdev = refs.take(option, &self.netdev)?;
+        // QEMU's default MACs: 52:54:00:12:34:56 for the first NIC, then
+        // ...:57, in the order the NICs are created.
+        let index = refs.ordinal(KIND.name()) as u8;
+        let mac = self.mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index)]);
+        Ok(Box::new(Nic { netdev, mac, mq: self.mq }))
+    }
+}
+
+/// A NIC on its netdev.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Nic {
+    pub netdev: Arc<NetdevConfig>,
+    pub mac: [u8; 6],
+    /// `mq=on`: offer the tap's queues as queue pairs.
+    pub mq: bool,
+}
+
+impl Device for Nic {
+    /// Taps are opened or adopted here, once: a reboot keeps the interface
+    /// and inherited descriptors; with `vhost=on` one vhost-net instance
+    /// per queue pair.
+    fn open(&self, _: &OpenContext<'_>) -> Result<Box<dyn HostSide>, OpenError> {
+        let params = NetParams { mac: self.mac, queue_size: 256 };
+        let failed = |kind: &str, id: &str, e: NetError| {
+            OpenError::new(format!("-netdev {kind},id={id}"), e)
+        };
+        let backend = match &*self.netdev {
+            NetdevConfig::User { id, config } => {
+                let (user, fd) =
+                    UserNet::start(config).map_err(|e| failed("user", id, e.into()))?;
+                let taps = vec![Arc::new(Tap::socket(fd, &format!("netdev {id}")))];
+                NetBackend { taps, vhost: None, user: Some(user) }
+            }
+            NetdevConfig::Bridge { id, br, helper } => {
+                let fd = crate::host::bridge_helper::tap_for_bridge(helper, br)
+                    .map_err(|e| OpenError::new(format!("-netdev bridge,id={id}"), e))?;
+                let tap = Tap::from_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
+                    .map_err(|e| failed("bridge", id, e.into()))?;
+                NetBackend { taps: vec![Arc::new(tap)], vhost: None, user: None }
+            }
+            NetdevConfig::Tap { id, source, vhost } => {
+                let queues = source.queues();
+                let taps = (0..queues)
+                    .map(|q| match source {
+                        TapSource::Ifname { name, .. } => Tap::open(name, q, queues > 1),
+                        TapSource::Fds(fds) => Tap::from_fd(fds[q]),
+                    })
+                    .map(|t| t.map(Arc::new).map_err(|e| failed("tap", id, e.into())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Without mq=on the driver is offered one pair (QEMU's default).
+                let taps = if self.mq { taps } else { taps.into_iter().take(1).collect() };
+                let vhost = vhost
+                    .then(|| VhostNetBackend::open(taps.len()))
+                    .transpose()
+                    .map_err(|e| failed("tap", id, e.into()))?;
+                NetBackend { taps, vhost, user: None }
+            }
+        };
+        Ok(Box::new(Opened { backend: Arc::new(backend), params }))
+    }
+    fn sandbox(&self) -> Sandbox {
+        match &*self.netdev {
+            NetdevConfig::User { .. } => {
+                Sandbox { backend_socket: true, inet: true, ..Sandbox::default() }
+            }
+            NetdevConfig::Tap { vhost, .. } => {
+                Sandbox { tap: true, vhost: *vhost, ..Sandbox::default() }
+            }
+            NetdevConfig::Bridge { .. } => Sandbox { tap: true, ..Sandbox::default() },
+        }
+    }
+}
+
+struct Opened {
+    backend: Arc<NetBackend>,
+    params: NetParams,
+}
+
+impl HostSide for Opened {
+    fn attach(&self, mem: &boot::GuestMemoryMmap) {
+        self.backend.attach(mem);
+    }
+    fn detach(&self) {
+        self.backend.detach();
+    }
+    fn build(&self, _: &mut RunContext<'_>) -> crate::vm::Result<Built> {
+        Ok(Built::Virtio(Arc::new(Mutex::new(Net::new(self.backend.clone(), &self.params)))))
+    }
+}
