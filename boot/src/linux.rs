@@ -140,7 +140,7 @@ pub fn configure(
     setup: BootSetup<'_>,
 ) -> Result<KernelEntry> {
     let initrd = match setup.initrd {
-        Some(file) => Some(load_initrd(mem, kernel, file)?),
+        Some(file) => Some(load_initrd(mem, kernel, file, setup.reserved)?),
         None => None,
     };
     let e820 = e820_entries(mem, setup.reserved);
@@ -242,16 +242,24 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &[u8], max: usize) -> Result<()
 }
 
 /// Puts the initrd as high as the kernel allows in low RAM (as bootloaders
-/// do), page aligned, and above what the kernel needs to decompress.
+/// do), page aligned, above what the kernel needs to decompress and below
+/// every reserved range in low RAM (device data set aside at its top).
 fn load_initrd(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     file: &mut File,
+    reserved: &[(u64, u64)],
 ) -> Result<(u64, u64)> {
     let size = file.seek(SeekFrom::End(0)).map_err(Error::ReadInitrd)?;
     file.seek(SeekFrom::Start(0)).map_err(Error::ReadInitrd)?;
     let low_end = mem.iter().next().map(|r| r.len()).unwrap_or(0);
-    let limit = low_end.min(kernel.initrd_addr_max + 1);
+    let below_reserved = reserved
+        .iter()
+        .map(|&(base, _)| base)
+        .filter(|&base| base >= kernel.end && base < low_end)
+        .min()
+        .unwrap_or(low_end);
+    let limit = below_reserved.min(kernel.initrd_addr_max + 1);
     let too_large = Error::InitrdTooLarge { size, limit };
     let addr = limit.checked_sub(size).ok_or(too_large)? & !0xfff;
     if addr < kernel.end {
@@ -376,18 +384,24 @@ mod tests {
         let path = std::env::temp_dir().join(format!("skiff-initrd-{}", std::process::id()));
         std::fs::write(&path, vec![0xabu8; 5000]).unwrap();
         let mut f = File::open(&path).unwrap();
-        let (addr, size) = load_initrd(&m, &fake_kernel(), &mut f).unwrap();
+        let (addr, size) = load_initrd(&m, &fake_kernel(), &mut f, &[]).unwrap();
         assert_eq!(size, 5000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20 && addr + size > (64 << 20) - 8192);
         let b: u8 = m.read_obj(GuestAddress(addr + 4999)).unwrap();
         assert_eq!(b, 0xab);
 
+        // Below device data reserved at the top of RAM; MMIO above RAM
+        // (ECAM) does not matter.
+        let reserved = [((64 << 20) - 0x3000, 0x3000), (0xe000_0000, 0x1000_0000)];
+        let (addr, _) = load_initrd(&m, &fake_kernel(), &mut f, &reserved).unwrap();
+        assert!(addr + size <= (64 << 20) - 0x3000, "{addr:#x}");
+
         // Too large to fit above the kernel.
         std::fs::write(&path, vec![0u8; 63 << 20]).unwrap();
         let mut f = File::open(&path).unwrap();
         assert!(matches!(
-            load_initrd(&m, &fake_kernel(), &mut f),
+            load_initrd(&m, &fake_kernel(), &mut f, &[]),
             Err(Error::InitrdTooLarge { .. })
         ));
         std::fs::remove_file(&path).unwrap();

@@ -122,10 +122,11 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     let kvm = vm::Host::open();
     let phys_bits = kvm.as_ref().map_or(FALLBACK_PHYS_BITS, vm::Host::phys_bits);
     let serial = console != console::ConsoleTarget::None;
-    let plan = plan::MachinePlan::new(cfg, serial, phys_bits)?;
+    let mut plan = plan::MachinePlan::new(cfg, serial, phys_bits)?;
     let mut files = vm::BootFiles::open(cfg)?;
     let kvm = kvm?;
     let backends = backends::Backends::open(cfg)?;
+    plan.carve_device_data(cfg, &backends)?;
     let signal_evt = host::signals::install().map_err(Error::Signals)?;
     // Held open for the process's life, as QEMU holds every chardev.
     let _chardevs = match host::chardevs::open_unused(cfg) {

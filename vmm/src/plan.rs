@@ -20,6 +20,10 @@ pub enum PlanError {
     Placement(#[source] pci::AllocError),
     #[error("-device {driver}: at most {max} virtio-mmio devices{why}")]
     TooManyVirtioMmio { driver: String, max: usize, why: &'static str },
+    #[error(
+        "{what}: {len:#x} bytes of guest RAM below 4 GiB do not fit (RAM ends at {ram_end:#x})"
+    )]
+    NoRoomForData { what: String, len: u64, ram_end: u64 },
     #[error("-device {driver}: cannot describe it in ACPI")]
     Aml {
         driver: String,
@@ -69,6 +73,23 @@ pub enum Location {
     Pci(pci::Placement),
 }
 
+/// Guest RAM a device writes into before the guest runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataRange {
+    pub addr: u64,
+    pub len: u64,
+    /// What it holds, for errors and the trace (`OpRegion`).
+    pub what: &'static str,
+}
+
+/// What a device's host side asks the plan to set aside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataRequest {
+    pub len: u64,
+    pub align: u64,
+    pub what: &'static str,
+}
+
 /// The root complex: its windows and the buses the allocator gave out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PciePlan {
@@ -84,6 +105,12 @@ pub struct MachinePlan {
     pub pcie: Option<PciePlan>,
     /// Ranges the e820 map reserves (carved out of RAM where they overlap).
     pub reserved: Vec<(u64, u64)>,
+    /// Guest RAM set aside for what devices write before the guest runs
+    /// (an IGD's OpRegion, its stolen memory), by `VmConfig::devices`
+    /// index: reserved in e820 too, so the guest and the tables agree.
+    pub data: Vec<Vec<DataRange>>,
+    /// Where the next carve ends: RAM below it is the guest's.
+    low_ram_top: u64,
     /// The DSDT's devices, each one's own AML.
     pub dsdt: Vec<u8>,
 }
@@ -153,11 +180,53 @@ impl MachinePlan {
         }
         reserved.push((GED_MMIO_BASE, VIRTIO_MMIO_BASE + 0x10_0000 - GED_MMIO_BASE));
 
-        let mut plan = MachinePlan { platform, locations, pcie, reserved, dsdt: Vec::new() };
+        let mut plan = MachinePlan {
+            platform,
+            locations,
+            pcie,
+            reserved,
+            data: (0..cfg.devices.len()).map(|_| Vec::new()).collect(),
+            low_ram_top: cfg.mem_size.min(MAX_BELOW_4G),
+            dsdt: Vec::new(),
+        };
         if platform.acpi {
             plan.dsdt = plan.dsdt_devices(cfg)?;
         }
         Ok(plan)
+    }
+
+    /// Sets aside what each device's host side asks for (known once it is
+    /// open: a region's size, a register's value), from the top of RAM
+    /// below 4 GiB down, each range aligned as asked.
+    pub fn carve_device_data(
+        &mut self,
+        cfg: &VmConfig,
+        backends: &crate::backends::Backends,
+    ) -> Result<(), PlanError> {
+        for (i, d) in cfg.devices.iter().enumerate() {
+            let asks = backends.device(i).map(|b| b.guest_data()).unwrap_or_default();
+            for ask in asks {
+                let what = format!("-device {}: {}", d.driver, ask.what);
+                let addr = self.carve(&what, ask.len, ask.align)?;
+                self.data[i].push(DataRange { addr, len: ask.len, what: ask.what });
+            }
+        }
+        Ok(())
+    }
+
+    /// `len` bytes of RAM below 4 GiB at a multiple of `align` (a power of
+    /// two), reserved in e820.
+    fn carve(&mut self, what: &str, len: u64, align: u64) -> Result<u64, PlanError> {
+        let no_room =
+            || PlanError::NoRoomForData { what: what.to_owned(), len, ram_end: self.low_ram_top };
+        let addr = self.low_ram_top.checked_sub(len).ok_or_else(no_room)? & !(align.max(4096) - 1);
+        // Keep the low megabyte and the first 16 MiB (kernel) clear.
+        if addr < 16 << 20 || len == 0 {
+            return Err(no_room());
+        }
+        self.low_ram_top = addr;
+        self.reserved.push((addr, len));
+        Ok(addr)
     }
 
     /// What each device says about itself in the DSDT, in a fixed order.
@@ -303,6 +372,22 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert!(place(&off).unwrap_err().contains("pcie=on"));
+    }
+
+    /// Device data comes off the top of RAM below 4 GiB, aligned, each
+    /// range reserved; what does not fit is refused by name.
+    #[test]
+    fn device_data_is_carved_from_the_top_of_low_ram_and_reserved() {
+        let c = cfg(&["-m", "512M", "-device", "virtio-rng-pci"]);
+        let mut plan = MachinePlan::new(&c, true, 40).unwrap();
+        let top = 512 << 20;
+        let a = plan.carve("OpRegion", 0x2000, 0x1000).unwrap();
+        assert_eq!(a, top - 0x2000);
+        let b = plan.carve("stolen memory", 64 << 20, 1 << 20).unwrap();
+        assert_eq!(b, (top - 0x2000 - (64 << 20)) & !((1 << 20) - 1));
+        assert!(plan.reserved.contains(&(a, 0x2000)) && plan.reserved.contains(&(b, 64 << 20)));
+        let e = plan.carve("huge", 512 << 20, 0x1000).unwrap_err().to_string();
+        assert!(e.starts_with("huge: 0x20000000 bytes of guest RAM below 4 GiB do not fit"), "{e}");
     }
 
     /// virtio-mmio windows and GSIs in command-line order, moved past the

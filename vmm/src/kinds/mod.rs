@@ -225,6 +225,11 @@ pub trait HostSide: Send + Sync {
     fn attach(&self, _mem: &boot::GuestMemoryMmap) {}
     /// Takes the run's guest memory back before it is unmapped.
     fn detach(&self) {}
+    /// Guest RAM to set aside for what the device writes before the guest
+    /// runs (asked once the host side is open: sizes come from the host).
+    fn guest_data(&self) -> Vec<crate::plan::DataRequest> {
+        Vec::new()
+    }
     /// Builds this run's device model.
     fn build(&self, run: &mut RunContext<'_>) -> crate::vm::Result<Built>;
 }
@@ -266,8 +271,35 @@ pub struct RunContext<'a> {
     pub faces: &'a mut crate::ctl::Faces,
     /// The device's `id=`.
     pub id: Option<&'a str>,
+    /// The guest RAM the plan set aside for it (`HostSide::guest_data`).
+    #[expect(dead_code, reason = "the IGD's OpRegion (issue 26) is its first user")]
+    pub data: DataWriter<'a>,
     /// `multifunction=on` (a PCI function).
     pub multifunction: bool,
+}
+
+/// Writes a device's data into the guest RAM the plan set aside for it,
+/// and nowhere else.
+pub struct DataWriter<'a> {
+    pub mem: &'a boot::GuestMemoryMmap,
+    pub ranges: &'a [crate::plan::DataRange],
+}
+
+impl DataWriter<'_> {
+    /// Writes `bytes` at `offset` into range `index`.
+    #[cfg_attr(not(test), expect(dead_code, reason = "the IGD's OpRegion (issue 26)"))]
+    pub fn write(&self, index: usize, offset: u64, bytes: &[u8]) -> crate::vm::Result<()> {
+        use vm_memory::{Bytes, GuestAddress};
+        let outside = || crate::vm::Error::Internal(format!("device data range {index} overrun"));
+        let r = self.ranges.get(index).ok_or_else(outside)?;
+        let end = offset.checked_add(bytes.len() as u64).ok_or_else(outside)?;
+        if end > r.len {
+            return Err(outside());
+        }
+        self.mem
+            .write_slice(bytes, GuestAddress(r.addr + offset))
+            .map_err(|e| crate::vm::Error::Internal(format!("{}: {e}", r.what)))
+    }
 }
 
 /// Comparing boxed devices (the parser's tests compare whole
@@ -331,5 +363,22 @@ mod tests {
         }
         assert!(driver("virtio-rng-pci").is_some_and(|(_, d)| d.bus == Bus::VirtioPci));
         assert!(driver("virtio-rng").is_none());
+    }
+
+    /// A device writes into its own ranges and nowhere else.
+    #[test]
+    fn device_data_stays_in_its_ranges() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = boot::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let ranges = [crate::plan::DataRange { addr: 0x4000, len: 0x100, what: "OpRegion" }];
+        let w = DataWriter { mem: &mem, ranges: &ranges };
+        w.write(0, 0, b"IntelGraphicsMem").unwrap();
+        w.write(0, 0xf0, &[1; 16]).unwrap();
+        assert!(w.write(0, 0xf1, &[1; 16]).is_err(), "one byte past the range");
+        assert!(w.write(1, 0, &[1]).is_err(), "no such range");
+        assert!(w.write(0, u64::MAX, &[1]).is_err());
+        let mut got = [0u8; 16];
+        mem.read_slice(&mut got, GuestAddress(0x4000)).unwrap();
+        assert_eq!(&got, b"IntelGraphicsMem");
     }
 }

@@ -213,7 +213,8 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
 
     let ram = memory::create(cfg.mem_size, &cfg.ram, cfg.machine.mem_merge)?;
     let mem = ram.memory().clone();
-    memory::MemorySlots::default().add_ram(&vm, &mem)?;
+    let mut map = memory::GuestMap::new(vm.clone(), m.host.kvm.get_nr_memslots() as u32);
+    map.add_ram(&mem)?;
     m.backends.attach(&mem);
 
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
@@ -271,7 +272,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     // this. The VM (and its memslots) must go before the mappings behind
     // them; the buses (BAR mappers) and the router hold the last other
     // references.
-    drop((pio, mmio, router));
+    drop((pio, mmio, router, map));
     m.backends.detach();
     // Anything still holding the VM now would outlive guest memory: a
     // reference cycle, i.e. a VM leaked on every guest reboot.

@@ -60,7 +60,7 @@ impl VcpuHandle {
     }
 }
 
-fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
+pub(in crate::vm) fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
     crate::host::sandbox::confine(crate::host::sandbox::ThreadKind::Vcpu);
     let tracing = trace::enabled();
     let mut exits = VcpuExits::default();

@@ -74,6 +74,7 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
             location: *at,
             faces: &mut board.faces,
             id: d.id.as_deref(),
+            data: crate::kinds::DataWriter { mem: ctx.mem, ranges: &ctx.plan.data[i] },
             multifunction: d.pci.multifunction,
         };
         match (host.build(&mut run)?, *at) {

@@ -115,6 +115,7 @@ mod tests {
                 location: crate::plan::Location::Isa,
                 faces: &mut faces,
                 id: None,
+                data: crate::kinds::DataWriter { mem: &mem, ranges: &[] },
                 multifunction: false,
             };
             match backends.device(i).unwrap().build(&mut run).unwrap() {

@@ -1,7 +1,8 @@
 //! Guest RAM, laid out as QEMU's microvm does, backed as the command line
 //! asks (`config::RamBacking`: anonymous private memory by default, a
 //! memfd that a vhost-user backend can map with `-object
-//! memory-backend-memfd`), and the one owner of KVM's memory slots.
+//! memory-backend-memfd`); `map` owns the run's guest-physical map (KVM's
+//! memory slots, host ranges mapped in and out while the guest runs).
 //! Nothing is touched up front: the host commits pages as the guest first
 //! uses them.
 //!
@@ -20,8 +21,6 @@ use std::sync::Arc;
 
 use boot::layout::ram_ranges;
 use boot::GuestMemoryMmap;
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::VmFd;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
@@ -53,7 +52,30 @@ pub enum Error {
     Range(String),
     #[error("KVM_SET_USER_MEMORY_REGION")]
     Register(#[source] kvm_ioctls::Error),
+    #[error("all {0} KVM memory slots are in use")]
+    NoSlot(u32),
+    #[error("cannot map {len:#x} bytes of a host file at guest {guest:#x}")]
+    MapHost {
+        guest: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no mapping in KVM slot {0}")]
+    NoMapping(u32),
+    #[error("guest range {addr:#x}+{len:#x} is not guest RAM")]
+    NotRam { addr: u64, len: u64 },
+    #[error("cannot give back guest RAM at {addr:#x}+{len:#x}")]
+    Discard {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+mod map;
+pub use map::GuestMap;
 
 /// Owns the guest RAM mappings (and the memfd behind them); dropping it
 /// unmaps them, unless something still holds a region (a reference leaked
@@ -68,6 +90,54 @@ impl GuestRam {
     /// The guest's memory, for the VM, devices and loaders to share.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Gives the host back the pages of guest RAM `[addr, addr + len)`
+    /// (page aligned), as a balloon does: the guest reads zeros there
+    /// next. Anonymous RAM drops its pages (MADV_DONTNEED; MADV_REMOVE
+    /// for shared anonymous memory, whose pages would otherwise stay in
+    /// the shared object); a memfd (or hugetlb) punches a hole, so the
+    /// pages also leave the file that a vhost-user backend maps.
+    #[cfg_attr(not(test), expect(dead_code, reason = "the balloon's (issue 30)"))]
+    pub fn discard(&self, addr: u64, len: u64) -> Result<(), Error> {
+        let not_ram = || Error::NotRam { addr, len };
+        let page = 4096;
+        if !addr.is_multiple_of(page) || !len.is_multiple_of(page) || len == 0 {
+            return Err(not_ram());
+        }
+        let region = self
+            .mem
+            .iter()
+            .find(|r| {
+                let start = r.start_addr().raw_value();
+                addr >= start && addr.checked_add(len).is_some_and(|end| end <= start + r.len())
+            })
+            .ok_or_else(not_ram)?;
+        let offset = addr - region.start_addr().raw_value();
+        let failed = |source| Error::Discard { addr, len, source };
+        let shared = region.flags() & libc::MAP_SHARED != 0;
+        if let Some(f) = region.file_offset() {
+            use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+            let at = f.start() + offset;
+            fallocate(f.file(), FallocateMode::PunchHole, true, at, len)
+                .map_err(|e| failed(std::io::Error::from_raw_os_error(e.errno())))?;
+        }
+        // A shared file mapping shows the hole; private pages (copies of
+        // the file's or anonymous ones) are dropped; shared anonymous
+        // memory is a file of its own that only MADV_REMOVE empties.
+        let advice = match (region.file_offset().is_some(), shared) {
+            (true, true) => return Ok(()),
+            (false, true) => libc::MADV_REMOVE,
+            (_, false) => libc::MADV_DONTNEED,
+        };
+        let host = region.as_ptr() as usize + offset as usize;
+        // SAFETY: [host, host + len) lies inside this region's mapping
+        // (checked above); dropping its pages only makes the guest read
+        // zeros (or the file's hole) there next.
+        if unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) } != 0 {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 }
 
@@ -264,33 +334,6 @@ pub fn create(size: u64, cfg: &RamConfig, mem_merge: bool) -> Result<GuestRam, E
     Ok(ram)
 }
 
-/// KVM's memory slots, owned in one place: guest RAM now, a passed-through
-/// device's BARs later, each slot number given out once.
-#[derive(Default)]
-pub struct MemorySlots {
-    next: u32,
-}
-
-impl MemorySlots {
-    /// Registers every RAM region with KVM, each in a slot of its own.
-    pub fn add_ram(&mut self, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
-        for region in mem.iter() {
-            let region_desc = kvm_userspace_memory_region {
-                slot: self.next,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the host range is a live mapping of the caller's
-            // `GuestRam`, which it keeps for as long as the VM exists.
-            unsafe { vm.set_user_memory_region(region_desc) }.map_err(Error::Register)?;
-            self.next += 1;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +361,47 @@ mod tests {
         // Still mapped: a leak, not a use after unmap.
         kept.write_obj(7u32, GuestAddress(0x1000)).unwrap();
         assert_eq!(kept.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 7);
+    }
+
+    /// Discarded RAM reads zeros, on anonymous RAM and on a memfd, whose
+    /// blocks leave the file; a range that is not RAM, or not page
+    /// aligned, is refused.
+    #[test]
+    fn discarded_ram_reads_zeros_and_leaves_the_memfd() {
+        let memfd = RamBacking::Memfd { share: true, hugetlb: None, seal: true };
+        for backing in [RamBacking::Anonymous, RamBacking::AnonymousShared, memfd] {
+            let ram = create(
+                64 << 20,
+                &RamConfig { backing: backing.clone(), ..Default::default() },
+                false,
+            )
+            .unwrap();
+            let mem = ram.memory();
+            let at = GuestAddress(0x20_0000);
+            mem.write_slice(&[0xa5; 3 << 12], at).unwrap();
+            let blocks = || {
+                let r = mem.iter().next().unwrap();
+                r.file_offset().map(|f| {
+                    use std::os::unix::fs::MetadataExt;
+                    f.file().metadata().unwrap().blocks()
+                })
+            };
+            let before = blocks();
+            ram.discard(0x20_1000, 0x1000).unwrap();
+            // Before the guest reads: reading a hole of a shared memfd
+            // allocates a (zeroed) page again.
+            if let (Some(before), Some(after)) = (before, blocks()) {
+                assert_eq!(after, before - 8, "one 4 KiB page (8 sectors) left the memfd");
+            }
+            let mut got = [0u8; 3];
+            for (i, b) in got.iter_mut().enumerate() {
+                *b = mem.read_obj(GuestAddress(0x20_0000 + i as u64 * 0x1000)).unwrap();
+            }
+            assert_eq!(got, [0xa5, 0, 0xa5], "{backing:?}");
+            assert!(ram.discard(0x20_0800, 0x1000).is_err(), "unaligned");
+            assert!(ram.discard(64 << 20, 0x1000).is_err(), "past RAM");
+            assert!(ram.discard(0, 0).is_err(), "empty");
+        }
     }
 
     /// memory-backend-memfd: both RAM ranges of a 4 GiB guest in one memfd
