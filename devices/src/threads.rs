@@ -5,8 +5,9 @@ use std::sync::OnceLock;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// A device's queue worker (its event loop).
-    Worker,
+    /// A queue worker (its event loop) of a device of the family named
+    /// (`virtio-blk`, ...).
+    Worker(&'static str),
     /// A block device's I/O thread (`aio=threads`): requests only.
     Io,
     /// User networking's stack (`-netdev user`): the host's sockets.

@@ -160,6 +160,8 @@ pub struct PciSlotConfig {
 /// A `-device`: its driver, `id=`, where it asks to go, and its kind's
 /// own properties (`kinds`), references to other options resolved.
 pub struct DeviceConfig {
+    /// Its kind's registry entry.
+    pub kind: &'static dyn crate::kinds::Kind,
     /// The `-device` name, as QEMU names the device in errors.
     pub driver: &'static str,
     pub id: Option<String>,
@@ -171,7 +173,8 @@ pub struct DeviceConfig {
 
 impl PartialEq for DeviceConfig {
     fn eq(&self, o: &Self) -> bool {
-        (self.driver, &self.id, self.bus, &self.pci) == (o.driver, &o.id, o.bus, &o.pci)
+        self.kind.name() == o.kind.name()
+            && (self.driver, &self.id, self.bus, &self.pci) == (o.driver, &o.id, o.bus, &o.pci)
             && *self.device == *o.device
     }
 }

@@ -158,9 +158,8 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     // confine what is left.
     host::privileges::apply(&cfg.run_with)?;
     if let Some(policy) = cfg.sandbox {
-        let needs =
-            cfg.devices.iter().fold(kinds::Sandbox::default(), |n, d| n.union(d.device.sandbox()));
-        host::sandbox::install(policy, needs)?;
+        let families = cfg.devices.iter().map(|d| (d.kind.name(), d.device.sandbox())).collect();
+        host::sandbox::install(policy, families)?;
     }
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);

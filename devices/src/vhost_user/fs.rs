@@ -29,6 +29,9 @@ use crate::virtio::{
     VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
+/// The family its workers are known by (`-device FAMILY-pci|FAMILY-device`).
+pub const FAMILY: &str = "vhost-user-fs";
+
 /// virtio-fs's device ID.
 pub const DEVICE_TYPE: u32 = 26;
 /// The tag's room in the config space; a shorter tag is NUL-padded.
@@ -110,7 +113,7 @@ impl VhostUserFs {
             timer: None,
             reconnect_told: false,
         };
-        Worker::spawn("vhost-user-fs", watch).map_err(ActivateError::Worker)
+        Worker::spawn(FAMILY, FAMILY, watch).map_err(ActivateError::Worker)
     }
 
     fn stop(&mut self) {

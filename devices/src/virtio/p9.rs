@@ -24,6 +24,9 @@ use super::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
+/// The family its workers are known by (`-device FAMILY-pci|FAMILY-device`).
+pub const FAMILY: &str = "virtio-9p";
+
 /// QEMU's virtio-9p queue size (MAX_REQ).
 const QUEUE_SIZES: &[u16] = &[128];
 
@@ -207,7 +210,7 @@ impl VirtioDevice for P9 {
         let q = ctx.take_queue(0)?;
         let ring = Ring::new(ctx.mem, q, ctx.interrupt).map_err(ActivateError::EventFd)?;
         let handler = P9Queue { ring, backend: self.backend.clone() };
-        self.worker = Some(Worker::spawn("virtio-9p", handler).map_err(ActivateError::Worker)?);
+        self.worker = Some(Worker::spawn(FAMILY, FAMILY, handler).map_err(ActivateError::Worker)?);
         Ok(())
     }
 

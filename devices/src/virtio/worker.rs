@@ -71,15 +71,17 @@ pub struct Worker<H: Handler> {
 }
 
 impl<H: Handler> Worker<H> {
-    /// Starts `handler` on a thread named `name`. Its `init` runs here,
-    /// before the thread starts, so a registration error shows at once.
-    pub fn spawn(name: &str, handler: H) -> io::Result<Self> {
+    /// Starts `handler` on a thread named `name`, a worker of the device
+    /// `family` (`virtio-blk`: the VMM confines it with that device's
+    /// rules). Its `init` runs here, before the thread starts, so a
+    /// registration error shows at once.
+    pub fn spawn(family: &'static str, name: &str, handler: H) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let mut em = EventManager::<Running<H>>::new().map_err(io::Error::other)?;
         let running = Running { handler, stop: stop.try_clone()?, stopping: false };
         let id = em.add_subscriber(running);
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-            crate::threads::started(crate::threads::ThreadKind::Worker);
+            crate::threads::started(crate::threads::ThreadKind::Worker(family));
             loop {
                 if let Err(e) = em.run() {
                     log::error!("worker: event loop failed: {e:?}");
@@ -464,7 +466,7 @@ mod tests {
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let wakeups = Arc::new(AtomicUsize::new(0));
         let c = Counter { kick: kick.try_clone().unwrap(), wakeups: wakeups.clone(), in_flight: 0 };
-        let w = Worker::spawn("test-worker", c).unwrap();
+        let w = Worker::spawn("test", "test-worker", c).unwrap();
         kick.write(1).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while wakeups.load(Ordering::SeqCst) == 0 {
@@ -485,7 +487,7 @@ mod tests {
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let wakeups = Arc::new(AtomicUsize::new(0));
         let c = Counter { kick: kick.try_clone().unwrap(), wakeups: wakeups.clone(), in_flight: 0 };
-        drop(Worker::spawn("test-worker", c).unwrap());
+        drop(Worker::spawn("test", "test-worker", c).unwrap());
         kick.write(1).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(wakeups.load(Ordering::SeqCst), 0);

@@ -448,6 +448,7 @@ impl Builder {
         for p in std::mem::take(&mut self.devices) {
             let device = p.device.resolve(&format!("-device {}", p.driver), &mut refs)?;
             c.devices.push(DeviceConfig {
+                kind: p.kind,
                 driver: p.driver,
                 id: p.id,
                 bus: p.bus,
@@ -742,8 +743,9 @@ pub(crate) mod tests_support {
 
     /// A configured device, as a test expects it.
     pub fn expected(driver: &'static str, id: Option<&str>, device: impl Device) -> DeviceConfig {
-        let (_, d) = crate::kinds::driver(driver).expect("a registered driver");
+        let (kind, d) = crate::kinds::driver(driver).expect("a registered driver");
         DeviceConfig {
+            kind,
             driver,
             id: id.map(str::to_owned),
             bus: d.bus,

@@ -15,7 +15,8 @@ pub static KIND: BlockKind = BlockKind;
 
 impl Kind for BlockKind {
     fn name(&self) -> &'static str {
-        "virtio-blk"
+        // Its workers announce themselves by it (the sandbox's key).
+        devices::virtio::block::FAMILY
     }
     fn drivers(&self) -> &'static [Driver] {
         &[

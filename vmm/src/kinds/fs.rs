@@ -20,7 +20,8 @@ pub static KIND: FsKind = FsKind;
 
 impl Kind for FsKind {
     fn name(&self) -> &'static str {
-        "vhost-user-fs"
+        // Its workers announce themselves by it (the sandbox's key).
+        devices::vhost_user::fs::FAMILY
     }
     fn drivers(&self) -> &'static [Driver] {
         &[

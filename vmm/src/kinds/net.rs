@@ -18,7 +18,8 @@ pub static KIND: NetKind = NetKind;
 
 impl Kind for NetKind {
     fn name(&self) -> &'static str {
-        "virtio-net"
+        // Its workers announce themselves by it (the sandbox's key).
+        devices::virtio::net::FAMILY
     }
     fn drivers(&self) -> &'static [Driver] {
         &[

@@ -16,7 +16,8 @@ pub static KIND: P9Kind = P9Kind;
 
 impl Kind for P9Kind {
     fn name(&self) -> &'static str {
-        "virtio-9p"
+        // Its workers announce themselves by it (the sandbox's key).
+        devices::virtio::p9::FAMILY
     }
     fn drivers(&self) -> &'static [Driver] {
         &[

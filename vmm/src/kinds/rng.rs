@@ -14,7 +14,8 @@ pub static KIND: RngKind = RngKind;
 
 impl Kind for RngKind {
     fn name(&self) -> &'static str {
-        "virtio-rng"
+        // Its workers announce themselves by it (the sandbox's key).
+        devices::virtio::rng::FAMILY
     }
     fn drivers(&self) -> &'static [Driver] {
         &[

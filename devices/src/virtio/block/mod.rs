@@ -35,6 +35,9 @@ use moderation::{Moderation, Polling};
 use pool::Pool;
 use uring::Uring;
 
+/// The family its workers are known by (`-device FAMILY-pci|FAMILY-device`).
+pub const FAMILY: &str = "virtio-blk";
+
 /// virtio-blk counts in 512-byte sectors, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -176,7 +179,8 @@ impl VirtioDevice for Block {
                 moderation,
                 polling,
             };
-            self.workers.push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
+            self.workers
+                .push(Worker::spawn(FAMILY, &name, handler).map_err(ActivateError::Worker)?);
         }
         Ok(())
     }

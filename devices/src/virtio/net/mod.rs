@@ -43,6 +43,9 @@ fn bit(b: u32) -> u64 {
 /// Indirect descriptor tables: Linux puts a transmitted frame's pieces in
 /// one, so a frame takes one ring entry instead of up to 19.
 /// `chain::Chain` follows them (bounded by the queue size).
+/// The family its workers are known by (`-device FAMILY-pci|FAMILY-device`).
+pub const FAMILY: &str = "virtio-net";
+
 const VIRTIO_RING_F_INDIRECT_DESC: u64 =
     1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
@@ -166,8 +169,9 @@ impl Net {
             let ring = Ring::new(ctx.mem.clone(), q, ctx.interrupt.clone())
                 .map_err(ActivateError::EventFd)?;
             let handler = CtrlQueue { ring, state };
-            self.ctrl =
-                Some(Worker::spawn("virtio-net-ctrl", handler).map_err(ActivateError::Worker)?);
+            self.ctrl = Some(
+                Worker::spawn(FAMILY, "virtio-net-ctrl", handler).map_err(ActivateError::Worker)?,
+            );
         }
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
         for pair in 0..pairs {
@@ -190,7 +194,8 @@ impl Net {
             let tx = Ring::new(ctx.mem.clone(), tx, ctx.interrupt.clone())
                 .map_err(ActivateError::EventFd)?;
             let handler = QueuePair::new(rx, tx, tap, mergeable, name.clone());
-            self.workers.push(Worker::spawn(&name, handler).map_err(ActivateError::Worker)?);
+            self.workers
+                .push(Worker::spawn(FAMILY, &name, handler).map_err(ActivateError::Worker)?);
         }
         Ok(())
     }

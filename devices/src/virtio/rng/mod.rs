@@ -27,6 +27,9 @@ use super::{
 };
 use rate_limit::Limiter;
 
+/// The family its workers are known by (`-device FAMILY-pci|FAMILY-device`).
+pub const FAMILY: &str = "virtio-rng";
+
 const QUEUE_SIZES: &[u16] = &[256];
 
 /// Most bytes served per request. A chain's descriptors may overlap or
@@ -251,7 +254,7 @@ impl VirtioDevice for Rng {
         let q = ctx.take_queue(0)?;
         let ring = Ring::new(ctx.mem, q, ctx.interrupt).map_err(ActivateError::EventFd)?;
         let handler = RngQueue { ring, backend: self.backend.clone() };
-        self.worker = Some(Worker::spawn("virtio-rng", handler).map_err(ActivateError::Worker)?);
+        self.worker = Some(Worker::spawn(FAMILY, FAMILY, handler).map_err(ActivateError::Worker)?);
         Ok(())
     }
 

@@ -7,9 +7,10 @@
 //!   VM, RAM, device threads); so the first run already proves the reboot's
 //!   system calls are allowed;
 //! - a filter per kind of thread, installed by the thread itself when it
-//!   starts: a vCPU, a device worker, a block I/O thread, the console writer
-//!   each get only what they call (and what the threads they start call:
-//!   a new thread inherits its creator's filters).
+//!   starts: a vCPU, a block I/O thread, the console writer each get only
+//!   what they call (and what the threads they start call: a new thread
+//!   inherits its creator's filters); a device's worker gets the calls its
+//!   own device's kind declares (`kinds::Sandbox`), not every device's.
 //!
 //! A call outside the lists raises SIGSYS; the handler names the call and
 //! the thread and ends skiff with status 159 (128 + SIGSYS, what a shell
@@ -52,8 +53,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The serial console's writer.
     Console,
-    /// A device's queue worker.
-    Worker,
+    /// A queue worker of a device of the family named (`virtio-blk`).
+    Worker(&'static str),
     /// A block device's I/O thread (`aio=threads`).
     Io,
     /// User networking's stack: the guest's connections as host sockets.
@@ -66,7 +67,7 @@ impl ThreadKind {
             ThreadKind::Main => "main",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Console => "console",
-            ThreadKind::Worker => "worker",
+            ThreadKind::Worker(_) => "worker",
             ThreadKind::Io => "io",
             ThreadKind::Network => "network",
         }
@@ -90,14 +91,19 @@ pub use crate::kinds::Sandbox as Needs;
 struct Active {
     policy: SandboxConfig,
     needs: Needs,
+    /// What each device family's workers need (a family's devices may
+    /// differ: a user-networking NIC and a tap NIC; its workers get both).
+    families: Vec<(&'static str, Needs)>,
     /// `SKIFF_TEST_SECCOMP_TRIP=KIND`: that kind of thread makes one
     /// forbidden call once confined (for the test that the filter bites).
     trip: Option<String>,
 }
 
 /// Installs the SIGSYS handler and the process filter, and has device
-/// threads confine themselves from now on.
-pub fn install(policy: SandboxConfig, needs: Needs) -> Result<(), Error> {
+/// threads confine themselves from now on. `families`: what each device
+/// family's workers need.
+pub fn install(policy: SandboxConfig, families: Vec<(&'static str, Needs)>) -> Result<(), Error> {
+    let needs = families.iter().fold(Needs::default(), |n, (_, f)| n.union(*f));
     install_sigsys_handler()?;
     for prog in answers(&policy, needs)? {
         seccompiler::apply_filter_all_threads(&prog).map_err(Error::Install)?;
@@ -105,10 +111,10 @@ pub fn install(policy: SandboxConfig, needs: Needs) -> Result<(), Error> {
     let main = filter(ThreadKind::Main, &policy, needs)?;
     seccompiler::apply_filter_all_threads(&main).map_err(Error::Install)?;
     let trip = std::env::var("SKIFF_TEST_SECCOMP_TRIP").ok();
-    let _ = ACTIVE.set(Active { policy, needs, trip });
+    let _ = ACTIVE.set(Active { policy, needs, families, trip });
     devices::threads::on_start(|kind| {
         confine(match kind {
-            devices::threads::ThreadKind::Worker => ThreadKind::Worker,
+            devices::threads::ThreadKind::Worker(family) => ThreadKind::Worker(family),
             devices::threads::ThreadKind::Io => ThreadKind::Io,
             devices::threads::ThreadKind::Network => ThreadKind::Network,
         })
@@ -122,7 +128,16 @@ pub fn install(policy: SandboxConfig, needs: Needs) -> Result<(), Error> {
 /// unconfined would be a silent hole.
 pub fn confine(kind: ThreadKind) {
     let Some(active) = ACTIVE.get() else { return };
-    let applied = filter(kind, &active.policy, active.needs)
+    let needs = match kind {
+        // A family no device declared gets no device's calls.
+        ThreadKind::Worker(family) => active
+            .families
+            .iter()
+            .filter(|(f, _)| *f == family)
+            .fold(Needs::default(), |n, (_, f)| n.union(*f)),
+        _ => active.needs,
+    };
+    let applied = filter(kind, &active.policy, needs)
         .and_then(|prog| seccompiler::apply_filter(&prog).map_err(Error::Install));
     if let Err(e) = applied {
         log::error!("{} thread: {e}", kind.name());
@@ -131,13 +146,31 @@ pub fn confine(kind: ThreadKind) {
     trip_if_asked(kind);
 }
 
+/// `SKIFF_TEST_SECCOMP_TRIP=THREAD[/unlinkat]`: THREAD (`vcpu`, `worker`,
+/// `worker:virtio-blk`, ...) makes one call its list lacks: ptrace (in no
+/// list), or unlinkat (a 9p share's worker's: another worker must not).
 fn trip_if_asked(kind: ThreadKind) {
-    if ACTIVE.get().and_then(|a| a.trip.as_deref()) == Some(kind.name()) {
-        // ptrace is in no list; with an invalid request it would do
-        // nothing if it ever got through.
-        // SAFETY: a system call with plain integer arguments.
-        unsafe { libc::syscall(libc::SYS_ptrace, -1, 0, 0, 0) };
+    let Some(spec) = ACTIVE.get().and_then(|a| a.trip.as_deref()) else { return };
+    let (thread, call) = spec.split_once('/').unwrap_or((spec, "ptrace"));
+    let named = match kind {
+        ThreadKind::Worker(family) => {
+            thread == "worker" || thread.strip_prefix("worker:") == Some(family)
+        }
+        _ => thread == kind.name(),
+    };
+    if !named {
+        return;
     }
+    // With these arguments either call would do nothing if it ever got
+    // through: an invalid request, a descriptor that is not open.
+    // SAFETY: system calls with plain integer arguments and a
+    // NUL-terminated path.
+    unsafe {
+        match call {
+            "unlinkat" => libc::syscall(libc::SYS_unlinkat, -1, c"".as_ptr(), 0),
+            _ => libc::syscall(libc::SYS_ptrace, -1, 0, 0, 0),
+        }
+    };
 }
 
 /// Calls answered with an error instead of SIGSYS, for every thread (a
@@ -236,9 +269,6 @@ const EVENTS: &[i64] = &[
     libc::SYS_timerfd_gettime,
     libc::SYS_fcntl,
     libc::SYS_dup,
-    libc::SYS_io_uring_setup,
-    libc::SYS_io_uring_register,
-    libc::SYS_io_uring_enter,
 ];
 
 /// Serving a disk (the image is opened during setup).
@@ -254,6 +284,10 @@ const DISK_IO: &[i64] = &[
     libc::SYS_fallocate,
     libc::SYS_lseek,
 ];
+
+/// `aio=io_uring`'s rings: only threads of a machine with a disk.
+const URING: &[i64] =
+    &[libc::SYS_io_uring_setup, libc::SYS_io_uring_register, libc::SYS_io_uring_enter];
 
 /// Talking to a vhost-user backend (requests with file descriptors, the
 /// watchdog's shutdown): a vCPU starts and resets the device, the main
@@ -407,26 +441,38 @@ fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, seccompiler::Ba
     SeccompCondition::new(arg, Len::Dword, op, value)
 }
 
-/// The kind's BPF program.
+/// The kind's BPF program; `needs`: what the devices whose calls this
+/// thread makes need (a worker: its own device's; a vCPU, which starts and
+/// resets every device, and main: all of them).
 fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfProgram, Error> {
     let build = |e| Error::Build(kind.name(), e);
     let mut calls: Vec<i64> = COMMON.to_vec();
-    let (threads, events, disk, main, kvm, tty) = match kind {
-        ThreadKind::Main => (true, true, true, true, true, true),
+    let (threads, events, main, kvm, tty) = match kind {
+        ThreadKind::Main => (true, true, true, true, true),
         // A thread's filters bound the threads it starts, and a vCPU starts
         // device workers (the guest's DRIVER_OK): it carries their calls.
-        ThreadKind::Vcpu => (true, true, true, false, true, false),
-        ThreadKind::Worker => (true, true, true, false, false, false),
-        ThreadKind::Io => (false, false, true, false, false, false),
-        ThreadKind::Console | ThreadKind::Network => (false, false, false, false, false, false),
+        ThreadKind::Vcpu => (true, true, false, true, false),
+        // A block worker starts its I/O threads, the control queue's
+        // worker a queue pair's.
+        ThreadKind::Worker(_) => (true, true, false, false, false),
+        ThreadKind::Io | ThreadKind::Console | ThreadKind::Network => {
+            (false, false, false, false, false)
+        }
     };
-    let backends = matches!(kind, ThreadKind::Main | ThreadKind::Vcpu | ThreadKind::Worker);
+    let devices = matches!(kind, ThreadKind::Main | ThreadKind::Vcpu | ThreadKind::Worker(_));
+    // Main reads the kernel again for a reboot.
+    let disk = (devices && needs.disk) || matches!(kind, ThreadKind::Io | ThreadKind::Main);
+    let uring = devices && needs.disk;
+    // Main also serves its own sockets.
+    let backends = (devices && needs.backend_socket) || kind == ThreadKind::Main;
     // The process filter (main's) carries every thread's calls.
     let inet = needs.inet && matches!(kind, ThreadKind::Main | ThreadKind::Network);
-    let shares = needs.share_files && backends;
+    let shares = devices && needs.share_files;
+    let taps = devices && needs.tap;
     for (on, set) in [
         (events, EVENTS),
         (disk, DISK_IO),
+        (uring, URING),
         (main, MAIN_ONLY),
         (backends, BACKEND_SOCKETS),
         (inet, INET_SOCKETS),
@@ -464,11 +510,12 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
     }
     let mut ioctls = Vec::new();
     if kvm || tty {
-        if kvm {
-            for ty in [KVMIO, VHOST_VIRTIO] {
-                let rule = cond(1, Op::MaskedEq(0xff00), ty << 8).map_err(build)?;
-                ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);
-            }
+        // vhost's requests come from a vCPU (a device's start) and main
+        // (its stop), only where a device is on the host kernel's vhost.
+        let types = [(kvm, KVMIO), (kvm && needs.vhost, VHOST_VIRTIO)];
+        for ty in types.into_iter().filter(|(on, _)| *on).map(|(_, ty)| ty) {
+            let rule = cond(1, Op::MaskedEq(0xff00), ty << 8).map_err(build)?;
+            ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);
         }
         let own: &[u64] = if tty { TTY_IOCTLS } else { &[libc::FIONBIO, libc::FIOCLEX] };
         for &req in own {
@@ -481,7 +528,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
         let rule = cond(1, Op::Eq, libc::FIONREAD).map_err(build)?;
         ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);
     }
-    if backends {
+    if taps {
         for &req in TAP_IOCTLS {
             ioctls
                 .push(SeccompRule::new(vec![cond(1, Op::Eq, req).map_err(build)?]).map_err(build)?);
@@ -627,7 +674,7 @@ mod tests {
             ThreadKind::Main,
             ThreadKind::Vcpu,
             ThreadKind::Console,
-            ThreadKind::Worker,
+            ThreadKind::Worker("virtio-blk"),
             ThreadKind::Io,
             ThreadKind::Network,
         ] {
@@ -697,7 +744,8 @@ mod tests {
         DIR.store(dir, std::sync::atomic::Ordering::SeqCst);
         let needs = Needs { share_files: true, ..Needs::default() };
         let progs = answers(&SandboxConfig::default(), needs).unwrap();
-        let worker = filter(ThreadKind::Worker, &SandboxConfig::default(), needs).unwrap();
+        let worker =
+            filter(ThreadKind::Worker("virtio-9p"), &SandboxConfig::default(), needs).unwrap();
         let status = in_confined_child(&[&progs[0], &progs[1], &worker], || {
             let dir = DIR.load(std::sync::atomic::Ordering::SeqCst);
             // SAFETY: NUL-terminated paths, a buffer of the length given;
@@ -732,7 +780,8 @@ mod tests {
     /// through, a forbidden one ends the process by SIGSYS.
     #[test]
     fn a_forbidden_call_is_stopped_and_an_allowed_one_is_not() {
-        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default(), Needs::default()).unwrap();
+        let needs = Needs { backend_socket: true, ..Needs::default() };
+        let prog = filter(ThreadKind::Vcpu, &SandboxConfig::default(), needs).unwrap();
         let status = in_confined_child(&[&prog], || {
             // SAFETY: plain system calls.
             unsafe {
@@ -751,5 +800,50 @@ mod tests {
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
             "status {status:#x}"
         );
+    }
+
+    /// Each worker gets its own device's calls: a 9p share's worker may
+    /// unlink (relative to its share), a block device's may not, nor set up
+    /// an io_uring unless it serves a disk; a worker of a family no device
+    /// declared gets no device's calls.
+    #[test]
+    fn each_worker_gets_its_own_devices_calls() {
+        let policy = SandboxConfig::default();
+        let worker = |family, needs| filter(ThreadKind::Worker(family), &policy, needs).unwrap();
+        let kinds = |name: &str| {
+            crate::kinds::KINDS.iter().find(|k| k.name() == name).expect(name).sandbox()
+        };
+        let unlink = || {
+            // SAFETY: an invalid descriptor and an empty NUL-terminated
+            // path: the call fails (ENOENT) wherever it is allowed.
+            let r = unsafe { libc::syscall(libc::SYS_unlinkat, -1, c"".as_ptr(), 0) };
+            i32::from(r >= 0)
+        };
+        let ninep = worker("virtio-9p", kinds("virtio-9p"));
+        let status = in_confined_child(&[&ninep], unlink);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
+
+        let blk = worker("virtio-blk", kinds("virtio-blk"));
+        let status = in_confined_child(&[&blk], unlink);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS, "{status:#x}");
+
+        let uring = || {
+            let mut params = [0u8; 120];
+            // SAFETY: a ring of one entry; params is large enough
+            // (struct io_uring_params is 120 bytes).
+            let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1, params.as_mut_ptr()) };
+            i32::from(
+                fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS),
+            )
+        };
+        let rng = worker("virtio-rng", kinds("virtio-rng"));
+        let status = in_confined_child(&[&rng], uring);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS, "{status:#x}");
+        let status = in_confined_child(&[&blk], uring);
+        assert!(libc::WIFEXITED(status), "a disk's worker may set up a ring: {status:#x}");
+
+        let unknown = worker("virtio-frob", Needs::default());
+        let status = in_confined_child(&[&unknown], unlink);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS, "{status:#x}");
     }
 }
