@@ -189,7 +189,7 @@ pub fn build_cpuid(
             lookup(name).ok_or_else(|| Error::UnknownFeature(name.clone()))?;
         let Some(e) = entries.iter_mut().find(|e| e.function == leaf && e.index == subleaf) else {
             if *on {
-                log::warn!("-cpu: host does not support requested feature '{name}'");
+                devices::warn_limited!("-cpu: host does not support requested feature '{name}'");
             }
             continue;
         };
@@ -205,7 +205,7 @@ pub fn build_cpuid(
         {
             // KVM_GET_SUPPORTED_CPUID is what the host can give; asking for
             // more would fault in the guest.
-            log::warn!("-cpu: host does not support requested feature '{name}'");
+            devices::warn_limited!("-cpu: host does not support requested feature '{name}'");
         }
     }
 

@@ -60,6 +60,8 @@ macro_rules! log_limited {
 }
 
 /// A warning a guest can repeat at will: at most one a second per site.
+/// Plain `log::warn!` and `log::error!` are banned outside startup code
+/// (`clippy.toml`).
 #[macro_export]
 macro_rules! warn_limited {
     ($($arg:tt)+) => { $crate::log_limited!(log::Level::Warn, $($arg)+) };

@@ -12,8 +12,6 @@
 //! everywhere. I/O BARs stay unassigned: microvm's host bridge has no I/O
 //! window.
 
-use log::warn;
-
 use crate::address::PciAddress;
 use crate::config::{
     BarKind, BAR0, COMMAND, COMMAND_MEMORY, HEADER_TYPE, MEMORY_BASE, PREF_BASE_UPPER32,
@@ -192,7 +190,9 @@ fn probe(dev: &SharedDevice, address: PciAddress, has64: bool) -> Vec<ProbedBar>
             let size = 1u64 << mask.trailing_zeros();
             let resource = resource_of(kind, has64);
             if resource.is_none() {
-                warn!("pci: {address} BAR {index}: I/O BARs get no address (no I/O window)");
+                devices::warn_limited!(
+                    "pci: {address} BAR {index}: I/O BARs get no address (no I/O window)"
+                );
             }
             bars.push(ProbedBar { index, kind, size, resource });
         }

@@ -219,7 +219,7 @@ impl Watch {
     /// region (INFLIGHT_SHMFD), which skiff does not negotiate yet.
     fn take_over(&mut self, ops: &mut EventOps) {
         if !self.down.swap(true, Ordering::SeqCst) {
-            log::error!(
+            crate::error_limited!(
                 "vhost-user-fs: the backend on '{}' went away; the device needs a reset \
                  (requests now fail with ENOTCONN)",
                 self.path
@@ -243,18 +243,22 @@ impl Watch {
                     ring.init(ops, "vhost-user-fs");
                     self.rings.push(ring);
                 }
-                Err(e) => log::error!("vhost-user-fs: cannot take queue {index} over: {e}"),
+                Err(e) => {
+                    crate::error_limited!("vhost-user-fs: cannot take queue {index} over: {e}")
+                }
             }
         }
         if let Some(every) = self.reconnect {
             match TimerFd::new().and_then(|mut t| t.reset(every, Some(every)).map(|()| t)) {
                 Ok(timer) => {
                     if let Err(e) = ops.add(Events::with_data(&timer, TIMER, EventSet::IN)) {
-                        log::error!("vhost-user-fs: cannot watch the reconnect timer: {e:?}");
+                        crate::error_limited!(
+                            "vhost-user-fs: cannot watch the reconnect timer: {e:?}"
+                        );
                     }
                     self.timer = Some(timer);
                 }
-                Err(e) => log::error!("vhost-user-fs: no reconnect timer: {e}"),
+                Err(e) => crate::error_limited!("vhost-user-fs: no reconnect timer: {e}"),
             }
         }
     }
@@ -272,7 +276,7 @@ impl Watch {
         if let Err(e) = c.reconnect() {
             // Said once; the timer tries again quietly.
             if !std::mem::replace(&mut self.reconnect_told, true) {
-                log::warn!(
+                crate::warn_limited!(
                     "vhost-user-fs: reconnecting: {e} (trying again every {:?})",
                     self.reconnect.unwrap_or_default()
                 );
@@ -288,7 +292,9 @@ impl Watch {
             // Nothing of it may stay live while skiff answers the rings.
             c.stop();
             if !std::mem::replace(&mut self.reconnect_told, true) {
-                log::warn!("vhost-user-fs: reconnected, but the backend refused the queues: {e}");
+                crate::warn_limited!(
+                    "vhost-user-fs: reconnected, but the backend refused the queues: {e}"
+                );
             }
             return;
         }
@@ -296,12 +302,12 @@ impl Watch {
         let socket = match c.socket_fd().try_clone_to_owned() {
             Ok(s) => s,
             Err(e) => {
-                log::error!("vhost-user-fs: cannot watch the new connection: {e}");
+                crate::error_limited!("vhost-user-fs: cannot watch the new connection: {e}");
                 return;
             }
         };
         drop(c);
-        log::warn!("vhost-user-fs: reconnected to '{}'", self.path);
+        crate::warn_limited!("vhost-user-fs: reconnected to '{}'", self.path);
         if let Some(timer) = self.timer.take() {
             let _ = ops.remove(Events::new(&timer, EventSet::IN));
         }
@@ -323,7 +329,7 @@ impl Watch {
         // No IN: replies to the vCPU's requests arrive on this socket too.
         let set = EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR;
         if let Err(e) = ops.add(Events::with_data(&self.socket, SOCKET, set)) {
-            log::error!("vhost-user-fs: cannot watch '{}': {e:?}", self.path);
+            crate::error_limited!("vhost-user-fs: cannot watch '{}': {e:?}", self.path);
         }
     }
 

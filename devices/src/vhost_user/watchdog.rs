@@ -81,7 +81,9 @@ fn watch(shared: &Shared, socket: &UnixStream, down: &AtomicBool) {
         state = match state.deadline {
             None => shared.changed.wait(state).unwrap_or_else(|e| e.into_inner()),
             Some(d) if Instant::now() >= d => {
-                log::error!("vhost-user: the backend did not answer in time; disconnecting");
+                crate::error_limited!(
+                    "vhost-user: the backend did not answer in time; disconnecting"
+                );
                 down.store(true, Ordering::SeqCst);
                 let _ = socket.shutdown(Shutdown::Both);
                 state.deadline = None;

@@ -49,7 +49,7 @@ impl MutEventSubscriber for CallRelay {
             // waiting in the PBA) must not wake the loop again and again.
             let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
             if let Err(e) = ops.add(Events::with_data(call, i as u32, set)) {
-                log::error!("virtio: cannot watch a call eventfd: {e:?}");
+                crate::error_limited!("virtio: cannot watch a call eventfd: {e:?}");
             }
         }
     }

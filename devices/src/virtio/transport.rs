@@ -242,7 +242,7 @@ impl TransportState {
         self.status = v;
         if added & DRIVER_OK != 0 {
             if let Err(e) = self.activate(interrupt.clone()) {
-                log::error!("{}: cannot activate device: {e}", self.name);
+                crate::error_limited!("{}: cannot activate device: {e}", self.name);
                 self.status |= NEEDS_RESET;
                 let _ = interrupt.trigger(VirtioInterruptType::Config);
             }
@@ -288,7 +288,7 @@ impl TransportState {
     /// cannot reset.
     fn reset(&mut self) -> bool {
         if self.status != 0 && !lock(&self.device).reset() {
-            log::error!("{}: device cannot reset", self.name);
+            crate::error_limited!("{}: device cannot reset", self.name);
             self.status |= FAILED;
             return false;
         }

@@ -49,7 +49,7 @@ struct Running<H> {
 impl<H: Handler> MutEventSubscriber for Running<H> {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.stop, EventSet::IN)) {
-            log::error!("worker: cannot watch its stop eventfd: {e:?}");
+            crate::error_limited!("worker: cannot watch its stop eventfd: {e:?}");
         }
         self.handler.init(ops);
     }
@@ -84,7 +84,7 @@ impl<H: Handler> Worker<H> {
             crate::threads::started(crate::threads::ThreadKind::Worker(family));
             loop {
                 if let Err(e) = em.run() {
-                    log::error!("worker: event loop failed: {e:?}");
+                    crate::error_limited!("worker: event loop failed: {e:?}");
                     break;
                 }
                 if em.subscriber_mut(id).map_or(true, |r| r.stopping) {
@@ -107,10 +107,10 @@ impl<H: Handler> Worker<H> {
     fn join(&mut self) -> Option<H> {
         let thread = self.thread.take()?;
         if let Err(e) = self.stop.write(1) {
-            log::error!("worker: cannot signal the stop: {e}");
+            crate::error_limited!("worker: cannot signal the stop: {e}");
         }
         thread.join().unwrap_or_else(|_| {
-            log::error!("worker: the thread panicked");
+            crate::error_limited!("worker: the thread panicked");
             None
         })
     }
@@ -138,7 +138,7 @@ impl Rearm {
 
     pub fn arm(&self) {
         if let Err(e) = self.0.write(1) {
-            log::error!("worker: cannot re-arm: {e}");
+            crate::error_limited!("worker: cannot re-arm: {e}");
         }
     }
 
@@ -202,7 +202,7 @@ impl Ring {
         let rearm = Events::with_data(self.rearm.eventfd(), RING_REARM, EventSet::IN);
         for events in [kick, rearm] {
             if let Err(e) = ops.add(events) {
-                log::error!("{device}: cannot watch an eventfd: {e:?}");
+                crate::error_limited!("{device}: cannot watch an eventfd: {e:?}");
             }
         }
         self.rearm.arm();

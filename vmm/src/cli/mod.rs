@@ -458,7 +458,10 @@ impl Builder {
         }
         for nd in refs.unused_netdevs() {
             let id = nd.id();
-            log::warn!("netdev {id} has no peer (no -device virtio-net-*,netdev={id})");
+            #[expect(clippy::disallowed_macros, reason = "startup: once per -netdev")]
+            {
+                log::warn!("netdev {id} has no peer (no -device virtio-net-*,netdev={id})");
+            }
         }
         c.taken_chardevs = refs.taken_chardevs();
         Ok(())
@@ -623,6 +626,7 @@ fn share_ram_with_vhost_user(config: &mut VmConfig, backend: Option<&str>) -> Re
 
 /// A `-drive` without `format=` gets QEMU's warning that it was probed
 /// (skiff only knows raw).
+#[expect(clippy::disallowed_macros, reason = "startup: once per -drive")]
 fn warn_probed_drives(config: &VmConfig) {
     for dr in config.drives.iter().filter(|d| !d.format_given) {
         log::warn!(

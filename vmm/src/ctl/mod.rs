@@ -88,7 +88,7 @@ impl Faces {
             faces.push(Face { id: id.map(str::to_owned), ctl });
         } else {
             // Faces are shared only once the run is built.
-            log::error!("control: a face offered after the run was built is ignored");
+            devices::error_limited!("control: a face offered after the run was built is ignored");
         }
     }
 

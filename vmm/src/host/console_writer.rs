@@ -188,7 +188,7 @@ impl ConsoleWriter {
         let deadline = Instant::now() + FINISH_DEADLINE;
         while !thread.is_finished() {
             if Instant::now() >= deadline {
-                log::warn!("console output still blocked at exit; the rest is dropped");
+                devices::warn_limited!("console output still blocked at exit; the rest is dropped");
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));

@@ -100,7 +100,10 @@ impl Client {
         self.outbuf.extend_from_slice(value.to_string().as_bytes());
         self.outbuf.extend_from_slice(b"\r\n");
         if self.outbuf.len() > MAX_UNREAD {
-            log::warn!("qmp: a client left {} bytes unread: dropping it", self.outbuf.len());
+            devices::warn_limited!(
+                "qmp: a client left {} bytes unread: dropping it",
+                self.outbuf.len()
+            );
             self.leave();
             return;
         }
@@ -269,8 +272,8 @@ impl QmpHandler {
         match sent {
             Ok(()) => {}
             // As QEMU: the request is accepted; nothing hears it.
-            Err(e @ CtlError::NoDevice(_)) => log::warn!("qmp: no effect: {e}"),
-            Err(e) => log::warn!("qmp: {e}"),
+            Err(e @ CtlError::NoDevice(_)) => devices::warn_limited!("qmp: no effect: {e}"),
+            Err(e) => devices::warn_limited!("qmp: {e}"),
         }
     }
 
@@ -333,12 +336,12 @@ impl QmpHandler {
         if c.gone {
             if let Some(set) = c.watching {
                 if let Err(e) = ops.remove(Events::new_raw(c.stream.fd(), set)) {
-                    log::warn!("qmp: cannot stop watching a client: {e:?}");
+                    devices::warn_limited!("qmp: cannot stop watching a client: {e:?}");
                 }
             }
             server.client = None;
             if let Err(e) = ops.add(Events::new_raw(listener, EventSet::IN)) {
-                log::error!("qmp: cannot watch the socket for the next client: {e:?}");
+                devices::error_limited!("qmp: cannot watch the socket for the next client: {e:?}");
             }
             return;
         }
@@ -351,7 +354,7 @@ impl QmpHandler {
         };
         match res {
             Ok(()) => c.watching = Some(want),
-            Err(e) => log::warn!("qmp: cannot watch a client: {e:?}"),
+            Err(e) => devices::warn_limited!("qmp: cannot watch a client: {e:?}"),
         }
     }
 }
@@ -377,7 +380,7 @@ impl MutEventSubscriber for QmpHandler {
         if server.client.is_some() {
             Self::settle(&mut server, ops);
         } else if let Err(e) = ops.add(Events::new_raw(server.listener_fd(), EventSet::IN)) {
-            log::error!("qmp: cannot watch the socket: {e:?}");
+            devices::error_limited!("qmp: cannot watch the socket: {e:?}");
         }
     }
 
@@ -390,12 +393,12 @@ impl MutEventSubscriber for QmpHandler {
                 // One client at a time: watch it instead of the listener.
                 Ok(true) => {
                     if let Err(e) = ops.remove(Events::new_raw(listener, EventSet::IN)) {
-                        log::warn!("qmp: cannot pause the listener: {e:?}");
+                        devices::warn_limited!("qmp: cannot pause the listener: {e:?}");
                     }
                 }
                 Ok(false) => return,
                 Err(e) => {
-                    log::warn!("qmp: accept failed: {e}");
+                    devices::warn_limited!("qmp: accept failed: {e}");
                     // EMFILE and the like leave the listener readable: back
                     // off instead of spinning on it.
                     std::thread::sleep(Duration::from_millis(100));

@@ -23,7 +23,7 @@ impl MutEventSubscriber for StopWatcher {
     fn init(&mut self, ops: &mut EventOps) {
         for fd in [&self.control, &self.signal] {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
-                log::error!("event loop: cannot watch a stop eventfd: {e:?}");
+                devices::error_limited!("event loop: cannot watch a stop eventfd: {e:?}");
             }
         }
     }

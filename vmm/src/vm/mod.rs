@@ -277,7 +277,10 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     // Anything still holding the VM now would outlive guest memory: a
     // reference cycle, i.e. a VM leaked on every guest reboot.
     if let Err(vm) = Arc::try_unwrap(vm) {
-        log::error!("VM teardown: {} references to the VM remain", Arc::strong_count(&vm) - 1);
+        devices::error_limited!(
+            "VM teardown: {} references to the VM remain",
+            Arc::strong_count(&vm) - 1
+        );
     }
     drop(mem);
     drop(ram);

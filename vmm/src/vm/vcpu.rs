@@ -50,7 +50,7 @@ impl VcpuHandle {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !self.0.is_finished() {
             if std::time::Instant::now() > deadline {
-                log::warn!("a vCPU thread did not stop; leaving it behind");
+                devices::warn_limited!("a vCPU thread did not stop; leaving it behind");
                 return;
             }
             let _ = self.0.kill(crate::host::signals::vcpu_kick_signal());
@@ -120,7 +120,9 @@ pub(in crate::vm) fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext) {
                     KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
                     KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_CRASH => VmEvent::Reset,
                     other => {
-                        log::warn!("vcpu{index}: unknown system event {other}; ignored");
+                        devices::warn_limited!(
+                            "vcpu{index}: unknown system event {other}; ignored"
+                        );
                         continue;
                     }
                 };

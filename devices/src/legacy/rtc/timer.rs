@@ -46,7 +46,7 @@ impl RtcTimer {
             None => self.timer.clear(),
         };
         if let Err(e) = res {
-            log::warn!("rtc: cannot arm its timer: {e}");
+            crate::warn_limited!("rtc: cannot arm its timer: {e}");
         }
     }
 }
@@ -55,7 +55,7 @@ impl MutEventSubscriber for RtcTimer {
     fn init(&mut self, ops: &mut EventOps) {
         for ev in [Events::new(&self.timer, EventSet::IN), Events::new(&self.rearm, EventSet::IN)] {
             if let Err(e) = ops.add(ev) {
-                log::warn!("rtc: cannot watch its timer: {e:?}");
+                crate::warn_limited!("rtc: cannot watch its timer: {e:?}");
             }
         }
     }

@@ -82,7 +82,7 @@ impl SerialInput {
 impl MutEventSubscriber for SerialInput {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.input_ready, EventSet::IN)) {
-            log::warn!("serial input: cannot watch the UART: {e:?}");
+            crate::warn_limited!("serial input: cannot watch the UART: {e:?}");
         }
         self.watch_stdin(ops, true);
     }

@@ -58,7 +58,7 @@ impl<T: Trigger> Serial<T> {
         match self.uart.enqueue_raw_bytes(input) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial: failed to queue input: {e:?}");
+                crate::warn_limited!("serial: failed to queue input: {e:?}");
                 0
             }
         }

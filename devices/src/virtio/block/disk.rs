@@ -202,7 +202,7 @@ impl Disk {
             (open(opts, false).map_err(open_err)?, None)
         };
         if opts.direct && direct_align.is_none() {
-            log::warn!(
+            crate::warn_limited!(
                 "{}: the filesystem does not support O_DIRECT (cache=none): using the page \
                  cache, with fdatasync on every guest flush",
                 opts.path.display()

@@ -212,7 +212,9 @@ fn engine(
             Ok(u) => return Some(Engine::Uring(Box::new(u))),
             Err(e) => {
                 if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    log::warn!("aio=io_uring: io_uring unavailable ({e}); using a thread pool");
+                    crate::warn_limited!(
+                        "aio=io_uring: io_uring unavailable ({e}); using a thread pool"
+                    );
                 }
             }
         }
@@ -220,7 +222,7 @@ fn engine(
     match Pool::new(mem.clone(), disk.clone(), policy.clone(), size) {
         Ok(p) => Some(Engine::Pool(p)),
         Err(e) => {
-            log::warn!("virtio-blk: no thread pool ({e}); requests run one at a time");
+            crate::warn_limited!("virtio-blk: no thread pool ({e}); requests run one at a time");
             None
         }
     }
@@ -274,7 +276,7 @@ impl Engine {
     fn submit(&mut self) {
         if let Engine::Uring(u) = self {
             if let Err(err) = u.submit() {
-                log::error!("virtio-blk: io_uring submit failed: {err}");
+                crate::error_limited!("virtio-blk: io_uring submit failed: {err}");
             }
         }
     }
@@ -397,17 +399,17 @@ impl MutEventSubscriber for BlockQueue {
         self.ring.init(ops, "virtio-blk");
         if let Some(e) = &self.engine {
             if let Err(e) = ops.add(Events::with_data(e.eventfd(), DONE, notice())) {
-                log::error!("virtio-blk: cannot watch its I/O completions: {e:?}");
+                crate::error_limited!("virtio-blk: cannot watch its I/O completions: {e:?}");
             }
             let timer = Events::with_data(self.moderation.timer(), HOLD, notice());
             if let Err(e) = ops.add(timer) {
-                log::error!("virtio-blk: cannot watch its interrupt timer: {e:?}");
+                crate::error_limited!("virtio-blk: cannot watch its interrupt timer: {e:?}");
             }
         }
         // Polling starts only once its timer is watched.
         match ops.add(Events::with_data(self.polling.timer(), POLL, notice())) {
             Ok(()) => self.polling.watched(),
-            Err(e) => log::error!("virtio-blk: cannot watch its poll timer: {e:?}"),
+            Err(e) => crate::error_limited!("virtio-blk: cannot watch its poll timer: {e:?}"),
         }
     }
 

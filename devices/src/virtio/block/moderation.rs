@@ -59,7 +59,7 @@ impl Moderation {
                 Ok(()) => self.armed = true,
                 // Without a timer nothing may wait.
                 Err(e) => {
-                    log::error!("virtio-blk: cannot arm the interrupt timer: {e}");
+                    crate::error_limited!("virtio-blk: cannot arm the interrupt timer: {e}");
                     return self.flush();
                 }
             }
@@ -148,7 +148,7 @@ impl Polling {
             Ok(()) => true,
             // Without a timer the guest must kick.
             Err(e) => {
-                log::error!("virtio-blk: cannot arm the poll timer: {e}");
+                crate::error_limited!("virtio-blk: cannot arm the poll timer: {e}");
                 false
             }
         }

@@ -121,7 +121,7 @@ impl Pool {
                 done.list.lock().unwrap_or_else(PoisonError::into_inner).push((chain.head, used));
                 done.ready.notify_one();
                 if let Err(e) = signal.write(1) {
-                    log::error!("virtio-blk: cannot signal a completion: {e}");
+                    crate::error_limited!("virtio-blk: cannot signal a completion: {e}");
                 }
             }
         })?;

@@ -178,7 +178,7 @@ impl Uring {
         while self.in_flight() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("virtio-blk: waiting for io_uring: {e}");
+                    crate::error_limited!("virtio-blk: waiting for io_uring: {e}");
                     break;
                 }
             }

@@ -405,7 +405,7 @@ impl MutEventSubscriber for QueuePair {
         self.tx.init(ops, &self.name);
         let tap = Events::with_data_raw(self.tap.as_raw_fd(), TAP, notice());
         if let Err(e) = ops.add(tap) {
-            log::error!("{}: cannot watch the tap: {e:?}", self.name);
+            crate::error_limited!("{}: cannot watch the tap: {e:?}", self.name);
         }
     }
 

@@ -117,7 +117,7 @@ impl MutEventSubscriber for RngQueue {
         self.ring.init(ops, "virtio-rng");
         if let Some(l) = self.backend.limiter() {
             if let Err(e) = ops.add(Events::with_data(l.timer(), TIMER, EventSet::IN)) {
-                log::error!("virtio-rng: cannot watch the rate-limit timer: {e:?}");
+                crate::error_limited!("virtio-rng: cannot watch the rate-limit timer: {e:?}");
             }
         }
     }

@@ -69,7 +69,7 @@ impl Limiter {
         if !self.armed {
             match self.timer.reset(self.cfg.period, None) {
                 Ok(()) => self.armed = true,
-                Err(e) => log::error!("virtio-rng: cannot arm the rate-limit timer: {e}"),
+                Err(e) => crate::error_limited!("virtio-rng: cannot arm the rate-limit timer: {e}"),
             }
         }
     }
@@ -83,7 +83,7 @@ impl Limiter {
             Ok(_) => {}
             // Not expired after all (a stale wakeup): keep waiting.
             Err(e) if e.errno() == libc::EAGAIN => return false,
-            Err(e) => log::error!("virtio-rng: cannot read the rate-limit timer: {e}"),
+            Err(e) => crate::error_limited!("virtio-rng: cannot read the rate-limit timer: {e}"),
         }
         self.armed = false;
         self.remaining = self.cfg.max_bytes;

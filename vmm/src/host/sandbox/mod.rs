@@ -140,7 +140,10 @@ pub fn confine(kind: ThreadKind) {
     let applied = filter(kind, &active.policy, needs)
         .and_then(|prog| seccompiler::apply_filter(&prog).map_err(Error::Install));
     if let Err(e) = applied {
-        log::error!("{} thread: {e}", kind.name());
+        #[expect(clippy::disallowed_macros, reason = "skiff exits right after")]
+        {
+            log::error!("{} thread: {e}", kind.name());
+        }
         std::process::exit(1);
     }
     trip_if_asked(kind);

@@ -50,7 +50,7 @@ struct IntxResampler {
 impl MutEventSubscriber for IntxResampler {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.resample, EventSet::IN)) {
-            log::error!("pci: cannot watch an INTx resample eventfd: {e:?}");
+            devices::error_limited!("pci: cannot watch an INTx resample eventfd: {e:?}");
         }
     }
 
@@ -148,7 +148,10 @@ impl<D: Doorbells> BarMapper<D> {
         for (b, offset, evt) in lock(&st.dev).ioeventfds() {
             if b == st.bar {
                 if let Err(e) = self.doorbells.unregister(evt, st.addr + offset) {
-                    log::error!("pci: cannot remove an ioeventfd at {:#x}: {e}", st.addr + offset);
+                    devices::error_limited!(
+                        "pci: cannot remove an ioeventfd at {:#x}: {e}",
+                        st.addr + offset
+                    );
                 }
             }
         }

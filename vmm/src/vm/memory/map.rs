@@ -159,7 +159,7 @@ impl Drop for GuestMap {
             if let Err(e) = self.unmap(slot) {
                 // The VM may still reach it: leave it mapped (a leak, never
                 // a page the guest could fault on after munmap).
-                log::error!("guest map: cannot remove KVM slot {slot}: {e}");
+                devices::error_limited!("guest map: cannot remove KVM slot {slot}: {e}");
                 self.mapped.remove(&slot);
             }
         }

@@ -146,7 +146,9 @@ impl Drop for GuestRam {
         self.mem = GuestMemoryMmap::default();
         for (region, addr, len) in self.maps.drain(..) {
             if Arc::strong_count(&region) != 1 {
-                log::error!("guest RAM at {addr:#x} still referenced at teardown: left mapped");
+                devices::error_limited!(
+                    "guest RAM at {addr:#x} still referenced at teardown: left mapped"
+                );
                 continue;
             }
             drop(region);
