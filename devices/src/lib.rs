@@ -5,6 +5,8 @@
 
 pub mod aml;
 pub mod bus;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod legacy;
 pub mod ratelimit;
 pub mod threads;

@@ -31,6 +31,8 @@ pub mod bridge;
 pub mod capability;
 pub mod config;
 pub mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod msix;
 pub mod root;
 pub mod virtio_pci;

@@ -270,7 +270,8 @@ impl Msix {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports))]
 pub(crate) mod tests {
     use std::sync::Mutex;
 

@@ -221,7 +221,8 @@ fn decode(offset: u64, len: usize) -> Option<(PciAddress, u16)> {
     Some(PciAddress::from_ecam_offset(offset))
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports))]
 pub(crate) mod tests {
     use super::*;
     use crate::bridge::{RootPort, RootPortParams};

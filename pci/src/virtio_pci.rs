@@ -573,8 +573,9 @@ impl PciDevice for VirtioPciDevice {
     }
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports))]
+pub(crate) mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use devices::virtio::{ActivateError, ActivationContext, VIRTIO_F_VERSION_1};
@@ -630,61 +631,64 @@ mod tests {
     /// virtio function's BAR registers (common config, notify, MSI-X table
     /// and PBA). Renumbered buses, moved and sized BARs, odd capability
     /// writes: nothing panics.
+    #[cfg(test)]
     #[test]
     fn fuzz_pci_config_space() {
+        skiff_tests::fuzz::run("pci-config-space", 20_000, fuzz_config_space);
+    }
+
+    /// One input of `fuzz_pci_config_space` (also a libFuzzer target: `fuzz/`).
+    pub(crate) fn fuzz_config_space(rng: &mut skiff_tests::fuzz::Rng) {
         use crate::address::PciAddress;
         use crate::config::BarKind;
         use crate::root::tests::{addr, root_port, Endpoint};
         use crate::root::PciRoot;
         use devices::BusDevice;
-        use skiff_tests::fuzz::run;
         let interesting_regs: [u16; 16] = [
             0, 4, 6, 0x0c, 0x10, 0x14, 0x18, 0x1c, 0x20, 0x24, 0x30, 0x34, 0x3c, 0x40, 0x50, 0x100,
         ];
-        run("pci-config-space", 20_000, |rng| {
-            let (_, dev, _) = setup();
-            let virtio = Arc::new(Mutex::new(dev));
-            let mut root = PciRoot::new(16);
-            root.set_bar_move_handler(Box::new(|_, _, _| {}));
-            root.insert(addr(0, 1, 0), root_port(1)).unwrap();
-            root.insert(addr(0, 2, 0), virtio.clone()).unwrap();
-            let bars = [
-                (0, BarKind::Memory32 { prefetchable: false }, 0x1000),
-                (1, BarKind::Io, 0x20),
-                (2, BarKind::Memory64 { prefetchable: true }, 0x4000),
-            ];
-            root.insert(addr(1, 0, 0), Endpoint::shared(&bars)).unwrap();
-            for _ in 0..rng.below(60) {
-                let len = *rng.pick(&[1usize, 2, 4, 4, 4, 3, 8]);
-                if rng.one_in(4) {
-                    // The virtio function's own registers.
-                    let bar = *rng.pick(&[MSIX_BAR, MODERN_BAR, 0, 5]);
-                    let offset = rng.below(0x4100);
-                    let mut d = virtio.lock().unwrap();
-                    if rng.one_in(2) {
-                        let mut data = [0u8; 8];
-                        d.bar_read(bar, offset, &mut data[..len]);
-                    } else {
-                        d.bar_write(bar, offset, &rng.interesting().to_le_bytes()[..len]);
-                    }
-                    continue;
-                }
-                let bus = rng.below(4) as u8;
-                let a = PciAddress::new(bus, rng.below(4) as u8, rng.below(2) as u8).unwrap();
-                let reg = if rng.one_in(2) {
-                    *rng.pick(&interesting_regs) + rng.below(4) as u16 * u16::from(rng.one_in(3))
-                } else {
-                    rng.below(0x1000) as u16
-                };
-                let at = if rng.one_in(20) { rng.interesting() } else { a.ecam_offset(reg) };
+        let (_, dev, _) = setup();
+        let virtio = Arc::new(Mutex::new(dev));
+        let mut root = PciRoot::new(16);
+        root.set_bar_move_handler(Box::new(|_, _, _| {}));
+        root.insert(addr(0, 1, 0), root_port(1)).unwrap();
+        root.insert(addr(0, 2, 0), virtio.clone()).unwrap();
+        let bars = [
+            (0, BarKind::Memory32 { prefetchable: false }, 0x1000),
+            (1, BarKind::Io, 0x20),
+            (2, BarKind::Memory64 { prefetchable: true }, 0x4000),
+        ];
+        root.insert(addr(1, 0, 0), Endpoint::shared(&bars)).unwrap();
+        for _ in 0..rng.below(60) {
+            let len = *rng.pick(&[1usize, 2, 4, 4, 4, 3, 8]);
+            if rng.one_in(4) {
+                // The virtio function's own registers.
+                let bar = *rng.pick(&[MSIX_BAR, MODERN_BAR, 0, 5]);
+                let offset = rng.below(0x4100);
+                let mut d = virtio.lock().unwrap();
                 if rng.one_in(2) {
                     let mut data = [0u8; 8];
-                    root.read(at, &mut data[..len]);
+                    d.bar_read(bar, offset, &mut data[..len]);
                 } else {
-                    root.write(at, &rng.interesting().to_le_bytes()[..len]);
+                    d.bar_write(bar, offset, &rng.interesting().to_le_bytes()[..len]);
                 }
+                continue;
             }
-        });
+            let bus = rng.below(4) as u8;
+            let a = PciAddress::new(bus, rng.below(4) as u8, rng.below(2) as u8).unwrap();
+            let reg = if rng.one_in(2) {
+                *rng.pick(&interesting_regs) + rng.below(4) as u16 * u16::from(rng.one_in(3))
+            } else {
+                rng.below(0x1000) as u16
+            };
+            let at = if rng.one_in(20) { rng.interesting() } else { a.ecam_offset(reg) };
+            if rng.one_in(2) {
+                let mut data = [0u8; 8];
+                root.read(at, &mut data[..len]);
+            } else {
+                root.write(at, &rng.interesting().to_le_bytes()[..len]);
+            }
+        }
     }
 
     fn setup() -> (Arc<Mutex<Fake>>, VirtioPciDevice, Arc<Routes>) {

@@ -2,6 +2,13 @@
 //! target is a unit test in its own crate that hands [`run`] a body turning
 //! a [`Rng`] into one input and feeding it to the code under test.
 //!
+//! The same bodies are libFuzzer targets (`fuzz/`, cargo-fuzz on nightly
+//! with AddressSanitizer): there the [`Rng`] is [`Rng::from_bytes`] of
+//! libFuzzer's input, so every choice a body makes is a few of its bytes,
+//! and coverage guides libFuzzer's mutations to the choices that reach new
+//! code (a structured input, as `arbitrary` gives, with no second
+//! description of each target).
+//!
 //! - Inputs: `SKIFF_FUZZ_INPUTS` (resources/fuzz.sh sets a million), else
 //!   the target's short default (what CI runs with every `cargo test`).
 //! - Seed: `SKIFF_FUZZ_SEED`, else a fixed one. Input `i` depends only on
@@ -19,8 +26,15 @@ use std::time::{Duration, Instant};
 /// An input running longer than this is reported as a hang.
 pub const HANG: Duration = Duration::from_secs(10);
 
-/// xorshift64*: small, fast, reproducible.
-pub struct Rng(u64);
+/// Where a body's choices come from.
+pub struct Rng(Source);
+
+enum Source {
+    /// xorshift64*: small, fast, reproducible.
+    Xorshift(u64),
+    /// libFuzzer's input, read front to back; zeros once it is used up.
+    Bytes { data: Vec<u8>, at: usize },
+}
 
 impl Rng {
     /// The generator for input `index` under `seed` (splitmix64 of both,
@@ -29,22 +43,61 @@ impl Rng {
         let mut z = seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
+        Rng(Source::Xorshift((z ^ (z >> 31)) | 1))
+    }
+
+    /// Choices read from `data` (a coverage-guided fuzzer's input).
+    pub fn from_bytes(data: &[u8]) -> Self {
+        Rng(Source::Bytes { data: data.to_vec(), at: 0 })
+    }
+
+    /// A generator of its own (for another thread): from bytes, the rest
+    /// of the input (this one reads zeros after), else seeded from this.
+    pub fn split(&mut self) -> Rng {
+        match &mut self.0 {
+            Source::Bytes { data, at } => {
+                let rest = data.get(*at..).unwrap_or_default().to_vec();
+                *at = data.len();
+                Rng(Source::Bytes { data: rest, at: 0 })
+            }
+            Source::Xorshift(_) => Rng::for_input(self.next_u64(), 0),
+        }
+    }
+
+    /// `n` bytes of the input as a little-endian number.
+    fn take(&mut self, n: usize) -> Option<u64> {
+        let Source::Bytes { data, at } = &mut self.0 else { return None };
+        let mut v = 0u64;
+        for i in 0..n {
+            let b = data.get(*at).copied().unwrap_or(0);
+            *at += 1;
+            v |= u64::from(b) << (8 * i);
+        }
+        Some(v)
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        match &mut self.0 {
+            Source::Xorshift(x) => {
+                *x ^= *x >> 12;
+                *x ^= *x << 25;
+                *x ^= *x >> 27;
+                x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+            }
+            Source::Bytes { .. } => self.take(8).unwrap_or(0),
+        }
     }
 
-    /// Uniform in `0..n` (0 when n is 0).
+    /// Uniform in `0..n` (0 when n is 0). From bytes, only as many as `n`
+    /// needs: a choice among 4 is one byte of the input.
     pub fn below(&mut self, n: u64) -> u64 {
         if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
+            return 0;
+        }
+        let bytes = (64 - (n - 1).leading_zeros()).div_ceil(8).max(1) as usize;
+        match self.take(bytes) {
+            Some(v) => v % n,
+            None => self.next_u64() % n,
         }
     }
 
@@ -187,6 +240,18 @@ mod tests {
         assert!(a.windows(2).all(|w| w[0] == w[1]));
         assert_ne!(Rng::for_input(7, 3).next_u64(), Rng::for_input(7, 4).next_u64());
         assert_ne!(Rng::for_input(7, 3).next_u64(), Rng::for_input(8, 3).next_u64());
+    }
+
+    /// From bytes, each choice takes what it needs and the input's end
+    /// reads as zeros.
+    #[test]
+    fn choices_from_bytes_read_the_input_in_order() {
+        let mut r = Rng::from_bytes(&[3, 0x34, 0x12, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(r.below(4), 3, "one byte");
+        assert_eq!(r.below(0x10000), 0x1234, "two bytes");
+        assert_eq!(r.next_u64(), 0x0807_0605_0403_0201);
+        assert_eq!(r.below(256), 9);
+        assert_eq!((r.next_u64(), r.below(7)), (0, 0), "past the end");
     }
 
     #[test]

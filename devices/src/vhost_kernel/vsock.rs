@@ -195,3 +195,26 @@ impl Drop for VhostVsock {
         self.stop();
     }
 }
+/// One input of `fuzz_vsock_config` (also a libFuzzer target): the
+/// guest reads the config space (its CID) at any offset and width, as the
+/// device answers it; what lies inside reads as the CID's bytes, the rest
+/// as zeros.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn fuzz_config(rng: &mut skiff_tests::fuzz::Rng) {
+    let cid = rng.interesting();
+    let config = cid.to_le_bytes();
+    let offset = if rng.one_in(2) { rng.below(16) } else { rng.interesting() };
+    let mut data = vec![0xa5u8; rng.index(16)];
+    crate::virtio::read_config_from(&config, offset, &mut data);
+    for (i, b) in data.iter().enumerate() {
+        let at = offset.checked_add(i as u64).and_then(|a| usize::try_from(a).ok());
+        let want = at.and_then(|a| config.get(a)).copied().unwrap_or(0);
+        assert_eq!(*b, want, "byte {i} of a read at {offset:#x}");
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn fuzz_vsock_config() {
+    skiff_tests::fuzz::run("vsock-config", 20_000, fuzz_config);
+}

@@ -14,8 +14,8 @@
 //! what skiff does when the other process misbehaves or dies.
 
 pub mod fs;
-#[cfg(test)]
-mod tests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod tests;
 mod watchdog;
 
 use std::io;

@@ -1,6 +1,8 @@
 //! The frontend against a scripted backend on the other end of a socket:
 //! the order of QEMU's requests, the descriptors that go with them, and a
-//! backend that lies, stalls or dies.
+//! backend that lies, stalls or dies. Built for the fuzz targets too
+//! (feature `fuzzing`), where only `fuzz_*` is used.
+#![cfg_attr(not(test), allow(dead_code, unused_imports))]
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -64,8 +66,8 @@ enum Behaviour {
     Short,
     /// Never answers GET_FEATURES.
     Silent,
-    /// Honest answers, mangled by a fuzzer seeded so.
-    Fuzz(u64, u64),
+    /// Honest answers, mangled by the fuzzer's choices (`serve_fuzzed`).
+    Fuzz,
     /// Acknowledges SET_MEM_TABLE with a failure (REPLY_ACK).
     RefuseMemTable,
     /// Offers no VIRTIO_RING_F_EVENT_IDX.
@@ -208,11 +210,21 @@ fn mangle(rng: &mut Rng, stream: &mut UnixStream, request: u32, body: &[u8]) -> 
 
 /// Reads requests until the frontend hangs up, answering as `behaviour`
 /// says and acknowledging whatever asks for it (REPLY_ACK).
-fn serve(mut stream: UnixStream, behaviour: Behaviour, log: &Mutex<Vec<Seen>>) {
-    let mut fuzz = match behaviour {
-        Behaviour::Fuzz(seed, index) => Some(Rng::for_input(seed, index)),
-        _ => None,
-    };
+fn serve(stream: UnixStream, behaviour: Behaviour, log: &Mutex<Vec<Seen>>) {
+    serve_with(stream, behaviour, None, log)
+}
+
+/// `serve`, its answers mangled as `rng` chooses.
+fn serve_fuzzed(stream: UnixStream, rng: Rng, log: &Mutex<Vec<Seen>>) {
+    serve_with(stream, Behaviour::Fuzz, Some(rng), log)
+}
+
+fn serve_with(
+    mut stream: UnixStream,
+    behaviour: Behaviour,
+    mut fuzz: Option<Rng>,
+    log: &Mutex<Vec<Seen>>,
+) {
     let mut reply = |stream: &mut UnixStream, request: u32, body: &[u8]| match &mut fuzz {
         Some(rng) => mangle(rng, stream, request, body),
         None => {
@@ -564,24 +576,29 @@ fn reconnect_hands_the_queues_to_a_new_backend() {
 /// A backend whose replies are mangled at random (resources/fuzz.sh runs a
 /// million): every sequence ends in an error or success, never a panic or
 /// a hang (the harness's watchdog).
+#[cfg(test)]
 #[test]
 fn fuzz_vhost_user_replies() {
-    use skiff_tests::fuzz::run;
-    let mem = shared_mem(0x40_0000);
-    run("vhost-user-replies", 1000, |rng| {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let seed = rng.next_u64();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let backend = std::thread::spawn(move || serve(theirs, Behaviour::Fuzz(seed, 0), &log));
-        let name = std::path::Path::new("fuzz.sock");
-        if let Ok(mut c) = Connection::from_stream(ours, name, 2, Duration::from_secs(5)) {
-            let (_tqs, queues, _) = active_queues(&mem, 2);
-            if c.start(VIRTIO_F_VERSION_1, &mem, queues.iter().map(Into::into)).is_ok() {
-                c.stop();
-            }
+    skiff_tests::fuzz::run("vhost-user-replies", 1000, fuzz_replies);
+}
+
+/// One input of `fuzz_vhost_user_replies` (also a libFuzzer target: `fuzz/`).
+pub(crate) fn fuzz_replies(rng: &mut skiff_tests::fuzz::Rng) {
+    static MEM: std::sync::OnceLock<GuestMemoryMmap> = std::sync::OnceLock::new();
+    let mem = MEM.get_or_init(|| shared_mem(0x40_0000));
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    // The backend's choices: the rest of the input, on its own thread.
+    let backend_rng = rng.split();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let backend = std::thread::spawn(move || serve_fuzzed(theirs, backend_rng, &log));
+    let name = std::path::Path::new("fuzz.sock");
+    if let Ok(mut c) = Connection::from_stream(ours, name, 2, Duration::from_secs(5)) {
+        let (_tqs, queues, _) = active_queues(mem, 2);
+        if c.start(VIRTIO_F_VERSION_1, mem, queues.iter().map(Into::into)).is_ok() {
+            c.stop();
         }
-        backend.join().unwrap();
-    });
+    }
+    backend.join().unwrap();
 }
 
 /// With REPLY_ACK a backend can refuse a request, and the start fails there

@@ -261,8 +261,9 @@ pub fn aml(index: usize, base: u64, gsi: u32) -> Result<Vec<u8>, AmlError> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports))]
+pub(crate) mod tests {
     use virtio_bindings::virtio_config::{
         VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
         VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
@@ -403,9 +404,14 @@ mod tests {
     /// values at the edges, in any order; half the inputs first bring the
     /// device up properly (so queue and status writes meet an active
     /// device), with queue addresses anywhere, in memory or not.
+    #[cfg(test)]
     #[test]
     fn fuzz_virtio_mmio_registers() {
-        use skiff_tests::fuzz::run;
+        skiff_tests::fuzz::run("virtio-mmio-registers", 20_000, fuzz_registers);
+    }
+
+    /// One input of `fuzz_virtio_mmio_registers` (also a libFuzzer target: `fuzz/`).
+    pub(crate) fn fuzz_registers(rng: &mut skiff_tests::fuzz::Rng) {
         let regs = [
             MAGIC_VALUE,
             DEVICE_FEATURES,
@@ -438,35 +444,33 @@ mod tests {
             0x80,
             0xff,
         ];
-        run("virtio-mmio-registers", 20_000, |rng| {
-            let (_, mut t) = setup();
-            if rng.one_in(2) {
-                let size = *rng.pick(&[0u32, 1, 2, 3, 8, 16, 17, 256]);
-                let desc = if rng.one_in(2) { DESC } else { rng.interesting() };
-                let _ = negotiate(&mut t, VIRTIO_F_VERSION_1 | rng.interesting());
-                setup_queue(&mut t, rng.below(3) as u32, size, desc);
-                let _ = driver_ok(&mut t);
-            }
-            for _ in 0..rng.below(40) {
-                let offset = match rng.below(4) {
-                    0 => rng.below(0x300),
-                    1 => rng.interesting(),
-                    _ => *rng.pick(&regs) + rng.below(4) * u64::from(rng.one_in(4)),
-                };
-                let len = *rng.pick(&[1usize, 2, 3, 4, 4, 4, 8]);
-                if rng.one_in(3) {
-                    let mut data = [0u8; 8];
-                    t.read(offset, &mut data[..len]);
+        let (_, mut t) = setup();
+        if rng.one_in(2) {
+            let size = *rng.pick(&[0u32, 1, 2, 3, 8, 16, 17, 256]);
+            let desc = if rng.one_in(2) { DESC } else { rng.interesting() };
+            let _ = negotiate(&mut t, VIRTIO_F_VERSION_1 | rng.interesting());
+            setup_queue(&mut t, rng.below(3) as u32, size, desc);
+            let _ = driver_ok(&mut t);
+        }
+        for _ in 0..rng.below(40) {
+            let offset = match rng.below(4) {
+                0 => rng.below(0x300),
+                1 => rng.interesting(),
+                _ => *rng.pick(&regs) + rng.below(4) * u64::from(rng.one_in(4)),
+            };
+            let len = *rng.pick(&[1usize, 2, 3, 4, 4, 4, 8]);
+            if rng.one_in(3) {
+                let mut data = [0u8; 8];
+                t.read(offset, &mut data[..len]);
+            } else {
+                let value = if offset == STATUS && rng.one_in(2) {
+                    u64::from(*rng.pick(&statuses))
                 } else {
-                    let value = if offset == STATUS && rng.one_in(2) {
-                        u64::from(*rng.pick(&statuses))
-                    } else {
-                        rng.interesting()
-                    };
-                    t.write(offset, &value.to_le_bytes()[..len]);
-                }
+                    rng.interesting()
+                };
+                t.write(offset, &value.to_le_bytes()[..len]);
             }
-        });
+        }
     }
 
     /// A driver that writes an invalid status a million times: the

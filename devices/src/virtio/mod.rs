@@ -18,7 +18,7 @@ pub mod net;
 pub mod notifier;
 pub mod p9;
 pub mod rng;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod test_utils;
 pub mod transport;
 pub mod worker;

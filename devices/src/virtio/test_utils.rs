@@ -1,5 +1,7 @@
 //! Test helpers: a small guest memory, a virtqueue laid out in it from the
 //! driver's side, and an interrupt that records what it was asked to raise.
+// Built for the fuzz targets too (feature `fuzzing`), which use part of it.
+#![cfg_attr(not(test), allow(dead_code))]
 
 use std::sync::Mutex;
 

@@ -15,8 +15,8 @@ mod machine;
 mod memory;
 mod netdev;
 mod opts;
-#[cfg(test)]
-mod tests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod tests;
 
 pub(crate) use fsdev::check_tag;
 pub use help::help_text;
@@ -718,7 +718,8 @@ fn parse_run_with(label: &str, arg: &str, run_with: &mut RunWith) -> Result<(), 
 }
 
 /// Parsing helpers for the tests of the kinds and the VMM.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod tests_support {
     use super::{parse, Action, VmConfig};
     use crate::config::DeviceConfig;

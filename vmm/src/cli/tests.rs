@@ -1,5 +1,7 @@
 //! Tests of `parse` over whole command lines. The tokenizer and each option's
-//! value parsing are tested beside their code.
+//! value parsing are tested beside their code. Built for the fuzz targets
+//! too (feature `fuzzing`), where only `fuzz_*` is used.
+#![cfg_attr(not(test), allow(dead_code, unused_imports))]
 
 use super::tests_support::expected;
 use super::*;
@@ -583,91 +585,102 @@ fn run_with() {
     fails(&["-run-with", "group=x"], "-run-with: unknown property 'group'");
 }
 
+/// Pieces of option values that trip parsers.
+const PIECES: &[&str] = &[
+    "",
+    ",",
+    ",,",
+    "=",
+    "==",
+    "-",
+    "--",
+    "+",
+    "no",
+    "on",
+    "off",
+    "auto",
+    "help",
+    "?",
+    "id",
+    "id=x",
+    "microvm",
+    "type=",
+    "0",
+    "0x",
+    "0xffffffffffffffff",
+    "18446744073709551616",
+    "4294967296",
+    "1.",
+    ".5",
+    "1.5G",
+    "16E",
+    "9E",
+    "K",
+    "é",
+    "ß=ü",
+    "\u{0}",
+    "\u{feff}",
+    " ",
+    "path=",
+    "size",
+    "maxcpus=0",
+    "sockets=4294967295",
+    "cores=4294967295",
+    "threads=4294967295",
+    "chardev:",
+    "file:",
+    "stdio",
+    "socket",
+    "server",
+    "nowait",
+    "uuid=",
+    "type=1",
+    "iobase=0xffff",
+];
+
+/// Every option, and a few that are not.
+fn fuzz_options() -> Vec<String> {
+    OPTIONS
+        .iter()
+        .map(|(name, _)| format!("-{name}"))
+        .chain(["-qmp", "--", "-", "-bogus", ""].map(String::from))
+        .collect()
+}
+
 /// Fuzz target: command lines of random options with values built from
 /// pieces that trip parsers (separators, escapes, huge numbers, odd
 /// Unicode, bytes that are not UTF-8). Each parses or fails with an error,
 /// never a panic.
+#[cfg(test)]
 #[test]
 fn fuzz_command_line() {
-    const PIECES: &[&str] = &[
-        "",
-        ",",
-        ",,",
-        "=",
-        "==",
-        "-",
-        "--",
-        "+",
-        "no",
-        "on",
-        "off",
-        "auto",
-        "help",
-        "?",
-        "id",
-        "id=x",
-        "microvm",
-        "type=",
-        "0",
-        "0x",
-        "0xffffffffffffffff",
-        "18446744073709551616",
-        "4294967296",
-        "1.",
-        ".5",
-        "1.5G",
-        "16E",
-        "9E",
-        "K",
-        "é",
-        "ß=ü",
-        "\u{0}",
-        "\u{feff}",
-        " ",
-        "path=",
-        "size",
-        "maxcpus=0",
-        "sockets=4294967295",
-        "cores=4294967295",
-        "threads=4294967295",
-        "chardev:",
-        "file:",
-        "stdio",
-        "socket",
-        "server",
-        "nowait",
-        "uuid=",
-        "type=1",
-        "iobase=0xffff",
-    ];
-    let options: Vec<String> = OPTIONS
-        .iter()
-        .map(|(name, _)| format!("-{name}"))
-        .chain(["-qmp", "--", "-", "-bogus", ""].map(String::from))
-        .collect();
-    skiff_tests::fuzz::run("command-line", 20_000, |rng| {
-        let mut line: Vec<std::ffi::OsString> = Vec::new();
-        for _ in 0..rng.below(5) {
-            line.push(rng.pick(&options).into());
-            let mut value: Vec<u8> = Vec::new();
-            for _ in 0..rng.below(5) {
-                if rng.one_in(10) {
-                    value.extend(rng.bytes(6));
-                } else {
-                    value.extend_from_slice(rng.pick(PIECES).as_bytes());
-                }
-            }
-            line.push(std::os::unix::ffi::OsStringExt::from_vec(value));
-        }
-        let _ = parse(line);
-    });
+    skiff_tests::fuzz::run("command-line", 20_000, fuzz_command_line_one);
     // And every option with each piece alone.
-    for option in &options {
+    for option in &fuzz_options() {
         for piece in PIECES {
             let _ = parse([option.clone(), piece.to_string()]);
             let _ = parse([option.clone()]);
         }
     }
+}
+
+/// One input of `fuzz_command_line` (also a libFuzzer target: `fuzz/`).
+pub(crate) fn fuzz_command_line_one(rng: &mut skiff_tests::fuzz::Rng) {
+    let options = fuzz_options();
+    let mut line: Vec<std::ffi::OsString> = Vec::new();
+    for _ in 0..rng.below(5) {
+        line.push(rng.pick(&options).into());
+        let mut value: Vec<u8> = Vec::new();
+        for _ in 0..rng.below(5) {
+            if rng.one_in(10) {
+                value.extend(rng.bytes(6));
+            } else {
+                value.extend_from_slice(rng.pick(PIECES).as_bytes());
+            }
+        }
+        line.push(std::os::unix::ffi::OsStringExt::from_vec(value));
+    }
+    let _ = parse(line);
 }
 
 #[test]

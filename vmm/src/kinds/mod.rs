@@ -307,7 +307,7 @@ impl DataWriter<'_> {
 pub trait DynEq: Any {
     fn dyn_eq(&self, other: &dyn Any) -> bool;
     fn as_any(&self) -> &dyn Any;
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
@@ -318,7 +318,7 @@ impl<T: Any + PartialEq> DynEq for T {
     fn as_any(&self) -> &dyn Any {
         self
     }
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
     }
@@ -330,9 +330,10 @@ impl PartialEq for dyn Device {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl dyn Device {
     /// The device as its kind's type, for that kind's tests.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn downcast_ref<T: Device + 'static>(&self) -> Option<&T> {
         self.as_any().downcast_ref()
     }

@@ -266,17 +266,24 @@ fn key_events(args: &Map<String, Value>) -> Result<Vec<KeyEvent>, Value> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports))]
+pub(crate) mod tests {
     use super::*;
 
     /// Fuzz target: byte streams a client might send (commands, keys,
     /// broken JSON, random bytes, cut anywhere) through the decoder and the
     /// session. Every input comes out (nothing loops), every reply is a
     /// JSON object with `return` or `error`.
+    #[cfg(test)]
     #[test]
     fn fuzz_qmp_protocol() {
-        use skiff_tests::fuzz::{run, Rng};
+        skiff_tests::fuzz::run("qmp-protocol", 20_000, fuzz_protocol);
+    }
+
+    /// One input of `fuzz_qmp_protocol` (also a libFuzzer target: `fuzz/`).
+    pub(crate) fn fuzz_protocol(rng: &mut skiff_tests::fuzz::Rng) {
+        use skiff_tests::fuzz::Rng;
         const PIECES: &[&str] = &[
             r#"{"execute":"qmp_capabilities"}"#,
             r#"{"execute":"query-status","id":1}"#,
@@ -319,25 +326,23 @@ mod tests {
             }
             bytes
         };
-        run("qmp-protocol", 20_000, |rng| {
-            let bytes = stream(rng);
-            let mut session = Session::default();
-            let mut inbuf = Vec::new();
-            let mut at = 0;
-            while at < bytes.len() {
-                let chunk = 1 + rng.index(bytes.len() - at);
-                inbuf.extend_from_slice(&bytes[at..at + chunk]);
-                at += chunk;
-                let mut rounds = 0;
-                while let Some(input) = take_input(&mut inbuf) {
-                    rounds += 1;
-                    assert!(rounds <= bytes.len() + 1, "the decoder does not make progress");
-                    let reply = session.handle(input, rng.one_in(2));
-                    let obj = reply.response.as_object().expect("a reply is an object");
-                    assert!(obj.contains_key("return") || obj.contains_key("error"));
-                }
+        let bytes = stream(rng);
+        let mut session = Session::default();
+        let mut inbuf = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let chunk = 1 + rng.index(bytes.len() - at);
+            inbuf.extend_from_slice(&bytes[at..at + chunk]);
+            at += chunk;
+            let mut rounds = 0;
+            while let Some(input) = take_input(&mut inbuf) {
+                rounds += 1;
+                assert!(rounds <= bytes.len() + 1, "the decoder does not make progress");
+                let reply = session.handle(input, rng.one_in(2));
+                let obj = reply.response.as_object().expect("a reply is an object");
+                assert!(obj.contains_key("return") || obj.contains_key("error"));
             }
-        });
+        }
     }
 
     fn send(s: &mut Session, text: &str) -> Reply {

@@ -475,5 +475,5 @@ impl Handler for BlockQueue {
     }
 }
 
-#[cfg(test)]
-mod tests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod tests;

@@ -1,4 +1,6 @@
-//! virtio-blk on hand-built chains against a real image file.
+//! virtio-blk on hand-built chains against a real image file. Built for
+//! the fuzz targets too (feature `fuzzing`), where only `fuzz_*` is used.
+#![cfg_attr(not(test), allow(dead_code, unused_imports))]
 
 use std::path::PathBuf;
 
@@ -16,7 +18,7 @@ const BUF: u64 = DATA + 0x1000;
 const STATUS: u64 = DATA + 0x3000;
 const IMAGE: u64 = 1 << 20;
 
-struct Fixture {
+pub(crate) struct Fixture {
     dir: PathBuf,
     disk: Arc<Disk>,
 }
@@ -430,10 +432,22 @@ fn many_in_flight(tag: &str, make: impl FnOnce(&GuestMemoryMmap, &Fixture) -> En
 /// the descriptor table and the rings (which then also hold garbage the
 /// device must not trust); the queue is served. Nothing panics or hangs,
 /// and the image keeps its size.
+#[cfg(test)]
 #[test]
 fn fuzz_virtio_blk_queue() {
-    use skiff_tests::fuzz::{run, Rng};
     let f = fixture("fuzz", false);
+    skiff_tests::fuzz::run("virtio-blk-queue", 10_000, |rng| fuzz_queue(rng, &f));
+}
+
+/// A disk image for `fuzz_queue`, kept for a whole fuzzing run.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_fixture() -> Fixture {
+    fixture("fuzz", false)
+}
+
+/// One input of `fuzz_virtio_blk_queue`.
+pub(crate) fn fuzz_queue(rng: &mut skiff_tests::fuzz::Rng, f: &Fixture) {
+    use skiff_tests::fuzz::Rng;
     const SIZE: u16 = 16;
     let types = [
         VIRTIO_BLK_T_IN,
@@ -462,65 +476,57 @@ fn fuzz_virtio_blk_queue() {
             _ => rng.below(4096) as u32,
         }
     };
-    run("virtio-blk-queue", 10_000, |rng| {
-        let mem = guest_mem(MEM);
-        let mut tq = TestQueue::new(&mem, SIZE);
-        let (mut q, _) = queue(&mem, &tq, &f, rng.one_in(2));
-        for _ in 0..rng.below(5) {
-            let mut h = [0u8; 16];
-            let ty = if rng.one_in(8) { rng.next_u64() as u32 } else { *rng.pick(&types) };
-            h[0..4].copy_from_slice(&ty.to_le_bytes());
-            let sector = match rng.below(3) {
-                0 => rng.below(IMAGE / 512 + 2),
-                1 => IMAGE / 512 - rng.below(3),
-                _ => rng.interesting(),
-            };
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            mem.write_slice(&h, GuestAddress(HDR)).unwrap();
-            // DISCARD / WRITE_ZEROES segments, or any bytes.
-            mem.write_slice(&rng.bytes(64), GuestAddress(BUF)).unwrap();
-            let count = 1 + rng.index(5);
-            let descs: Vec<(u64, u32, u16)> = (0..count)
-                .map(|_| {
-                    let flags = match rng.below(8) {
-                        0 => INDIRECT,
-                        1 => rng.next_u64() as u16,
-                        2..=4 => WRITE,
-                        _ => 0,
-                    };
-                    (addr(rng), len(rng), flags)
-                })
-                .collect();
-            if usize::from(tq.descriptors_used()) + descs.len() >= usize::from(SIZE) {
-                break;
-            }
-            tq.add_chain(&descs);
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, SIZE);
+    let (mut q, _) = queue(&mem, &tq, f, rng.one_in(2));
+    for _ in 0..rng.below(5) {
+        let mut h = [0u8; 16];
+        let ty = if rng.one_in(8) { rng.next_u64() as u32 } else { *rng.pick(&types) };
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        let sector = match rng.below(3) {
+            0 => rng.below(IMAGE / 512 + 2),
+            1 => IMAGE / 512 - rng.below(3),
+            _ => rng.interesting(),
+        };
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        // DISCARD / WRITE_ZEROES segments, or any bytes.
+        mem.write_slice(&rng.bytes(64), GuestAddress(BUF)).unwrap();
+        let count = 1 + rng.index(5);
+        let descs: Vec<(u64, u32, u16)> = (0..count)
+            .map(|_| {
+                let flags = match rng.below(8) {
+                    0 => INDIRECT,
+                    1 => rng.next_u64() as u16,
+                    2..=4 => WRITE,
+                    _ => 0,
+                };
+                (addr(rng), len(rng), flags)
+            })
+            .collect();
+        if usize::from(tq.descriptors_used()) + descs.len() >= usize::from(SIZE) {
+            break;
         }
-        // A broken driver: descriptors that loop or point past the table,
-        // an indirect table of garbage, an avail index far ahead.
-        for _ in 0..rng.below(3) {
-            match rng.below(4) {
-                0 => {
-                    let d = rng.below(u64::from(SIZE)) as u16;
-                    let flags = rng.next_u64() as u16;
-                    tq.store_desc(
-                        d,
-                        addr(rng),
-                        len(rng),
-                        flags,
-                        rng.next_u64() as u16 % (SIZE + 2),
-                    );
-                }
-                1 => {
-                    let at = tq.desc_table_addr() + rng.below(u64::from(SIZE) * 16);
-                    mem.write_slice(&rng.bytes(32), GuestAddress(at)).unwrap();
-                }
-                2 => mem.write_slice(&rng.bytes(256), GuestAddress(TABLE)).unwrap(),
-                _ => tq.set_avail_idx(rng.next_u64() as u16),
+        tq.add_chain(&descs);
+    }
+    // A broken driver: descriptors that loop or point past the table,
+    // an indirect table of garbage, an avail index far ahead.
+    for _ in 0..rng.below(3) {
+        match rng.below(4) {
+            0 => {
+                let d = rng.below(u64::from(SIZE)) as u16;
+                let flags = rng.next_u64() as u16;
+                tq.store_desc(d, addr(rng), len(rng), flags, rng.next_u64() as u16 % (SIZE + 2));
             }
+            1 => {
+                let at = tq.desc_table_addr() + rng.below(u64::from(SIZE) * 16);
+                mem.write_slice(&rng.bytes(32), GuestAddress(at)).unwrap();
+            }
+            2 => mem.write_slice(&rng.bytes(256), GuestAddress(TABLE)).unwrap(),
+            _ => tq.set_avail_idx(rng.next_u64() as u16),
         }
-        q.serve();
-        let on_disk = std::fs::metadata(f.dir.join("disk.img")).unwrap().len();
-        assert_eq!(on_disk, IMAGE, "the image keeps its size");
-    });
+    }
+    q.serve();
+    let on_disk = std::fs::metadata(f.dir.join("disk.img")).unwrap().len();
+    assert_eq!(on_disk, IMAGE, "the image keeps its size");
 }

@@ -11,8 +11,8 @@
 pub mod ctrl;
 pub mod queue_pair;
 pub mod tap;
-#[cfg(test)]
-mod tests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod tests;
 pub mod user;
 
 use std::sync::{Arc, Mutex};
