@@ -45,17 +45,41 @@ pub struct Platform {
     pub serial: bool,
 }
 
+/// Whether the machine has ACPI (and so the GED).
+fn acpi(m: &crate::config::MachineConfig) -> bool {
+    m.acpi.resolve(true)
+}
+
+/// Whether the machine has the CMOS RTC: QEMU microvm leaves it out under
+/// KVM unless asked; the FADT then says so, and the guest does not probe
+/// for it.
+fn rtc(m: &crate::config::MachineConfig) -> bool {
+    m.rtc.resolve(false)
+}
+
+/// The devices the machine adds itself (`-device` names of machine-only
+/// kinds): the CMOS RTC with `rtc=on`, the ACPI GED (power button, reset)
+/// with ACPI. They go through the registry like the argv's, after them.
+pub fn machine_devices(m: &crate::config::MachineConfig) -> Vec<&'static str> {
+    let mut devices = Vec::new();
+    if rtc(m) {
+        devices.push("mc146818rtc");
+    }
+    if acpi(m) {
+        devices.push("acpi-ged");
+    }
+    devices
+}
+
 impl Platform {
     fn new(cfg: &VmConfig, serial: bool) -> Self {
         let m = &cfg.machine;
         Platform {
-            acpi: m.acpi.resolve(true),
+            acpi: acpi(m),
             pcie: m.pcie.resolve(false),
             pic: m.pic.resolve(true),
             pit: m.pit.resolve(true),
-            // QEMU microvm leaves the RTC out under KVM unless asked; the
-            // FADT then says so, and the guest does not probe for it.
-            rtc: m.rtc.resolve(false),
+            rtc: rtc(m),
             i8042: cfg.devices.iter().any(|d| d.device.facts().i8042),
             serial,
         }
@@ -65,8 +89,9 @@ impl Platform {
 /// Where one `-device` goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Location {
-    /// At its own ISA ports (i8042, isa-debug-exit).
-    Isa,
+    /// At its own ports or addresses (i8042, isa-debug-exit, the RTC,
+    /// the GED).
+    Fixed,
     /// A virtio-mmio window (`index` is its `VRnn` name).
     VirtioMmio { index: usize, base: u64, gsi: u32 },
     /// On the root complex, where the allocator put it.
@@ -120,7 +145,7 @@ impl MachinePlan {
     /// address width, which sizes the 64-bit PCI window.
     pub fn new(cfg: &VmConfig, serial: bool, phys_bits: u8) -> Result<Self, PlanError> {
         let platform = Platform::new(cfg, serial);
-        let mut locations = vec![Location::Isa; cfg.devices.len()];
+        let mut locations = vec![Location::Fixed; cfg.devices.len()];
 
         let pci: Vec<(usize, DeviceRequest)> = cfg
             .devices
@@ -236,13 +261,9 @@ impl MachinePlan {
         if p.serial {
             aml.extend(devices::legacy::serial::aml(COM1_PORT, COM1_IRQ));
         }
-        for d in cfg.devices.iter().filter(|d| d.bus == Bus::Isa) {
+        for d in cfg.devices.iter().filter(|d| d.bus == Bus::Fixed) {
             aml.extend(d.device.aml());
         }
-        if p.rtc {
-            aml.extend(devices::legacy::rtc::aml(RTC_PORT, RTC_IRQ));
-        }
-        aml.extend(devices::legacy::ged::aml(GED_MMIO_BASE, GED_IRQ));
         for (d, at) in cfg.devices.iter().zip(&self.locations) {
             if let Location::VirtioMmio { index, base, gsi } = *at {
                 let bytes = devices::virtio::mmio::aml(index, base, gsi)

@@ -39,6 +39,9 @@ pub(super) fn parse_device(label: &str, arg: &str) -> Result<Pending, CliError> 
             format!("unknown device '{driver}'")
         }));
     };
+    if kind.machine_only() {
+        return Err(err(format!("'{driver}' is the machine's own; -device cannot add one")));
+    }
     opts.relabel(format!("{label} {driver}"));
     device(kind, known, opts)
 }
@@ -171,7 +174,7 @@ mod tests {
     #[test]
     fn drivers_come_from_the_registry() {
         let d = device("driver=i8042,id=kbd").unwrap();
-        assert_eq!((d.driver, d.id.as_deref(), d.bus), ("i8042", Some("kbd"), Bus::Isa));
+        assert_eq!((d.driver, d.id.as_deref(), d.bus), ("i8042", Some("kbd"), Bus::Fixed));
         let d = device("virtio-rng-pci,addr=3.1,multifunction=on").unwrap();
         assert_eq!((d.driver, d.bus), ("virtio-rng-pci", Bus::VirtioPci));
         assert_eq!(d.pci.addr.map(|a| a.to_string()).as_deref(), Some("03.1"));

@@ -407,6 +407,9 @@ impl Builder {
         check_chardev_users(&self.config)?;
         self.place_nics()?;
         self.place_virtfs()?;
+        for driver in crate::plan::machine_devices(&self.config.machine) {
+            self.add_device(device::implied_device("-M", driver, Vec::new())?, "-M")?;
+        }
         self.resolve_devices()?;
         check_netdev_fds(&self.config)?;
         warn_probed_drives(&self.config);

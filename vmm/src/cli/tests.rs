@@ -10,7 +10,18 @@ use crate::config::{
     SandboxConfig, SmbiosType1, SmpConfig,
 };
 use crate::kinds::{block::Blk, debug_exit::ExitPort, i8042::Ps2, net::Nic, p9::NineP};
-use crate::kinds::{rng::Entropy, Bus};
+use crate::kinds::{ged::Events, rng::Entropy, rtc::Cmos, Bus};
+
+/// What an empty command line gives: the defaults, and the machine's own
+/// devices (with ACPI, its GED).
+fn defaults() -> VmConfig {
+    VmConfig { devices: vec![ged()], ..VmConfig::default() }
+}
+
+/// The ACPI GED the machine adds with ACPI (after the argv's devices).
+fn ged() -> DeviceConfig {
+    expected("acpi-ged", None, Events)
+}
 
 fn args(line: &[&str]) -> Vec<String> {
     line.iter().map(|s| s.to_string()).collect()
@@ -95,7 +106,8 @@ fn microvm_nix_command_line() {
             backend: ChardevBackend::Stdio { signal: false },
         }],
         serials: vec![SerialConfig::Chardev("stdio".into())],
-        devices: vec![expected("i8042", None, Ps2)],
+        // rtc=on: the machine adds the CMOS RTC, and with ACPI its GED.
+        devices: vec![expected("i8042", None, Ps2), expected("mc146818rtc", None, Cmos), ged()],
         taken_chardevs: vec!["stdio".into()],
         drives: Vec::new(),
         netdevs: Vec::new(),
@@ -149,7 +161,7 @@ fn microvm_nix_default_command_line_stops_at_virtio_rng() {
 
 #[test]
 fn empty_command_line_is_all_defaults() {
-    assert_eq!(run(&[]), VmConfig::default());
+    assert_eq!(run(&[]), defaults());
 }
 
 #[test]
@@ -297,7 +309,7 @@ fn machine_errors() {
 
 #[test]
 fn accel() {
-    assert_eq!(run(&["-accel", "kvm", "-enable-kvm", "-accel", "accel=kvm"]), VmConfig::default());
+    assert_eq!(run(&["-accel", "kvm", "-enable-kvm", "-accel", "accel=kvm"]), defaults());
     fails(&["-accel", "tcg"], "-accel: accelerator 'tcg' is not supported (skiff needs KVM)");
     fails(
         &["-accel", "kvm:tcg"],
@@ -421,8 +433,8 @@ fn flags() {
     let config =
         run(&["-nodefaults", "-no-user-config", "-no-reboot", "-nographic", "-enable-kvm"]);
     assert!(config.nodefaults && config.no_reboot && config.nographic);
-    assert_eq!(run(&["-display", "none"]), VmConfig::default());
-    assert_eq!(run(&["-display", "type=none"]), VmConfig::default());
+    assert_eq!(run(&["-display", "none"]), defaults());
+    assert_eq!(run(&["-display", "type=none"]), defaults());
     fails(
         &["-display", "gtk"],
         "-display: display 'gtk' is not supported (skiff has no display; use 'none')",
@@ -504,13 +516,20 @@ fn devices() {
         config.devices,
         vec![
             expected("isa-debug-exit", None, ExitPort { iobase: 0xf4, iosize: 4 }),
-            expected("i8042", Some("kbd"), Ps2)
+            expected("i8042", Some("kbd"), Ps2),
+            ged(),
         ]
     );
     fails(&["-device", "e1000"], "-device: unknown device 'e1000'");
     fails(&["-device", "isa-debug-exit,foo=1"], "-device isa-debug-exit: unknown property 'foo'");
     fails(&["-device", "i8042,foo=1"], "-device i8042: unknown property 'foo'");
     fails(&["-device", "i8042", "-device", "i8042"], "-device: only one i8042 is supported");
+    for own in ["acpi-ged", "mc146818rtc"] {
+        fails(
+            &["-device", own],
+            &format!("-device: '{own}' is the machine's own; -device cannot add one"),
+        );
+    }
     fails(
         &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
         "-device: duplicate id 'x'",
@@ -722,11 +741,14 @@ fn virtio_rng_device_properties() {
     let c = run(&["-device", "virtio-rng-device,id=rng0,max-bytes=1024,period=1000"]);
     assert_eq!(
         c.devices,
-        vec![expected(
-            "virtio-rng-device",
-            Some("rng0"),
-            Entropy { max_bytes: Some(1024), period_ms: Some(1000) }
-        )]
+        vec![
+            expected(
+                "virtio-rng-device",
+                Some("rng0"),
+                Entropy { max_bytes: Some(1024), period_ms: Some(1000) }
+            ),
+            ged()
+        ]
     );
     fails(
         &["-device", "virtio-rng-device,period=0"],

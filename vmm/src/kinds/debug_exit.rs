@@ -22,7 +22,7 @@ impl Kind for DebugExitKind {
         "isa-debug-exit"
     }
     fn drivers(&self) -> &'static [Driver] {
-        &[Driver { name: "isa-debug-exit", bus: Bus::Isa }]
+        &[Driver { name: "isa-debug-exit", bus: Bus::Fixed }]
     }
     fn help(&self) -> &'static str {
         "\

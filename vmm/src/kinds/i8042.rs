@@ -21,7 +21,7 @@ impl Kind for I8042Kind {
         "i8042"
     }
     fn drivers(&self) -> &'static [Driver] {
-        &[Driver { name: "i8042", bus: Bus::Isa }]
+        &[Driver { name: "i8042", bus: Bus::Fixed }]
     }
     fn help(&self) -> &'static str {
         "-device i8042[,id=ID]    PS/2 controller (i8042 reset reboots the guest)\n"

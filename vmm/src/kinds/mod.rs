@@ -29,12 +29,14 @@ use crate::config::VmConfig;
 pub mod block;
 pub mod debug_exit;
 pub mod fs;
+pub mod ged;
 pub mod i8042;
 pub mod net;
 pub mod p9;
 mod refs;
 pub mod rng;
 pub mod root_port;
+pub mod rtc;
 pub mod vsock;
 
 pub use refs::Refs;
@@ -50,6 +52,8 @@ pub static KINDS: &[&dyn Kind] = &[
     &net::KIND,
     &p9::KIND,
     &root_port::KIND,
+    &rtc::KIND,
+    &ged::KIND,
 ];
 
 /// The kind and bus of `-device DRIVER`, if skiff has it.
@@ -60,8 +64,9 @@ pub fn driver(name: &str) -> Option<(&'static dyn Kind, &'static Driver)> {
 /// Where a kind's device sits: what placement it needs from the plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bus {
-    /// At fixed ISA ports of its own (no placement).
-    Isa,
+    /// At fixed ports or addresses of its own (`boot::layout`; no
+    /// placement).
+    Fixed,
     /// A virtio device behind a virtio-mmio window (a slot and a GSI).
     VirtioMmio,
     /// A virtio device as a virtio-pci function (an address on the root
@@ -135,6 +140,10 @@ pub trait Kind: Sync {
     /// How many a machine may have.
     fn max(&self) -> Option<usize> {
         None
+    }
+    /// Only the machine adds it (`plan::machine_devices`), never `-device`.
+    fn machine_only(&self) -> bool {
+        false
     }
     /// Parses the kind's own properties (the bus's `addr=`, `bus=`, ...
     /// are already taken), `on` being the driver's bus.
@@ -261,6 +270,10 @@ pub enum Built {
 pub struct RunContext<'a> {
     /// The port I/O bus, for devices at ports of their own.
     pub pio: &'a devices::Bus,
+    /// The MMIO bus, for devices at addresses of their own.
+    pub mmio: &'a devices::Bus,
+    /// Work for the run's event loop (a device's timer).
+    pub subscribers: &'a mut Vec<crate::vm::Subscriber>,
     /// An interrupt line: an irqfd on ISA IRQ/GSI `gsi`.
     pub irq: &'a dyn Fn(u32) -> crate::vm::Result<devices::legacy::EventFdTrigger>,
     /// Where devices ask for a reset, power-off or exit.
@@ -353,12 +366,19 @@ mod tests {
             for d in k.drivers() {
                 assert!(!names.contains(&d.name), "{} claimed twice", d.name);
                 names.push(d.name);
+                if k.machine_only() {
+                    continue;
+                }
                 let shown = k.help().contains(d.name)
                     || d.name.strip_suffix("-pci").is_some_and(|f| k.help().contains(f))
                     || d.name.strip_suffix("-device").is_some_and(|f| k.help().contains(f));
                 assert!(shown, "{}: -help does not show {}", k.name(), d.name);
             }
-            assert!(k.help().starts_with("-device "), "{}: help line", k.name());
+            if k.machine_only() {
+                assert!(k.help().is_empty(), "{}: -device cannot add it", k.name());
+            } else {
+                assert!(k.help().starts_with("-device "), "{}: help line", k.name());
+            }
             // A kind's devices never need more than the kind declares.
             let _ = k.sandbox();
         }

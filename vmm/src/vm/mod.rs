@@ -103,7 +103,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::KvmIoctl { what, source }
 }
 
-fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 

@@ -69,6 +69,8 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
         let host = ctx.backends.device(i).ok_or_else(|| missing_backend(d.driver))?;
         let mut run = RunContext {
             pio: ctx.pio,
+            mmio: ctx.mmio,
+            subscribers: &mut board.subscribers,
             irq: &irq,
             control: &control,
             location: *at,
@@ -78,7 +80,7 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
             multifunction: d.pci.multifunction,
         };
         match (host.build(&mut run)?, *at) {
-            (Built::Placed, Location::Isa) => {}
+            (Built::Placed, Location::Fixed) => {}
             (Built::Virtio(device), Location::VirtioMmio { base, gsi, .. }) => {
                 let relay = virtio::attach_mmio(ctx.vm, ctx.mem, ctx.mmio, device, base, gsi)?;
                 if let Some(relay) = relay {

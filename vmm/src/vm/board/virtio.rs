@@ -108,11 +108,14 @@ mod tests {
             Arc::new(crate::vm::control::Control::new().unwrap());
         let mut faces = crate::ctl::Faces::default();
         let mut build = |i: usize| {
+            let mut subscribers = Vec::new();
             let mut run = RunContext {
                 pio: &pio,
+                mmio: &pio,
+                subscribers: &mut subscribers,
                 irq: &irq,
                 control: &control,
-                location: crate::plan::Location::Isa,
+                location: crate::plan::Location::Fixed,
                 faces: &mut faces,
                 id: None,
                 data: crate::kinds::DataWriter { mem: &mem, ranges: &[] },

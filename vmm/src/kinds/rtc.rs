@@ -1,0 +1,67 @@
+//! The CMOS RTC at ports 0x70/0x71, ISA IRQ 8 (`-M microvm,rtc=on`): the
+//! machine adds it (`plan::machine_devices`), as QEMU microvm does.
+
+use std::sync::{Arc, Mutex};
+
+use boot::layout::{RTC_IRQ, RTC_PORT};
+use devices::legacy::{Rtc, RtcTimer};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Built, Bus, Device, Driver, HostSide, Kind, Nothing, OpenContext, OpenError};
+use super::{RunContext, Sandbox, Unresolved};
+use crate::cli::{CliError, QemuOpts};
+use crate::vm::io_err;
+
+pub struct RtcKind;
+pub static KIND: RtcKind = RtcKind;
+
+impl Kind for RtcKind {
+    fn name(&self) -> &'static str {
+        "mc146818rtc"
+    }
+    fn drivers(&self) -> &'static [Driver] {
+        &[Driver { name: "mc146818rtc", bus: Bus::Fixed }]
+    }
+    fn help(&self) -> &'static str {
+        ""
+    }
+    fn sandbox(&self) -> Sandbox {
+        Sandbox::default()
+    }
+    fn max(&self) -> Option<usize> {
+        Some(1)
+    }
+    fn machine_only(&self) -> bool {
+        true
+    }
+    fn parse(&self, _: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
+        Ok(Box::new(Cmos))
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cmos;
+
+impl Device for Cmos {
+    fn open(&self, _: &OpenContext<'_>) -> Result<Box<dyn HostSide>, OpenError> {
+        Ok(Box::new(Nothing(build)))
+    }
+    fn sandbox(&self) -> Sandbox {
+        Sandbox::default()
+    }
+    fn aml(&self) -> Vec<u8> {
+        devices::legacy::rtc::aml(RTC_PORT, RTC_IRQ)
+    }
+}
+
+/// The clock, and its timer on the event loop (the update and alarm
+/// interrupts).
+fn build(run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
+    let rearm = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err("eventfd"))?;
+    let rearm2 = rearm.try_clone().map_err(io_err("eventfd"))?;
+    let dev = Arc::new(Mutex::new(Rtc::new((run.irq)(RTC_IRQ)?, Some(rearm2))));
+    run.pio.insert(dev.clone(), u64::from(RTC_PORT), 2)?;
+    let timer = RtcTimer::new(dev, rearm).map_err(io_err("timerfd"))?;
+    run.subscribers.push(Arc::new(Mutex::new(timer)));
+    Ok(Built::Placed)
+}
