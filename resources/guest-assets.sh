@@ -30,6 +30,8 @@
 #   l2/store.img, l2/store-data.bin, l2/vol.img  disk images for the
 #                   virtio-blk tests (a store with a known file, a volume).
 #   tools/stamp, tools/outb, tools/vsock, tools/xattr   static helpers from resources/tools.
+#   tools/tiny-pvh.elf  a PVH guest that halts forever (host-side tests on any /dev/kvm).
+#   py/                 a venv with QEMU's QMP client library (qemu.qmp).
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
 #   l1/l1-base.cpio.zst   test-host root: busybox, KVM, vhost-vsock (and VFIO) modules,
 #                   stamp, the L2 bzImage and initrd under /assets.
@@ -263,6 +265,27 @@ for t in stamp outb vsock xattr; do
 		mark "$CACHE/tools/$t" "$k"
 	fi
 done
+# The tiny PVH guest (a halting loop) for host-side tests on any /dev/kvm.
+src="$REPO/resources/tools/tiny-pvh.S"
+k=$(key_of "$src" "$(as --version | head -n 1)")
+if ! up_to_date "$CACHE/tools/tiny-pvh.elf" "$k"; then
+	log "building tools/tiny-pvh.elf"
+	as --64 -o "$CACHE/tools/tiny-pvh.o" "$src"
+	ld -m elf_x86_64 -N -Ttext=0x100000 -e _start --build-id=none --no-warn-rwx-segments \
+		-o "$CACHE/tools/tiny-pvh.elf" "$CACHE/tools/tiny-pvh.o"
+	rm -f "$CACHE/tools/tiny-pvh.o"
+	mark "$CACHE/tools/tiny-pvh.elf" "$k"
+fi
+# QEMU's own QMP client library (qemu.qmp), in a venv of its own: the QMP
+# tests talk to skiff as QEMU tooling does.
+QMP_PY=qemu.qmp==0.0.6
+if ! up_to_date "$CACHE/py" "$QMP_PY"; then
+	log "installing $QMP_PY into $CACHE/py"
+	rm -rf "$CACHE/py"
+	python3 -m venv "$CACHE/py" || die "python3 -m venv failed: apt-get install python3-venv"
+	"$CACHE/py/bin/pip" install --quiet "$QMP_PY" || die "pip install $QMP_PY failed"
+	mark "$CACHE/py" "$QMP_PY"
+fi
 STAMP="$CACHE/tools/stamp"
 OUTB="$CACHE/tools/outb"
 VSOCK_TOOL="$CACHE/tools/vsock"
@@ -609,6 +632,8 @@ SKIFF_L2_STORE_DATA='$CACHE/l2/store-data.bin'
 SKIFF_L2_VOL='$CACHE/l2/vol.img'
 SKIFF_STAMP='$STAMP'
 SKIFF_OUTB='$OUTB'
+SKIFF_TINY_PVH='$CACHE/tools/tiny-pvh.elf'
+SKIFF_QMP_PYTHON='$CACHE/py/bin/python3'
 EOF
 	if [ "$want_l1" = 1 ]; then
 		cat <<EOF

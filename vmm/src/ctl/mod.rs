@@ -56,10 +56,6 @@ impl Class {
 pub enum CtlError {
     #[error("{0}")]
     NoDevice(&'static str),
-    #[error("device '{0}' not found")]
-    NoSuchId(String),
-    #[error("device '{id}' cannot {what}")]
-    NotTaken { id: String, what: &'static str },
     #[error("{0}")]
     Failed(String),
 }
@@ -73,7 +69,6 @@ pub trait DeviceControl: Send + Sync {
 }
 
 struct Face {
-    id: Option<String>,
     ctl: Arc<dyn DeviceControl>,
 }
 
@@ -83,9 +78,9 @@ pub struct Faces(Arc<Vec<Face>>);
 
 impl Faces {
     /// Adds a device's face (while the run is being built).
-    pub fn offer(&mut self, id: Option<&str>, ctl: Arc<dyn DeviceControl>) {
+    pub fn offer(&mut self, ctl: Arc<dyn DeviceControl>) {
         if let Some(faces) = Arc::get_mut(&mut self.0) {
-            faces.push(Face { id: id.map(str::to_owned), ctl });
+            faces.push(Face { ctl });
         } else {
             // Faces are shared only once the run is built.
             devices::error_limited!("control: a face offered after the run was built is ignored");
@@ -101,23 +96,6 @@ impl Faces {
             None => Err(CtlError::NoDevice(class.missing())),
         }
     }
-
-    /// Sends `cmd` to the device with `id=ID`.
-    pub fn send_to(&self, id: &str, cmd: &Command) -> Result<(), CtlError> {
-        let face = self
-            .0
-            .iter()
-            .find(|f| f.id.as_deref() == Some(id))
-            .ok_or_else(|| CtlError::NoSuchId(id.to_owned()))?;
-        if !face.ctl.classes().contains(&cmd.class()) {
-            let what = match cmd.class() {
-                Class::PowerButton => "press a power button",
-                Class::Keyboard => "take key events",
-            };
-            return Err(CtlError::NotTaken { id: id.to_owned(), what });
-        }
-        face.ctl.command(cmd)
-    }
 }
 
 /// The machine's own controls.
@@ -130,11 +108,13 @@ pub trait MachineControl: Send + Sync {
     fn running(&self) -> bool;
 }
 
-/// What a monitor gets for one run: the machine and its devices' faces.
+/// What a monitor gets for one run: the machine, its devices' faces, and
+/// the `id=`s of its devices (what a command's `device` may name).
 #[derive(Clone)]
 pub struct Controls {
     pub machine: Arc<dyn MachineControl>,
     pub faces: Faces,
+    pub device_ids: Arc<[String]>,
 }
 
 #[cfg(test)]
@@ -163,26 +143,20 @@ mod tests {
     }
 
     #[test]
-    fn commands_reach_the_device_that_takes_them_by_class_or_id() {
+    fn commands_reach_the_first_device_that_takes_their_class() {
         let ged = recorder(&[Class::PowerButton]);
         let kbd = recorder(&[Class::Keyboard]);
         let kbd2 = recorder(&[Class::Keyboard]);
         let mut faces = Faces::default();
-        faces.offer(None, ged.clone());
-        faces.offer(Some("k1"), kbd.clone());
-        faces.offer(Some("k2"), kbd2.clone());
+        faces.offer(ged.clone());
+        faces.offer(kbd.clone());
+        faces.offer(kbd2.clone());
         let keys = Command::Keys(vec![KeyEvent { qcode: "a".into(), down: true }]);
         faces.send(&Command::PowerButton).unwrap();
         faces.send(&keys).unwrap();
-        faces.send_to("k2", &keys).unwrap();
         assert_eq!(*ged.got.lock().unwrap(), [Command::PowerButton]);
-        assert_eq!(kbd.got.lock().unwrap()[..], [keys.clone()][..], "the first keyboard by class");
-        assert_eq!(kbd2.got.lock().unwrap().len(), 1, "the second by id");
-        assert_eq!(faces.send_to("nope", &keys), Err(CtlError::NoSuchId("nope".into())));
-        assert!(matches!(
-            faces.send_to("k1", &Command::PowerButton),
-            Err(CtlError::NotTaken { .. })
-        ));
+        assert_eq!(kbd.got.lock().unwrap()[..], [keys.clone()][..], "the first keyboard");
+        assert!(kbd2.got.lock().unwrap().is_empty());
         let none = Faces::default();
         assert!(matches!(none.send(&keys), Err(CtlError::NoDevice(_))));
     }

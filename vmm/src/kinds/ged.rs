@@ -57,7 +57,7 @@ impl Device for Events {
 fn build(run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
     let dev = Arc::new(Mutex::new(Ged::new((run.irq)(GED_IRQ)?, run.control.clone())));
     run.mmio.insert(dev.clone(), GED_MMIO_BASE, GED_MMIO_SIZE)?;
-    run.faces.offer(run.id, Arc::new(PowerButton(dev)));
+    run.faces.offer(Arc::new(PowerButton(dev)));
     Ok(Built::Placed)
 }
 

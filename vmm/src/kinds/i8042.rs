@@ -62,7 +62,7 @@ fn build(run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
     let bus_dev: Arc<Mutex<dyn BusDevice>> = dev.clone();
     run.pio.insert(bus_dev.clone(), u64::from(I8042_PORT), 1)?;
     run.pio.insert_at_offset(bus_dev, u64::from(I8042_PORT) + 4, 1, 4)?;
-    run.faces.offer(run.id, Arc::new(Keyboard(dev)));
+    run.faces.offer(Arc::new(Keyboard(dev)));
     Ok(Built::Placed)
 }
 

@@ -282,8 +282,6 @@ pub struct RunContext<'a> {
     pub location: crate::plan::Location,
     /// The control faces devices offer to QMP.
     pub faces: &'a mut crate::ctl::Faces,
-    /// The device's `id=`.
-    pub id: Option<&'a str>,
     /// The guest RAM the plan set aside for it (`HostSide::guest_data`).
     #[expect(dead_code, reason = "the IGD's OpRegion (issue 26) is its first user")]
     pub data: DataWriter<'a>,

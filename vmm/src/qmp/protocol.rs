@@ -16,12 +16,8 @@ pub enum Request {
     Powerdown,
     Reset,
     Quit,
-    /// Key events, in order, to the keyboard with `device`'s id or the
-    /// first keyboard.
-    Keys {
-        device: Option<String>,
-        events: Vec<KeyEvent>,
-    },
+    /// Key events, in order, to the first keyboard.
+    Keys(Vec<KeyEvent>),
 }
 
 const COMMANDS: &[&str] = &[
@@ -122,7 +118,14 @@ pub struct Session {
 
 impl Session {
     /// Handles one parsed JSON value (or the parse error's text).
-    pub fn handle(&mut self, input: Result<Value, String>, running: bool) -> Reply {
+    /// `running`: whether the guest runs; `devices`: the `id=`s of the
+    /// machine's devices (what `device` arguments may name).
+    pub fn handle(
+        &mut self,
+        input: Result<Value, String>,
+        running: bool,
+        devices: &[String],
+    ) -> Reply {
         let value = match input {
             Ok(v) => v,
             Err(e) => return Reply::only(error("GenericError", format!("JSON parse error, {e}"))),
@@ -131,14 +134,19 @@ impl Session {
             return Reply::only(error("GenericError", "QMP input must be a JSON object"));
         };
         let id = obj.remove("id");
-        let mut reply = self.execute(&mut obj, running);
+        let mut reply = self.execute(&mut obj, running, devices);
         if let (Some(id), Value::Object(resp)) = (id, &mut reply.response) {
             resp.insert("id".into(), id);
         }
         reply
     }
 
-    fn execute(&mut self, obj: &mut Map<String, Value>, running: bool) -> Reply {
+    fn execute(
+        &mut self,
+        obj: &mut Map<String, Value>,
+        running: bool,
+        devices: &[String],
+    ) -> Reply {
         let command = match obj.remove("execute") {
             Some(Value::String(c)) => c,
             Some(_) => {
@@ -192,11 +200,9 @@ impl Session {
             ));
         }
         if command == "input-send-event" {
-            return match key_events(&args) {
-                Ok(events) => {
-                    let device = args.get("device").and_then(Value::as_str).map(str::to_owned);
-                    let request = Request::Keys { device, events };
-                    Reply { response: json!({ "return": {} }), request: Some(request) }
+            return match key_events(&args).and_then(|k| display(&args, devices).map(|()| k)) {
+                Ok(keys) => {
+                    Reply { response: json!({ "return": {} }), request: Some(Request::Keys(keys)) }
                 }
                 Err(e) => Reply::only(e),
             };
@@ -229,6 +235,21 @@ fn no_args(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), Value> {
         Some(k) => Err(error("GenericError", format!("Parameter '{k}' is unexpected"))),
         None => Ok(()),
     }
+}
+
+/// `input-send-event`'s `device` names the display (QEMU's console) whose
+/// input gets the events; skiff has no display, so any name is refused as
+/// QEMU refuses a device that is not one.
+fn display(args: &Map<String, Value>, devices: &[String]) -> Result<(), Value> {
+    let Some(device) = args.get("device") else { return Ok(()) };
+    let Some(id) = device.as_str() else {
+        return Err(error("GenericError", "Invalid parameter type for 'device', expected: string"));
+    };
+    let head = args.get("head").and_then(Value::as_u64).unwrap_or(0);
+    if !devices.iter().any(|d| d == id) {
+        return Err(error("DeviceNotFound", format!("Device '{id}' not found")));
+    }
+    Err(error("GenericError", format!("Device {id} (head {head}) is not bound to a QemuConsole")))
 }
 
 /// `input-send-event`'s `events`: key events by qcode. Everything is checked
@@ -327,6 +348,7 @@ pub(crate) mod tests {
             bytes
         };
         let bytes = stream(rng);
+        let devices = ["kbd".to_owned()];
         let mut session = Session::default();
         let mut inbuf = Vec::new();
         let mut at = 0;
@@ -338,7 +360,7 @@ pub(crate) mod tests {
             while let Some(input) = take_input(&mut inbuf) {
                 rounds += 1;
                 assert!(rounds <= bytes.len() + 1, "the decoder does not make progress");
-                let reply = session.handle(input, rng.one_in(2));
+                let reply = session.handle(input, rng.one_in(2), &devices);
                 let obj = reply.response.as_object().expect("a reply is an object");
                 assert!(obj.contains_key("return") || obj.contains_key("error"));
             }
@@ -346,11 +368,36 @@ pub(crate) mod tests {
     }
 
     fn send(s: &mut Session, text: &str) -> Reply {
-        s.handle(serde_json::from_str(text).map_err(|e| e.to_string()), true)
+        s.handle(serde_json::from_str(text).map_err(|e| e.to_string()), true, &["kbd".into()])
     }
 
     fn class(r: &Reply) -> &str {
         r.response["error"]["class"].as_str().unwrap_or("")
+    }
+
+    /// `input-send-event`'s `device` names a display, which skiff has
+    /// none of: an unknown id is DeviceNotFound, a known one is not bound
+    /// to a console (QEMU's words); nothing is sent either way.
+    #[test]
+    fn keys_to_a_named_display_are_refused_as_qemu_refuses_them() {
+        let mut s = Session::default();
+        send(&mut s, r#"{"execute":"qmp_capabilities"}"#);
+        let keys =
+            r#""events":[{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"a"}}}]"#;
+        let to = |device: &str| {
+            format!(
+                r#"{{"execute":"input-send-event","arguments":{{"device":"{device}",{keys}}}}}"#
+            )
+        };
+        let r = send(&mut s, &to("nope"));
+        assert_eq!((class(&r), r.request.is_none()), ("DeviceNotFound", true));
+        assert_eq!(r.response["error"]["desc"], "Device 'nope' not found");
+        let r = send(&mut s, &to("kbd"));
+        assert_eq!((class(&r), r.request.is_none()), ("GenericError", true));
+        assert_eq!(
+            r.response["error"]["desc"],
+            "Device kbd (head 0) is not bound to a QemuConsole"
+        );
     }
 
     #[test]
@@ -402,7 +449,7 @@ pub(crate) mod tests {
     #[test]
     fn errors_keep_the_session() {
         let mut s = Session { negotiated: true };
-        let r = s.handle(Err("expected value at line 1 column 1".into()), true);
+        let r = s.handle(Err("expected value at line 1 column 1".into()), true, &[]);
         assert_eq!(class(&r), "GenericError");
         assert_eq!(class(&send(&mut s, "[1,2]")), "GenericError");
         assert_eq!(class(&send(&mut s, r#"{"arguments":{}}"#)), "GenericError");
@@ -432,14 +479,11 @@ pub(crate) mod tests {
         );
         assert_eq!(
             r.request,
-            Some(Request::Keys {
-                device: None,
-                events: vec![
-                    KeyEvent { qcode: "ctrl".into(), down: true },
-                    KeyEvent { qcode: "alt".into(), down: true },
-                    KeyEvent { qcode: "delete".into(), down: true },
-                ]
-            })
+            Some(Request::Keys(vec![
+                KeyEvent { qcode: "ctrl".into(), down: true },
+                KeyEvent { qcode: "alt".into(), down: true },
+                KeyEvent { qcode: "delete".into(), down: true },
+            ]))
         );
         let bad = send(
             &mut s,

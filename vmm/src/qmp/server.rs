@@ -264,10 +264,7 @@ impl QmpHandler {
                 self.vm.machine.quit();
                 Ok(())
             }
-            Request::Keys { device: None, events } => self.vm.faces.send(&Command::Keys(events)),
-            Request::Keys { device: Some(id), events } => {
-                self.vm.faces.send_to(&id, &Command::Keys(events))
-            }
+            Request::Keys(events) => self.vm.faces.send(&Command::Keys(events)),
         };
         match sent {
             Ok(()) => {}
@@ -312,7 +309,7 @@ impl QmpHandler {
             let client = server.client.as_mut().expect("checked above");
             let Some(input) = super::protocol::take_input(&mut client.inbuf) else { break };
             let running = self.vm.machine.running();
-            let reply = client.session.handle(input, running);
+            let reply = client.session.handle(input, running, &self.vm.device_ids);
             // An answered command runs even if the client is already gone.
             requests.extend(reply.request);
             client.send(&reply.response);

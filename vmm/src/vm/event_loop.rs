@@ -52,7 +52,11 @@ pub(super) fn run(
         signal: signal_evt.try_clone().map_err(io_err("eventfd"))?,
     };
     em.add_subscriber(Arc::new(Mutex::new(watcher)));
-    let controls = Controls { machine: control.clone(), faces: board.faces };
+    let controls = Controls {
+        machine: control.clone(),
+        faces: board.faces,
+        device_ids: board.device_ids.into(),
+    };
     for monitor in monitors(&controls) {
         em.add_subscriber(monitor);
     }

@@ -52,6 +52,8 @@ pub(super) struct Board {
     pub console: Option<crate::host::console_writer::ConsoleWriter>,
     /// What the run's devices offer QMP.
     pub faces: crate::ctl::Faces,
+    /// The devices' `id=`s.
+    pub device_ids: Vec<String>,
     /// Work for the event loop: serial input, the RTC's timer, call
     /// relays, INTx resamplers. Device data planes run on their own
     /// workers.
@@ -61,6 +63,7 @@ pub(super) struct Board {
 /// Builds every device of the run.
 pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
     let mut board = Board::default();
+    board.device_ids = ctx.cfg.devices.iter().filter_map(|d| d.id.clone()).collect();
     legacy::add(ctx, &mut board)?;
     let irq = |gsi| irq_line(ctx.vm, gsi);
     let control: Arc<dyn devices::VmControl> = ctx.control.clone();
@@ -75,7 +78,6 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
             control: &control,
             location: *at,
             faces: &mut board.faces,
-            id: d.id.as_deref(),
             data: crate::kinds::DataWriter { mem: ctx.mem, ranges: &ctx.plan.data[i] },
             multifunction: d.pci.multifunction,
         };

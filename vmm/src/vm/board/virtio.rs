@@ -117,7 +117,6 @@ mod tests {
                 control: &control,
                 location: crate::plan::Location::Fixed,
                 faces: &mut faces,
-                id: None,
                 data: crate::kinds::DataWriter { mem: &mem, ranges: &[] },
                 multifunction: false,
             };
