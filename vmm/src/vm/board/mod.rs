@@ -62,8 +62,8 @@ pub(super) struct Board {
 
 /// Builds every device of the run.
 pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
-    let mut board = Board::default();
-    board.device_ids = ctx.cfg.devices.iter().filter_map(|d| d.id.clone()).collect();
+    let device_ids = ctx.cfg.devices.iter().filter_map(|d| d.id.clone()).collect();
+    let mut board = Board { device_ids, ..Board::default() };
     legacy::add(ctx, &mut board)?;
     let irq = |gsi| irq_line(ctx.vm, gsi);
     let control: Arc<dyn devices::VmControl> = ctx.control.clone();
