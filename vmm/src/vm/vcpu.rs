@@ -222,9 +222,34 @@ fn fail(vcpu: &VcpuFd, ctx: &VcpuContext, index: u32, what: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    /// Runs vCPU 0 of `vm` in real mode from `rip` (code segment 0) until
+    /// a device on `pio` sets `stop`.
+    pub(crate) fn run_real_mode(
+        vm: &kvm_ioctls::VmFd,
+        rip: u64,
+        pio: Arc<Bus>,
+        stop: Arc<AtomicBool>,
+    ) {
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let regs = kvm_bindings::kvm_regs { rip, rflags: 2, ..Default::default() };
+        vcpu.set_regs(&regs).unwrap();
+        let ctx = VcpuContext {
+            watched_ports: Vec::new(),
+            pio,
+            mmio: Arc::new(Bus::new()),
+            control: Arc::new(Control::new().unwrap()),
+            stop,
+        };
+        run(0, vcpu, ctx);
+    }
 
     use devices::BusDevice;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -292,26 +317,11 @@ mod tests {
         mem.write_slice(code, GuestAddress(0x1000)).unwrap();
         mem.write_slice(b"abcd", GuestAddress(0x1100)).unwrap();
 
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
-        vcpu.set_regs(&regs).unwrap();
-
         let stop = Arc::new(AtomicBool::new(false));
         let ports = Arc::new(Mutex::new(Ports { writes: Vec::new(), next: 0, stop: stop.clone() }));
         let pio = Arc::new(Bus::new());
         pio.insert(ports.clone(), 0x80, 3).unwrap();
-        let ctx = VcpuContext {
-            watched_ports: Vec::new(),
-            pio,
-            mmio: Arc::new(Bus::new()),
-            control: Arc::new(Control::new().unwrap()),
-            stop,
-        };
-        run(0, vcpu, ctx);
+        run_real_mode(&vm, 0x1000, pio, stop);
 
         let writes = ports.lock().unwrap().writes.clone();
         let expected: Vec<Vec<u8>> =

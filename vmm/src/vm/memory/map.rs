@@ -182,8 +182,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::vm::control::Control;
-    use crate::vm::vcpu::{run, VcpuContext};
+    use crate::vm::vcpu::tests::run_real_mode;
 
     /// Records port writes; a write to the second port stops the vCPU.
     struct Port {
@@ -220,25 +219,11 @@ mod tests {
             0xf4,             // hlt
         ];
         mem.write_slice(code, GuestAddress(0x1000)).unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
-        vcpu.set_regs(&regs).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let port = Arc::new(Mutex::new(Port { bytes: Vec::new(), stop: stop.clone() }));
         let pio = Arc::new(Bus::new());
         pio.insert(port.clone(), 0x80, 2).unwrap();
-        let ctx = VcpuContext {
-            watched_ports: Vec::new(),
-            pio,
-            mmio: Arc::new(Bus::new()),
-            control: Arc::new(Control::new().unwrap()),
-            stop,
-        };
-        run(0, vcpu, ctx);
+        run_real_mode(vm, 0x1000, pio, stop);
         let bytes = port.lock().unwrap().bytes.clone();
         bytes
     }
