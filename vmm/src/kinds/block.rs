@@ -47,7 +47,7 @@ impl Kind for BlockKind {
 "
     }
     fn sandbox(&self) -> Sandbox {
-        Sandbox { disk: true, ..Sandbox::default() }
+        Sandbox { disk: true, uring: true, ..Sandbox::default() }
     }
     fn parse(&self, opts: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
         let drive = opts.take("drive").ok_or_else(|| opts.missing("drive"))?;
@@ -156,7 +156,9 @@ impl Device for Blk {
         Ok(Box::new(Opened { disk: Arc::new(disk), params }))
     }
     fn sandbox(&self) -> Sandbox {
-        KIND.sandbox()
+        // A ring only where the drive asks for one.
+        let uring = self.drive.aio != devices::virtio::block::Aio::Threads;
+        Sandbox { uring, ..KIND.sandbox() }
     }
 }
 

@@ -106,8 +106,11 @@ pub struct Sandbox {
     pub inet: bool,
     /// Its worker issues tap requests (offloads, queue attach).
     pub tap: bool,
-    /// Its worker serves a disk image (pread/pwrite, fsync, fallocate).
+    /// Its worker reads and writes files it holds (a disk image, a
+    /// share's files): pread/pwrite, fsync, fallocate, lseek.
     pub disk: bool,
+    /// Its worker runs an io_uring (`aio=io_uring`).
+    pub uring: bool,
     /// vhost ioctls (the kernel's vhost-vsock and vhost-net).
     pub vhost: bool,
 }
@@ -121,6 +124,7 @@ impl Sandbox {
             inet: self.inet || o.inet,
             tap: self.tap || o.tap,
             disk: self.disk || o.disk,
+            uring: self.uring || o.uring,
             vhost: self.vhost || o.vhost,
         }
     }

@@ -45,7 +45,9 @@ impl Kind for P9Kind {
 "
     }
     fn sandbox(&self) -> Sandbox {
-        Sandbox { share_files: true, ..Sandbox::default() }
+        // Lookups and changes under the share's descriptors, and reads and
+        // writes of the files it opened.
+        Sandbox { share_files: true, disk: true, ..Sandbox::default() }
     }
     fn parse(&self, opts: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
         let fsdev = opts.take("fsdev").ok_or_else(|| opts.missing("fsdev"))?;

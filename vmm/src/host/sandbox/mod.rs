@@ -288,7 +288,7 @@ const DISK_IO: &[i64] = &[
     libc::SYS_lseek,
 ];
 
-/// `aio=io_uring`'s rings: only threads of a machine with a disk.
+/// `aio=io_uring`'s rings: only threads of a machine whose disk has one.
 const URING: &[i64] =
     &[libc::SYS_io_uring_setup, libc::SYS_io_uring_register, libc::SYS_io_uring_enter];
 
@@ -465,7 +465,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
     let devices = matches!(kind, ThreadKind::Main | ThreadKind::Vcpu | ThreadKind::Worker(_));
     // Main reads the kernel again for a reboot.
     let disk = (devices && needs.disk) || matches!(kind, ThreadKind::Io | ThreadKind::Main);
-    let uring = devices && needs.disk;
+    let uring = devices && needs.uring;
     // Main also serves its own sockets.
     let backends = (devices && needs.backend_socket) || kind == ThreadKind::Main;
     // The process filter (main's) carries every thread's calls.
@@ -844,6 +844,17 @@ mod tests {
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS, "{status:#x}");
         let status = in_confined_child(&[&blk], uring);
         assert!(libc::WIFEXITED(status), "a disk's worker may set up a ring: {status:#x}");
+        let ninep = worker("virtio-9p", kinds("virtio-9p"));
+        let status = in_confined_child(&[&ninep], uring);
+        assert!(libc::WIFSIGNALED(status), "a share's worker has no ring: {status:#x}");
+        let pread = || {
+            let mut b = [0u8; 1];
+            // SAFETY: a one-byte buffer; an invalid descriptor.
+            let r = unsafe { libc::pread(-1, b.as_mut_ptr().cast(), 1, 0) };
+            i32::from(r >= 0)
+        };
+        let status = in_confined_child(&[&ninep], pread);
+        assert!(libc::WIFEXITED(status), "a share's worker reads its files: {status:#x}");
 
         let unknown = worker("virtio-frob", Needs::default());
         let status = in_confined_child(&[&unknown], unlink);
