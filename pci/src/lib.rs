@@ -35,6 +35,7 @@ pub mod device;
 pub mod fuzzing;
 pub mod msix;
 pub mod root;
+pub mod vfio;
 pub mod virtio_pci;
 
 pub use address::{AddrError, DevFn, PciAddress};

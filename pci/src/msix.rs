@@ -94,6 +94,10 @@ impl Msix {
         self.table.is_empty()
     }
 
+    pub fn function_masked(&self) -> bool {
+        self.control.function_masked
+    }
+
     pub fn enabled(&self) -> bool {
         self.control.enabled
     }

@@ -1,0 +1,192 @@
+//! The seam between skiff's VFIO PCI device model and a host device: what
+//! the model asks of "a VFIO device" (regions, interrupts, reset), so the
+//! model is tested against a recording fake (`Fake`) and runs on the
+//! kernel's VFIO through vfio-ioctls.
+//!
+//! The region and interrupt numbers are VFIO's for a PCI device
+//! (`include/uapi/linux/vfio.h`: `VFIO_PCI_*_REGION_INDEX`,
+//! `VFIO_PCI_*_IRQ_INDEX`, `VFIO_REGION_INFO_FLAG_*`).
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// BAR 0..=5 are regions 0..=5.
+pub const ROM_REGION: u32 = 6;
+pub const CONFIG_REGION: u32 = 7;
+pub const VGA_REGION: u32 = 8;
+
+pub const INTX_IRQ: u32 = 0;
+pub const MSI_IRQ: u32 = 1;
+pub const MSIX_IRQ: u32 = 2;
+
+pub const REGION_READ: u32 = 1 << 0;
+pub const REGION_WRITE: u32 = 1 << 1;
+pub const REGION_MMAP: u32 = 1 << 2;
+
+/// A region as the host device describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// `REGION_*` flags.
+    pub flags: u32,
+    pub size: u64,
+    /// The parts that may be mmap'd (offset, length) when the region has a
+    /// sparse-mmap capability; None: all of it, if `REGION_MMAP`.
+    pub sparse: Option<Vec<(u64, u64)>>,
+    /// The MSI-X table and PBA may be mmap'd with the rest (the kernel's
+    /// MSIX_MAPPABLE capability): the model still traps them.
+    pub msix_mappable: bool,
+}
+
+/// An interrupt type as the host device offers it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// How many vectors (0: not offered).
+    pub count: u32,
+    /// Each vector can be masked on its own (VFIO_IRQ_INFO_MASKABLE).
+    pub maskable: bool,
+}
+
+/// A host PCI function bound to vfio-pci.
+pub trait VfioAccess: Send + Sync {
+    /// Region `index`, or None when the device has no such region.
+    fn region_info(&self, index: u32) -> Option<RegionInfo>;
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()>;
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn irq_info(&self, index: u32) -> Option<IrqInfo>;
+    /// Routes vectors 0..`fds.len()` of interrupt `index` to `fds`
+    /// (VFIO_DEVICE_SET_IRQS, ACTION_TRIGGER).
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> io::Result<()>;
+    /// Turns interrupt `index` off entirely.
+    fn disable_irq(&self, index: u32) -> io::Result<()>;
+    /// INTx: unmask after the guest's EOI, and the eventfd that does it
+    /// (KVM's resample) from then on.
+    fn unmask_intx(&self) -> io::Result<()>;
+    fn set_intx_resample(&self, fd: &EventFd) -> io::Result<()>;
+    /// Resets the function (VFIO_DEVICE_RESET); false if it cannot be.
+    fn reset(&self) -> bool;
+
+    /// Config space, as the kernel virtualizes it.
+    fn config_read(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.region_read(CONFIG_REGION, offset, data)
+    }
+    fn config_write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.region_write(CONFIG_REGION, offset, data)
+    }
+    fn config_u8(&self, offset: u64) -> io::Result<u8> {
+        let mut b = [0u8; 1];
+        self.config_read(offset, &mut b)?;
+        Ok(b[0])
+    }
+    fn config_u16(&self, offset: u64) -> io::Result<u16> {
+        let mut b = [0u8; 2];
+        self.config_read(offset, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+    fn config_u32(&self, offset: u64) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.config_read(offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+}
+
+/// A recording fake: a scripted config space and regions, and a log of
+/// every interrupt, reset and region write the model made.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fake {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Call {
+        EnableIrq { index: u32, vectors: usize },
+        DisableIrq(u32),
+        UnmaskIntx,
+        IntxResample,
+        Reset,
+        RegionWrite { index: u32, offset: u64, data: Vec<u8> },
+    }
+
+    #[derive(Default)]
+    pub struct Fake {
+        pub config: Mutex<Vec<u8>>,
+        pub regions: HashMap<u32, RegionInfo>,
+        pub irqs: HashMap<u32, IrqInfo>,
+        pub calls: Mutex<Vec<Call>>,
+        pub can_reset: bool,
+    }
+
+    impl Fake {
+        /// A function with `config` (up to 4 KiB, the rest zero).
+        pub fn new(config: &[u8]) -> Self {
+            let mut space = vec![0u8; 4096];
+            space[..config.len()].copy_from_slice(config);
+            let mut regions = HashMap::new();
+            regions.insert(
+                CONFIG_REGION,
+                RegionInfo { flags: REGION_READ | REGION_WRITE, size: 4096, ..Default::default() },
+            );
+            Fake { config: Mutex::new(space), regions, can_reset: true, ..Default::default() }
+        }
+
+        pub fn calls(&self) -> Vec<Call> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        fn log(&self, call: Call) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl VfioAccess for Fake {
+        fn region_info(&self, index: u32) -> Option<RegionInfo> {
+            self.regions.get(&index).cloned()
+        }
+        fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+            if index != CONFIG_REGION {
+                data.fill(0xff);
+                return Ok(());
+            }
+            let space = self.config.lock().unwrap();
+            let at = usize::try_from(offset).map_err(io::Error::other)?;
+            let src = space.get(at..at + data.len()).ok_or(io::ErrorKind::InvalidInput)?;
+            data.copy_from_slice(src);
+            Ok(())
+        }
+        fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.log(Call::RegionWrite { index, offset, data: data.to_vec() });
+            if index == CONFIG_REGION {
+                let mut space = self.config.lock().unwrap();
+                let at = usize::try_from(offset).map_err(io::Error::other)?;
+                let dst = space.get_mut(at..at + data.len()).ok_or(io::ErrorKind::InvalidInput)?;
+                dst.copy_from_slice(data);
+            }
+            Ok(())
+        }
+        fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+            self.irqs.get(&index).copied()
+        }
+        fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
+            self.log(Call::EnableIrq { index, vectors: fds.len() });
+            Ok(())
+        }
+        fn disable_irq(&self, index: u32) -> io::Result<()> {
+            self.log(Call::DisableIrq(index));
+            Ok(())
+        }
+        fn unmask_intx(&self) -> io::Result<()> {
+            self.log(Call::UnmaskIntx);
+            Ok(())
+        }
+        fn set_intx_resample(&self, _: &EventFd) -> io::Result<()> {
+            self.log(Call::IntxResample);
+            Ok(())
+        }
+        fn reset(&self) -> bool {
+            self.log(Call::Reset);
+            self.can_reset
+        }
+    }
+}

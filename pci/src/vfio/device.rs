@@ -1,0 +1,332 @@
+//! A host function as the guest sees it. What the model emulates, and why
+//! (QEMU's `hw/vfio/pci.c` and the kernel's `vfio_pci_config.c` split the
+//! same way):
+//!
+//! | config space | the guest sees | why |
+//! |---|---|---|
+//! | BARs 0x10–0x27 | skiff's shadow, sizes from VFIO's regions | the guest's addresses are guest-physical; the host's stay the host's |
+//! | ROM BAR 0x30 | 0: no ROM | no firmware runs an option ROM on a direct boot |
+//! | header type 0x0e bit 7 | `multifunction=` | the slot is skiff's, not the host's |
+//! | MSI-X Message Control | skiff's emulation (table size from the host) | vectors are KVM routes and irqfds; the host's enable follows `SET_IRQS` |
+//! | everything else | the host, as the kernel virtualizes it (command, status, interrupt line/pin, capabilities, 0x100–0xFFF) | the kernel already filters what a guest may change |
+//!
+//! BAR accesses that reach skiff (everything not mapped into the guest)
+//! go to the host region, except the MSI-X table and PBA: emulated.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::access::{VfioAccess, MSIX_IRQ};
+use super::layout::HostLayout;
+use crate::capability::{MsixCap, MsixControl};
+use crate::config::{BarReprogram, ConfigError, ConfigParams, PciConfig, BAR0};
+use crate::device::PciDevice;
+use crate::msix::{MsiRouter, Msix};
+
+const HEADER_DWORD: usize = 0x0c / 4;
+const ROM_DWORD: usize = 0x30 / 4;
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+
+/// MSI-X as the guest drives it, over the host's vectors.
+struct MsixState {
+    /// Where the capability sits in config space.
+    offset: usize,
+    cap: MsixCap,
+    table: Msix,
+    /// One eventfd per vector, the host's (`SET_IRQS`) and the table's
+    /// source for that vector alike.
+    evts: Vec<EventFd>,
+    /// What the host was last told: MSI-X on, with every vector.
+    host_enabled: bool,
+}
+
+pub struct VfioPciDevice<A: VfioAccess> {
+    dev: Arc<A>,
+    shadow: PciConfig,
+    multifunction: bool,
+    msix: Option<MsixState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("BAR {index}")]
+    Bar {
+        index: usize,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("MSI-X: {0} vectors but {1} GSIs")]
+    MsixGsis(u16, usize),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+impl<A: VfioAccess> VfioPciDevice<A> {
+    /// The model of `dev`, laid out as `layout` says; `gsis`: one per
+    /// MSI-X vector, routed through `router`.
+    pub fn new(
+        dev: Arc<A>,
+        layout: &HostLayout,
+        multifunction: bool,
+        gsis: Vec<u32>,
+        router: Arc<dyn MsiRouter>,
+    ) -> Result<Self, DeviceError> {
+        let mut shadow = PciConfig::new(&ConfigParams {
+            vendor_id: layout.vendor_id,
+            device_id: layout.device_id,
+            revision: layout.revision,
+            class_code: layout.class_code,
+            subsystem_vendor_id: layout.subsystem_vendor_id,
+            subsystem_id: layout.subsystem_id,
+            multifunction,
+            interrupt_pin: layout.interrupt_pin,
+            ..ConfigParams::default()
+        });
+        for (index, bar) in layout.bars.iter().enumerate() {
+            if let Some(bar) = bar {
+                shadow
+                    .add_bar(index, bar.kind, bar.size)
+                    .map_err(|source| DeviceError::Bar { index, source })?;
+            }
+        }
+        let msix = match layout.msix {
+            Some((offset, cap)) => {
+                if gsis.len() != usize::from(cap.vectors) {
+                    return Err(DeviceError::MsixGsis(cap.vectors, gsis.len()));
+                }
+                let mut table = Msix::new(gsis, router);
+                let mut evts = Vec::new();
+                for v in 0..cap.vectors {
+                    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                        .map_err(DeviceError::EventFd)?;
+                    let source = table.add_source(evt.try_clone().map_err(DeviceError::EventFd)?);
+                    table.set_source_vector(source, v);
+                    evts.push(evt);
+                }
+                Some(MsixState { offset, cap, table, evts, host_enabled: false })
+            }
+            None => None,
+        };
+        Ok(VfioPciDevice { dev, shadow, multifunction, msix })
+    }
+
+    /// The host's dword, all ones when it cannot be read (as a missing
+    /// function reads).
+    fn host_dword(&self, reg: usize) -> u32 {
+        self.dev.config_u32(reg as u64 * 4).unwrap_or(u32::MAX)
+    }
+
+    /// Message Control as the guest wrote it: the host's vectors follow
+    /// (all of them with MSI-X on, none with it off), and the table's
+    /// irqfds follow the guest's masks.
+    fn msix_control(&mut self, control: u16) {
+        let Some(m) = self.msix.as_mut() else { return };
+        let enabled = control & MSIX_ENABLE != 0;
+        let function_masked = control & MSIX_FUNCTION_MASK != 0;
+        if enabled != m.host_enabled {
+            let result = if enabled {
+                let fds: Vec<&EventFd> = m.evts.iter().collect();
+                self.dev.enable_irq(MSIX_IRQ, &fds)
+            } else {
+                self.dev.disable_irq(MSIX_IRQ)
+            };
+            match result {
+                Ok(()) => m.host_enabled = enabled,
+                Err(e) => devices::warn_limited!(
+                    "vfio: MSI-X {}: {e}",
+                    if enabled { "on" } else { "off" }
+                ),
+            }
+        }
+        m.table.set_control(MsixControl { enabled, function_masked });
+    }
+
+    fn msix_ranges(&self, bar: usize) -> Option<(&MsixState, u64, u64)> {
+        let m = self.msix.as_ref()?;
+        let table = (usize::from(m.cap.table_bar) == bar).then_some(u64::from(m.cap.table_offset));
+        let pba = (usize::from(m.cap.pba_bar) == bar).then_some(u64::from(m.cap.pba_offset));
+        Some((m, table.unwrap_or(u64::MAX), pba.unwrap_or(u64::MAX)))
+    }
+}
+
+impl<A: VfioAccess> PciDevice for VfioPciDevice<A> {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        if (BAR0 / 4..BAR0 / 4 + 6).contains(&reg) {
+            return self.shadow.read_reg(reg);
+        }
+        if reg == ROM_DWORD {
+            return 0;
+        }
+        let mut value = self.host_dword(reg);
+        if reg == HEADER_DWORD {
+            let bit = u32::from(self.multifunction) << 23;
+            value = (value & !(1 << 23)) | bit;
+        }
+        if let Some(m) = &self.msix {
+            if reg == m.offset / 4 {
+                // Message Control (the upper half): the host's table size,
+                // the guest's enable and mask.
+                let size = (value >> 16) & 0x7ff;
+                let (on, masked) = (m.table.enabled(), m.table.function_masked());
+                let control = size | u32::from(on) << 15 | u32::from(masked) << 14;
+                value = (value & 0xffff) | control << 16;
+            }
+        }
+        value
+    }
+
+    fn config_write(&mut self, offset: u64, data: &[u8]) -> Option<BarReprogram> {
+        let reg = usize::try_from(offset).ok()? / 4;
+        if (BAR0 / 4..BAR0 / 4 + 6).contains(&reg) {
+            return self.shadow.write(offset, data);
+        }
+        if reg == ROM_DWORD {
+            return None;
+        }
+        if let Some(m) = &self.msix {
+            let control_at = m.offset as u64 + 2;
+            let end = offset + data.len() as u64;
+            if offset < control_at + 2 && control_at < end {
+                // The byte(s) of Message Control this write covers (the
+                // capability's ID and next bytes are read-only).
+                let current = self.config_read(m.offset / 4) >> 16;
+                let mut bytes = (current as u16).to_le_bytes();
+                for (i, b) in data.iter().enumerate() {
+                    let at = offset + i as u64;
+                    if at == control_at || at == control_at + 1 {
+                        bytes[(at - control_at) as usize] = *b;
+                    }
+                }
+                self.msix_control(u16::from_le_bytes(bytes));
+                return None;
+            }
+        }
+        if let Err(e) = self.dev.config_write(offset, data) {
+            devices::warn_limited!("vfio: config write at {offset:#x}: {e}");
+        }
+        None
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if let Some((m, table, pba)) = self.msix_ranges(bar) {
+            if (table..table.saturating_add(m.table.table_size())).contains(&offset) {
+                return m.table.table_read(offset - table, data);
+            }
+            if (pba..pba.saturating_add(m.table.pba_size())).contains(&offset) {
+                return m.table.pba_read(offset - pba, data);
+            }
+        }
+        if self.dev.region_read(bar as u32, offset, data).is_err() {
+            data.fill(0xff);
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if let Some((m, table, pba)) = self.msix_ranges(bar) {
+            let (table_len, pba_len) = (m.table.table_size(), m.table.pba_size());
+            if (table..table.saturating_add(table_len)).contains(&offset) {
+                if let Some(m) = self.msix.as_mut() {
+                    m.table.table_write(offset - table, data);
+                }
+                return;
+            }
+            if (pba..pba.saturating_add(pba_len)).contains(&offset) {
+                return; // read-only
+            }
+        }
+        if let Err(e) = self.dev.region_write(bar as u32, offset, data) {
+            devices::warn_limited!("vfio: BAR {bar} write at {offset:#x}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::access::fake::{Call, Fake};
+    use super::super::layout::tests::nvme;
+    use super::*;
+    use crate::msix::tests::{gsis, Routes};
+
+    fn device() -> (Arc<Fake>, VfioPciDevice<Fake>, Arc<Routes>) {
+        let fake = Arc::new(nvme());
+        let layout = HostLayout::probe(&*fake, true).unwrap();
+        let routes = Arc::new(Routes::default());
+        let d = VfioPciDevice::new(fake.clone(), &layout, true, gsis(65), routes.clone()).unwrap();
+        (fake, d, routes)
+    }
+
+    /// The header: the host's identity and capabilities, skiff's BARs, no
+    /// ROM, `multifunction=` in the header type.
+    #[test]
+    fn config_space_virtualization() {
+        let (fake, mut d, _) = device();
+        assert_eq!(d.config_read(0), 0x0010_1b36);
+        assert_eq!(d.config_read(2), 0x0108_0202);
+        assert_eq!(d.config_read(HEADER_DWORD) >> 16 & 0xff, 0x80, "multifunction=on");
+        // BAR 0 sizes as a 16 KiB 64-bit BAR and moves in the shadow only.
+        d.config_write(0x10, &u32::MAX.to_le_bytes());
+        assert_eq!(d.config_read(4), 0xffff_c004);
+        let moved = d.config_write(0x10, &0xc000_0000u32.to_le_bytes());
+        assert_eq!(d.config_read(4), 0xc000_0004);
+        assert!(moved.is_some_and(|m| m.new == 0xc000_0000 && m.len == 0x4000), "{moved:?}");
+        assert!(!fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::RegionWrite { offset: 0x10..=0x17, .. })));
+        // No ROM, whatever the host has; a ROM write goes nowhere.
+        d.config_write(0x30, &u32::MAX.to_le_bytes());
+        assert_eq!(d.config_read(ROM_DWORD), 0);
+        // The command register is the host's (the kernel filters it).
+        d.config_write(0x04, &0x0006u16.to_le_bytes());
+        assert!(fake.calls().contains(&Call::RegionWrite {
+            index: 7,
+            offset: 4,
+            data: vec![6, 0]
+        }));
+        assert_eq!(d.config_read(1) & 0xffff, 0x0006);
+        // The PCIe capability and the extended space read through.
+        assert_eq!(d.config_read(0x60 / 4) & 0xff, 0x10);
+        assert_eq!(d.config_read(0x100 / 4) & 0xffff, 0x0001);
+    }
+
+    /// MSI-X: enabling it in Message Control hands the host every vector's
+    /// eventfd; the table is emulated (a programmed, unmasked vector gets a
+    /// route and its irqfd); disabling turns the host's off.
+    #[test]
+    fn msix_table_writes_reach_set_irqs_and_routes() {
+        let (fake, mut d, routes) = device();
+        let control = 0x50 + 2;
+        assert_eq!(d.config_read(0x50 / 4) >> 16, 64, "65 vectors, off");
+        // Vector 3: address, data, unmasked.
+        d.bar_write(0, 0x2000 + 3 * 16, &0xfee0_0000u64.to_le_bytes());
+        d.bar_write(0, 0x2000 + 3 * 16 + 8, &0x41u32.to_le_bytes());
+        d.bar_write(0, 0x2000 + 3 * 16 + 12, &0u32.to_le_bytes());
+        let mut back = [0u8; 4];
+        d.bar_read(0, 0x2000 + 3 * 16 + 8, &mut back);
+        assert_eq!(u32::from_le_bytes(back), 0x41);
+        assert!(
+            fake.calls().iter().all(|c| !matches!(c, Call::RegionWrite { index: 0, .. })),
+            "the table never reaches the host"
+        );
+        d.config_write(control, &MSIX_ENABLE.to_le_bytes());
+        assert!(fake.calls().contains(&Call::EnableIrq { index: MSIX_IRQ, vectors: 65 }));
+        assert_eq!(d.config_read(0x50 / 4) >> 16, 64 | 0x8000);
+        assert!(routes.routes.lock().unwrap().iter().any(|&(g, m)| g == 24 + 3 && m.data == 0x41));
+        // The host signals vector 3: KVM raises its GSI.
+        d.msix.as_ref().unwrap().evts[3].write(1).unwrap();
+        routes.fire();
+        assert_eq!(*routes.delivered.lock().unwrap(), [27]);
+        // Off again.
+        d.config_write(control + 1, &[0]);
+        assert!(fake.calls().contains(&Call::DisableIrq(MSIX_IRQ)));
+        // Other BAR accesses go to the host.
+        d.bar_write(0, 0x14, &1u32.to_le_bytes());
+        assert!(fake.calls().contains(&Call::RegionWrite {
+            index: 0,
+            offset: 0x14,
+            data: vec![1, 0, 0, 0]
+        }));
+    }
+}
