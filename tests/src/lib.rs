@@ -762,6 +762,28 @@ pub fn parse_log(log: &str) -> Vec<ScenarioResult> {
 
 /// Shell function `share DIR`: a share as the file-system tests use it,
 /// DIR/data.bin (1 MiB of random bytes) and DIR/many/ (1,000 files).
+/// Shell helper for VFIO scenarios (a test host with `SKIFF_L1_NVME`):
+/// `vfio_bind` loads the VFIO modules and binds the test host's NVMe
+/// controller to vfio-pci, printing `VFIO-HOST=DDDD:BB:DD.F` and
+/// `VFIO-GROUP=N` and setting `$VFIO_HOST`; it fails with `VFIO-NO-NVME`.
+pub const VFIO_FN: &str = r#"
+vfio_bind() {
+	while read -r m; do insmod "$L1_MODULES/$m" 2>/dev/null; done <"$L1_MODULES/order-vfio"
+	for d in /sys/bus/pci/devices/*; do
+		[ "$(cat "$d/class")" = 0x010802 ] || continue
+		VFIO_HOST=${d##*/}
+		echo vfio-pci >"$d/driver_override"
+		[ -e "$d/driver" ] && echo "$VFIO_HOST" >"$d/driver/unbind"
+		echo "$VFIO_HOST" >/sys/bus/pci/drivers_probe
+		echo "VFIO-HOST=$VFIO_HOST"
+		echo "VFIO-GROUP=$(basename "$(readlink "$d/iommu_group")")"
+		return 0
+	done
+	echo VFIO-NO-NVME
+	return 1
+}
+"#;
+
 pub const SHARE_FN: &str = r#"
 share() {
 	mkdir -p "$1/many"

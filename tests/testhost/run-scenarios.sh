@@ -33,7 +33,11 @@
 # Test host knobs: SKIFF_L1_MEM (MiB, default 3072), SKIFF_L1_CPU (default
 # max), SKIFF_L1_SMP (default 1), SKIFF_L1_ACCEL (default tcg,thread=multi),
 # SKIFF_L1_APPEND (more
-# kernel parameters), SKIFF_L1_HEARTBEAT_LIMIT (seconds without the test
+# kernel parameters), SKIFF_L1_NVME (a raw image: the test host gets an
+# emulated Intel IOMMU with interrupt remapping and an NVMe controller on
+# that image, serial skiff-nvme, for VFIO passthrough; its kernel boots with
+# intel_iommu=on iommu=pt; the VFIO modules are in $L1_MODULES/order-vfio),
+# SKIFF_L1_HEARTBEAT_LIMIT (seconds without the test
 # host's heartbeat before it counts as frozen, default 40),
 # SKIFF_TEST_INTERACTIVE=1 (terminal wired to the
 # console, for ":console" scenarios), SKIFF_TEST_BOOT_ALLOWANCE (seconds
@@ -302,12 +306,23 @@ beats="$tmp/heartbeat"
 	done
 ) &
 watchdog=$!
+# VFIO inside the test host: without intremap=on, VFIO_SET_IOMMU fails
+# with EPERM.
+vfio=()
+vfio_append=
+if [ -n "${SKIFF_L1_NVME:-}" ]; then
+	[ -f "$SKIFF_L1_NVME" ] || die "SKIFF_L1_NVME: no such image $SKIFF_L1_NVME" 2
+	vfio=(-device intel-iommu,intremap=on
+		-drive "if=none,id=nvme0,file=$SKIFF_L1_NVME,format=raw,cache=unsafe"
+		-device nvme,serial=skiff-nvme,drive=nvme0)
+	vfio_append="intel_iommu=on iommu=pt"
+fi
 timeout "${tflags[@]}" "$overall" "$QEMU_HOST" -M q35 -accel "${SKIFF_L1_ACCEL:-tcg,thread=multi}" \
-	-cpu "${SKIFF_L1_CPU:-max}" -smp "${SKIFF_L1_SMP:-1}" \
+	-cpu "${SKIFF_L1_CPU:-max}" -smp "${SKIFF_L1_SMP:-1}" "${vfio[@]}" \
 	-m "${SKIFF_L1_MEM:-3072}" -nodefaults -no-user-config -display none -monitor none -serial "$serial" \
 	-chardev "file,id=beat,path=$beats" -device isa-debugcon,iobase=0x7f0,chardev=beat \
 	-no-reboot -kernel "$SKIFF_L1_KERNEL" -initrd "$tmp/initrd" \
-	-append "console=ttyS0 quiet panic=-1 mitigations=off ${SKIFF_L1_APPEND:-}" <"$stdin_src" 2>&1 | progress
+	-append "console=ttyS0 quiet panic=-1 mitigations=off $vfio_append ${SKIFF_L1_APPEND:-}" <"$stdin_src" 2>&1 | progress
 rc=${PIPESTATUS[0]}
 kill "$watchdog" 2>/dev/null
 wait "$watchdog" 2>/dev/null
