@@ -443,11 +443,17 @@ pub fn ensure_assets() -> Result<(), Error> {
 /// of one process, so the others wait for it.
 pub struct Batch {
     results: std::sync::OnceLock<Result<std::collections::HashMap<String, ScenarioResult>, String>>,
+    nvme: bool,
 }
 
 impl Batch {
     pub const fn new() -> Self {
-        Batch { results: std::sync::OnceLock::new() }
+        Batch { results: std::sync::OnceLock::new(), nvme: false }
+    }
+
+    /// A batch whose test host has an IOMMU and an NVMe (`RunOptions::nvme`).
+    pub const fn with_nvme() -> Self {
+        Batch { results: std::sync::OnceLock::new(), nvme: true }
     }
 
     /// The result of scenario `name`, running `scenarios()` on first use.
@@ -458,7 +464,7 @@ impl Batch {
             if let Some(only) = std::env::var("SKIFF_TEST_ONLY").ok().filter(|o| !o.is_empty()) {
                 all.retain(|s| only.split(',').any(|n| n == s.name));
             }
-            run_scenarios(&all)
+            run_scenarios_with(&all, &RunOptions { nvme: self.nvme, ..RunOptions::default() })
                 .map(|rs| rs.into_iter().map(|r| (r.name.clone(), r)).collect())
                 .map_err(|e| e.to_string())
         });
@@ -486,6 +492,18 @@ pub struct RunOptions {
     /// Scenarios that already ran once more after stalling on their own
     /// (see `rerun_stalled`): a second stall is their result.
     pub retried: std::collections::BTreeSet<String>,
+    /// Give the test host an IOMMU and an NVMe controller on a fresh
+    /// `nvme_image()` (starting with `NVME_PATTERN`), for VFIO.
+    pub nvme: bool,
+}
+
+/// What the NVMe image of a VFIO batch starts with.
+pub const NVME_PATTERN: &str = "SKIFF-NVME-PATTERN-0123456789";
+
+/// The image behind the test host's NVMe controller (`RunOptions::nvme`);
+/// read it after the batch to see what the guest wrote.
+pub fn nvme_image() -> PathBuf {
+    target_dir().join("skiff-tests/nvme.img")
 }
 
 impl Default for RunOptions {
@@ -496,7 +514,7 @@ impl Default for RunOptions {
             .ok()
             .and_then(|p| p.file_stem()?.to_str()?.split('-').next().map(str::to_owned))
             .unwrap_or_else(|| "scenarios".into());
-        RunOptions { require_skiff: true, log_name, retried: Default::default() }
+        RunOptions { require_skiff: true, log_name, retried: Default::default(), nvme: false }
     }
 }
 
@@ -544,14 +562,18 @@ pub fn run_scenarios_with(
 
     let script = repo_root().join("tests/testhost/run-scenarios.sh");
     let started = Instant::now();
+    if opts.nvme {
+        let f = fs::File::create(nvme_image())?;
+        f.set_len(64 << 20)?;
+        std::os::unix::fs::FileExt::write_all_at(&f, NVME_PATTERN.as_bytes(), 0)?;
+    }
     let run = || {
-        Command::new("bash")
-            .arg(&script)
-            .arg(&scen_file)
-            .arg(&log)
-            .env("SKIFF_BIN", skiff_bin())
-            .stdout(std::process::Stdio::inherit())
-            .output()
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg(&scen_file).arg(&log).env("SKIFF_BIN", skiff_bin());
+        if opts.nvme {
+            cmd.env("SKIFF_L1_NVME", nvme_image());
+        }
+        cmd.stdout(std::process::Stdio::inherit()).output()
     };
     let mut out = run()?;
     // The nested test host (TCG emulating SVM) itself occasionally never

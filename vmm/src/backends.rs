@@ -35,11 +35,11 @@ impl Backends {
         self.devices.get(index).map(|b| &**b)
     }
 
-    pub fn attach(&self, mem: &boot::GuestMemoryMmap) {
-        self.devices.iter().for_each(|b| b.attach(mem));
+    pub fn attach(&self, mem: &boot::GuestMemoryMmap) -> crate::vm::Result<()> {
+        self.devices.iter().try_for_each(|b| b.attach(mem))
     }
 
-    pub fn detach(&self) {
-        self.devices.iter().for_each(|b| b.detach());
+    pub fn detach(&self, mem: &boot::GuestMemoryMmap) {
+        self.devices.iter().for_each(|b| b.detach(mem));
     }
 }

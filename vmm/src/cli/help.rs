@@ -94,7 +94,7 @@ Monitor:
 
 Every other QEMU option (for example -blockdev, -fw_cfg), every other
 -netdev type (socket, stream, vde, ...), every other -object type, and every other
--device (for example vfio-pci, virtio-balloon-pci) is not supported yet: skiff
+-device (for example virtio-balloon-pci, virtio-serial) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
 

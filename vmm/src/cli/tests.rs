@@ -534,7 +534,7 @@ fn devices() {
         &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
         "-device: duplicate id 'x'",
     );
-    for driver in ["vhost-user-blk-pci", "vfio-pci", "virtio-balloon-pci"] {
+    for driver in ["vhost-user-blk-pci", "virtio-balloon-pci"] {
         fails(
             &["-device", &format!("{driver},id=x")],
             &format!("-device: '{driver}' is not supported yet"),

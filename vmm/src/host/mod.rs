@@ -9,3 +9,4 @@ pub mod logger;
 pub mod privileges;
 pub mod sandbox;
 pub mod signals;
+pub mod vfio;

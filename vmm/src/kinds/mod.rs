@@ -37,6 +37,7 @@ mod refs;
 pub mod rng;
 pub mod root_port;
 pub mod rtc;
+pub mod vfio;
 pub mod vsock;
 
 pub use refs::Refs;
@@ -52,6 +53,7 @@ pub static KINDS: &[&dyn Kind] = &[
     &net::KIND,
     &p9::KIND,
     &root_port::KIND,
+    &vfio::KIND,
     &rtc::KIND,
     &ged::KIND,
 ];
@@ -113,6 +115,9 @@ pub struct Sandbox {
     pub uring: bool,
     /// vhost ioctls (the kernel's vhost-vsock and vhost-net).
     pub vhost: bool,
+    /// VFIO ioctls (a passed-through device's interrupts, from a vCPU's
+    /// config write).
+    pub vfio: bool,
 }
 
 impl Sandbox {
@@ -126,6 +131,7 @@ impl Sandbox {
             disk: self.disk || o.disk,
             uring: self.uring || o.uring,
             vhost: self.vhost || o.vhost,
+            vfio: self.vfio || o.vfio,
         }
     }
 }
@@ -234,10 +240,12 @@ impl OpenError {
 /// next run's device on the same image, tap or connection.
 pub trait HostSide: Send + Sync {
     /// Gives it the run's guest memory (the kernel's vhost translates ring
-    /// addresses through it).
-    fn attach(&self, _mem: &boot::GuestMemoryMmap) {}
+    /// addresses through it; VFIO DMA-maps it).
+    fn attach(&self, _mem: &boot::GuestMemoryMmap) -> crate::vm::Result<()> {
+        Ok(())
+    }
     /// Takes the run's guest memory back before it is unmapped.
-    fn detach(&self) {}
+    fn detach(&self, _mem: &boot::GuestMemoryMmap) {}
     /// Guest RAM to set aside for what the device writes before the guest
     /// runs (asked once the host side is open: sizes come from the host).
     fn guest_data(&self) -> Vec<crate::plan::DataRequest> {
@@ -291,6 +299,15 @@ pub struct RunContext<'a> {
     pub data: DataWriter<'a>,
     /// `multifunction=on` (a PCI function).
     pub multifunction: bool,
+    /// MSI(-X) vectors: GSIs and their routes in KVM.
+    pub msi: MsiContext<'a>,
+}
+
+/// Where a PCI function's MSI(-X) vectors go.
+pub struct MsiContext<'a> {
+    /// A new GSI for a vector.
+    pub allocate: &'a dyn Fn() -> crate::vm::Result<u32>,
+    pub router: Arc<dyn pci::MsiRouter>,
 }
 
 /// Writes a device's data into the guest RAM the plan set aside for it,

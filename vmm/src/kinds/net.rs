@@ -167,10 +167,11 @@ struct Opened {
 }
 
 impl HostSide for Opened {
-    fn attach(&self, mem: &boot::GuestMemoryMmap) {
+    fn attach(&self, mem: &boot::GuestMemoryMmap) -> crate::vm::Result<()> {
         self.backend.attach(mem);
+        Ok(())
     }
-    fn detach(&self) {
+    fn detach(&self, _: &boot::GuestMemoryMmap) {
         self.backend.detach();
     }
     fn build(&self, _: &mut RunContext<'_>) -> crate::vm::Result<Built> {

@@ -67,10 +67,11 @@ impl Device for Vsock {
 }
 
 impl HostSide for Arc<VsockBackend> {
-    fn attach(&self, mem: &boot::GuestMemoryMmap) {
+    fn attach(&self, mem: &boot::GuestMemoryMmap) -> crate::vm::Result<()> {
         VsockBackend::attach(self, mem);
+        Ok(())
     }
-    fn detach(&self) {
+    fn detach(&self, _: &boot::GuestMemoryMmap) {
         VsockBackend::detach(self);
     }
     fn build(&self, _: &mut RunContext<'_>) -> crate::vm::Result<Built> {

@@ -215,7 +215,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     let mem = ram.memory().clone();
     let mut map = memory::GuestMap::new(vm.clone(), m.host.kvm.get_nr_memslots() as u32);
     map.add_ram(&mem)?;
-    m.backends.attach(&mem);
+    m.backends.attach(&mem)?;
 
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
     let pio = Arc::new(Bus::new());
@@ -273,7 +273,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     // them; the buses (BAR mappers) and the router hold the last other
     // references.
     drop((pio, mmio, router, map));
-    m.backends.detach();
+    m.backends.detach(&mem);
     // Anything still holding the VM now would outlive guest memory: a
     // reference cycle, i.e. a VM leaked on every guest reboot.
     if let Err(vm) = Arc::try_unwrap(vm) {

@@ -374,6 +374,10 @@ const MAIN_ONLY: &[i64] = &[
     libc::SYS_dup3,
 ];
 
+/// Giving a passed-through device's group back when skiff ends: vfio-ioctls
+/// finds the group from the device's sysfs link again.
+const VFIO_TEARDOWN: &[i64] = &[libc::SYS_readlink, libc::SYS_readlinkat];
+
 /// QEMU's "obsolete" class that x86-64 has.
 const OBSOLETE: &[i64] = &[
     libc::SYS__sysctl,
@@ -418,6 +422,10 @@ const KVMIO: u64 = 0xae;
 /// ioctl type byte of vhost's requests (`VHOST_VIRTIO`): vhost-vsock is
 /// started by a vCPU (DRIVER_OK) and stopped by a vCPU or the main thread.
 const VHOST_VIRTIO: u64 = 0xaf;
+/// ioctl type byte of VFIO's requests (`VFIO_TYPE`, ';'): a passed-through
+/// device's interrupts follow a vCPU's config writes; main resets it and
+/// maps guest RAM for a new run.
+const VFIO_TYPE: u64 = 0x3b;
 
 /// A tap's requests after setup: the offloads the driver accepted (a vCPU
 /// at DRIVER_OK) and attaching or detaching queues (the control queue's
@@ -477,6 +485,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
         (disk, DISK_IO),
         (uring, URING),
         (main, MAIN_ONLY),
+        (main && needs.vfio, VFIO_TEARDOWN),
         (backends, BACKEND_SOCKETS),
         (inet, INET_SOCKETS),
         (shares, SHARE_FILES),
@@ -515,7 +524,8 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
     if kvm || tty {
         // vhost's requests come from a vCPU (a device's start) and main
         // (its stop), only where a device is on the host kernel's vhost.
-        let types = [(kvm, KVMIO), (kvm && needs.vhost, VHOST_VIRTIO)];
+        let types =
+            [(kvm, KVMIO), (kvm && needs.vhost, VHOST_VIRTIO), (kvm && needs.vfio, VFIO_TYPE)];
         for ty in types.into_iter().filter(|(on, _)| *on).map(|(_, ty)| ty) {
             let rule = cond(1, Op::MaskedEq(0xff00), ty << 8).map_err(build)?;
             ioctls.push(SeccompRule::new(vec![rule]).map_err(build)?);

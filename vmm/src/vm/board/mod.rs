@@ -67,6 +67,8 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
     legacy::add(ctx, &mut board)?;
     let irq = |gsi| irq_line(ctx.vm, gsi);
     let control: Arc<dyn devices::VmControl> = ctx.control.clone();
+    let allocate = || ctx.router.allocate_msi_gsi().map_err(io_err("MSI GSI"));
+    let router: Arc<dyn pci::MsiRouter> = ctx.router.clone();
     let mut pci = Vec::new();
     for (i, (d, at)) in ctx.cfg.devices.iter().zip(&ctx.plan.locations).enumerate() {
         let host = ctx.backends.device(i).ok_or_else(|| missing_backend(d.driver))?;
@@ -80,6 +82,7 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
             faces: &mut board.faces,
             data: crate::kinds::DataWriter { mem: ctx.mem, ranges: &ctx.plan.data[i] },
             multifunction: d.pci.multifunction,
+            msi: crate::kinds::MsiContext { allocate: &allocate, router: router.clone() },
         };
         match (host.build(&mut run)?, *at) {
             (Built::Placed, Location::Fixed) => {}

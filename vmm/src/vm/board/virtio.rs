@@ -119,6 +119,7 @@ mod tests {
                 faces: &mut faces,
                 data: crate::kinds::DataWriter { mem: &mem, ranges: &[] },
                 multifunction: false,
+                msi: crate::kinds::MsiContext { allocate: &|| Ok(24), router: Arc::new(NoKvm) },
             };
             match backends.device(i).unwrap().build(&mut run).unwrap() {
                 Built::Virtio(d) => d,

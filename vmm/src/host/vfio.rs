@@ -1,0 +1,217 @@
+//! The host side of VFIO passthrough: one container per process (every
+//! passed-through device's group joins it, so guest RAM is DMA-mapped once
+//! for all of them), and `HostVfio`, a host PCI function bound to vfio-pci
+//! behind `pci::vfio::VfioAccess`. Opening explains what to do when the
+//! host is not set up: the device missing, bound to another driver, its
+//! group not viable or not accessible.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use pci::vfio::access::{CONFIG_REGION, REGION_MMAP};
+use pci::vfio::{IrqInfo, RegionInfo, VfioAccess};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioRegionInfoCap};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no host PCI device {0}")]
+    NoDevice(PathBuf),
+    #[error(
+        "{dev} is bound to {driver}, not vfio-pci: as root, \
+         echo vfio-pci > {sysfs}/driver_override; echo {dev} > {sysfs}/driver/unbind; \
+         echo {dev} > /sys/bus/pci/drivers_probe"
+    )]
+    WrongDriver { dev: String, driver: String, sysfs: String },
+    #[error(
+        "{dev} has no driver: as root, echo vfio-pci > {sysfs}/driver_override; \
+         echo {dev} > /sys/bus/pci/drivers_probe"
+    )]
+    NoDriver { dev: String, sysfs: String },
+    #[error("{0} has no IOMMU group: the host needs an IOMMU (intel_iommu=on or amd_iommu=on)")]
+    NoGroup(String),
+    #[error(
+        "IOMMU group {group} is not viable: every device in it must be bound to vfio-pci \
+         (or to no driver): {members}"
+    )]
+    NotViable { group: String, members: String },
+    #[error("cannot open /dev/vfio/{group} (IOMMU group of {dev}): {source}")]
+    Group {
+        group: String,
+        dev: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VFIO")]
+    Vfio(#[source] VfioError),
+    #[error("cannot duplicate the device's descriptor")]
+    Dup(#[source] std::io::Error),
+}
+
+/// The process's container, made by the first device opened.
+fn container() -> Result<Arc<VfioContainer>, OpenError> {
+    static CONTAINER: OnceLock<Arc<VfioContainer>> = OnceLock::new();
+    if let Some(c) = CONTAINER.get() {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(VfioContainer::new(None).map_err(OpenError::Vfio)?);
+    Ok(CONTAINER.get_or_init(|| c).clone())
+}
+
+/// The driver bound to the function at `sysfs`, if any.
+fn driver_of(sysfs: &Path) -> Option<String> {
+    let link = std::fs::read_link(sysfs.join("driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// A host PCI function bound to vfio-pci.
+pub struct HostVfio {
+    /// A duplicate of the device's descriptor, for region reads and writes
+    /// that report their errors (vfio-ioctls' only log them). Declared
+    /// first: it must close before the device gives its group back (an
+    /// open device keeps the group busy).
+    fd: File,
+    dev: VfioDevice,
+    container: Arc<VfioContainer>,
+}
+
+impl HostVfio {
+    /// Opens the function at `sysfs` (`/sys/bus/pci/devices/DDDD:BB:DD.F`).
+    pub fn open(sysfs: &Path) -> Result<Self, OpenError> {
+        let sysfs = sysfs.canonicalize().map_err(|_| OpenError::NoDevice(sysfs.to_owned()))?;
+        let dev = sysfs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let shown = sysfs.display().to_string();
+        match driver_of(&sysfs) {
+            Some(d) if d == "vfio-pci" => {}
+            Some(driver) => return Err(OpenError::WrongDriver { dev, driver, sysfs: shown }),
+            None => return Err(OpenError::NoDriver { dev, sysfs: shown }),
+        }
+        let group = std::fs::read_link(sysfs.join("iommu_group"))
+            .ok()
+            .and_then(|g| Some(g.file_name()?.to_string_lossy().into_owned()))
+            .ok_or_else(|| OpenError::NoGroup(dev.clone()))?;
+        // Opening the group node first gives the errno a user can act on.
+        if let Err(source) =
+            std::fs::OpenOptions::new().read(true).write(true).open(format!("/dev/vfio/{group}"))
+        {
+            if source.raw_os_error() != Some(libc::EBUSY) {
+                return Err(OpenError::Group { group, dev, source });
+            }
+        }
+        let container = container()?;
+        let ops: Arc<dyn vfio_ioctls::VfioOps> = container.clone();
+        let vfio = VfioDevice::new(&sysfs, ops, false).map_err(|e| match e {
+            VfioError::GroupViable => OpenError::NotViable { members: members(&group), group },
+            e => OpenError::Vfio(e),
+        })?;
+        // SAFETY: dup of a descriptor the device owns; the File owns the
+        // duplicate.
+        let dup = unsafe { libc::dup(vfio.as_raw_fd()) };
+        if dup < 0 {
+            return Err(OpenError::Dup(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a fresh descriptor nothing else owns.
+        let fd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        Ok(HostVfio { fd, dev: vfio, container })
+    }
+
+    /// DMA-maps guest RAM for the device (guest-physical = IO virtual).
+    pub fn map_guest_memory(&self, mem: &boot::GuestMemoryMmap) -> Result<(), VfioError> {
+        // SAFETY: guest RAM stays mapped until `unmap_guest_memory` (the
+        // run's end detaches before unmapping it); skiff holds no Rust
+        // reference into it that a device's DMA could race with.
+        unsafe { self.container.vfio_map_guest_memory(mem) }
+    }
+
+    pub fn unmap_guest_memory(&self, mem: &boot::GuestMemoryMmap) -> Result<(), VfioError> {
+        self.container.vfio_unmap_guest_memory(mem)
+    }
+
+    fn io(&self, index: u32, offset: u64, len: usize) -> std::io::Result<u64> {
+        let size = self.dev.get_region_size(index);
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        Ok(self.dev.get_region_offset(index) + offset)
+    }
+}
+
+/// The devices of IOMMU group `group` and their drivers, for an error.
+fn members(group: &str) -> String {
+    let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return dir };
+    let mut list: Vec<String> = entries
+        .flatten()
+        .map(|e| {
+            let driver = driver_of(&e.path()).unwrap_or_else(|| "no driver".into());
+            format!("{} ({driver})", e.file_name().to_string_lossy())
+        })
+        .collect();
+    list.sort();
+    list.join(", ")
+}
+
+impl VfioAccess for HostVfio {
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        let size = self.dev.get_region_size(index);
+        if size == 0 && index != CONFIG_REGION {
+            return None;
+        }
+        let mut info =
+            RegionInfo { flags: self.dev.get_region_flags(index), size, ..Default::default() };
+        for cap in self.dev.get_region_caps(index) {
+            match cap {
+                VfioRegionInfoCap::SparseMmap(s) => {
+                    info.sparse = Some(s.areas.iter().map(|a| (a.offset, a.size)).collect());
+                }
+                VfioRegionInfoCap::MsixMappable => info.msix_mappable = true,
+                _ => {}
+            }
+        }
+        if info.flags & REGION_MMAP == 0 {
+            info.sparse = None;
+        }
+        Some(info)
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        let at = self.io(index, offset, data.len())?;
+        self.fd.read_exact_at(data, at)
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let at = self.io(index, offset, data.len())?;
+        self.fd.write_all_at(data, at)
+    }
+
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        let irq = self.dev.get_irq_info(index)?;
+        let maskable = irq.flags & vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_MASKABLE != 0;
+        Some(IrqInfo { count: irq.count, maskable })
+    }
+
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> std::io::Result<()> {
+        self.dev.enable_irq(index, fds.to_vec()).map_err(std::io::Error::other)
+    }
+
+    fn disable_irq(&self, index: u32) -> std::io::Result<()> {
+        self.dev.disable_irq(index).map_err(std::io::Error::other)
+    }
+
+    fn unmask_intx(&self) -> std::io::Result<()> {
+        self.dev.unmask_irq(pci::vfio::access::INTX_IRQ).map_err(std::io::Error::other)
+    }
+
+    fn set_intx_resample(&self, fd: &EventFd) -> std::io::Result<()> {
+        let index = pci::vfio::access::INTX_IRQ;
+        self.dev.set_irq_resample_fd(index, vec![fd]).map_err(std::io::Error::other)
+    }
+
+    fn reset(&self) -> bool {
+        self.dev.reset();
+        true
+    }
+}
