@@ -93,7 +93,10 @@ impl Device for Passthrough {
     /// Opens the function (and the process's container) once: a reboot
     /// keeps it.
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Box<dyn HostSide>, OpenError> {
-        let what = || format!("-device {},host={}", ctx.driver, self.sysfs.display());
+        let what = || match self.sysfs.strip_prefix("/sys/bus/pci/devices") {
+            Ok(host) => format!("-device {},host={}", ctx.driver, host.display()),
+            Err(_) => format!("-device {},sysfsdev={}", ctx.driver, self.sysfs.display()),
+        };
         let dev = HostVfio::open(&self.sysfs).map_err(|e| OpenError::new(what(), e))?;
         let layout = HostLayout::probe(&dev, self.rom).map_err(|e| OpenError::new(what(), e))?;
         Ok(Box::new(Opened { dev: Arc::new(dev), layout }))
