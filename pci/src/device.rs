@@ -1,8 +1,22 @@
 //! The seam between the PCI root and a PCI function.
 
+use std::os::fd::BorrowedFd;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::BarReprogram;
+
+/// A part of a BAR the guest reaches directly: a host file's range mapped
+/// as guest memory (a passed-through device's registers), so its accesses
+/// never exit to the VMM.
+pub struct DirectArea<'a> {
+    /// Where in the BAR.
+    pub offset: u64,
+    pub len: u64,
+    pub fd: BorrowedFd<'a>,
+    /// Where in the file.
+    pub fd_offset: u64,
+}
 
 /// A PCI function as the root complex sees it: its configuration space and
 /// its BARs, addressed by BAR index so the device never knows where the
@@ -30,6 +44,14 @@ pub trait PciDevice: Send {
     /// length, no datamatch): (BAR, offset in the BAR, eventfd signalled).
     /// The VMM moves them when the BAR moves.
     fn ioeventfds(&self) -> Vec<(usize, u64, &EventFd)> {
+        Vec::new()
+    }
+
+    /// The parts of BAR `bar` the VMM maps into the guest directly while
+    /// the BAR sits at an address; the rest still comes to `bar_read` and
+    /// `bar_write`.
+    fn direct_areas(&self, bar: usize) -> Vec<DirectArea<'_>> {
+        let _ = bar;
         Vec::new()
     }
 }

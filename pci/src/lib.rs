@@ -44,7 +44,7 @@ pub use assign::{BarRange, BarWindows, Window};
 pub use bridge::{HostBridge, RootPort, RootPortParams};
 pub use capability::{MsixCap, MsixControl, PcieCap};
 pub use config::{BarInfo, BarKind, BarReprogram, ConfigError, ConfigParams, PciConfig};
-pub use device::PciDevice;
+pub use device::{DirectArea, PciDevice};
 pub use msix::{MsiMessage, MsiRouter, Msix, NO_VECTOR};
 pub use root::{BarMoveHandler, PciRoot, RootError, SharedDevice};
 pub use virtio_pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};

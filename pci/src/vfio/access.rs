@@ -8,6 +8,7 @@
 //! `VFIO_PCI_*_IRQ_INDEX`, `VFIO_REGION_INFO_FLAG_*`).
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +37,8 @@ pub struct RegionInfo {
     /// The MSI-X table and PBA may be mmap'd with the rest (the kernel's
     /// MSIX_MAPPABLE capability): the model still traps them.
     pub msix_mappable: bool,
+    /// Where the region starts in the device's descriptor (for mmap).
+    pub fd_offset: u64,
 }
 
 /// An interrupt type as the host device offers it.
@@ -65,6 +68,11 @@ pub trait VfioAccess: Send + Sync {
     fn set_intx_resample(&self, fd: &EventFd) -> io::Result<()>;
     /// Resets the function (VFIO_DEVICE_RESET); false if it cannot be.
     fn reset(&self) -> bool;
+    /// The descriptor regions are mmap'd from (None: nothing is mapped,
+    /// every access is trapped).
+    fn mmap_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 
     /// Config space, as the kernel virtualizes it.
     fn config_read(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
@@ -116,6 +124,8 @@ pub mod fake {
         pub irqs: HashMap<u32, IrqInfo>,
         pub calls: Mutex<Vec<Call>>,
         pub can_reset: bool,
+        /// What `mmap_fd` hands out (None: nothing is mapped).
+        pub mmap_file: Option<std::fs::File>,
     }
 
     impl Fake {
@@ -187,6 +197,9 @@ pub mod fake {
         fn reset(&self) -> bool {
             self.log(Call::Reset);
             self.can_reset
+        }
+        fn mmap_fd(&self) -> Option<BorrowedFd<'_>> {
+            self.mmap_file.as_ref().map(std::os::fd::AsFd::as_fd)
         }
     }
 }

@@ -21,7 +21,7 @@ use super::access::{VfioAccess, MSIX_IRQ};
 use super::layout::HostLayout;
 use crate::capability::{MsixCap, MsixControl};
 use crate::config::{BarReprogram, ConfigError, ConfigParams, PciConfig, BAR0};
-use crate::device::PciDevice;
+use crate::device::{DirectArea, PciDevice};
 use crate::msix::{MsiRouter, Msix};
 
 const HEADER_DWORD: usize = 0x0c / 4;
@@ -44,6 +44,9 @@ struct MsixState {
 
 pub struct VfioPciDevice<A: VfioAccess> {
     dev: Arc<A>,
+    layout: HostLayout,
+    /// `x-no-mmap=on`: every BAR access trapped.
+    no_mmap: bool,
     shadow: PciConfig,
     multifunction: bool,
     msix: Option<MsixState>,
@@ -65,11 +68,13 @@ pub enum DeviceError {
 
 impl<A: VfioAccess> VfioPciDevice<A> {
     /// The model of `dev`, laid out as `layout` says; `gsis`: one per
-    /// MSI-X vector, routed through `router`.
+    /// MSI-X vector, routed through `router`; `no_mmap`: QEMU's
+    /// `x-no-mmap`, nothing mapped into the guest.
     pub fn new(
         dev: Arc<A>,
         layout: &HostLayout,
         multifunction: bool,
+        no_mmap: bool,
         gsis: Vec<u32>,
         router: Arc<dyn MsiRouter>,
     ) -> Result<Self, DeviceError> {
@@ -109,7 +114,7 @@ impl<A: VfioAccess> VfioPciDevice<A> {
             }
             None => None,
         };
-        Ok(VfioPciDevice { dev, shadow, multifunction, msix })
+        Ok(VfioPciDevice { dev, layout: layout.clone(), no_mmap, shadow, multifunction, msix })
     }
 
     /// The host's dword, all ones when it cannot be read (as a missing
@@ -223,6 +228,25 @@ impl<A: VfioAccess> PciDevice for VfioPciDevice<A> {
         }
     }
 
+    fn direct_areas(&self, bar: usize) -> Vec<DirectArea<'_>> {
+        let (Some(fd), Some(host)) =
+            (self.dev.mmap_fd(), self.layout.bars.get(bar).and_then(Option::as_ref))
+        else {
+            return Vec::new();
+        };
+        let page = 4096;
+        let areas = self.layout.mappable_areas(bar, self.no_mmap, page);
+        areas
+            .into_iter()
+            .map(|(offset, len)| DirectArea {
+                offset,
+                len,
+                fd,
+                fd_offset: host.region.fd_offset + offset,
+            })
+            .collect()
+    }
+
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         if let Some((m, table, pba)) = self.msix_ranges(bar) {
             let (table_len, pba_len) = (m.table.table_size(), m.table.pba_size());
@@ -253,7 +277,8 @@ mod tests {
         let fake = Arc::new(nvme());
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let routes = Arc::new(Routes::default());
-        let d = VfioPciDevice::new(fake.clone(), &layout, true, gsis(65), routes.clone()).unwrap();
+        let d = VfioPciDevice::new(fake.clone(), &layout, true, false, gsis(65), routes.clone())
+            .unwrap();
         (fake, d, routes)
     }
 
@@ -328,5 +353,28 @@ mod tests {
             offset: 0x14,
             data: vec![1, 0, 0, 0]
         }));
+    }
+
+    /// BAR 0's pages below the MSI-X table are handed to the VMM to map
+    /// (at the region's place in the device's descriptor); with
+    /// x-no-mmap, or a device without a descriptor to map, nothing is.
+    #[test]
+    fn direct_areas_leave_the_msix_pages_out() {
+        let mut fake = nvme();
+        fake.mmap_file = Some(std::fs::File::open("/dev/zero").unwrap());
+        fake.regions.get_mut(&0).unwrap().fd_offset = 0x10000;
+        let fake = Arc::new(fake);
+        let layout = HostLayout::probe(&*fake, true).unwrap();
+        let routes: Arc<Routes> = Arc::new(Routes::default());
+        let d = VfioPciDevice::new(fake.clone(), &layout, false, false, gsis(65), routes.clone())
+            .unwrap();
+        let areas: Vec<_> =
+            d.direct_areas(0).iter().map(|a| (a.offset, a.len, a.fd_offset)).collect();
+        assert_eq!(areas, [(0, 0x2000, 0x10000)]);
+        assert!(d.direct_areas(1).is_empty());
+        let d = VfioPciDevice::new(fake, &layout, false, true, gsis(65), routes).unwrap();
+        assert!(d.direct_areas(0).is_empty(), "x-no-mmap");
+        let (_, plain, _) = device();
+        assert!(plain.direct_areas(0).is_empty(), "no descriptor to map");
     }
 }

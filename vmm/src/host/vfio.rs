@@ -214,4 +214,8 @@ impl VfioAccess for HostVfio {
         self.dev.reset();
         true
     }
+
+    fn mmap_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.fd))
+    }
 }

@@ -99,7 +99,7 @@ impl Device for Passthrough {
         };
         let dev = HostVfio::open(&self.sysfs).map_err(|e| OpenError::new(what(), e))?;
         let layout = HostLayout::probe(&dev, self.rom).map_err(|e| OpenError::new(what(), e))?;
-        Ok(Box::new(Opened { dev: Arc::new(dev), layout }))
+        Ok(Box::new(Opened { dev: Arc::new(dev), layout, no_mmap: self.no_mmap }))
     }
     fn sandbox(&self) -> Sandbox {
         KIND.sandbox()
@@ -109,6 +109,7 @@ impl Device for Passthrough {
 struct Opened {
     dev: Arc<HostVfio>,
     layout: HostLayout,
+    no_mmap: bool,
 }
 
 impl HostSide for Opened {
@@ -128,14 +129,16 @@ impl HostSide for Opened {
         // The state the last run left (or the host's) goes.
         pci::vfio::VfioAccess::reset(&*self.dev);
         let vectors = self.layout.msix.map_or(0, |(_, m)| m.vectors);
-        let gsis = (0..vectors).map(|_| (run.msi.allocate)()).collect::<crate::vm::Result<_>>()?;
-        let multifunction = run.multifunction;
+        let gsis: Vec<u32> =
+            (0..vectors).map(|_| (run.msi.allocate)()).collect::<crate::vm::Result<_>>()?;
+        let (layout, router) = (&self.layout, run.msi.router.clone());
         let dev = VfioPciDevice::new(
             self.dev.clone(),
-            &self.layout,
-            multifunction,
+            layout,
+            run.multifunction,
+            self.no_mmap,
             gsis,
-            run.msi.router.clone(),
+            router,
         )
         .map_err(|e| Error::Internal(format!("vfio-pci: {e}")))?;
         Ok(Built::Pci(Arc::new(Mutex::new(dev))))

@@ -215,6 +215,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     let mem = ram.memory().clone();
     let mut map = memory::GuestMap::new(vm.clone(), m.host.kvm.get_nr_memslots() as u32);
     map.add_ram(&mem)?;
+    let map = Arc::new(Mutex::new(map));
     m.backends.attach(&mem)?;
 
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
@@ -231,6 +232,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
         console: m.console,
         pio: &pio,
         mmio: &mmio,
+        guest_map: &map,
     };
     let mut board = board::build(&ctx)?;
 

@@ -42,6 +42,8 @@ pub(super) struct BoardContext<'a> {
     pub console: Option<&'a SerialBackend>,
     pub pio: &'a Arc<Bus>,
     pub mmio: &'a Arc<Bus>,
+    /// The run's guest-physical map (a passed-through BAR's slots).
+    pub guest_map: &'a Arc<Mutex<super::memory::GuestMap>>,
 }
 
 #[derive(Default)]

@@ -22,6 +22,7 @@ use super::{virtio, Board, BoardContext};
 use crate::config::DeviceConfig;
 use crate::kinds::Built;
 use crate::plan::PciePlan;
+use crate::vm::memory::{GuestMap, HostRange};
 use crate::vm::{io_err, kvm_err, Error, Result};
 
 /// One BAR of one function, as the MMIO bus sees it.
@@ -60,22 +61,44 @@ impl MutEventSubscriber for IntxResampler {
     }
 }
 
-/// Where a BAR's doorbells go: KVM ioeventfds (any write length, no
-/// datamatch), or a recorder in tests.
+/// What a BAR's mapping asks of KVM: its doorbells as ioeventfds (any
+/// write length, no datamatch), its direct areas as memory slots of the
+/// run's guest map; or a recorder in tests.
 trait Doorbells: Send {
     fn register(&self, evt: &EventFd, addr: u64) -> Result<()>;
     fn unregister(&self, evt: &EventFd, addr: u64) -> Result<()>;
+    /// Maps a host range at guest address `range.guest`; returns its slot.
+    fn map_direct(&self, range: HostRange<'_>) -> Result<u32>;
+    fn unmap_direct(&self, slot: u32);
 }
 
-impl Doorbells for Arc<VmFd> {
+/// The run's VM and its guest-physical map.
+struct Kvm {
+    vm: Arc<VmFd>,
+    map: Arc<Mutex<GuestMap>>,
+}
+
+impl Doorbells for Kvm {
     fn register(&self, evt: &EventFd, addr: u64) -> Result<()> {
-        self.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+        self.vm
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
             .map_err(kvm_err("KVM_IOEVENTFD"))
     }
 
     fn unregister(&self, evt: &EventFd, addr: u64) -> Result<()> {
-        self.unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+        self.vm
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
             .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+
+    fn map_direct(&self, range: HostRange<'_>) -> Result<u32> {
+        Ok(self.map.lock().unwrap_or_else(|e| e.into_inner()).map(range)?)
+    }
+
+    fn unmap_direct(&self, slot: u32) {
+        if let Err(e) = self.map.lock().unwrap_or_else(|e| e.into_inner()).unmap(slot) {
+            devices::error_limited!("pci: cannot remove KVM slot {slot}: {e}");
+        }
     }
 }
 
@@ -88,6 +111,8 @@ struct BarState {
     /// On the MMIO bus (with its doorbells) at `addr`. False at 0 or while
     /// the range overlaps another BAR's.
     mapped: bool,
+    /// The KVM slots of its direct areas, while mapped.
+    slots: Vec<u32>,
 }
 
 /// Maps BARs onto the MMIO bus and their doorbells into KVM, and moves both
@@ -114,7 +139,8 @@ impl<D: Doorbells> BarMapper<D> {
     /// Records where a BAR now is, not yet mapped; returns its key.
     fn record(&mut self, dev: &SharedDevice, bar: usize, addr: u64, len: u64) -> (usize, usize) {
         let key = Self::key(dev, bar);
-        self.bars.insert(key, BarState { dev: dev.clone(), bar, addr, len, mapped: false });
+        let st = BarState { dev: dev.clone(), bar, addr, len, mapped: false, slots: Vec::new() };
+        self.bars.insert(key, st);
         key
     }
 
@@ -131,10 +157,19 @@ impl<D: Doorbells> BarMapper<D> {
         let access = Arc::new(Mutex::new(BarAccess { dev: st.dev.clone(), bar: st.bar }));
         mmio.insert(access, st.addr, st.len)?;
         st.mapped = true;
-        for (b, offset, evt) in lock(&st.dev).ioeventfds() {
+        let dev = lock(&st.dev);
+        for (b, offset, evt) in dev.ioeventfds() {
             if b == st.bar {
                 self.doorbells.register(evt, st.addr + offset)?;
             }
+        }
+        // Guest memory slots take the direct areas' accesses before the
+        // bus would see them.
+        for a in dev.direct_areas(st.bar) {
+            let guest = st.addr + a.offset;
+            let range =
+                HostRange { fd: a.fd, offset: a.fd_offset, len: a.len, guest, read_only: false };
+            st.slots.push(self.doorbells.map_direct(range)?);
         }
         Ok(())
     }
@@ -142,6 +177,9 @@ impl<D: Doorbells> BarMapper<D> {
     fn unmap(&mut self, key: (usize, usize)) {
         let Some(st) = self.bars.get_mut(&key).filter(|st| st.mapped) else { return };
         st.mapped = false;
+        for slot in st.slots.drain(..) {
+            self.doorbells.unmap_direct(slot);
+        }
         if let Some(mmio) = self.mmio.upgrade() {
             mmio.remove(st.addr);
         }
@@ -247,7 +285,8 @@ pub(super) fn add_pcie(
     }
 
     let bars = root.assign_bars(&plan.windows).map_err(Error::PciRoot)?;
-    let mut mapper = BarMapper::new(ctx.vm.clone(), ctx.mmio);
+    let kvm = Kvm { vm: ctx.vm.clone(), map: ctx.guest_map.clone() };
+    let mut mapper = BarMapper::new(kvm, ctx.mmio);
     for b in &bars {
         let dev = root.device(b.address).ok_or_else(|| {
             Error::Internal(format!("{} vanished during BAR assignment", b.address))
@@ -267,9 +306,11 @@ mod tests {
 
     use super::*;
 
-    /// Records doorbells as (eventfd number, address).
+    /// Records doorbells as (eventfd number, address), and direct areas
+    /// as (guest address, length, file offset), cleared when unmapped.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<(i32, u64)>>>);
+    #[allow(clippy::type_complexity)]
+    struct Recorder(Arc<Mutex<Vec<(i32, u64)>>>, Arc<Mutex<Vec<(u64, u64, u64)>>>);
 
     impl Doorbells for Recorder {
         fn register(&self, evt: &EventFd, addr: u64) -> Result<()> {
@@ -281,6 +322,16 @@ mod tests {
             let at = v.iter().position(|&e| e == (evt.as_raw_fd(), addr)).expect("registered");
             v.remove(at);
             Ok(())
+        }
+        fn map_direct(&self, range: HostRange<'_>) -> Result<u32> {
+            let mut d = self.1.lock().unwrap();
+            d.push((range.guest, range.len, range.offset));
+            Ok(d.len() as u32 + 100)
+        }
+        fn unmap_direct(&self, slot: u32) {
+            let mut d = self.1.lock().unwrap();
+            let i = usize::try_from(slot - 100 - 1).unwrap();
+            d[i] = (0, 0, 0);
         }
     }
 
@@ -368,5 +419,59 @@ mod tests {
         let mut want = vec![(a_fd, 0xc000_1010), (b_fd, 0xc000_0010)];
         want.sort();
         assert_eq!(bells, want);
+    }
+
+    /// A function whose BAR 0 (16 KiB) has a direct area at 0x1000..0x3000
+    /// backed by a file at offset 0x40000.
+    struct Window(std::fs::File);
+
+    impl pci::PciDevice for Window {
+        fn config_read(&mut self, _: usize) -> u32 {
+            0
+        }
+        fn config_write(&mut self, _: u64, _: &[u8]) -> Option<BarReprogram> {
+            None
+        }
+        fn direct_areas(&self, bar: usize) -> Vec<pci::DirectArea<'_>> {
+            use std::os::fd::AsFd;
+            if bar != 0 {
+                return Vec::new();
+            }
+            vec![pci::DirectArea {
+                offset: 0x1000,
+                len: 0x2000,
+                fd: self.0.as_fd(),
+                fd_offset: 0x40000,
+            }]
+        }
+    }
+
+    /// A BAR's direct areas become guest memory slots where the BAR is,
+    /// follow it when it moves, and go when it stops decoding (at 0).
+    #[test]
+    fn direct_areas_follow_their_bar() {
+        let kvm = Recorder::default();
+        let mmio = Arc::new(Bus::new());
+        let mut m = BarMapper::new(kvm.clone(), &mmio);
+        let dev: SharedDevice =
+            Arc::new(Mutex::new(Window(std::fs::File::open("/dev/zero").unwrap())));
+        let addr = PciAddress::new(0, 1, 0).unwrap();
+        let moved = |old, new| BarReprogram {
+            index: 0,
+            kind: BarKind::Memory64 { prefetchable: false },
+            old,
+            new,
+            len: 0x4000,
+        };
+        m.add(&dev, 0, 0xc000_0000, 0x4000).unwrap();
+        assert_eq!(*kvm.1.lock().unwrap(), [(0xc000_1000, 0x2000, 0x40000)]);
+        m.moved(addr, &dev, moved(0xc000_0000, 0xd000_0000));
+        assert_eq!(
+            *kvm.1.lock().unwrap(),
+            [(0, 0, 0), (0xd000_1000, 0x2000, 0x40000)],
+            "the old slot removed, a new one at the new address"
+        );
+        m.moved(addr, &dev, moved(0xd000_0000, 0));
+        assert!(kvm.1.lock().unwrap().iter().all(|&e| e == (0, 0, 0)), "nothing mapped at 0");
     }
 }

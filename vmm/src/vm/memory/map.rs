@@ -98,7 +98,6 @@ impl GuestMap {
 
     /// Maps `range` of a host file into the guest in a new slot, which it
     /// returns.
-    #[cfg_attr(not(test), expect(dead_code, reason = "vfio-pci's BARs (issue 25)"))]
     pub fn map(&mut self, range: HostRange<'_>) -> Result<u32, Error> {
         let failed = |source| Error::MapHost { guest: range.guest, len: range.len, source };
         let len = usize::try_from(range.len).map_err(|e| failed(std::io::Error::other(e)))?;

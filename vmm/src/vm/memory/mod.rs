@@ -75,7 +75,7 @@ pub enum Error {
 }
 
 mod map;
-pub use map::GuestMap;
+pub use map::{GuestMap, HostRange};
 
 /// Owns the guest RAM mappings (and the memfd behind them); dropping it
 /// unmaps them, unless something still holds a region (a reference leaked
