@@ -34,11 +34,21 @@ fn scenarios() -> Vec<Scenario> {
          echo \"UNBOUND-ERR=$(grep -a vfio unbound.txt | head -n 1)\"\n\
          echo \"$VFIO_HOST\" > /sys/bus/pci/drivers_probe\n"
     );
+    let behind_port = skiff_command(
+        true,
+        "-device pcie-root-port,id=rp0,chassis=1,slot=1 -device vfio-pci,host=$VFIO_HOST,bus=rp0",
+        "skiff.test=nvme",
+    );
     vec![
         Scenario::script(
             "vfio-nvme",
             SECS,
             &format!("{VFIO_FN}vfio_bind\n{passthrough}\necho \"SKIFF-RC=$?\"\n"),
+        ),
+        Scenario::script(
+            "vfio-root-port",
+            SECS,
+            &format!("{VFIO_FN}vfio_bind\n{behind_port}\necho \"SKIFF-RC=$?\"\n"),
         ),
         Scenario::script("vfio-errors", 60, &errors),
     ]
@@ -77,6 +87,18 @@ fn an_nvme_passed_through_at_00_02_0_reads_and_writes_its_image() {
         b"GUEST-WROTE-THIS",
         "the guest's write reached the image"
     );
+}
+
+/// Behind a root port (`bus=rp0`): the NVMe on the port's bus, driven by
+/// the guest's nvme driver with MSI-X, the image's pattern read.
+#[test]
+fn an_nvme_passed_through_behind_a_root_port() {
+    let r = result("vfio-root-port");
+    let pci = r.line_value("SKIFF-PCI").unwrap_or_default();
+    assert!(pci.contains("0000:01:00.0,1b36:0010,00,nvme"), "{pci}\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-NVME-HEAD"), Some(NVME_PATTERN), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-NVME-MSIX"), Some("1"), "MSI-X on\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }
 
 /// A device that does not exist, and one bound to no driver: exit 1
