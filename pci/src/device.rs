@@ -47,6 +47,14 @@ pub trait PciDevice: Send {
         Vec::new()
     }
 
+    /// Its INTx line as eventfds the VMM registers on the line's GSI as a
+    /// level-triggered irqfd: (trigger, resample). The device unmasks the
+    /// line itself when resample fires (a passed-through function's host
+    /// does, in the kernel).
+    fn intx(&self) -> Option<(&EventFd, &EventFd)> {
+        None
+    }
+
     /// The parts of BAR `bar` the VMM maps into the guest directly while
     /// the BAR sits at an address; the rest still comes to `bar_read` and
     /// `bar_write`.

@@ -46,6 +46,18 @@ fn scenarios() -> Vec<Scenario> {
             &format!("{VFIO_FN}vfio_bind\n{passthrough}\necho \"SKIFF-RC=$?\"\n"),
         ),
         Scenario::script(
+            "vfio-intx",
+            SECS,
+            &format!(
+                "{VFIO_FN}vfio_bind\n{}\necho \"SKIFF-RC=$?\"\n",
+                skiff_command(
+                    true,
+                    "-device vfio-pci,host=$VFIO_HOST",
+                    "skiff.test=nvme pci=nomsi"
+                )
+            ),
+        ),
+        Scenario::script(
             "vfio-root-port",
             SECS,
             &format!("{VFIO_FN}vfio_bind\n{behind_port}\necho \"SKIFF-RC=$?\"\n"),
@@ -115,4 +127,18 @@ fn a_host_not_set_up_is_refused_with_what_to_do() {
     assert_eq!(r.value("UNBOUND-RC"), Some("1"), "{}", r.describe());
     let unbound = r.line_value("UNBOUND-ERR").unwrap_or_default();
     assert!(unbound.contains("has no driver") && unbound.contains("driver_override"), "{unbound}");
+}
+
+/// With the guest's MSI off (`pci=nomsi`) the nvme driver runs on INTx:
+/// the host's line through a level-triggered irqfd whose resample
+/// unmasks it in the host's kernel.
+#[test]
+fn an_nvme_passed_through_works_on_intx() {
+    let r = result("vfio-intx");
+    assert_eq!(r.value("SKIFF-NVME-HEAD"), Some(NVME_PATTERN), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-NVME-WRITE"), Some("ok"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-NVME-MSIX"), Some("0"), "MSI-X off\n{}", r.describe());
+    let irqs: u32 = r.value("SKIFF-NVME-IRQS").and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(irqs >= 1, "the nvme driver's line\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }

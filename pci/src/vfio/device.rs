@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::access::{VfioAccess, MSIX_IRQ};
+use super::access::{VfioAccess, INTX_IRQ, MSIX_IRQ};
 use super::layout::HostLayout;
 use crate::capability::{MsixCap, MsixControl};
 use crate::config::{BarReprogram, ConfigError, ConfigParams, PciConfig, BAR0};
@@ -50,6 +50,9 @@ pub struct VfioPciDevice<A: VfioAccess> {
     shadow: PciConfig,
     multifunction: bool,
     msix: Option<MsixState>,
+    /// INTx's trigger and resample eventfds, when the host function has
+    /// the line (the guest uses it until it turns MSI-X on).
+    intx: Option<(EventFd, EventFd)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,8 @@ pub enum DeviceError {
     MsixGsis(u16, usize),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot route the host's INTx")]
+    Intx(#[source] std::io::Error),
 }
 
 impl<A: VfioAccess> VfioPciDevice<A> {
@@ -114,7 +119,33 @@ impl<A: VfioAccess> VfioPciDevice<A> {
             }
             None => None,
         };
-        Ok(VfioPciDevice { dev, layout: layout.clone(), no_mmap, shadow, multifunction, msix })
+        let has_intx =
+            layout.interrupt_pin != 0 && dev.irq_info(INTX_IRQ).is_some_and(|i| i.count > 0);
+        let intx = if has_intx {
+            let evt = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+            Some((evt().map_err(DeviceError::EventFd)?, evt().map_err(DeviceError::EventFd)?))
+        } else {
+            None
+        };
+        let d = VfioPciDevice {
+            dev,
+            layout: layout.clone(),
+            no_mmap,
+            shadow,
+            multifunction,
+            msix,
+            intx,
+        };
+        d.intx_on().map_err(DeviceError::Intx)?;
+        Ok(d)
+    }
+
+    /// The host's INTx to the trigger eventfd, unmasked by the resample
+    /// one (both in the kernel: no exit per interrupt).
+    fn intx_on(&self) -> std::io::Result<()> {
+        let Some((trigger, resample)) = &self.intx else { return Ok(()) };
+        self.dev.enable_irq(INTX_IRQ, &[trigger])?;
+        self.dev.set_intx_resample(resample)
     }
 
     /// The host's dword, all ones when it cannot be read (as a missing
@@ -131,11 +162,19 @@ impl<A: VfioAccess> VfioPciDevice<A> {
         let enabled = control & MSIX_ENABLE != 0;
         let function_masked = control & MSIX_FUNCTION_MASK != 0;
         if enabled != m.host_enabled {
+            // The host takes MSI-X only with INTx off (vfio_msi_enable), and
+            // gives INTx back only with MSI-X off.
             let result = if enabled {
                 let fds: Vec<&EventFd> = m.evts.iter().collect();
-                self.dev.enable_irq(MSIX_IRQ, &fds)
+                let intx_off =
+                    if self.intx.is_some() { self.dev.disable_irq(INTX_IRQ) } else { Ok(()) };
+                intx_off.and_then(|()| self.dev.enable_irq(MSIX_IRQ, &fds))
             } else {
-                self.dev.disable_irq(MSIX_IRQ)
+                self.dev.disable_irq(MSIX_IRQ).and_then(|()| {
+                    let Some((trigger, resample)) = &self.intx else { return Ok(()) };
+                    self.dev.enable_irq(INTX_IRQ, &[trigger])?;
+                    self.dev.set_intx_resample(resample)
+                })
             };
             match result {
                 Ok(()) => m.host_enabled = enabled,
@@ -226,6 +265,10 @@ impl<A: VfioAccess> PciDevice for VfioPciDevice<A> {
         if self.dev.region_read(bar as u32, offset, data).is_err() {
             data.fill(0xff);
         }
+    }
+
+    fn intx(&self) -> Option<(&EventFd, &EventFd)> {
+        self.intx.as_ref().map(|(t, r)| (t, r))
     }
 
     fn direct_areas(&self, bar: usize) -> Vec<DirectArea<'_>> {
@@ -376,5 +419,43 @@ mod tests {
         assert!(d.direct_areas(0).is_empty(), "x-no-mmap");
         let (_, plain, _) = device();
         assert!(plain.direct_areas(0).is_empty(), "no descriptor to map");
+    }
+
+    /// INTx is routed to its eventfds from the start (the guest's driver
+    /// may never turn MSI-X on: `pci=nomsi`); MSI-X on takes INTx off at
+    /// the host first, MSI-X off gives it back.
+    #[test]
+    fn intx_until_msix_and_back() {
+        use super::super::access::IrqInfo;
+        let mut fake = nvme();
+        fake.irqs.insert(INTX_IRQ, IrqInfo { count: 1, maskable: true });
+        let fake = Arc::new(fake);
+        let layout = HostLayout::probe(&*fake, true).unwrap();
+        let routes = Arc::new(Routes::default());
+        let mut d =
+            VfioPciDevice::new(fake.clone(), &layout, false, false, gsis(65), routes).unwrap();
+        assert!(d.intx().is_some());
+        let irqs = |f: &Fake| -> Vec<Call> {
+            f.calls().into_iter().filter(|c| !matches!(c, Call::RegionWrite { .. })).collect()
+        };
+        assert_eq!(
+            irqs(&fake),
+            [Call::EnableIrq { index: INTX_IRQ, vectors: 1 }, Call::IntxResample]
+        );
+        d.config_write(0x52, &MSIX_ENABLE.to_le_bytes());
+        d.config_write(0x52, &0u16.to_le_bytes());
+        assert_eq!(
+            irqs(&fake)[2..],
+            [
+                Call::DisableIrq(INTX_IRQ),
+                Call::EnableIrq { index: MSIX_IRQ, vectors: 65 },
+                Call::DisableIrq(MSIX_IRQ),
+                Call::EnableIrq { index: INTX_IRQ, vectors: 1 },
+                Call::IntxResample,
+            ]
+        );
+        // Without the host's INTx (or a pin), none.
+        let (_, plain, _) = device();
+        assert!(plain.intx().is_none());
     }
 }

@@ -242,9 +242,14 @@ pub(super) fn add_pcie(
 
     let mut root = PciRoot::new(PCIE_INTX_GSI_BASE);
     let mut intx = Vec::new();
+    // Functions whose INTx eventfds are their own (a passed-through one).
+    let mut own_intx = Vec::new();
     for Function { config, place, built } in functions {
         let dev: SharedDevice = match built {
-            Built::Pci(dev) => dev,
+            Built::Pci(dev) => {
+                own_intx.push((place.address, dev.clone()));
+                dev
+            }
             Built::Virtio(device) => {
                 let outside = virtio::calls_from_outside(&device);
                 let n = vectors_needed(&*device.lock().unwrap_or_else(|e| e.into_inner()));
@@ -274,6 +279,14 @@ pub(super) fn add_pcie(
         root.insert(place.address, dev).map_err(Error::PciRoot)?;
     }
 
+    for (address, dev) in own_intx {
+        let (Some(gsi), d) = (root.intx_gsi(address), lock(&dev)) else { continue };
+        if let Some((trigger, resample)) = d.intx() {
+            ctx.vm
+                .register_irqfd_with_resample(trigger, resample, gsi)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+        }
+    }
     for (address, interrupt) in intx {
         let Some(gsi) = root.intx_gsi(address) else { continue };
         let resample =
