@@ -8,6 +8,7 @@
 //! | ROM BAR 0x30 | 0: no ROM | no firmware runs an option ROM on a direct boot |
 //! | header type 0x0e bit 7 | `multifunction=` | the slot is skiff's, not the host's |
 //! | MSI-X Message Control | skiff's emulation (table size from the host) | vectors are KVM routes and irqfds; the host's enable follows `SET_IRQS` |
+//! | the MSI capability | left out of the list (the pointer before it skips it) | not emulated yet: a driver falls back to MSI-X or INTx instead of enabling vectors nobody routes |
 //! | everything else | the host, as the kernel virtualizes it (command, status, interrupt line/pin, capabilities, 0x100–0xFFF) | the kernel already filters what a guest may change |
 //!
 //! BAR accesses that reach skiff (everything not mapped into the guest)
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::access::{VfioAccess, INTX_IRQ, MSIX_IRQ};
-use super::layout::HostLayout;
+use super::layout::{HostLayout, CAP_ID_MSI as MSI_CAP_ID};
 use crate::capability::{MsixCap, MsixControl};
 use crate::config::{BarReprogram, ConfigError, ConfigParams, PciConfig, BAR0};
 use crate::device::{DirectArea, PciDevice};
@@ -187,6 +188,31 @@ impl<A: VfioAccess> VfioPciDevice<A> {
         m.table.set_control(MsixControl { enabled, function_masked });
     }
 
+    /// The capability list without the ones the guest must not see: the
+    /// pointer to a hidden capability (in 0x34, or in the one before it)
+    /// points past it.
+    fn skip_hidden_capabilities(&self, reg: usize, value: u32) -> u32 {
+        let caps = &self.layout.caps;
+        let hidden = |i: usize| caps.get(i).is_some_and(|c| c.id == u16::from(MSI_CAP_ID));
+        // The first capability not hidden from index `i` on (0: none).
+        let next_shown = |mut i: usize| {
+            while hidden(i) {
+                i += 1;
+            }
+            caps.get(i).map_or(0, |c| c.offset as u32)
+        };
+        if reg == 0x34 / 4 && hidden(0) {
+            return (value & !0xff) | next_shown(0);
+        }
+        for (i, c) in caps.iter().enumerate() {
+            if c.offset / 4 == reg && hidden(i + 1) {
+                // The next-pointer byte is the capability's second.
+                return (value & !0xff00) | next_shown(i + 1) << 8;
+            }
+        }
+        value
+    }
+
     fn msix_ranges(&self, bar: usize) -> Option<(&MsixState, u64, u64)> {
         let m = self.msix.as_ref()?;
         let table = (usize::from(m.cap.table_bar) == bar).then_some(u64::from(m.cap.table_offset));
@@ -204,6 +230,7 @@ impl<A: VfioAccess> PciDevice for VfioPciDevice<A> {
             return 0;
         }
         let mut value = self.host_dword(reg);
+        value = self.skip_hidden_capabilities(reg, value);
         if reg == HEADER_DWORD {
             let bit = u32::from(self.multifunction) << 23;
             value = (value & !(1 << 23)) | bit;
@@ -457,5 +484,52 @@ mod tests {
         // Without the host's INTx (or a pin), none.
         let (_, plain, _) = device();
         assert!(plain.intx().is_none());
+    }
+
+    /// The MSI capability (not emulated yet) is taken out of the list the
+    /// guest walks: first in the list, and between two others.
+    #[test]
+    fn the_msi_capability_is_hidden() {
+        let walk = |d: &mut VfioPciDevice<Fake>| -> Vec<u8> {
+            let mut ids = Vec::new();
+            let mut p = (d.config_read(0x34 / 4) & 0xff) as usize;
+            while p != 0 && ids.len() < 10 {
+                let dword = d.config_read(p / 4);
+                ids.push(dword as u8);
+                p = ((dword >> 8) & 0xfc) as usize;
+            }
+            ids
+        };
+        let (_, mut d, _) = device();
+        assert_eq!(walk(&mut d), [0x01, 0x11, 0x10], "nothing hidden");
+        for at in [0x40usize, 0x70] {
+            let fake = nvme();
+            // MSI (id 5) first, in PM's place; or between PM and MSI-X.
+            {
+                let mut c = fake.config.lock().unwrap();
+                if at == 0x40 {
+                    c[0x40] = 0x05;
+                } else {
+                    // PM -> MSI at 0x70 -> MSI-X -> PCIe.
+                    c[0x41] = 0x70;
+                    c[0x70] = 0x05;
+                    c[0x71] = 0x50;
+                }
+            }
+            let fake = Arc::new(fake);
+            let layout = HostLayout::probe(&*fake, true).unwrap();
+            let mut d = VfioPciDevice::new(
+                fake,
+                &layout,
+                false,
+                false,
+                gsis(65),
+                Arc::new(Routes::default()),
+            )
+            .unwrap();
+            let ids = walk(&mut d);
+            assert!(!ids.contains(&0x05), "{ids:x?}");
+            assert!(ids.contains(&0x11) && ids.contains(&0x10), "{ids:x?}");
+        }
     }
 }
