@@ -784,6 +784,19 @@ pub fn parse_log(log: &str) -> Vec<ScenarioResult> {
 
 /// Shell function `share DIR`: a share as the file-system tests use it,
 /// DIR/data.bin (1 MiB of random bytes) and DIR/many/ (1,000 files).
+/// Shell helpers: `virtiofsd NAME DIR` starts one on NAME.sock (log in
+/// NAME.log) and waits for its socket (`share DIR`: `SHARE_FN`).
+pub const VIRTIOFSD_FN: &str = r#"
+virtiofsd() {
+	rm -f "$1.sock"
+	"$VIRTIOFSD" --socket-path="$PWD/$1.sock" --shared-dir="$PWD/$2" --cache=auto --sandbox=none >"$1.log" 2>&1 &
+	j=0
+	while [ ! -S "$1.sock" ] && [ $j -lt 100 ]; do sleep 0.1; j=$((j + 1)); done
+	[ -S "$1.sock" ] || { echo "VIRTIOFSD-FAILED $1"; cat "$1.log"; }
+}
+expected() { echo "EXPECTED-$1=$(sha256sum "$2" | cut -d' ' -f1)"; }
+"#;
+
 /// Shell helper for VFIO scenarios (a test host with `SKIFF_L1_NVME`):
 /// `vfio_bind` loads the VFIO modules and binds the test host's NVMe
 /// controller to vfio-pci, printing `VFIO-HOST=DDDD:BB:DD.F` and

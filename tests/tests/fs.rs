@@ -14,22 +14,10 @@
 // `command`: microvm.nix's argv with `devices` and the guest's action.
 use skiff_tests::{
     skiff_command as command, until_then_sigterm, Batch, Scenario, ScenarioResult, SHARE_FN,
+    VIRTIOFSD_FN,
 };
 
 const SECS: u32 = 120;
-
-/// Shell helpers: `virtiofsd NAME DIR` starts one on NAME.sock (log in
-/// NAME.log) and waits for its socket (`share DIR`: `SHARE_FN`).
-const VIRTIOFSD_FN: &str = r#"
-virtiofsd() {
-	rm -f "$1.sock"
-	"$VIRTIOFSD" --socket-path="$PWD/$1.sock" --shared-dir="$PWD/$2" --cache=auto --sandbox=none >"$1.log" 2>&1 &
-	j=0
-	while [ ! -S "$1.sock" ] && [ $j -lt 100 ]; do sleep 0.1; j=$((j + 1)); done
-	[ -S "$1.sock" ] || { echo "VIRTIOFSD-FAILED $1"; cat "$1.log"; }
-}
-expected() { echo "EXPECTED-$1=$(sha256sum "$2" | cut -d' ' -f1)"; }
-"#;
 
 /// microvm.nix's memory and one share's chardev and device.
 const MEMFD: &str = "-numa node,memdev=mem -object memory-backend-memfd,id=mem,size=512M,share=on";

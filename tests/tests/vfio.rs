@@ -10,8 +10,8 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::VFIO_FN;
 use skiff_tests::{nvme_image, skiff_command, Batch, Scenario, ScenarioResult, NVME_PATTERN};
+use skiff_tests::{SHARE_FN, VFIO_FN, VIRTIOFSD_FN};
 
 const SECS: u32 = 180;
 
@@ -39,7 +39,31 @@ fn scenarios() -> Vec<Scenario> {
         "-device pcie-root-port,id=rp0,chassis=1,slot=1 -device vfio-pci,host=$VFIO_HOST,bus=rp0",
         "skiff.test=nvme",
     );
+    // The seed's shape (microvm.nix's shares and its vfio line), in both
+    // orders: the passed-through device first, as microvm.nix emits it,
+    // and last, as in the seed.
+    let share = "-numa node,memdev=mem -object memory-backend-memfd,id=mem,size=512M,share=on \
+                 -chardev socket,id=fs0,path=fs0.sock -device vhost-user-fs-pci,chardev=fs0,tag=ro-store";
+    let vfio = "-device vfio-pci,host=$VFIO_HOST,multifunction=on,addr=2.0";
+    let seed = |first: &str, second: &str, label: &str| {
+        let cmd = skiff_command(
+            true,
+            &format!("-device virtio-rng-pci {first} {second}"),
+            "skiff.test=nvme skiff.fs=ro-store",
+        );
+        format!(
+            "virtiofsd fs0 store\n{cmd} > {label}.txt 2>&1; echo \"{label}-RC=$?\"\n\
+             grep -a -E '^SKIFF-(NVME-HEAD|FS-|PCI)' {label}.txt | sed 's/^/{label}: /'\n\
+             wait\n"
+        )
+    };
+    let seed_shape = format!(
+        "{SHARE_FN}{VIRTIOFSD_FN}{VFIO_FN}vfio_bind\nshare store\n{}{}",
+        seed(vfio, share, "VFIO-FIRST"),
+        seed(share, vfio, "VFIO-LAST")
+    );
     vec![
+        Scenario::script("vfio-seed-shape", SECS, &seed_shape),
         Scenario::script(
             "vfio-nvme",
             SECS,
@@ -141,4 +165,26 @@ fn an_nvme_passed_through_works_on_intx() {
     let irqs: u32 = r.value("SKIFF-NVME-IRQS").and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(irqs >= 1, "the nvme driver's line\n{}", r.describe());
     assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+/// The seed's shape in both orders: virtio-rng, i8042, memfd RAM shared
+/// with virtiofsd, a virtiofs share and the NVMe at addr=2.0, the vfio line
+/// first (as microvm.nix emits it) and last (as in the seed): the NVMe at
+/// 00:02.0 reads its pattern, the share is mounted.
+#[test]
+fn the_seeds_shape_in_both_orders() {
+    let r = result("vfio-seed-shape");
+    for order in ["VFIO-FIRST", "VFIO-LAST"] {
+        assert_eq!(r.value(&format!("{order}-RC")), Some("0"), "{order}\n{}", r.describe());
+        let line = |key: &str| {
+            r.lines()
+                .find_map(|l| l.strip_prefix(&format!("{order}: {key}=")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(line("SKIFF-NVME-HEAD"), NVME_PATTERN, "{order}\n{}", r.describe());
+        assert_eq!(line("SKIFF-FS-ro-store-FILES"), "1000", "{order}\n{}", r.describe());
+        let pci = line("SKIFF-PCI");
+        assert!(pci.contains("0000:00:02.0,1b36:0010,80,nvme"), "{order}: {pci}\n{}", r.describe());
+    }
 }
