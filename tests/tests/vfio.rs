@@ -10,7 +10,8 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{nvme_image, skiff_command, Batch, Scenario, ScenarioResult, NVME_PATTERN};
+use skiff_tests::NVME_PATTERN;
+use skiff_tests::{nvme_image, skiff_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
 use skiff_tests::{SHARE_FN, VFIO_FN, VIRTIOFSD_FN};
 
 const SECS: u32 = 180;
@@ -62,8 +63,19 @@ fn scenarios() -> Vec<Scenario> {
         seed(vfio, share, "VFIO-FIRST"),
         seed(share, vfio, "VFIO-LAST")
     );
+    // A guest reboot (no -no-reboot): the next run resets the device and
+    // the guest's driver takes it again.
+    let reboot = until_then_sigterm(
+        &skiff_command(true, "-device vfio-pci,host=$VFIO_HOST", "skiff.test=nvme")
+            .replace(" -no-reboot", ""),
+        "SKIFF-NVME-DONE",
+        2,
+        150,
+        "",
+    );
     vec![
         Scenario::script("vfio-seed-shape", SECS, &seed_shape),
+        Scenario::script("vfio-reboot", SECS, &format!("{VFIO_FN}vfio_bind\n{reboot}")),
         Scenario::script(
             "vfio-nvme",
             SECS,
@@ -187,4 +199,16 @@ fn the_seeds_shape_in_both_orders() {
         let pci = line("SKIFF-PCI");
         assert!(pci.contains("0000:00:02.0,1b36:0010,80,nvme"), "{order}: {pci}\n{}", r.describe());
     }
+}
+
+/// A guest reboot: the next run resets the function and builds it anew;
+/// the guest's driver takes it again and reads the pattern; SIGTERM ends
+/// skiff with 0.
+#[test]
+fn the_device_works_again_after_a_guest_reboot() {
+    let r = result("vfio-reboot");
+    let heads =
+        r.lines().filter(|l| l.ends_with(&format!("SKIFF-NVME-HEAD={NVME_PATTERN}"))).count();
+    assert_eq!(heads, 2, "both boots read the pattern\n{}", r.describe());
+    assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
 }
