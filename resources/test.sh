@@ -59,7 +59,7 @@ if [ "${SKIFF_TEST_LANES:-2}" = 1 ]; then
 else
 	# The longest batches (block, net) in one lane with the short ones, the
 	# rest in the other; a new test file joins the second.
-	lane1=(block net ninep boot_time qemu_reference)
+	lane1=(block net ninep boot_time qemu_reference vfio)
 	lane2=()
 	for f in tests/tests/*.rs; do
 		t=$(basename "$f" .rs)
