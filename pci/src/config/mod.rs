@@ -77,7 +77,7 @@ impl HeaderType {
 }
 
 /// The identity of a function, written once into its header.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConfigParams {
     pub vendor_id: u16,
     pub device_id: u16,

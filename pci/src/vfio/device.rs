@@ -84,17 +84,7 @@ impl<A: VfioAccess> VfioPciDevice<A> {
         gsis: Vec<u32>,
         router: Arc<dyn MsiRouter>,
     ) -> Result<Self, DeviceError> {
-        let mut shadow = PciConfig::new(&ConfigParams {
-            vendor_id: layout.vendor_id,
-            device_id: layout.device_id,
-            revision: layout.revision,
-            class_code: layout.class_code,
-            subsystem_vendor_id: layout.subsystem_vendor_id,
-            subsystem_id: layout.subsystem_id,
-            multifunction,
-            interrupt_pin: layout.interrupt_pin,
-            ..ConfigParams::default()
-        });
+        let mut shadow = PciConfig::new(&ConfigParams { multifunction, ..layout.identity });
         for (index, bar) in layout.bars.iter().enumerate() {
             if let Some(bar) = bar {
                 shadow
@@ -120,8 +110,8 @@ impl<A: VfioAccess> VfioPciDevice<A> {
             }
             None => None,
         };
-        let has_intx =
-            layout.interrupt_pin != 0 && dev.irq_info(INTX_IRQ).is_some_and(|i| i.count > 0);
+        let has_intx = layout.identity.interrupt_pin != 0
+            && dev.irq_info(INTX_IRQ).is_some_and(|i| i.count > 0);
         let intx = if has_intx {
             let evt = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
             Some((evt().map_err(DeviceError::EventFd)?, evt().map_err(DeviceError::EventFd)?))

@@ -9,7 +9,7 @@ use std::io;
 
 use super::access::{RegionInfo, VfioAccess, REGION_MMAP, ROM_REGION};
 use crate::capability::{MsixCap, CAP_ID_MSIX, CAP_ID_PCIE};
-use crate::config::BarKind;
+use crate::config::{BarKind, ConfigParams};
 
 pub const CAP_ID_MSI: u8 = 0x05;
 
@@ -57,15 +57,9 @@ pub struct Cap {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostLayout {
-    pub vendor_id: u16,
-    pub device_id: u16,
-    pub revision: u8,
-    /// Base class, subclass, programming interface: 0xBBSSPP.
-    pub class_code: u32,
-    pub subsystem_vendor_id: u16,
-    pub subsystem_id: u16,
-    /// 0 for none, 1..=4 for INTA..INTD.
-    pub interrupt_pin: u8,
+    /// The host's header, as the guest's shadow header is written from
+    /// it; an endpoint, and multifunction is the guest slot's to decide.
+    pub identity: ConfigParams,
     /// By BAR index; the high half of a 64-bit BAR is None.
     pub bars: [Option<HostBar>; 6],
     /// The option ROM's size, when the guest is to see it.
@@ -109,7 +103,7 @@ impl HostLayout {
         } else {
             None
         };
-        let mut layout = HostLayout {
+        let identity = ConfigParams {
             vendor_id: u16_at(0x00)?,
             device_id: u16_at(0x02)?,
             revision: class_revision as u8,
@@ -117,6 +111,10 @@ impl HostLayout {
             subsystem_vendor_id: u16_at(0x2c)?,
             subsystem_id: u16_at(0x2e)?,
             interrupt_pin: u8_at(0x3d)?,
+            ..ConfigParams::default()
+        };
+        let mut layout = HostLayout {
+            identity,
             bars,
             rom,
             caps: Vec::new(),
@@ -299,11 +297,16 @@ pub(crate) mod tests {
     #[test]
     fn an_nvme_controllers_layout() {
         let l = HostLayout::probe(&nvme(), true).unwrap();
+        let id = &l.identity;
         assert_eq!(
-            (l.vendor_id, l.device_id, l.revision, l.class_code),
+            (id.vendor_id, id.device_id, id.revision, id.class_code),
             (0x1b36, 0x10, 2, 0x010802)
         );
-        assert_eq!((l.subsystem_vendor_id, l.subsystem_id, l.interrupt_pin), (0x1af4, 0x1100, 1));
+        assert_eq!(
+            (id.subsystem_vendor_id, id.subsystem_id, id.interrupt_pin),
+            (0x1af4, 0x1100, 1)
+        );
+        assert!(!id.bridge && !id.multifunction);
         let bar0 = l.bars[0].as_ref().unwrap();
         assert_eq!((bar0.kind, bar0.size), (BarKind::Memory64 { prefetchable: false }, 0x4000));
         assert!(l.bars[1..].iter().all(Option::is_none), "BAR 1 is BAR 0's high half");
