@@ -46,7 +46,7 @@ pub use capability::{MsixCap, MsixControl, PcieCap};
 pub use config::{BarInfo, BarKind, BarReprogram, ConfigError, ConfigParams, PciConfig};
 pub use device::{DirectArea, PciDevice};
 pub use msix::{MsiMessage, MsiRouter, Msix, NO_VECTOR};
-pub use root::{BarMoveHandler, PciRoot, RootError, SharedDevice};
+pub use root::{ConfigChange, ConfigHandler, PciRoot, RootError, SharedDevice};
 pub use virtio_pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
 
 /// The GSI that INTx `pin` (0 = INTA .. 3 = INTD, the `_PRT` numbering, not

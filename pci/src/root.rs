@@ -14,15 +14,28 @@ use log::debug;
 
 use crate::address::{DevFn, PciAddress};
 use crate::bridge::HostBridge;
-use crate::config::{BarReprogram, HEADER_TYPE, INTERRUPT_PIN, PRIMARY_BUS};
+use crate::config::{
+    BarReprogram, COMMAND, COMMAND_MEMORY, HEADER_TYPE, INTERRUPT_PIN, PRIMARY_BUS,
+};
 use crate::device::PciDevice;
 
 /// A function shared by the root (config) and the MMIO bus (its BARs).
 pub type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 
-/// Called, on the vCPU thread that wrote the BAR, before the write returns:
-/// the guest may touch the new address on its very next instruction.
-pub type BarMoveHandler = Box<dyn FnMut(PciAddress, &SharedDevice, BarReprogram) + Send>;
+/// What a guest's config write changed that the VMM must follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// A BAR moved.
+    BarMoved(BarReprogram),
+    /// The command register was written: whether the function decodes its
+    /// memory BARs now (reported on every write; the VMM keeps the state).
+    MemoryDecode(bool),
+}
+
+/// Called, on the vCPU thread that wrote config space, before the write
+/// returns: the guest may touch the new address on its very next
+/// instruction.
+pub type ConfigHandler = Box<dyn FnMut(PciAddress, &SharedDevice, ConfigChange) + Send>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RootError {
@@ -114,7 +127,7 @@ impl BusNode {
 
 pub struct PciRoot {
     pub(crate) bus0: BusNode,
-    on_bar_move: Option<BarMoveHandler>,
+    on_config: Option<ConfigHandler>,
     /// The GSI of bus 0's INTA; INTB..INTD follow.
     intx_gsi_base: u32,
 }
@@ -126,12 +139,13 @@ impl PciRoot {
         let mut bus0 = BusNode::default();
         let host: SharedDevice = Arc::new(Mutex::new(HostBridge::new()));
         bus0.devices.insert(DevFn::default(), Node { dev: host, child: None });
-        Self { bus0, on_bar_move: None, intx_gsi_base }
+        Self { bus0, on_config: None, intx_gsi_base }
     }
 
-    /// Who moves BAR mappings when the guest reprograms a BAR.
-    pub fn set_bar_move_handler(&mut self, handler: BarMoveHandler) {
-        self.on_bar_move = Some(handler);
+    /// Who moves BAR mappings when the guest reprograms a BAR or turns
+    /// memory decode on or off.
+    pub fn set_config_handler(&mut self, handler: ConfigHandler) {
+        self.on_config = Some(handler);
     }
 
     /// Adds a function at `address`. A bus other than 0 must already have
@@ -200,13 +214,18 @@ impl BusDevice for PciRoot {
         let Some((address, reg)) = decode(offset, data.len()) else { return };
         let Some(dev) = self.find(address).cloned() else { return };
         let moved = lock(&dev).config_write(u64::from(reg), data);
-        if let Some(moved) = moved {
-            match &mut self.on_bar_move {
-                Some(handler) => handler(address, &dev, moved),
-                None => debug!(
-                    "pci: {address} moved BAR {} to {:#x} with nobody to tell",
-                    moved.index, moved.new
-                ),
+        let mut changes = Vec::with_capacity(2);
+        changes.extend(moved.map(ConfigChange::BarMoved));
+        let end = usize::from(reg) + data.len();
+        if usize::from(reg) < COMMAND + 2 && COMMAND < end {
+            // Read back: the device decides which bits stick.
+            let command = lock(&dev).config_read(COMMAND / 4) as u16;
+            changes.push(ConfigChange::MemoryDecode(command & COMMAND_MEMORY != 0));
+        }
+        for change in changes {
+            match &mut self.on_config {
+                Some(handler) => handler(address, &dev, change),
+                None => debug!("pci: {address}: {change:?} with nobody to tell"),
             }
         }
     }
@@ -357,13 +376,28 @@ pub(crate) mod tests {
         root.insert(a, Endpoint::shared(&[(0, BarKind::Memory32 { prefetchable: false }, 0x1000)]))
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        root.set_bar_move_handler(Box::new(move |addr, _, moved| tx.send((addr, moved)).unwrap()));
+        root.set_config_handler(Box::new(move |addr, _, change| tx.send((addr, change)).unwrap()));
         write(&mut root, a, 0x10, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(read(&mut root, a, 0x10, 4), 0xffff_f000);
         write(&mut root, a, 0x10, &0xc000_0000u32.to_le_bytes());
-        let (at, moved) = rx.try_recv().unwrap();
+        let (at, ConfigChange::BarMoved(moved)) = rx.try_recv().unwrap() else { panic!() };
         assert_eq!((at, moved.old, moved.new, moved.len), (a, 0, 0xc000_0000, 0x1000));
         assert!(rx.try_recv().is_err(), "sizing is not a move");
+        // Any write that covers the command register reports memory decode
+        // as the device now reads it; a write beside it reports nothing.
+        write(&mut root, a, 0x04, &0x0002u16.to_le_bytes());
+        write(&mut root, a, 0x05, &[0]);
+        write(&mut root, a, 0x04, &0u32.to_le_bytes());
+        write(&mut root, a, 0x06, &0u16.to_le_bytes());
+        let changes: Vec<_> = rx.try_iter().collect();
+        assert_eq!(
+            changes,
+            [
+                (a, ConfigChange::MemoryDecode(true)),
+                (a, ConfigChange::MemoryDecode(true)),
+                (a, ConfigChange::MemoryDecode(false)),
+            ]
+        );
     }
 
     #[test]

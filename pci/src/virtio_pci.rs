@@ -650,7 +650,7 @@ pub(crate) mod tests {
         let (_, dev, _) = setup();
         let virtio = Arc::new(Mutex::new(dev));
         let mut root = PciRoot::new(16);
-        root.set_bar_move_handler(Box::new(|_, _, _| {}));
+        root.set_config_handler(Box::new(|_, _, _| {}));
         root.insert(addr(0, 1, 0), root_port(1)).unwrap();
         root.insert(addr(0, 2, 0), virtio.clone()).unwrap();
         let bars = [

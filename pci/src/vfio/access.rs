@@ -100,7 +100,7 @@ pub trait VfioAccess: Send + Sync {
 
 /// A recording fake: a scripted config space and regions, and a log of
 /// every interrupt, reset and region write the model made.
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, feature = "fuzzing", feature = "fake"))]
 pub mod fake {
     use std::collections::HashMap;
     use std::sync::Mutex;
@@ -201,5 +201,51 @@ pub mod fake {
         fn mmap_fd(&self) -> Option<BorrowedFd<'_>> {
             self.mmap_file.as_ref().map(std::os::fd::AsFd::as_fd)
         }
+    }
+
+    /// An NVMe controller as QEMU emulates one (1b36:0010): a 64-bit BAR 0
+    /// of 16 KiB with the MSI-X table (65 vectors) at 0x2000 and the PBA
+    /// at 0x3000, then PM, MSI-X and PCI Express capabilities, and two
+    /// extended ones.
+    pub fn nvme() -> Fake {
+        let mut c = vec![0u8; 4096];
+        let put16 =
+            |c: &mut Vec<u8>, at: usize, v: u16| c[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |c: &mut Vec<u8>, at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        put16(&mut c, 0x00, 0x1b36);
+        put16(&mut c, 0x02, 0x0010);
+        put16(&mut c, 0x06, 1 << 4);
+        put32(&mut c, 0x08, 0x0108_0202);
+        put32(&mut c, 0x10, 0x4); // 64-bit memory
+        put16(&mut c, 0x2c, 0x1af4);
+        put16(&mut c, 0x2e, 0x1100);
+        c[0x34] = 0x40;
+        c[0x3d] = 1;
+        // PM at 0x40 -> MSI-X at 0x50 -> PCIe at 0x60.
+        c[0x40] = 0x01;
+        c[0x41] = 0x50;
+        c[0x50] = 0x11;
+        c[0x51] = 0x60;
+        put16(&mut c, 0x52, 64); // 65 vectors
+        put32(&mut c, 0x54, 0x2000);
+        put32(&mut c, 0x58, 0x3000);
+        c[0x60] = 0x10;
+        c[0x61] = 0x00;
+        // AER at 0x100 -> vendor-specific at 0x140.
+        put32(&mut c, 0x100, 0x0001 | 1 << 16 | 0x140 << 20);
+        put32(&mut c, 0x140, 0x000b | 1 << 16);
+        let mut f = Fake::new(&c);
+        let bar = RegionInfo {
+            flags: REGION_READ | REGION_WRITE | REGION_MMAP,
+            size: 0x4000,
+            ..Default::default()
+        };
+        f.regions.insert(0, bar);
+        f.regions.insert(
+            ROM_REGION,
+            RegionInfo { flags: REGION_READ, size: 0x8000, ..Default::default() },
+        );
+        f
     }
 }

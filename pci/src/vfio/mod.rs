@@ -3,11 +3,9 @@
 //! what it looks like (`layout`: identity, BARs, ROM, capabilities, the
 //! parts of each BAR that can be mapped into the guest), and the function
 //! as the guest sees it (`device`: config space virtualized, BAR accesses
-//! forwarded, MSI-X emulated over the host's vectors).
-//!
-//! Work in progress (issue 25): MSI, INTx with resample, BAR slots that
-//! follow decode and moves, reset, the ROM, and the real backend on
-//! vfio-ioctls come next; `-device vfio-pci` is still refused.
+//! forwarded, MSI and MSI-X emulated over the host's vectors, INTx through
+//! eventfds). The host side on vfio-ioctls is the VMM's (`vmm::host::vfio`),
+//! and so is mapping the BARs' mappable parts into the guest.
 
 pub mod access;
 pub mod device;

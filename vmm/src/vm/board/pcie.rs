@@ -15,7 +15,9 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::root::lock;
 use pci::virtio_pci::{vectors_needed, Placement as Location};
-use pci::{BarReprogram, MsiRouter, PciAddress, PciRoot, SharedDevice, VirtioPciInterrupt};
+use pci::{
+    BarReprogram, ConfigChange, MsiRouter, PciAddress, PciRoot, SharedDevice, VirtioPciInterrupt,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{virtio, Board, BoardContext};
@@ -111,7 +113,8 @@ struct BarState {
     /// On the MMIO bus (with its doorbells) at `addr`. False at 0 or while
     /// the range overlaps another BAR's.
     mapped: bool,
-    /// The KVM slots of its direct areas, while mapped.
+    /// The KVM slots of its direct areas, while mapped and its function
+    /// decodes memory.
     slots: Vec<u32>,
 }
 
@@ -125,11 +128,18 @@ struct BarMapper<D: Doorbells> {
     doorbells: D,
     mmio: Weak<Bus>,
     bars: HashMap<(usize, usize), BarState>,
+    /// Per function: memory decode on (its command register), as the guest
+    /// last wrote it. While off, its direct areas are not guest memory: a
+    /// host device with decode off has nothing behind its mapping (VFIO
+    /// zaps it, and an access through KVM would fail the vCPU), so every
+    /// access is trapped and answered by the device model.
+    decoding: HashMap<usize, bool>,
 }
 
 impl<D: Doorbells> BarMapper<D> {
     fn new(doorbells: D, mmio: &Arc<Bus>) -> Self {
-        BarMapper { doorbells, mmio: Arc::downgrade(mmio), bars: HashMap::new() }
+        let (bars, decoding) = (HashMap::new(), HashMap::new());
+        BarMapper { doorbells, mmio: Arc::downgrade(mmio), bars, decoding }
     }
 
     fn key(dev: &SharedDevice, bar: usize) -> (usize, usize) {
@@ -157,14 +167,28 @@ impl<D: Doorbells> BarMapper<D> {
         let access = Arc::new(Mutex::new(BarAccess { dev: st.dev.clone(), bar: st.bar }));
         mmio.insert(access, st.addr, st.len)?;
         st.mapped = true;
-        let dev = lock(&st.dev);
+        let mut dev = lock(&st.dev);
         for (b, offset, evt) in dev.ioeventfds() {
             if b == st.bar {
                 self.doorbells.register(evt, st.addr + offset)?;
             }
         }
-        // Guest memory slots take the direct areas' accesses before the
-        // bus would see them.
+        let decoding = *self.decoding.entry(key.0).or_insert_with(|| {
+            let command = dev.config_read(pci::config::COMMAND / 4) as u16;
+            command & pci::config::COMMAND_MEMORY != 0
+        });
+        drop(dev);
+        if decoding {
+            self.map_slots(key)?;
+        }
+        Ok(())
+    }
+
+    /// Guest memory slots take the direct areas' accesses before the bus
+    /// would see them.
+    fn map_slots(&mut self, key: (usize, usize)) -> Result<()> {
+        let Some(st) = self.bars.get_mut(&key) else { return Ok(()) };
+        let dev = lock(&st.dev);
         for a in dev.direct_areas(st.bar) {
             let guest = st.addr + a.offset;
             let range =
@@ -174,12 +198,17 @@ impl<D: Doorbells> BarMapper<D> {
         Ok(())
     }
 
-    fn unmap(&mut self, key: (usize, usize)) {
-        let Some(st) = self.bars.get_mut(&key).filter(|st| st.mapped) else { return };
-        st.mapped = false;
+    fn unmap_slots(&mut self, key: (usize, usize)) {
+        let Some(st) = self.bars.get_mut(&key) else { return };
         for slot in st.slots.drain(..) {
             self.doorbells.unmap_direct(slot);
         }
+    }
+
+    fn unmap(&mut self, key: (usize, usize)) {
+        self.unmap_slots(key);
+        let Some(st) = self.bars.get_mut(&key).filter(|st| st.mapped) else { return };
+        st.mapped = false;
         if let Some(mmio) = self.mmio.upgrade() {
             mmio.remove(st.addr);
         }
@@ -191,6 +220,27 @@ impl<D: Doorbells> BarMapper<D> {
                         st.addr + offset
                     );
                 }
+            }
+        }
+    }
+
+    /// The guest wrote a function's command register: its mapped BARs'
+    /// direct areas go while memory decode is off and come back with it.
+    fn memory_decode(&mut self, address: PciAddress, dev: &SharedDevice, on: bool) {
+        let id = Self::key(dev, 0).0;
+        if self.decoding.insert(id, on) == Some(on) {
+            return;
+        }
+        let mut mapped: Vec<_> =
+            self.bars.iter().filter(|(k, st)| k.0 == id && st.mapped).map(|(&k, _)| k).collect();
+        mapped.sort_unstable();
+        for key in mapped {
+            if !on {
+                self.unmap_slots(key);
+            } else if let Err(e) = self.map_slots(key) {
+                // Its accesses stay trapped: slower, still correct.
+                devices::error_limited!("pci: {address} BAR {} not mapped directly: {e}", key.1);
+                self.unmap_slots(key);
             }
         }
     }
@@ -306,7 +356,10 @@ pub(super) fn add_pcie(
         })?;
         mapper.add(&dev, b.bar, b.addr, b.len)?;
     }
-    root.set_bar_move_handler(Box::new(move |address, dev, m| mapper.moved(address, dev, m)));
+    root.set_config_handler(Box::new(move |address, dev, change| match change {
+        ConfigChange::BarMoved(m) => mapper.moved(address, dev, m),
+        ConfigChange::MemoryDecode(on) => mapper.memory_decode(address, dev, on),
+    }));
     ctx.mmio.insert(Arc::new(Mutex::new(root)), PCIE_ECAM_BASE, PCIE_ECAM_SIZE)?;
     Ok(())
 }
@@ -435,12 +488,16 @@ mod tests {
     }
 
     /// A function whose BAR 0 (16 KiB) has a direct area at 0x1000..0x3000
-    /// backed by a file at offset 0x40000.
+    /// backed by a file at offset 0x40000; memory decode on.
     struct Window(std::fs::File);
 
     impl pci::PciDevice for Window {
-        fn config_read(&mut self, _: usize) -> u32 {
-            0
+        fn config_read(&mut self, reg: usize) -> u32 {
+            if reg == 1 {
+                pci::config::COMMAND_MEMORY.into()
+            } else {
+                0
+            }
         }
         fn config_write(&mut self, _: u64, _: &[u8]) -> Option<BarReprogram> {
             None
@@ -486,5 +543,79 @@ mod tests {
         );
         m.moved(addr, &dev, moved(0xd000_0000, 0));
         assert!(kvm.1.lock().unwrap().iter().all(|&e| e == (0, 0, 0)), "nothing mapped at 0");
+    }
+
+    /// MSI routes nobody delivers: the BAR tests need none.
+    struct NoRoutes;
+
+    impl MsiRouter for NoRoutes {
+        fn route(&self, _: u32, _: pci::MsiMessage) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn attach(&self, _: &EventFd, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn detach(&self, _: &EventFd, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A passed-through NVMe (VFIO's model on the recording fake) behind
+    /// the root complex, driven through ECAM as a guest would: its BAR 0's
+    /// mappable pages (below the MSI-X table) are a guest memory slot only
+    /// while memory decode is on, and follow the BAR when it moves, with
+    /// decode on or off.
+    #[test]
+    fn vfio_slots_follow_memory_decode_and_bar_moves() {
+        use pci::vfio::{access::fake::nvme, HostLayout, VfioPciDevice};
+
+        let mut fake = nvme();
+        fake.mmap_file = Some(std::fs::File::open("/dev/zero").unwrap());
+        fake.regions.get_mut(&0).unwrap().fd_offset = 0x10000;
+        let fake = Arc::new(fake);
+        let layout = HostLayout::probe(&*fake, true).unwrap();
+        let dev =
+            VfioPciDevice::new(fake, &layout, false, false, (24..89).collect(), Arc::new(NoRoutes))
+                .unwrap();
+        let dev: SharedDevice = Arc::new(Mutex::new(dev));
+        let address = PciAddress::new(0, 2, 0).unwrap();
+        let mut root = PciRoot::new(16);
+        root.insert(address, dev.clone()).unwrap();
+
+        let kvm = Recorder::default();
+        let live = |kvm: &Recorder| -> Vec<(u64, u64, u64)> {
+            kvm.1.lock().unwrap().iter().copied().filter(|&e| e != (0, 0, 0)).collect()
+        };
+        let mmio = Arc::new(Bus::new());
+        let mut mapper = BarMapper::new(kvm.clone(), &mmio);
+        mapper.add(&dev, 0, 0xc000_0000, 0x4000).unwrap();
+        assert_eq!(live(&kvm), [], "the host function starts with decode off");
+        root.set_config_handler(Box::new(move |address, dev, change| match change {
+            ConfigChange::BarMoved(m) => mapper.moved(address, dev, m),
+            ConfigChange::MemoryDecode(on) => mapper.memory_decode(address, dev, on),
+        }));
+        let ecam = |reg: u64| 2 << 15 | reg;
+        let command = |root: &mut PciRoot, v: u16| root.write(ecam(0x04), &v.to_le_bytes());
+        root.write(ecam(0x10), &0xc000_0004u32.to_le_bytes());
+
+        command(&mut root, 0x0006);
+        assert_eq!(live(&kvm), [(0xc000_0000, 0x2000, 0x10000)], "decode on");
+        command(&mut root, 0x0004);
+        assert_eq!(live(&kvm), [], "decode off: trapped");
+        // Still on the bus: a trapped read reaches the model.
+        let mut data = [0u8; 4];
+        assert!(mmio.read(0xc000_0000, &mut data));
+
+        // Moved while off: nothing mapped until decode comes back, there.
+        root.write(ecam(0x10), &0xd000_0004u32.to_le_bytes());
+        assert_eq!(live(&kvm), []);
+        command(&mut root, 0x0006);
+        assert_eq!(live(&kvm), [(0xd000_0000, 0x2000, 0x10000)]);
+        // Moved while on (Linux sizes with decode off; a guest may not).
+        root.write(ecam(0x14), &1u32.to_le_bytes());
+        assert_eq!(live(&kvm), [(0x1_d000_0000, 0x2000, 0x10000)]);
+        // A second enable is not a second slot.
+        command(&mut root, 0x0006);
+        assert_eq!(live(&kvm).len(), 1);
     }
 }
