@@ -33,6 +33,7 @@ pub mod config;
 pub mod device;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod msi;
 pub mod msix;
 pub mod root;
 pub mod vfio;

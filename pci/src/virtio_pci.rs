@@ -644,8 +644,9 @@ pub(crate) mod tests {
         use crate::root::tests::{addr, root_port, Endpoint};
         use crate::root::PciRoot;
         use devices::BusDevice;
-        let interesting_regs: [u16; 16] = [
-            0, 4, 6, 0x0c, 0x10, 0x14, 0x18, 0x1c, 0x20, 0x24, 0x30, 0x34, 0x3c, 0x40, 0x50, 0x100,
+        let interesting_regs: [u16; 19] = [
+            0, 4, 6, 0x0c, 0x10, 0x14, 0x18, 0x1c, 0x20, 0x24, 0x30, 0x34, 0x3c, 0x40, 0x50, 0x52,
+            0x70, 0x72, 0x100,
         ];
         let (_, dev, _) = setup();
         let virtio = Arc::new(Mutex::new(dev));
@@ -659,13 +660,17 @@ pub(crate) mod tests {
             (2, BarKind::Memory64 { prefetchable: true }, 0x4000),
         ];
         root.insert(addr(1, 0, 0), Endpoint::shared(&bars)).unwrap();
+        let vfio = Arc::new(Mutex::new(passed_through_nvme()));
+        root.insert(addr(0, 3, 0), vfio.clone()).unwrap();
         for _ in 0..rng.below(60) {
             let len = *rng.pick(&[1usize, 2, 4, 4, 4, 3, 8]);
             if rng.one_in(4) {
-                // The virtio function's own registers.
+                // The virtio or VFIO function's own registers.
                 let bar = *rng.pick(&[MSIX_BAR, MODERN_BAR, 0, 5]);
                 let offset = rng.below(0x4100);
-                let mut d = virtio.lock().unwrap();
+                let d: Arc<Mutex<dyn PciDevice>> =
+                    if rng.one_in(2) { virtio.clone() } else { vfio.clone() };
+                let mut d = d.lock().unwrap();
                 if rng.one_in(2) {
                     let mut data = [0u8; 8];
                     d.bar_read(bar, offset, &mut data[..len]);
@@ -689,6 +694,27 @@ pub(crate) mod tests {
                 root.write(at, &rng.interesting().to_le_bytes()[..len]);
             }
         }
+    }
+
+    /// QEMU's NVMe through VFIO's model on the recording fake, with INTx
+    /// and an MSI capability (4 vectors, 64-bit, masking) at 0x70 beside
+    /// its MSI-X.
+    fn passed_through_nvme() -> crate::vfio::VfioPciDevice<crate::vfio::access::fake::Fake> {
+        use crate::vfio::access::{fake::nvme, IrqInfo, INTX_IRQ};
+        use crate::vfio::{Gsis, HostLayout, VfioPciDevice};
+        let mut fake = nvme();
+        fake.irqs.insert(INTX_IRQ, IrqInfo { count: 1, maskable: true });
+        {
+            let mut c = fake.config.lock().unwrap();
+            c[0x41] = 0x70;
+            c[0x70] = 0x05;
+            c[0x71] = 0x50;
+            c[0x72..0x74].copy_from_slice(&(2u16 << 1 | 1 << 7 | 1 << 8).to_le_bytes());
+        }
+        let fake = Arc::new(fake);
+        let layout = HostLayout::probe(&*fake, true).unwrap();
+        let gsis = Gsis { msix: gsis(65), msi: gsis(4) };
+        VfioPciDevice::new(fake, &layout, true, false, gsis, Arc::new(Routes::default())).unwrap()
     }
 
     fn setup() -> (Arc<Mutex<Fake>>, VirtioPciDevice, Arc<Routes>) {

@@ -8,7 +8,7 @@
 //! | ROM BAR 0x30 | 0: no ROM | no firmware runs an option ROM on a direct boot |
 //! | header type 0x0e bit 7 | `multifunction=` | the slot is skiff's, not the host's |
 //! | MSI-X Message Control | skiff's emulation (table size from the host) | vectors are KVM routes and irqfds; the host's enable follows `SET_IRQS` |
-//! | the MSI capability | left out of the list (the pointer before it skips it) | not emulated yet: a driver falls back to MSI-X or INTx instead of enabling vectors nobody routes |
+//! | the MSI capability's registers | skiff's emulation (`crate::msi`; what the host offers: vectors, 64-bit, masking) | the same, one GSI per vector |
 //! | everything else | the host, as the kernel virtualizes it (command, status, interrupt line/pin, capabilities, 0x100–0xFFF) | the kernel already filters what a guest may change |
 //!
 //! BAR accesses that reach skiff (everything not mapped into the guest)
@@ -18,11 +18,12 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::access::{VfioAccess, INTX_IRQ, MSIX_IRQ};
-use super::layout::{HostLayout, CAP_ID_MSI as MSI_CAP_ID};
+use super::access::{VfioAccess, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
+use super::layout::HostLayout;
 use crate::capability::{MsixCap, MsixControl};
 use crate::config::{BarReprogram, ConfigError, ConfigParams, PciConfig, BAR0};
 use crate::device::{DirectArea, PciDevice};
+use crate::msi::{Msi, MsiChange};
 use crate::msix::{MsiRouter, Msix};
 
 const HEADER_DWORD: usize = 0x0c / 4;
@@ -39,8 +40,32 @@ struct MsixState {
     /// One eventfd per vector, the host's (`SET_IRQS`) and the table's
     /// source for that vector alike.
     evts: Vec<EventFd>,
-    /// What the host was last told: MSI-X on, with every vector.
-    host_enabled: bool,
+}
+
+/// MSI as the guest drives it, over the host's vectors.
+struct MsiState {
+    msi: Msi,
+    /// One eventfd per vector the function offers, as for MSI-X.
+    evts: Vec<EventFd>,
+}
+
+/// Which interrupt the host function signals, through which eventfds: one
+/// at a time (the kernel refuses a second type while one is on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HostIrq {
+    Off,
+    Intx,
+    /// MSI with this many vectors.
+    Msi(u32),
+    Msix,
+}
+
+/// The GSIs the VMM set aside for the function: one per MSI-X vector and
+/// one per MSI vector it offers.
+#[derive(Debug, Default)]
+pub struct Gsis {
+    pub msix: Vec<u32>,
+    pub msi: Vec<u32>,
 }
 
 pub struct VfioPciDevice<A: VfioAccess> {
@@ -51,9 +76,12 @@ pub struct VfioPciDevice<A: VfioAccess> {
     shadow: PciConfig,
     multifunction: bool,
     msix: Option<MsixState>,
+    msi: Option<MsiState>,
     /// INTx's trigger and resample eventfds, when the host function has
-    /// the line (the guest uses it until it turns MSI-X on).
+    /// the line (the guest uses it until it turns MSI or MSI-X on).
     intx: Option<(EventFd, EventFd)>,
+    /// What the host was last told.
+    host_irq: HostIrq,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +94,8 @@ pub enum DeviceError {
     },
     #[error("MSI-X: {0} vectors but {1} GSIs")]
     MsixGsis(u16, usize),
+    #[error("MSI: {0} vectors but {1} GSIs")]
+    MsiGsis(u32, usize),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("cannot route the host's INTx")]
@@ -73,15 +103,15 @@ pub enum DeviceError {
 }
 
 impl<A: VfioAccess> VfioPciDevice<A> {
-    /// The model of `dev`, laid out as `layout` says; `gsis`: one per
-    /// MSI-X vector, routed through `router`; `no_mmap`: QEMU's
-    /// `x-no-mmap`, nothing mapped into the guest.
+    /// The model of `dev`, laid out as `layout` says; its vectors routed
+    /// through `router` on `gsis`; `no_mmap`: QEMU's `x-no-mmap`, nothing
+    /// mapped into the guest.
     pub fn new(
         dev: Arc<A>,
         layout: &HostLayout,
         multifunction: bool,
         no_mmap: bool,
-        gsis: Vec<u32>,
+        gsis: Gsis,
         router: Arc<dyn MsiRouter>,
     ) -> Result<Self, DeviceError> {
         let mut shadow = PciConfig::new(&ConfigParams { multifunction, ..layout.identity });
@@ -92,51 +122,125 @@ impl<A: VfioAccess> VfioPciDevice<A> {
                     .map_err(|source| DeviceError::Bar { index, source })?;
             }
         }
+        let eventfds = |n: usize| -> Result<Vec<EventFd>, DeviceError> {
+            (0..n)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+                .collect::<Result<_, _>>()
+                .map_err(DeviceError::EventFd)
+        };
+        let clones = |evts: &[EventFd]| -> Result<Vec<EventFd>, DeviceError> {
+            evts.iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<_, _>>()
+                .map_err(DeviceError::EventFd)
+        };
         let msix = match layout.msix {
             Some((offset, cap)) => {
-                if gsis.len() != usize::from(cap.vectors) {
-                    return Err(DeviceError::MsixGsis(cap.vectors, gsis.len()));
+                if gsis.msix.len() != usize::from(cap.vectors) {
+                    return Err(DeviceError::MsixGsis(cap.vectors, gsis.msix.len()));
                 }
-                let mut table = Msix::new(gsis, router);
-                let mut evts = Vec::new();
-                for v in 0..cap.vectors {
-                    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                        .map_err(DeviceError::EventFd)?;
-                    let source = table.add_source(evt.try_clone().map_err(DeviceError::EventFd)?);
-                    table.set_source_vector(source, v);
-                    evts.push(evt);
+                let mut table = Msix::new(gsis.msix, router.clone());
+                let evts = eventfds(usize::from(cap.vectors))?;
+                for (v, evt) in clones(&evts)?.into_iter().enumerate() {
+                    let source = table.add_source(evt);
+                    table.set_source_vector(source, v as u16);
                 }
-                Some(MsixState { offset, cap, table, evts, host_enabled: false })
+                Some(MsixState { offset, cap, table, evts })
+            }
+            None => None,
+        };
+        let msi = match layout.msi {
+            Some(shape) => {
+                if gsis.msi.len() != shape.vectors as usize {
+                    return Err(DeviceError::MsiGsis(shape.vectors, gsis.msi.len()));
+                }
+                let evts = eventfds(shape.vectors as usize)?;
+                let msi = Msi::new(shape, gsis.msi, router, clones(&evts)?);
+                Some(MsiState { msi, evts })
             }
             None => None,
         };
         let has_intx = layout.identity.interrupt_pin != 0
             && dev.irq_info(INTX_IRQ).is_some_and(|i| i.count > 0);
         let intx = if has_intx {
-            let evt = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
-            Some((evt().map_err(DeviceError::EventFd)?, evt().map_err(DeviceError::EventFd)?))
+            let mut two = eventfds(2)?;
+            let resample = two.pop();
+            two.pop().zip(resample)
         } else {
             None
         };
-        let d = VfioPciDevice {
+        let mut d = VfioPciDevice {
             dev,
             layout: layout.clone(),
             no_mmap,
             shadow,
             multifunction,
             msix,
+            msi,
             intx,
+            host_irq: HostIrq::Off,
         };
-        d.intx_on().map_err(DeviceError::Intx)?;
+        // INTx from the start: a guest driver may never turn MSI on.
+        d.switch_host_irq().map_err(DeviceError::Intx)?;
         Ok(d)
     }
 
-    /// The host's INTx to the trigger eventfd, unmasked by the resample
-    /// one (both in the kernel: no exit per interrupt).
-    fn intx_on(&self) -> std::io::Result<()> {
-        let Some((trigger, resample)) = &self.intx else { return Ok(()) };
-        self.dev.enable_irq(INTX_IRQ, &[trigger])?;
-        self.dev.set_intx_resample(resample)
+    /// The interrupt the guest has on now: MSI-X over MSI over INTx.
+    fn wanted_irq(&self) -> HostIrq {
+        if self.msix.as_ref().is_some_and(|m| m.table.enabled()) {
+            return HostIrq::Msix;
+        }
+        match self.msi.as_ref().map_or(0, |m| m.msi.vectors_enabled()) {
+            0 if self.intx.is_some() => HostIrq::Intx,
+            0 => HostIrq::Off,
+            n => HostIrq::Msi(n),
+        }
+    }
+
+    /// Tells the host which interrupt to signal, and on which eventfds,
+    /// when that changed: the old one off first (the kernel takes one type
+    /// at a time), then the new one on. INTx is unmasked by the resample
+    /// eventfd in the kernel: no exit per interrupt.
+    fn switch_host_irq(&mut self) -> std::io::Result<()> {
+        let want = self.wanted_irq();
+        if want == self.host_irq {
+            return Ok(());
+        }
+        match self.host_irq {
+            HostIrq::Off => {}
+            HostIrq::Intx => self.dev.disable_irq(INTX_IRQ)?,
+            HostIrq::Msi(_) => self.dev.disable_irq(MSI_IRQ)?,
+            HostIrq::Msix => self.dev.disable_irq(MSIX_IRQ)?,
+        }
+        self.host_irq = HostIrq::Off;
+        match want {
+            HostIrq::Off => {}
+            HostIrq::Intx => {
+                if let Some((trigger, resample)) = &self.intx {
+                    self.dev.enable_irq(INTX_IRQ, &[trigger])?;
+                    self.dev.set_intx_resample(resample)?;
+                }
+            }
+            HostIrq::Msi(n) => {
+                let evts = self.msi.as_ref().map(|m| &m.evts[..n as usize]).unwrap_or_default();
+                self.dev.enable_irq(MSI_IRQ, &evts.iter().collect::<Vec<_>>())?;
+            }
+            HostIrq::Msix => {
+                let evts = self.msix.as_ref().map(|m| &m.evts[..]).unwrap_or_default();
+                self.dev.enable_irq(MSIX_IRQ, &evts.iter().collect::<Vec<_>>())?;
+            }
+        }
+        self.host_irq = want;
+        Ok(())
+    }
+
+    fn follow_guest_irq(&mut self) {
+        if let Err(e) = self.switch_host_irq() {
+            devices::warn_limited!(
+                "vfio: switching the host's interrupts to {:?}: {e}",
+                self.wanted_irq()
+            );
+        }
     }
 
     /// The host's dword, all ones when it cannot be read (as a missing
@@ -145,62 +249,15 @@ impl<A: VfioAccess> VfioPciDevice<A> {
         self.dev.config_u32(reg as u64 * 4).unwrap_or(u32::MAX)
     }
 
-    /// Message Control as the guest wrote it: the host's vectors follow
-    /// (all of them with MSI-X on, none with it off), and the table's
-    /// irqfds follow the guest's masks.
+    /// MSI-X Message Control as the guest wrote it: the host's vectors
+    /// follow (all of them with MSI-X on, none with it off), and the
+    /// table's irqfds follow the guest's masks.
     fn msix_control(&mut self, control: u16) {
         let Some(m) = self.msix.as_mut() else { return };
         let enabled = control & MSIX_ENABLE != 0;
         let function_masked = control & MSIX_FUNCTION_MASK != 0;
-        if enabled != m.host_enabled {
-            // The host takes MSI-X only with INTx off (vfio_msi_enable), and
-            // gives INTx back only with MSI-X off.
-            let result = if enabled {
-                let fds: Vec<&EventFd> = m.evts.iter().collect();
-                let intx_off =
-                    if self.intx.is_some() { self.dev.disable_irq(INTX_IRQ) } else { Ok(()) };
-                intx_off.and_then(|()| self.dev.enable_irq(MSIX_IRQ, &fds))
-            } else {
-                self.dev.disable_irq(MSIX_IRQ).and_then(|()| {
-                    let Some((trigger, resample)) = &self.intx else { return Ok(()) };
-                    self.dev.enable_irq(INTX_IRQ, &[trigger])?;
-                    self.dev.set_intx_resample(resample)
-                })
-            };
-            match result {
-                Ok(()) => m.host_enabled = enabled,
-                Err(e) => devices::warn_limited!(
-                    "vfio: MSI-X {}: {e}",
-                    if enabled { "on" } else { "off" }
-                ),
-            }
-        }
         m.table.set_control(MsixControl { enabled, function_masked });
-    }
-
-    /// The capability list without the ones the guest must not see: the
-    /// pointer to a hidden capability (in 0x34, or in the one before it)
-    /// points past it.
-    fn skip_hidden_capabilities(&self, reg: usize, value: u32) -> u32 {
-        let caps = &self.layout.caps;
-        let hidden = |i: usize| caps.get(i).is_some_and(|c| c.id == u16::from(MSI_CAP_ID));
-        // The first capability not hidden from index `i` on (0: none).
-        let next_shown = |mut i: usize| {
-            while hidden(i) {
-                i += 1;
-            }
-            caps.get(i).map_or(0, |c| c.offset as u32)
-        };
-        if reg == 0x34 / 4 && hidden(0) {
-            return (value & !0xff) | next_shown(0);
-        }
-        for (i, c) in caps.iter().enumerate() {
-            if c.offset / 4 == reg && hidden(i + 1) {
-                // The next-pointer byte is the capability's second.
-                return (value & !0xff00) | next_shown(i + 1) << 8;
-            }
-        }
-        value
+        self.follow_guest_irq();
     }
 
     fn msix_ranges(&self, bar: usize) -> Option<(&MsixState, u64, u64)> {
@@ -220,7 +277,9 @@ impl<A: VfioAccess> PciDevice for VfioPciDevice<A> {
             return 0;
         }
         let mut value = self.host_dword(reg);
-        value = self.skip_hidden_capabilities(reg, value);
+        if let Some(m) = self.msi.as_ref().filter(|m| (0..4).any(|i| m.msi.covers(reg * 4 + i))) {
+            value = m.msi.read_reg(reg, value);
+        }
         if reg == HEADER_DWORD {
             let bit = u32::from(self.multifunction) << 23;
             value = (value & !(1 << 23)) | bit;
@@ -244,6 +303,17 @@ impl<A: VfioAccess> PciDevice for VfioPciDevice<A> {
             return self.shadow.write(offset, data);
         }
         if reg == ROM_DWORD {
+            return None;
+        }
+        let at = offset as usize;
+        if let Some(m) =
+            self.msi.as_mut().filter(|m| (at..at + data.len()).any(|o| m.msi.covers(o)))
+        {
+            // The host's MSI registers stay the host's: vectors are
+            // switched with SET_IRQS.
+            if let Some(MsiChange::Vectors(_)) = m.msi.write(at, data) {
+                self.follow_guest_irq();
+            }
             return None;
         }
         if let Some(m) = &self.msix {
@@ -337,8 +407,15 @@ mod tests {
         let fake = Arc::new(nvme());
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let routes = Arc::new(Routes::default());
-        let d = VfioPciDevice::new(fake.clone(), &layout, true, false, gsis(65), routes.clone())
-            .unwrap();
+        let d = VfioPciDevice::new(
+            fake.clone(),
+            &layout,
+            true,
+            false,
+            Gsis { msix: gsis(65), msi: Vec::new() },
+            routes.clone(),
+        )
+        .unwrap();
         (fake, d, routes)
     }
 
@@ -426,13 +503,28 @@ mod tests {
         let fake = Arc::new(fake);
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let routes: Arc<Routes> = Arc::new(Routes::default());
-        let d = VfioPciDevice::new(fake.clone(), &layout, false, false, gsis(65), routes.clone())
-            .unwrap();
+        let d = VfioPciDevice::new(
+            fake.clone(),
+            &layout,
+            false,
+            false,
+            Gsis { msix: gsis(65), msi: Vec::new() },
+            routes.clone(),
+        )
+        .unwrap();
         let areas: Vec<_> =
             d.direct_areas(0).iter().map(|a| (a.offset, a.len, a.fd_offset)).collect();
         assert_eq!(areas, [(0, 0x2000, 0x10000)]);
         assert!(d.direct_areas(1).is_empty());
-        let d = VfioPciDevice::new(fake, &layout, false, true, gsis(65), routes).unwrap();
+        let d = VfioPciDevice::new(
+            fake,
+            &layout,
+            false,
+            true,
+            Gsis { msix: gsis(65), msi: Vec::new() },
+            routes,
+        )
+        .unwrap();
         assert!(d.direct_areas(0).is_empty(), "x-no-mmap");
         let (_, plain, _) = device();
         assert!(plain.direct_areas(0).is_empty(), "no descriptor to map");
@@ -449,8 +541,15 @@ mod tests {
         let fake = Arc::new(fake);
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let routes = Arc::new(Routes::default());
-        let mut d =
-            VfioPciDevice::new(fake.clone(), &layout, false, false, gsis(65), routes).unwrap();
+        let mut d = VfioPciDevice::new(
+            fake.clone(),
+            &layout,
+            false,
+            false,
+            Gsis { msix: gsis(65), msi: Vec::new() },
+            routes,
+        )
+        .unwrap();
         assert!(d.intx().is_some());
         let irqs = |f: &Fake| -> Vec<Call> {
             f.calls().into_iter().filter(|c| !matches!(c, Call::RegionWrite { .. })).collect()
@@ -476,50 +575,70 @@ mod tests {
         assert!(plain.intx().is_none());
     }
 
-    /// The MSI capability (not emulated yet) is taken out of the list the
-    /// guest walks: first in the list, and between two others.
+    /// A function with MSI (4 vectors, 64-bit, per-vector masking) between
+    /// PM and MSI-X: the guest reads and writes skiff's registers, never
+    /// the host's; enabling switches the host from INTx to MSI with the
+    /// vectors the guest enabled; a masked vector's signal waits; turning
+    /// it off gives INTx back.
     #[test]
-    fn the_msi_capability_is_hidden() {
-        let walk = |d: &mut VfioPciDevice<Fake>| -> Vec<u8> {
-            let mut ids = Vec::new();
-            let mut p = (d.config_read(0x34 / 4) & 0xff) as usize;
-            while p != 0 && ids.len() < 10 {
-                let dword = d.config_read(p / 4);
-                ids.push(dword as u8);
-                p = ((dword >> 8) & 0xfc) as usize;
-            }
-            ids
-        };
-        let (_, mut d, _) = device();
-        assert_eq!(walk(&mut d), [0x01, 0x11, 0x10], "nothing hidden");
-        for at in [0x40usize, 0x70] {
-            let fake = nvme();
-            // MSI (id 5) first, in PM's place; or between PM and MSI-X.
-            {
-                let mut c = fake.config.lock().unwrap();
-                if at == 0x40 {
-                    c[0x40] = 0x05;
-                } else {
-                    // PM -> MSI at 0x70 -> MSI-X -> PCIe.
-                    c[0x41] = 0x70;
-                    c[0x70] = 0x05;
-                    c[0x71] = 0x50;
-                }
-            }
-            let fake = Arc::new(fake);
-            let layout = HostLayout::probe(&*fake, true).unwrap();
-            let mut d = VfioPciDevice::new(
-                fake,
-                &layout,
-                false,
-                false,
-                gsis(65),
-                Arc::new(Routes::default()),
-            )
-            .unwrap();
-            let ids = walk(&mut d);
-            assert!(!ids.contains(&0x05), "{ids:x?}");
-            assert!(ids.contains(&0x11) && ids.contains(&0x10), "{ids:x?}");
+    fn msi_enable_and_mask_reach_set_irqs() {
+        use super::super::access::IrqInfo;
+        let mut fake = nvme();
+        fake.irqs.insert(INTX_IRQ, IrqInfo { count: 1, maskable: true });
+        {
+            let mut c = fake.config.lock().unwrap();
+            // PM -> MSI at 0x70 -> MSI-X.
+            c[0x41] = 0x70;
+            c[0x70] = 0x05;
+            c[0x71] = 0x50;
+            c[0x72..0x74].copy_from_slice(&(2u16 << 1 | 1 << 7 | 1 << 8).to_le_bytes());
         }
+        let fake = Arc::new(fake);
+        let layout = HostLayout::probe(&*fake, true).unwrap();
+        let routes = Arc::new(Routes::default());
+        let gsis = Gsis { msix: gsis(65), msi: (100..104).collect() };
+        let mut d =
+            VfioPciDevice::new(fake.clone(), &layout, false, false, gsis, routes.clone()).unwrap();
+        assert_eq!(d.config_read(0x70 / 4), 0x0184_5005, "MSI, next MSI-X, 4 vectors, 64-bit, PVM");
+        d.config_write(0x74, &0xfee0_0000u32.to_le_bytes());
+        d.config_write(0x7c, &0x30u16.to_le_bytes());
+        d.config_write(0x80, &0b10u32.to_le_bytes()); // vector 1 masked
+        d.config_write(0x72, &(1u16 << 4 | 1).to_le_bytes()); // two vectors, on
+        assert!(
+            !fake
+                .calls()
+                .iter()
+                .any(|c| matches!(c, Call::RegionWrite { offset: 0x70..=0x87, .. })),
+            "the host's MSI registers are never written"
+        );
+        let irqs: Vec<Call> =
+            fake.calls().into_iter().filter(|c| !matches!(c, Call::RegionWrite { .. })).collect();
+        assert_eq!(
+            irqs,
+            [
+                Call::EnableIrq { index: INTX_IRQ, vectors: 1 },
+                Call::IntxResample,
+                Call::DisableIrq(INTX_IRQ),
+                Call::EnableIrq { index: MSI_IRQ, vectors: 2 },
+            ]
+        );
+        assert!(routes.routes.lock().unwrap().iter().any(|&(g, m)| g == 100 && m.data == 0x30));
+        let evts = &d.msi.as_ref().unwrap().evts;
+        evts[0].write(1).unwrap();
+        evts[1].write(1).unwrap();
+        assert_eq!(routes.take_delivered(), [100], "vector 1 masked");
+        assert_eq!(d.config_read(0x84 / 4), 0b10, "and pending");
+        d.config_write(0x80, &0u32.to_le_bytes());
+        assert_eq!(routes.take_delivered(), [101], "delivered on unmask");
+        d.config_write(0x72, &0u16.to_le_bytes());
+        let n = fake.calls().len();
+        assert_eq!(
+            fake.calls()[n - 3..],
+            [
+                Call::DisableIrq(MSI_IRQ),
+                Call::EnableIrq { index: INTX_IRQ, vectors: 1 },
+                Call::IntxResample,
+            ]
+        );
     }
 }

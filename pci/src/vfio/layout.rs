@@ -10,6 +10,7 @@ use std::io;
 use super::access::{RegionInfo, VfioAccess, REGION_MMAP, ROM_REGION};
 use crate::capability::{MsixCap, CAP_ID_MSIX, CAP_ID_PCIE};
 use crate::config::{BarKind, ConfigParams};
+use crate::msi::MsiShape;
 
 pub const CAP_ID_MSI: u8 = 0x05;
 
@@ -28,6 +29,8 @@ pub enum LayoutError {
     BarSize { index: usize, size: u64 },
     #[error("the MSI-X capability points outside its BARs (table in BAR {table_bar}, PBA in BAR {pba_bar})")]
     MsixOutside { table_bar: u8, pba_bar: u8 },
+    #[error("the MSI capability at {0:#x} runs past the end of config space")]
+    MsiOutside(usize),
 }
 
 /// One BAR of the host function.
@@ -36,16 +39,6 @@ pub struct HostBar {
     pub kind: BarKind,
     pub size: u64,
     pub region: RegionInfo,
-}
-
-/// The MSI capability.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MsiCap {
-    pub offset: usize,
-    /// Vectors the function can use (Multiple Message Capable).
-    pub vectors: u32,
-    pub is_64bit: bool,
-    pub per_vector_mask: bool,
 }
 
 /// A capability in the list: its ID and offset.
@@ -66,7 +59,7 @@ pub struct HostLayout {
     pub rom: Option<u64>,
     pub caps: Vec<Cap>,
     pub extended: Vec<Cap>,
-    pub msi: Option<MsiCap>,
+    pub msi: Option<MsiShape>,
     /// The MSI-X capability's offset, and what it says.
     pub msix: Option<(usize, MsixCap)>,
     pub pcie: Option<usize>,
@@ -143,12 +136,16 @@ impl HostLayout {
             let control = u16_at(offset as u64 + 2)?;
             match id {
                 CAP_ID_MSI => {
-                    self.msi = Some(MsiCap {
+                    let msi = MsiShape {
                         offset,
                         vectors: 1 << ((control >> 1) & 7).min(5),
                         is_64bit: control & (1 << 7) != 0,
                         per_vector_mask: control & (1 << 8) != 0,
-                    })
+                    };
+                    if offset + msi.size() > 0x100 {
+                        return Err(LayoutError::MsiOutside(offset));
+                    }
+                    self.msi = Some(msi);
                 }
                 CAP_ID_MSIX => {
                     let table = u32_at(offset as u64 + 4)?;

@@ -12,5 +12,5 @@ pub mod device;
 pub mod layout;
 
 pub use access::{IrqInfo, RegionInfo, VfioAccess};
-pub use device::{DeviceError, VfioPciDevice};
-pub use layout::{HostBar, HostLayout, LayoutError, MsiCap};
+pub use device::{DeviceError, Gsis, VfioPciDevice};
+pub use layout::{HostBar, HostLayout, LayoutError};

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pci::vfio::{HostLayout, VfioPciDevice};
+use pci::vfio::{Gsis, HostLayout, VfioPciDevice};
 
 use super::{Built, Bus, Device, Driver, HostSide, Kind, OpenContext, OpenError, RunContext};
 use super::{Sandbox, Unresolved};
@@ -32,7 +32,8 @@ impl Kind for VfioKind {
         [,addr=..][,bus=ID][,multifunction=on][,id=ID]
                          a host PCI function bound to vfio-pci, passed to the
                          guest (needs an IOMMU); guest RAM is DMA-mapped for
-                         it; MSI-X through KVM; no option ROM is exposed
+                         it; MSI, MSI-X and INTx through KVM; no option ROM
+                         is exposed
 "
     }
     fn sandbox(&self) -> Sandbox {
@@ -128,9 +129,12 @@ impl HostSide for Opened {
     fn build(&self, run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
         // The state the last run left (or the host's) goes.
         pci::vfio::VfioAccess::reset(&*self.dev);
-        let vectors = self.layout.msix.map_or(0, |(_, m)| m.vectors);
-        let gsis: Vec<u32> =
-            (0..vectors).map(|_| (run.msi.allocate)()).collect::<crate::vm::Result<_>>()?;
+        let allocate =
+            |n: u32| (0..n).map(|_| (run.msi.allocate)()).collect::<crate::vm::Result<_>>();
+        let gsis = Gsis {
+            msix: allocate(self.layout.msix.map_or(0, |(_, m)| m.vectors.into()))?,
+            msi: allocate(self.layout.msi.map_or(0, |m| m.vectors))?,
+        };
         let (layout, router) = (&self.layout, run.msi.router.clone());
         let dev = VfioPciDevice::new(
             self.dev.clone(),

@@ -574,9 +574,9 @@ mod tests {
         fake.regions.get_mut(&0).unwrap().fd_offset = 0x10000;
         let fake = Arc::new(fake);
         let layout = HostLayout::probe(&*fake, true).unwrap();
+        let gsis = pci::vfio::Gsis { msix: (24..89).collect(), msi: Vec::new() };
         let dev =
-            VfioPciDevice::new(fake, &layout, false, false, (24..89).collect(), Arc::new(NoRoutes))
-                .unwrap();
+            VfioPciDevice::new(fake, &layout, false, false, gsis, Arc::new(NoRoutes)).unwrap();
         let dev: SharedDevice = Arc::new(Mutex::new(dev));
         let address = PciAddress::new(0, 2, 0).unwrap();
         let mut root = PciRoot::new(16);
