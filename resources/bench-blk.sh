@@ -26,46 +26,7 @@ SCRIPT=${BASH_SOURCE[0]}
 # shellcheck source=resources/bench-lib.sh
 . "$(dirname "$SCRIPT")/bench-lib.sh"
 bench_args "$@"
-need_tool fio fio
-FIO=$(command -v fio)
-
-eval "$("$REPO/resources/guest-assets.sh" --quiet --env)"
-work="$SKIFF_CACHE/bench"
-mkdir -p "$work"
-
-# fio and what it links to, at their own paths under DIR.
-make_root() { copy_with_libs "$FIO" /usr/bin/fio "$1"; }
-
-key="$(sha256sum "$FIO" "$SKIFF_L2_INITRD" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
-if [ ! -e "$work/l1-fio-$key.cpio.zst" ]; then
-	echo "bench-blk: packing fio for the guest and the test host" >&2
-	rm -rf "$work"/root-* "$work"/*.cpio* "$work"/initrd-fio.img
-	make_root "$work/root-l2"
-	# The guest's initrd with fio appended (the kernel unpacks both).
-	{ cat "$SKIFF_L2_INITRD"; cpio_of "$work/root-l2" | gzip -1; } >"$work/initrd-fio.img"
-	make_root "$work/root-l1"
-	# The same eight jobs for the host ceiling, on a file.
-	cat >"$work/root-l1/usr/bin/fio-jobs" <<'EOS'
-#!/bin/sh
-# fio-jobs FILE SECONDS PREFIX: the benchmark's eight jobs on FILE.
-f=$1
-rt=$2
-pre=$3
-for job in "read 1m 1" "read 1m 32" "write 1m 1" "write 1m 32" \
-	"randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32"; do
-	set -- $job
-	out=$(fio --name=j --filename="$f" --ioengine=libaio --rw="$1" --bs="$2" --iodepth="$3" \
-		--runtime="$rt" --time_based --size=192M --output-format=terse --terse-version=3 \
-		2>/dev/null | tail -n 1)
-	echo "$pre $1-$2-qd$3 $(echo "$out" | awk -F';' '{ if ($7 > 0) print $7, $8; else print $48, $49 }')"
-done
-EOS
-	chmod +x "$work/root-l1/usr/bin/fio-jobs"
-	mkdir -p "$work/root-l1/assets"
-	cp "$work/initrd-fio.img" "$work/root-l1/assets/"
-	zstd_archive "$work/root-l1" "$work/l1-fio-$key.cpio.zst"
-	rm -rf "$work"/root-*
-fi
+fio_archive
 
 out_dir="$REPO/target/skiff-tests"
 mkdir -p "$out_dir"
@@ -96,7 +57,7 @@ image='[ -e /tmp/bench.img ] || dd if=/dev/zero of=/tmp/bench.img bs=1M count=25
 } >"$scen"
 
 export SKIFF_BIN=$skiff
-export SKIFF_L1_EXTRA="$work/l1-fio-$key.cpio.zst"
+export SKIFF_L1_EXTRA=$fio_l1
 export SKIFF_L1_SMP=${SKIFF_L1_SMP:-2}
 echo "bench-blk: skiff and qemu x $rounds round(s), 8 fio jobs of ${secs}s each" >&2
 run_batch "$scen" "$log"

@@ -1,4 +1,5 @@
-# Shared by the benchmark scripts (bench-blk.sh, bench-net.sh, bench-9p.sh); sourced
+# Shared by the benchmark scripts (bench-blk.sh, bench-vfio.sh, bench-net.sh,
+# bench-9p.sh); sourced
 # after the script sets NAME (its short name, for messages) and SCRIPT (its
 # path, whose header comment is its usage).
 #
@@ -19,6 +20,11 @@
 #   count FILE VALUE...      how many records of FILE have first columns
 #                            VALUE... (the samples behind a median)
 #   ratio A B                A/B to two places, or - when either is missing
+#   fio_archive              fio (installed if missing) for the test host
+#                            and the guest: sets $fio_l1 (a test-host
+#                            archive: fio, fio-jobs, nvme-to-vfio,
+#                            /assets/initrd-fio.img, the guest's initrd
+#                            with fio appended)
 #   run_batch SCENARIOS LOG  runs the scenarios in a test host; when it
 #                            froze (run-scenarios exit 5), the scenarios
 #                            that had not ended run again in a new one, at
@@ -136,4 +142,71 @@ run_batch() {
 		echo "$NAME: the test host froze (its emulated SVM); running the $left scenario(s) left in a new one" >&2
 	done
 	rm -f "$todo"
+}
+
+fio_archive() {
+	need_tool fio fio
+	local fio work key
+	fio=$(command -v fio)
+	eval "$("$REPO/resources/guest-assets.sh" --quiet --env)"
+	work="$SKIFF_CACHE/bench"
+	mkdir -p "$work"
+	key="$(sha256sum "$fio" "$SKIFF_L2_INITRD" "$REPO/resources/bench-lib.sh" | sha256sum | cut -c1-16)"
+	fio_l1="$work/l1-fio-$key.cpio.zst"
+	[ -e "$fio_l1" ] && return
+	echo "$NAME: packing fio for the guest and the test host" >&2
+	rm -rf "$work"/root-* "$work"/*.cpio* "$work"/initrd-fio.img
+	copy_with_libs "$fio" /usr/bin/fio "$work/root-l2"
+	# The guest's initrd with fio appended (the kernel unpacks both).
+	{ cat "$SKIFF_L2_INITRD"; cpio_of "$work/root-l2" | gzip -1; } >"$work/initrd-fio.img"
+	copy_with_libs "$fio" /usr/bin/fio "$work/root-l1"
+	# The guest's eight jobs, for the host's ceiling.
+	cat >"$work/root-l1/usr/bin/fio-jobs" <<'EOS'
+#!/bin/sh
+# fio-jobs FILE SECONDS PREFIX [direct]: the benchmark's eight jobs on FILE
+# (O_DIRECT with "direct": a block device; the test host's tmpfs has none).
+f=$1
+rt=$2
+pre=$3
+direct=0
+[ "${4:-}" = direct ] && direct=1
+for job in "read 1m 1" "read 1m 32" "write 1m 1" "write 1m 32" \
+	"randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32"; do
+	set -- $job
+	out=$(fio --name=j --filename="$f" --direct=$direct --ioengine=libaio --rw="$1" --bs="$2" \
+		--iodepth="$3" --runtime="$rt" --time_based --size=192M --output-format=terse \
+		--terse-version=3 2>/dev/null | tail -n 1)
+	echo "$pre $1-$2-qd$3 $(echo "$out" | awk -F';' '{ if ($7 > 0) print $7, $8; else print $48, $49 }')"
+done
+EOS
+	# The test host's NVMe controller: with its own driver (the ceiling),
+	# or bound to vfio-pci (printing its address) for a VMM to pass.
+	cat >"$work/root-l1/usr/bin/nvme-to-vfio" <<'EOS'
+#!/bin/sh
+# nvme-to-vfio host|vfio: the NVMe controller bound to nvme (waits for
+# /dev/nvme0n1) or to vfio-pci (prints DDDD:BB:DD.F).
+for d in /sys/bus/pci/devices/*; do
+	[ "$(cat "$d/class")" = 0x010802 ] && h=${d##*/}
+done
+[ -n "${h:-}" ] || { echo "nvme-to-vfio: no NVMe controller" >&2; exit 1; }
+d=/sys/bus/pci/devices/$h
+if [ "$1" = host ]; then
+	while read -r m; do insmod "$L1_MODULES/$m" 2>/dev/null; done <"$L1_MODULES/order-nvme"
+	i=0
+	while [ ! -b /dev/nvme0n1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+	[ -b /dev/nvme0n1 ] || { echo "nvme-to-vfio: no /dev/nvme0n1" >&2; exit 1; }
+	exit 0
+fi
+while read -r m; do insmod "$L1_MODULES/$m" 2>/dev/null; done <"$L1_MODULES/order-vfio"
+echo vfio-pci >"$d/driver_override"
+[ -e "$d/driver" ] && echo "$h" >"$d/driver/unbind"
+echo "$h" >/sys/bus/pci/drivers_probe
+[ -e "/dev/vfio/$(basename "$(readlink "$d/iommu_group")")" ] || { echo "nvme-to-vfio: not bound" >&2; exit 1; }
+echo "$h"
+EOS
+	chmod +x "$work/root-l1/usr/bin/fio-jobs" "$work/root-l1/usr/bin/nvme-to-vfio"
+	mkdir -p "$work/root-l1/assets"
+	cp "$work/initrd-fio.img" "$work/root-l1/assets/"
+	zstd_archive "$work/root-l1" "$fio_l1"
+	rm -rf "$work"/root-*
 }

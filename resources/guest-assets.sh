@@ -514,7 +514,7 @@ if [ "$want_l1" = 1 ]; then
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
 		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$CACHE/tools/xattr.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v10-ext4")
+		"$CACHE/l2/store.img.key" "v11-nvme")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -572,6 +572,15 @@ if [ "$want_l1" = 1 ]; then
 			f=$(find_module "$l1_moddir" "$m")
 			[ -n "$f" ] || { log "note: $m not in $generic_pkg"; continue; }
 			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order-vfio"
+		done
+		# The NVMe driver, for the VFIO benchmark's ceiling: fio in the
+		# test host on the controller it then passes through.
+		: >"$root/lib/modules/l1/order-nvme"
+		for m in crct10dif_common crct10dif_generic crc-t10dif crc64 crc64_rocksoft_generic \
+			crc64-rocksoft t10-pi nvme-core nvme; do
+			f=$(find_module "$l1_moddir" "$m")
+			[ -n "$f" ] || continue
+			copy_module "$f" "$root/lib/modules/l1" >>"$root/lib/modules/l1/order-nvme"
 		done
 		cp "$CACHE/l2/bzImage" "$CACHE/l2/bzImage-generic" "$CACHE/l2/initrd.img" "$root/assets/"
 		cp "$CACHE/l2/store.img" "$CACHE/l2/store-data.bin" "$CACHE/l2/vol.img" "$root/assets/"

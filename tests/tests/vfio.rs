@@ -11,7 +11,7 @@
 #![cfg(feature = "guest")]
 
 use skiff_tests::NVME_PATTERN;
-use skiff_tests::{nvme_image, skiff_command, until_then_sigterm, Batch, Scenario, ScenarioResult};
+use skiff_tests::{nvme_image, skiff_command, Batch, Scenario, ScenarioResult};
 use skiff_tests::{SHARE_FN, VFIO_FN, VIRTIOFSD_FN};
 
 const SECS: u32 = 180;
@@ -64,14 +64,22 @@ fn scenarios() -> Vec<Scenario> {
         seed(share, vfio, "VFIO-LAST")
     );
     // A guest reboot (no -no-reboot): the next run resets the device and
-    // the guest's driver takes it again.
-    let reboot = until_then_sigterm(
-        &skiff_command(true, "-device vfio-pci,host=$VFIO_HOST", "skiff.test=nvme")
-            .replace(" -no-reboot", ""),
-        "SKIFF-NVME-DONE",
-        2,
-        150,
-        "",
+    // the guest's driver takes it again; what the container pinned
+    // (skiff's VmLck: VFIO accounts its pins there) is read after each boot.
+    let cmd = skiff_command(true, "-device vfio-pci,host=$VFIO_HOST", "skiff.test=nvme")
+        .replace(" -no-reboot", "");
+    let reboot = format!(
+        ": > out.txt\n\
+         {cmd} > out.txt 2>&1 &\n\
+         pid=$!\n\
+         for n in 1 2; do\n\
+           i=0; while [ \"$(count_lines SKIFF-NVME-DONE out.txt)\" -lt $n ] && [ $i -lt 1500 ]; do sleep 0.1; i=$((i+1)); done\n\
+           echo \"VMLCK-$n=$(awk '/^VmLck:/ {{print $2}}' /proc/$pid/status)\"\n\
+         done\n\
+         kill -TERM $pid\n\
+         wait $pid\n\
+         echo \"SIGTERM-RC=$?\"\n\
+         cat out.txt\n"
     );
     vec![
         Scenario::script("vfio-seed-shape", SECS, &seed_shape),
@@ -202,13 +210,19 @@ fn the_seeds_shape_in_both_orders() {
 }
 
 /// A guest reboot: the next run resets the function and builds it anew;
-/// the guest's driver takes it again and reads the pattern; SIGTERM ends
-/// skiff with 0.
+/// the guest's driver takes it again and reads the pattern; the guest's
+/// 512 MiB were pinned once and stay pinned once (not unpinned and pinned
+/// again, and never twice); SIGTERM ends skiff with 0.
 #[test]
 fn the_device_works_again_after_a_guest_reboot() {
     let r = result("vfio-reboot");
     let heads =
         r.lines().filter(|l| l.ends_with(&format!("SKIFF-NVME-HEAD={NVME_PATTERN}"))).count();
     assert_eq!(heads, 2, "both boots read the pattern\n{}", r.describe());
+    let kib = |n| r.value(n).and_then(|v| v.parse::<u64>().ok());
+    let (first, second) = (kib("VMLCK-1"), kib("VMLCK-2"));
+    let ram = 512 << 10;
+    assert!(first.is_some_and(|k| (ram..2 * ram).contains(&k)), "{first:?}\n{}", r.describe());
+    assert_eq!(first, second, "pinned once across the reboot\n{}", r.describe());
     assert_eq!(r.value("SIGTERM-RC"), Some("0"), "{}", r.describe());
 }

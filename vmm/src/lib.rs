@@ -158,7 +158,10 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     }
     // Opened once: a guest reboot writes on where the last run stopped.
     let serial = console.open()?;
-    vm::prepare(cfg);
+    // Made once, as a machine's RAM is: a reset keeps it (QEMU does not
+    // clear it either), so what a VFIO container pinned stays pinned once.
+    let ram = vm::memory::create(cfg.mem_size, &cfg.ram, cfg.machine.mem_merge)
+        .map_err(vm::Error::from)?;
     // Everything privileged is open: become who -run-with says, then
     // confine what is left.
     host::privileges::apply(&cfg.run_with)?;
@@ -178,6 +181,7 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     let machine = vm::Machine {
         cfg,
         plan: &plan,
+        ram: &ram,
         backends: &backends,
         host: &kvm,
         console: serial.as_ref(),

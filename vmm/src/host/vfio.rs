@@ -9,11 +9,12 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use pci::vfio::access::{CONFIG_REGION, REGION_MMAP};
 use pci::vfio::{IrqInfo, RegionInfo, VfioAccess};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioRegionInfoCap};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,13 +52,22 @@ pub enum OpenError {
     Dup(#[source] std::io::Error),
 }
 
+/// The process's container and the guest RAM DMA-mapped in it, once for
+/// every device whose group joined.
+struct Container {
+    vfio: Arc<VfioContainer>,
+    /// (guest-physical, length, host address) of each RAM region mapped.
+    mapped: Mutex<Vec<(u64, u64, u64)>>,
+}
+
 /// The process's container, made by the first device opened.
-fn container() -> Result<Arc<VfioContainer>, OpenError> {
-    static CONTAINER: OnceLock<Arc<VfioContainer>> = OnceLock::new();
+fn container() -> Result<Arc<Container>, OpenError> {
+    static CONTAINER: OnceLock<Arc<Container>> = OnceLock::new();
     if let Some(c) = CONTAINER.get() {
         return Ok(c.clone());
     }
-    let c = Arc::new(VfioContainer::new(None).map_err(OpenError::Vfio)?);
+    let vfio = Arc::new(VfioContainer::new(None).map_err(OpenError::Vfio)?);
+    let c = Arc::new(Container { vfio, mapped: Mutex::new(Vec::new()) });
     Ok(CONTAINER.get_or_init(|| c).clone())
 }
 
@@ -75,7 +85,7 @@ pub struct HostVfio {
     /// open device keeps the group busy).
     fd: File,
     dev: VfioDevice,
-    container: Arc<VfioContainer>,
+    container: Arc<Container>,
 }
 
 impl HostVfio {
@@ -102,7 +112,7 @@ impl HostVfio {
             }
         }
         let container = container()?;
-        let ops: Arc<dyn vfio_ioctls::VfioOps> = container.clone();
+        let ops: Arc<dyn vfio_ioctls::VfioOps> = container.vfio.clone();
         let vfio = VfioDevice::new(&sysfs, ops, false).map_err(|e| match e {
             VfioError::GroupViable => OpenError::NotViable { members: members(&group), group },
             e => OpenError::Vfio(e),
@@ -118,16 +128,29 @@ impl HostVfio {
         Ok(HostVfio { fd, dev: vfio, container })
     }
 
-    /// DMA-maps guest RAM for the device (guest-physical = IO virtual).
+    /// DMA-maps guest RAM for every device in the container (guest-physical
+    /// = IO virtual), unless it already is: the RAM outlives a guest reset,
+    /// and so do its mappings (and the pins behind them). The kernel drops
+    /// them when the container closes, at exit.
     pub fn map_guest_memory(&self, mem: &boot::GuestMemoryMmap) -> Result<(), VfioError> {
-        // SAFETY: guest RAM stays mapped until `unmap_guest_memory` (the
-        // run's end detaches before unmapping it); skiff holds no Rust
-        // reference into it that a device's DMA could race with.
-        unsafe { self.container.vfio_map_guest_memory(mem) }
-    }
-
-    pub fn unmap_guest_memory(&self, mem: &boot::GuestMemoryMmap) -> Result<(), VfioError> {
-        self.container.vfio_unmap_guest_memory(mem)
+        let regions: Vec<(u64, u64, u64)> =
+            mem.iter().map(|r| (r.start_addr().raw_value(), r.len(), r.as_ptr() as u64)).collect();
+        let mut mapped = self.container.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if *mapped == regions {
+            return Ok(());
+        }
+        for &(iova, len, _) in mapped.iter() {
+            self.container.vfio.vfio_dma_unmap(iova, len as usize)?;
+        }
+        mapped.clear();
+        // SAFETY: guest RAM stays mapped for the process's life (main owns
+        // it across runs, and the container's mappings go with the
+        // process); skiff holds no Rust reference into it that a device's
+        // DMA could race with.
+        unsafe { self.container.vfio.vfio_map_guest_memory(mem)? };
+        *mapped = regions;
+        log::debug!("vfio: guest RAM DMA-mapped ({} regions)", mapped.len());
+        Ok(())
     }
 
     fn io(&self, index: u32, offset: u64, len: usize) -> std::io::Result<u64> {

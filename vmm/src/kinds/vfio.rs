@@ -120,11 +120,8 @@ impl HostSide for Opened {
             .map_err(|e| Error::Internal(format!("vfio-pci: DMA-mapping guest RAM: {e}")))
     }
 
-    fn detach(&self, mem: &boot::GuestMemoryMmap) {
-        if let Err(e) = self.dev.unmap_guest_memory(mem) {
-            devices::error_limited!("vfio-pci: DMA-unmapping guest RAM: {e}");
-        }
-    }
+    /// Nothing: the mappings outlive the run, as the RAM does.
+    fn detach(&self, _: &boot::GuestMemoryMmap) {}
 
     fn build(&self, run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
         // The state the last run left (or the host's) goes.

@@ -1,7 +1,7 @@
 //! One run of the machine: build it from the plan, boot, run the event
 //! loop until something stops it, tear it down. A guest reset is a new run
-//! (the caller loops): a new VM, new RAM and new device models, on the same
-//! plan and the same host backends.
+//! (the caller loops): a new VM and new device models, on the same plan,
+//! the same host backends and the same RAM.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,6 +146,8 @@ impl Host {
 pub struct Machine<'a> {
     pub cfg: &'a VmConfig,
     pub plan: &'a MachinePlan,
+    /// The guest's RAM, kept across runs.
+    pub ram: &'a memory::GuestRam,
     pub backends: &'a Backends,
     pub host: &'a Host,
     pub console: Option<&'a SerialBackend>,
@@ -211,8 +213,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
 
-    let ram = memory::create(cfg.mem_size, &cfg.ram, cfg.machine.mem_merge)?;
-    let mem = ram.memory().clone();
+    let mem = m.ram.memory().clone();
     let mut map = memory::GuestMap::new(vm.clone(), m.host.kvm.get_nr_memslots() as u32);
     map.add_ram(&mem)?;
     let map = Arc::new(Mutex::new(map));
@@ -284,14 +285,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
             Arc::strong_count(&vm) - 1
         );
     }
-    drop(mem);
-    drop(ram);
     end
-}
-
-/// Reads, before any sandbox, what later runs would otherwise open.
-pub fn prepare(cfg: &VmConfig) {
-    memory::prepare(&cfg.ram);
 }
 
 /// Loads kernel and initrd, writes firmware tables and boot parameters.

@@ -245,8 +245,7 @@ fn memfd(size: u64, hugetlb: Option<u64>, seal: bool) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// The host's default huge page size (`Hugepagesize` in /proc/meminfo),
-/// read once: later runs may be in a sandbox that opens no files.
+/// The host's default huge page size (`Hugepagesize` in /proc/meminfo).
 fn default_huge_page() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *SIZE.get_or_init(|| {
@@ -257,13 +256,6 @@ fn default_huge_page() -> usize {
             .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<usize>().ok())
             .map_or(HUGE_PAGE, |kib| kib << 10)
     })
-}
-
-/// Reads now what creating RAM would otherwise read from files later.
-pub fn prepare(cfg: &RamConfig) {
-    if let RamBacking::Memfd { hugetlb: Some(0), .. } = cfg.backing {
-        default_huge_page();
-    }
 }
 
 /// Guest RAM of `size` bytes, backed as `ram` says; `mem_merge` is the
