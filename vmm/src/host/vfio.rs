@@ -6,7 +6,7 @@
 //! group not viable or not accessible.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -86,6 +86,9 @@ pub struct HostVfio {
     fd: File,
     dev: VfioDevice,
     container: Arc<Container>,
+    /// The descriptor of its IOMMU group, which vfio-ioctls holds open for
+    /// as long as the device (`group_fd`).
+    group_fd: Option<RawFd>,
 }
 
 impl HostVfio {
@@ -114,7 +117,9 @@ impl HostVfio {
         let container = container()?;
         let ops: Arc<dyn vfio_ioctls::VfioOps> = container.vfio.clone();
         let vfio = VfioDevice::new(&sysfs, ops, false).map_err(|e| match e {
-            VfioError::GroupViable => OpenError::NotViable { members: members(&group), group },
+            VfioError::GroupViable => {
+                OpenError::NotViable { members: members(&group), group: group.clone() }
+            }
             e => OpenError::Vfio(e),
         })?;
         // SAFETY: dup of a descriptor the device owns; the File owns the
@@ -125,7 +130,23 @@ impl HostVfio {
         }
         // SAFETY: `dup` is a fresh descriptor nothing else owns.
         let fd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-        Ok(HostVfio { fd, dev: vfio, container })
+        let group_fd = find_group_fd(&group);
+        if group_fd.is_none() {
+            devices::warn_limited!(
+                "vfio: IOMMU group {group} of {dev} is not among skiff's descriptors: KVM will \
+                 not be told of it (DMA that bypasses the CPU caches, as an IGD's, needs it)"
+            );
+        }
+        Ok(HostVfio { fd, dev: vfio, container, group_fd })
+    }
+
+    /// The function's IOMMU group, for KVM's VFIO device
+    /// (`KVM_DEV_VFIO_FILE_ADD`: KVM then honours the guest's memory types
+    /// and WBINVD where the group's DMA is not cache-coherent).
+    pub fn group_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        // SAFETY: vfio-ioctls keeps the group open while one of its
+        // devices is (this one, borrowed for as long as the result).
+        self.group_fd.map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
     }
 
     /// DMA-maps guest RAM for every device in the container (guest-physical
@@ -160,6 +181,16 @@ impl HostVfio {
         }
         Ok(self.dev.get_region_offset(index) + offset)
     }
+}
+
+/// The descriptor on which vfio-ioctls opened `/dev/vfio/GROUP` (it keeps
+/// its groups to itself), by the node each of skiff's descriptors names.
+fn find_group_fd(group: &str) -> Option<RawFd> {
+    let node = Path::new("/dev/vfio").join(group);
+    std::fs::read_dir("/proc/self/fd").ok()?.flatten().find_map(|e| {
+        let fd: RawFd = e.file_name().to_str()?.parse().ok()?;
+        (std::fs::read_link(e.path()).ok()? == node).then_some(fd)
+    })
 }
 
 /// The devices of IOMMU group `group` and their drivers, for an error.

@@ -301,6 +301,9 @@ pub struct RunContext<'a> {
     pub multifunction: bool,
     /// MSI(-X) vectors: GSIs and their routes in KVM.
     pub msi: MsiContext<'a>,
+    /// Tells KVM of a VFIO group the run's devices DMA through (its VFIO
+    /// device, made on first use; a group told twice is told once).
+    pub vfio_group: &'a dyn Fn(std::os::fd::BorrowedFd<'_>) -> crate::vm::Result<()>,
 }
 
 /// Where a PCI function's MSI(-X) vectors go.

@@ -126,6 +126,9 @@ impl HostSide for Opened {
     fn build(&self, run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
         // The state the last run left (or the host's) goes.
         pci::vfio::VfioAccess::reset(&*self.dev);
+        if let Some(group) = self.dev.group_fd() {
+            (run.vfio_group)(group)?;
+        }
         let allocate =
             |n: u32| (0..n).map(|_| (run.msi.allocate)()).collect::<crate::vm::Result<_>>();
         let gsis = Gsis {

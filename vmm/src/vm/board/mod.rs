@@ -10,6 +10,7 @@ mod legacy;
 pub(super) mod pcie;
 mod virtio;
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 
 use boot::layout::COM1_PORT;
@@ -60,6 +61,9 @@ pub(super) struct Board {
     /// relays, INTx resamplers. Device data planes run on their own
     /// workers.
     pub subscribers: Vec<Subscriber>,
+    /// KVM's VFIO device, when a passed-through function's group was
+    /// added to it; it lives as long as the run's VM.
+    pub kvm_vfio: Option<kvm_ioctls::DeviceFd>,
 }
 
 /// Builds every device of the run.
@@ -71,6 +75,8 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
     let control: Arc<dyn devices::VmControl> = ctx.control.clone();
     let allocate = || ctx.router.allocate_msi_gsi().map_err(io_err("MSI GSI"));
     let router: Arc<dyn pci::MsiRouter> = ctx.router.clone();
+    let kvm_vfio = KvmVfio { vm: ctx.vm, dev: Default::default() };
+    let vfio_group = |fd: BorrowedFd<'_>| kvm_vfio.add_group(fd);
     let mut pci = Vec::new();
     for (i, (d, at)) in ctx.cfg.devices.iter().zip(&ctx.plan.locations).enumerate() {
         let host = ctx.backends.device(i).ok_or_else(|| missing_backend(d.driver))?;
@@ -85,6 +91,7 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
             data: crate::kinds::DataWriter { mem: ctx.mem, ranges: &ctx.plan.data[i] },
             multifunction: d.pci.multifunction,
             msi: crate::kinds::MsiContext { allocate: &allocate, router: router.clone() },
+            vfio_group: &vfio_group,
         };
         match (host.build(&mut run)?, *at) {
             (Built::Placed, Location::Fixed) => {}
@@ -109,7 +116,46 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
     if let Some(pcie) = &ctx.plan.pcie {
         pcie::add_pcie(ctx, pcie, pci, &mut board)?;
     }
+    board.kvm_vfio = kvm_vfio.dev.into_inner().map(|(dev, _)| dev);
     Ok(board)
+}
+
+/// KVM's VFIO device for one run, made when the first group is added
+/// (QEMU's `vfio_kvm_device_add_group`): KVM then knows where DMA may
+/// bypass the CPU caches.
+struct KvmVfio<'a> {
+    vm: &'a VmFd,
+    /// The device and the groups (descriptors) already added.
+    dev: std::cell::RefCell<Option<(kvm_ioctls::DeviceFd, Vec<i32>)>>,
+}
+
+impl KvmVfio<'_> {
+    fn add_group(&self, group: BorrowedFd<'_>) -> Result<()> {
+        use kvm_bindings::{kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO};
+        use kvm_bindings::{KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD};
+        let mut slot = self.dev.borrow_mut();
+        if slot.is_none() {
+            let mut create =
+                kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
+            let dev = self.vm.create_device(&mut create).map_err(kvm_err("KVM_CREATE_DEVICE"))?;
+            *slot = Some((dev, Vec::new()));
+        }
+        let Some((dev, added)) = slot.as_mut() else { return Ok(()) };
+        let fd = group.as_raw_fd();
+        if added.contains(&fd) {
+            return Ok(());
+        }
+        let attr = kvm_device_attr {
+            flags: 0,
+            group: KVM_DEV_VFIO_FILE,
+            attr: u64::from(KVM_DEV_VFIO_FILE_ADD),
+            // KVM reads the group's descriptor (an i32) from here.
+            addr: &fd as *const i32 as u64,
+        };
+        dev.set_device_attr(&attr).map_err(kvm_err("KVM_DEV_VFIO_FILE_ADD"))?;
+        added.push(fd);
+        Ok(())
+    }
 }
 
 /// An interrupt line: an irqfd on `gsi`.

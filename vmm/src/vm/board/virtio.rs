@@ -120,6 +120,7 @@ mod tests {
                 data: crate::kinds::DataWriter { mem: &mem, ranges: &[] },
                 multifunction: false,
                 msi: crate::kinds::MsiContext { allocate: &|| Ok(24), router: Arc::new(NoKvm) },
+                vfio_group: &|_| Err(Error::Internal("no VFIO here".into())),
             };
             match backends.device(i).unwrap().build(&mut run).unwrap() {
                 Built::Virtio(d) => d,
