@@ -28,7 +28,17 @@ fn scenarios() -> Vec<Scenario> {
          $SKIFF -M microvm,pcie=on -m 256M -kernel $BZIMAGE -nographic \
          -device vfio-pci,host=0000:7f:00.0 > missing.txt 2>&1; echo \"MISSING-RC=$?\"\n\
          echo \"MISSING-ERR=$(grep -a vfio missing.txt | head -n 1)\"\n\
+         $SKIFF -M microvm,pcie=on -m 256M -kernel $BZIMAGE -nographic \
+         -device vfio-pci,host=zz:00.0 > bad.txt 2>&1; echo \"BAD-RC=$?\"\n\
+         echo \"BAD-ERR=$(grep -a vfio bad.txt | head -n 1)\"\n\
          vfio_bind >/dev/null\n\
+         $SKIFF -M microvm,pcie=on -m 256M -kernel $BZIMAGE -nographic \
+         -device vfio-pci,host=$VFIO_HOST -device vfio-pci,host=0000:7f:00.0 > second.txt 2>&1; \
+         echo \"SECOND-RC=$?\"\n\
+         echo \"SECOND-ERR=$(grep -a vfio second.txt | head -n 1)\"\n\
+         echo \"DRIVER-AFTER=$(basename \"$(readlink /sys/bus/pci/devices/$VFIO_HOST/driver)\")\"\n\
+         g=$(basename \"$(readlink /sys/bus/pci/devices/$VFIO_HOST/iommu_group)\")\n\
+         if (exec 3<>/dev/vfio/$g) 2>/dev/null; then echo GROUP-FREE=yes; else echo GROUP-FREE=no; fi\n\
          echo \"$VFIO_HOST\" > /sys/bus/pci/devices/$VFIO_HOST/driver/unbind\n\
          $SKIFF -M microvm,pcie=on -m 256M -kernel $BZIMAGE -nographic \
          -device vfio-pci,host=$VFIO_HOST > unbound.txt 2>&1; echo \"UNBOUND-RC=$?\"\n\
@@ -159,11 +169,21 @@ fn an_nvme_passed_through_behind_a_root_port() {
     assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }
 
-/// A device that does not exist, and one bound to no driver: exit 1
-/// with what to do.
+/// A device that does not exist, a malformed `host=`, and one bound to no
+/// driver: exit 1 with what to do. A refusal after a good device was
+/// opened (a second one missing) leaves it bound to vfio-pci and its group
+/// free for the next user (the group's node opens again).
 #[test]
 fn a_host_not_set_up_is_refused_with_what_to_do() {
     let r = result("vfio-errors");
+    assert_eq!(r.value("BAD-RC"), Some("1"), "{}", r.describe());
+    let bad = r.line_value("BAD-ERR").unwrap_or_default();
+    assert!(bad.contains("invalid value") && bad.contains("zz:00.0"), "{bad}");
+    assert_eq!(r.value("SECOND-RC"), Some("1"), "{}", r.describe());
+    let second = r.line_value("SECOND-ERR").unwrap_or_default();
+    assert!(second.contains("0000:7f:00.0"), "{second}");
+    assert_eq!(r.value("DRIVER-AFTER"), Some("vfio-pci"), "{}", r.describe());
+    assert_eq!(r.value("GROUP-FREE"), Some("yes"), "{}", r.describe());
     assert_eq!(r.value("MISSING-RC"), Some("1"), "{}", r.describe());
     let missing = r.line_value("MISSING-ERR").unwrap_or_default();
     assert!(
