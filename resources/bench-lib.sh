@@ -201,6 +201,11 @@ while read -r m; do insmod "$L1_MODULES/$m" 2>/dev/null; done <"$L1_MODULES/orde
 echo vfio-pci >"$d/driver_override"
 [ -e "$d/driver" ] && echo "$h" >"$d/driver/unbind"
 echo "$h" >/sys/bus/pci/drivers_probe
+# The rest of its IOMMU group (the serial port beside it) lets go.
+for o in "$d"/iommu_group/devices/*; do
+	o=${o##*/}
+	[ "$o" != "$h" ] && [ -e "/sys/bus/pci/devices/$o/driver" ] && echo "$o" >"/sys/bus/pci/devices/$o/driver/unbind"
+done
 [ -e "/dev/vfio/$(basename "$(readlink "$d/iommu_group")")" ] || { echo "nvme-to-vfio: not bound" >&2; exit 1; }
 echo "$h"
 EOS

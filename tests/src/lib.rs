@@ -798,9 +798,11 @@ expected() { echo "EXPECTED-$1=$(sha256sum "$2" | cut -d' ' -f1)"; }
 "#;
 
 /// Shell helper for VFIO scenarios (a test host with `SKIFF_L1_NVME`):
-/// `vfio_bind` loads the VFIO modules and binds the test host's NVMe
-/// controller to vfio-pci, printing `VFIO-HOST=DDDD:BB:DD.F` and
-/// `VFIO-GROUP=N` and setting `$VFIO_HOST`; it fails with `VFIO-NO-NVME`.
+/// `vfio_bind` loads the VFIO modules, binds the test host's NVMe
+/// controller to vfio-pci and unbinds the rest of its IOMMU group (the
+/// serial port beside it) so the group is viable, printing
+/// `VFIO-HOST=DDDD:BB:DD.F`, `VFIO-GROUP=N` and `VFIO-OTHERS=...` and
+/// setting `$VFIO_HOST` and `$VFIO_OTHERS`; it fails with `VFIO-NO-NVME`.
 pub const VFIO_FN: &str = r#"
 vfio_bind() {
 	while read -r m; do insmod "$L1_MODULES/$m" 2>/dev/null; done <"$L1_MODULES/order-vfio"
@@ -810,8 +812,16 @@ vfio_bind() {
 		echo vfio-pci >"$d/driver_override"
 		[ -e "$d/driver" ] && echo "$VFIO_HOST" >"$d/driver/unbind"
 		echo "$VFIO_HOST" >/sys/bus/pci/drivers_probe
+		VFIO_OTHERS=
+		for o in "$d"/iommu_group/devices/*; do
+			o=${o##*/}
+			[ "$o" = "$VFIO_HOST" ] && continue
+			VFIO_OTHERS="$VFIO_OTHERS $o"
+			[ -e "/sys/bus/pci/devices/$o/driver" ] && echo "$o" >"/sys/bus/pci/devices/$o/driver/unbind"
+		done
 		echo "VFIO-HOST=$VFIO_HOST"
 		echo "VFIO-GROUP=$(basename "$(readlink "$d/iommu_group")")"
+		echo "VFIO-OTHERS=$VFIO_OTHERS"
 		return 0
 	done
 	echo VFIO-NO-NVME

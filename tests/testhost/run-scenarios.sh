@@ -35,7 +35,8 @@
 # SKIFF_L1_APPEND (more
 # kernel parameters), SKIFF_L1_NVME (a raw image: the test host gets an
 # emulated Intel IOMMU with interrupt remapping and an NVMe controller on
-# that image, serial skiff-nvme, for VFIO passthrough; its kernel boots with
+# that image, serial skiff-nvme, at 00:05.0, for VFIO passthrough, sharing
+# its IOMMU group with a PCI serial port at 00:05.1; its kernel boots with
 # intel_iommu=on iommu=pt; the VFIO modules are in $L1_MODULES/order-vfio),
 # SKIFF_L1_HEARTBEAT_LIMIT (seconds without the test
 # host's heartbeat before it counts as frozen, default 40),
@@ -312,9 +313,13 @@ vfio=()
 vfio_append=
 if [ -n "${SKIFF_L1_NVME:-}" ]; then
 	[ -f "$SKIFF_L1_NVME" ] || die "SKIFF_L1_NVME: no such image $SKIFF_L1_NVME" 2
+	# A serial port (the built-in 8250_pci drives it) as the NVMe's second
+	# function: no ACS between them, so one IOMMU group, which is not
+	# viable while the port keeps its driver.
 	vfio=(-device intel-iommu,intremap=on
 		-drive "if=none,id=nvme0,file=$SKIFF_L1_NVME,format=raw,cache=unsafe"
-		-device nvme,serial=skiff-nvme,drive=nvme0)
+		-device nvme,serial=skiff-nvme,drive=nvme0,addr=5.0,multifunction=on
+		-device pci-serial,addr=5.1)
 	vfio_append="intel_iommu=on iommu=pt"
 fi
 timeout "${tflags[@]}" "$overall" "$QEMU_HOST" -M q35 -accel "${SKIFF_L1_ACCEL:-tcg,thread=multi}" \

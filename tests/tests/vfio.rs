@@ -39,6 +39,16 @@ fn scenarios() -> Vec<Scenario> {
          echo \"DRIVER-AFTER=$(basename \"$(readlink /sys/bus/pci/devices/$VFIO_HOST/driver)\")\"\n\
          g=$(basename \"$(readlink /sys/bus/pci/devices/$VFIO_HOST/iommu_group)\")\n\
          if (exec 3<>/dev/vfio/$g) 2>/dev/null; then echo GROUP-FREE=yes; else echo GROUP-FREE=no; fi\n\
+         for o in $VFIO_OTHERS; do echo $o > /sys/bus/pci/drivers/serial/bind; done\n\
+         $SKIFF -M microvm,pcie=on -m 256M -kernel $BZIMAGE -nographic \
+         -device vfio-pci,host=$VFIO_HOST > viable.txt 2>&1; echo \"VIABLE-RC=$?\"\n\
+         echo \"VIABLE-ERR=$(grep -a vfio viable.txt | head -n 1)\"\n\
+         vfio_bind >/dev/null\n\
+         kvm_mode=$(stat -c %a /dev/kvm); chmod 666 /dev/kvm\n\
+         su -s /bin/sh nobody -c \"$SKIFF -M microvm,pcie=on -m 256M -kernel $BZIMAGE -nographic \
+         -device vfio-pci,host=$VFIO_HOST\" > perm.txt 2>&1; echo \"PERM-RC=$?\"\n\
+         chmod $kvm_mode /dev/kvm\n\
+         echo \"PERM-ERR=$(grep -a vfio perm.txt | head -n 1)\"\n\
          echo \"$VFIO_HOST\" > /sys/bus/pci/devices/$VFIO_HOST/driver/unbind\n\
          $SKIFF -M microvm,pcie=on -m 256M -kernel $BZIMAGE -nographic \
          -device vfio-pci,host=$VFIO_HOST > unbound.txt 2>&1; echo \"UNBOUND-RC=$?\"\n\
@@ -169,7 +179,9 @@ fn an_nvme_passed_through_behind_a_root_port() {
     assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }
 
-/// A device that does not exist, a malformed `host=`, and one bound to no
+/// A device that does not exist, a malformed `host=`, a group that is not
+/// viable (the serial port beside the NVMe back on its driver), a group
+/// node skiff may not open (run as nobody), and a device bound to no
 /// driver: exit 1 with what to do. A refusal after a good device was
 /// opened (a second one missing) leaves it bound to vfio-pci and its group
 /// free for the next user (the group's node opens again).
@@ -184,6 +196,20 @@ fn a_host_not_set_up_is_refused_with_what_to_do() {
     assert!(second.contains("0000:7f:00.0"), "{second}");
     assert_eq!(r.value("DRIVER-AFTER"), Some("vfio-pci"), "{}", r.describe());
     assert_eq!(r.value("GROUP-FREE"), Some("yes"), "{}", r.describe());
+    assert_eq!(r.value("VIABLE-RC"), Some("1"), "{}", r.describe());
+    let viable = r.line_value("VIABLE-ERR").unwrap_or_default();
+    assert!(
+        viable.contains("is not viable") && viable.contains(":05.1 (serial)"),
+        "the members and their drivers: {viable}\n{}",
+        r.describe()
+    );
+    assert_eq!(r.value("PERM-RC"), Some("1"), "{}", r.describe());
+    let perm = r.line_value("PERM-ERR").unwrap_or_default();
+    assert!(
+        perm.contains("cannot open /dev/vfio/") && perm.contains("ermission denied"),
+        "{perm}\n{}",
+        r.describe()
+    );
     assert_eq!(r.value("MISSING-RC"), Some("1"), "{}", r.describe());
     let missing = r.line_value("MISSING-ERR").unwrap_or_default();
     assert!(

@@ -94,26 +94,7 @@ pub struct HostVfio {
 impl HostVfio {
     /// Opens the function at `sysfs` (`/sys/bus/pci/devices/DDDD:BB:DD.F`).
     pub fn open(sysfs: &Path) -> Result<Self, OpenError> {
-        let sysfs = sysfs.canonicalize().map_err(|_| OpenError::NoDevice(sysfs.to_owned()))?;
-        let dev = sysfs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let shown = sysfs.display().to_string();
-        match driver_of(&sysfs) {
-            Some(d) if d == "vfio-pci" => {}
-            Some(driver) => return Err(OpenError::WrongDriver { dev, driver, sysfs: shown }),
-            None => return Err(OpenError::NoDriver { dev, sysfs: shown }),
-        }
-        let group = std::fs::read_link(sysfs.join("iommu_group"))
-            .ok()
-            .and_then(|g| Some(g.file_name()?.to_string_lossy().into_owned()))
-            .ok_or_else(|| OpenError::NoGroup(dev.clone()))?;
-        // Opening the group node first gives the errno a user can act on.
-        if let Err(source) =
-            std::fs::OpenOptions::new().read(true).write(true).open(format!("/dev/vfio/{group}"))
-        {
-            if source.raw_os_error() != Some(libc::EBUSY) {
-                return Err(OpenError::Group { group, dev, source });
-            }
-        }
+        let Ready { sysfs, dev, group } = check(sysfs)?;
         let container = container()?;
         let ops: Arc<dyn vfio_ioctls::VfioOps> = container.vfio.clone();
         let vfio = VfioDevice::new(&sysfs, ops, false).map_err(|e| match e {
@@ -193,10 +174,49 @@ fn find_group_fd(group: &str) -> Option<RawFd> {
     })
 }
 
+/// A host function that looks ready for VFIO: bound to vfio-pci, in an
+/// IOMMU group whose node skiff may open.
+struct Ready {
+    sysfs: PathBuf,
+    /// DDDD:BB:DD.F
+    dev: String,
+    group: String,
+}
+
+/// What the host's sysfs and /dev/vfio say about the function at `sysfs`,
+/// each way of not being set up with the steps that fix it.
+fn check(sysfs: &Path) -> Result<Ready, OpenError> {
+    let sysfs = sysfs.canonicalize().map_err(|_| OpenError::NoDevice(sysfs.to_owned()))?;
+    let dev = sysfs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let shown = sysfs.display().to_string();
+    match driver_of(&sysfs) {
+        Some(d) if d == "vfio-pci" => {}
+        Some(driver) => return Err(OpenError::WrongDriver { dev, driver, sysfs: shown }),
+        None => return Err(OpenError::NoDriver { dev, sysfs: shown }),
+    }
+    let group = std::fs::read_link(sysfs.join("iommu_group"))
+        .ok()
+        .and_then(|g| Some(g.file_name()?.to_string_lossy().into_owned()))
+        .ok_or_else(|| OpenError::NoGroup(dev.clone()))?;
+    // Opening the group node first gives the errno a user can act on
+    // (busy is fine: this process may hold it for another function).
+    if let Err(source) =
+        std::fs::OpenOptions::new().read(true).write(true).open(format!("/dev/vfio/{group}"))
+    {
+        if source.raw_os_error() != Some(libc::EBUSY) {
+            return Err(OpenError::Group { group, dev, source });
+        }
+    }
+    Ok(Ready { sysfs, dev, group })
+}
+
 /// The devices of IOMMU group `group` and their drivers, for an error.
 fn members(group: &str) -> String {
-    let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return dir };
+    members_in(Path::new(&format!("/sys/kernel/iommu_groups/{group}/devices")))
+}
+
+fn members_in(dir: &Path) -> String {
+    let Ok(entries) = std::fs::read_dir(dir) else { return dir.display().to_string() };
     let mut list: Vec<String> = entries
         .flatten()
         .map(|e| {
@@ -271,5 +291,54 @@ impl VfioAccess for HostVfio {
 
     fn mmap_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         Some(std::os::fd::AsFd::as_fd(&self.fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    /// Each way a host function is not ready is told with what to do, read
+    /// from a scratch sysfs tree: missing, no driver, another driver, no
+    /// IOMMU group, a group node that cannot be opened; and a group that
+    /// is not viable lists its members with their drivers.
+    #[test]
+    fn a_host_not_set_up_says_what_to_do() {
+        let root = std::env::temp_dir().join(format!("skiff-vfio-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dev = root.join("devices/0000:01:00.0");
+        let other = root.join("devices/0000:01:00.1");
+        for d in [&dev, &other, &root.join("drivers/nvme"), &root.join("drivers/vfio-pci")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let err = |p: &Path| check(p).err().map(|e| e.to_string()).unwrap_or_default();
+
+        assert!(err(&root.join("devices/0000:02:00.0")).starts_with("no host PCI device"));
+        let e = err(&dev);
+        assert!(e.contains("0000:01:00.0 has no driver") && e.contains("driver_override"), "{e}");
+        symlink(root.join("drivers/nvme"), dev.join("driver")).unwrap();
+        let e = err(&dev);
+        assert!(e.contains("is bound to nvme, not vfio-pci") && e.contains("driver/unbind"), "{e}");
+        std::fs::remove_file(dev.join("driver")).unwrap();
+        symlink(root.join("drivers/vfio-pci"), dev.join("driver")).unwrap();
+        assert!(err(&dev).contains("has no IOMMU group: the host needs an IOMMU"));
+        symlink(root.join("groups/skiff-no-such-group"), dev.join("iommu_group")).unwrap();
+        let e = err(&dev);
+        assert!(e.contains("cannot open /dev/vfio/skiff-no-such-group"), "{e}");
+
+        let members = root.join("groups/7/devices");
+        std::fs::create_dir_all(&members).unwrap();
+        symlink(root.join("drivers/nvme"), other.join("driver")).unwrap();
+        symlink(&dev, members.join("0000:01:00.0")).unwrap();
+        symlink(&other, members.join("0000:01:00.1")).unwrap();
+        let e = OpenError::NotViable { group: "7".into(), members: members_in(&members) };
+        assert_eq!(
+            e.to_string(),
+            "IOMMU group 7 is not viable: every device in it must be bound to vfio-pci (or to \
+             no driver): 0000:01:00.0 (vfio-pci), 0000:01:00.1 (nvme)"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
