@@ -20,6 +20,12 @@
 #   count FILE VALUE...      how many records of FILE have first columns
 #                            VALUE... (the samples behind a median)
 #   ratio A B                A/B to two places, or - when either is missing
+#   vmm_rounds LIMIT BEFORE  $rounds rounds of bench-skiff-N/bench-qemu-N
+#                            scenario lines (order reversed every other
+#                            round), each BEFORE then the VMM with the
+#                            caller's `argv`
+#   fio_records LOG OUT      the fio lines of LOG as records
+#                            "who job kib iops [irq/io]" in OUT
 #   fio_archive              fio (installed if missing) for the test host
 #                            and the guest: sets $fio_l1 (a test-host
 #                            archive: fio, fio-jobs, nvme-to-vfio,
@@ -142,6 +148,26 @@ run_batch() {
 		echo "$NAME: the test host froze (its emulated SVM); running the $left scenario(s) left in a new one" >&2
 	done
 	rm -f "$todo"
+}
+
+vmm_rounds() {
+	local i v vmm order
+	for ((i = 1; i <= rounds; i++)); do
+		if ((i % 2)); then order=(skiff qemu); else order=(qemu skiff); fi
+		for v in "${order[@]}"; do
+			vmm='$SKIFF'
+			[ "$v" = qemu ] && vmm='$QEMU'
+			printf '%s\t%s\t%s\n' "bench-$v-$i" "$1" "$2$vmm $(argv)"
+		done
+	done
+}
+
+fio_records() {
+	tr -d '\r' <"$1" | awk '
+		/=== BEGIN / { who = $3; sub(/^bench-/, "", who); sub(/-[0-9]+$/, "", who); next }
+		/SKIFF-FIO |HOST-FIO / {
+			sub(/.*-FIO /, ""); if (NF >= 3) print who, $1, $2, $3, (NF >= 4 ? $4 : "-")
+		}' >"$2"
 }
 
 fio_archive() {

@@ -700,18 +700,9 @@ pub(crate) mod tests {
     /// and an MSI capability (4 vectors, 64-bit, masking) at 0x70 beside
     /// its MSI-X.
     fn passed_through_nvme() -> crate::vfio::VfioPciDevice<crate::vfio::access::fake::Fake> {
-        use crate::vfio::access::{fake::nvme, IrqInfo, INTX_IRQ};
+        use crate::vfio::access::fake::nvme_with_msi;
         use crate::vfio::{Gsis, HostLayout, VfioPciDevice};
-        let mut fake = nvme();
-        fake.irqs.insert(INTX_IRQ, IrqInfo { count: 1, maskable: true });
-        {
-            let mut c = fake.config.lock().unwrap();
-            c[0x41] = 0x70;
-            c[0x70] = 0x05;
-            c[0x71] = 0x50;
-            c[0x72..0x74].copy_from_slice(&(2u16 << 1 | 1 << 7 | 1 << 8).to_le_bytes());
-        }
-        let fake = Arc::new(fake);
+        let fake = Arc::new(nvme_with_msi());
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let gsis = Gsis { msix: gsis(65), msi: gsis(4) };
         VfioPciDevice::new(fake, &layout, true, false, gsis, Arc::new(Routes::default())).unwrap()

@@ -248,4 +248,19 @@ pub mod fake {
         );
         f
     }
+
+    /// `nvme()` with INTx and an MSI capability (4 vectors, 64-bit,
+    /// per-vector masking) at 0x70, between PM and MSI-X.
+    pub fn nvme_with_msi() -> Fake {
+        let mut f = nvme();
+        f.irqs.insert(INTX_IRQ, IrqInfo { count: 1, maskable: true });
+        {
+            let mut c = f.config.lock().unwrap();
+            c[0x41] = 0x70;
+            c[0x70] = 0x05;
+            c[0x71] = 0x50;
+            c[0x72..0x74].copy_from_slice(&(2u16 << 1 | 1 << 7 | 1 << 8).to_le_bytes());
+        }
+        f
+    }
 }

@@ -582,18 +582,7 @@ mod tests {
     /// it off gives INTx back.
     #[test]
     fn msi_enable_and_mask_reach_set_irqs() {
-        use super::super::access::IrqInfo;
-        let mut fake = nvme();
-        fake.irqs.insert(INTX_IRQ, IrqInfo { count: 1, maskable: true });
-        {
-            let mut c = fake.config.lock().unwrap();
-            // PM -> MSI at 0x70 -> MSI-X.
-            c[0x41] = 0x70;
-            c[0x70] = 0x05;
-            c[0x71] = 0x50;
-            c[0x72..0x74].copy_from_slice(&(2u16 << 1 | 1 << 7 | 1 << 8).to_le_bytes());
-        }
-        let fake = Arc::new(fake);
+        let fake = Arc::new(super::super::access::fake::nvme_with_msi());
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let routes = Arc::new(Routes::default());
         let gsis = Gsis { msix: gsis(65), msi: (100..104).collect() };

@@ -545,21 +545,6 @@ mod tests {
         assert!(kvm.1.lock().unwrap().iter().all(|&e| e == (0, 0, 0)), "nothing mapped at 0");
     }
 
-    /// MSI routes nobody delivers: the BAR tests need none.
-    struct NoRoutes;
-
-    impl MsiRouter for NoRoutes {
-        fn route(&self, _: u32, _: pci::MsiMessage) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn attach(&self, _: &EventFd, _: u32) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn detach(&self, _: &EventFd, _: u32) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A passed-through NVMe (VFIO's model on the recording fake) behind
     /// the root complex, driven through ECAM as a guest would: its BAR 0's
     /// mappable pages (below the MSI-X table) are a guest memory slot only
@@ -567,6 +552,7 @@ mod tests {
     /// decode on or off.
     #[test]
     fn vfio_slots_follow_memory_decode_and_bar_moves() {
+        use super::super::virtio::tests::NoKvm;
         use pci::vfio::{access::fake::nvme, HostLayout, VfioPciDevice};
 
         let mut fake = nvme();
@@ -575,8 +561,7 @@ mod tests {
         let fake = Arc::new(fake);
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let gsis = pci::vfio::Gsis { msix: (24..89).collect(), msi: Vec::new() };
-        let dev =
-            VfioPciDevice::new(fake, &layout, false, false, gsis, Arc::new(NoRoutes)).unwrap();
+        let dev = VfioPciDevice::new(fake, &layout, false, false, gsis, Arc::new(NoKvm)).unwrap();
         let dev: SharedDevice = Arc::new(Mutex::new(dev));
         let address = PciAddress::new(0, 2, 0).unwrap();
         let mut root = PciRoot::new(16);

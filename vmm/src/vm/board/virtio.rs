@@ -63,7 +63,7 @@ pub(super) fn pci_function(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use devices::BusDevice;
     use pci::{MsiMessage, PciDevice};
     use vm_memory::GuestAddress;
@@ -73,7 +73,8 @@ mod tests {
     use crate::backends::Backends;
     use crate::kinds::{Built, RunContext};
 
-    struct NoKvm;
+    /// MSI routes nobody delivers.
+    pub(in crate::vm::board) struct NoKvm;
 
     impl MsiRouter for NoKvm {
         fn route(&self, _: u32, _: MsiMessage) -> std::io::Result<()> {
@@ -121,6 +122,7 @@ mod tests {
                 multifunction: false,
                 msi: crate::kinds::MsiContext { allocate: &|| Ok(24), router: Arc::new(NoKvm) },
                 vfio_group: &|_| Err(Error::Internal("no VFIO here".into())),
+                mem: &mem,
             };
             match backends.device(i).unwrap().build(&mut run).unwrap() {
                 Built::Virtio(d) => d,
