@@ -292,6 +292,9 @@ VSOCK_TOOL="$CACHE/tools/vsock"
 
 # --------------------------------------------------------- L2 kernel
 L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs libcrc32c erofs button evdev vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport netfs fscache 9pnet 9pnet_virtio 9p"
+# Carried but loaded only by the init actions that need them (every boot
+# would otherwise pay for their probing).
+L2_ON_DEMAND="qemu_fw_cfg"
 if [ -n "${SKIFF_TEST_KERNEL:-}" ]; then
 	[ -f "$SKIFF_TEST_KERNEL" ] || die "SKIFF_TEST_KERNEL=$SKIFF_TEST_KERNEL: no such file"
 	kernel_src=$SKIFF_TEST_KERNEL
@@ -414,7 +417,7 @@ build_mmio_ko "${generic_pkg#linux-image-}" "$MMIO_KO_GENERIC"
 # Modules for both guest kernels, each under /lib/modules/VERSION with its
 # load order: init picks the running kernel's (uname -r).
 k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "$VSOCK_TOOL.key" "${moddir:-nomodules}" "$generic_moddir" \
-	"$L2_MODULES" "${MMIO_KO:+$MMIO_KO.key}" "$MMIO_KO_GENERIC.key" "v2")
+	"$L2_MODULES" "$L2_ON_DEMAND" "${MMIO_KO:+$MMIO_KO.key}" "$MMIO_KO_GENERIC.key" "v2")
 if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	log "building l2/initrd.img"
 	root="$CACHE/tmp/l2root"
@@ -439,6 +442,10 @@ if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 			else
 				log "note: module $m not in $1 (built in or absent)"
 			fi
+		done
+		for m in $L2_ON_DEMAND; do
+			f=$(find_module "$1" "$m")
+			[ -z "$f" ] || copy_module "$f" "$dest" >/dev/null
 		done
 	}
 	[ -z "$moddir" ] || add_modules "$moddir" "$MMIO_KO"

@@ -1,7 +1,7 @@
 //! SMBIOS tables where a BIOS would leave them: a 3.0 (64-bit) entry point
 //! at the start of the 0xF0000 segment, which Linux scans for when it has no
-//! EFI, then the BIOS (type 0), system (type 1) and end-of-table (type 127)
-//! structures. The guest's `/sys/class/dmi/id` comes from here, and systemd
+//! EFI, then the BIOS (type 0), system (type 1), OEM strings (type 11, when
+//! given) and end-of-table (type 127) structures. The guest's `/sys/class/dmi/id` comes from here, and systemd
 //! derives a VM's machine id from the type 1 UUID.
 
 use thiserror::Error;
@@ -13,6 +13,8 @@ use crate::layout::{HIGH_MEMORY_START, SMBIOS_START};
 pub enum SmbiosError {
     #[error("SMBIOS string for {field} contains a NUL byte")]
     NulInString { field: &'static str },
+    #[error("SMBIOS type 11 holds at most 255 OEM strings, not {0}")]
+    TooManyOemStrings(usize),
     #[error("SMBIOS tables do not fit below 1 MiB (they would end at {end:#x})")]
     TooLarge { end: u64 },
     #[error("writing the SMBIOS tables to guest memory: {0}")]
@@ -30,6 +32,8 @@ pub struct SystemInfo<'a> {
     pub family: Option<&'a str>,
     /// In RFC 4122 byte order (as the text form reads).
     pub uuid: [u8; 16],
+    /// Type 11's OEM strings (none: no type 11 structure).
+    pub oem_strings: &'a [String],
 }
 
 // The ACPI tables end where these begin.
@@ -72,6 +76,17 @@ impl Structure {
         Ok(())
     }
 
+    /// A string the formatted part does not number itself (type 11's):
+    /// empty ones included, as a space, since 0 would end the set.
+    fn add_string(&mut self, field: &'static str, s: &str) -> Result<(), SmbiosError> {
+        if s.contains('\0') {
+            return Err(SmbiosError::NulInString { field });
+        }
+        self.strings.extend_from_slice(if s.is_empty() { b" " } else { s.as_bytes() });
+        self.strings.push(0);
+        Ok(())
+    }
+
     fn finish(mut self, out: &mut Vec<u8>) {
         debug_assert_eq!(usize::from(self.bytes[1]), self.bytes.len());
         out.append(&mut self.bytes);
@@ -84,7 +99,7 @@ impl Structure {
     }
 }
 
-/// The structure table: types 0, 1 and 127.
+/// The structure table: types 0, 1, 11 (when there are OEM strings) and 127.
 fn structures(sys: &SystemInfo) -> Result<Vec<u8>, SmbiosError> {
     let mut out = Vec::new();
 
@@ -116,6 +131,18 @@ fn structures(sys: &SystemInfo) -> Result<Vec<u8>, SmbiosError> {
     system.string("sku", sys.sku)?;
     system.string("family", sys.family)?;
     system.finish(&mut out);
+
+    // Type 11, OEM strings: a count, then the strings (255 at most).
+    if !sys.oem_strings.is_empty() {
+        let count = u8::try_from(sys.oem_strings.len())
+            .map_err(|_| SmbiosError::TooManyOemStrings(sys.oem_strings.len()))?;
+        let mut oem = Structure::new(11, 5, 0x1100);
+        oem.bytes.push(count);
+        for s in sys.oem_strings {
+            oem.add_string("OEM string", s)?;
+        }
+        oem.finish(&mut out);
+    }
 
     Structure::new(127, 4, 0x7f00).finish(&mut out);
     Ok(out)
@@ -244,5 +271,26 @@ mod tests {
         assert_eq!(parse_uuid("a67472e5570e5c8ab18cae3c77701050"), None);
         assert_eq!(parse_uuid("g67472e5-570e-5c8a-b18c-ae3c77701050"), None);
         assert_eq!(parse_uuid("a67472e5-570e-5c8a-b18c-ae3c7770105"), None);
+    }
+
+    /// Type 11 after type 1: its count, then the strings in order (an
+    /// empty one kept as a space, so the set does not end early); none
+    /// without OEM strings; more than 255 refused.
+    #[test]
+    fn oem_strings_are_a_type_11_structure() {
+        let oem = ["io.systemd.credential:a=1".to_owned(), String::new(), "x".to_owned()];
+        let table = structures(&SystemInfo { oem_strings: &oem, ..Default::default() }).unwrap();
+        let (_, t1) = strings_of(&table, 0);
+        let (_, t11) = strings_of(&table, t1);
+        assert_eq!(&table[t11..t11 + 5], &[11, 5, 0x00, 0x11, 3]);
+        let (strings, end) = strings_of(&table, t11);
+        assert_eq!(strings, ["io.systemd.credential:a=1", " ", "x"]);
+        assert_eq!(table[end], 127);
+        let plain = structures(&SystemInfo::default()).unwrap();
+        let (_, t1) = strings_of(&plain, 0);
+        assert_eq!(plain[strings_of(&plain, t1).1], 127, "no type 11");
+        let many: Vec<String> = (0..256).map(|i| i.to_string()).collect();
+        let sys = SystemInfo { oem_strings: &many, ..Default::default() };
+        assert!(matches!(structures(&sys), Err(SmbiosError::TooManyOemStrings(256))));
     }
 }

@@ -315,6 +315,22 @@ pub struct MemoryBackendConfig {
     pub ram: RamConfig,
 }
 
+/// `-fw_cfg [name=]NAME,file=PATH|string=STR`: a file the guest reads
+/// through fw_cfg (systemd's credentials: `opt/io.systemd.credentials/*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FwCfgFile {
+    pub name: String,
+    pub content: FwCfgContent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FwCfgContent {
+    /// Read once, when skiff starts.
+    File(std::path::PathBuf),
+    /// The string's bytes, without a NUL.
+    Text(String),
+}
+
 /// `-smbios type=1,...`: kept for the SMBIOS table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SmbiosType1 {
@@ -387,6 +403,10 @@ pub struct VmConfig {
     /// `-fsdev`s (and `-virtfs`'s), for the 9p devices that name them.
     pub fsdevs: Vec<FsdevConfig>,
     pub smbios: Option<SmbiosType1>,
+    /// `-smbios type=11,value=...`: the OEM strings, in order.
+    pub smbios_oem: Vec<String>,
+    /// `-fw_cfg`s, in command-line order.
+    pub fw_cfg: Vec<FwCfgFile>,
     /// `-sandbox on`, with the classes its switches allow.
     pub sandbox: Option<SandboxConfig>,
     /// `-run-with user=,chroot=`.
@@ -418,6 +438,8 @@ impl Default for VmConfig {
             netdevs: Vec::new(),
             fsdevs: Vec::new(),
             smbios: None,
+            smbios_oem: Vec::new(),
+            fw_cfg: Vec::new(),
             sandbox: None,
             run_with: RunWith::default(),
             qmp: Vec::new(),

@@ -68,6 +68,8 @@ pub fn machine_devices(m: &crate::config::MachineConfig) -> Vec<&'static str> {
     if acpi(m) {
         devices.push("acpi-ged");
     }
+    // QEMU microvm always has one: systemd's credentials come through it.
+    devices.push("fw_cfg_io");
     devices
 }
 

@@ -2,12 +2,14 @@
 //! addresses rather than by enumeration.
 
 mod debug_exit;
+pub mod fw_cfg;
 pub mod ged;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
 
 pub use debug_exit::DebugExit;
+pub use fw_cfg::{FwCfg, FwCfgItems};
 pub use ged::{Ged, GED_EVT_POWER_BUTTON};
 pub use i8042::I8042;
 pub use rtc::{Rtc, RtcTimer};

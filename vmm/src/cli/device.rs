@@ -1,8 +1,8 @@
-//! `-device` and `-smbios`.
+//! `-device`, `-smbios` and `-fw_cfg`.
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{PciSlotConfig, SmbiosType1};
+use crate::config::{FwCfgContent, FwCfgFile, PciSlotConfig, SmbiosType1};
 use crate::kinds::{self, Bus, Kind, Unresolved};
 
 /// A `-device` as parsed, its references to other options still names.
@@ -107,19 +107,38 @@ fn pci_slot(opts: &mut QemuOpts, driver: &str) -> Result<PciSlotConfig, CliError
     Ok(PciSlotConfig { bus, addr, multifunction })
 }
 
-/// `-smbios type=1,field=value...`; several merge, later fields winning.
+/// `-smbios type=1,field=value...` (several merge, later fields winning)
+/// and `-smbios type=11,value=STR[,value=STR...]` (OEM strings, in order;
+/// systemd reads `io.systemd.credential:NAME=VALUE` from them).
 pub(super) fn parse_smbios(
     label: &str,
     arg: &str,
     smbios: &mut Option<SmbiosType1>,
+    oem_strings: &mut Vec<String>,
 ) -> Result<(), CliError> {
     let mut opts = QemuOpts::parse(label, arg, None);
     if opts.contains("file") {
-        return Err(opts.error("file= is not supported (only type=1)"));
+        return Err(opts.error("file= is not supported (only type=1 and type=11)"));
     }
     let ty = opts.take_uint("type")?.ok_or_else(|| opts.missing("type"))?;
+    if ty == 11 {
+        opts.relabel(format!("{label} type=11"));
+        if opts.contains("path") {
+            return Err(opts.error("path= is not supported yet (use value=)"));
+        }
+        let values = opts.take_all("value");
+        if values.is_empty() {
+            return Err(opts.missing("value"));
+        }
+        if let Some(v) = values.iter().find(|v| v.contains('\0')) {
+            return Err(opts.invalid_value("value", v.clone(), "a string without NUL bytes"));
+        }
+        opts.finish()?;
+        oem_strings.extend(values);
+        return Ok(());
+    }
     if ty != 1 {
-        return Err(opts.error(format!("type={ty} is not supported (only type=1)")));
+        return Err(opts.error(format!("type={ty} is not supported (only type=1 and type=11)")));
     }
     opts.relabel(format!("{label} type=1"));
     let uuid = opts.take("uuid");
@@ -145,6 +164,42 @@ pub(super) fn parse_smbios(
         }
     }
     opts.finish()
+}
+
+/// `-fw_cfg [name=]NAME,file=PATH|string=STR`, as QEMU's `parse_fw_cfg`
+/// takes it: the name, then exactly one of the contents; a name outside
+/// `opt/` is QEMU's warning, not an error.
+#[expect(clippy::disallowed_macros, reason = "startup: once per -fw_cfg")]
+pub(super) fn parse_fw_cfg(label: &str, arg: &str) -> Result<FwCfgFile, CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("name"));
+    if opts.contains("gen_id") {
+        return Err(opts.error("gen_id= is not supported (no vmgenid device)"));
+    }
+    let name = opts.take("name").ok_or_else(|| opts.missing("name"))?;
+    let file = opts.take("file").filter(|f| !f.is_empty());
+    let string = opts.take("string").filter(|s| !s.is_empty());
+    opts.finish()?;
+    let content = match (file, string) {
+        (Some(f), None) => FwCfgContent::File(f.into()),
+        (None, Some(s)) => FwCfgContent::Text(s),
+        _ => {
+            return Err(CliError::Invalid {
+                option: label.to_owned(),
+                reason: "name, plus exactly one of file, string and gen_id, are needed".into(),
+            })
+        }
+    };
+    let max = devices::legacy::fw_cfg::FILE_NAME_LEN - 1;
+    if name.len() > max {
+        return Err(CliError::Invalid {
+            option: label.to_owned(),
+            reason: format!("name too long (max. {max} char)"),
+        });
+    }
+    if !name.starts_with("opt/") {
+        log::warn!("externally provided fw_cfg item names should be prefixed with \"opt/\"");
+    }
+    Ok(FwCfgFile { name, content })
 }
 
 /// QEMU's `qemu_uuid_parse` format: 8-4-4-4-12 hex digits.
@@ -200,11 +255,33 @@ mod tests {
     }
 
     fn smbios(args: &[&str]) -> Result<Option<SmbiosType1>, String> {
-        let mut table = None;
+        smbios_and_oem(args).map(|(t, _)| t)
+    }
+
+    fn smbios_and_oem(args: &[&str]) -> Result<(Option<SmbiosType1>, Vec<String>), String> {
+        let (mut table, mut oem) = (None, Vec::new());
         for arg in args {
-            parse_smbios("-smbios", arg, &mut table).map_err(|e| e.to_string())?;
+            parse_smbios("-smbios", arg, &mut table, &mut oem).map_err(|e| e.to_string())?;
         }
-        Ok(table)
+        Ok((table, oem))
+    }
+
+    /// OEM strings (type 11), as microvm.nix's users pass systemd
+    /// credentials: in order, repeatable, commas doubled.
+    #[test]
+    fn smbios_type11() {
+        let (t1, oem) = smbios_and_oem(&[
+            "type=11,value=io.systemd.credential:a=1",
+            "type=1,serial=S",
+            "type=11,value=io.systemd.credential:b=x,,y,value=third",
+        ])
+        .unwrap();
+        assert_eq!(oem, ["io.systemd.credential:a=1", "io.systemd.credential:b=x,y", "third"]);
+        assert_eq!(t1.and_then(|t| t.serial), Some("S".into()));
+        let err = |arg: &str| smbios(&[arg]).unwrap_err();
+        assert_eq!(err("type=11"), "-smbios type=11: missing property 'value'");
+        assert!(err("type=11,path=/x").contains("path= is not supported yet"));
+        assert_eq!(err("type=11,value=a,foo=1"), "-smbios type=11: unknown property 'foo'");
     }
 
     #[test]
@@ -228,10 +305,13 @@ mod tests {
     #[test]
     fn smbios_errors() {
         let err = |arg: &str| smbios(&[arg]).unwrap_err();
-        assert_eq!(err("type=0"), "-smbios: type=0 is not supported (only type=1)");
-        assert_eq!(err("type=17,size=1"), "-smbios: type=17 is not supported (only type=1)");
+        assert_eq!(err("type=0"), "-smbios: type=0 is not supported (only type=1 and type=11)");
+        assert_eq!(
+            err("type=17,size=1"),
+            "-smbios: type=17 is not supported (only type=1 and type=11)"
+        );
         assert_eq!(err("manufacturer=x"), "-smbios: missing property 'type'");
-        assert_eq!(err("file=/tmp/t"), "-smbios: file= is not supported (only type=1)");
+        assert_eq!(err("file=/tmp/t"), "-smbios: file= is not supported (only type=1 and type=11)");
         assert_eq!(err("type=1,foo=x"), "-smbios type=1: unknown property 'foo'");
         for uuid in [
             "",

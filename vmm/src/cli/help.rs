@@ -45,6 +45,18 @@ Standard options:
                          set the SMBIOS system information (type 1; the
                          guest's /sys/class/dmi/id). Without it, or without
                          uuid=, the UUID is random, fixed for the process
+-smbios type=11,value=STR[,value=STR...]
+                         OEM strings (SMBIOS type 11), in order; systemd
+                         reads io.systemd.credential:NAME=VALUE from them
+-fw_cfg [name=]NAME,file=PATH|string=STR
+                         a file the guest reads through fw_cfg (ports 0x510,
+                         DMA at 0x514; NAME up to 55 bytes, opt/... by
+                         convention; systemd reads opt/io.systemd.credentials/*).
+                         Files are read once, at start. The guest finds
+                         fw_cfg through the DSDT's QEMU0002 node; with
+                         acpi=off, as in QEMU, only a kernel built with
+                         CONFIG_FW_CFG_SYSFS_CMDLINE told where it is:
+                         qemu_fw_cfg.ioport=0xc@0x510:0:1:4
 -sandbox on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]
                [,spawn=allow|deny][,resourcecontrol=allow|deny]
                          confine skiff with seccomp once set up: each thread

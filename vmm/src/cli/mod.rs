@@ -102,6 +102,7 @@ enum ArgOpt {
     Serial,
     Device,
     Smbios,
+    FwCfg,
     RunWith,
     Sandbox,
     Qmp,
@@ -143,6 +144,7 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("serial", Opt::Arg(ArgOpt::Serial)),
     ("device", Opt::Arg(ArgOpt::Device)),
     ("smbios", Opt::Arg(ArgOpt::Smbios)),
+    ("fw_cfg", Opt::Arg(ArgOpt::FwCfg)),
     ("sandbox", Opt::Arg(ArgOpt::Sandbox)),
     ("run-with", Opt::Arg(ArgOpt::RunWith)),
     ("qmp", Opt::Arg(ArgOpt::Qmp)),
@@ -165,7 +167,7 @@ const OPTIONS: &[(&str, Opt)] = &[
 #[rustfmt::skip]
 const NOT_YET: &[&str] = &[
     "qmp-pretty", "mon", "blockdev", "hda", "hdb", "hdc", "hdd",
-    "cdrom", "nic", "fw_cfg",
+    "cdrom", "nic",
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
     "mem-prealloc", "overcommit", "msg", "trace", "plugin", "action", "watchdog-action", "L",
@@ -349,7 +351,16 @@ impl Builder {
                 config.serials.push(chardev::parse_serial(label, &arg)?);
             }
             ArgOpt::Device => self.add_device(device::parse_device(label, &arg)?, label)?,
-            ArgOpt::Smbios => device::parse_smbios(label, &arg, &mut config.smbios)?,
+            ArgOpt::Smbios => {
+                device::parse_smbios(label, &arg, &mut config.smbios, &mut config.smbios_oem)?
+            }
+            ArgOpt::FwCfg => {
+                let file = device::parse_fw_cfg(label, &arg)?;
+                if config.fw_cfg.iter().any(|f| f.name == file.name) {
+                    return Err(invalid(&format!("duplicate fw_cfg file name: {}", file.name)));
+                }
+                config.fw_cfg.push(file);
+            }
             ArgOpt::Drive => {
                 let drive = drive::parse_drive(label, &arg)?;
                 if config.drives.iter().any(|d| d.id == drive.id) {

@@ -15,12 +15,16 @@ use crate::kinds::{ged::Events, rng::Entropy, rtc::Cmos, Bus};
 /// What an empty command line gives: the defaults, and the machine's own
 /// devices (with ACPI, its GED).
 fn defaults() -> VmConfig {
-    VmConfig { devices: vec![ged()], ..VmConfig::default() }
+    VmConfig { devices: vec![ged(), fw_cfg()], ..VmConfig::default() }
 }
 
 /// The ACPI GED the machine adds with ACPI (after the argv's devices).
 fn ged() -> DeviceConfig {
     expected("acpi-ged", None, Events)
+}
+
+fn fw_cfg() -> DeviceConfig {
+    expected("fw_cfg_io", None, crate::kinds::fw_cfg::FirmwareConfig)
 }
 
 fn args(line: &[&str]) -> Vec<String> {
@@ -107,12 +111,19 @@ fn microvm_nix_command_line() {
         }],
         serials: vec![SerialConfig::Chardev("stdio".into())],
         // rtc=on: the machine adds the CMOS RTC, and with ACPI its GED.
-        devices: vec![expected("i8042", None, Ps2), expected("mc146818rtc", None, Cmos), ged()],
+        devices: vec![
+            expected("i8042", None, Ps2),
+            expected("mc146818rtc", None, Cmos),
+            ged(),
+            fw_cfg(),
+        ],
         taken_chardevs: vec!["stdio".into()],
         drives: Vec::new(),
         netdevs: Vec::new(),
         fsdevs: Vec::new(),
         smbios: None,
+        smbios_oem: Vec::new(),
+        fw_cfg: Vec::new(),
         sandbox: None,
         run_with: RunWith::default(),
         qmp: Vec::new(),
@@ -232,7 +243,7 @@ fn unknown_and_unsupported_options() {
     fails(&["-foo"], "-foo: unknown option");
     fails(&["--foo"], "--foo: unknown option");
     fails(&["-M=microvm"], "-M=microvm: unknown option");
-    for option in ["-blockdev", "-nic", "-fw_cfg", "-mem-path", "--pidfile"] {
+    for option in ["-blockdev", "-nic", "-mem-path", "--pidfile"] {
         let name = option.trim_start_matches('-');
         fails(
             &[option, "x"],
@@ -518,6 +529,7 @@ fn devices() {
             expected("isa-debug-exit", None, ExitPort { iobase: 0xf4, iosize: 4 }),
             expected("i8042", Some("kbd"), Ps2),
             ged(),
+            fw_cfg(),
         ]
     );
     fails(&["-device", "e1000"], "-device: unknown device 'e1000'");
@@ -557,7 +569,7 @@ fn smbios() {
         ..SmbiosType1::default()
     };
     assert_eq!(config.smbios, Some(expected));
-    fails(&["-smbios", "type=2"], "-smbios: type=2 is not supported (only type=1)");
+    fails(&["-smbios", "type=2"], "-smbios: type=2 is not supported (only type=1 and type=11)");
     fails_with(
         &["-smbios", "type=1,uuid=nope"],
         &["-smbios type=1: invalid value 'nope' for 'uuid'"],
@@ -747,7 +759,8 @@ fn virtio_rng_device_properties() {
                 Some("rng0"),
                 Entropy { max_bytes: Some(1024), period_ms: Some(1000) }
             ),
-            ged()
+            ged(),
+            fw_cfg()
         ]
     );
     fails(
@@ -1059,4 +1072,142 @@ fn legacy_net_nic_follows_the_machine() {
     assert_eq!(nic(&c), Bus::VirtioPci);
     let c = run(&["-netdev", "tap,id=n,fd=3", "-net", "nic,netdev=n"]);
     assert_eq!(nic(&c), Bus::VirtioMmio);
+}
+
+/// One configuration of microvm.nix's own x86_64 QEMU check matrix
+/// (`checks/default.nix` at 71beea0: the variants 9pstore, virtiofs,
+/// overlay, systemd, hardened and credentials, crossed with the tests
+/// startup-shutdown and shutdown-command), as `lib/runners/qemu.nix`
+/// writes its argv. Store paths are placeholders; systemd and hardened
+/// change only paths and `-append`.
+fn microvm_nix_check(variant: u32, startup_shutdown: bool) -> Vec<String> {
+    let on = |bit: u32| variant & (1 << bit) != 0;
+    let (ninep, virtiofs, overlay, systemd, hardened, credentials) =
+        (on(0), on(1), on(2), on(3), on(4), on(5));
+    let shares = ninep || virtiofs;
+    let dt = if shares { "pci" } else { "device" };
+    let mut argv: Vec<String> = vec![
+        "-name".into(),
+        "microvm-test".into(),
+        "-M".into(),
+        format!(
+            "microvm,accel=kvm:tcg,acpi=on,mem-merge=on,pcie={},pic=off,pit=off,rtc=on,usb=off",
+            if shares { "on" } else { "off" }
+        ),
+    ];
+    let words = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+    argv.extend(words(
+        "-m 512M -smp 1 -nodefaults -no-user-config -no-reboot -kernel /nix/store/k/bzImage \
+         -initrd /nix/store/i/initrd -chardev stdio,id=stdio,signal=off",
+    ));
+    argv.extend(["-device".into(), format!("virtio-rng-{dt}")]);
+    argv.extend(words("-smbios type=1,uuid=f4b5b984-60d2-4755-aaa7-834eb621fb68"));
+    if credentials {
+        argv.extend(words(
+            "-fw_cfg name=opt/io.systemd.credentials/SECRET_BOOTSTRAP_KEY,\
+             file=/etc/microvm-bootstrap.secret",
+        ));
+    }
+    argv.extend(words("-serial chardev:stdio -enable-kvm -cpu host,+x2apic,-sgx -device i8042"));
+    let params = if systemd { " root=fstab" } else { "" };
+    argv.extend([
+        "-append".into(),
+        format!(
+            "earlyprintk=ttyS0 console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 loglevel=4{params} \
+             init=/nix/store/t/init regInfo=/nix/store/r/registration"
+        ),
+    ]);
+    let mut letter = b'a';
+    if !shares {
+        let store = if hardened { "squashfs" } else { "erofs" };
+        argv.extend([
+            "-drive".into(),
+            format!(
+                "id=store,format=raw,read-only=on,file=/nix/store/s-microvm-store-disk.{store},\
+                 if=none,aio=io_uring"
+            ),
+            "-device".into(),
+            format!("virtio-blk-{dt},drive=store"),
+        ]);
+        letter += 1;
+    }
+    argv.extend(words("-nographic -sandbox on -qmp"));
+    argv.push(if startup_shutdown {
+        "unix:microvm-test.sock,server,nowait".into()
+    } else {
+        "unix:./microvm.sock,server,nowait".into()
+    });
+    let mut volumes = Vec::new();
+    if overlay {
+        volumes.push("nix-store-overlay.img");
+    }
+    if startup_shutdown {
+        volumes.push("output.img");
+    }
+    for image in volumes {
+        let id = format!("vd{}", letter as char);
+        letter += 1;
+        argv.extend([
+            "-drive".into(),
+            format!(
+                "id={id},format=raw,file={image},if=none,aio=io_uring,discard=unmap,read-only=off"
+            ),
+            "-device".into(),
+            format!("virtio-blk-{dt},drive={id}"),
+        ]);
+    }
+    if shares {
+        argv.extend(words(
+            "-numa node,memdev=mem -object memory-backend-memfd,id=mem,size=512M,share=on",
+        ));
+        let mut fs = 0;
+        if virtiofs {
+            argv.extend([
+                "-chardev".into(),
+                format!("socket,id=fs{fs},path=microvm-test-virtiofs-test.sock"),
+                "-device".into(),
+                format!("vhost-user-fs-{dt},chardev=fs{fs},tag=test"),
+            ]);
+            fs += 1;
+        }
+        if ninep {
+            argv.extend([
+                "-fsdev".into(),
+                format!("local,id=fs{fs},path=/nix/store,security_model=none,readonly=false"),
+                "-device".into(),
+                format!("virtio-9p-{dt},fsdev=fs{fs},mount_tag=ro-store"),
+            ]);
+        }
+    }
+    argv
+}
+
+/// Every configuration of microvm.nix's x86_64 QEMU check matrix (64
+/// variants x 2 tests) gets through skiff's parser and its plan: the
+/// credentials variant's `-fw_cfg` included.
+#[test]
+fn microvm_nix_check_matrix_parses_and_plans() {
+    let mut planned = 0;
+    for variant in 0..64 {
+        for startup_shutdown in [true, false] {
+            let argv = microvm_nix_check(variant, startup_shutdown);
+            let cfg = match parse(argv.clone()) {
+                Ok(Action::Run(cfg)) => cfg,
+                other => panic!("{argv:?}: {other:?}"),
+            };
+            if let Err(e) = crate::plan::MachinePlan::new(&cfg, true, 40) {
+                panic!("{argv:?}: {e}");
+            }
+            let credentials = variant & (1 << 5) != 0;
+            assert_eq!(cfg.fw_cfg.len(), usize::from(credentials), "{argv:?}");
+            planned += 1;
+        }
+    }
+    assert_eq!(planned, 128);
+}
+
+#[test]
+fn smbios_oem_strings_in_order() {
+    let c = run(&["-smbios", "type=11,value=a,value=b", "-smbios", "type=11,value=c"]);
+    assert_eq!(c.smbios_oem, ["a", "b", "c"]);
 }

@@ -29,6 +29,7 @@ use crate::config::VmConfig;
 pub mod block;
 pub mod debug_exit;
 pub mod fs;
+pub mod fw_cfg;
 pub mod ged;
 pub mod i8042;
 pub mod net;
@@ -56,6 +57,7 @@ pub static KINDS: &[&dyn Kind] = &[
     &vfio::KIND,
     &rtc::KIND,
     &ged::KIND,
+    &fw_cfg::KIND,
 ];
 
 /// The kind and bus of `-device DRIVER`, if skiff has it.
@@ -301,6 +303,9 @@ pub struct RunContext<'a> {
     pub multifunction: bool,
     /// MSI(-X) vectors: GSIs and their routes in KVM.
     pub msi: MsiContext<'a>,
+    /// Guest RAM, for a device that reads or writes it itself (fw_cfg's
+    /// DMA).
+    pub mem: &'a boot::GuestMemoryMmap,
     /// Tells KVM of a VFIO group the run's devices DMA through (its VFIO
     /// device, made on first use; a group told twice is told once).
     pub vfio_group: &'a dyn Fn(std::os::fd::BorrowedFd<'_>) -> crate::vm::Result<()>,

@@ -329,6 +329,7 @@ fn load_guest(
         sku: t1.sku.as_deref(),
         family: t1.family.as_deref(),
         uuid: t1.uuid.as_deref().and_then(boot::smbios::parse_uuid).unwrap_or_else(process_uuid),
+        oem_strings: &cfg.smbios_oem,
     };
     boot::smbios::setup_smbios(mem, &system).map_err(Error::Smbios)?;
 

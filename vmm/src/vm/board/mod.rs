@@ -92,6 +92,7 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
             multifunction: d.pci.multifunction,
             msi: crate::kinds::MsiContext { allocate: &allocate, router: router.clone() },
             vfio_group: &vfio_group,
+            mem: ctx.mem,
         };
         match (host.build(&mut run)?, *at) {
             (Built::Placed, Location::Fixed) => {}
