@@ -42,3 +42,8 @@ pub fn virtio_net_control(rng: &mut Rng) {
 pub fn vsock_config(rng: &mut Rng) {
     crate::vhost_kernel::vsock::fuzz_config(rng);
 }
+
+/// A hostile guest's fw_cfg port accesses and DMA descriptors.
+pub fn fw_cfg(rng: &mut Rng) {
+    crate::legacy::fw_cfg::fuzz_ports(rng);
+}

@@ -270,6 +270,60 @@ pub fn aml() -> Vec<u8> {
     )
 }
 
+/// One input of `fuzz_fw_cfg` (also a libFuzzer target): a hostile
+/// guest's port accesses and DMA descriptors against items of any size.
+/// Whatever it does, an item read back through the data port from its
+/// start is its bytes, and nothing a guest does changes an item.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn fuzz_ports(rng: &mut skiff_tests::fuzz::Rng) {
+    const RAM: u64 = 0x2_0000;
+    let mut items = FwCfgItems::new();
+    let file: Vec<u8> = rng.bytes(3000);
+    let _ = items.add_file("opt/a", file.clone());
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap_or_default();
+    let mut d = FwCfg::new(Arc::new(items), mem);
+    for _ in 0..rng.below(40) {
+        let offset = rng.below(14);
+        let len = *rng.pick(&[1usize, 2, 4, 8]);
+        if rng.one_in(3) {
+            let mut data = [0u8; 8];
+            d.read(offset, &mut data[..len]);
+            continue;
+        }
+        if rng.one_in(3) {
+            // A descriptor in RAM (or not), then its address.
+            let at = if rng.one_in(4) { rng.interesting() } else { rng.below(RAM) };
+            let keys = [0x20u16, KEY_FILE_DIR, KEY_ID, rng.interesting() as u16];
+            let control = (u32::from(*rng.pick(&keys)) << 16) | rng.below(32) as u32;
+            let length = if rng.one_in(2) { rng.below(0x4000) } else { rng.interesting() } as u32;
+            let address = if rng.one_in(4) { rng.interesting() } else { rng.below(RAM) };
+            let mut desc = control.to_be_bytes().to_vec();
+            desc.extend_from_slice(&length.min(1 << 20).to_be_bytes());
+            desc.extend_from_slice(&address.to_be_bytes());
+            let _ = d.mem.write_slice(&desc, GuestAddress(at));
+            d.write(DMA_OFFSET, &((at >> 32) as u32).to_be_bytes());
+            d.write(8, &(at as u32).to_be_bytes());
+            continue;
+        }
+        d.write(offset, &rng.interesting().to_le_bytes()[..len]);
+    }
+    d.write(0, &0x20u16.to_le_bytes());
+    let back: Vec<u8> = (0..file.len())
+        .map(|_| {
+            let mut b = [0u8];
+            d.read(DATA_OFFSET, &mut b);
+            b[0]
+        })
+        .collect();
+    assert!(back == file, "the file read back");
+}
+
+#[cfg(test)]
+#[test]
+fn fuzz_fw_cfg() {
+    skiff_tests::fuzz::run("fw-cfg", 20_000, fuzz_ports);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
