@@ -46,7 +46,7 @@ pub const REQUESTS_PER_WAKEUP: usize = 32;
 
 /// The most sectors one DISCARD or WRITE_ZEROES may cover (QEMU's limit:
 /// what fits a 32-bit byte count, in 512-byte sectors).
-const MAX_DISCARD_SECTORS: u32 = (u32::MAX >> 9) & !7;
+pub(super) const MAX_DISCARD_SECTORS: u32 = (u32::MAX >> 9) & !7;
 
 /// The device's shape, from `-device virtio-blk-*`.
 #[derive(Clone, Debug, PartialEq, Eq)]

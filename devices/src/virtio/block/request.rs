@@ -304,6 +304,12 @@ fn run(
             let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
             let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
             let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+            // Past what the config space advertises, QEMU answers IOERR: one
+            // request must not hold the worker (and a stop waiting for it)
+            // for terabytes of zeroing.
+            if sectors > super::MAX_DISCARD_SECTORS {
+                return Err(Failure::IoErr);
+            }
             let bytes = u64::from(sectors) * SECTOR_SIZE;
             let offset = range(disk, sector, bytes).ok_or(Failure::IoErr)?;
             let unmap =

@@ -315,6 +315,55 @@ fn discard_and_write_zeroes_with_discard_unmap() {
     assert_eq!(status(&mem), VIRTIO_BLK_S_UNSUPP as u8);
 }
 
+/// A DISCARD or WRITE_ZEROES longer than the advertised maximum is an
+/// I/O error (as in QEMU), whatever the disk's size, and touches nothing;
+/// one of exactly the maximum is served.
+#[test]
+fn discard_past_the_advertised_maximum_is_refused() {
+    let f = fixture("discard-max", false);
+    let path = f.dir.join("big.img");
+    let big = u64::from(super::MAX_DISCARD_SECTORS) * 512 + (1 << 20);
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(big).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 512], 0).unwrap();
+    let opts = DiskOptions {
+        path,
+        read_only: false,
+        direct: false,
+        dsync: false,
+        ignore_flush: false,
+        locking: false,
+    };
+    let f = Fixture { disk: Arc::new(Disk::open(&opts).unwrap()), dir: f.dir.clone() };
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, 16);
+    let (mut q, _) = queue(&mem, &tq, &f, true);
+    for (ty, sectors, want) in [
+        (VIRTIO_BLK_T_WRITE_ZEROES, super::MAX_DISCARD_SECTORS + 1, VIRTIO_BLK_S_IOERR),
+        (VIRTIO_BLK_T_DISCARD, u32::MAX, VIRTIO_BLK_S_IOERR),
+    ] {
+        header(&mem, ty, 0);
+        let mut s = [0u8; 16];
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        mem.write_slice(&s, GuestAddress(BUF)).unwrap();
+        tq.add_chain(&[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, WRITE)]);
+        q.serve();
+        assert_eq!(status(&mem), want as u8, "type {ty}, {sectors} sectors");
+    }
+    let mut first = [0u8; 512];
+    f.disk.read_at(&mut first, 0).unwrap();
+    assert_eq!(first, [0x5a; 512], "nothing zeroed");
+    header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+    let mut s = [0u8; 16];
+    s[8..12].copy_from_slice(&super::MAX_DISCARD_SECTORS.to_le_bytes());
+    mem.write_slice(&s, GuestAddress(BUF)).unwrap();
+    tq.add_chain(&[(HDR, 16, 0), (BUF, 16, 0), (STATUS, 1, WRITE)]);
+    q.serve();
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8, "the maximum itself");
+    f.disk.read_at(&mut first, 0).unwrap();
+    assert_eq!(first, [0; 512]);
+}
+
 /// A worker per queue: requests on queue 1 are served by queue 1's.
 #[test]
 fn each_queue_has_its_worker() {
