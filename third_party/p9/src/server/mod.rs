@@ -1236,10 +1236,21 @@ impl Server {
         let count = min(self.cfg.msize - header_size, readdir.count);
         let mut cursor = Cursor::new(Vec::with_capacity(count as usize));
 
+        // skiff: the share root's ".." is the root itself, as the guest
+        // sees it (a walk there stays put): not the host's parent, whose
+        // inode and times are none of the guest's business.
+        let here = stat(&fid.path)?;
+        let root = stat(&self.root)?;
+        let at_root = here.st_dev == root.st_dev && here.st_ino == root.st_ino;
+
         let dir = fid.file.as_mut().ok_or_else(ebadf)?;
         let mut dirents = read_dir(dir, readdir.offset as libc::c_long)?;
         while let Some(dirent) = dirents.next().transpose()? {
-            let st = statat(&fid.path, dirent.name.as_c_str(), 0)?;
+            let st = if at_root && dirent.name.as_c_str().to_bytes() == b".." {
+                here
+            } else {
+                statat(&fid.path, dirent.name.as_c_str(), 0)?
+            };
 
             let entry = Dirent {
                 qid: st.into(),

@@ -289,3 +289,33 @@ fn mapped_xattr_keeps_the_guests_owner_and_mode_in_xattrs() {
     let host_md = fs::metadata(dir.share().join("inside.txt")).unwrap();
     assert_eq!(attr(&mut s, 3).uid, host_md.uid());
 }
+
+/// The share root's `..` in Treaddir is the root itself (its qid), not the
+/// host directory above the share; below the root `..` is the real parent.
+#[test]
+fn readdir_at_the_root_reports_the_root_for_dotdot() {
+    let dir = Scratch::new();
+    let mut s = dir.server(false);
+    let entries = |s: &mut Server, fid: u32| -> Vec<(String, u64)> {
+        let open = Tmessage::Lopen(Tlopen { fid, flags: P9_RDONLY });
+        assert!(matches!(call(s, open), Rmessage::Lopen(_)));
+        let rd = Tmessage::Readdir(Treaddir { fid, offset: 0, count: 4096 });
+        let Rmessage::Readdir(r) = call(s, rd) else { panic!("readdir") };
+        let mut cur = Cursor::new(r.data.0);
+        let mut out = Vec::new();
+        while (cur.position() as usize) < cur.get_ref().len() {
+            let d = Dirent::decode(&mut cur).unwrap();
+            out.push((d.name.as_c_str().to_string_lossy().into_owned(), d.qid.path));
+        }
+        out
+    };
+    assert!(matches!(walk(&mut s, 2, &[]), Rmessage::Walk(_)));
+    let root = entries(&mut s, 2);
+    let ino = |list: &[(String, u64)], n: &str| list.iter().find(|(m, _)| m == n).map(|e| e.1);
+    let share_ino = fs::metadata(dir.share()).unwrap().ino();
+    assert_eq!(ino(&root, "."), Some(share_ino));
+    assert_eq!(ino(&root, ".."), Some(share_ino), "not the host's {:?}", dir.0);
+    assert!(matches!(walk(&mut s, 3, &["sub"]), Rmessage::Walk(_)));
+    let sub = entries(&mut s, 3);
+    assert_eq!(ino(&sub, ".."), Some(share_ino), "sub's parent is the share");
+}
