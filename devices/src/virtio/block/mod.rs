@@ -43,6 +43,8 @@ pub const SECTOR_SIZE: u64 = 512;
 
 /// Requests served per wakeup of a queue's worker.
 pub const REQUESTS_PER_WAKEUP: usize = 32;
+/// Batches (reap, then serve) one wakeup may run back to back.
+const ROUNDS_PER_WAKEUP: usize = 4;
 
 /// The most sectors one DISCARD or WRITE_ZEROES may cover (QEMU's limit:
 /// what fits a 32-bit byte count, in 512-byte sectors).
@@ -434,10 +436,16 @@ impl MutEventSubscriber for BlockQueue {
         // What the kernel finished while it took the batch (reads the page
         // cache had) goes back now, not after another trip through epoll;
         // the room it frees serves what waits, and so on until a batch
-        // leaves nothing finished behind.
-        while self.engine.as_mut().is_some_and(Engine::ready) {
+        // leaves nothing finished behind, or the wakeup's rounds are spent:
+        // a guest that refills the ring as fast as the page cache answers
+        // must not keep the worker from its stop. What is left signalled
+        // the engine's eventfd after the last wait, so the worker comes
+        // straight back.
+        let mut rounds = 1;
+        while rounds < ROUNDS_PER_WAKEUP && self.engine.as_mut().is_some_and(Engine::ready) {
             added += self.reap();
             served += self.serve().requests;
+            rounds += 1;
         }
         if tick {
             if !self.polling.ticked(served) {

@@ -37,6 +37,10 @@ const FRAMES_PER_WAKEUP: usize = 64;
 /// Event data of the tap descriptor in the worker's epoll set.
 const TAP: u32 = 1;
 
+/// How many times one frame's delivery looks again at a ring whose avail
+/// index moved but gave no buffer, before the worker comes back later.
+const MAX_RECHECKS: usize = 4;
+
 pub struct QueuePair {
     pub(super) rx: Ring,
     pub(super) tx: Ring,
@@ -165,6 +169,9 @@ impl QueuePair {
         let mut first: Option<Chain> = None;
         let mut written = 0;
         let frame = &mut self.frame[..len];
+        // Times the driver's avail index said "more" and the ring then had
+        // none: a driver that flips the index would keep this loop going.
+        let mut rechecks = 0;
         loop {
             // A frame never needs more chains than the ring holds; a driver
             // whose buffers cannot hold one (empty chains, tiny ones) would
@@ -194,7 +201,12 @@ impl QueuePair {
                 // one (avail_event: past those taken), go on if it just
                 // did, else give back the ones taken for later.
                 if let Ok(true) = queue.enable_notification(mem) {
-                    continue;
+                    rechecks += 1;
+                    if rechecks <= MAX_RECHECKS {
+                        continue;
+                    }
+                    // Come back later rather than spin with the driver.
+                    self.rx.rearm.arm();
                 }
                 for _ in 0..used.len() {
                     queue.go_to_previous_position();
