@@ -122,6 +122,7 @@ pub fn main() -> ExitCode {
 const FALLBACK_PHYS_BITS: u8 = 40;
 
 fn run(cfg: &VmConfig) -> Result<i32, Error> {
+    host::limits::raise_descriptor_limit();
     boot::cpu::check_features(&cfg.cpu.features)?;
     let console = console::console_target(cfg)?;
     let kvm = vm::Host::open();

@@ -5,6 +5,7 @@ pub mod bridge_helper;
 pub mod chardevs;
 pub mod console;
 pub mod console_writer;
+pub mod limits;
 pub mod logger;
 pub mod privileges;
 pub mod sandbox;

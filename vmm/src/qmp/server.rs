@@ -243,11 +243,51 @@ impl Drop for QmpServer {
 pub struct QmpHandler {
     server: Arc<Mutex<QmpServer>>,
     vm: Controls,
+    /// While set, the listener is out of the loop after an accept failed
+    /// (EMFILE leaves it readable): the timer puts it back.
+    backoff: Option<vmm_sys_util::timerfd::TimerFd>,
 }
+
+/// How long the listener rests after an accept failed.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl QmpHandler {
     pub fn new(server: Arc<Mutex<QmpServer>>, vm: Controls) -> Self {
-        QmpHandler { server, vm }
+        QmpHandler { server, vm, backoff: None }
+    }
+
+    /// Takes the listener out of the loop and arms a timer to put it back,
+    /// so a failing accept neither spins nor sleeps on the event loop
+    /// (which serves the vCPUs' devices and every other client).
+    fn back_off(&mut self, listener: std::os::fd::RawFd, ops: &mut EventOps) {
+        use vmm_sys_util::timerfd::TimerFd;
+        let timer = match TimerFd::new() {
+            Ok(mut t) => t.reset(ACCEPT_BACKOFF, None).map(|()| t),
+            Err(e) => Err(e),
+        };
+        let timer = match timer {
+            Ok(t) => t,
+            // No timer (out of descriptors too): the listener stays, and
+            // the next turn tries again.
+            Err(e) => return devices::warn_limited!("qmp: no back-off timer: {e}"),
+        };
+        if ops.add(Events::new(&timer, EventSet::IN)).is_err() {
+            return;
+        }
+        if let Err(e) = ops.remove(Events::new_raw(listener, EventSet::IN)) {
+            devices::warn_limited!("qmp: cannot pause the listener: {e:?}");
+        }
+        self.backoff = Some(timer);
+    }
+
+    /// The back-off is over: the listener comes back.
+    fn resume(&mut self, listener: std::os::fd::RawFd, ops: &mut EventOps) {
+        if let Some(timer) = self.backoff.take() {
+            let _ = ops.remove(Events::new(&timer, EventSet::IN));
+        }
+        if let Err(e) = ops.add(Events::new_raw(listener, EventSet::IN)) {
+            devices::error_limited!("qmp: cannot watch the socket: {e:?}");
+        }
     }
 
     fn carry_out(&self, server: &mut QmpServer, request: Request) {
@@ -364,6 +404,8 @@ impl MutEventSubscriber for QmpHandler {
     /// A run's event loop is new: the client (kept across a guest reset)
     /// or the listener is registered afresh.
     fn init(&mut self, ops: &mut EventOps) {
+        // A back-off timer belonged to the last run's loop.
+        self.backoff = None;
         let mut server = lock(&self.server);
         if let Some(c) = server.client.as_mut() {
             c.watching = None;
@@ -385,6 +427,10 @@ impl MutEventSubscriber for QmpHandler {
         let server = self.server.clone();
         let mut server = lock(&server);
         let listener = server.listener_fd();
+        if self.backoff.as_ref().is_some_and(|t| events.fd() == t.as_raw_fd()) {
+            drop(server);
+            return self.resume(listener, ops);
+        }
         if events.fd() == listener {
             match server.accept() {
                 // One client at a time: watch it instead of the listener.
@@ -398,8 +444,8 @@ impl MutEventSubscriber for QmpHandler {
                     devices::warn_limited!("qmp: accept failed: {e}");
                     // EMFILE and the like leave the listener readable: back
                     // off instead of spinning on it.
-                    std::thread::sleep(Duration::from_millis(100));
-                    return;
+                    drop(server);
+                    return self.back_off(listener, ops);
                 }
             }
         } else if let Some(c) = server.client.as_mut() {
