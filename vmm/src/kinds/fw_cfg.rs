@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::fw_cfg::{self, FwCfg, FwCfgItems, FW_CFG_PORT, FW_CFG_PORT_LEN};
 
-use super::{Built, Bus, Device, Driver, HostSide, Kind, OpenContext, OpenError};
-use super::{RunContext, Sandbox, Unresolved};
-use crate::cli::{CliError, QemuOpts};
+use super::{Built, Bus, Device, Driver, HostSide, MachineOnly, OpenContext, OpenError};
+use super::{RunContext, Sandbox};
 use crate::config::{FwCfgContent, VmConfig};
 
 /// QEMU's keys (`include/standard-headers/linux/qemu_fw_cfg.h`).
@@ -21,32 +20,10 @@ const KEY_MAX_CPUS: u16 = 0x0f;
 /// `FW_CFG_ARCH_LOCAL + 2`: the PIT's IRQ 0 is routed to the IOAPIC's pin 2.
 const KEY_IRQ0_OVERRIDE: u16 = 0x8002;
 
-pub struct FwCfgKind;
-pub static KIND: FwCfgKind = FwCfgKind;
-
-impl Kind for FwCfgKind {
-    fn name(&self) -> &'static str {
-        "fw_cfg_io"
-    }
-    fn drivers(&self) -> &'static [Driver] {
-        &[Driver { name: "fw_cfg_io", bus: Bus::Fixed }]
-    }
-    fn help(&self) -> &'static str {
-        ""
-    }
-    fn sandbox(&self) -> Sandbox {
-        Sandbox::default()
-    }
-    fn max(&self) -> Option<usize> {
-        Some(1)
-    }
-    fn machine_only(&self) -> bool {
-        true
-    }
-    fn parse(&self, _: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
-        Ok(Box::new(FirmwareConfig))
-    }
-}
+pub static KIND: MachineOnly = MachineOnly {
+    drivers: &[Driver { name: "fw_cfg_io", bus: Bus::Fixed }],
+    device: || Box::new(FirmwareConfig),
+};
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct FirmwareConfig;

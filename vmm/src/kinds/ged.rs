@@ -7,37 +7,14 @@ use std::sync::{Arc, Mutex};
 use boot::layout::{GED_IRQ, GED_MMIO_BASE, GED_MMIO_SIZE};
 use devices::legacy::{EventFdTrigger, Ged, GED_EVT_POWER_BUTTON};
 
-use super::{Built, Bus, Device, Driver, HostSide, Kind, Nothing, OpenContext, OpenError};
-use super::{RunContext, Sandbox, Unresolved};
-use crate::cli::{CliError, QemuOpts};
+use super::{Built, Bus, Device, Driver, HostSide, MachineOnly, Nothing, OpenContext};
+use super::{OpenError, RunContext, Sandbox};
 use crate::ctl::{Class, Command, CtlError, DeviceControl};
 
-pub struct GedKind;
-pub static KIND: GedKind = GedKind;
-
-impl Kind for GedKind {
-    fn name(&self) -> &'static str {
-        "acpi-ged"
-    }
-    fn drivers(&self) -> &'static [Driver] {
-        &[Driver { name: "acpi-ged", bus: Bus::Fixed }]
-    }
-    fn help(&self) -> &'static str {
-        ""
-    }
-    fn sandbox(&self) -> Sandbox {
-        Sandbox::default()
-    }
-    fn max(&self) -> Option<usize> {
-        Some(1)
-    }
-    fn machine_only(&self) -> bool {
-        true
-    }
-    fn parse(&self, _: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
-        Ok(Box::new(Events))
-    }
-}
+pub static KIND: MachineOnly = MachineOnly {
+    drivers: &[Driver { name: "acpi-ged", bus: Bus::Fixed }],
+    device: || Box::new(Events),
+};
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Events;

@@ -162,6 +162,39 @@ pub trait Kind: Sync {
     fn parse(&self, opts: &mut QemuOpts, on: Bus) -> Result<Box<dyn Unresolved>, CliError>;
 }
 
+/// A device only the machine adds (`plan::machine_devices`): one driver at
+/// its own ports, at most one, no properties, no `-help` lines of its own,
+/// nothing to confine beyond the main threads' rules.
+pub struct MachineOnly {
+    pub drivers: &'static [Driver],
+    /// Its one configuration.
+    pub device: fn() -> Box<dyn Unresolved>,
+}
+
+impl Kind for MachineOnly {
+    fn name(&self) -> &'static str {
+        self.drivers[0].name
+    }
+    fn drivers(&self) -> &'static [Driver] {
+        self.drivers
+    }
+    fn help(&self) -> &'static str {
+        ""
+    }
+    fn sandbox(&self) -> Sandbox {
+        Sandbox::default()
+    }
+    fn max(&self) -> Option<usize> {
+        Some(1)
+    }
+    fn machine_only(&self) -> bool {
+        true
+    }
+    fn parse(&self, _: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
+        Ok((self.device)())
+    }
+}
+
 /// A parsed `-device` whose references to other options (`drive=`, ...)
 /// are names still: those options may come later on the command line.
 pub trait Unresolved: fmt::Debug + Send {

@@ -7,37 +7,14 @@ use boot::layout::{RTC_IRQ, RTC_PORT};
 use devices::legacy::{Rtc, RtcTimer};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Built, Bus, Device, Driver, HostSide, Kind, Nothing, OpenContext, OpenError};
-use super::{RunContext, Sandbox, Unresolved};
-use crate::cli::{CliError, QemuOpts};
+use super::{Built, Bus, Device, Driver, HostSide, MachineOnly, Nothing, OpenContext};
+use super::{OpenError, RunContext, Sandbox};
 use crate::vm::io_err;
 
-pub struct RtcKind;
-pub static KIND: RtcKind = RtcKind;
-
-impl Kind for RtcKind {
-    fn name(&self) -> &'static str {
-        "mc146818rtc"
-    }
-    fn drivers(&self) -> &'static [Driver] {
-        &[Driver { name: "mc146818rtc", bus: Bus::Fixed }]
-    }
-    fn help(&self) -> &'static str {
-        ""
-    }
-    fn sandbox(&self) -> Sandbox {
-        Sandbox::default()
-    }
-    fn max(&self) -> Option<usize> {
-        Some(1)
-    }
-    fn machine_only(&self) -> bool {
-        true
-    }
-    fn parse(&self, _: &mut QemuOpts, _: Bus) -> Result<Box<dyn Unresolved>, CliError> {
-        Ok(Box::new(Cmos))
-    }
-}
+pub static KIND: MachineOnly = MachineOnly {
+    drivers: &[Driver { name: "mc146818rtc", bus: Bus::Fixed }],
+    device: || Box::new(Cmos),
+};
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Cmos;
