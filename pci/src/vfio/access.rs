@@ -263,4 +263,15 @@ pub mod fake {
         }
         f
     }
+
+    /// `nvme()` whose BAR 0 can be mapped: regions come from /dev/zero,
+    /// BAR 0 at offset 0x10000 of it.
+    pub fn nvme_mappable() -> Fake {
+        let mut f = nvme();
+        f.mmap_file = Some(std::fs::File::open("/dev/zero").expect("/dev/zero"));
+        if let Some(bar) = f.regions.get_mut(&0) {
+            bar.fd_offset = 0x10000;
+        }
+        f
+    }
 }

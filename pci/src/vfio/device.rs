@@ -497,10 +497,7 @@ mod tests {
     /// x-no-mmap, or a device without a descriptor to map, nothing is.
     #[test]
     fn direct_areas_leave_the_msix_pages_out() {
-        let mut fake = nvme();
-        fake.mmap_file = Some(std::fs::File::open("/dev/zero").unwrap());
-        fake.regions.get_mut(&0).unwrap().fd_offset = 0x10000;
-        let fake = Arc::new(fake);
+        let fake = Arc::new(super::super::access::fake::nvme_mappable());
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let routes: Arc<Routes> = Arc::new(Routes::default());
         let d = VfioPciDevice::new(

@@ -553,12 +553,9 @@ mod tests {
     #[test]
     fn vfio_slots_follow_memory_decode_and_bar_moves() {
         use super::super::virtio::tests::NoKvm;
-        use pci::vfio::{access::fake::nvme, HostLayout, VfioPciDevice};
+        use pci::vfio::{access::fake::nvme_mappable, HostLayout, VfioPciDevice};
 
-        let mut fake = nvme();
-        fake.mmap_file = Some(std::fs::File::open("/dev/zero").unwrap());
-        fake.regions.get_mut(&0).unwrap().fd_offset = 0x10000;
-        let fake = Arc::new(fake);
+        let fake = Arc::new(nvme_mappable());
         let layout = HostLayout::probe(&*fake, true).unwrap();
         let gsis = pci::vfio::Gsis { msix: (24..89).collect(), msi: Vec::new() };
         let dev = VfioPciDevice::new(fake, &layout, false, false, gsis, Arc::new(NoKvm)).unwrap();
