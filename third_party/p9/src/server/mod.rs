@@ -582,6 +582,8 @@ pub struct Server {
     // skiff: the share, opened once (O_PATH): an attach duplicates it, so
     // none needs a path lookup once skiff's sandbox is on.
     root: File,
+    // skiff: the share root's (device, inode), for Treaddir's "..".
+    root_id: (u64, u64),
     cfg: Config,
     // skiff: the configured msize, which each Tversion negotiates from (a
     // rebooted guest may ask for more than the last one).
@@ -636,10 +638,12 @@ impl Server {
         })?;
         // Safe because we just opened this fd and we know it is valid.
         let root = unsafe { File::from_raw_fd(fd) };
+        let st = stat(&root)?;
         Ok(Server {
             fids: BTreeMap::new(),
             proc,
             root,
+            root_id: (st.st_dev, st.st_ino),
             max_msize: cfg.msize,
             read_buf: Vec::new(),
             cfg,
@@ -1240,8 +1244,7 @@ impl Server {
         // sees it (a walk there stays put): not the host's parent, whose
         // inode and times are none of the guest's business.
         let here = stat(&fid.path)?;
-        let root = stat(&self.root)?;
-        let at_root = here.st_dev == root.st_dev && here.st_ino == root.st_ino;
+        let at_root = (here.st_dev, here.st_ino) == self.root_id;
 
         let dir = fid.file.as_mut().ok_or_else(ebadf)?;
         let mut dirents = read_dir(dir, readdir.offset as libc::c_long)?;
