@@ -173,11 +173,20 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
     if let console::ConsoleTarget::Stdio { signal } = console {
         console::enter_raw_mode(signal);
     }
+    // Devices' events reach every QMP client through one relay, whose
+    // throttle outlives a guest reboot.
+    let notices = Arc::new(ctl::Notices::new().map_err(Error::Qmp)?);
+    let relay: Option<vm::Subscriber> = match servers.is_empty() {
+        true => None,
+        false => Some(Arc::new(Mutex::new(
+            qmp::EventRelay::new(servers.clone(), notices.clone()).map_err(Error::Qmp)?,
+        ))),
+    };
     let monitors = |controls: &ctl::Controls| -> Vec<vm::Subscriber> {
         let handler = |s: &Arc<Mutex<qmp::QmpServer>>| -> vm::Subscriber {
             Arc::new(Mutex::new(qmp::QmpHandler::new(s.clone(), controls.clone())))
         };
-        servers.iter().map(handler).collect()
+        servers.iter().map(handler).chain(relay.clone()).collect()
     };
     let machine = vm::Machine {
         cfg,
@@ -188,6 +197,7 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
         console: serial.as_ref(),
         signal_evt,
         monitors: &monitors,
+        notices: &notices,
     };
     // Dropping the servers (here or on an early return) removes the sockets.
     run_until_end(&machine, &servers, &mut files)

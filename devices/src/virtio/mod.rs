@@ -11,6 +11,7 @@
 //! eventfds and never passes through skiff. The data plane runs on a
 //! `worker::Worker` thread of the device's own.
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod mmio;

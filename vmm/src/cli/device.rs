@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(err(""), "-device: missing property 'driver'");
         assert_eq!(err("id=x"), "-device: missing property 'driver'");
         assert_eq!(err("virtio-9p-pci"), "-device virtio-9p-pci: missing property 'fsdev'");
-        for driver in ["vhost-user-blk-pci", "virtio-balloon-pci", "virtio-balloon-device"] {
+        for driver in ["vhost-user-blk-pci", "virtio-serial-pci", "virtio-keyboard-pci"] {
             assert_eq!(err(driver), format!("-device: '{driver}' is not supported yet"));
         }
         assert_eq!(err("i8042,foo=1"), "-device i8042: unknown property 'foo'");
@@ -252,6 +252,36 @@ mod tests {
         assert!(err("virtio-rng-pci,disable-legacy=off").contains("legacy virtio"));
         assert!(err("virtio-rng-pci,vectors=4096").contains("'vectors'"));
         assert!(err("virtio-rng-device,addr=2.0").contains("unknown property 'addr'"));
+        assert!(err("virtio-balloon-pci,free-page-hint=on").contains("free-page-hint=on"));
+        assert!(err("virtio-balloon-pci,page-poison=on").contains("page-poison=on"));
+        assert!(err("virtio-balloon-pci,guest-stats-polling-interval=4294967296")
+            .contains("timer value is too big"));
+        assert!(
+            err("virtio-balloon-device,free-page-reporting=maybe").contains("free-page-reporting")
+        );
+        assert!(err("virtio-balloon-pci,iothread=io0").contains("unknown property 'iothread'"));
+    }
+
+    /// microvm.nix's balloon line, on both transports.
+    #[test]
+    fn balloon_as_microvm_nix_writes_it() {
+        use crate::kinds::balloon::Balloons;
+        use devices::virtio::balloon::BalloonConfig;
+        for (arg, bus) in [
+            (
+                "virtio-balloon-pci,free-page-reporting=on,id=balloon0,deflate-on-oom=on",
+                Bus::VirtioPci,
+            ),
+            ("virtio-balloon-device,free-page-reporting=on,id=balloon0", Bus::VirtioMmio),
+        ] {
+            let d = device(arg).unwrap();
+            assert_eq!(d.bus, bus);
+            assert_eq!(d.id.as_deref(), Some("balloon0"));
+        }
+        let d =
+            device("virtio-balloon-pci,guest-stats-polling-interval=2,deflate-on-oom=on").unwrap();
+        let config = BalloonConfig { deflate_on_oom: true, free_page_reporting: false };
+        assert_eq!(format!("{:?}", d.device), format!("{:?}", Balloons { config, poll_secs: 2 }));
     }
 
     fn smbios(args: &[&str]) -> Result<Option<SmbiosType1>, String> {

@@ -101,12 +101,14 @@ Monitor:
 -qmp tcp:HOST:PORT,server[,nowait]
                          commands: qmp_capabilities, query-status,
                          query-version, query-commands, system_powerdown,
-                         system_reset, quit, input-send-event
+                         system_reset, quit, input-send-event, balloon,
+                         query-balloon; events SHUTDOWN, RESET, POWERDOWN,
+                         BALLOON_CHANGE
 -monitor none            no human monitor (the only form accepted)
 
 Every other QEMU option (for example -blockdev, -fw_cfg), every other
 -netdev type (socket, stream, vde, ...), every other -object type, and every other
--device (for example virtio-balloon-pci, virtio-serial) is not supported yet: skiff
+-device (for example virtio-serial, virtio-keyboard) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
 

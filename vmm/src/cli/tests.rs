@@ -546,7 +546,9 @@ fn devices() {
         &["-device", "i8042,id=x", "-device", "isa-debug-exit,id=x"],
         "-device: duplicate id 'x'",
     );
-    for driver in ["vhost-user-blk-pci", "virtio-balloon-pci"] {
+    let two = ["-device", "virtio-balloon-device", "-device", "virtio-balloon-device"];
+    assert!(error(&two).contains("virtio-balloon"), "one balloon per machine: {}", error(&two));
+    for driver in ["vhost-user-blk-pci", "virtio-serial-pci"] {
         fails(
             &["-device", &format!("{driver},id=x")],
             &format!("-device: '{driver}' is not supported yet"),

@@ -23,6 +23,10 @@ pub enum Command {
     PowerButton,
     /// Key events, in order (`input-send-event`).
     Keys(Vec<KeyEvent>),
+    /// Asks the guest to keep this many bytes of RAM (`balloon`).
+    BalloonTarget(u64),
+    /// How much RAM the guest keeps now (`query-balloon`).
+    QueryBalloon,
 }
 
 impl Command {
@@ -31,6 +35,7 @@ impl Command {
         match self {
             Command::PowerButton => Class::PowerButton,
             Command::Keys(_) => Class::Keyboard,
+            Command::BalloonTarget(_) | Command::QueryBalloon => Class::Balloon,
         }
     }
 }
@@ -40,6 +45,7 @@ impl Command {
 pub enum Class {
     PowerButton,
     Keyboard,
+    Balloon,
 }
 
 impl Class {
@@ -48,6 +54,8 @@ impl Class {
         match self {
             Class::PowerButton => "no ACPI power button (the machine has acpi=off)",
             Class::Keyboard => "no keyboard (add -device i8042)",
+            // QEMU's words (qmp_balloon's DeviceNotActive).
+            Class::Balloon => "No balloon device has been activated",
         }
     }
 }
@@ -60,12 +68,22 @@ pub enum CtlError {
     Failed(String),
 }
 
+/// What a device says back to a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Done,
+    /// The guest's RAM less what its balloon holds, in bytes.
+    Balloon {
+        actual: u64,
+    },
+}
+
 /// A device's control face.
 pub trait DeviceControl: Send + Sync {
     /// The classes of commands it takes.
     fn classes(&self) -> &'static [Class];
     /// Carries out a command of one of its classes.
-    fn command(&self, cmd: &Command) -> Result<(), CtlError>;
+    fn command(&self, cmd: &Command) -> Result<Answer, CtlError>;
 }
 
 struct Face {
@@ -89,12 +107,61 @@ impl Faces {
 
     /// Sends `cmd` to the first device that takes its class (QEMU sends
     /// keys to the first keyboard, the power button to the machine's).
-    pub fn send(&self, cmd: &Command) -> Result<(), CtlError> {
+    pub fn send(&self, cmd: &Command) -> Result<Answer, CtlError> {
         let class = cmd.class();
         match self.0.iter().find(|f| f.ctl.classes().contains(&class)) {
             Some(face) => face.ctl.command(cmd),
             None => Err(CtlError::NoDevice(class.missing())),
         }
+    }
+}
+
+/// What a device tells the monitors of its own accord (QMP events).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The balloon moved: the guest keeps `actual` bytes (`BALLOON_CHANGE`).
+    BalloonChange { actual: u64 },
+}
+
+impl Notice {
+    /// A newer notice of the same kind makes this one stale.
+    fn supersedes(&self, older: &Notice) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(older)
+    }
+}
+
+/// Notices on their way from devices (any thread) to the monitors (the
+/// event loop, woken through `eventfd`). A notice replaces a queued one of
+/// its kind, so a guest that moves its balloon a million times queues one.
+pub struct Notices {
+    queue: std::sync::Mutex<Vec<Notice>>,
+    wake: vmm_sys_util::eventfd::EventFd,
+}
+
+impl Notices {
+    pub fn new() -> std::io::Result<Self> {
+        let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        Ok(Notices { queue: std::sync::Mutex::new(Vec::new()), wake })
+    }
+
+    pub fn post(&self, n: Notice) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|old| !n.supersedes(old));
+        q.push(n);
+        drop(q);
+        if let Err(e) = self.wake.write(1) {
+            devices::error_limited!("control: cannot wake the monitors: {e}");
+        }
+    }
+
+    /// Everything posted since the last call, oldest first.
+    pub fn take(&self) -> Vec<Notice> {
+        let _ = self.wake.read();
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn eventfd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        &self.wake
     }
 }
 
@@ -132,9 +199,9 @@ mod tests {
         fn classes(&self) -> &'static [Class] {
             self.classes
         }
-        fn command(&self, cmd: &Command) -> Result<(), CtlError> {
+        fn command(&self, cmd: &Command) -> Result<Answer, CtlError> {
             self.got.lock().unwrap().push(cmd.clone());
-            Ok(())
+            Ok(Answer::Done)
         }
     }
 
@@ -159,5 +226,19 @@ mod tests {
         assert!(kbd2.got.lock().unwrap().is_empty());
         let none = Faces::default();
         assert!(matches!(none.send(&keys), Err(CtlError::NoDevice(_))));
+    }
+
+    /// A notice replaces a queued one of its kind; the eventfd says there
+    /// is something to take.
+    #[test]
+    fn notices_coalesce_by_kind() {
+        let n = Notices::new().unwrap();
+        assert!(n.take().is_empty());
+        n.post(Notice::BalloonChange { actual: 3 });
+        n.post(Notice::BalloonChange { actual: 2 });
+        assert_eq!(n.eventfd().read().unwrap(), 2);
+        n.post(Notice::BalloonChange { actual: 1 });
+        assert_eq!(n.take(), [Notice::BalloonChange { actual: 1 }]);
+        assert!(n.eventfd().read().is_err(), "taken: nothing to wake for");
     }
 }

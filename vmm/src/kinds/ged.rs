@@ -9,7 +9,7 @@ use devices::legacy::{EventFdTrigger, Ged, GED_EVT_POWER_BUTTON};
 
 use super::{Built, Bus, Device, Driver, HostSide, MachineOnly, Nothing, OpenContext};
 use super::{OpenError, RunContext, Sandbox};
-use crate::ctl::{Class, Command, CtlError, DeviceControl};
+use crate::ctl::{Answer, Class, Command, CtlError, DeviceControl};
 
 pub static KIND: MachineOnly = MachineOnly {
     drivers: &[Driver { name: "acpi-ged", bus: Bus::Fixed }],
@@ -46,9 +46,10 @@ impl DeviceControl for PowerButton {
         &[Class::PowerButton]
     }
 
-    fn command(&self, _: &Command) -> Result<(), CtlError> {
+    fn command(&self, _: &Command) -> Result<Answer, CtlError> {
         let mut ged = self.0.lock().unwrap_or_else(|e| e.into_inner());
         ged.notify(GED_EVT_POWER_BUTTON)
+            .map(|()| Answer::Done)
             .map_err(|e| CtlError::Failed(format!("cannot raise the GED interrupt: {e}")))
     }
 }

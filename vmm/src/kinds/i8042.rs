@@ -11,7 +11,7 @@ use devices::BusDevice;
 use super::{Built, Bus, Device, Driver, Facts, HostSide, Kind, Nothing, OpenContext, OpenError};
 use super::{RunContext, Sandbox, Unresolved};
 use crate::cli::{CliError, QemuOpts};
-use crate::ctl::{keys, Class, Command, CtlError, DeviceControl};
+use crate::ctl::{keys, Answer, Class, Command, CtlError, DeviceControl};
 
 pub struct I8042Kind;
 pub static KIND: I8042Kind = I8042Kind;
@@ -75,7 +75,7 @@ impl DeviceControl for Keyboard {
         &[Class::Keyboard]
     }
 
-    fn command(&self, cmd: &Command) -> Result<(), CtlError> {
+    fn command(&self, cmd: &Command) -> Result<Answer, CtlError> {
         let Command::Keys(events) = cmd else {
             return Err(CtlError::Failed("the i8042 takes only key events".into()));
         };
@@ -86,6 +86,6 @@ impl DeviceControl for Keyboard {
                 kbd.push_keyboard_bytes(&bytes);
             }
         }
-        Ok(())
+        Ok(Answer::Done)
     }
 }

@@ -26,6 +26,7 @@ use devices::virtio::VirtioDevice;
 use crate::cli::{CliError, QemuOpts};
 use crate::config::VmConfig;
 
+pub mod balloon;
 pub mod block;
 pub mod debug_exit;
 pub mod fs;
@@ -53,6 +54,7 @@ pub static KINDS: &[&dyn Kind] = &[
     &vsock::KIND,
     &net::KIND,
     &p9::KIND,
+    &balloon::KIND,
     &root_port::KIND,
     &vfio::KIND,
     &rtc::KIND,
@@ -120,6 +122,9 @@ pub struct Sandbox {
     /// VFIO ioctls (a passed-through device's interrupts, from a vCPU's
     /// config write).
     pub vfio: bool,
+    /// Its worker gives guest RAM back to the host: fallocate (a memfd's
+    /// hole; madvise every thread may call).
+    pub ram_discard: bool,
 }
 
 impl Sandbox {
@@ -134,6 +139,7 @@ impl Sandbox {
             uring: self.uring || o.uring,
             vhost: self.vhost || o.vhost,
             vfio: self.vfio || o.vfio,
+            ram_discard: self.ram_discard || o.ram_discard,
         }
     }
 }
@@ -250,6 +256,9 @@ pub struct Facts {
     pub maps_guest_ram: bool,
     /// A PCIe root port: the allocator gives it a bus behind it.
     pub root_port: bool,
+    /// It DMAs into guest RAM through pinned mappings (VFIO): RAM cannot
+    /// be given back while it runs (QEMU inhibits ballooning then).
+    pub pins_guest_ram: bool,
 }
 
 /// Why a device's host side could not be opened: what (`-drive id=d0`,
@@ -342,6 +351,10 @@ pub struct RunContext<'a> {
     /// Tells KVM of a VFIO group the run's devices DMA through (its VFIO
     /// device, made on first use; a group told twice is told once).
     pub vfio_group: &'a dyn Fn(std::os::fd::BorrowedFd<'_>) -> crate::vm::Result<()>,
+    /// Gives guest RAM back to the host (a balloon's pages).
+    pub discard: &'a Arc<dyn devices::virtio::balloon::RamDiscard>,
+    /// Where a device tells the monitors things (QMP events).
+    pub notices: &'a Arc<crate::ctl::Notices>,
 }
 
 /// Where a PCI function's MSI(-X) vectors go.

@@ -105,6 +105,9 @@ impl Device for Passthrough {
     fn sandbox(&self) -> Sandbox {
         KIND.sandbox()
     }
+    fn facts(&self) -> super::Facts {
+        super::Facts { pins_guest_ram: true, ..Default::default() }
+    }
 }
 
 struct Opened {

@@ -1,7 +1,9 @@
 //! QMP, the QEMU Machine Protocol: the control socket microvm.nix (and
 //! other QEMU tooling) uses to power a VM down, reset it, or send keys.
 
+mod events;
 pub(crate) mod protocol;
 mod server;
 
+pub use events::EventRelay;
 pub use server::{QmpHandler, QmpServer};

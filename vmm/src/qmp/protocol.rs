@@ -18,6 +18,18 @@ pub enum Request {
     Quit,
     /// Key events, in order, to the first keyboard.
     Keys(Vec<KeyEvent>),
+    /// `balloon`'s target in bytes, as given (answered by the machine).
+    Balloon(i64),
+    /// `query-balloon` (answered by the machine).
+    QueryBalloon,
+}
+
+impl Request {
+    /// Whether the machine's answer is the response: the session leaves
+    /// it to whoever carries the request out (`answer`).
+    pub fn answered_by_machine(&self) -> bool {
+        matches!(self, Request::Balloon(_) | Request::QueryBalloon)
+    }
 }
 
 const COMMANDS: &[&str] = &[
@@ -29,6 +41,8 @@ const COMMANDS: &[&str] = &[
     "system_reset",
     "quit",
     "input-send-event",
+    "balloon",
+    "query-balloon",
 ];
 
 /// The QEMU version skiff's QMP reports: the one whose protocol it follows.
@@ -207,8 +221,23 @@ impl Session {
                 Err(e) => Reply::only(e),
             };
         }
+        if command == "balloon" {
+            let value = no_args(&args, &["value"]).and_then(|()| match args.get("value") {
+                None => Err(error("GenericError", "Parameter 'value' is missing")),
+                Some(v) => v.as_i64().ok_or_else(|| {
+                    error("GenericError", "Invalid parameter type for 'value', expected: integer")
+                }),
+            });
+            return match value {
+                Ok(v) => Reply { response: json!({}), request: Some(Request::Balloon(v)) },
+                Err(e) => Reply::only(e),
+            };
+        }
         if let Err(e) = no_args(&args, &[]) {
             return Reply::only(e);
+        }
+        if command == "query-balloon" {
+            return Reply { response: json!({}), request: Some(Request::QueryBalloon) };
         }
         let ok = json!({ "return": {} });
         match command.as_str() {
@@ -227,6 +256,25 @@ impl Session {
             // "quit" is the only one left.
             _ => Reply { response: ok, request: Some(Request::Quit) },
         }
+    }
+}
+
+impl Reply {
+    /// The response to a request the machine answers
+    /// (`Request::answered_by_machine`): its answer, or the error QEMU
+    /// gives, with the command's `id`.
+    pub fn answer(&self, result: Result<crate::ctl::Answer, crate::ctl::CtlError>) -> Value {
+        use crate::ctl::{Answer, CtlError};
+        let mut response = match result {
+            Ok(Answer::Done) => json!({ "return": {} }),
+            Ok(Answer::Balloon { actual }) => json!({ "return": { "actual": actual } }),
+            Err(CtlError::NoDevice(desc)) => error("DeviceNotActive", desc),
+            Err(CtlError::Failed(desc)) => error("GenericError", desc),
+        };
+        if let (Some(id), Value::Object(r)) = (self.response.get("id"), &mut response) {
+            r.insert("id".into(), id.clone());
+        }
+        response
     }
 }
 
@@ -316,6 +364,9 @@ pub(crate) mod tests {
             r#"{"execute":"input-send-event","arguments":{"events":[{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"ctrl"}}}]}}"#,
             r#"{"execute":"input-send-event","arguments":{"events":[{"type":"key","data":{"down":1,"key":{"type":"number","data":-1}}}]}}"#,
             r#"{"execute":"input-send-event","arguments":{"events":"x"}}"#,
+            r#"{"execute":"balloon","arguments":{"value":268435456}}"#,
+            r#"{"execute":"balloon","arguments":{"value":-9223372036854775808}}"#,
+            r#"{"execute":"query-balloon","id":2}"#,
             r#"{"execute":5}"#,
             r#"{"arguments":[]}"#,
             "[1,2,3]",
@@ -361,7 +412,15 @@ pub(crate) mod tests {
                 rounds += 1;
                 assert!(rounds <= bytes.len() + 1, "the decoder does not make progress");
                 let reply = session.handle(input, rng.one_in(2), &devices);
-                let obj = reply.response.as_object().expect("a reply is an object");
+                // What the machine answers is answered here as a machine
+                // without the device would.
+                let response = match &reply.request {
+                    Some(r) if r.answered_by_machine() => {
+                        reply.answer(Err(crate::ctl::CtlError::NoDevice("none")))
+                    }
+                    _ => reply.response.clone(),
+                };
+                let obj = response.as_object().expect("a reply is an object");
                 assert!(obj.contains_key("return") || obj.contains_key("error"));
             }
         }
@@ -444,6 +503,37 @@ pub(crate) mod tests {
         );
         assert_eq!(send(&mut s, r#"{"execute":"quit"}"#).request, Some(Request::Quit));
         assert_eq!(send(&mut s, r#"{"execute":"system_reset"}"#).request, Some(Request::Reset));
+    }
+
+    /// `balloon` and `query-balloon` are checked here and answered by the
+    /// machine, with the command's id; bad arguments never reach it.
+    #[test]
+    fn balloon_commands_as_qemu_takes_them() {
+        use crate::ctl::{Answer, CtlError};
+        let mut s = Session { negotiated: true };
+        let r = send(&mut s, r#"{"execute":"balloon","arguments":{"value":268435456},"id":3}"#);
+        assert_eq!(r.request, Some(Request::Balloon(256 << 20)));
+        assert_eq!(r.answer(Ok(Answer::Done)), json!({"return": {}, "id": 3}));
+        let missing = r.answer(Err(CtlError::NoDevice("No balloon device has been activated")));
+        assert_eq!(missing["error"]["class"], "DeviceNotActive");
+        assert_eq!(missing["id"], 3);
+        let r = send(&mut s, r#"{"execute":"query-balloon"}"#);
+        assert_eq!(r.request, Some(Request::QueryBalloon));
+        assert_eq!(r.answer(Ok(Answer::Balloon { actual: 5 })), json!({"return": {"actual": 5}}));
+        for bad in [
+            r#"{"execute":"balloon"}"#,
+            r#"{"execute":"balloon","arguments":{"value":"1G"}}"#,
+            r#"{"execute":"balloon","arguments":{"value":1.5}}"#,
+            r#"{"execute":"balloon","arguments":{"value":1,"x":2}}"#,
+            r#"{"execute":"query-balloon","arguments":{"x":2}}"#,
+        ] {
+            let r = send(&mut s, bad);
+            assert_eq!((class(&r), r.request.is_none()), ("GenericError", true), "{bad}");
+        }
+        // Negative targets are the machine's to refuse (after it checked
+        // there is a balloon, as QEMU's order is).
+        let r = send(&mut s, r#"{"execute":"balloon","arguments":{"value":-1}}"#);
+        assert_eq!(r.request, Some(Request::Balloon(-1)));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::protocol::{self, Request, Session};
 use crate::config::{QmpAddress, QmpConfig};
-use crate::ctl::{Command, Controls, CtlError};
+use crate::ctl::{Answer, Command, Controls, CtlError};
 
 enum Listener {
     Unix(UnixListener, PathBuf),
@@ -294,7 +294,7 @@ impl QmpHandler {
         let sent = match request {
             Request::Powerdown => {
                 server.emit("POWERDOWN", None);
-                self.vm.faces.send(&Command::PowerButton)
+                self.vm.faces.send(&Command::PowerButton).map(drop)
             }
             Request::Reset => {
                 self.vm.machine.reset();
@@ -304,13 +304,32 @@ impl QmpHandler {
                 self.vm.machine.quit();
                 Ok(())
             }
-            Request::Keys(events) => self.vm.faces.send(&Command::Keys(events)),
+            Request::Keys(events) => self.vm.faces.send(&Command::Keys(events)).map(drop),
+            // Answered when they came (`answer`).
+            Request::Balloon(_) | Request::QueryBalloon => Ok(()),
         };
         match sent {
             Ok(()) => {}
             // As QEMU: the request is accepted; nothing hears it.
             Err(e @ CtlError::NoDevice(_)) => devices::warn_limited!("qmp: no effect: {e}"),
             Err(e) => devices::warn_limited!("qmp: {e}"),
+        }
+    }
+
+    /// Carries out a request whose answer is the response.
+    fn answer(&self, request: &Request) -> Result<Answer, CtlError> {
+        match *request {
+            Request::QueryBalloon => self.vm.faces.send(&Command::QueryBalloon),
+            Request::Balloon(value) => {
+                // QEMU's order: no balloon first, then a bad size.
+                self.vm.faces.send(&Command::QueryBalloon)?;
+                let value = u64::try_from(value)
+                    .ok()
+                    .filter(|&v| v > 0)
+                    .ok_or_else(|| CtlError::Failed("Parameter 'target' expects a size".into()))?;
+                self.vm.faces.send(&Command::BalloonTarget(value))
+            }
+            _ => Ok(Answer::Done),
         }
     }
 
@@ -349,7 +368,10 @@ impl QmpHandler {
             let client = server.client.as_mut().expect("checked above");
             let Some(input) = super::protocol::take_input(&mut client.inbuf) else { break };
             let running = self.vm.machine.running();
-            let reply = client.session.handle(input, running, &self.vm.device_ids);
+            let mut reply = client.session.handle(input, running, &self.vm.device_ids);
+            if let Some(r) = reply.request.take_if(|r| r.answered_by_machine()) {
+                reply.response = reply.answer(self.answer(&r));
+            }
             // An answered command runs even if the client is already gone.
             requests.extend(reply.request);
             client.send(&reply.response);

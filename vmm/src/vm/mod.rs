@@ -154,6 +154,8 @@ pub struct Machine<'a> {
     pub signal_evt: &'a EventFd,
     /// The monitors (QMP) that serve each run, given its controls.
     pub monitors: &'a Monitors<'a>,
+    /// Where devices tell the monitors things (QMP events).
+    pub notices: &'a Arc<crate::ctl::Notices>,
 }
 
 /// An event-loop subscriber of a run (monitors, relays, resamplers,
@@ -220,6 +222,7 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
     m.backends.attach(&mem)?;
 
     let control = Arc::new(Control::new().map_err(io_err("eventfd"))?);
+    let discard = m.ram.discarder();
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
     let ctx = board::BoardContext {
@@ -234,6 +237,8 @@ pub fn run(m: &Machine<'_>, files: &mut BootFiles) -> Result<RunEnd> {
         pio: &pio,
         mmio: &mmio,
         guest_map: &map,
+        discard: &discard,
+        notices: m.notices,
     };
     let mut board = board::build(&ctx)?;
 

@@ -288,6 +288,9 @@ const DISK_IO: &[i64] = &[
     libc::SYS_lseek,
 ];
 
+/// Giving guest RAM back (a balloon): a hole punched in a memfd.
+const RAM_DISCARD: &[i64] = &[libc::SYS_fallocate];
+
 /// `aio=io_uring`'s rings: only threads of a machine whose disk has one.
 const URING: &[i64] =
     &[libc::SYS_io_uring_setup, libc::SYS_io_uring_register, libc::SYS_io_uring_enter];
@@ -483,6 +486,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
     for (on, set) in [
         (events, EVENTS),
         (disk, DISK_IO),
+        (devices && needs.ram_discard, RAM_DISCARD),
         (uring, URING),
         (main, MAIN_ONLY),
         (main && needs.vfio, VFIO_TEARDOWN),

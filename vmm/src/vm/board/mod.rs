@@ -45,6 +45,10 @@ pub(super) struct BoardContext<'a> {
     pub mmio: &'a Arc<Bus>,
     /// The run's guest-physical map (a passed-through BAR's slots).
     pub guest_map: &'a Arc<Mutex<super::memory::GuestMap>>,
+    /// Gives guest RAM back to the host (a balloon's pages).
+    pub discard: &'a Arc<dyn devices::virtio::balloon::RamDiscard>,
+    /// Where devices tell the monitors things.
+    pub notices: &'a Arc<crate::ctl::Notices>,
 }
 
 #[derive(Default)]
@@ -93,6 +97,8 @@ pub(super) fn build(ctx: &BoardContext<'_>) -> Result<Board> {
             msi: crate::kinds::MsiContext { allocate: &allocate, router: router.clone() },
             vfio_group: &vfio_group,
             mem: ctx.mem,
+            discard: ctx.discard,
+            notices: ctx.notices,
         };
         match (host.build(&mut run)?, *at) {
             (Built::Placed, Location::Fixed) => {}

@@ -108,6 +108,14 @@ pub(super) mod tests {
         let control: Arc<dyn devices::VmControl> =
             Arc::new(crate::vm::control::Control::new().unwrap());
         let mut faces = crate::ctl::Faces::default();
+        let notices = Arc::new(crate::ctl::Notices::new().unwrap());
+        struct NoDiscard;
+        impl devices::virtio::balloon::RamDiscard for NoDiscard {
+            fn discard(&self, _: u64, _: u64) -> std::io::Result<u64> {
+                Ok(0)
+            }
+        }
+        let discard: Arc<dyn devices::virtio::balloon::RamDiscard> = Arc::new(NoDiscard);
         let mut build = |i: usize| {
             let mut subscribers = Vec::new();
             let mut run = RunContext {
@@ -123,6 +131,8 @@ pub(super) mod tests {
                 msi: crate::kinds::MsiContext { allocate: &|| Ok(24), router: Arc::new(NoKvm) },
                 vfio_group: &|_| Err(Error::Internal("no VFIO here".into())),
                 mem: &mem,
+                discard: &discard,
+                notices: &notices,
             };
             match backends.device(i).unwrap().build(&mut run).unwrap() {
                 Built::Virtio(d) => d,

@@ -84,6 +84,8 @@ pub use map::{GuestMap, HostRange};
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     maps: Vec<(Arc<MmapRegion<()>>, usize, usize)>,
+    /// The host page size behind it: what a discard gives back whole.
+    page: u64,
 }
 
 impl GuestRam {
@@ -92,53 +94,71 @@ impl GuestRam {
         &self.mem
     }
 
-    /// Gives the host back the pages of guest RAM `[addr, addr + len)`
-    /// (page aligned), as a balloon does: the guest reads zeros there
-    /// next. Anonymous RAM drops its pages (MADV_DONTNEED; MADV_REMOVE
-    /// for shared anonymous memory, whose pages would otherwise stay in
-    /// the shared object); a memfd (or hugetlb) punches a hole, so the
-    /// pages also leave the file that a vhost-user backend maps.
-    #[cfg_attr(not(test), expect(dead_code, reason = "the balloon's (issue 30)"))]
-    pub fn discard(&self, addr: u64, len: u64) -> Result<(), Error> {
-        let not_ram = || Error::NotRam { addr, len };
-        let page = 4096;
-        if !addr.is_multiple_of(page) || !len.is_multiple_of(page) || len == 0 {
-            return Err(not_ram());
-        }
-        let region = self
-            .mem
-            .iter()
-            .find(|r| {
-                let start = r.start_addr().raw_value();
-                addr >= start && addr.checked_add(len).is_some_and(|end| end <= start + r.len())
-            })
-            .ok_or_else(not_ram)?;
-        let offset = addr - region.start_addr().raw_value();
-        let failed = |source| Error::Discard { addr, len, source };
-        let shared = region.flags() & libc::MAP_SHARED != 0;
-        if let Some(f) = region.file_offset() {
-            use vmm_sys_util::fallocate::{fallocate, FallocateMode};
-            let at = f.start() + offset;
-            fallocate(f.file(), FallocateMode::PunchHole, true, at, len)
-                .map_err(|e| failed(std::io::Error::from_raw_os_error(e.errno())))?;
-        }
-        // A shared file mapping shows the hole; private pages (copies of
-        // the file's or anonymous ones) are dropped; shared anonymous
-        // memory is a file of its own that only MADV_REMOVE empties.
-        let advice = match (region.file_offset().is_some(), shared) {
-            (true, true) => return Ok(()),
-            (false, true) => libc::MADV_REMOVE,
-            (_, false) => libc::MADV_DONTNEED,
-        };
-        let host = region.as_ptr() as usize + offset as usize;
-        // SAFETY: [host, host + len) lies inside this region's mapping
-        // (checked above); dropping its pages only makes the guest read
-        // zeros (or the file's hole) there next.
-        if unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) } != 0 {
-            return Err(failed(std::io::Error::last_os_error()));
-        }
-        Ok(())
+    /// What gives the guest's pages back to the host (the balloon's).
+    pub fn discarder(&self) -> Arc<dyn devices::virtio::balloon::RamDiscard> {
+        Arc::new(Discarder { mem: self.mem.clone(), page: self.page })
     }
+}
+
+/// Gives guest RAM back to the host, as a balloon does: the guest reads
+/// zeros there next. Anonymous RAM drops its pages (MADV_DONTNEED;
+/// MADV_REMOVE for shared anonymous memory, whose pages would otherwise
+/// stay in the shared object); a memfd (or hugetlb) punches a hole, so
+/// the pages also leave the file that a vhost-user backend maps. Only
+/// whole host pages go (a huge page while any of it is in use stays).
+struct Discarder {
+    mem: GuestMemoryMmap,
+    page: u64,
+}
+
+impl devices::virtio::balloon::RamDiscard for Discarder {
+    fn discard(&self, addr: u64, len: u64) -> std::io::Result<u64> {
+        discard(&self.mem, self.page, addr, len).map_err(std::io::Error::other)
+    }
+}
+
+/// Discards the whole `page`-sized pages inside `[addr, addr + len)`, all
+/// in one RAM region; how many bytes that was.
+fn discard(mem: &GuestMemoryMmap, page: u64, addr: u64, len: u64) -> Result<u64, Error> {
+    let not_ram = || Error::NotRam { addr, len };
+    let end = addr.checked_add(len).ok_or_else(not_ram)?;
+    let region = mem
+        .iter()
+        .find(|r| {
+            let start = r.start_addr().raw_value();
+            addr >= start && end <= start + r.len()
+        })
+        .ok_or_else(not_ram)?;
+    let (addr, end) = (addr.next_multiple_of(page), end - end % page);
+    if addr >= end {
+        return Ok(0);
+    }
+    let len = end - addr;
+    let offset = addr - region.start_addr().raw_value();
+    let failed = |source| Error::Discard { addr, len, source };
+    let shared = region.flags() & libc::MAP_SHARED != 0;
+    if let Some(f) = region.file_offset() {
+        use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+        let at = f.start() + offset;
+        fallocate(f.file(), FallocateMode::PunchHole, true, at, len)
+            .map_err(|e| failed(std::io::Error::from_raw_os_error(e.errno())))?;
+    }
+    // A shared file mapping shows the hole; private pages (copies of the
+    // file's or anonymous ones) are dropped; shared anonymous memory is a
+    // file of its own that only MADV_REMOVE empties.
+    let advice = match (region.file_offset().is_some(), shared) {
+        (true, true) => return Ok(len),
+        (false, true) => libc::MADV_REMOVE,
+        (_, false) => libc::MADV_DONTNEED,
+    };
+    let host = region.as_ptr() as usize + offset as usize;
+    // SAFETY: [host, host + len) lies inside this region's mapping
+    // (checked above); dropping its pages only makes the guest read zeros
+    // (or the file's hole) there next.
+    if unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) } != 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    Ok(len)
 }
 
 impl Drop for GuestRam {
@@ -263,8 +283,8 @@ fn default_huge_page() -> usize {
 pub fn create(size: u64, cfg: &RamConfig, mem_merge: bool) -> Result<GuestRam, Error> {
     let alloc_err = |source| Error::Allocate { size: size >> 20, source };
     let (file, share, align, hugetlb) = match cfg.backing {
-        RamBacking::Anonymous => (None, false, HUGE_PAGE, false),
-        RamBacking::AnonymousShared => (None, true, HUGE_PAGE, false),
+        RamBacking::Anonymous => (None, false, HUGE_PAGE, None),
+        RamBacking::AnonymousShared => (None, true, HUGE_PAGE, None),
         RamBacking::Memfd { share, hugetlb, seal } => {
             let file = memfd(size, hugetlb, seal).map_err(Error::Memfd)?;
             let page = match hugetlb {
@@ -272,7 +292,8 @@ pub fn create(size: u64, cfg: &RamConfig, mem_merge: bool) -> Result<GuestRam, E
                 Some(p) => p as usize,
                 None => HUGE_PAGE,
             };
-            (Some(Arc::new(file)), share, page.max(HUGE_PAGE), hugetlb.is_some())
+            let huge = hugetlb.map(|_| page as u64);
+            (Some(Arc::new(file)), share, page.max(HUGE_PAGE), huge)
         }
     };
     let mut flags = match (&file, share) {
@@ -284,10 +305,11 @@ pub fn create(size: u64, cfg: &RamConfig, mem_merge: bool) -> Result<GuestRam, E
     // Huge pages are reserved when mapped (as QEMU's reserve=on), so a
     // pool too small fails here and not as a SIGBUS mid-boot; other RAM is
     // committed as the guest touches it.
-    if !hugetlb {
+    if hugetlb.is_none() {
         flags |= libc::MAP_NORESERVE;
     }
-    let mut ram = GuestRam { mem: GuestMemoryMmap::default(), maps: Vec::new() };
+    let page = hugetlb.unwrap_or(4096);
+    let mut ram = GuestRam { mem: GuestMemoryMmap::default(), maps: Vec::new(), page };
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (base, len) in ram_ranges(size) {
@@ -358,8 +380,8 @@ mod tests {
     }
 
     /// Discarded RAM reads zeros, on anonymous RAM and on a memfd, whose
-    /// blocks leave the file; a range that is not RAM, or not page
-    /// aligned, is refused.
+    /// blocks leave the file; a range that is not RAM is refused; only the
+    /// whole host pages of a range go.
     #[test]
     fn discarded_ram_reads_zeros_and_leaves_the_memfd() {
         let memfd = RamBacking::Memfd { share: true, hugetlb: None, seal: true };
@@ -381,7 +403,8 @@ mod tests {
                 })
             };
             let before = blocks();
-            ram.discard(0x20_1000, 0x1000).unwrap();
+            let d = ram.discarder();
+            assert_eq!(d.discard(0x20_1000, 0x1000).unwrap(), 0x1000);
             // Before the guest reads: reading a hole of a shared memfd
             // allocates a (zeroed) page again.
             if let (Some(before), Some(after)) = (before, blocks()) {
@@ -392,10 +415,25 @@ mod tests {
                 *b = mem.read_obj(GuestAddress(0x20_0000 + i as u64 * 0x1000)).unwrap();
             }
             assert_eq!(got, [0xa5, 0, 0xa5], "{backing:?}");
-            assert!(ram.discard(0x20_0800, 0x1000).is_err(), "unaligned");
-            assert!(ram.discard(64 << 20, 0x1000).is_err(), "past RAM");
-            assert!(ram.discard(0, 0).is_err(), "empty");
+            // Within one page, nothing; across two, neither whole.
+            assert_eq!(d.discard(0x20_0800, 0x1000).unwrap(), 0);
+            assert_eq!(d.discard(0x20_0000, 0x800).unwrap(), 0);
+            assert_eq!(mem.read_obj::<u8>(at).unwrap(), 0xa5);
+            assert!(d.discard(64 << 20, 0x1000).is_err(), "past RAM");
+            assert!(d.discard(u64::MAX - 0xfff, 0x1000).is_err(), "wraps");
+            assert_eq!(d.discard(0, 0).unwrap(), 0, "empty");
         }
+    }
+
+    /// With huge pages only whole ones go: 4 KiB pages of a 2 MiB page
+    /// stay until the whole page is given.
+    #[test]
+    fn huge_pages_are_discarded_whole() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let huge = 2 << 20;
+        assert_eq!(discard(&mem, huge, 0x20_0000, 0x1000).unwrap(), 0);
+        assert_eq!(discard(&mem, huge, 0x1f_f000, huge + 0x2000).unwrap(), huge);
+        assert_eq!(discard(&mem, huge, 0, 8 << 20).unwrap(), 8 << 20);
     }
 
     /// memory-backend-memfd: both RAM ranges of a 4 GiB guest in one memfd
