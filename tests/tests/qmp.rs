@@ -64,10 +64,11 @@ fn scenarios() -> Vec<Scenario> {
         start("cad")
     );
     // First client: negotiation, a status query, bad JSON, an unknown
-    // command; it leaves. Second client: a fresh greeting, then quit.
+    // command, a balloon with no balloon device; it leaves. Second client: a fresh greeting, then quit.
     let session = format!(
         "{}printf '%s\\n' '{{\"execute\":\"query-status\"}}' '{{\"execute\":\"qmp_capabilities\"}}' \
          '{{\"execute\":\"query-status\",\"id\":\"s1\"}}' 'this is not json' '{{\"execute\":\"frobnicate\"}}' \
+         '{{\"execute\":\"balloon\",\"arguments\":{{\"value\":268435456}},\"id\":\"b1\"}}' \
          '{{\"execute\":\"query-status\",\"id\":\"s2\"}}' | socat -t 2 STDIO UNIX:q.sock > qmp1.txt\n\
          printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"quit\"}}' \
          | socat -t 60 STDIO UNIX:q.sock > qmp2.txt\n{FINISH}",
@@ -185,6 +186,11 @@ fn quit_status_errors_and_a_second_client() {
     assert!(out.contains(r#""id":"s1","return":{"running":true"#), "{}", r.describe());
     assert!(out.contains(r#""class":"GenericError""#), "bad JSON needs an error\n{}", r.describe());
     assert!(out.contains(r#""class":"CommandNotFound","desc":"The command frobnicate"#));
+    assert!(
+        out.contains(r#"{"error":{"class":"DeviceNotActive","desc":"No balloon device has been activated"},"id":"b1"}"#),
+        "balloon without a balloon device\n{}",
+        r.describe()
+    );
     assert!(
         out.contains(r#""id":"s2","return":{"running":true"#),
         "VM must keep running\n{}",
