@@ -47,3 +47,8 @@ pub fn vsock_config(rng: &mut Rng) {
 pub fn fw_cfg(rng: &mut Rng) {
     crate::legacy::fw_cfg::fuzz_ports(rng);
 }
+
+/// A hostile driver's virtio-balloon queues and config writes.
+pub fn virtio_balloon_queues(rng: &mut Rng) {
+    crate::virtio::balloon::tests::fuzz_queues(rng);
+}

@@ -553,5 +553,5 @@ fn parse_stats(mut r: impl Read) -> [Option<u64>; 10] {
     values
 }
 
-#[cfg(test)]
-mod tests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod tests;

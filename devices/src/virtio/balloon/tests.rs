@@ -1,3 +1,8 @@
+//! virtio-balloon on hand-built queues, with a discard that records what
+//! it was given. Built for the fuzz target too (feature `fuzzing`), where
+//! only `fuzz_queues` is used.
+#![cfg_attr(not(test), allow(dead_code, unused_imports))]
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -389,4 +394,94 @@ fn the_worker_serves_inflation() {
     kick.write(1).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     assert_eq!(tqs[0].used().len(), 1, "not served after a reset");
+}
+
+/// Fuzz target: a hostile driver's config writes and inflate, deflate,
+/// stats and reporting chains (bad addresses, lengths, flags, loops,
+/// broken indexes). Nothing panics, and everything given back is whole
+/// 4 KiB pages inside guest RAM.
+#[cfg(test)]
+#[test]
+fn fuzz_balloon_queues() {
+    skiff_tests::fuzz::run("virtio-balloon-queues", 5_000, fuzz_queues);
+}
+
+/// One input of `fuzz_balloon_queues` (also a libFuzzer target: `fuzz/`).
+pub(crate) fn fuzz_queues(rng: &mut skiff_tests::fuzz::Rng) {
+    use skiff_tests::fuzz::Rng;
+    const SIZE: u16 = 16;
+    let mem = guest_mem(MEM);
+    let addr = |rng: &mut Rng| -> u64 {
+        match rng.below(5) {
+            0 => DATA + rng.below(0x1000),
+            1 => MEM as u64 - rng.below(0x2000),
+            2 => rng.interesting(),
+            _ => rng.below(MEM as u64) & !0xfff,
+        }
+    };
+    let len = |rng: &mut Rng| -> u32 {
+        match rng.below(4) {
+            0 => *rng.pick(&[0, 1, 3, 4, 5, 0x1000, 0x20_0000, 0x4000]),
+            1 => rng.interesting() as u32,
+            _ => rng.below(0x8000) as u32,
+        }
+    };
+    // Page numbers and stats entries, or any bytes.
+    let mut data = rng.bytes(256);
+    if rng.one_in(2) {
+        data = (0..64).flat_map(|_| (rng.below(0x500) as u32).to_le_bytes()).collect();
+    }
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let mut tqs: Vec<TestQueue> = RINGS.iter().map(|&b| TestQueue::new_at(&mem, SIZE, b)).collect();
+    for tq in tqs.iter_mut() {
+        for _ in 0..rng.below(4) {
+            let count = 1 + rng.index(3);
+            let descs: Vec<(u64, u32, u16)> = (0..count)
+                .map(|_| {
+                    let flags = match rng.below(6) {
+                        0 => INDIRECT,
+                        1 => rng.next_u64() as u16,
+                        2 | 3 => WRITE,
+                        _ => 0,
+                    };
+                    (addr(rng), len(rng), flags)
+                })
+                .collect();
+            if usize::from(tq.descriptors_used()) + descs.len() >= usize::from(SIZE) / 2 {
+                break;
+            }
+            tq.add_chain(&descs);
+        }
+        if rng.one_in(6) {
+            tq.set_avail_idx(rng.next_u64() as u16);
+        }
+        if rng.one_in(6) {
+            let d = rng.below(u64::from(SIZE)) as u16;
+            tq.store_desc(d, addr(rng), len(rng), rng.next_u64() as u16, rng.next_u64() as u16);
+        }
+    }
+    let (h, _) = handle();
+    let rec = Arc::new(Recorder::default());
+    let refs: Vec<&TestQueue> = tqs.iter().collect();
+    let (mut q, _) = active(&mem, &refs, &h, Some(rec.clone()));
+    let mut b = Balloon::new(h.clone(), BalloonConfig::default(), None);
+    for _ in 0..rng.below(8) {
+        match rng.below(6) {
+            0 => q.serve_inflate(),
+            1 => q.serve_deflate(),
+            2 => q.serve_stats(),
+            3 => q.serve_reporting(),
+            4 => q.request_stats(),
+            _ => {
+                let bytes = rng.bytes(8);
+                b.write_config(rng.below(12), &bytes);
+                let mut out = vec![0; rng.index(9)];
+                b.read_config(rng.interesting(), &mut out);
+            }
+        }
+    }
+    for (addr, len) in rec.take() {
+        assert!(addr % PAGE == 0 && len % PAGE == 0 && len > 0, "{addr:#x}+{len:#x}");
+        assert!(addr + len <= MEM as u64, "{addr:#x}+{len:#x}");
+    }
 }
