@@ -129,7 +129,8 @@ fn fw_cfg_script(pcie: bool, acpi: bool) -> String {
         // And systemd's other way in: SMBIOS OEM strings.
         cmd = cmd.replace("pcie=off", "pcie=on").replacen(
             "-fw_cfg",
-            "-smbios type=11,value=io.systemd.credential:oem=from-smbios,value=second -fw_cfg",
+            "-smbios type=11,value=io.systemd.credential:oem=from-smbios,path=oem.txt,value=second \
+             -fw_cfg",
             1,
         );
     }
@@ -143,6 +144,7 @@ fn fw_cfg_script(pcie: bool, acpi: bool) -> String {
         // as under skiff.
     }
     let prep = "head -c 16384 /dev/urandom > cred1\n\
+                printf io.systemd.credential:file=from-a-file > oem.txt\n\
                 echo \"EXPECTED-CRED1=$(sha256sum cred1 | cut -d' ' -f1)\"\n\
                 echo \"EXPECTED-GREETING=$(printf hello-skiff | sha256sum | cut -d' ' -f1)\"\n";
     if !acpi {
@@ -382,7 +384,8 @@ fn a_fw_cfg_file_that_cannot_be_read_is_named() {
 fn smbios_oem_strings_reach_the_guest() {
     let r = result("fw-cfg-pci");
     let oem: Vec<&str> = r.lines().filter_map(|l| l.strip_prefix("SKIFF-OEM=")).collect();
-    assert_eq!(oem, ["io.systemd.credential:oem=from-smbios", "second"], "{}", r.describe());
+    let want = ["io.systemd.credential:oem=from-smbios", "io.systemd.credential:file=from-a-file"];
+    assert_eq!(oem, [want[0], want[1], "second"], "{}", r.describe());
     let r = result("fw-cfg-mmio");
     assert!(!r.lines().any(|l| l.starts_with("SKIFF-OEM=")), "none without -smbios type=11");
 }

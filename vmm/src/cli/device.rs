@@ -108,8 +108,10 @@ fn pci_slot(opts: &mut QemuOpts, driver: &str) -> Result<PciSlotConfig, CliError
 }
 
 /// `-smbios type=1,field=value...` (several merge, later fields winning)
-/// and `-smbios type=11,value=STR[,value=STR...]` (OEM strings, in order;
-/// systemd reads `io.systemd.credential:NAME=VALUE` from them).
+/// and `-smbios type=11,value=STR|path=FILE[,...]` (OEM strings, in order;
+/// systemd reads `io.systemd.credential:NAME=VALUE` from them). A `path=`
+/// file's contents are one string, read here, once, as QEMU reads it when
+/// it parses the option.
 pub(super) fn parse_smbios(
     label: &str,
     arg: &str,
@@ -123,15 +125,27 @@ pub(super) fn parse_smbios(
     let ty = opts.take_uint("type")?.ok_or_else(|| opts.missing("type"))?;
     if ty == 11 {
         opts.relabel(format!("{label} type=11"));
-        if opts.contains("path") {
-            return Err(opts.error("path= is not supported yet (use value=)"));
+        let mut values = Vec::new();
+        for (key, v) in opts.take_all_of(&["value", "path"]) {
+            if key == "value" {
+                if v.contains('\0') {
+                    return Err(opts.invalid_value("value", v, "a string without NUL bytes"));
+                }
+                values.push(v);
+                continue;
+            }
+            let bytes =
+                std::fs::read(&v).map_err(|e| opts.error(format!("Could not open '{v}': {e}")))?;
+            // QEMU's checks (save_opt_one).
+            if bytes.contains(&0) {
+                return Err(opts.error(format!("NUL in OEM strings value in {v}")));
+            }
+            let text = String::from_utf8(bytes)
+                .map_err(|_| opts.error(format!("{v}: an OEM string must be UTF-8 text")))?;
+            values.push(text);
         }
-        let values = opts.take_all("value");
         if values.is_empty() {
             return Err(opts.missing("value"));
-        }
-        if let Some(v) = values.iter().find(|v| v.contains('\0')) {
-            return Err(opts.invalid_value("value", v.clone(), "a string without NUL bytes"));
         }
         opts.finish()?;
         oem_strings.extend(values);
@@ -310,8 +324,28 @@ mod tests {
         assert_eq!(t1.and_then(|t| t.serial), Some("S".into()));
         let err = |arg: &str| smbios(&[arg]).unwrap_err();
         assert_eq!(err("type=11"), "-smbios type=11: missing property 'value'");
-        assert!(err("type=11,path=/x").contains("path= is not supported yet"));
         assert_eq!(err("type=11,value=a,foo=1"), "-smbios type=11: unknown property 'foo'");
+    }
+
+    /// `path=`: the file's contents are one string, in command-line order
+    /// with the `value=`s; a missing file or a NUL byte is an error, as in
+    /// QEMU.
+    #[test]
+    fn smbios_type11_from_files() {
+        let dir = std::env::temp_dir().join(format!("skiff-oem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cred = dir.join("cred");
+        std::fs::write(&cred, "io.systemd.credential:c=from a file\n").unwrap();
+        let nul = dir.join("nul");
+        std::fs::write(&nul, b"a\0b").unwrap();
+        let arg = format!("type=11,value=first,path={},value=last", cred.display());
+        let (_, oem) = smbios_and_oem(&[&arg]).unwrap();
+        assert_eq!(oem, ["first", "io.systemd.credential:c=from a file\n", "last"]);
+        let err = |arg: String| smbios(&[&arg]).unwrap_err();
+        let missing = dir.join("missing");
+        assert!(err(format!("type=11,path={}", missing.display())).contains("Could not open"));
+        assert!(err(format!("type=11,path={}", nul.display())).contains("NUL in OEM strings"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

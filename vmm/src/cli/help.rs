@@ -45,8 +45,9 @@ Standard options:
                          set the SMBIOS system information (type 1; the
                          guest's /sys/class/dmi/id). Without it, or without
                          uuid=, the UUID is random, fixed for the process
--smbios type=11,value=STR[,value=STR...]
-                         OEM strings (SMBIOS type 11), in order; systemd
+-smbios type=11,value=STR|path=FILE[,...]
+                         OEM strings (SMBIOS type 11), in order (a FILE's
+                         text is one string, read at start); systemd
                          reads io.systemd.credential:NAME=VALUE from them
 -fw_cfg [name=]NAME,file=PATH|string=STR
                          a file the guest reads through fw_cfg (ports 0x510,

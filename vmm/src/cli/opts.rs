@@ -68,6 +68,21 @@ impl QemuOpts {
         all
     }
 
+    /// Removes every one of `keys` and returns (key, value) in command-line
+    /// order (keys whose order matters across each other).
+    pub fn take_all_of(&mut self, keys: &[&str]) -> Vec<(String, String)> {
+        let mut all = Vec::new();
+        self.params.retain_mut(|(k, v)| {
+            if keys.contains(&k.as_str()) {
+                all.push((std::mem::take(k), std::mem::take(v)));
+                false
+            } else {
+                true
+            }
+        });
+        all
+    }
+
     /// Whether `key` was given (without taking it).
     pub fn contains(&self, key: &str) -> bool {
         self.params.iter().any(|(k, _)| k == key)

@@ -12,6 +12,7 @@ use super::{RunContext, Sandbox};
 use crate::config::{FwCfgContent, VmConfig};
 
 /// QEMU's keys (`include/standard-headers/linux/qemu_fw_cfg.h`).
+const KEY_UUID: u16 = 0x02;
 const KEY_RAM_SIZE: u16 = 0x03;
 const KEY_NOGRAPHIC: u16 = 0x04;
 const KEY_NB_CPUS: u16 = 0x05;
@@ -44,6 +45,10 @@ impl Device for FirmwareConfig {
 fn items(cfg: &VmConfig) -> Result<FwCfgItems, OpenError> {
     let mut items = FwCfgItems::new();
     let cpus = u16::try_from(cfg.smp.cpus).unwrap_or(u16::MAX);
+    // The machine's UUID, in the text form's byte order as QEMU's; the
+    // same one SMBIOS gives (QEMU's is all zeros unless -smbios or -uuid
+    // sets it; skiff's machine always has one).
+    items.add_item(KEY_UUID, crate::vm::machine_uuid(cfg).to_vec());
     items.add_item(KEY_NB_CPUS, cpus.to_le_bytes().to_vec());
     items.add_item(KEY_MAX_CPUS, cpus.to_le_bytes().to_vec());
     items.add_item(KEY_RAM_SIZE, cfg.mem_size.to_le_bytes().to_vec());
@@ -128,10 +133,18 @@ mod tests {
         let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
         std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
         let arg = format!("name=opt/io.systemd.credentials/c,file={}", path.display());
-        let cfg = config(&["-fw_cfg", &arg, "-fw_cfg", "opt/s,string=abc"]).unwrap();
+        let uuid = "type=1,uuid=a67472e5-570e-5c8a-b18c-ae3c77701050";
+        let cfg =
+            config(&["-fw_cfg", &arg, "-fw_cfg", "opt/s,string=abc", "-smbios", uuid]).unwrap();
         let items = items(&cfg).unwrap();
         std::fs::write(&path, b"changed").unwrap();
         let mut want = FwCfgItems::new();
+        // The text form's byte order, as QEMU's qemu_uuid.
+        let uuid = [
+            0xa6, 0x74, 0x72, 0xe5, 0x57, 0x0e, 0x5c, 0x8a, 0xb1, 0x8c, 0xae, 0x3c, 0x77, 0x70,
+            0x10, 0x50,
+        ];
+        want.add_item(KEY_UUID, uuid.to_vec());
         want.add_item(KEY_NB_CPUS, 1u16.to_le_bytes().to_vec());
         want.add_item(KEY_MAX_CPUS, 1u16.to_le_bytes().to_vec());
         want.add_item(KEY_RAM_SIZE, cfg.mem_size.to_le_bytes().to_vec());

@@ -333,7 +333,7 @@ fn load_guest(
         serial: t1.serial.as_deref(),
         sku: t1.sku.as_deref(),
         family: t1.family.as_deref(),
-        uuid: t1.uuid.as_deref().and_then(boot::smbios::parse_uuid).unwrap_or_else(process_uuid),
+        uuid: machine_uuid(cfg),
         oem_strings: &cfg.smbios_oem,
     };
     boot::smbios::setup_smbios(mem, &system).map_err(Error::Smbios)?;
@@ -355,6 +355,13 @@ fn load_guest(
         }
         e => Error::Kernel { path: files.kernel_path.clone(), source: e },
     })
+}
+
+/// The machine's UUID (SMBIOS type 1, fw_cfg's UUID item), in the text
+/// form's byte order: `-smbios type=1,uuid=`'s, else `process_uuid`.
+pub(crate) fn machine_uuid(cfg: &VmConfig) -> [u8; 16] {
+    let given = cfg.smbios.as_ref().and_then(|t| t.uuid.as_deref());
+    given.and_then(boot::smbios::parse_uuid).unwrap_or_else(process_uuid)
 }
 
 /// The machine's UUID where `-smbios` gives none: random (version 4), and
