@@ -77,6 +77,17 @@ fn scenarios() -> Vec<Scenario> {
             "$SKIFF -M microvm -m 512M -kernel $BZIMAGE -nographic \
              -fw_cfg name=opt/x,file=/nonexistent/cred",
         ),
+        // A FIFO (open(2) would block on it) and a directory as drives.
+        Scenario::script(
+            "bad-drive-kinds",
+            CLI_SECS,
+            "mkfifo fifo; mkdir dir\n\
+             for f in fifo dir; do\n\
+             $SKIFF -M microvm -m 512M -kernel $BZIMAGE -nographic \
+             -drive file=$f,format=raw,if=none,id=d0,read-only=on -device virtio-blk-device,drive=d0\n\
+             echo \"RC-$f=$?\"\n\
+             done\n",
+        ),
         Scenario::new("bad-unknown-option", CLI_SECS, "$SKIFF -frobnicate"),
         Scenario::new(
             "bad-unknown-key",
@@ -363,6 +374,17 @@ fn fw_cfg_files_reach_the_guest() {
     assert!(skiff_absent, "skiff, acpi=off\n{}", r.describe());
     assert!(r.has_line("QEMU: SKIFF-FWCFG-ABSENT"), "QEMU, acpi=off\n{}", r.describe());
     assert!(!r.lines().any(|l| l.contains("SKIFF-FWCFG=")), "{}", r.describe());
+}
+
+/// A FIFO or a directory given as a drive: exit 1 at once, naming it and
+/// what it is (a FIFO once hung skiff in open(2); a directory was taken
+/// for an 8 EiB disk).
+#[test]
+fn a_fifo_or_a_directory_is_not_a_drive() {
+    let r = result("bad-drive-kinds");
+    assert_eq!((r.value("RC-fifo"), r.value("RC-dir")), (Some("1"), Some("1")), "{}", r.describe());
+    assert!(r.contains("/fifo' is a FIFO, not a disk image"), "{}", r.describe());
+    assert!(r.contains("/dir' is a directory, not a disk image"), "{}", r.describe());
 }
 
 /// A `-fw_cfg` file that cannot be read: exit 1 naming the item and the

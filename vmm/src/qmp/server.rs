@@ -26,8 +26,40 @@ use crate::config::{QmpAddress, QmpConfig};
 use crate::ctl::{Answer, Command, Controls, CtlError};
 
 enum Listener {
-    Unix(UnixListener, PathBuf),
+    /// The socket, its path, and the (device, inode) of the file bind
+    /// made: what is removed at exit, and only if the path still is it.
+    Unix(UnixListener, PathBuf, (u64, u64)),
     Tcp(TcpListener),
+}
+
+/// Binds a Unix socket at `path`: a stale socket file (nobody answers) is
+/// replaced as QEMU replaces it; one a live process answers on is not
+/// taken from it, nor is a file that is not a socket.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<(UnixListener, (u64, u64))> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is in use: another process answers on it", path.display()),
+                ))
+            }
+            // Refused: nobody listens; the file is a leftover.
+            Err(_) => std::fs::remove_file(path)?,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((listener, (m.dev(), m.ino())))
 }
 
 enum Stream {
@@ -147,12 +179,13 @@ pub struct QmpServer {
 }
 
 impl QmpServer {
-    /// Binds the socket (replacing a stale Unix socket file, as QEMU does).
+    /// Binds the socket (replacing a stale Unix socket file, as QEMU does;
+    /// refusing one a live process answers on).
     pub fn bind(cfg: &QmpConfig) -> std::io::Result<Self> {
         let listener = match &cfg.address {
             QmpAddress::Unix(path) => {
-                let _ = std::fs::remove_file(path);
-                Listener::Unix(UnixListener::bind(path)?, path.clone())
+                let (l, id) = bind_unix(path)?;
+                Listener::Unix(l, path.clone(), id)
             }
             QmpAddress::Tcp { host, port } => {
                 Listener::Tcp(TcpListener::bind((host.as_str(), *port))?)
@@ -181,14 +214,14 @@ impl QmpServer {
 
     fn set_listener_nonblocking(&self) -> std::io::Result<()> {
         match &self.listener {
-            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Unix(l, ..) => l.set_nonblocking(true),
             Listener::Tcp(l) => l.set_nonblocking(true),
         }
     }
 
     fn listener_fd(&self) -> RawFd {
         match &self.listener {
-            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Unix(l, ..) => l.as_raw_fd(),
             Listener::Tcp(l) => l.as_raw_fd(),
         }
     }
@@ -197,7 +230,7 @@ impl QmpServer {
     /// a client is connected now (one that left at once is not kept).
     fn accept(&mut self) -> std::io::Result<bool> {
         let accepted = match &self.listener {
-            Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+            Listener::Unix(l, ..) => l.accept().and_then(|(s, _)| {
                 s.set_nonblocking(true)?;
                 Ok(Stream::Unix(s))
             }),
@@ -231,11 +264,16 @@ impl QmpServer {
 }
 
 /// Closing the socket removes its file, so a connect after exit fails (and
-/// on every path out, not only the orderly one).
+/// on every path out, not only the orderly one) — if the file still is the
+/// one skiff made: another process's socket at the path stays.
 impl Drop for QmpServer {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = &self.listener {
-            let _ = std::fs::remove_file(path);
+        use std::os::unix::fs::MetadataExt;
+        if let Listener::Unix(_, path, id) = &self.listener {
+            let ours = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id);
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -509,5 +547,37 @@ mod tests {
         let mut got = Vec::new();
         peer.read_to_end(&mut got).expect("the end of the connection, not a timeout");
         assert!(!got.is_empty());
+    }
+
+    fn unix(path: &std::path::Path) -> QmpConfig {
+        QmpConfig { address: QmpAddress::Unix(path.to_owned()), wait: false }
+    }
+
+    /// A second skiff on a live QMP path is refused and the first stays
+    /// reachable; a stale socket file is replaced; a path that is not a
+    /// socket is left alone; at exit only skiff's own socket is removed.
+    #[test]
+    fn a_live_qmp_socket_is_not_taken_over() {
+        let dir = std::env::temp_dir().join(format!("skiff-qmp-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q.sock");
+        let first = QmpServer::bind(&unix(&path)).unwrap();
+        let e = QmpServer::bind(&unix(&path)).err().expect("refused");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        assert!(UnixStream::connect(&path).is_ok(), "the first still answers");
+        // Its socket replaced behind its back: its exit leaves the new one.
+        std::fs::remove_file(&path).unwrap();
+        let other = UnixListener::bind(&path).unwrap();
+        drop(first);
+        assert!(path.exists(), "another's socket stays");
+        // A leftover (nobody listens): replaced.
+        drop(other);
+        let again = QmpServer::bind(&unix(&path)).unwrap();
+        drop(again);
+        assert!(!path.exists(), "removed at exit");
+        std::fs::write(&path, b"not a socket").unwrap();
+        let e = QmpServer::bind(&unix(&path)).err().expect("refused");
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

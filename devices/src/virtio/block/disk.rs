@@ -51,8 +51,21 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
-    #[error("'{0}' is not a file or block device")]
-    NotAFile(PathBuf),
+    #[error("'{path}' is {what}, not a disk image (a regular file or a block device)")]
+    NotAFile { path: PathBuf, what: &'static str },
+}
+
+/// What a file that is not a disk image is, for the error.
+fn not_an_image(t: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    match () {
+        _ if t.is_file() || t.is_block_device() => None,
+        _ if t.is_dir() => Some("a directory"),
+        _ if t.is_fifo() => Some("a FIFO"),
+        _ if t.is_socket() => Some("a socket"),
+        _ if t.is_char_device() => Some("a character device"),
+        _ => Some("not a regular file"),
+    }
 }
 
 /// How to open an image (`-drive` as parsed).
@@ -158,10 +171,31 @@ impl Drop for Aligned {
     }
 }
 
-fn open(opts: &DiskOptions, direct: bool) -> io::Result<File> {
+/// Opens the image: O_NONBLOCK, so that a FIFO put there since the type
+/// was checked cannot hang skiff in open(2), then checked again and made
+/// blocking (io_uring would fail reads of an O_NONBLOCK file with EAGAIN).
+fn open(opts: &DiskOptions, direct: bool) -> Result<File, DiskError> {
+    let file = open_nonblocking(opts, direct)
+        .map_err(|source| DiskError::Open { path: opts.path.clone(), source })?;
+    let open_err = |source| DiskError::Open { path: opts.path.clone(), source };
+    let meta = file.metadata().map_err(open_err)?;
+    if let Some(what) = not_an_image(meta.file_type()) {
+        return Err(DiskError::NotAFile { path: opts.path.clone(), what });
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns; it reads flags only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above; it clears O_NONBLOCK only.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(open_err(io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+fn open_nonblocking(opts: &DiskOptions, direct: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
     o.read(true).write(!opts.read_only);
-    let mut flags = 0;
+    let mut flags = libc::O_NONBLOCK;
     if direct {
         flags |= libc::O_DIRECT;
     }
@@ -187,19 +221,26 @@ impl Disk {
     /// Opens and locks the image.
     pub fn open(opts: &DiskOptions) -> Result<Disk, DiskError> {
         let open_err = |source| DiskError::Open { path: opts.path.clone(), source };
+        // Its type first, without opening it: open(2) of a FIFO blocks.
+        let meta = std::fs::metadata(&opts.path).map_err(open_err)?;
+        if let Some(what) = not_an_image(meta.file_type()) {
+            return Err(DiskError::NotAFile { path: opts.path.clone(), what });
+        }
         let (file, direct_align) = if opts.direct {
             match open(opts, true) {
                 Ok(f) => match probe_direct(&f) {
                     Some(align) => (f, Some(align)),
-                    None => (open(opts, false).map_err(open_err)?, None),
+                    None => (open(opts, false)?, None),
                 },
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    (open(opts, false).map_err(open_err)?, None)
+                Err(DiskError::Open { source: e, .. })
+                    if e.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    (open(opts, false)?, None)
                 }
-                Err(e) => return Err(open_err(e)),
+                Err(e) => return Err(e),
             }
         } else {
-            (open(opts, false).map_err(open_err)?, None)
+            (open(opts, false)?, None)
         };
         if opts.direct && direct_align.is_none() {
             crate::warn_limited!(
@@ -214,11 +255,7 @@ impl Disk {
         } else {
             use std::io::Seek;
             let mut f = &file;
-            let end = f.seek(io::SeekFrom::End(0)).map_err(open_err)?;
-            if end == 0 && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-                return Err(DiskError::NotAFile(opts.path.clone()));
-            }
-            end
+            f.seek(io::SeekFrom::End(0)).map_err(open_err)?
         };
         if opts.locking {
             let perm = if opts.read_only {
@@ -392,6 +429,59 @@ mod tests {
             ignore_flush: false,
             locking: true,
         }
+    }
+
+    /// A FIFO, a directory or a character device is refused at once, by
+    /// name and kind, whether read-only or not; open(2) never blocks on the
+    /// FIFO. (Issue: `-drive file=FIFO,read-only=on` hung skiff forever,
+    /// a directory was an 8 EiB disk.)
+    #[test]
+    fn non_images_are_refused_without_blocking() {
+        let dir = tmpdir("kinds");
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let cases = [
+            (fifo, "a FIFO"),
+            (dir.clone(), "a directory"),
+            (PathBuf::from("/dev/null"), "a character device"),
+        ];
+        for (path, what) in cases {
+            for read_only in [true, false] {
+                for direct in [false, true] {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let o = opts(&path, read_only, direct);
+                    std::thread::spawn(move || {
+                        tx.send(Disk::open(&o).err().map(|e| e.to_string()))
+                    });
+                    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+                    let err = got.expect("open blocked").expect("refused");
+                    assert_eq!(
+                        err,
+                        format!(
+                            "'{}' is {what}, not a disk image (a regular file or a block device)",
+                            path.display()
+                        )
+                    );
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Images are opened blocking: io_uring would fail an O_NONBLOCK
+    /// file's reads with EAGAIN.
+    #[test]
+    fn images_are_left_blocking() {
+        let dir = tmpdir("nonblock");
+        let p = image(&dir, "a.img", 1 << 20);
+        for direct in [false, true] {
+            let disk = Disk::open(&opts(&p, false, direct)).unwrap();
+            // SAFETY: F_GETFL on a descriptor the disk owns.
+            let flags = unsafe { libc::fcntl(disk.raw_fd(), libc::F_GETFL) };
+            assert_eq!(flags & libc::O_NONBLOCK, 0);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
