@@ -569,6 +569,13 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
         }
         rules.insert(libc::SYS_socket, sockets);
     }
+    // Signals to skiff's own threads only (glibc's raise and pthread_kill):
+    // not to another process of the same user. A process skiff may start
+    // (`spawn=allow`) has a pid of its own, and keeps the plain rule.
+    if !policy.spawn {
+        let own = cond(0, Op::Eq, u64::from(std::process::id())).map_err(build)?;
+        rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![own]).map_err(build)?]);
+    }
     // prctl: thread names (std names its threads) and no_new_privs, which
     // a thread sets before it adds its own filter (seccomp(2), below).
     let mut names = Vec::new();
@@ -727,6 +734,37 @@ mod tests {
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         status
+    }
+
+    /// tgkill reaches skiff's own threads only: signal 0 to this process's
+    /// main thread goes through; to another process (init) the call is
+    /// forbidden. (The filter is this process's; the child is outside it,
+    /// as another process would be.)
+    #[test]
+    fn signals_reach_only_skiffs_own_threads() {
+        // The child's body takes no captures; getppid is not on the lists.
+        static PARENT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        PARENT.store(i64::from(std::process::id()), std::sync::atomic::Ordering::SeqCst);
+        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Worker("virtio-rng")] {
+            let f = filter(kind, &SandboxConfig::default(), Needs::default()).unwrap();
+            // The child is not `parent`: its tgkill to `parent`'s own
+            // thread group is what a skiff thread's would be.
+            let own = in_confined_child(&[&f], || {
+                // The process whose filter this is; its main thread's id
+                // is its pid.
+                let pid = PARENT.load(std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: signal 0 checks only.
+                let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, 0) };
+                i32::from(r != 0)
+            });
+            assert!(libc::WIFEXITED(own) && libc::WEXITSTATUS(own) == 0, "{kind:?}: {own:#x}");
+            let other = in_confined_child(&[&f], || {
+                // SAFETY: signal 0 to init: a check, never a signal.
+                unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) };
+                0
+            });
+            assert!(libc::WIFSIGNALED(other) && libc::WTERMSIG(other) == libc::SIGSYS, "{kind:?}");
+        }
     }
 
     /// Opening a file is refused with EACCES (glibc copes), not fatal.
