@@ -43,7 +43,10 @@ impl Kind for BlockKind {
                          thread of its own, many requests at once: through a
                          thread pool (aio=threads, the default) or an io_uring
                          (aio=io_uring or native; a pool where the host has
-                         no io_uring); aio=native needs cache=none, as in QEMU
+                         no io_uring); aio=native needs cache=none, as in QEMU.
+                         An I/O error is reported to the guest (werror and
+                         rerror are always report: QEMU's default werror=enospc
+                         pauses the VM on a full disk, and skiff cannot pause)
 "
     }
     fn sandbox(&self) -> Sandbox {

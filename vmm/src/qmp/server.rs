@@ -99,6 +99,8 @@ struct Client {
     stream: Stream,
     session: Session,
     inbuf: Vec<u8>,
+    /// Where in `inbuf` a whole message may end.
+    framer: protocol::Framer,
     /// Replies and events the client has not read yet.
     outbuf: Vec<u8>,
     /// What epoll watches on its socket (None: not yet registered).
@@ -118,6 +120,7 @@ impl Client {
             stream,
             session: Session::default(),
             inbuf: Vec::new(),
+            framer: protocol::Framer::default(),
             outbuf: Vec::new(),
             watching: None,
             gone: false,
@@ -404,7 +407,7 @@ impl QmpHandler {
         let mut requests = Vec::new();
         loop {
             let client = server.client.as_mut().expect("checked above");
-            let Some(input) = super::protocol::take_input(&mut client.inbuf) else { break };
+            let Some(input) = client.framer.take(&mut client.inbuf) else { break };
             let running = self.vm.machine.running();
             let mut reply = client.session.handle(input, running, &self.vm.device_ids);
             if let Some(r) = reply.request.take_if(|r| r.answered_by_machine()) {

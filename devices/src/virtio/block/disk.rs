@@ -352,10 +352,16 @@ impl Disk {
 
     /// Makes written data durable (the guest's FLUSH).
     pub fn flush(&self) -> io::Result<()> {
-        if self.ignore_flush || self.read_only {
+        if !self.flushes() {
             return Ok(());
         }
         self.file.sync_data()
+    }
+
+    /// Whether a guest FLUSH reaches the disk (not with `cache=unsafe`,
+    /// nor on a read-only drive).
+    pub fn flushes(&self) -> bool {
+        !(self.ignore_flush || self.read_only)
     }
 
     /// Deallocates `[offset, offset + len)`; it then reads as zeros.

@@ -400,6 +400,75 @@ fn io_uring_keeps_many_requests_in_flight() {
     many_in_flight("uring", |_, _| Engine::Uring(Box::new(engine)));
 }
 
+/// aio=io_uring, an image cut short under a running guest: a read across
+/// the new end comes back short, goes back to the kernel for the rest
+/// (QEMU's resubmission), and what lies past the end reads as zeros; the
+/// guest gets OK, not IOERR (issue 29, item 17).
+#[test]
+fn a_short_io_uring_read_is_resubmitted_and_zero_filled() {
+    let f = fixture("short", false);
+    let mem = guest_mem(MEM);
+    let mut tq = TestQueue::new(&mem, 16);
+    let (mut q, _) = queue(&mem, &tq, &f, false);
+    q.engine = Some(Engine::Uring(Box::new(uring::Uring::new(16).expect("io_uring"))));
+    let image = std::fs::OpenOptions::new().write(true).open(f.dir.join("disk.img")).unwrap();
+    image.set_len(600 * 512 + 100).unwrap();
+    let mut h = [0u8; 16];
+    h[8..16].copy_from_slice(&598u64.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    fill(&mem, BUF, 4096, 0xff);
+    // Two buffers: the rest starts inside the second one.
+    let head = tq.add_chain(&[
+        (HDR, 16, 0),
+        (BUF, 1024, WRITE),
+        (BUF + 1024, 3072, WRITE),
+        (STATUS, 1, WRITE),
+    ]);
+    q.serve();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tq.used().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the read never completed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        q.reap();
+    }
+    assert_eq!(tq.used(), [(u32::from(head), 4097)]);
+    assert_eq!(read(&mem, STATUS, 1)[0], VIRTIO_BLK_S_OK as u8);
+    let got = read(&mem, BUF, 4096);
+    assert_eq!((got[0], got[512], got[1024]), (598u16 as u8, 599u16 as u8, 600u16 as u8));
+    assert!(got[1025..].iter().all(|&b| b == 0), "past the end: zeros");
+}
+
+/// aio=io_uring: a FLUSH reaches the disk (fdatasync) only where the drive
+/// flushes; on one that does not (`cache=unsafe`, read-only) it completes
+/// OK without a sync (the io_uring path used to sync regardless: issue 29,
+/// item 17).
+#[test]
+fn an_io_uring_flush_syncs_only_where_the_drive_flushes() {
+    for (tag, ignore_flush, syncs) in [("flush-rw", false, 1), ("flush-unsafe", true, 0)] {
+        let mut f = fixture(tag, false);
+        let opts = DiskOptions {
+            path: f.dir.join("disk.img"),
+            read_only: false,
+            direct: false,
+            dsync: false,
+            ignore_flush,
+            locking: false,
+        };
+        f.disk = Arc::new(Disk::open(&opts).unwrap());
+        let mem = guest_mem(MEM);
+        let mut tq = TestQueue::new(&mem, 16);
+        let (mut q, _) = queue(&mem, &tq, &f, false);
+        q.engine = Some(Engine::Uring(Box::new(uring::Uring::new(16).expect("io_uring"))));
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        tq.add_chain(&[(HDR, 16, 0), (STATUS, 1, WRITE)]);
+        q.serve();
+        q.quiesce();
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8, "{tag}");
+        let Some(Engine::Uring(u)) = &q.engine else { unreachable!() };
+        assert_eq!(u.syncs, syncs, "{tag}");
+    }
+}
+
 /// aio=threads (and io_uring's stand-in where the host has none): the same
 /// through the queue's thread pool.
 #[test]
