@@ -438,6 +438,24 @@ fn a_short_io_uring_read_is_resubmitted_and_zero_filled() {
     assert!(got[1025..].iter().all(|&b| b == 0), "past the end: zeros");
 }
 
+/// aio=io_uring: a ring runs only reads, writes, syncs and no-ops. An
+/// OPENAT of a host file or a SOCKET queued on it fails with EACCES: a
+/// ring's operations are not system calls, so seccomp would not stop them
+/// (issue 29, item 5).
+#[test]
+fn an_io_uring_runs_nothing_but_block_io() {
+    use io_uring::opcode;
+    let mut u = uring::Uring::new(4).expect("io_uring");
+    let path = c"/etc/hostname";
+    let open = opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), path.as_ptr())
+        .flags(libc::O_RDONLY)
+        .build();
+    assert_eq!(u.push_raw(&open).unwrap(), -libc::EACCES, "openat");
+    let socket = opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM, 0).build();
+    assert_eq!(u.push_raw(&socket).unwrap(), -libc::EACCES, "socket");
+    assert_eq!(u.push_raw(&opcode::Nop::new().build()).unwrap(), 0, "a no-op runs");
+}
+
 /// aio=io_uring: a FLUSH reaches the disk (fdatasync) only where the drive
 /// flushes; on one that does not (`cache=unsafe`, read-only) it completes
 /// OK without a sync (the io_uring path used to sync regardless: issue 29,

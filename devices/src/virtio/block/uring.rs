@@ -17,6 +17,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
@@ -38,6 +39,10 @@ struct InFlight {
     /// The image's descriptor.
     fd: std::os::fd::RawFd,
 }
+
+/// The only operations a ring runs (`Uring::new` registers them).
+const ALLOWED_OPS: [u8; 4] =
+    [opcode::Readv::CODE, opcode::Writev::CODE, opcode::Fsync::CODE, opcode::Nop::CODE];
 
 /// How many times `drain` retries a failing wait before it gives up on
 /// the ring (and keeps guest memory mapped for good).
@@ -62,7 +67,12 @@ pub struct Uring {
 impl Uring {
     /// A ring for up to `depth` requests at once.
     pub fn new(depth: u16) -> io::Result<Uring> {
-        let ring = IoUring::new(u32::from(depth.max(1)))?;
+        // Made disabled, so that what it may do is fixed before it runs:
+        // the operations this engine submits and nothing else. A ring
+        // bypasses seccomp (its operations are not system calls), so an
+        // OPENAT or a SOCKET through it, should anything ever queue one,
+        // fails with EACCES instead of reaching the host.
+        let ring = IoUring::builder().setup_r_disabled().build(u32::from(depth.max(1)))?;
         let done = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         // Every completion is signalled. (register_eventfd_async would skip
         // the inline ones the worker reaps at once anyway, but on Linux 6.1
@@ -71,6 +81,12 @@ impl Uring {
         // would never wake the worker. With it, the block batch's reboot
         // scenario stalled in 4 runs of 5.)
         ring.submitter().register_eventfd(done.as_raw_fd())?;
+        let mut allowed: Vec<Restriction> =
+            ALLOWED_OPS.iter().map(|&op| Restriction::sqe_op(op)).collect();
+        // No SQE flags (fixed files, links, ...), no register operations.
+        allowed.push(Restriction::sqe_flags_allowed(0));
+        ring.submitter().register_restrictions(&mut allowed)?;
+        ring.submitter().register_enable_rings()?;
         let depth = usize::from(depth.max(1));
         Ok(Uring {
             ring: Some(ring),
@@ -80,6 +96,19 @@ impl Uring {
             max_in_flight: 0,
             syncs: 0,
         })
+    }
+
+    /// Queues an arbitrary operation, for the test that the ring refuses
+    /// what it was not made for.
+    #[cfg(test)]
+    pub(super) fn push_raw(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<i32> {
+        if !self.queue_entry(entry) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let ring = self.ring.as_mut().expect("a ring");
+        ring.submit_and_wait(1)?;
+        let res = ring.completion().next().map(|c| c.result());
+        res.ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
     }
 
     /// Signalled when requests complete (watch it edge-triggered: nothing
