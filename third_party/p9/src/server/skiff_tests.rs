@@ -203,11 +203,16 @@ fn malformed_frames_get_an_error_not_a_panic() {
     // A Twalk whose body is cut short (claims 3 names, carries none).
     let (tag, msg) = raw(&mut s, &[17, 0, 0, 0, 110, 3, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0]).unwrap();
     assert_eq!((tag, errno(msg)), (3, libc::EINVAL));
-    // A name that is not UTF-8.
-    let mut walk = vec![0, 0, 0, 0, 110, 4, 0, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0, 2, 0, 0xff, 0xfe];
+    // A name with a NUL byte (one that is not UTF-8 is a name like any
+    // other: here, one that does not exist).
+    let mut walk = vec![0, 0, 0, 0, 110, 4, 0, 1, 0, 0, 0, 2, 0, 0, 0, 1, 0, 2, 0, 0x61, 0x00];
     walk[0] = walk.len() as u8;
     let (tag, msg) = raw(&mut s, &walk).unwrap();
     assert_eq!((tag, errno(msg)), (4, libc::EINVAL));
+    let (n, last) = (walk.len(), walk.len() - 1);
+    walk[last - 1..n].copy_from_slice(&[0xff, 0xfe]);
+    let (tag, msg) = raw(&mut s, &walk).unwrap();
+    assert_eq!((tag, errno(msg)), (4, libc::ENOENT));
     // A size smaller than the header, and a frame cut inside it: no
     // answer can name a tag; the caller drops the request.
     assert!(raw(&mut s, &[2, 0, 0, 0]).is_err());
@@ -318,4 +323,38 @@ fn readdir_at_the_root_reports_the_root_for_dotdot() {
     assert!(matches!(walk(&mut s, 3, &["sub"]), Rmessage::Walk(_)));
     let sub = entries(&mut s, 3);
     assert_eq!(ino(&sub, ".."), Some(share_ino), "sub's parent is the share");
+}
+
+/// A host file whose name is not UTF-8 (Latin-1 "café") leaves its
+/// directory listable, and the guest can walk to it by its bytes and read
+/// it (a non-UTF-8 name made the whole directory EINVAL).
+#[test]
+fn names_that_are_not_utf8_are_listed_and_walked() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = Scratch::new();
+    let latin1 = b"caf\xe9";
+    fs::write(dir.share().join(std::ffi::OsStr::from_bytes(latin1)), b"beans").unwrap();
+    let mut s = dir.server(false);
+    assert!(matches!(walk(&mut s, 2, &[]), Rmessage::Walk(_)));
+    let open = Tmessage::Lopen(Tlopen { fid: 2, flags: P9_RDONLY });
+    assert!(matches!(call(&mut s, open), Rmessage::Lopen(_)));
+    let rd = Tmessage::Readdir(Treaddir { fid: 2, offset: 0, count: 4096 });
+    let Rmessage::Readdir(r) = call(&mut s, rd) else { panic!("readdir refused") };
+    let mut cur = Cursor::new(r.data.0);
+    let mut names = Vec::new();
+    while (cur.position() as usize) < cur.get_ref().len() {
+        names.push(Dirent::decode(&mut cur).unwrap().name.as_bytes().to_vec());
+    }
+    assert!(names.iter().any(|n| n == latin1), "{names:?}");
+    let w = Tmessage::Walk(Twalk {
+        fid: ROOT,
+        newfid: 3,
+        wnames: vec![P9String::new(&latin1[..]).unwrap()],
+    });
+    assert!(matches!(call(&mut s, w), Rmessage::Walk(_)));
+    let open = Tmessage::Lopen(Tlopen { fid: 3, flags: P9_RDONLY });
+    assert!(matches!(call(&mut s, open), Rmessage::Lopen(_)));
+    let read = Tmessage::Read(Tread { fid: 3, offset: 0, count: 64 });
+    let Rmessage::Read(r) = call(&mut s, read) else { panic!("read") };
+    assert_eq!(r.data.0, b"beans");
 }
