@@ -29,7 +29,7 @@
 #                   acpi=off guests.
 #   l2/store.img, l2/store-data.bin, l2/vol.img  disk images for the
 #                   virtio-blk tests (a store with a known file, a volume).
-#   tools/stamp, tools/outb, tools/vsock, tools/xattr   static helpers from resources/tools.
+#   tools/stamp, tools/outb, tools/vsock, tools/xattr, tools/zeroout   static helpers from resources/tools.
 #   tools/tiny-pvh.elf  a PVH guest that halts forever (host-side tests on any /dev/kvm).
 #   py/                 a venv with QEMU's QMP client library (qemu.qmp).
 #   l1/vmlinux      test-host kernel (Debian linux-image-amd64), booted PVH.
@@ -250,7 +250,7 @@ BUSYBOX="$busybox_dir/bin/busybox"
 [ -x "$BUSYBOX" ] || die "no bin/busybox in busybox-static"
 
 # --------------------------------------------------------------- tools
-for t in stamp outb vsock xattr; do
+for t in stamp outb vsock xattr zeroout; do
 	src="$REPO/resources/tools/$t.c"
 	k=$(key_of "$src" "$(gcc -dumpfullversion)")
 	if ! up_to_date "$CACHE/tools/$t" "$k"; then
@@ -416,7 +416,7 @@ build_mmio_ko "${generic_pkg#linux-image-}" "$MMIO_KO_GENERIC"
 # --------------------------------------------------------- L2 initrd
 # Modules for both guest kernels, each under /lib/modules/VERSION with its
 # load order: init picks the running kernel's (uname -r).
-k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "$VSOCK_TOOL.key" "${moddir:-nomodules}" "$generic_moddir" \
+k=$(key_of "$REPO/resources/guest/init" "$BUSYBOX" "$OUTB.key" "$VSOCK_TOOL.key" "$CACHE/tools/zeroout.key" "${moddir:-nomodules}" "$generic_moddir" \
 	"$L2_MODULES" "$L2_ON_DEMAND" "${MMIO_KO:+$MMIO_KO.key}" "$MMIO_KO_GENERIC.key" "v2")
 if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	log "building l2/initrd.img"
@@ -426,6 +426,7 @@ if ! up_to_date "$CACHE/l2/initrd.img" "$k"; then
 	install_busybox "$BUSYBOX" "$root"
 	cp "$OUTB" "$root/bin/outb"
 	cp "$VSOCK_TOOL" "$root/bin/vsock"
+	cp "$CACHE/tools/zeroout" "$root/bin/zeroout"
 	install -m 0755 "$REPO/resources/guest/init" "$root/init"
 	# add_modules MODDIR MMIO_KO: MODDIR's share of L2_MODULES, virtio_mmio
 	# replaced by MMIO_KO when given.

@@ -91,7 +91,14 @@ pub struct Disk {
     /// O_DIRECT is on, with this alignment for offsets, lengths and memory.
     direct_align: Option<usize>,
     size: u64,
+    /// Set while the device stops: long work (zeroing by writing) gives up
+    /// between steps, so a reset waits for one step, not for gigabytes.
+    abandon: std::sync::atomic::AtomicBool,
 }
+
+/// Zeros are written this much at a time where the filesystem cannot zero
+/// a range (tmpfs); between steps a stopping device is noticed.
+const ZERO_STEP: usize = 1 << 20;
 
 /// Sets or tests one byte's OFD lock; returns whether another holder
 /// conflicts (for a test) or the error (for a set).
@@ -274,6 +281,7 @@ impl Disk {
             ignore_flush: opts.ignore_flush,
             direct_align,
             size,
+            abandon: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -372,19 +380,37 @@ impl Disk {
     /// Makes `[offset, offset + len)` read as zeros, keeping it allocated.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            // Not every filesystem zeroes ranges: write them.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                // Not every filesystem zeroes ranges: write them.
-                let chunk = vec![0u8; 1 << 20];
-                let mut done = 0u64;
-                while done < len {
-                    let n = (len - done).min(chunk.len() as u64) as usize;
-                    self.write_at(&chunk[..n], offset + done)?;
-                    done += n as u64;
-                }
-                Ok(())
+                self.write_zeroes_by_writing(offset, len)
             }
             other => other,
         }
+    }
+
+    /// Writes zeros in `ZERO_STEP`s, giving up (Interrupted) once the
+    /// device is stopping (`abandon_long_work`).
+    fn write_zeroes_by_writing(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = vec![0u8; ZERO_STEP];
+        let mut done = 0u64;
+        while done < len {
+            if self.abandon.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "zeroing abandoned: the device is stopping",
+                ));
+            }
+            let n = (len - done).min(ZERO_STEP as u64) as usize;
+            self.write_at(&chunk[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// While on, long work in progress gives up at its next step: the
+    /// device is stopping and waits for its workers.
+    pub fn abandon_long_work(&self, on: bool) {
+        self.abandon.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -487,6 +513,31 @@ mod tests {
             let flags = unsafe { libc::fcntl(disk.raw_fd(), libc::F_GETFL) };
             assert_eq!(flags & libc::O_NONBLOCK, 0);
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Zeroing by writing stops at its next step once the device is
+    /// stopping, so a reset does not wait for gigabytes of writes (issue
+    /// 29, item 2); the request fails, the data past the step stays.
+    #[test]
+    fn zeroing_by_writing_gives_up_when_the_device_stops() {
+        let dir = tmpdir("abandon");
+        let p = image(&dir, "a.img", 4 << 20);
+        std::fs::write(&p, vec![0xaa; 4 << 20]).unwrap();
+        let disk = Disk::open(&opts(&p, false, false)).unwrap();
+        disk.abandon_long_work(true);
+        let e = disk.write_zeroes_by_writing(0, 4 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        let mut b = [0u8; 1];
+        disk.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0xaa], "nothing written once stopping");
+        disk.abandon_long_work(false);
+        disk.write_zeroes_by_writing(ZERO_STEP as u64 / 2, 2 * ZERO_STEP as u64).unwrap();
+        let mut back = vec![0u8; 4 << 20];
+        disk.read_at(&mut back, 0).unwrap();
+        let (a, z) = (ZERO_STEP / 2, ZERO_STEP / 2 + 2 * ZERO_STEP);
+        assert!(back[..a].iter().all(|&x| x == 0xaa) && back[z..].iter().all(|&x| x == 0xaa));
+        assert!(back[a..z].iter().all(|&x| x == 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

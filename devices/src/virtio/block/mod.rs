@@ -188,12 +188,32 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) -> bool {
-        // Each worker finishes the request it is in before it stops.
+        self.stop_workers();
+        self.acked_features = 0;
+        true
+    }
+}
+
+impl Block {
+    /// Each worker finishes the request it is in before it stops; long
+    /// zeroing gives up at its next step meanwhile, so a stop takes one
+    /// step's time, not the request's.
+    fn stop_workers(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
+        self.disk.abandon_long_work(true);
         for w in self.workers.drain(..) {
             w.stop();
         }
-        self.acked_features = 0;
-        true
+        self.disk.abandon_long_work(false);
+    }
+}
+
+/// The end of a run stops the workers the same way.
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_workers();
     }
 }
 
