@@ -12,6 +12,9 @@ pub enum ThreadKind {
     Io,
     /// User networking's stack (`-netdev user`): the host's sockets.
     Network,
+    /// A vhost-user connection's watchdog: a timer, and a shutdown of the
+    /// socket it was handed when the backend stops answering.
+    Watchdog,
 }
 
 static ON_START: OnceLock<fn(ThreadKind)> = OnceLock::new();

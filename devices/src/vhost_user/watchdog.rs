@@ -73,8 +73,15 @@ impl Watchdog {
 }
 
 fn watch(shared: &Shared, socket: &UnixStream, down: &AtomicBool) {
+    // Started with the connection, before the VMM confines its threads: it
+    // confines itself at its first wakeup after that (before it acts on a
+    // deadline; `arm` wakes it for every request sequence).
+    let mut confined = crate::threads::started(crate::threads::ThreadKind::Watchdog);
     let mut state = shared.lock();
     loop {
+        if !confined {
+            confined = crate::threads::started(crate::threads::ThreadKind::Watchdog);
+        }
         if state.closing {
             return;
         }

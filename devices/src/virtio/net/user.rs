@@ -422,6 +422,12 @@ fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
         if fds[0].revents != 0 {
             break;
         }
+        // The VMM may have confined its threads while this one waited:
+        // narrow before touching anything the guest sent (a frame) or what
+        // its connections received.
+        if !confined {
+            confined = crate::threads::started(crate::threads::ThreadKind::Network);
+        }
         if fds[1].revents & libc::POLLIN != 0 {
             while let Some(n) = frames.receive(&stack.wire) {
                 for payload in frames.payloads(n) {

@@ -59,6 +59,8 @@ pub enum ThreadKind {
     Io,
     /// User networking's stack: the guest's connections as host sockets.
     Network,
+    /// A vhost-user connection's watchdog: waits, and shuts the socket.
+    Watchdog,
 }
 
 impl ThreadKind {
@@ -70,6 +72,7 @@ impl ThreadKind {
             ThreadKind::Worker(_) => "worker",
             ThreadKind::Io => "io",
             ThreadKind::Network => "network",
+            ThreadKind::Watchdog => "watchdog",
         }
     }
 }
@@ -117,6 +120,7 @@ pub fn install(policy: SandboxConfig, families: Vec<(&'static str, Needs)>) -> R
             devices::threads::ThreadKind::Worker(family) => ThreadKind::Worker(family),
             devices::threads::ThreadKind::Io => ThreadKind::Io,
             devices::threads::ThreadKind::Network => ThreadKind::Network,
+            devices::threads::ThreadKind::Watchdog => ThreadKind::Watchdog,
         })
     });
     trip_if_asked(ThreadKind::Main);
@@ -308,6 +312,10 @@ const BACKEND_SOCKETS: &[i64] = &[
     libc::SYS_sendmmsg,
 ];
 
+/// A vhost-user watchdog ends a connection whose backend stopped
+/// answering.
+const WATCHDOG: &[i64] = &[libc::SYS_shutdown];
+
 /// A 9p share's requests, on its worker (a vCPU starts it, and the main
 /// thread's filter is the process's): lookups, reads and changes, all
 /// relative to descriptors of the share.
@@ -469,7 +477,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
         // A block worker starts its I/O threads, the control queue's
         // worker a queue pair's.
         ThreadKind::Worker(_) => (true, true, false, false, false),
-        ThreadKind::Io | ThreadKind::Console | ThreadKind::Network => {
+        ThreadKind::Io | ThreadKind::Console | ThreadKind::Network | ThreadKind::Watchdog => {
             (false, false, false, false, false)
         }
     };
@@ -491,6 +499,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
         (main, MAIN_ONLY),
         (main && needs.vfio, VFIO_TEARDOWN),
         (backends, BACKEND_SOCKETS),
+        (kind == ThreadKind::Watchdog, WATCHDOG),
         (inet, INET_SOCKETS),
         (shares, SHARE_FILES),
     ] {
@@ -701,6 +710,7 @@ mod tests {
             ThreadKind::Worker("virtio-blk"),
             ThreadKind::Io,
             ThreadKind::Network,
+            ThreadKind::Watchdog,
         ] {
             filter(
                 kind,
@@ -765,6 +775,28 @@ mod tests {
             });
             assert!(libc::WIFSIGNALED(other) && libc::WTERMSIG(other) == libc::SIGSYS, "{kind:?}");
         }
+    }
+
+    /// vhost-user's watchdog (once unconfined: issue 29, item 8) may shut
+    /// the connection it watches, and neither make nor connect a socket.
+    #[test]
+    fn a_watchdog_may_shut_its_socket_and_nothing_more() {
+        static FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        FD.store(std::os::fd::AsRawFd::as_raw_fd(&a), std::sync::atomic::Ordering::SeqCst);
+        let f = filter(ThreadKind::Watchdog, &SandboxConfig::default(), Needs::default()).unwrap();
+        let shut = in_confined_child(&[&f], || {
+            let fd = FD.load(std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: shutdown of a socket this process owns.
+            i32::from(unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } != 0)
+        });
+        assert!(libc::WIFEXITED(shut) && libc::WEXITSTATUS(shut) == 0, "{shut:#x}");
+        let socket = in_confined_child(&[&f], || {
+            // SAFETY: a plain system call; the filter stops it.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            0
+        });
+        assert!(libc::WIFSIGNALED(socket) && libc::WTERMSIG(socket) == libc::SIGSYS);
     }
 
     /// Opening a file is refused with EACCES (glibc copes), not fatal.
