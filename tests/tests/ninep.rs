@@ -73,16 +73,18 @@ fn writable_virtfs_on_mmio() -> String {
 }
 
 /// A mapped-xattr share on an ext4 loop mount (the test host's tmpfs takes
-/// no user xattrs).
+/// no user xattrs), with skiff chrooted into an empty directory once set up
+/// (`-run-with chroot=`: the xattrs were read through an absolute
+/// /proc/self/fd path, which the chroot took away; issue 29, item 15).
 fn mapped_xattr() -> String {
     let cmd = command(
         true,
         "-fsdev local,id=fs0,path=$PWD/x/data,security_model=mapped-xattr \
-         -device virtio-9p-pci,fsdev=fs0,mount_tag=data",
+         -device virtio-9p-pci,fsdev=fs0,mount_tag=data -run-with chroot=$PWD/empty",
         "skiff.test=9p skiff.fs=data:own",
     );
     format!(
-        "{SHARE_FN}cp \"$VOL_IMG\" vol.img && mkdir x && mount -o loop vol.img x || echo LOOP-FAILED\n\
+        "{SHARE_FN}cp \"$VOL_IMG\" vol.img && mkdir x empty && mount -o loop vol.img x || echo LOOP-FAILED\n\
          share x/data\n\
          {cmd}\necho \"SKIFF-RC=$?\"\n\
          echo \"HOST-CONTENT=$(cat x/data/owned.txt)\"\n\

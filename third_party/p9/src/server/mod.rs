@@ -181,16 +181,33 @@ const XATTR_GID: &CStr = c"user.virtfs.gid";
 const XATTR_MODE: &CStr = c"user.virtfs.mode";
 const XATTR_RDEV: &CStr = c"user.virtfs.rdev";
 
-// The fd's file as a path the xattr calls take (they have no *at form).
-fn fd_path(f: &File) -> io::Result<CString> {
-    string_to_cstring(format!("/proc/self/fd/{}", f.as_raw_fd()))
+// skiff: the xattrs are read and written through a descriptor of the file
+// opened for it through the server's /proc handle (`self/fd/N` relative to
+// it), with fgetxattr/fsetxattr: the path calls need an absolute
+// /proc/self/fd/N, which `-run-with chroot=` takes away, and the f*xattr
+// calls refuse O_PATH descriptors. None: the file cannot be opened so (a
+// socket): it has no stored attributes.
+fn xattr_file(proc: &File, f: &File) -> io::Result<Option<File>> {
+    let pathname = string_to_cstring(format!("self/fd/{}", f.as_raw_fd()))?;
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // Safe because this doesn't modify any memory and we check the return value.
+    let fd = unsafe { libc::openat64(proc.as_raw_fd(), pathname.as_ptr(), flags) };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) | Some(libc::ELOOP) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    // Safe because we just opened this fd and we know it is valid.
+    Ok(Some(unsafe { File::from_raw_fd(fd) }))
 }
 
-fn get_xattr<const N: usize>(path: &CStr, name: &CStr) -> io::Result<Option<[u8; N]>> {
+fn get_xattr<const N: usize>(f: &File, name: &CStr) -> io::Result<Option<[u8; N]>> {
     let mut buf = [0u8; N];
     // Safe because the kernel writes at most N bytes to `buf`, and we check
     // the return value.
-    let ret = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), N) };
+    let ret = unsafe { libc::fgetxattr(f.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), N) };
     if ret == N as isize {
         return Ok(Some(buf));
     }
@@ -202,46 +219,54 @@ fn get_xattr<const N: usize>(path: &CStr, name: &CStr) -> io::Result<Option<[u8;
     }
 }
 
-fn set_xattr(path: &CStr, name: &CStr, value: &[u8]) -> io::Result<()> {
+fn set_xattr(f: &File, name: &CStr, value: &[u8]) -> io::Result<()> {
     // Safe because this only reads `value` and we check the return value.
     syscall!(unsafe {
-        libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::fsetxattr(f.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
     })?;
     Ok(())
 }
 
 // Overlays the stored owner, group, mode and device number on `st`.
-fn mapped_stat(f: &File, st: &mut libc::stat64) -> io::Result<()> {
+fn mapped_stat(proc: &File, f: &File, st: &mut libc::stat64) -> io::Result<()> {
     if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
         return Ok(());
     }
-    let path = fd_path(f)?;
-    if let Some(v) = get_xattr::<4>(&path, XATTR_UID)? {
+    let Some(f) = xattr_file(proc, f)? else { return Ok(()) };
+    if let Some(v) = get_xattr::<4>(&f, XATTR_UID)? {
         st.st_uid = u32::from_le_bytes(v);
     }
-    if let Some(v) = get_xattr::<4>(&path, XATTR_GID)? {
+    if let Some(v) = get_xattr::<4>(&f, XATTR_GID)? {
         st.st_gid = u32::from_le_bytes(v);
     }
-    if let Some(v) = get_xattr::<4>(&path, XATTR_MODE)? {
+    if let Some(v) = get_xattr::<4>(&f, XATTR_MODE)? {
         st.st_mode = u32::from_le_bytes(v);
     }
-    if let Some(v) = get_xattr::<8>(&path, XATTR_RDEV)? {
+    if let Some(v) = get_xattr::<8>(&f, XATTR_RDEV)? {
         st.st_rdev = u64::from_le_bytes(v);
     }
     Ok(())
 }
 
 // Stores what the guest asked for on a new file (QEMU's local_set_xattrat).
-fn set_mapped(f: &File, uid: Option<u32>, gid: Option<u32>, mode: Option<u32>) -> io::Result<()> {
-    let path = fd_path(f)?;
+fn set_mapped(
+    proc: &File,
+    f: &File,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mode: Option<u32>,
+) -> io::Result<()> {
+    let Some(f) = xattr_file(proc, f)? else {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    };
     if let Some(uid) = uid {
-        set_xattr(&path, XATTR_UID, &uid.to_le_bytes())?;
+        set_xattr(&f, XATTR_UID, &uid.to_le_bytes())?;
     }
     if let Some(gid) = gid {
-        set_xattr(&path, XATTR_GID, &gid.to_le_bytes())?;
+        set_xattr(&f, XATTR_GID, &gid.to_le_bytes())?;
     }
     if let Some(mode) = mode {
-        set_xattr(&path, XATTR_MODE, &mode.to_le_bytes())?;
+        set_xattr(&f, XATTR_MODE, &mode.to_le_bytes())?;
     }
     Ok(())
 }
@@ -986,7 +1011,7 @@ impl Server {
         let file = unsafe { File::from_raw_fd(fd) };
         if self.cfg.mapped_xattr {
             let mode = libc::S_IFREG | (lcreate.mode & 0o7777);
-            set_mapped(&file, Some(fid.uid), Some(lcreate.gid), Some(mode))?;
+            set_mapped(&self.proc, &file, Some(fid.uid), Some(lcreate.gid), Some(mode))?;
         }
         let st = stat(&file)?;
 
@@ -1057,7 +1082,7 @@ impl Server {
 
         let mut st = stat(&fid.path)?;
         if self.cfg.mapped_xattr {
-            mapped_stat(&fid.path, &mut st)?;
+            mapped_stat(&self.proc, &fid.path, &mut st)?;
         }
 
         Ok(Rgetattr {
@@ -1097,10 +1122,11 @@ impl Server {
             if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
-            mapped_stat(&fid.path, &mut st)?;
+            mapped_stat(&self.proc, &fid.path, &mut st)?;
             let take = |bit: u32, v: u32| (set_attr.valid & bit != 0).then_some(v);
             let mode = take(P9_SETATTR_MODE, (st.st_mode & libc::S_IFMT) | (set_attr.mode & 0o7777));
             set_mapped(
+                &self.proc,
                 &fid.path,
                 take(P9_SETATTR_UID, set_attr.uid),
                 take(P9_SETATTR_GID, set_attr.gid),
@@ -1382,7 +1408,7 @@ impl Server {
         if self.cfg.mapped_xattr {
             let dir = lookup(&fid.path, mkdir.name.as_c_str())?;
             let mode = libc::S_IFDIR | (mkdir.mode & 0o7777);
-            set_mapped(&dir, Some(fid.uid), Some(mkdir.gid), Some(mode))?;
+            set_mapped(&self.proc, &dir, Some(fid.uid), Some(mkdir.gid), Some(mode))?;
         }
         Ok(Rmkdir {
             qid: statat(&fid.path, mkdir.name.as_c_str(), 0).map(Qid::from)?,

@@ -339,9 +339,10 @@ const SHARE_FILES: &[i64] = &[
     libc::SYS_utimensat,
     libc::SYS_ftruncate,
     libc::SYS_flock,
-    // security_model=mapped-xattr's user.virtfs.* (through /proc/self/fd).
-    libc::SYS_getxattr,
-    libc::SYS_setxattr,
+    // security_model=mapped-xattr's user.virtfs.* (on a descriptor opened
+    // through the server's /proc handle).
+    libc::SYS_fgetxattr,
+    libc::SYS_fsetxattr,
 ];
 
 /// User networking's sockets: the guest's TCP and UDP connections and
