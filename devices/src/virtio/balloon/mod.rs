@@ -416,14 +416,9 @@ impl Request for Pages<'_> {
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Outcome {
-        let head = chain.head_index();
         let Some(discard) = self.discard else { return Outcome::Used(0) };
-        let chain = match Chain::read(mem, chain, self.max_descriptors) {
-            Ok(c) => c,
-            Err(e) => {
-                log::debug!("virtio-balloon: request {head}: {e}");
-                return Outcome::Used(0);
-            }
+        let Some(chain) = read_chain(mem, chain, self.max_descriptors, "pages") else {
+            return Outcome::Used(0);
         };
         let pfns = read_pfns(ChainReader::new(mem, &chain));
         for (first, count) in runs(pfns) {
@@ -434,6 +429,20 @@ impl Request for Pages<'_> {
         }
         Outcome::Used(0)
     }
+}
+
+/// The request's chain, read once and checked; None (logged) when it
+/// cannot be served, and it goes back empty.
+fn read_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    max: usize,
+    what: &str,
+) -> Option<Chain> {
+    let head = chain.head_index();
+    Chain::read(mem, chain, max)
+        .map_err(|e| log::debug!("virtio-balloon: {what} request {head}: {e}"))
+        .ok()
 }
 
 /// Up to `MAX_PFNS` page numbers from a request's readable bytes (a
@@ -484,14 +493,9 @@ impl Request for Report<'_> {
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Outcome {
-        let head = chain.head_index();
         let Some(discard) = self.discard else { return Outcome::Used(0) };
-        let chain = match Chain::read(mem, chain, self.max_descriptors) {
-            Ok(c) => c,
-            Err(e) => {
-                log::debug!("virtio-balloon: report {head}: {e}");
-                return Outcome::Used(0);
-            }
+        let Some(chain) = read_chain(mem, chain, self.max_descriptors, "report") else {
+            return Outcome::Used(0);
         };
         for d in chain.writable() {
             let (addr, len) = (d.addr().0, u64::from(d.len()));
@@ -520,14 +524,11 @@ impl Request for TakeStats {
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Outcome {
         let head = chain.head_index();
-        let values = match Chain::read(mem, chain, self.max_descriptors) {
-            Ok(c) => parse_stats(ChainReader::new(mem, &c)),
-            Err(e) => {
-                // A chain that cannot be read cannot be held either.
-                log::debug!("virtio-balloon: stats {head}: {e}");
-                return Outcome::Used(0);
-            }
+        // A chain that cannot be read cannot be held either.
+        let Some(chain) = read_chain(mem, chain, self.max_descriptors, "stats") else {
+            return Outcome::Used(0);
         };
+        let values = parse_stats(ChainReader::new(mem, &chain));
         self.got.push((head, values));
         Outcome::Later
     }

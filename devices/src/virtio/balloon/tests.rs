@@ -87,6 +87,33 @@ fn active(
     (queues, irq)
 }
 
+/// Activates `b` on `tqs`, queue i kicked through `kicks[i]` (or the one
+/// kick for all); the interrupt it raises.
+fn start(
+    b: &mut Balloon,
+    mem: &GuestMemoryMmap,
+    tqs: &[TestQueue],
+    kicks: &[EventFd],
+) -> Arc<RecordingInterrupt> {
+    let irq = Arc::new(RecordingInterrupt::default());
+    let queues = tqs
+        .iter()
+        .enumerate()
+        .map(|(i, tq)| ActiveQueue {
+            index: i,
+            queue: tq.queue(),
+            kick: kicks[i.min(kicks.len() - 1)].try_clone().unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        })
+        .collect();
+    b.activate(ActivationContext { mem: mem.clone(), queues, interrupt: irq.clone() }).unwrap();
+    irq
+}
+
+fn kick() -> EventFd {
+    EventFd::new(libc::EFD_NONBLOCK).unwrap()
+}
+
 fn pfns(mem: &GuestMemoryMmap, at: u64, pfns: &[u32]) -> u32 {
     let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(at)).unwrap();
@@ -152,19 +179,8 @@ fn a_new_target_interrupts_a_running_driver() {
     let (h, _) = handle();
     let mut b = Balloon::new(h.clone(), BalloonConfig::default(), None);
     h.set_target(10);
-    let irq = Arc::new(RecordingInterrupt::default());
-    let queues = tqs
-        .iter()
-        .enumerate()
-        .map(|(i, tq)| ActiveQueue {
-            index: i,
-            queue: tq.queue(),
-            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        })
-        .collect();
     b.ack_features(VIRTIO_F_VERSION_1 | F_STATS_VQ);
-    b.activate(ActivationContext { mem: mem.clone(), queues, interrupt: irq.clone() }).unwrap();
+    let irq = start(&mut b, &mem, &tqs, &[kick()]);
     assert!(irq.take().is_empty());
     h.set_target(20);
     assert_eq!(irq.take(), [VirtioInterruptType::Config]);
@@ -188,19 +204,8 @@ fn queues_are_numbered_as_negotiated() {
     let rec = Arc::new(Recorder::default());
     let mut b = Balloon::new(h, cfg, Some(rec.clone()));
     b.ack_features(VIRTIO_F_VERSION_1 | F_REPORTING);
-    let irq = Arc::new(RecordingInterrupt::default());
-    let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
-    let queues = tqs
-        .iter()
-        .enumerate()
-        .map(|(i, tq)| ActiveQueue {
-            index: i,
-            queue: tq.queue(),
-            kick: kicks[i].try_clone().unwrap(),
-            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        })
-        .collect();
-    b.activate(ActivationContext { mem: mem.clone(), queues, interrupt: irq }).unwrap();
+    let kicks = [kick(), kick(), kick()];
+    start(&mut b, &mem, &tqs, &kicks);
     // A report on queue 2 is served as a report: its block is given back.
     let mut report = TestQueue::new_at(&mem, 16, RINGS[2]);
     report.add_chain(&[(0x20_0000, 0x20_0000, WRITE)]);
@@ -371,19 +376,8 @@ fn the_worker_serves_inflation() {
     let rec = Arc::new(Recorder::default());
     let mut b = Balloon::new(h, BalloonConfig::default(), Some(rec.clone()));
     b.ack_features(VIRTIO_F_VERSION_1 | F_STATS_VQ);
-    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let queues = tqs
-        .iter()
-        .enumerate()
-        .map(|(i, tq)| ActiveQueue {
-            index: i,
-            queue: tq.queue(),
-            kick: kick.try_clone().unwrap(),
-            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        })
-        .collect();
-    let irq = Arc::new(RecordingInterrupt::default());
-    b.activate(ActivationContext { mem: mem.clone(), queues, interrupt: irq }).unwrap();
+    let kick = kick();
+    start(&mut b, &mem, &tqs, std::slice::from_ref(&kick));
     let len = pfns(&mem, DATA, &[0x200, 0x201]);
     tqs[0].add_chain(&[(DATA, len, 0)]);
     kick.write(1).unwrap();
