@@ -77,14 +77,16 @@ fn scenarios() -> Vec<Scenario> {
             "$SKIFF -M microvm -m 512M -kernel $BZIMAGE -nographic \
              -fw_cfg name=opt/x,file=/nonexistent/cred",
         ),
-        // A FIFO (open(2) would block on it) and a directory as drives.
+        // A FIFO (open(2) would block on it) and a directory as drives; a
+        // qcow2 image without format= (probed: not raw).
         Scenario::script(
             "bad-drive-kinds",
             CLI_SECS,
             "mkfifo fifo; mkdir dir\n\
-             for f in fifo dir; do\n\
+             printf 'QFI\\373\\000\\000\\000\\003' > qcow2; truncate -s 1M qcow2\n\
+             for f in fifo dir qcow2; do\n\
              $SKIFF -M microvm -m 512M -kernel $BZIMAGE -nographic \
-             -drive file=$f,format=raw,if=none,id=d0,read-only=on -device virtio-blk-device,drive=d0\n\
+             -drive file=$f,if=none,id=d0,read-only=on -device virtio-blk-device,drive=d0\n\
              echo \"RC-$f=$?\"\n\
              done\n",
         ),
@@ -378,11 +380,18 @@ fn fw_cfg_files_reach_the_guest() {
 
 /// A FIFO or a directory given as a drive: exit 1 at once, naming it and
 /// what it is (a FIFO once hung skiff in open(2); a directory was taken
-/// for an 8 EiB disk).
+/// for an 8 EiB disk). A qcow2 image without format= is probed, not
+/// shown to the guest as raw.
 #[test]
-fn a_fifo_or_a_directory_is_not_a_drive() {
+fn a_fifo_a_directory_or_a_qcow2_image_is_not_a_raw_drive() {
     let r = result("bad-drive-kinds");
     assert_eq!((r.value("RC-fifo"), r.value("RC-dir")), (Some("1"), Some("1")), "{}", r.describe());
+    assert_eq!(r.value("RC-qcow2"), Some("1"), "{}", r.describe());
+    assert!(
+        r.contains("/qcow2' is a qcow2 image; skiff reads raw images only"),
+        "{}",
+        r.describe()
+    );
     assert!(r.contains("/fifo' is a FIFO, not a disk image"), "{}", r.describe());
     assert!(r.contains("/dir' is a directory, not a disk image"), "{}", r.describe());
 }

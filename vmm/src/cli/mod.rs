@@ -423,7 +423,6 @@ impl Builder {
         }
         self.resolve_devices()?;
         check_netdev_fds(&self.config)?;
-        warn_probed_drives(&self.config);
         let node = self.numa_node.take();
         let backend = memory::resolve(&self.memory_backends, node, self.config.mem_size)?;
         if let Some(b) = backend {
@@ -635,19 +634,6 @@ fn share_ram_with_vhost_user(config: &mut VmConfig, backend: Option<&str>) -> Re
                  shared: use -object memory-backend-memfd,id={id},size=...,share=on"
             ),
         }),
-    }
-}
-
-/// A `-drive` without `format=` gets QEMU's warning that it was probed
-/// (skiff only knows raw).
-#[expect(clippy::disallowed_macros, reason = "startup: once per -drive")]
-fn warn_probed_drives(config: &VmConfig) {
-    for dr in config.drives.iter().filter(|d| !d.format_given) {
-        log::warn!(
-            "Image format was not specified for '{}' and probing guessed raw. Specify the \
-             'raw' format explicitly (format=raw) to remove this warning.",
-            dr.file.display()
-        );
     }
 }
 

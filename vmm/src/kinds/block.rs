@@ -138,8 +138,30 @@ impl Device for Blk {
             ignore_flush: drive.ignore_flush,
             locking: drive.locking,
         };
-        let disk =
-            Disk::open(&opts).map_err(|e| OpenError::new(format!("-drive id={}", drive.id), e))?;
+        let what = || format!("-drive id={}", drive.id);
+        let disk = Disk::open(&opts).map_err(|e| OpenError::new(what(), e))?;
+        // No format= : probed as QEMU probes. An image of another format
+        // would show the guest its container (and take its writes).
+        if !drive.format_given {
+            if let Some(fmt) = disk.probe_format().map_err(|e| OpenError::new(what(), e))? {
+                let e = std::io::Error::other(format!(
+                    "'{}' is a {fmt} image; skiff reads raw images only (format=raw would \
+                     show the guest the {fmt} file's own bytes)",
+                    drive.file.display()
+                ));
+                return Err(OpenError::new(what(), e));
+            }
+            #[expect(clippy::disallowed_macros, reason = "startup: once per -drive")]
+            {
+                log::warn!(
+                    "Image format was not specified for '{}' and probing guessed raw. \
+                     Automatically detecting the format is dangerous for raw images, write \
+                     operations on block 0 will be restricted. Specify the 'raw' format \
+                     explicitly to remove the restrictions.",
+                    drive.file.display()
+                );
+            }
+        }
         // QEMU's default: a queue per vCPU on PCI (at most 256), one on MMIO.
         let pci = ctx.bus == Bus::VirtioPci;
         let cpus = ctx.cfg.smp.cpus.clamp(1, 256) as u16;
@@ -153,6 +175,7 @@ impl Device for Blk {
                 discard: drive.discard,
                 detect_zeroes: drive.detect_zeroes,
                 serial: s.serial.clone().unwrap_or_default().into_bytes(),
+                probed: !drive.format_given,
             },
             aio: drive.aio,
         };

@@ -55,6 +55,31 @@ pub enum DiskError {
     NotAFile { path: PathBuf, what: &'static str },
 }
 
+/// QEMU's image formats by their magic (its block drivers' probes), where
+/// `head` is the start of a file.
+pub fn image_format(head: &[u8]) -> Option<&'static str> {
+    let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
+    let be32 =
+        |off: usize| head.get(off..off + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    if at(0, b"QFI\xfb") {
+        return Some(if be32(4) == Some(1) { "qcow" } else { "qcow2" });
+    }
+    const MAGICS: &[(usize, &[u8], &str)] = &[
+        (0, b"QED\0", "qed"),
+        (0, b"KDMV", "vmdk"),
+        (0, b"COWD", "vmdk"),
+        (0, b"# Disk DescriptorFile", "vmdk"),
+        (0, b"vhdxfile", "vhdx"),
+        (0, b"conectix", "vpc"),
+        (0, b"WithoutFreeSpace", "parallels"),
+        (0, b"WithouFreSpacExt", "parallels"),
+        (0, b"LUKS\xba\xbe", "luks"),
+        (0, b"#!/bin/sh\n#V2.0 Format", "cloop"),
+        (64, b"\x7f\x10\xda\xbe", "vdi"),
+    ];
+    MAGICS.iter().find(|(off, magic, _)| at(*off, magic)).map(|&(_, _, name)| name)
+}
+
 /// What a file that is not a disk image is, for the error.
 fn not_an_image(t: std::fs::FileType) -> Option<&'static str> {
     use std::os::unix::fs::FileTypeExt;
@@ -358,6 +383,25 @@ impl Disk {
         Ok(())
     }
 
+    /// The image format the first bytes say, where they name one QEMU
+    /// knows (None: raw, as QEMU's probing would guess). skiff reads raw
+    /// images only: a `-drive` without `format=` on one of these would
+    /// hand the guest the container's bytes (and its writes would corrupt
+    /// the image), so the caller refuses it.
+    pub fn probe_format(&self) -> io::Result<Option<&'static str>> {
+        let mut head = [0u8; 512];
+        let mut n = 0;
+        while n < head.len() {
+            match self.file.read_at(&mut head[n..], n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(image_format(&head[..n]))
+    }
+
     /// Makes written data durable (the guest's FLUSH).
     pub fn flush(&self) -> io::Result<()> {
         if !self.flushes() {
@@ -498,6 +542,38 @@ mod tests {
                 }
             }
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// QEMU's formats are told by their magic; anything else (an empty
+    /// file, a filesystem, zeros) is raw.
+    #[test]
+    fn image_formats_are_told_by_their_magic() {
+        let mut qcow2 = vec![0u8; 512];
+        qcow2[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+        let mut vdi = vec![0u8; 512];
+        vdi[64..68].copy_from_slice(&0xbeda107fu32.to_le_bytes());
+        let cases: [(&[u8], Option<&str>); 7] = [
+            (&qcow2, Some("qcow2")),
+            (b"QFI\xfb\0\0\0\x01", Some("qcow")),
+            (b"KDMV\x01\0\0\0", Some("vmdk")),
+            (&vdi, Some("vdi")),
+            (b"", None),
+            (&[0u8; 512], None),
+            (b"QFI", None),
+        ];
+        for (head, want) in cases {
+            assert_eq!(image_format(head), want, "{:?}", &head[..head.len().min(8)]);
+        }
+        let dir = tmpdir("probe");
+        let p = image(&dir, "q.img", 1 << 20);
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().write_at(&qcow2, 0).unwrap();
+        assert_eq!(
+            Disk::open(&opts(&p, true, false)).unwrap().probe_format().unwrap(),
+            Some("qcow2")
+        );
+        let raw = image(&dir, "r.img", 1 << 20);
+        assert_eq!(Disk::open(&opts(&raw, true, false)).unwrap().probe_format().unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

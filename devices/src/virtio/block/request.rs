@@ -35,6 +35,11 @@ pub struct Policy {
     pub detect_zeroes: DetectZeroes,
     /// `serial=`: what GET_ID returns (up to 20 bytes).
     pub serial: Vec<u8>,
+    /// No `format=`: the image was probed as raw. As QEMU's raw driver
+    /// then does, a write must not make sector 0 look like another format
+    /// (the next start would probe it as that, and show the guest's data as
+    /// a container: a guest could read host files through a backing file).
+    pub probed: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -177,7 +182,9 @@ pub fn prepare(
             VIRTIO_BLK_T_OUT
                 if data_out > 0
                     && !disk.read_only()
-                    && policy.detect_zeroes == DetectZeroes::Off =>
+                    && policy.detect_zeroes == DetectZeroes::Off
+                    // Sector 0 of a probed image is checked on a copy, here.
+                    && !(policy.probed && sector == 0) =>
             {
                 let offset = range(disk, sector, data_out)?;
                 (Plan::Write { offset, buffers: readable.ranges(16, data_out) }, 1)
@@ -268,6 +275,12 @@ fn run(
                 let n = (data_out - done).min(CHUNK as u64) as usize;
                 if !readable.read(mem, 16 + done, &mut buf[..n]) {
                     return Err(Failure::IoErr);
+                }
+                if policy.probed && offset + done == 0 {
+                    if let Some(fmt) = super::disk::image_format(&buf[..n]) {
+                        log::debug!("virtio-blk: a write would make the probed image {fmt}");
+                        return Err(Failure::IoErr);
+                    }
                 }
                 write_or_zero(disk, policy, &buf[..n], offset + done)?;
                 done += n as u64;

@@ -60,6 +60,7 @@ fn params(discard: bool) -> BlockParams {
             discard,
             detect_zeroes: DetectZeroes::Off,
             serial: b"skiff-serial".to_vec(),
+            probed: false,
         },
         aio: Aio::Threads,
     }
@@ -398,6 +399,41 @@ fn io_uring_keeps_many_requests_in_flight() {
         panic!("io_uring is unavailable on this host");
     };
     many_in_flight("uring", |_, _| Engine::Uring(Box::new(engine)));
+}
+
+/// An image probed as raw (no format=): a write that would make sector 0
+/// a qcow2 header is refused (IOERR), as QEMU's raw driver refuses it, on
+/// the synchronous path and where an io_uring would take the write; other
+/// writes to sector 0 and a qcow2 header elsewhere go through.
+#[test]
+fn a_probed_image_cannot_be_made_to_look_like_qcow2() {
+    for uring in [false, true] {
+        let f = fixture(if uring { "probed-uring" } else { "probed" }, false);
+        let mem = guest_mem(MEM);
+        let mut tq = TestQueue::new(&mem, 16);
+        let (mut q, _) = queue(&mem, &tq, &f, false);
+        q.policy = Arc::new(Policy { probed: true, ..(*q.policy).clone() });
+        if uring {
+            q.engine = Some(Engine::Uring(Box::new(uring::Uring::new(16).expect("io_uring"))));
+        }
+        let mut write = |sector: u64, first: &[u8]| -> u8 {
+            fill(&mem, BUF, 512, 0);
+            mem.write_slice(first, GuestAddress(BUF)).unwrap();
+            header(&mem, VIRTIO_BLK_T_OUT, sector);
+            fill(&mem, STATUS, 1, 0xff);
+            tq.add_chain(&[(HDR, 16, 0), (BUF, 512, 0), (STATUS, 1, WRITE)]);
+            q.serve();
+            q.quiesce();
+            status(&mem)
+        };
+        let qcow2 = b"QFI\xfb\0\0\0\x03";
+        assert_eq!(write(0, qcow2), VIRTIO_BLK_S_IOERR as u8, "uring={uring}");
+        assert_eq!(write(0, b"just data"), VIRTIO_BLK_S_OK as u8, "uring={uring}");
+        assert_eq!(write(8, qcow2), VIRTIO_BLK_S_OK as u8, "uring={uring}");
+        let mut first = [0u8; 9];
+        f.disk.read_at(&mut first, 0).unwrap();
+        assert_eq!(&first, b"just data", "uring={uring}");
+    }
 }
 
 /// aio=io_uring, an image cut short under a running guest: a read across
