@@ -36,8 +36,10 @@ impl Kind for BlockKind {
        [,cache=none|writeback|writethrough|directsync|unsafe][,cache.direct=on|off]
        [,discard=unmap|ignore][,detect-zeroes=off|on|unmap][,aio=io_uring|threads|native]
        [,werror=report][,rerror=report][,file.locking=on|off][,index=N]
-                         a raw image (no format= means raw, with QEMU's
-                         warning); locked as QEMU locks it; cache=none on a
+                         a raw image (no format=: probed as QEMU probes, an
+                         image of another format such as qcow2 is refused,
+                         and writes that would make block 0 one fail, with
+                         QEMU's warning); locked as QEMU locks it; cache=none on a
                          filesystem without O_DIRECT (tmpfs) falls back to the
                          page cache with a warning; each queue runs on a worker
                          thread of its own, many requests at once: through a
