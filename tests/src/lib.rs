@@ -797,6 +797,14 @@ virtiofsd() {
 expected() { echo "EXPECTED-$1=$(sha256sum "$2" | cut -d' ' -f1)"; }
 "#;
 
+/// Shell helper: `qmp CMD...` connects to `q.sock`, negotiates, sends each
+/// command (a JSON line) and prints what comes back within a second.
+pub const QMP_FN: &str = r#"
+qmp() {
+	{ echo '{"execute":"qmp_capabilities"}'; for c in "$@"; do echo "$c"; done; } | socat -t 1 STDIO UNIX:q.sock
+}
+"#;
+
 /// Shell helper for VFIO scenarios (a test host with `SKIFF_L1_NVME`):
 /// `vfio_bind` loads the VFIO modules, binds the test host's NVMe
 /// controller to vfio-pci and unbinds the rest of its IOMMU group (the

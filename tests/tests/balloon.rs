@@ -11,16 +11,14 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{skiff_command, Batch, Scenario, ScenarioResult, SHARE_FN, VIRTIOFSD_FN};
+use skiff_tests::{skiff_command, Batch, Scenario, ScenarioResult, QMP_FN, SHARE_FN, VIRTIOFSD_FN};
 
 const SECS: u32 = 240;
 const MIB: u64 = 1 << 20;
 
-/// Host-side helpers: QMP through socat, skiff's RSS, the memfd's blocks.
+/// Host-side helpers (with `QMP_FN`'s `qmp`): query-balloon, skiff's RSS,
+/// the memfd's blocks.
 const HELPERS: &str = r#"
-qmp() {
-	{ echo '{"execute":"qmp_capabilities"}'; for c in "$@"; do echo "$c"; done; } | socat -t 1 STDIO UNIX:q.sock
-}
 actual() {
 	qmp '{"execute":"query-balloon"}' | sed -n 's/.*"return":{"actual":\([0-9]*\)}.*/\1/p' | tail -n 1
 }
@@ -69,7 +67,7 @@ fn start(pcie: bool, devices: &str, mode: &str) -> String {
         &format!("skiff.test=balloon skiff.balloon={mode}"),
     );
     format!(
-        "{HELPERS}rm -f q.sock\n: > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
+        "{QMP_FN}{HELPERS}rm -f q.sock\n: > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\n\
          wait_for SKIFF-BALLOON-TOUCHED out.txt 150\n"
     )
 }

@@ -8,7 +8,7 @@
 // vmx/svm): built only with `--features guest` (resources/test.sh does).
 #![cfg(feature = "guest")]
 
-use skiff_tests::{until_then_sigterm, Batch, Scenario, ScenarioResult};
+use skiff_tests::{until_then_sigterm, Batch, Scenario, ScenarioResult, QMP_FN};
 
 const SECS: u32 = 90;
 
@@ -45,20 +45,17 @@ fn zeroing_reset_script() -> String {
         "zeroout",
     )
     .replace(" -no-reboot", "");
-    let qmp = |c: &str| {
-        format!("printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"{c}\"}}' | socat -t 2 STDIO UNIX:q.sock >> qmp.txt\n")
-    };
     format!(
-        "truncate -s 1G z.img\n{cmd} > out.txt 2>&1 &\npid=$!\n\
+        "{QMP_FN}truncate -s 1G z.img\n{cmd} > out.txt 2>&1 &\npid=$!\n\
          wait_for SKIFF-ZEROING out.txt 120\n\
          i=0; while [ $i -lt 1200 ] && [ \"$(du -k z.img | cut -f1)\" -lt 4096 ]; do sleep 0.05; i=$((i + 1)); done\n\
-         echo \"KB-AT-RESET=$(du -k z.img | cut -f1)\"\n{}\
+         echo \"KB-AT-RESET=$(du -k z.img | cut -f1)\"\n\
+         qmp '{{\"execute\":\"system_reset\"}}' >> qmp.txt\n\
          i=0; while [ $i -lt 1200 ] && [ \"$(count_lines SKIFF-INIT-OK out.txt)\" -lt 2 ]; do sleep 0.1; i=$((i + 1)); done\n\
-         echo \"BOOTS=$(count_lines SKIFF-INIT-OK out.txt)\"\n{}\
+         echo \"BOOTS=$(count_lines SKIFF-INIT-OK out.txt)\"\n\
+         qmp '{{\"execute\":\"quit\"}}' >> qmp.txt\n\
          wait $pid\necho \"SKIFF-RC=$?\"\necho \"KB-AT-END=$(du -k z.img | cut -f1)\"\n\
-         cat qmp.txt\ncat out.txt\n",
-        qmp("system_reset"),
-        qmp("quit")
+         cat qmp.txt\ncat out.txt\n"
     )
 }
 

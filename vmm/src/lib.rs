@@ -204,10 +204,8 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
 }
 
 fn emit(servers: &[Arc<Mutex<qmp::QmpServer>>], name: &str, guest: bool, reason: &str) {
-    for s in servers {
-        let data = serde_json::json!({ "guest": guest, "reason": reason });
-        s.lock().unwrap_or_else(|e| e.into_inner()).emit(name, Some(data));
-    }
+    let data = serde_json::json!({ "guest": guest, "reason": reason });
+    qmp::emit_all(servers, name, Some(data));
 }
 
 fn run_until_end(

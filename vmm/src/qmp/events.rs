@@ -77,12 +77,6 @@ impl EventRelay {
         Ok(EventRelay { servers, notices, balloon: Throttle::default(), timer })
     }
 
-    fn emit(&self, name: &str, data: Value) {
-        for s in &self.servers {
-            s.lock().unwrap_or_else(|e| e.into_inner()).emit(name, Some(data.clone()));
-        }
-    }
-
     fn arm(&mut self, now: Instant) {
         let wait = self.balloon.deadline().map(|d| d.saturating_duration_since(now));
         let res = match wait {
@@ -110,14 +104,14 @@ impl MutEventSubscriber for EventRelay {
         if events.fd() == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
             if let Some(data) = self.balloon.expire(now, BALLOON_CHANGE_RATE) {
-                self.emit("BALLOON_CHANGE", data);
+                super::emit_all(&self.servers, "BALLOON_CHANGE", Some(data));
             }
         } else {
             for notice in self.notices.take() {
                 let Notice::BalloonChange { actual } = notice;
                 let data = json!({ "actual": actual });
                 if let Some(data) = self.balloon.offer(data, now, BALLOON_CHANGE_RATE) {
-                    self.emit("BALLOON_CHANGE", data);
+                    super::emit_all(&self.servers, "BALLOON_CHANGE", Some(data));
                 }
             }
         }

@@ -6,4 +6,4 @@ pub(crate) mod protocol;
 mod server;
 
 pub use events::EventRelay;
-pub use server::{QmpHandler, QmpServer};
+pub use server::{emit_all, QmpHandler, QmpServer};

@@ -266,6 +266,14 @@ impl QmpServer {
     }
 }
 
+/// Sends an event to every server's client (the machine's events and the
+/// devices' alike).
+pub fn emit_all(servers: &[Arc<Mutex<QmpServer>>], name: &str, data: Option<Value>) {
+    for s in servers {
+        lock(s).emit(name, data.clone());
+    }
+}
+
 /// Closing the socket removes its file, so a connect after exit fails (and
 /// on every path out, not only the orderly one) — if the file still is the
 /// one skiff made: another process's socket at the path stays.
