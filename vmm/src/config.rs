@@ -26,18 +26,33 @@ impl OnOffAuto {
     }
 }
 
+/// Which machine: QEMU microvm as asked for by name, or skiff's default
+/// machine when no `-M` names a type (QEMU's default is `pc`, with PCI).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MachineKind {
+    /// No type given: microvm's board with what a QEMU `pc` guest expects
+    /// of a direct kernel boot — the PCIe root (`pcie` auto → on), the
+    /// i8042 and the CMOS RTC (`rtc` auto → on).
+    #[default]
+    Default,
+    /// `-M microvm`: QEMU microvm's defaults.
+    Microvm,
+}
+
 /// `-M microvm,...`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MachineConfig {
+    pub kind: MachineKind,
     /// `acpi=` (auto → on, as QEMU microvm).
     pub acpi: OnOffAuto,
-    /// `pcie=` (auto → off).
+    /// `pcie=` (auto → off on microvm, on on the default machine).
     pub pcie: OnOffAuto,
     /// `pic=` (auto → on, as QEMU microvm).
     pub pic: OnOffAuto,
     /// `pit=` (auto → on).
     pub pit: OnOffAuto,
-    /// `rtc=` (auto → off under KVM, as QEMU microvm; FADT then says so).
+    /// `rtc=` (auto → off under KVM on microvm, as QEMU microvm; FADT then
+    /// says so; on on the default machine).
     pub rtc: OnOffAuto,
     /// `usb=` (only `off`/`auto` are supported: there is no xHCI).
     pub usb: OnOffAuto,
@@ -51,9 +66,24 @@ pub struct MachineConfig {
     pub auto_kernel_cmdline: bool,
 }
 
+impl MachineConfig {
+    /// Whether the machine has the PCIe root complex.
+    pub fn has_pcie(&self) -> bool {
+        self.pcie.resolve(self.kind == MachineKind::Default)
+    }
+
+    /// Whether the machine has the CMOS RTC: QEMU microvm leaves it out
+    /// under KVM unless asked (the FADT then says so, and the guest does
+    /// not probe for it); a `pc` guest expects one.
+    pub fn has_rtc(&self) -> bool {
+        self.rtc.resolve(self.kind == MachineKind::Default)
+    }
+}
+
 impl Default for MachineConfig {
     fn default() -> Self {
         MachineConfig {
+            kind: MachineKind::Default,
             acpi: OnOffAuto::Auto,
             pcie: OnOffAuto::Auto,
             pic: OnOffAuto::Auto,

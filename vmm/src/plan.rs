@@ -14,7 +14,7 @@ use crate::kinds::Bus;
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     /// QEMU: "No 'PCI' bus found for device".
-    #[error("-device {0}: no PCI bus for the device (use -M microvm,pcie=on)")]
+    #[error("-device {0}: no PCI bus for the device (use -M microvm,pcie=on, or no -M type: the default machine has PCIe)")]
     NoPciBus(String),
     #[error("-device")]
     Placement(#[source] pci::AllocError),
@@ -50,11 +50,8 @@ fn acpi(m: &crate::config::MachineConfig) -> bool {
     m.acpi.resolve(true)
 }
 
-/// Whether the machine has the CMOS RTC: QEMU microvm leaves it out under
-/// KVM unless asked; the FADT then says so, and the guest does not probe
-/// for it.
 fn rtc(m: &crate::config::MachineConfig) -> bool {
-    m.rtc.resolve(false)
+    m.has_rtc()
 }
 
 /// The devices the machine adds itself (`-device` names of machine-only
@@ -78,7 +75,7 @@ impl Platform {
         let m = &cfg.machine;
         Platform {
             acpi: acpi(m),
-            pcie: m.pcie.resolve(false),
+            pcie: m.has_pcie(),
             pic: m.pic.resolve(true),
             pit: m.pit.resolve(true),
             rtc: rtc(m),
@@ -390,7 +387,8 @@ mod tests {
         assert_eq!(slots(&c), vec!["00:01.0", "01:00.0"]);
         let e = place(&cfg(&["-device", "virtio-rng-pci,bus=nope"])).unwrap_err();
         assert!(e.contains("nope"), "{e}");
-        let off = match parse(["-device".to_string(), "virtio-rng-pci".to_string()]) {
+        let argv = ["-M", "microvm", "-device", "virtio-rng-pci"].map(String::from);
+        let off = match parse(argv) {
             Ok(Action::Run(c)) => *c,
             other => panic!("{other:?}"),
         };

@@ -17,7 +17,12 @@ Standard options:
              [,usb=off|auto][,mem-merge=on|off][,isa-serial=on|off]
              [,x-option-roms=on|off][,auto-kernel-cmdline=on|off]
                          select the machine: only 'microvm'; accel is a
-                         ':'-separated list that must include kvm
+                         ':'-separated list that must include kvm. With no
+                         type (no -M, or only -machine accel=...) skiff gives
+                         its default machine, what a QEMU 'pc' guest expects
+                         of a direct kernel boot: microvm's board with the
+                         PCIe root (pcie=on), the CMOS RTC (rtc=on) and an
+                         i8042, serial COM1 unless -nodefaults
 -accel kvm               use KVM (the only accelerator)
 -enable-kvm              same as -accel kvm
 -cpu host|max[,+FEATURE][,-FEATURE][,FEATURE=on|off]

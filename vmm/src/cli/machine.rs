@@ -2,7 +2,7 @@
 
 use super::opts::{parse_bool, parse_size, QemuOpts};
 use super::CliError;
-use crate::config::{CpuConfig, MachineConfig, OnOffAuto, SmpConfig};
+use crate::config::{CpuConfig, MachineConfig, MachineKind, OnOffAuto, SmpConfig};
 
 /// Most vCPUs a microvm may have: APIC IDs 0..=254 (255 is the broadcast ID
 /// with xAPIC).
@@ -21,7 +21,8 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 }
 
 /// `-M [type=]microvm[,key=value...]`. Several `-M` merge, later keys winning,
-/// as in QEMU; the type may be omitted after the first.
+/// as in QEMU. With no type at all (`-machine accel=kvm:tcg`, qemu-vm.nix's
+/// form) the machine is skiff's default machine (`MachineKind::Default`).
 pub(super) fn parse_machine(
     label: &str,
     arg: &str,
@@ -30,10 +31,16 @@ pub(super) fn parse_machine(
     let mut opts = QemuOpts::parse(label, arg, Some("type"));
     if let Some(ty) = opts.take("type") {
         if ty != "microvm" {
-            return Err(opts.error(format!("unknown machine '{ty}' (only 'microvm' is supported)")));
+            return Err(opts.error(format!(
+                "unknown machine '{ty}' (only 'microvm'; with no machine type skiff \
+                 gives its default machine, a microvm with PCIe, i8042 and RTC)"
+            )));
         }
+        machine.kind = MachineKind::Microvm;
     }
-    opts.relabel(format!("{label} microvm"));
+    if machine.kind == MachineKind::Microvm {
+        opts.relabel(format!("{label} microvm"));
+    }
 
     if let Some(accel) = opts.take("accel") {
         // QEMU tries a ':'-separated list in order; KVM is the only one skiff

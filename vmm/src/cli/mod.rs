@@ -421,6 +421,12 @@ impl Builder {
         for driver in crate::plan::machine_devices(&self.config.machine) {
             self.add_device(device::implied_device("-M", driver, Vec::new())?, "-M")?;
         }
+        // The default machine's board has a PS/2 controller, as `pc` has,
+        // unless the command line placed one itself.
+        let has_i8042 = self.devices.iter().any(|d| d.kind.name() == "i8042");
+        if self.config.machine.kind == crate::config::MachineKind::Default && !has_i8042 {
+            self.add_device(device::implied_device("-M", "i8042", Vec::new())?, "-M")?;
+        }
         self.resolve_devices()?;
         check_netdev_fds(&self.config)?;
         let node = self.numa_node.take();
@@ -548,11 +554,7 @@ impl Builder {
         family: &str,
         props: Vec<(String, String)>,
     ) -> Result<(), CliError> {
-        use crate::config::OnOffAuto;
-        let suffix = match self.config.machine.pcie {
-            OnOffAuto::On => "pci",
-            OnOffAuto::Off | OnOffAuto::Auto => "device",
-        };
+        let suffix = if self.config.machine.has_pcie() { "pci" } else { "device" };
         let device = device::implied_device(label, &format!("{family}-{suffix}"), props)?;
         self.add_device(device, label)
     }

@@ -6,16 +6,25 @@
 use super::tests_support::expected;
 use super::*;
 use crate::config::{
-    ChardevConfig, CpuConfig, MachineConfig, OnOffAuto, RamBacking, RamConfig, RunAs, RunWith,
-    SandboxConfig, SmbiosType1, SmpConfig,
+    ChardevConfig, CpuConfig, MachineConfig, MachineKind, OnOffAuto, RamBacking, RamConfig, RunAs,
+    RunWith, SandboxConfig, SmbiosType1, SmpConfig,
 };
 use crate::kinds::{block::Blk, debug_exit::ExitPort, i8042::Ps2, net::Nic, p9::NineP};
 use crate::kinds::{ged::Events, rng::Entropy, rtc::Cmos, Bus};
 
-/// What an empty command line gives: the defaults, and the machine's own
-/// devices (with ACPI, its GED).
+/// What an empty command line gives: the default machine and its own
+/// devices (the RTC, with ACPI its GED, fw_cfg, and the i8042 after them).
 fn defaults() -> VmConfig {
-    VmConfig { devices: vec![ged(), fw_cfg()], ..VmConfig::default() }
+    VmConfig { devices: vec![rtc(), ged(), fw_cfg(), ps2()], ..VmConfig::default() }
+}
+
+fn rtc() -> DeviceConfig {
+    expected("mc146818rtc", None, Cmos)
+}
+
+/// The default machine's PS/2 controller.
+fn ps2() -> DeviceConfig {
+    expected("i8042", None, Ps2)
 }
 
 /// The ACPI GED the machine adds with ACPI (after the argv's devices).
@@ -86,6 +95,7 @@ fn microvm_nix_command_line() {
     let expected = VmConfig {
         name: Some("t".into()),
         machine: MachineConfig {
+            kind: MachineKind::Microvm,
             acpi: OnOffAuto::On,
             pcie: OnOffAuto::Off,
             pic: OnOffAuto::Off,
@@ -276,6 +286,7 @@ fn machine() {
     assert_eq!(
         config.machine,
         MachineConfig {
+            kind: MachineKind::Microvm,
             isa_serial: false,
             option_roms: false,
             auto_kernel_cmdline: false,
@@ -287,16 +298,29 @@ fn machine() {
     let config = run(&["-M", "microvm,acpi=off,pic=off", "-M", "acpi=on", "-M", "microvm,"]);
     assert_eq!(config.machine.acpi, OnOffAuto::On);
     assert_eq!(config.machine.pic, OnOffAuto::Off);
-    assert_eq!(run(&["-M", "microvm,accel=kvm"]).machine, MachineConfig::default());
+    let microvm = MachineConfig { kind: MachineKind::Microvm, ..MachineConfig::default() };
+    assert_eq!(run(&["-M", "microvm,accel=kvm"]).machine, microvm);
+    // qemu-vm.nix's -machine names no type: the default machine, which a
+    // later -M microvm turns into microvm.
+    let default = run(&["-machine", "accel=kvm:tcg"]);
+    assert_eq!(default.machine, MachineConfig::default());
+    assert!(default.machine.has_pcie() && default.machine.has_rtc());
+    assert!(default.devices.contains(&ps2()), "the default machine's i8042");
+    assert_eq!(run(&["-machine", "accel=kvm:tcg", "-M", "microvm"]).machine, microvm);
+    let c = run(&["-M", "microvm"]);
+    assert!(!c.machine.has_pcie() && !c.machine.has_rtc());
+    assert!(!c.devices.iter().any(|d| d.driver == "i8042"), "microvm has no i8042 unasked");
+    // One i8042 only: the command line's takes the place of the machine's.
+    let c = run(&["-device", "i8042,id=kbd"]);
+    assert_eq!(c.devices.iter().filter(|d| d.driver == "i8042").count(), 1);
 }
 
 #[test]
 fn machine_errors() {
-    fails(&["-M", "pc"], "-M: unknown machine 'pc' (only 'microvm' is supported)");
-    fails(
-        &["-machine", "type=q35"],
-        "-machine: unknown machine 'q35' (only 'microvm' is supported)",
-    );
+    let unknown = "(only 'microvm'; with no machine type skiff gives its default machine, \
+                   a microvm with PCIe, i8042 and RTC)";
+    fails(&["-M", "pc"], &format!("-M: unknown machine 'pc' {unknown}"));
+    fails(&["-machine", "type=q35"], &format!("-machine: unknown machine 'q35' {unknown}"));
     fails(&["-M", "microvm,foo=1"], "-M microvm: unknown property 'foo'");
     fails(
         &["-M", "microvm,accel=tcg"],
@@ -528,6 +552,7 @@ fn devices() {
         vec![
             expected("isa-debug-exit", None, ExitPort { iobase: 0xf4, iosize: 4 }),
             expected("i8042", Some("kbd"), Ps2),
+            rtc(),
             ged(),
             fw_cfg(),
         ]
@@ -761,8 +786,10 @@ fn virtio_rng_device_properties() {
                 Some("rng0"),
                 Entropy { max_bytes: Some(1024), period_ms: Some(1000) }
             ),
+            rtc(),
             ged(),
-            fw_cfg()
+            fw_cfg(),
+            ps2()
         ]
     );
     fails(
@@ -968,8 +995,10 @@ fn nine_p_shares_and_their_fsdevs() {
             readonly: true
         }
     );
-    let c = run(&["-virtfs", "local,path=/tmp,security_model=none,mount_tag=s"]);
+    let c = run(&["-M", "microvm", "-virtfs", "local,path=/tmp,security_model=none,mount_tag=s"]);
     assert!(!shares(&c)[0].1, "virtio-mmio without pcie=on");
+    let c = run(&["-virtfs", "local,path=/tmp,security_model=none,mount_tag=s"]);
+    assert!(shares(&c)[0].1, "PCI on the default machine");
     fails(
         &["-device", "virtio-9p-pci,fsdev=x,mount_tag=t"],
         "-device virtio-9p-pci: fsdev with id x needs to be defined",
@@ -1072,8 +1101,11 @@ fn legacy_net_nic_follows_the_machine() {
         "microvm,pcie=on",
     ]);
     assert_eq!(nic(&c), Bus::VirtioPci);
-    let c = run(&["-netdev", "tap,id=n,fd=3", "-net", "nic,netdev=n"]);
+    let c = run(&["-M", "microvm", "-netdev", "tap,id=n,fd=3", "-net", "nic,netdev=n"]);
     assert_eq!(nic(&c), Bus::VirtioMmio);
+    // The default machine has PCI (qemu-vm.nix's -net nic).
+    let c = run(&["-netdev", "tap,id=n,fd=3", "-net", "nic,netdev=n"]);
+    assert_eq!(nic(&c), Bus::VirtioPci);
 }
 
 /// One configuration of microvm.nix's own x86_64 QEMU check matrix

@@ -29,7 +29,7 @@ impl Kind for RngKind {
                          entropy on virtio-mmio (0xfeb00000 + 512 * n)
 -device virtio-rng-pci[,addr=SLOT[.FN]][,bus=ID][,multifunction=on|off]
                       [,max-bytes=N,period=MS][,disable-legacy=on][,id=ID]
-                         entropy on PCIe (needs -M microvm,pcie=on); MSI-X
+                         entropy on PCIe (not on -M microvm,pcie=off); MSI-X
 "
     }
     fn sandbox(&self) -> Sandbox {
