@@ -14,6 +14,7 @@
 pub mod balloon;
 pub mod block;
 pub mod chain;
+pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod notifier;
