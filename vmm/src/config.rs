@@ -443,6 +443,19 @@ pub struct VmConfig {
     pub run_with: RunWith,
     /// `-qmp` monitors.
     pub qmp: Vec<QmpConfig>,
+    /// `-monitor` human monitors (HMP).
+    pub monitors: Vec<MonitorConfig>,
+}
+
+/// `-monitor unix:PATH[,server=on[,wait=off]][,reconnect=S]`: QEMU's human
+/// monitor on a Unix socket, skiff connecting (the NixOS test driver
+/// listens) or listening.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub path: PathBuf,
+    pub server: bool,
+    pub wait: bool,
+    pub reconnect_ms: Option<u64>,
 }
 
 impl Default for VmConfig {
@@ -473,6 +486,7 @@ impl Default for VmConfig {
             sandbox: None,
             run_with: RunWith::default(),
             qmp: Vec::new(),
+            monitors: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ mod ctl;
 mod diag;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod hmp;
 mod host;
 mod kinds;
 mod plan;
@@ -54,6 +55,9 @@ enum Error {
     Signals(#[source] std::io::Error),
     #[error("-qmp")]
     Qmp(#[source] std::io::Error),
+    /// A `-monitor` socket could not be connected or bound.
+    #[error("{0}")]
+    Monitor(String),
     /// A vCPU could not continue; the message carries its registers.
     #[error("{0}")]
     Fatal(String),
@@ -157,6 +161,21 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
         };
         servers.push(Arc::new(Mutex::new(server)));
     }
+    // Human monitors, in command-line order: connected (or bound) before
+    // the guest runs, as QEMU opens its chardevs.
+    let mut human = Vec::new();
+    for m in &cfg.monitors {
+        match hmp::Monitor::open(m) {
+            Ok(monitor) => human.push(Arc::new(Mutex::new(monitor))),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                log::info!("-monitor: {e}");
+                return Ok(0);
+            }
+            Err(e) => {
+                return Err(Error::Monitor(format!("-monitor unix:{}: {e}", m.path.display())))
+            }
+        }
+    }
     // Opened once: a guest reboot writes on where the last run stopped.
     let serial = console.open()?;
     // Made once, as a machine's RAM is: a reset keeps it (QEMU does not
@@ -186,7 +205,10 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
         let handler = |s: &Arc<Mutex<qmp::QmpServer>>| -> vm::Subscriber {
             Arc::new(Mutex::new(qmp::QmpHandler::new(s.clone(), controls.clone())))
         };
-        servers.iter().map(handler).chain(relay.clone()).collect()
+        let hmp = |m: &Arc<Mutex<hmp::Monitor>>| -> vm::Subscriber {
+            Arc::new(Mutex::new(hmp::HmpHandler::new(m.clone(), controls.clone())))
+        };
+        servers.iter().map(handler).chain(relay.clone()).chain(human.iter().map(hmp)).collect()
     };
     let machine = vm::Machine {
         cfg,

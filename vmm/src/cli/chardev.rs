@@ -2,7 +2,9 @@
 
 use super::opts::QemuOpts;
 use super::CliError;
-use crate::config::{ChardevBackend, ChardevConfig, QmpAddress, QmpConfig, SerialConfig};
+use crate::config::{
+    ChardevBackend, ChardevConfig, MonitorConfig, QmpAddress, QmpConfig, SerialConfig,
+};
 
 /// `-chardev BACKEND,id=ID,...` for the backends skiff has.
 pub(super) fn parse_chardev(label: &str, arg: &str) -> Result<ChardevConfig, CliError> {
@@ -84,6 +86,31 @@ pub(super) fn parse_qmp(label: &str, arg: &str) -> Result<QmpConfig, CliError> {
     let wait = opts.take_bool("wait")?.unwrap_or(true);
     opts.finish()?;
     Ok(QmpConfig { address, wait })
+}
+
+/// `-monitor unix:PATH[,server=on][,wait=off][,reconnect=S]` (QEMU's
+/// legacy chardev syntax for the human monitor): a client by default, as
+/// the NixOS test driver has it.
+pub(super) fn parse_monitor(label: &str, arg: &str) -> Result<MonitorConfig, CliError> {
+    let mut opts = QemuOpts::parse(label, arg, Some("address"));
+    let address = opts.take("address").ok_or_else(|| opts.missing("address"))?;
+    let Some(path) = address.strip_prefix("unix:").filter(|p| !p.is_empty()) else {
+        return Err(opts.error(format!(
+            "'{address}' is not supported (use unix:PATH[,server=on,wait=off] or none)"
+        )));
+    };
+    let server = opts.take_bool("server")?.unwrap_or(false);
+    let wait = opts.take_bool("wait")?;
+    if !server && wait.is_some() {
+        return Err(opts.error("'wait' is only valid with server=on"));
+    }
+    let reconnect_ms =
+        opts.take_uint("reconnect")?.map(|s| s.saturating_mul(1000)).filter(|&ms| ms > 0);
+    if server && reconnect_ms.is_some() {
+        return Err(opts.error("'reconnect' is only valid for a client (server=off)"));
+    }
+    opts.finish()?;
+    Ok(MonitorConfig { path: path.into(), server, wait: wait.unwrap_or(true), reconnect_ms })
 }
 
 /// `-serial stdio|null|none|file:PATH|chardev:ID` (QEMU's legacy chardev
@@ -205,6 +232,23 @@ mod tests {
         );
         assert!(err("socket,id=x,path=p,reconnect=1,reconnect-ms=5").contains("mutually exclusive"));
         assert!(err("socket,id=x,path=p,reconnect=soon").contains("'reconnect'"));
+    }
+
+    #[test]
+    fn monitors() {
+        let m = |arg| parse_monitor("-monitor", arg).map_err(|e| e.to_string());
+        let cfg = |path: &str, server, wait, reconnect_ms| {
+            Ok(MonitorConfig { path: path.into(), server, wait, reconnect_ms })
+        };
+        // The NixOS test driver's form: skiff connects.
+        assert_eq!(m("unix:/state/monitor"), cfg("/state/monitor", false, true, None));
+        assert_eq!(m("unix:m,server=on,wait=off"), cfg("m", true, false, None));
+        assert_eq!(m("unix:m,server,nowait"), cfg("m", true, false, None));
+        assert_eq!(m("unix:m,reconnect=1"), cfg("m", false, true, Some(1000)));
+        assert!(m("stdio").unwrap_err().contains("'stdio' is not supported"));
+        assert!(m("unix:").unwrap_err().contains("is not supported"));
+        assert!(m("unix:m,wait=off").unwrap_err().contains("only valid with server=on"));
+        assert!(m("unix:m,frob=1").unwrap_err().contains("frob"));
     }
 
     #[test]

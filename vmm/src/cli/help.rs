@@ -110,11 +110,20 @@ Monitor:
                          system_reset, quit, input-send-event, balloon,
                          query-balloon; events SHUTDOWN, RESET, POWERDOWN,
                          BALLOON_CHANGE
--monitor none            no human monitor (the only form accepted)
+-monitor unix:PATH[,server=on[,wait=off]][,reconnect=S]
+                         QEMU's human monitor (HMP): skiff connects to PATH
+                         (the NixOS test driver listens there), or listens
+                         with server=on; banner, echo and '(qemu) ' prompt
+                         as QEMU's. Commands: help, info status, info
+                         version, quit, system_reset, system_powerdown,
+                         sendkey KEYS [HOLD_MS], screendump (no display:
+                         QEMU's error); hostfwd_add/remove and set_link say
+                         they are not supported yet
+-monitor none            no human monitor
 
 Every other QEMU option (for example -blockdev, -fw_cfg), every other
 -netdev type (socket, stream, vde, ...), every other -object type, and every other
--device (for example virtio-serial, virtio-keyboard) is not supported yet: skiff
+-device (for example virtio-gpu, virtio-keyboard) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
 

@@ -401,11 +401,8 @@ impl Builder {
             ArgOpt::Sandbox => config.sandbox = parse_sandbox(label, &arg)?,
             ArgOpt::RunWith => parse_run_with(label, &arg, &mut config.run_with)?,
             ArgOpt::Qmp => config.qmp.push(chardev::parse_qmp(label, &arg)?),
-            // QEMU's human monitor is not implemented; `none` turns it off.
             ArgOpt::Monitor if arg == "none" => {}
-            ArgOpt::Monitor => {
-                return Err(invalid("only 'none' is supported (skiff speaks QMP: use -qmp)"));
-            }
+            ArgOpt::Monitor => config.monitors.push(chardev::parse_monitor(label, &arg)?),
         }
         Ok(None)
     }
@@ -465,6 +462,7 @@ impl Builder {
             .collect();
         let mut refs = Refs::new(&c.drives, &c.netdevs, &c.fsdevs, &c.chardevs, &serials);
         for p in std::mem::take(&mut self.devices) {
+            refs.resolving(p.id.as_deref());
             let device = p.device.resolve(&format!("-device {}", p.driver), &mut refs)?;
             c.devices.push(DeviceConfig {
                 kind: p.kind,

@@ -137,6 +137,7 @@ fn microvm_nix_command_line() {
         sandbox: None,
         run_with: RunWith::default(),
         qmp: Vec::new(),
+        monitors: Vec::new(),
     };
     assert_eq!(config, expected);
 }
@@ -573,7 +574,7 @@ fn devices() {
     );
     let two = ["-device", "virtio-balloon-device", "-device", "virtio-balloon-device"];
     assert!(error(&two).contains("virtio-balloon"), "one balloon per machine: {}", error(&two));
-    for driver in ["vhost-user-blk-pci", "virtio-serial-pci"] {
+    for driver in ["vhost-user-blk-pci", "virtio-gpu-pci"] {
         fails(
             &["-device", &format!("{driver},id=x")],
             &format!("-device: '{driver}' is not supported yet"),

@@ -91,6 +91,14 @@ const KEYS: &[(&str, u8, u8, bool)] = &[
     ("menu", 0x5d, 0x2f, true),
 ];
 
+/// The key of QEMU's key number ("qnum": the set-1 code, 0x80 added for
+/// an E0-prefixed key), as HMP's `sendkey 0x0c` names keys.
+pub fn from_number(n: u64) -> Option<&'static str> {
+    let n = u8::try_from(n).ok()?;
+    let (code, extended) = (n & 0x7f, n & 0x80 != 0);
+    KEYS.iter().find(|k| k.1 == code && k.3 == extended).map(|k| k.0)
+}
+
 pub fn is_known(qcode: &str) -> bool {
     KEYS.iter().any(|k| k.0 == qcode)
 }

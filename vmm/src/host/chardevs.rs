@@ -123,7 +123,7 @@ pub fn open_unused(cfg: &VmConfig) -> Result<Chardevs, Error> {
 }
 
 /// The next client, once one connects; Err(signal) on a termination signal.
-fn wait_for_client(listener: &UnixListener) -> std::io::Result<Result<UnixStream, i32>> {
+pub(crate) fn wait_for_client(listener: &UnixListener) -> std::io::Result<Result<UnixStream, i32>> {
     listener.set_nonblocking(true)?;
     super::signals::poll_until_signal(|| match listener.accept() {
         Ok((stream, _)) => Ok(Some(stream)),

@@ -10,4 +10,5 @@ pub mod logger;
 pub mod privileges;
 pub mod sandbox;
 pub mod signals;
+pub mod socket_end;
 pub mod vfio;

@@ -39,6 +39,7 @@ mod refs;
 pub mod rng;
 pub mod root_port;
 pub mod rtc;
+pub mod serial;
 pub mod vfio;
 pub mod vsock;
 
@@ -55,6 +56,9 @@ pub static KINDS: &[&dyn Kind] = &[
     &net::KIND,
     &p9::KIND,
     &balloon::KIND,
+    &serial::KIND,
+    &serial::CONSOLE_KIND,
+    &serial::PORT_KIND,
     &root_port::KIND,
     &vfio::KIND,
     &rtc::KIND,
@@ -125,6 +129,9 @@ pub struct Sandbox {
     /// Its worker gives guest RAM back to the host: fallocate (a memfd's
     /// hole; madvise every thread may call).
     pub ram_discard: bool,
+    /// Its worker accepts connections on a listening socket it holds (a
+    /// `server=on` chardev).
+    pub accept: bool,
 }
 
 impl Sandbox {
@@ -140,6 +147,7 @@ impl Sandbox {
             vhost: self.vhost || o.vhost,
             vfio: self.vfio || o.vfio,
             ram_discard: self.ram_discard || o.ram_discard,
+            accept: self.accept || o.accept,
         }
     }
 }

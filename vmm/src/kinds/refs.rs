@@ -48,6 +48,11 @@ pub struct Refs {
     /// How many devices of each kind resolved so far (QEMU numbers NICs'
     /// default MACs, and names devices without id, in this order).
     ordinals: HashMap<&'static str, usize>,
+    /// The virtio-serial buses resolved so far: a port joins one that
+    /// came before it on the command line, as in QEMU.
+    pub serial_buses: Vec<super::serial::BusSlot>,
+    /// The `id=` of the device being resolved.
+    resolving: Option<String>,
 }
 
 impl Refs {
@@ -66,6 +71,8 @@ impl Refs {
             fsdevs: Pool::new(fsdevs),
             chardevs: Pool::new(chardevs),
             ordinals: HashMap::new(),
+            serial_buses: Vec::new(),
+            resolving: None,
         };
         for (c, used) in &mut refs.chardevs.items {
             *used = taken_chardevs.contains(&c.id.as_str());
@@ -86,6 +93,16 @@ impl Refs {
         }
         *used = true;
         Ok(item.clone())
+    }
+
+    /// Says which device is resolved next (its `id=`).
+    pub fn resolving(&mut self, id: Option<&str>) {
+        self.resolving = id.map(str::to_owned);
+    }
+
+    /// The `id=` of the device being resolved.
+    pub fn device_id(&self) -> Option<&str> {
+        self.resolving.as_deref()
     }
 
     /// The next number in `kind`'s sequence: 0 for its first device.

@@ -6,4 +6,5 @@ pub(crate) mod protocol;
 mod server;
 
 pub use events::EventRelay;
+pub(crate) use protocol::QEMU_VERSION;
 pub use server::{emit_all, QmpHandler, QmpServer};

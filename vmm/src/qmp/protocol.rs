@@ -46,7 +46,7 @@ const COMMANDS: &[&str] = &[
 ];
 
 /// The QEMU version skiff's QMP reports: the one whose protocol it follows.
-const QEMU_VERSION: (u32, u32, u32) = (10, 0, 0);
+pub(crate) const QEMU_VERSION: (u32, u32, u32) = (10, 0, 0);
 
 fn version() -> Value {
     let (major, minor, micro) = QEMU_VERSION;

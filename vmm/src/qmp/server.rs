@@ -32,35 +32,7 @@ enum Listener {
     Tcp(TcpListener),
 }
 
-/// Binds a Unix socket at `path`: a stale socket file (nobody answers) is
-/// replaced as QEMU replaces it; one a live process answers on is not
-/// taken from it, nor is a file that is not a socket.
-fn bind_unix(path: &std::path::Path) -> std::io::Result<(UnixListener, (u64, u64))> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ))
-        }
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is in use: another process answers on it", path.display()),
-                ))
-            }
-            // Refused: nobody listens; the file is a leftover.
-            Err(_) => std::fs::remove_file(path)?,
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    let m = std::fs::symlink_metadata(path)?;
-    Ok((listener, (m.dev(), m.ino())))
-}
+use crate::host::socket_end::{bind_unix, remove_own_socket};
 
 enum Stream {
     Unix(UnixStream),
@@ -279,12 +251,8 @@ pub fn emit_all(servers: &[Arc<Mutex<QmpServer>>], name: &str, data: Option<Valu
 /// one skiff made: another process's socket at the path stays.
 impl Drop for QmpServer {
     fn drop(&mut self) {
-        use std::os::unix::fs::MetadataExt;
         if let Listener::Unix(_, path, id) = &self.listener {
-            let ours = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id);
-            if ours {
-                let _ = std::fs::remove_file(path);
-            }
+            remove_own_socket(path, *id);
         }
     }
 }

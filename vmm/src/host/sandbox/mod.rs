@@ -312,6 +312,9 @@ const BACKEND_SOCKETS: &[i64] = &[
     libc::SYS_sendmmsg,
 ];
 
+/// A server chardev's worker takes its next client.
+const ACCEPT: &[i64] = &[libc::SYS_accept4, libc::SYS_accept];
+
 /// A vhost-user watchdog ends a connection whose backend stopped
 /// answering.
 const WATCHDOG: &[i64] = &[libc::SYS_shutdown];
@@ -496,6 +499,7 @@ fn filter(kind: ThreadKind, policy: &SandboxConfig, needs: Needs) -> Result<BpfP
         (events, EVENTS),
         (disk, DISK_IO),
         (devices && needs.ram_discard, RAM_DISCARD),
+        (devices && needs.accept, ACCEPT),
         (uring, URING),
         (main, MAIN_ONLY),
         (main && needs.vfio, VFIO_TEARDOWN),

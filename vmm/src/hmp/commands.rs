@@ -1,0 +1,146 @@
+//! HMP command lines: parsed into what they ask, answered in QEMU's words.
+
+use crate::ctl::KeyEvent;
+
+/// What a command line asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// Nothing (an empty line): just the prompt again.
+    Empty,
+    /// Text to print, nothing to do (`help`, `info status`, an error).
+    Say(String),
+    /// `info status`: answered from the machine's state.
+    Status,
+    Quit,
+    Reset,
+    Powerdown,
+    /// `sendkey`: the keys go down in order, and after `hold_ms` up in
+    /// reverse order.
+    SendKey {
+        down: Vec<KeyEvent>,
+        up: Vec<KeyEvent>,
+        hold_ms: u64,
+    },
+}
+
+/// QEMU's default `sendkey` hold time.
+const DEFAULT_HOLD_MS: u64 = 100;
+
+const HELP: &str = "\
+help|? [cmd] -- show the help
+info status -- show the current VM status (running|paused)
+info version -- show the version of QEMU
+quit|q  -- quit the emulator
+screendump filename -- save screen (no display: always an error)
+sendkey keys [hold_ms] -- send keys to the VM (e.g. 'sendkey ctrl-alt-f1', default hold time=100 ms)
+system_powerdown  -- send system power down event
+system_reset  -- reset the system
+";
+
+/// Parses one command line.
+pub fn parse(line: &str) -> Line {
+    let mut words = line.split_whitespace();
+    let Some(cmd) = words.next() else { return Line::Empty };
+    let args: Vec<&str> = words.collect();
+    match (cmd, args.as_slice()) {
+        ("help" | "?", _) => Line::Say(HELP.to_owned()),
+        ("quit" | "q", []) => Line::Quit,
+        ("system_reset", []) => Line::Reset,
+        ("system_powerdown", []) => Line::Powerdown,
+        ("info", ["status"]) => Line::Status,
+        ("info", ["version"]) => {
+            let (a, b, c) = crate::qmp::QEMU_VERSION;
+            Line::Say(format!("{a}.{b}.{c} (skiff {})\n", env!("CARGO_PKG_VERSION")))
+        }
+        ("info", []) => Line::Say(
+            "info status -- show the current VM status\ninfo version -- show the version of QEMU\n"
+                .to_owned(),
+        ),
+        ("info", [what, ..]) => Line::Say(format!("unknown command: 'info {what}'\n")),
+        ("sendkey", [keys]) => sendkey(keys, None),
+        ("sendkey", [keys, hold]) => match hold.parse::<u64>() {
+            Ok(ms) => sendkey(keys, Some(ms)),
+            Err(_) => Line::Say(format!("Error: invalid hold time '{hold}'\n")),
+        },
+        // No display: QEMU's words when there is no console to dump.
+        ("screendump", [_, ..]) => {
+            Line::Say("Error: There is no QemuConsole I can screendump from.\n".to_owned())
+        }
+        ("hostfwd_add" | "hostfwd_remove" | "set_link", _) => {
+            Line::Say(format!("Error: {cmd} is not supported by skiff yet\n"))
+        }
+        ("quit" | "q" | "system_reset" | "system_powerdown" | "sendkey" | "screendump", _) => {
+            Line::Say(format!("Error: wrong arguments for '{cmd}' (see 'help')\n"))
+        }
+        _ => Line::Say(format!("unknown command: '{cmd}'\n")),
+    }
+}
+
+/// `sendkey ctrl-alt-delete`: key names (QEMU's qcodes) or key numbers
+/// (`0x0c`: QEMU's "qnum", the set-1 scan code, 0x80 set for an
+/// E0-prefixed key) joined by `-`.
+fn sendkey(keys: &str, hold_ms: Option<u64>) -> Line {
+    let mut down = Vec::new();
+    for name in keys.split('-') {
+        let qcode = match name.strip_prefix("0x").map(|h| u64::from_str_radix(h, 16)) {
+            Some(Ok(n)) => crate::ctl::keys::from_number(n).map(str::to_owned),
+            Some(Err(_)) => None,
+            None => crate::ctl::keys::is_known(name).then(|| name.to_owned()),
+        };
+        match qcode {
+            Some(qcode) => down.push(KeyEvent { qcode, down: true }),
+            None => return Line::Say(format!("invalid parameter: {name}\n")),
+        }
+    }
+    let up = down.iter().rev().map(|k| KeyEvent { qcode: k.qcode.clone(), down: false }).collect();
+    Line::SendKey { down, up, hold_ms: hold_ms.unwrap_or(DEFAULT_HOLD_MS) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(line: &str) -> (Vec<String>, u64) {
+        match parse(line) {
+            Line::SendKey { down, up, hold_ms } => {
+                assert!(down.iter().all(|k| k.down) && up.iter().all(|k| !k.down));
+                let names: Vec<String> = down.iter().map(|k| k.qcode.clone()).collect();
+                let back: Vec<String> = up.iter().rev().map(|k| k.qcode.clone()).collect();
+                assert_eq!(names, back, "released in reverse order");
+                (names, hold_ms)
+            }
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    /// The NixOS test driver's `send_key` forms.
+    #[test]
+    fn sendkey_as_the_test_driver_sends_it() {
+        assert_eq!(
+            keys("sendkey ctrl-alt-delete"),
+            (vec!["ctrl".into(), "alt".into(), "delete".into()], 100)
+        );
+        assert_eq!(keys("sendkey shift-a").0, ["shift", "a"]);
+        assert_eq!(keys("sendkey ret").0, ["ret"]);
+        assert_eq!(keys("sendkey 0x0C").0, ["minus"]);
+        assert_eq!(keys("sendkey 0xd3").0, ["delete"], "0x80: an E0 key");
+        assert_eq!(keys("sendkey spc 500").1, 500);
+        assert_eq!(parse("sendkey nosuchkey"), Line::Say("invalid parameter: nosuchkey\n".into()));
+        assert_eq!(parse("sendkey 0xzz"), Line::Say("invalid parameter: 0xzz\n".into()));
+    }
+
+    #[test]
+    fn commands_and_qemus_words() {
+        assert_eq!(parse(""), Line::Empty);
+        assert_eq!(parse("   "), Line::Empty);
+        assert_eq!(parse("quit"), Line::Quit);
+        assert_eq!(parse("q"), Line::Quit);
+        assert_eq!(parse("system_reset"), Line::Reset);
+        assert_eq!(parse("system_powerdown"), Line::Powerdown);
+        assert_eq!(parse("info status"), Line::Status);
+        assert_eq!(parse("frobnicate now"), Line::Say("unknown command: 'frobnicate'\n".into()));
+        assert!(matches!(parse("screendump /tmp/x.ppm"), Line::Say(s) if s.contains("screendump")));
+        assert!(matches!(parse("quit now"), Line::Say(s) if s.contains("wrong arguments")));
+        assert!(matches!(parse("help"), Line::Say(s) if s.contains("sendkey")));
+    }
+}
