@@ -112,6 +112,7 @@ fn scenarios() -> Vec<Scenario> {
     };
     let trips = format!("{}{}", trip("vcpu"), trip("worker"));
     vec![
+        Scenario::script("nixos-driver-sockets", 240, NIXOS_DRIVER_SOCKETS),
         Scenario::script("sandbox-run-with", SECS, &sandbox),
         Scenario::script("sandbox-trip", SECS, &trips),
         Scenario::script("qmp-unread-clients", SECS, &deaf),
@@ -121,6 +122,41 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::script("qmp-session", SECS, &session),
     ]
 }
+
+/// The NixOS test driver's sockets around qemu-vm.nix's shape of argv (no
+/// machine type: the default machine with PCI): the driver listens on
+/// `monitor` and `shell` (socat here, fed through FIFOs), skiff connects
+/// to both; the monitor greets and answers; the guest's backdoor shell on
+/// the virtconsole announces itself and runs what the driver sends; HMP
+/// `sendkey ctrl-alt-delete` reaches the guest (it restarts), and HMP
+/// `quit` (the driver's crash()) ends skiff with 0.
+const NIXOS_DRIVER_SOCKETS: &str = r#"rm -f monitor shell min sin
+mkfifo min sin
+socat -t 30 UNIX-LISTEN:monitor STDIO <min >mon.txt 2>&1 &
+socat -t 30 UNIX-LISTEN:shell STDIO <sin >shell.txt 2>&1 &
+exec 3>min 4>sin
+i=0; while { [ ! -S monitor ] || [ ! -S shell ]; } && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+$SKIFF -machine accel=kvm:tcg -cpu max -name t -m 384 -smp 1 -device virtio-rng-pci   -kernel $BZIMAGE -initrd $INITRD -append "console=ttyS0 panic=-1 skiff.test=backdoor"   -monitor unix:monitor -chardev socket,id=shell,path=shell -device virtio-serial   -device virtconsole,chardev=shell -serial stdio -no-reboot -nographic -sandbox on > out.txt 2>&1 &
+pid=$!
+wait_for "monitor - type 'help'" mon.txt 60
+echo 'info status' >&3
+wait_for 'VM status: running' mon.txt 20
+wait_for 'Spawning backdoor root shell' shell.txt 150
+echo 'echo BACKDOOR-$((6 * 7)); uname -s' >&4
+wait_for BACKDOOR-42 shell.txt 30
+wait_for Linux shell.txt 10
+echo 'sendkey ctrl-alt-delete' >&3
+wait_for 'reboot: Restarting system' out.txt 30
+echo 'quit' >&3
+i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+if kill -0 $pid 2>/dev/null; then echo "KILLED=yes"; kill $pid; fi
+wait $pid
+echo "SKIFF-RC=$?"
+exec 3>&- 4>&-
+echo "--- monitor"; cat mon.txt
+echo "--- shell"; cat shell.txt
+echo "--- console"; cat out.txt
+"#;
 
 static BATCH: Batch = Batch::new();
 
@@ -133,6 +169,28 @@ fn assert_clean_exit(r: &ScenarioResult) {
     assert_eq!(r.value("SKIFF-RC"), Some("0"), "skiff should exit 0\n{}", r.describe());
     assert_eq!(r.value("SOCKET-FILE"), Some("gone"), "{}", r.describe());
     assert_eq!(r.value("CONNECT-AFTER-EXIT"), Some("refused"), "{}", r.describe());
+}
+
+#[test]
+fn the_nixos_test_drivers_monitor_and_backdoor_shell() {
+    let r = result("nixos-driver-sockets");
+    let shell = r.output.split("--- shell").nth(1).unwrap_or_default();
+    let monitor = r.output.split("--- monitor").nth(1).unwrap_or_default();
+    assert!(
+        monitor.contains("QEMU 10.0.0 monitor - type 'help' for more information"),
+        "{}",
+        r.describe()
+    );
+    assert!(monitor.contains("VM status: running"), "{}", r.describe());
+    assert!(shell.contains("Spawning backdoor root shell..."), "{}", r.describe());
+    assert!(shell.lines().any(|l| l.trim() == "BACKDOOR-42"), "{}", r.describe());
+    assert!(shell.lines().any(|l| l.trim() == "Linux"), "{}", r.describe());
+    assert!(!r.output.contains("TIMED-OUT-WAITING-FOR"), "{}", r.describe());
+    // Ctrl-Alt-Del through the default machine's i8042: the guest
+    // restarts; then quit ends skiff with 0 (not a kill).
+    assert!(r.output.contains("reboot: Restarting system"), "{}", r.describe());
+    assert_eq!(r.value("KILLED"), None, "quit did not end skiff\n{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }
 
 #[test]
