@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod layout;
 pub mod linux;
 pub mod mptable;
+pub mod reset_vector;
 pub mod smbios;
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -7,7 +7,7 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-use crate::layout::{HIGH_MEMORY_START, SMBIOS_START};
+use crate::layout::SMBIOS_START;
 
 #[derive(Debug, Error)]
 pub enum SmbiosError {
@@ -157,7 +157,8 @@ pub fn setup_smbios<M: GuestMemory>(mem: &M, sys: &SystemInfo) -> Result<(), Smb
     let table = structures(sys)?;
     let table_addr = SMBIOS_START + TABLE_OFFSET;
     let end = table_addr + table.len() as u64;
-    if end > HIGH_MEMORY_START {
+    // The reset vector's 16 bytes end the segment.
+    if end > crate::reset_vector::RESET_VECTOR {
         return Err(SmbiosError::TooLarge { end });
     }
     let mut ep = Vec::with_capacity(ENTRY_POINT_LEN);

@@ -337,6 +337,8 @@ fn load_guest(
         oem_strings: &cfg.smbios_oem,
     };
     boot::smbios::setup_smbios(mem, &system).map_err(Error::Smbios)?;
+    boot::reset_vector::setup_reset_vector(mem)
+        .map_err(|e| Error::Internal(format!("reset vector: {e}")))?;
 
     let initrd_path = files.initrd.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
     let mut cmdline = std::os::unix::ffi::OsStrExt::as_bytes(cfg.append.as_os_str()).to_vec();
