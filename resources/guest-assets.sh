@@ -294,7 +294,7 @@ VSOCK_TOOL="$CACHE/tools/vsock"
 L2_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio-rng virtio_blk failover net_failover virtio_net fuse virtiofs libcrc32c erofs button evdev vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport netfs fscache 9pnet 9pnet_virtio 9p"
 # Carried but loaded only by the init actions that need them (every boot
 # would otherwise pay for their probing).
-L2_ON_DEMAND="qemu_fw_cfg virtio_balloon virtio_console"
+L2_ON_DEMAND="qemu_fw_cfg virtio_balloon virtio_console virtio_input"
 if [ -n "${SKIFF_TEST_KERNEL:-}" ]; then
 	[ -f "$SKIFF_TEST_KERNEL" ] || die "SKIFF_TEST_KERNEL=$SKIFF_TEST_KERNEL: no such file"
 	kernel_src=$SKIFF_TEST_KERNEL

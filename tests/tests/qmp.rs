@@ -129,7 +129,8 @@ fn scenarios() -> Vec<Scenario> {
 /// `monitor` and `shell` (socat here, fed through FIFOs), skiff connects
 /// to both; the monitor greets and answers; the guest's backdoor shell on
 /// the virtconsole announces itself and runs what the driver sends; HMP
-/// `sendkey ctrl-alt-delete` (the driver's reboot()) reaches the guest,
+/// `sendkey` reaches the virtio keyboard once its driver runs, and
+/// `sendkey ctrl-alt-delete` (the driver's reboot()) the guest,
 /// whose restart ends skiff with 0 under -no-reboot (HMP `quit` is the
 /// fallback, and the test fails if it was needed).
 const NIXOS_DRIVER_SOCKETS: &str = r#"rm -f monitor shell min sin
@@ -138,7 +139,8 @@ socat -t 30 UNIX-LISTEN:monitor STDIO <min >mon.txt 2>&1 &
 socat -t 30 UNIX-LISTEN:shell STDIO <sin >shell.txt 2>&1 &
 exec 3>min 4>sin
 i=0; while { [ ! -S monitor ] || [ ! -S shell ]; } && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-$SKIFF -machine accel=kvm:tcg -cpu max -name t -m 384 -smp 1 -device virtio-rng-pci   -kernel $BZIMAGE -initrd $INITRD -append "console=ttyS0 panic=-1 skiff.test=backdoor"   -monitor unix:monitor -chardev socket,id=shell,path=shell -device virtio-serial   -device virtconsole,chardev=shell -serial stdio -no-reboot -nographic -sandbox on > out.txt 2>&1 &
+$SKIFF -machine accel=kvm:tcg -cpu max -name t -m 384 -smp 1 -device virtio-rng-pci   -kernel $BZIMAGE -initrd $INITRD -append "console=ttyS0 panic=-1 skiff.test=backdoor"   -monitor unix:monitor -chardev socket,id=shell,path=shell -device virtio-serial   -device virtconsole,chardev=shell -device virtio-keyboard -usb -device usb-tablet,bus=usb-bus.0 \
+  -serial stdio -no-reboot -nographic -sandbox on > out.txt 2>&1 &
 pid=$!
 wait_for "monitor - type 'help'" mon.txt 60
 echo 'info status' >&3
@@ -147,6 +149,11 @@ wait_for 'Spawning backdoor root shell' shell.txt 150
 echo 'echo BACKDOOR-$((6 * 7)); uname -s' >&4
 wait_for BACKDOOR-42 shell.txt 30
 wait_for Linux shell.txt 10
+echo 'for d in /sys/class/input/event*; do grep -q "QEMU Virtio Keyboard" $d/device/name && ev=/dev/input/${d##*/}; done; echo "VKBD=$ev"; (dd if=$ev bs=24 count=1 of=/dev/null 2>/dev/null && echo VIRTIO-KEY-SEEN) &' >&4
+wait_for 'VKBD=/dev/input' shell.txt 10
+sleep 0.5
+echo 'sendkey shift-a' >&3
+wait_for VIRTIO-KEY-SEEN shell.txt 10
 echo 'sendkey ctrl-alt-delete' >&3
 wait_for 'reboot: Restarting system' out.txt 30
 i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -213,6 +220,9 @@ fn the_nixos_test_drivers_monitor_and_backdoor_shell() {
     assert!(shell.contains("Spawning backdoor root shell..."), "{}", r.describe());
     assert!(shell.lines().any(|l| l.trim() == "BACKDOOR-42"), "{}", r.describe());
     assert!(shell.lines().any(|l| l.trim() == "Linux"), "{}", r.describe());
+    // The driver of -device virtio-keyboard runs: sendkey goes to it.
+    assert!(shell.contains("VIRTIO-KEY-SEEN"), "{}", r.describe());
+    assert!(r.output.contains("usb-tablet: left out"), "said on stderr\n{}", r.describe());
     assert!(!r.output.contains("TIMED-OUT-WAITING-FOR"), "{}", r.describe());
     // Ctrl-Alt-Del through the default machine's i8042: the guest
     // restarts, which -no-reboot makes skiff's exit 0.

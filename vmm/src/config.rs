@@ -54,7 +54,8 @@ pub struct MachineConfig {
     /// `rtc=` (auto → off under KVM on microvm, as QEMU microvm; FADT then
     /// says so; on on the default machine).
     pub rtc: OnOffAuto,
-    /// `usb=` (only `off`/`auto` are supported: there is no xHCI).
+    /// `usb=` (and `-usb`): taken, but there is no USB controller; startup
+    /// says so when it is on.
     pub usb: OnOffAuto,
     /// `mem-merge=` → MADV_MERGEABLE on guest RAM.
     pub mem_merge: bool,

@@ -147,6 +147,12 @@ fn run(cfg: &VmConfig) -> Result<i32, Error> {
         }
         Err(e) => return Err(e.into()),
     };
+    if cfg.machine.usb == config::OnOffAuto::On {
+        #[expect(clippy::disallowed_macros, reason = "startup: once")]
+        {
+            log::warn!("-usb/usb=on: skiff has no USB controller; USB devices are left out");
+        }
+    }
     let mut servers = Vec::new();
     for q in &cfg.qmp {
         let server = match qmp::QmpServer::bind(q) {

@@ -15,6 +15,7 @@ pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod console;
+pub mod input;
 pub mod mmio;
 pub mod net;
 pub mod notifier;

@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(err(""), "-device: missing property 'driver'");
         assert_eq!(err("id=x"), "-device: missing property 'driver'");
         assert_eq!(err("virtio-9p-pci"), "-device virtio-9p-pci: missing property 'fsdev'");
-        for driver in ["vhost-user-blk-pci", "virtio-gpu-pci", "virtio-keyboard-pci"] {
+        for driver in ["vhost-user-blk-pci", "virtio-gpu-pci", "virtio-mouse-pci"] {
             assert_eq!(err(driver), format!("-device: '{driver}' is not supported yet"));
         }
         assert_eq!(err("i8042,foo=1"), "-device i8042: unknown property 'foo'");

@@ -14,7 +14,7 @@ Standard options:
                          set the guest name
 -M, -machine [type=]microvm[,accel=kvm][,acpi=on|off|auto][,pcie=on|off|auto]
              [,pic=on|off|auto][,pit=on|off|auto][,rtc=on|off|auto]
-             [,usb=off|auto][,mem-merge=on|off][,isa-serial=on|off]
+             [,usb=on|off|auto][,mem-merge=on|off][,isa-serial=on|off]
              [,x-option-roms=on|off][,auto-kernel-cmdline=on|off]
                          select the machine: only 'microvm'; accel is a
                          ':'-separated list that must include kvm. With no
@@ -101,6 +101,8 @@ Display and behaviour:
 -nodefaults              no default devices (no serial port on stdio)
 -no-user-config          accepted (skiff reads no configuration files)
 -no-reboot               exit instead of rebooting
+-usb                     same as -machine usb=on: taken, but skiff has no USB
+                         controller (it says so at start)
 
 Monitor:
 -qmp unix:PATH,server[,nowait]   QMP control socket (also server=on,wait=off)
@@ -123,7 +125,7 @@ Monitor:
 
 Every other QEMU option (for example -blockdev, -fw_cfg), every other
 -netdev type (socket, stream, vde, ...), every other -object type, and every other
--device (for example virtio-gpu, virtio-keyboard) is not supported yet: skiff
+-device (for example virtio-gpu, virtio-mouse) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";
 

@@ -2,7 +2,7 @@
 
 use super::opts::{parse_bool, parse_size, QemuOpts};
 use super::CliError;
-use crate::config::{CpuConfig, MachineConfig, MachineKind, OnOffAuto, SmpConfig};
+use crate::config::{CpuConfig, MachineConfig, MachineKind, SmpConfig};
 
 /// Most vCPUs a microvm may have: APIC IDs 0..=254 (255 is the broadcast ID
 /// with xAPIC).
@@ -59,9 +59,6 @@ pub(super) fn parse_machine(
     set(&mut machine.isa_serial, opts.take_bool("isa-serial")?);
     set(&mut machine.option_roms, opts.take_bool("x-option-roms")?);
     set(&mut machine.auto_kernel_cmdline, opts.take_bool("auto-kernel-cmdline")?);
-    if machine.usb == OnOffAuto::On {
-        return Err(opts.error("usb=on is not supported (there is no USB controller yet)"));
-    }
     opts.finish()
 }
 

@@ -80,6 +80,7 @@ enum Flag {
     NoDefaults,
     NoUserConfig,
     NoReboot,
+    Usb,
     NoGraphic,
     Help,
     Version,
@@ -138,6 +139,7 @@ const OPTIONS: &[(&str, Opt)] = &[
     ("nodefaults", Opt::Flag(Flag::NoDefaults)),
     ("no-user-config", Opt::Flag(Flag::NoUserConfig)),
     ("no-reboot", Opt::Flag(Flag::NoReboot)),
+    ("usb", Opt::Flag(Flag::Usb)),
     ("nographic", Opt::Flag(Flag::NoGraphic)),
     ("display", Opt::Arg(ArgOpt::Display)),
     ("chardev", Opt::Arg(ArgOpt::Chardev)),
@@ -171,7 +173,7 @@ const NOT_YET: &[&str] = &[
     "global", "bios", "boot", "rtc", "vga", "vnc", "spice", "daemonize", "pidfile", "S", "s",
     "gdb", "d", "D", "incoming", "loadvm", "snapshot", "readconfig", "writeconfig", "mem-path",
     "mem-prealloc", "overcommit", "msg", "trace", "plugin", "action", "watchdog-action", "L",
-    "icount", "parallel", "debugcon", "audiodev", "usb", "usbdevice", "tpmdev", "add-fd", "set",
+    "icount", "parallel", "debugcon", "audiodev", "usbdevice", "tpmdev", "add-fd", "set",
     "uuid", "k", "no-shutdown", "no-hpet", "chroot", "runas", "option-rom", "pflash", "compat",
     "preconfig", "async-teardown",
 ];
@@ -272,6 +274,9 @@ impl Builder {
             // Skiff reads no configuration file.
             Flag::NoUserConfig => {}
             Flag::NoReboot => self.config.no_reboot = true,
+            // QEMU's -usb is -machine usb=on (no controller here: startup
+            // says so).
+            Flag::Usb => self.config.machine.usb = crate::config::OnOffAuto::On,
             Flag::NoGraphic => self.config.nographic = true,
             Flag::Help => return Some(Action::Help),
             Flag::Version => return Some(Action::Version),

@@ -328,10 +328,10 @@ fn machine_errors() {
         "-M microvm: accel 'tcg' is not supported (skiff needs KVM)",
     );
     fails(&["-M", "microvm,accel="], "-M microvm: accel '' is not supported (skiff needs KVM)");
-    fails(
-        &["-M", "microvm,usb=on"],
-        "-M microvm: usb=on is not supported (there is no USB controller yet)",
-    );
+    // usb=on (and -usb) are taken; there is no controller, and startup
+    // says so.
+    assert_eq!(run(&["-M", "microvm,usb=on"]).machine.usb, OnOffAuto::On);
+    assert_eq!(run(&["-usb"]).machine.usb, OnOffAuto::On);
     fails(
         &["-M", "microvm,acpi=yes"],
         "-M microvm: invalid value 'yes' for 'acpi' (expected on, off or auto)",

@@ -91,6 +91,39 @@ const KEYS: &[(&str, u8, u8, bool)] = &[
     ("menu", 0x5d, 0x2f, true),
 ];
 
+/// The Linux input key code (`KEY_*`) of a key, as virtio-input sends it:
+/// for the keys of the PC keyboard's main block, the set-1 code itself;
+/// for the E0-prefixed ones, Linux's own numbers.
+pub fn linux_code(qcode: &str) -> Option<u16> {
+    let &(name, set1, _, extended) = KEYS.iter().find(|k| k.0 == qcode)?;
+    if !extended {
+        return Some(u16::from(set1));
+    }
+    Some(match name {
+        "ctrl_r" => 97,
+        "alt_r" => 100,
+        "home" => 102,
+        "up" => 103,
+        "pgup" => 104,
+        "left" => 105,
+        "right" => 106,
+        "end" => 107,
+        "down" => 108,
+        "pgdn" => 109,
+        "insert" => 110,
+        "delete" => 111,
+        "meta_l" => 125,
+        "meta_r" => 126,
+        "menu" => 127,
+        _ => return None,
+    })
+}
+
+/// Every Linux key code a keyboard of these keys has.
+pub fn linux_codes() -> Vec<u16> {
+    KEYS.iter().filter_map(|k| linux_code(k.0)).collect()
+}
+
 /// The key of QEMU's key number ("qnum": the set-1 code, 0x80 added for
 /// an E0-prefixed key), as HMP's `sendkey 0x0c` names keys.
 pub fn from_number(n: u64) -> Option<&'static str> {
@@ -136,6 +169,23 @@ mod tests {
         assert_eq!(scancode("delete", false, false), Some(vec![0xe0, 0xf0, 0x71]));
         assert_eq!(scancode("a", false, false), Some(vec![0xf0, 0x1c]));
         assert_eq!(scancode("nope", true, true), None);
+    }
+
+    #[test]
+    fn linux_codes_for_virtio_input() {
+        assert_eq!(linux_code("esc"), Some(1));
+        assert_eq!(linux_code("a"), Some(30));
+        assert_eq!(linux_code("ctrl"), Some(29));
+        assert_eq!(linux_code("alt"), Some(56));
+        assert_eq!(linux_code("delete"), Some(111));
+        assert_eq!(linux_code("ret"), Some(28));
+        assert_eq!(linux_code("nope"), None);
+        let all = linux_codes();
+        assert_eq!(all.len(), KEYS.len(), "every key has a Linux code");
+        let mut unique = all.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), all.len());
     }
 
     #[test]

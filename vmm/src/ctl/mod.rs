@@ -53,7 +53,7 @@ impl Class {
     fn missing(self) -> &'static str {
         match self {
             Class::PowerButton => "no ACPI power button (the machine has acpi=off)",
-            Class::Keyboard => "no keyboard (add -device i8042)",
+            Class::Keyboard => "no keyboard (add -device i8042 or virtio-keyboard-pci)",
             // QEMU's words (qmp_balloon's DeviceNotActive).
             Class::Balloon => "No balloon device has been activated",
         }
@@ -84,6 +84,12 @@ pub trait DeviceControl: Send + Sync {
     fn classes(&self) -> &'static [Class];
     /// Carries out a command of one of its classes.
     fn command(&self, cmd: &Command) -> Result<Answer, CtlError>;
+    /// Whether it takes commands now: a device whose guest driver is not
+    /// running yields to the next of its class (QEMU sends keys to the
+    /// virtio keyboard once its driver runs, else to the PS/2 one).
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 struct Face {
@@ -105,11 +111,14 @@ impl Faces {
         }
     }
 
-    /// Sends `cmd` to the first device that takes its class (QEMU sends
-    /// keys to the first keyboard, the power button to the machine's).
+    /// Sends `cmd` to the first ready device that takes its class, else
+    /// the first that takes it (QEMU sends keys to the first keyboard
+    /// whose driver runs, the power button to the machine's).
     pub fn send(&self, cmd: &Command) -> Result<Answer, CtlError> {
         let class = cmd.class();
-        match self.0.iter().find(|f| f.ctl.classes().contains(&class)) {
+        let takes = |f: &&Face| f.ctl.classes().contains(&class);
+        let face = self.0.iter().filter(takes).find(|f| f.ctl.ready());
+        match face.or_else(|| self.0.iter().find(takes)) {
             Some(face) => face.ctl.command(cmd),
             None => Err(CtlError::NoDevice(class.missing())),
         }

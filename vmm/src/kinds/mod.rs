@@ -33,6 +33,7 @@ pub mod fs;
 pub mod fw_cfg;
 pub mod ged;
 pub mod i8042;
+pub mod input;
 pub mod net;
 pub mod p9;
 mod refs;
@@ -40,6 +41,7 @@ pub mod rng;
 pub mod root_port;
 pub mod rtc;
 pub mod serial;
+pub mod usb;
 pub mod vfio;
 pub mod vsock;
 
@@ -59,6 +61,8 @@ pub static KINDS: &[&dyn Kind] = &[
     &serial::KIND,
     &serial::CONSOLE_KIND,
     &serial::PORT_KIND,
+    &input::KIND,
+    &usb::KIND,
     &root_port::KIND,
     &vfio::KIND,
     &rtc::KIND,
