@@ -522,7 +522,7 @@ if [ "$want_l1" = 1 ]; then
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
 		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$CACHE/tools/xattr.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v11-nvme")
+		"$CACHE/l2/store.img.key" "v13-vde")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -535,6 +535,17 @@ if [ "$want_l1" = 1 ]; then
 		# socat: the QMP tests talk to skiff exactly as microvm.nix does.
 		SOCAT_BIN=$(command -v socat) || die "socat missing: run resources/install-deps.sh"
 		install_with_libs "$SOCAT_BIN" "$root/usr/bin/socat" "$root"
+		# vde_switch (vde2) for -netdev vde, and libvdeplug's vde plugin,
+		# which the library loads from beside itself: skiff's copy of it
+		# lands in /lib (ldd's path; the test host's /lib is no link to
+		# /usr/lib), vde_switch's may be in either.
+		VDE_SWITCH_BIN=$(command -v vde_switch) || die "vde_switch missing: run resources/install-deps.sh (vde2)"
+		install_with_libs "$VDE_SWITCH_BIN" "$root/usr/bin/vde_switch" "$root"
+		plugin=/usr/lib/x86_64-linux-gnu/vdeplug/libvdeplug_vde.so
+		[ -e "$plugin" ] || die "$plugin missing: run resources/install-deps.sh (libvdeplug2)"
+		for dir in /usr/lib/x86_64-linux-gnu/vdeplug /lib/x86_64-linux-gnu/vdeplug; do
+			install_with_libs "$plugin" "$root$dir/libvdeplug_vde.so" "$root"
+		done
 		# nobody: what -run-with user=nobody becomes.
 		printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
 		printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"

@@ -10,6 +10,8 @@
 //!   caller) use it: the guest pings the test host and moves 2 MiB each way
 //!   with matching checksums (large frames: TSO, mergeable buffers).
 //! - `-netdev bridge,id=ID,br=BR` through QEMU's own qemu-bridge-helper.
+//! - `-netdev vde` as the NixOS test driver's vlans use it: two VMs on one
+//!   `vde_switch` ping each other.
 //! - user networking (libslirp) as microvm.nix writes it (with its trailing
 //!   comma) and as NixOS test VMs do (`-net nic,netdev=user.0,model=virtio
 //!   -netdev user,id=user.0`): DHCP, a host port forwarded to the guest,
@@ -151,6 +153,32 @@ fn bridge() -> String {
     )
 }
 
+/// The NixOS test driver's vlan: `vde_switch -s SOCK --dirmode 0700 --hub`
+/// and two VMs on qemu-vm.nix's argv shape (default machine,
+/// `-netdev vde,id=vlan1,sock=SOCK`, `virtio-net-pci,...,mac=52:54:00:12:01:NN`)
+/// that ping each other through it; each then restarts (-no-reboot: exit 0).
+fn vde() -> String {
+    let vm = |n: u32, peer: u32| {
+        format!(
+            "$SKIFF -machine accel=kvm:tcg -m 256 -kernel $BZIMAGE -initrd $INITRD \
+             -append \"console=ttyS0 panic=-1 skiff.test=net skiff.net=10.0.9.{n}/24,10.0.9.{peer},linger\" \
+             -device virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:0{n} -netdev vde,id=vlan1,sock=$PWD/vde1 \
+             -no-reboot -nographic -sandbox on > vm{n}.txt 2>&1 &\npid{n}=$!\n"
+        )
+    };
+    format!(
+        "vde_switch -s $PWD/vde1 --dirmode 0700 --hub -d -p $PWD/vde1.pid\n\
+         i=0; while [ ! -e vde1/ctl ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done\n\
+         {}{}\
+         wait $pid1; echo \"VM1-RC=$?\"\nwait $pid2; echo \"VM2-RC=$?\"\n\
+         kill $(cat vde1.pid) 2>/dev/null\n\
+         sed 's/^/vm1: /' vm1.txt | grep -a SKIFF-\nsed 's/^/vm2: /' vm2.txt | grep -a SKIFF-\n\
+         grep -a -h 'skiff:' vm1.txt vm2.txt\n",
+        vm(1, 2),
+        vm(2, 1)
+    )
+}
+
 /// `-netdev user` with a forwarded port: the host reads the guest's line
 /// through 127.0.0.1:2222, the guest reads the host's through 10.0.2.2.
 fn user_fwd() -> String {
@@ -196,6 +224,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario::script("user-fwd", SECS, &user_fwd()),
         Scenario::script("bridge", SECS, &bridge()),
         Scenario::script("user-seed", SECS, &user_seed()),
+        Scenario::script("vde-two-vms", 150, &vde()),
     ]
 }
 
@@ -342,4 +371,15 @@ fn bridge_helper_puts_the_nic_on_the_bridge() {
     assert_eq!(r.value("REFUSED-RC"), Some("1"), "{}", r.describe());
     let err = r.line_value("REFUSED-ERR").unwrap_or_default();
     assert!(err.contains("-netdev bridge,id=n0") && err.contains("bridge helper failed"), "{err}");
+}
+
+#[test]
+fn two_vms_on_one_vde_switch_ping_each_other() {
+    let r = result("vde-two-vms");
+    for vm in ["vm1", "vm2"] {
+        let ping = format!("{vm}: SKIFF-NET-PING=ok");
+        assert!(r.output.lines().any(|l| l.trim() == ping), "{vm}\n{}", r.describe());
+    }
+    assert_eq!(r.value("VM1-RC"), Some("0"), "{}", r.describe());
+    assert_eq!(r.value("VM2-RC"), Some("0"), "{}", r.describe());
 }

@@ -242,6 +242,9 @@ pub enum NetdevConfig {
     User { id: String, config: UserConfig },
     /// `-netdev bridge`: a tap on bridge `br` from QEMU's setuid helper.
     Bridge { id: String, br: String, helper: String },
+    /// `-netdev vde`: a port of a VDE switch (the NixOS test driver's
+    /// vlans).
+    Vde { id: String, sock: String, port: u32, group: Option<String>, mode: u32 },
 }
 
 pub use devices::virtio::net::user::{HostFwd, UserConfig};
@@ -251,7 +254,8 @@ impl NetdevConfig {
         match self {
             NetdevConfig::Tap { id, .. }
             | NetdevConfig::User { id, .. }
-            | NetdevConfig::Bridge { id, .. } => id,
+            | NetdevConfig::Bridge { id, .. }
+            | NetdevConfig::Vde { id, .. } => id,
         }
     }
 }

@@ -124,7 +124,7 @@ Monitor:
 -monitor none            no human monitor
 
 Every other QEMU option (for example -blockdev, -fw_cfg), every other
--netdev type (socket, stream, vde, ...), every other -object type, and every other
+-netdev type (socket, stream, ...), every other -object type, and every other
 -device (for example virtio-gpu, virtio-mouse) is not supported yet: skiff
 stops with an error naming it rather than ignore it.
 ";

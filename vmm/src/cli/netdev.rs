@@ -28,10 +28,38 @@ pub(super) fn parse_netdev(label: &str, arg: &str) -> Result<NetdevConfig, CliEr
                 .unwrap_or_else(|| crate::host::bridge_helper::DEFAULT_HELPER.to_owned());
             NetdevConfig::Bridge { id, br, helper }
         }
+        "vde" => vde(&mut opts, id)?,
         other => return Err(opts.error(format!("netdev type '{other}' is not supported"))),
     };
     opts.finish()?;
     Ok(netdev)
+}
+
+/// `-netdev vde,id=ID[,sock=PATH][,port=N][,group=G][,mode=OCTAL]`, QEMU's
+/// defaults: libvdeplug's default switch, any port, mode 0700.
+fn vde(opts: &mut QemuOpts, id: String) -> Result<NetdevConfig, CliError> {
+    let sock = opts.take("sock").unwrap_or_default();
+    let port = match opts.take_uint("port")? {
+        Some(p) if p > u64::from(i32::MAX as u32) => {
+            return Err(opts.invalid_value("port", p.to_string(), "a port number"))
+        }
+        p => p.unwrap_or(0) as u32,
+    };
+    let group = opts.take("group");
+    // QEMU reads mode= as a number (octal with a leading 0, as 0700).
+    let mode = match opts.take("mode") {
+        None => 0o700,
+        Some(m) => {
+            let parsed = match m.strip_prefix('0').filter(|r| !r.is_empty()) {
+                Some(oct) => u32::from_str_radix(oct, 8).ok(),
+                None => m.parse::<u32>().ok(),
+            };
+            parsed
+                .filter(|&v| v <= 0o7777)
+                .ok_or_else(|| opts.invalid_value("mode", m.clone(), "a file mode such as 0700"))?
+        }
+    };
+    Ok(NetdevConfig::Vde { id, sock, port, group, mode })
 }
 
 /// `-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,vhost=on]
@@ -301,6 +329,30 @@ mod tests {
 
     fn netdev(arg: &str) -> Result<NetdevConfig, String> {
         parse_netdev("-netdev", arg).map_err(|e| e.to_string())
+    }
+
+    /// qemu-vm.nix's vlan NIC, and QEMU's other vde keys.
+    #[test]
+    fn vde_forms() {
+        let vde = |sock: &str, port, group: Option<&str>, mode| NetdevConfig::Vde {
+            id: "vlan1".into(),
+            sock: sock.into(),
+            port,
+            group: group.map(str::to_owned),
+            mode,
+        };
+        assert_eq!(
+            netdev("vde,id=vlan1,sock=/tmp/vde1.ctl"),
+            Ok(vde("/tmp/vde1.ctl", 0, None, 0o700))
+        );
+        assert_eq!(
+            netdev("vde,id=vlan1,sock=s,port=3,group=kvm,mode=0770"),
+            Ok(vde("s", 3, Some("kvm"), 0o770))
+        );
+        assert_eq!(netdev("vde,id=vlan1"), Ok(vde("", 0, None, 0o700)), "libvdeplug's default");
+        assert!(netdev("vde,id=v,mode=0999").unwrap_err().contains("mode"));
+        assert!(netdev("vde,id=v,port=-1").unwrap_err().contains("port"));
+        assert!(netdev("vde,id=v,frob=1").unwrap_err().contains("frob"));
     }
 
     #[test]

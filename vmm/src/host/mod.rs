@@ -11,4 +11,5 @@ pub mod privileges;
 pub mod sandbox;
 pub mod signals;
 pub mod socket_end;
+pub mod vde;
 pub mod vfio;

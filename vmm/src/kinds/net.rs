@@ -56,9 +56,12 @@ impl Kind for NetKind {
                          a tap on BRIDGE (default br0) from QEMU's setuid
                          helper (default /usr/lib/qemu/qemu-bridge-helper),
                          which /etc/qemu/bridge.conf must allow
+-netdev vde,id=ID[,sock=PATH][,port=N][,group=GROUP][,mode=OCTAL]
+                         a port of a VDE switch (vde_switch -s PATH), through
+                         libvdeplug, as QEMU's; bare frames, no offloads
 -net nic,netdev=ID[,model=virtio][,macaddr=MAC]
-                         a virtio-net on the machine's bus (PCIe with
-                         pcie=on, else virtio-mmio)
+                         a virtio-net on the machine's bus (PCIe on the
+                         default machine and with pcie=on, else virtio-mmio)
 "
     }
     fn sandbox(&self) -> Sandbox {
@@ -114,12 +117,25 @@ impl Device for Nic {
         let failed = |kind: &str, id: &str, e: NetError| {
             OpenError::new(format!("-netdev {kind},id={id}"), e)
         };
+        let mut vde_conn = None;
         let backend = match &*self.netdev {
             NetdevConfig::User { id, config } => {
                 let (user, fd) =
                     UserNet::start(config).map_err(|e| failed("user", id, e.into()))?;
                 let taps = vec![Arc::new(Tap::socket(fd, &format!("netdev {id}")))];
                 NetBackend { taps, vhost: None, user: Some(user) }
+            }
+            NetdevConfig::Vde { id, sock, port, group, mode } => {
+                let vde = crate::host::vde::VdeConn::open(sock, *port, group.as_deref(), *mode)
+                    .map_err(|e| {
+                        OpenError::new(format!("-netdev vde,id={id}: Could not open vde"), e)
+                    })?;
+                let fd = vde
+                    .data_socket()
+                    .map_err(|e| OpenError::new(format!("-netdev vde,id={id}"), e))?;
+                let taps = vec![Arc::new(Tap::bare_socket(fd, &format!("netdev {id}")))];
+                vde_conn = Some(vde);
+                NetBackend { taps, vhost: None, user: None }
             }
             NetdevConfig::Bridge { id, br, helper } => {
                 let fd = crate::host::bridge_helper::tap_for_bridge(helper, br)
@@ -146,7 +162,7 @@ impl Device for Nic {
                 NetBackend { taps, vhost, user: None }
             }
         };
-        Ok(Box::new(Opened { backend: Arc::new(backend), params }))
+        Ok(Box::new(Opened { backend: Arc::new(backend), params, _vde: vde_conn }))
     }
     fn sandbox(&self) -> Sandbox {
         match &*self.netdev {
@@ -157,6 +173,8 @@ impl Device for Nic {
                 Sandbox { tap: true, vhost: *vhost, ..Sandbox::default() }
             }
             NetdevConfig::Bridge { .. } => Sandbox { tap: true, ..Sandbox::default() },
+            // Datagrams on the switch's socket, as user networking's.
+            NetdevConfig::Vde { .. } => Sandbox { backend_socket: true, ..Sandbox::default() },
         }
     }
 }
@@ -164,6 +182,8 @@ impl Device for Nic {
 struct Opened {
     backend: Arc<NetBackend>,
     params: NetParams,
+    /// A VDE connection, held open while its data socket serves.
+    _vde: Option<crate::host::vde::VdeConn>,
 }
 
 impl HostSide for Opened {

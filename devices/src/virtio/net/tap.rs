@@ -82,9 +82,13 @@ pub struct Tap {
     /// For messages: the interface name, or `fd=N`.
     name: String,
     /// The descriptor is a datagram socket standing in for a tap (user
-    /// networking's end, or a unit test's): no offloads, no queues to
-    /// attach.
+    /// networking's end, a VDE switch's, or a unit test's): no offloads,
+    /// no queues to attach.
     socket: bool,
+    /// Its datagrams are bare Ethernet frames (a VDE switch's), not
+    /// frames behind the virtio-net header: the header is added on the
+    /// way in and taken off on the way out.
+    bare: bool,
 }
 
 impl Tap {
@@ -159,13 +163,19 @@ impl Tap {
     }
 
     fn new(file: File, name: String) -> Tap {
-        Tap { file, name, socket: false }
+        Tap { file, name, socket: false, bare: false }
     }
 
     /// One end of a datagram socket pair carrying frames as a tap would
     /// (behind the virtio-net header), without offloads: user networking.
     pub fn socket(fd: OwnedFd, name: &str) -> Tap {
-        Tap { file: File::from(fd), name: name.to_owned(), socket: true }
+        Tap { file: File::from(fd), name: name.to_owned(), socket: true, bare: false }
+    }
+
+    /// A datagram socket carrying bare Ethernet frames, one per datagram
+    /// (a VDE switch's data socket).
+    pub fn bare_socket(fd: OwnedFd, name: &str) -> Tap {
+        Tap { file: File::from(fd), name: name.to_owned(), socket: true, bare: true }
     }
 
     /// Whether the host side takes and gives checksum and segmentation
@@ -247,12 +257,17 @@ impl Tap {
 
     /// Reads one frame (header included); WouldBlock when there is none.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        // A bare frame goes behind an empty header (no offloads: flags,
+        // GSO type and num_buffers 0; the device sets num_buffers).
+        let skip = if self.bare { VNET_HDR_LEN.min(buf.len()) } else { 0 };
+        let (hdr, body) = buf.split_at_mut(skip);
+        // SAFETY: `body` is valid for writes of its length.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), body.as_mut_ptr().cast(), body.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(n as usize)
+        hdr.fill(0);
+        Ok(skip + n as usize)
     }
 
     /// Writes one frame gathered from `iov`.
@@ -260,8 +275,15 @@ impl Tap {
     /// # Safety
     /// Every iovec must point to memory valid for reads of its length.
     pub unsafe fn write_frame(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: the caller vouches for the buffers; the count is the
-        // slice's.
+        let bare;
+        let iov = if self.bare {
+            bare = without_header(iov);
+            &bare[..]
+        } else {
+            iov
+        };
+        // SAFETY: the caller vouches for the buffers (a bare frame's are
+        // parts of them); the count is the slice's.
         let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             return Err(io::Error::last_os_error());
@@ -275,8 +297,33 @@ impl Tap {
     /// as it takes (sendmmsg); returns how many went. A full socket drops
     /// the rest, as a wire would.
     pub fn send_frames(&self, frames: &[&[u8]]) -> io::Result<usize> {
+        if self.bare {
+            let bare: Vec<&[u8]> =
+                frames.iter().map(|f| f.get(VNET_HDR_LEN..).unwrap_or_default()).collect();
+            return send_datagrams(self.file.as_raw_fd(), &bare);
+        }
         send_datagrams(self.file.as_raw_fd(), frames)
     }
+}
+
+/// `iov` less its first `VNET_HDR_LEN` bytes (the virtio-net header a bare
+/// frame goes without).
+fn without_header(iov: &[libc::iovec]) -> Vec<libc::iovec> {
+    let mut skip = VNET_HDR_LEN;
+    let mut out = Vec::with_capacity(iov.len());
+    for v in iov {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        out.push(libc::iovec {
+            // Inside the same buffer: `skip` is less than its length.
+            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+            iov_len: v.iov_len - skip,
+        });
+        skip = 0;
+    }
+    out
 }
 
 /// Sends `frames` as datagrams on socket `fd` with as few calls as it
@@ -317,5 +364,40 @@ pub(super) fn send_datagrams(fd: i32, frames: &[&[u8]]) -> io::Result<usize> {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+
+    use super::*;
+
+    /// A VDE switch's socket carries bare frames: the header goes on the
+    /// way in and comes off on the way out, whichever way the frame is
+    /// split across buffers.
+    #[test]
+    fn a_bare_socket_adds_and_strips_the_header() {
+        let (ours, peer) = UnixDatagram::pair().unwrap();
+        let tap = Tap::bare_socket(OwnedFd::from(ours), "vde");
+        peer.send(b"frame-in").unwrap();
+        let mut buf = [0xffu8; 64];
+        let n = tap.read_frame(&mut buf).unwrap();
+        assert_eq!(n, VNET_HDR_LEN + 8);
+        assert_eq!(&buf[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
+        assert_eq!(&buf[VNET_HDR_LEN..n], b"frame-in");
+        // Header split over two buffers, then the frame.
+        let (a, b, c) = ([1u8; 5], [2u8; 7], *b"frame-out");
+        let iov = [&a[..], &b[..], &c[..]]
+            .map(|p| libc::iovec { iov_base: p.as_ptr().cast_mut().cast(), iov_len: p.len() });
+        // SAFETY: the iovecs point at the live arrays above.
+        unsafe { tap.write_frame(&iov) }.unwrap();
+        let mut got = [0u8; 64];
+        let n = peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], b"frame-out");
+        let framed = [&[0u8; VNET_HDR_LEN][..], b"batched"].concat();
+        assert_eq!(tap.send_frames(&[&framed]).unwrap(), 1);
+        let n = peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], b"batched");
     }
 }
