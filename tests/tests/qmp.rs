@@ -129,17 +129,22 @@ fn scenarios() -> Vec<Scenario> {
 /// `monitor` and `shell` (socat here, fed through FIFOs), skiff connects
 /// to both; the monitor greets and answers; the guest's backdoor shell on
 /// the virtconsole announces itself and runs what the driver sends; HMP
-/// `sendkey` reaches the virtio keyboard once its driver runs, and
+/// `sendkey` reaches the virtio keyboard once its driver runs, `set_link`
+/// pulls and plugs the vlan NIC's cable (a vde_switch port), and
 /// `sendkey ctrl-alt-delete` (the driver's reboot()) the guest,
 /// whose restart ends skiff with 0 under -no-reboot (HMP `quit` is the
 /// fallback, and the test fails if it was needed).
 const NIXOS_DRIVER_SOCKETS: &str = r#"rm -f monitor shell min sin
 mkfifo min sin
+vde_switch -s $PWD/vde1 --dirmode 0700 --hub -d -p $PWD/vde1.pid
+i=0; while [ ! -e vde1/ctl ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 socat -t 30 UNIX-LISTEN:monitor STDIO <min >mon.txt 2>&1 &
 socat -t 30 UNIX-LISTEN:shell STDIO <sin >shell.txt 2>&1 &
 exec 3>min 4>sin
 i=0; while { [ ! -S monitor ] || [ ! -S shell ]; } && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 $SKIFF -machine accel=kvm:tcg -cpu max -name t -m 384 -smp 1 -device virtio-rng-pci   -kernel $BZIMAGE -initrd $INITRD -append "console=ttyS0 panic=-1 skiff.test=backdoor"   -monitor unix:monitor -chardev socket,id=shell,path=shell -device virtio-serial   -device virtconsole,chardev=shell -device virtio-keyboard -usb -device usb-tablet,bus=usb-bus.0 \
+  -net nic,netdev=user.0,model=virtio -netdev user,id=user.0 \
+  -device virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:01 -netdev vde,id=vlan1,sock=$PWD/vde1 \
   -serial stdio -no-reboot -nographic -sandbox on > out.txt 2>&1 &
 pid=$!
 wait_for "monitor - type 'help'" mon.txt 60
@@ -149,11 +154,22 @@ wait_for 'Spawning backdoor root shell' shell.txt 150
 echo 'echo BACKDOOR-$((6 * 7)); uname -s' >&4
 wait_for BACKDOOR-42 shell.txt 30
 wait_for Linux shell.txt 10
-echo 'for d in /sys/class/input/event*; do grep -q "QEMU Virtio Keyboard" $d/device/name && ev=/dev/input/${d##*/}; done; echo "VKBD=$ev"; (dd if=$ev bs=24 count=1 of=/dev/null 2>/dev/null && echo VIRTIO-KEY-SEEN) &' >&4
+echo 'for d in /sys/class/input/event*; do grep -q "QEMU Virtio Keyboard" $d/device/name && ev=/dev/input/${d##*/}; done; echo "VKBD=$ev"; (dd if=$ev bs=24 count=1 of=/dev/null 2>/dev/null && echo VIRTIO-KEY""-SEEN) &' >&4
 wait_for 'VKBD=/dev/input' shell.txt 10
 sleep 0.5
 echo 'sendkey shift-a' >&3
 wait_for VIRTIO-KEY-SEEN shell.txt 10
+echo 'for i in /sys/class/net/eth*; do [ "$(cat $i/address)" = 52:54:00:12:01:01 ] && vl=${i##*/}; done; ip link set $vl up; sleep 1; echo "CARRIER-BEFORE""=$(cat /sys/class/net/$vl/carrier)"' >&4
+wait_for CARRIER-BEFORE= shell.txt 15
+echo 'set_link virtio-net-pci.1 off' >&3
+echo 'set_link nosuchnic off' >&3
+sleep 1
+echo 'echo "CARRIER-BLOCKED""=$(cat /sys/class/net/$vl/carrier)"' >&4
+wait_for CARRIER-BLOCKED= shell.txt 10
+echo 'set_link vlan1 on' >&3
+sleep 1
+echo 'echo "CARRIER-UNBLOCKED""=$(cat /sys/class/net/$vl/carrier)"' >&4
+wait_for CARRIER-UNBLOCKED= shell.txt 10
 echo 'sendkey ctrl-alt-delete' >&3
 wait_for 'reboot: Restarting system' out.txt 30
 i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -166,6 +182,7 @@ fi
 wait $pid
 echo "SKIFF-RC=$?"
 exec 3>&- 4>&-
+kill $(cat vde1.pid) 2>/dev/null
 echo "--- monitor"; cat mon.txt
 echo "--- shell"; cat shell.txt
 echo "--- console"; cat out.txt
@@ -220,8 +237,16 @@ fn the_nixos_test_drivers_monitor_and_backdoor_shell() {
     assert!(shell.contains("Spawning backdoor root shell..."), "{}", r.describe());
     assert!(shell.lines().any(|l| l.trim() == "BACKDOOR-42"), "{}", r.describe());
     assert!(shell.lines().any(|l| l.trim() == "Linux"), "{}", r.describe());
+    // block()/unblock(): set_link by QEMU's automatic name and by the
+    // netdev's id, seen as the guest's carrier.
+    let carrier =
+        |what: &str| shell.lines().find_map(|l| l.trim().strip_prefix(what)).map(str::to_owned);
+    assert_eq!(carrier("CARRIER-BEFORE=").as_deref(), Some("1"), "{}", r.describe());
+    assert_eq!(carrier("CARRIER-BLOCKED=").as_deref(), Some("0"), "{}", r.describe());
+    assert_eq!(carrier("CARRIER-UNBLOCKED=").as_deref(), Some("1"), "{}", r.describe());
+    assert!(monitor.contains("Error: Device 'nosuchnic' not found"), "{}", r.describe());
     // The driver of -device virtio-keyboard runs: sendkey goes to it.
-    assert!(shell.contains("VIRTIO-KEY-SEEN"), "{}", r.describe());
+    assert!(shell.lines().any(|l| l.trim().ends_with("VIRTIO-KEY-SEEN")), "{}", r.describe());
     assert!(r.output.contains("usb-tablet: left out"), "said on stderr\n{}", r.describe());
     assert!(!r.output.contains("TIMED-OUT-WAITING-FOR"), "{}", r.describe());
     // Ctrl-Alt-Del through the default machine's i8042: the guest

@@ -537,7 +537,12 @@ impl Builder {
     /// `-net nic`: a virtio-net-pci on the root complex with `pcie=on`,
     /// else a virtio-net-device (microvm's default NIC), after the
     /// `-device`s, as QEMU creates them.
+    /// `-net nic`'s NICs come before every `-device`, as QEMU's machine
+    /// creates them before the command line's devices: they get the first
+    /// default MACs and names (`virtio-net-pci.0`; the NixOS test driver's
+    /// `set_link virtio-net-pci.1` is the `-device` NIC after it).
     fn place_nics(&mut self) -> Result<(), CliError> {
+        let argv = std::mem::take(&mut self.devices);
         for nic in std::mem::take(&mut self.nics) {
             let mut props = vec![("netdev".into(), nic.netdev)];
             if let Some(m) = nic.mac {
@@ -546,6 +551,7 @@ impl Builder {
             }
             self.place_on_the_machines_bus("-net nic", "virtio-net", props)?;
         }
+        self.devices.extend(argv);
         Ok(())
     }
 

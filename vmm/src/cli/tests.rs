@@ -1109,6 +1109,38 @@ fn legacy_net_nic_follows_the_machine() {
     assert_eq!(nic(&c), Bus::VirtioPci);
 }
 
+/// qemu-vm.nix's two NICs: `-net nic` (user networking) is the machine's
+/// and comes first, as in QEMU, so the vlan NIC given by `-device` is
+/// `virtio-net-pci.1`, the name the NixOS test driver's block() uses.
+#[test]
+fn nic_names_as_qemu_assigns_them() {
+    let c = run(&[
+        "-device",
+        "virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:01",
+        "-netdev",
+        "vde,id=vlan1,sock=/run/vde1.ctl",
+        "-net",
+        "nic,netdev=user.0,model=virtio",
+        "-netdev",
+        "user,id=user.0",
+        "-device",
+        "virtio-net-pci,id=lan,netdev=t0",
+        "-netdev",
+        "tap,id=t0,fd=3",
+    ]);
+    let nics: Vec<&Nic> = c.devices.iter().filter_map(|d| d.device.downcast_ref::<Nic>()).collect();
+    let names: Vec<Vec<String>> = nics.iter().map(|n| n.names.clone()).collect();
+    assert_eq!(
+        names,
+        [
+            vec!["virtio-net-pci.0".to_owned(), "user.0".to_owned()],
+            vec!["virtio-net-pci.1".to_owned(), "vlan1".to_owned()],
+            vec!["lan".to_owned(), "t0".to_owned()],
+        ]
+    );
+    assert_eq!(nics[0].mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56], "QEMU's first default MAC");
+}
+
 /// One configuration of microvm.nix's own x86_64 QEMU check matrix
 /// (`checks/default.nix` at 71beea0: the variants 9pstore, virtiofs,
 /// overlay, systemd, hardened and credentials, crossed with the tests

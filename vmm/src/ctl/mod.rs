@@ -27,6 +27,8 @@ pub enum Command {
     BalloonTarget(u64),
     /// How much RAM the guest keeps now (`query-balloon`).
     QueryBalloon,
+    /// Plugs a NIC's cable in or pulls it (`set_link`).
+    SetLink { up: bool },
 }
 
 impl Command {
@@ -36,6 +38,7 @@ impl Command {
             Command::PowerButton => Class::PowerButton,
             Command::Keys(_) => Class::Keyboard,
             Command::BalloonTarget(_) | Command::QueryBalloon => Class::Balloon,
+            Command::SetLink { .. } => Class::Link,
         }
     }
 }
@@ -46,6 +49,8 @@ pub enum Class {
     PowerButton,
     Keyboard,
     Balloon,
+    /// A NIC's link, addressed by name.
+    Link,
 }
 
 impl Class {
@@ -56,6 +61,7 @@ impl Class {
             Class::Keyboard => "no keyboard (add -device i8042 or virtio-keyboard-pci)",
             // QEMU's words (qmp_balloon's DeviceNotActive).
             Class::Balloon => "No balloon device has been activated",
+            Class::Link => "no such network device",
         }
     }
 }
@@ -64,6 +70,9 @@ impl Class {
 pub enum CtlError {
     #[error("{0}")]
     NoDevice(&'static str),
+    /// No device answers to the name a command gave.
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -94,6 +103,8 @@ pub trait DeviceControl: Send + Sync {
 
 struct Face {
     ctl: Arc<dyn DeviceControl>,
+    /// What a command may call it by (`set_link NAME`).
+    names: Vec<String>,
 }
 
 /// The faces of one run's devices.
@@ -103,8 +114,13 @@ pub struct Faces(Arc<Vec<Face>>);
 impl Faces {
     /// Adds a device's face (while the run is being built).
     pub fn offer(&mut self, ctl: Arc<dyn DeviceControl>) {
+        self.offer_named(Vec::new(), ctl);
+    }
+
+    /// Adds a face a command may address by any of `names`.
+    pub fn offer_named(&mut self, names: Vec<String>, ctl: Arc<dyn DeviceControl>) {
         if let Some(faces) = Arc::get_mut(&mut self.0) {
-            faces.push(Face { ctl });
+            faces.push(Face { ctl, names });
         } else {
             // Faces are shared only once the run is built.
             devices::error_limited!("control: a face offered after the run was built is ignored");
@@ -121,6 +137,23 @@ impl Faces {
         match face.or_else(|| self.0.iter().find(takes)) {
             Some(face) => face.ctl.command(cmd),
             None => Err(CtlError::NoDevice(class.missing())),
+        }
+    }
+}
+
+impl Faces {
+    /// Sends `cmd` to the device called `name` (QEMU's `set_link` finds a
+    /// NIC by its id, its automatic name, or its netdev's id).
+    pub fn send_to(&self, name: &str, cmd: &Command) -> Result<Answer, CtlError> {
+        let class = cmd.class();
+        let face = self
+            .0
+            .iter()
+            .find(|f| f.ctl.classes().contains(&class) && f.names.iter().any(|n| n == name));
+        match face {
+            Some(f) => f.ctl.command(cmd),
+            // QEMU's words (qmp_set_link).
+            None => Err(CtlError::NotFound(format!("Device '{name}' not found"))),
         }
     }
 }

@@ -21,6 +21,11 @@ pub enum Line {
         up: Vec<KeyEvent>,
         hold_ms: u64,
     },
+    /// `set_link NAME on|off`.
+    SetLink {
+        name: String,
+        up: bool,
+    },
 }
 
 /// QEMU's default `sendkey` hold time.
@@ -33,6 +38,7 @@ info version -- show the version of QEMU
 quit|q  -- quit the emulator
 screendump filename -- save screen (no display: always an error)
 sendkey keys [hold_ms] -- send keys to the VM (e.g. 'sendkey ctrl-alt-f1', default hold time=100 ms)
+set_link name on|off -- change the link status of a network adapter
 system_powerdown  -- send system power down event
 system_reset  -- reset the system
 ";
@@ -66,12 +72,19 @@ pub fn parse(line: &str) -> Line {
         ("screendump", [_, ..]) => {
             Line::Say("Error: There is no QemuConsole I can screendump from.\n".to_owned())
         }
-        ("hostfwd_add" | "hostfwd_remove" | "set_link", _) => {
+        ("set_link", [name, state]) => match *state {
+            "on" => Line::SetLink { name: (*name).to_owned(), up: true },
+            "off" => Line::SetLink { name: (*name).to_owned(), up: false },
+            _ => Line::Say(format!("Error: invalid parameter value: {state} (on or off)\n")),
+        },
+        ("hostfwd_add" | "hostfwd_remove", _) => {
             Line::Say(format!("Error: {cmd} is not supported by skiff yet\n"))
         }
-        ("quit" | "q" | "system_reset" | "system_powerdown" | "sendkey" | "screendump", _) => {
-            Line::Say(format!("Error: wrong arguments for '{cmd}' (see 'help')\n"))
-        }
+        (
+            "quit" | "q" | "system_reset" | "system_powerdown" | "sendkey" | "screendump"
+            | "set_link",
+            _,
+        ) => Line::Say(format!("Error: wrong arguments for '{cmd}' (see 'help')\n")),
         _ => Line::Say(format!("unknown command: '{cmd}'\n")),
     }
 }
@@ -142,5 +155,12 @@ mod tests {
         assert!(matches!(parse("screendump /tmp/x.ppm"), Line::Say(s) if s.contains("screendump")));
         assert!(matches!(parse("quit now"), Line::Say(s) if s.contains("wrong arguments")));
         assert!(matches!(parse("help"), Line::Say(s) if s.contains("sendkey")));
+        assert_eq!(
+            parse("set_link virtio-net-pci.1 off"),
+            Line::SetLink { name: "virtio-net-pci.1".into(), up: false }
+        );
+        assert_eq!(parse("set_link vlan1 on"), Line::SetLink { name: "vlan1".into(), up: true });
+        assert!(matches!(parse("set_link x maybe"), Line::Say(s) if s.contains("on or off")));
+        assert!(matches!(parse("set_link x"), Line::Say(s) if s.contains("wrong arguments")));
     }
 }

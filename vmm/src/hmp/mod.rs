@@ -187,6 +187,12 @@ impl HmpHandler {
                 Ok(_) => String::new(),
                 Err(e) => format!("Error: {e}\n"),
             },
+            Line::SetLink { name, up } => {
+                match self.vm.faces.send_to(&name, &Command::SetLink { up }) {
+                    Ok(_) => String::new(),
+                    Err(e) => format!("Error: {e}\n"),
+                }
+            }
             Line::SendKey { down, up, hold_ms } => {
                 // Keys still held from the last sendkey go up first.
                 self.release_now(ops);

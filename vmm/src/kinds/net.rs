@@ -90,12 +90,24 @@ impl Unresolved for Pending {
         option: &str,
         refs: &mut Refs,
     ) -> Result<Box<dyn Device>, CliError> {
-        let netdev = refs.take(option, &self.netdev)?;
+        let netdev: Arc<NetdevConfig> = refs.take(option, &self.netdev)?;
         // QEMU's default MACs: 52:54:00:12:34:56 for the first NIC, then
         // ...:57, in the order the NICs are created.
         let index = refs.ordinal(KIND.name()) as u8;
         let mac = self.mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index)]);
-        Ok(Box::new(Nic { netdev, mac, mq: self.mq }))
+        // What `set_link` may call it: its id, else QEMU's automatic name
+        // (the driver and its count among NICs of that driver:
+        // `virtio-net-pci.1`, the NixOS test driver's vlan NIC), and its
+        // netdev's id.
+        let driver = KIND.drivers().iter().map(|d| d.name).find(|d| option.ends_with(d));
+        let mut names = Vec::new();
+        match (refs.device_id(), driver) {
+            (Some(id), _) => names.push(id.to_owned()),
+            (None, Some(d)) => names.push(format!("{d}.{}", refs.ordinal(d))),
+            (None, None) => {}
+        }
+        names.push(netdev.id().to_owned());
+        Ok(Box::new(Nic { netdev, mac, mq: self.mq, names }))
     }
 }
 
@@ -106,6 +118,8 @@ pub struct Nic {
     pub mac: [u8; 6],
     /// `mq=on`: offer the tap's queues as queue pairs.
     pub mq: bool,
+    /// What `set_link` may call it.
+    pub names: Vec<String>,
 }
 
 impl Device for Nic {
@@ -123,7 +137,7 @@ impl Device for Nic {
                 let (user, fd) =
                     UserNet::start(config).map_err(|e| failed("user", id, e.into()))?;
                 let taps = vec![Arc::new(Tap::socket(fd, &format!("netdev {id}")))];
-                NetBackend { taps, vhost: None, user: Some(user) }
+                NetBackend { taps, vhost: None, user: Some(user), link: Default::default() }
             }
             NetdevConfig::Vde { id, sock, port, group, mode } => {
                 let vde = crate::host::vde::VdeConn::open(sock, *port, group.as_deref(), *mode)
@@ -135,14 +149,19 @@ impl Device for Nic {
                     .map_err(|e| OpenError::new(format!("-netdev vde,id={id}"), e))?;
                 let taps = vec![Arc::new(Tap::bare_socket(fd, &format!("netdev {id}")))];
                 vde_conn = Some(vde);
-                NetBackend { taps, vhost: None, user: None }
+                NetBackend { taps, vhost: None, user: None, link: Default::default() }
             }
             NetdevConfig::Bridge { id, br, helper } => {
                 let fd = crate::host::bridge_helper::tap_for_bridge(helper, br)
                     .map_err(|e| OpenError::new(format!("-netdev bridge,id={id}"), e))?;
                 let tap = Tap::from_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
                     .map_err(|e| failed("bridge", id, e.into()))?;
-                NetBackend { taps: vec![Arc::new(tap)], vhost: None, user: None }
+                NetBackend {
+                    taps: vec![Arc::new(tap)],
+                    vhost: None,
+                    user: None,
+                    link: Default::default(),
+                }
             }
             NetdevConfig::Tap { id, source, vhost } => {
                 let queues = source.queues();
@@ -159,10 +178,15 @@ impl Device for Nic {
                     .then(|| VhostNetBackend::open(taps.len()))
                     .transpose()
                     .map_err(|e| failed("tap", id, e.into()))?;
-                NetBackend { taps, vhost, user: None }
+                NetBackend { taps, vhost, user: None, link: Default::default() }
             }
         };
-        Ok(Box::new(Opened { backend: Arc::new(backend), params, _vde: vde_conn }))
+        Ok(Box::new(Opened {
+            backend: Arc::new(backend),
+            params,
+            _vde: vde_conn,
+            names: self.names.clone(),
+        }))
     }
     fn sandbox(&self) -> Sandbox {
         match &*self.netdev {
@@ -184,6 +208,7 @@ struct Opened {
     params: NetParams,
     /// A VDE connection, held open while its data socket serves.
     _vde: Option<crate::host::vde::VdeConn>,
+    names: Vec<String>,
 }
 
 impl HostSide for Opened {
@@ -194,7 +219,29 @@ impl HostSide for Opened {
     fn detach(&self, _: &boot::GuestMemoryMmap) {
         self.backend.detach();
     }
-    fn build(&self, _: &mut RunContext<'_>) -> crate::vm::Result<Built> {
+    fn build(&self, run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
+        run.faces.offer_named(self.names.clone(), Arc::new(Cable(self.backend.link.clone())));
         Ok(Built::Virtio(Arc::new(Mutex::new(Net::new(self.backend.clone(), &self.params)))))
+    }
+}
+
+/// The NIC's link, for `set_link`.
+struct Cable(Arc<devices::virtio::net::Link>);
+
+impl crate::ctl::DeviceControl for Cable {
+    fn classes(&self) -> &'static [crate::ctl::Class] {
+        &[crate::ctl::Class::Link]
+    }
+    fn command(
+        &self,
+        cmd: &crate::ctl::Command,
+    ) -> Result<crate::ctl::Answer, crate::ctl::CtlError> {
+        match cmd {
+            crate::ctl::Command::SetLink { up } => {
+                self.0.set(*up);
+                Ok(crate::ctl::Answer::Done)
+            }
+            _ => Err(crate::ctl::CtlError::Failed("a NIC takes only set_link".into())),
+        }
     }
 }

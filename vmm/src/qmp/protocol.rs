@@ -22,13 +22,18 @@ pub enum Request {
     Balloon(i64),
     /// `query-balloon` (answered by the machine).
     QueryBalloon,
+    /// `set_link`: a NIC's cable (answered by the machine).
+    SetLink {
+        name: String,
+        up: bool,
+    },
 }
 
 impl Request {
     /// Whether the machine's answer is the response: the session leaves
     /// it to whoever carries the request out (`answer`).
     pub fn answered_by_machine(&self) -> bool {
-        matches!(self, Request::Balloon(_) | Request::QueryBalloon)
+        matches!(self, Request::Balloon(_) | Request::QueryBalloon | Request::SetLink { .. })
     }
 }
 
@@ -43,6 +48,7 @@ const COMMANDS: &[&str] = &[
     "input-send-event",
     "balloon",
     "query-balloon",
+    "set_link",
 ];
 
 /// The QEMU version skiff's QMP reports: the one whose protocol it follows.
@@ -311,6 +317,31 @@ impl Session {
                 Err(e) => Reply::only(e),
             };
         }
+        if command == "set_link" {
+            let parsed = no_args(&args, &["name", "up"]).and_then(|()| {
+                let name = match args.get("name") {
+                    None => return Err(error("GenericError", "Parameter 'name' is missing")),
+                    Some(Value::String(n)) => n.clone(),
+                    Some(_) => {
+                        return Err(error(
+                            "GenericError",
+                            "Invalid parameter type for 'name', expected: string",
+                        ))
+                    }
+                };
+                let up = match args.get("up") {
+                    None => return Err(error("GenericError", "Parameter 'up' is missing")),
+                    Some(v) => v.as_bool().ok_or_else(|| {
+                        error("GenericError", "Invalid parameter type for 'up', expected: boolean")
+                    })?,
+                };
+                Ok(Request::SetLink { name, up })
+            });
+            return match parsed {
+                Ok(r) => Reply { response: json!({}), request: Some(r) },
+                Err(e) => Reply::only(e),
+            };
+        }
         if let Err(e) = no_args(&args, &[]) {
             return Reply::only(e);
         }
@@ -347,6 +378,7 @@ impl Reply {
             Ok(Answer::Done) => json!({ "return": {} }),
             Ok(Answer::Balloon { actual }) => json!({ "return": { "actual": actual } }),
             Err(CtlError::NoDevice(desc)) => error("DeviceNotActive", desc),
+            Err(CtlError::NotFound(desc)) => error("DeviceNotFound", desc),
             Err(CtlError::Failed(desc)) => error("GenericError", desc),
         };
         if let (Some(id), Value::Object(r)) = (self.response.get("id"), &mut response) {
@@ -652,6 +684,29 @@ pub(crate) mod tests {
         // there is a balloon, as QEMU's order is).
         let r = send(&mut s, r#"{"execute":"balloon","arguments":{"value":-1}}"#);
         assert_eq!(r.request, Some(Request::Balloon(-1)));
+    }
+
+    /// `set_link`'s arguments as QEMU checks them; the machine answers.
+    #[test]
+    fn set_link_as_qemu_takes_it() {
+        let mut s = Session::default();
+        send(&mut s, r#"{"execute":"qmp_capabilities"}"#);
+        let r = send(&mut s, r#"{"execute":"set_link","arguments":{"name":"vlan1","up":false}}"#);
+        assert_eq!(r.request, Some(Request::SetLink { name: "vlan1".into(), up: false }));
+        assert!(r.request.as_ref().unwrap().answered_by_machine());
+        for bad in [
+            r#"{"execute":"set_link","arguments":{"up":true}}"#,
+            r#"{"execute":"set_link","arguments":{"name":"x"}}"#,
+            r#"{"execute":"set_link","arguments":{"name":"x","up":"yes"}}"#,
+            r#"{"execute":"set_link","arguments":{"name":1,"up":true}}"#,
+            r#"{"execute":"set_link","arguments":{"name":"x","up":true,"z":1}}"#,
+        ] {
+            let r = send(&mut s, bad);
+            assert_eq!(class(&r), "GenericError", "{bad}");
+            assert_eq!(r.request, None);
+        }
+        let missing = r.answer(Err(crate::ctl::CtlError::NotFound("Device 'x' not found".into())));
+        assert_eq!(missing["error"]["class"], "DeviceNotFound");
     }
 
     #[test]

@@ -323,7 +323,7 @@ impl QmpHandler {
             }
             Request::Keys(events) => self.vm.faces.send(&Command::Keys(events)).map(drop),
             // Answered when they came (`answer`).
-            Request::Balloon(_) | Request::QueryBalloon => Ok(()),
+            Request::Balloon(_) | Request::QueryBalloon | Request::SetLink { .. } => Ok(()),
         };
         match sent {
             Ok(()) => {}
@@ -336,6 +336,9 @@ impl QmpHandler {
     /// Carries out a request whose answer is the response.
     fn answer(&self, request: &Request) -> Result<Answer, CtlError> {
         match *request {
+            Request::SetLink { ref name, up } => {
+                self.vm.faces.send_to(name, &Command::SetLink { up })
+            }
             Request::QueryBalloon => self.vm.faces.send(&Command::QueryBalloon),
             Request::Balloon(value) => {
                 // QEMU's order: no balloon first, then a bad size.

@@ -70,6 +70,44 @@ pub struct NetBackend {
     pub vhost: Option<VhostNetBackend>,
     /// `-netdev user`'s network thread, which the taps' stand-in reaches.
     pub user: Option<user::UserNet>,
+    /// The link's state (`set_link`), kept across guest reboots as QEMU
+    /// keeps it.
+    pub link: Arc<Link>,
+}
+
+/// Whether the NIC's cable is in (`set_link NAME on|off`): the status bit
+/// the driver reads, a configuration interrupt when it changes, and, while
+/// it is out, frames dropped both ways (QEMU's `link_down`). Under vhost
+/// the kernel moves the frames: only the status changes.
+#[derive(Default)]
+pub struct Link {
+    down: std::sync::atomic::AtomicBool,
+    /// The running device's interrupt (None while no driver runs it).
+    interrupt: Mutex<Option<Arc<dyn super::VirtioInterrupt>>>,
+}
+
+impl Link {
+    pub fn up(&self) -> bool {
+        !self.down.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Plugs the cable in or pulls it; the driver hears of a change.
+    pub fn set(&self, up: bool) {
+        let was_up = !self.down.swap(!up, std::sync::atomic::Ordering::AcqRel);
+        if was_up == up {
+            return;
+        }
+        let irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(irq) = irq {
+            if let Err(e) = irq.trigger(super::VirtioInterruptType::Config) {
+                crate::error_limited!("virtio-net: cannot tell the driver of the link: {e}");
+            }
+        }
+    }
+
+    fn attach(&self, irq: Option<Arc<dyn super::VirtioInterrupt>>) {
+        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = irq;
+    }
 }
 
 impl NetBackend {
@@ -161,6 +199,7 @@ impl Net {
         let mq = self.acked(VIRTIO_NET_F_MQ);
         // Without MQ the driver uses one pair, and the control queue is 2.
         let pairs = if mq { self.pairs() } else { 1 };
+        backend.link.attach(Some(ctx.interrupt.clone()));
         let state = CtrlState { taps: backend.taps.clone(), mac: self.mac.clone(), mq };
         // The driver starts on the first pair (virtio 1.2, 5.1.6.5.5).
         state.use_pairs(1);
@@ -193,7 +232,8 @@ impl Net {
                 .map_err(ActivateError::EventFd)?;
             let tx = Ring::new(ctx.mem.clone(), tx, ctx.interrupt.clone())
                 .map_err(ActivateError::EventFd)?;
-            let handler = QueuePair::new(rx, tx, tap, mergeable, name.clone());
+            let handler =
+                QueuePair::new(rx, tx, tap, backend.link.clone(), mergeable, name.clone());
             self.workers
                 .push(Worker::spawn(FAMILY, &name, handler).map_err(ActivateError::Worker)?);
         }
@@ -201,6 +241,7 @@ impl Net {
     }
 
     fn stop(&mut self) {
+        self.backend.link.attach(None);
         for w in self.workers.drain(..) {
             w.stop();
         }
@@ -265,7 +306,8 @@ impl VirtioDevice for Net {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 10];
         config[..6].copy_from_slice(&*self.mac.lock().unwrap_or_else(|e| e.into_inner()));
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let status = if self.backend.link.up() { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+        config[6..8].copy_from_slice(&status.to_le_bytes());
         config[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
         read_config_from(&config, offset, data);
     }

@@ -45,6 +45,8 @@ pub struct QueuePair {
     pub(super) rx: Ring,
     pub(super) tx: Ring,
     pub(super) tap: Arc<Tap>,
+    /// The cable (`set_link`): while out, frames are dropped both ways.
+    link: Arc<super::Link>,
     pub(super) mergeable: bool,
     /// Received from the tap; `pending` bytes of it wait for buffers.
     frame: Vec<u8>,
@@ -94,12 +96,20 @@ impl Batch {
 }
 
 impl QueuePair {
-    pub fn new(rx: Ring, tx: Ring, tap: Arc<Tap>, mergeable: bool, name: String) -> Self {
+    pub fn new(
+        rx: Ring,
+        tx: Ring,
+        tap: Arc<Tap>,
+        link: Arc<super::Link>,
+        mergeable: bool,
+        name: String,
+    ) -> Self {
         let rx_signalled = Wrapping(rx.queue.next_used());
         QueuePair {
             rx,
             tx,
             tap,
+            link,
             mergeable,
             frame: vec![0; MAX_FRAME],
             pending: None,
@@ -126,6 +136,8 @@ impl QueuePair {
                     // Not even a header and an Ethernet header: nothing a
                     // driver could take; dropped.
                     Ok(len) if len < VNET_HDR_LEN + ETH_HLEN => continue,
+                    // The cable is out: what arrives is lost, as on a wire.
+                    Ok(_) if !self.link.up() => continue,
                     Ok(len) => len,
                     Err(e) => {
                         if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -306,7 +318,14 @@ impl QueuePair {
     pub(super) fn transmit(&mut self) {
         let max = usize::from(self.tx.queue.size());
         let batch = self.tap.is_socket().then_some(&mut self.tx_batch);
-        let mut sender = Sender { tap: &self.tap, name: &self.name, max, iov: Vec::new(), batch };
+        let mut sender = Sender {
+            tap: &self.tap,
+            name: &self.name,
+            max,
+            iov: Vec::new(),
+            batch,
+            link_up: self.link.up(),
+        };
         self.tx.serve(Budget { requests: FRAMES_PER_WAKEUP }, &mut sender);
         if let Some(b) = sender.batch {
             b.flush(&self.tap, &self.name);
@@ -348,6 +367,8 @@ struct Sender<'a> {
     iov: Vec<libc::iovec>,
     /// User networking: frames are copied here and sent together.
     batch: Option<&'a mut Batch>,
+    /// The cable is in: otherwise frames are taken and dropped.
+    link_up: bool,
 }
 
 impl Request for Sender<'_> {
@@ -356,6 +377,9 @@ impl Request for Sender<'_> {
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Outcome {
+        if !self.link_up {
+            return Outcome::Used(0);
+        }
         let max = self.max;
         let head = chain.head_index();
         let chain = match Chain::read(mem, chain, max) {

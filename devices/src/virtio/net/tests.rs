@@ -46,7 +46,8 @@ fn pair(
     let (tap, host) = tap_pair();
     let rx = Ring::new(mem.clone(), active(rx, 0), irq.clone()).unwrap();
     let tx = Ring::new(mem.clone(), active(tx, 1), irq.clone()).unwrap();
-    (QueuePair::new(rx, tx, tap, mergeable, "test".to_owned()), host, irq)
+    let link = Arc::new(Link::default());
+    (QueuePair::new(rx, tx, tap, link, mergeable, "test".to_owned()), host, irq)
 }
 
 /// A frame as the tap hands it: a header (no offloads) and `len` bytes.
@@ -267,7 +268,7 @@ fn a_control_command_gets_its_ack_byte() {
 #[test]
 fn describes_itself() {
     let (taps, _hosts): (Vec<_>, Vec<_>) = (0..2).map(|_| tap_pair()).unzip();
-    let backend = Arc::new(NetBackend { taps, vhost: None, user: None });
+    let backend = Arc::new(NetBackend { taps, vhost: None, user: None, link: Default::default() });
     let params = NetParams { mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], queue_size: 256 };
     let net = Net::new(backend, &params);
     assert_eq!(net.device_type(), 1);
@@ -449,4 +450,24 @@ pub(crate) fn fuzz_control(rng: &mut skiff_tests::fuzz::Rng) {
     let used = tq.used();
     assert!(used.len() <= chains, "{} used entries for {chains} chains", used.len());
     assert!(used.iter().all(|&(_, len)| len <= 1), "{used:?}");
+}
+
+/// `set_link`: the status the driver reads follows the cable, and the
+/// driver is interrupted once per change while a driver runs.
+#[test]
+fn the_link_status_follows_set_link() {
+    let link = Link::default();
+    assert!(link.up());
+    link.set(false);
+    assert!(!link.up(), "no driver: nothing to interrupt, the state still changes");
+    let irq = Arc::new(RecordingInterrupt::default());
+    link.attach(Some(irq.clone()));
+    link.set(false);
+    assert!(irq.take().is_empty(), "no change, no interrupt");
+    link.set(true);
+    link.set(false);
+    assert_eq!(irq.take(), [VirtioInterruptType::Config, VirtioInterruptType::Config]);
+    link.attach(None);
+    link.set(true);
+    assert!(irq.take().is_empty());
 }
