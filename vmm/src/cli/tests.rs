@@ -1278,3 +1278,47 @@ fn smbios_oem_strings_in_order() {
     let c = run(&["-smbios", "type=11,value=a,value=b", "-smbios", "type=11,value=c"]);
     assert_eq!(c.smbios_oem, ["a", "b", "c"]);
 }
+
+/// qemu-vm.nix's start script with the NixOS test driver's additions
+/// (../shared/NIXOS-TESTS.md), word for word: it parses into the default
+/// machine with every device it names.
+#[test]
+fn nixos_test_vm_command_line() {
+    let line = "-machine accel=kvm:tcg -cpu max -name machine -m 1024 -smp 1 \
+        -device virtio-rng-pci -net nic,netdev=user.0,model=virtio -netdev user,id=user.0, \
+        -virtfs local,path=/nix/store,security_model=none,mount_tag=nix-store \
+        -virtfs local,path=/tmp/xchg,security_model=none,mount_tag=xchg \
+        -virtfs local,path=/tmp/shared,security_model=none,mount_tag=shared \
+        -drive cache=writeback,file=/tmp/machine.qcow2,id=drive1,if=none,index=1,werror=report \
+        -device virtio-blk-pci,bootindex=1,drive=drive1,serial=root \
+        -device virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:01 \
+        -netdev vde,id=vlan1,sock=/tmp/vde1.ctl \
+        -device virtio-keyboard -usb -device usb-tablet,bus=usb-bus.0 \
+        -kernel /run/kernel -initrd /run/initrd \
+        -qmp unix:/tmp/state/qmp,server=on,wait=off -monitor unix:/tmp/state/monitor \
+        -chardev socket,id=shell,path=/tmp/state/shell -device virtio-serial \
+        -device virtconsole,chardev=shell -device virtio-rng-pci -serial stdio -no-reboot -nographic";
+    let mut args: Vec<&str> = line.split_whitespace().collect();
+    args.extend(["-append", "console=ttyS0 panic=1 boot.panic_on_fail"]);
+    let c = run(&args);
+    assert_eq!(c.machine.kind, MachineKind::Default);
+    assert!(c.machine.has_pcie());
+    let drivers: Vec<&str> = c.devices.iter().map(|d| d.driver).collect();
+    for d in [
+        "virtio-rng-pci",
+        "virtio-blk-pci",
+        "virtio-net-pci",
+        "virtio-keyboard",
+        "usb-tablet",
+        "virtio-serial",
+        "virtconsole",
+        "virtio-9p-pci",
+        "i8042",
+        "mc146818rtc",
+    ] {
+        assert!(drivers.contains(&d), "{d} missing: {drivers:?}");
+    }
+    assert_eq!(c.monitors.len(), 1);
+    assert!(!c.monitors[0].server, "the driver listens; skiff connects");
+    assert_eq!(c.machine.usb, OnOffAuto::On);
+}
