@@ -522,7 +522,7 @@ if [ "$want_l1" = 1 ]; then
 	# under TCG, so a test host gets only what its scenarios need.
 	k=$(key_of "$REPO/tests/testhost/l1-init" "$BUSYBOX" "$l1_kernel" \
 		"$CACHE/l2/bzImage.key" "$CACHE/l2/initrd.img.key" "$STAMP.key" "$CACHE/tools/xattr.key" "$generic_kernel" \
-		"$CACHE/l2/store.img.key" "v13-vde")
+		"$CACHE/l2/store.img.key" "v14-qemu-img")
 	if ! up_to_date "$CACHE/l1/l1-base.cpio.zst" "$k"; then
 		log "building l1/l1-base.cpio.zst"
 		root="$CACHE/tmp/l1root"
@@ -546,6 +546,10 @@ if [ "$want_l1" = 1 ]; then
 		for dir in /usr/lib/x86_64-linux-gnu/vdeplug /lib/x86_64-linux-gnu/vdeplug; do
 			install_with_libs "$plugin" "$root$dir/libvdeplug_vde.so" "$root"
 		done
+		# qemu-img (qemu-utils): the qcow2 tests make images and check what
+		# skiff left in them with QEMU's own tool.
+		QEMU_IMG_BIN=$(command -v qemu-img) || die "qemu-img missing: run resources/install-deps.sh (qemu-utils)"
+		install_with_libs "$QEMU_IMG_BIN" "$root/usr/bin/qemu-img" "$root"
 		# nobody: what -run-with user=nobody becomes.
 		printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
 		printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"

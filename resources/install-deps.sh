@@ -24,13 +24,14 @@ die() {
 # (virtio_mmio) against Debian's kernel headers.
 # libseccomp-dev, libcap-ng-dev: to build virtiofsd (below), the
 # vhost-user-fs tests' backend.
+# qemu-utils: qemu-img, which the qcow2 tests make and check images with.
 # libvdeplug-dev: skiff links libvdeplug for -netdev vde; vde2: vde_switch,
 # the switch the vde tests (and the NixOS test driver) run.
 # python3, python3-venv: QEMU's QMP client library (qemu.qmp, from PyPI into
 # a venv by guest-assets.sh), which the QMP tests drive skiff with.
 PKGS=(qemu-system-x86 seabios busybox-static cpio socat iproute2 pkg-config libslirp-dev libglib2.0-dev lz4 zstd xz-utils gzip gcc libc6-dev
 	binutils util-linux grep gawk coreutils make libelf1 zlib1g acpica-tools e2fsprogs erofs-utils
-	libseccomp-dev libcap-ng-dev python3 python3-venv libvdeplug-dev vde2)
+	libseccomp-dev libcap-ng-dev python3 python3-venv libvdeplug-dev vde2 qemu-utils)
 # virtiofsd from crates.io, as microvm.nix users run it (Debian's is older).
 VIRTIOFSD_VERSION=1.14.0
 

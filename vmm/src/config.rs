@@ -298,8 +298,10 @@ pub struct DriveConfig {
     pub detect_zeroes: DetectZeroes,
     /// `file.locking=` (default on).
     pub locking: bool,
-    /// `format=raw` was given (else QEMU warns that it probed).
+    /// `format=` was given (else the image is probed as QEMU probes it).
     pub format_given: bool,
+    /// `format=qcow2`.
+    pub qcow2: bool,
     /// `aio=`: a thread pool or an io_uring per queue.
     pub aio: Aio,
 }

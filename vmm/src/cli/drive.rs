@@ -21,11 +21,14 @@ pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliErro
     let file = opts.take_path("file")?.ok_or_else(|| opts.missing("file"))?;
     // QEMU resolves a relative path against the working directory.
     let file = std::env::current_dir().map(|d| d.join(&file)).unwrap_or(file);
-    let format_given = match opts.take("format").as_deref() {
-        None => false,
-        Some("raw") => true,
+    let (format_given, qcow2) = match opts.take("format").as_deref() {
+        None => (false, false),
+        Some("raw") => (true, false),
+        Some("qcow2") => (true, true),
         Some(other) => {
-            return Err(opts.error(format!("format={other} is not supported (only raw images)")))
+            return Err(
+                opts.error(format!("format={other} is not supported (only raw and qcow2 images)"))
+            )
         }
     };
     let read_only = opts.take_bool("read-only")?.unwrap_or(false);
@@ -116,6 +119,7 @@ pub(super) fn parse_drive(label: &str, arg: &str) -> Result<DriveConfig, CliErro
         detect_zeroes,
         locking,
         format_given,
+        qcow2,
         aio,
     })
 }
@@ -162,7 +166,8 @@ mod tests {
         let err = |a: &str| drive(a).unwrap_err();
         assert_eq!(err("file=/x"), "-drive: missing property 'id'");
         assert_eq!(err("id=d"), "-drive id=d: missing property 'file'");
-        assert!(err("id=d,file=/x,format=qcow2").contains("format=qcow2 is not supported"));
+        assert!(drive("id=d,file=/x,format=qcow2").unwrap().qcow2);
+        assert!(err("id=d,file=/x,format=vmdk").contains("format=vmdk is not supported"));
         assert!(err("id=d,file=/x,if=virtio").contains("if=virtio is not supported"));
         assert!(err("id=d,file=/x,werror=stop").contains("werror=stop is not supported"));
         assert!(err("id=d,file=/x,rerror=stop").contains("rerror=stop"));

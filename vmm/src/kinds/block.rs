@@ -32,14 +32,17 @@ impl Kind for BlockKind {
                          a disk on -drive ID (virtio-mmio or PCIe); num-queues
                          defaults to one per vCPU on PCIe; bootindex has no
                          effect (skiff has no firmware to boot a disk)
--drive id=ID,file=PATH[,if=none][,format=raw][,read-only=on|off]
+-drive id=ID,file=PATH[,if=none][,format=raw|qcow2][,read-only=on|off]
        [,cache=none|writeback|writethrough|directsync|unsafe][,cache.direct=on|off]
        [,discard=unmap|ignore][,detect-zeroes=off|on|unmap][,aio=io_uring|threads|native]
        [,werror=report][,rerror=report][,file.locking=on|off][,index=N]
-                         a raw image (no format=: probed as QEMU probes, an
-                         image of another format such as qcow2 is refused,
-                         and writes that would make block 0 one fail, with
-                         QEMU's warning); locked as QEMU locks it; cache=none on a
+                         a raw or qcow2 image (no format=: probed as QEMU
+                         probes: qcow2 by its magic, another format refused,
+                         raw with QEMU's warning and writes that would make
+                         block 0 another format failing); qcow2 through imago,
+                         its backing file (next to it) read-only, not with
+                         cache=none, not encrypted, served by the thread pool
+                         (aio=io_uring too); locked as QEMU locks it; cache=none on a
                          filesystem without O_DIRECT (tmpfs) falls back to the
                          page cache with a warning; each queue runs on a worker
                          thread of its own, many requests at once: through a
@@ -141,18 +144,34 @@ impl Device for Blk {
             locking: drive.locking,
         };
         let what = || format!("-drive id={}", drive.id);
-        let disk = Disk::open(&opts).map_err(|e| OpenError::new(what(), e))?;
-        // No format= : probed as QEMU probes. An image of another format
-        // would show the guest its container (and take its writes).
-        if !drive.format_given {
-            if let Some(fmt) = disk.probe_format().map_err(|e| OpenError::new(what(), e))? {
-                let e = std::io::Error::other(format!(
-                    "'{}' is a {fmt} image; skiff reads raw images only (format=raw would \
-                     show the guest the {fmt} file's own bytes)",
-                    drive.file.display()
-                ));
-                return Err(OpenError::new(what(), e));
+        let mut disk = Disk::open(&opts).map_err(|e| OpenError::new(what(), e))?;
+        // No format= : probed as QEMU probes (qcow2 by its magic). An image
+        // of another format would show the guest its container (and take
+        // its writes).
+        let mut probed_raw = false;
+        let qcow2 = if drive.format_given {
+            drive.qcow2
+        } else {
+            match disk.probe_format().map_err(|e| OpenError::new(what(), e))? {
+                Some("qcow2") => true,
+                Some(fmt) => {
+                    let e = std::io::Error::other(format!(
+                        "'{}' is a {fmt} image; skiff reads raw and qcow2 images only \
+                         (format=raw would show the guest the {fmt} file's own bytes)",
+                        drive.file.display()
+                    ));
+                    return Err(OpenError::new(what(), e));
+                }
+                None => {
+                    probed_raw = true;
+                    false
+                }
             }
+        };
+        if qcow2 {
+            disk.open_qcow2().map_err(|e| OpenError::new(what(), e))?;
+        }
+        if probed_raw {
             #[expect(clippy::disallowed_macros, reason = "startup: once per -drive")]
             {
                 log::warn!(
@@ -177,7 +196,7 @@ impl Device for Blk {
                 discard: drive.discard,
                 detect_zeroes: drive.detect_zeroes,
                 serial: s.serial.clone().unwrap_or_default().into_bytes(),
-                probed: !drive.format_given,
+                probed: probed_raw,
             },
             aio: drive.aio,
         };

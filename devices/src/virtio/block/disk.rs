@@ -53,6 +53,12 @@ pub enum DiskError {
     },
     #[error("'{path}' is {what}, not a disk image (a regular file or a block device)")]
     NotAFile { path: PathBuf, what: &'static str },
+    #[error("Could not open the qcow2 image '{path}'")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// QEMU's image formats by their magic (its block drivers' probes), where
@@ -119,6 +125,8 @@ pub struct Disk {
     /// Set while the device stops: long work (zeroing by writing) gives up
     /// between steps, so a reset waits for one step, not for gigabytes.
     abandon: std::sync::atomic::AtomicBool,
+    /// A qcow2 image on `file`: every access goes through its metadata.
+    qcow2: Option<super::qcow2::Qcow2Image>,
 }
 
 /// Zeros are written this much at a time where the filesystem cannot zero
@@ -307,7 +315,31 @@ impl Disk {
             direct_align,
             size,
             abandon: std::sync::atomic::AtomicBool::new(false),
+            qcow2: None,
         })
+    }
+
+    /// Reads the image as qcow2 from now on (`format=qcow2`, or probed):
+    /// its size is the guest's, its backing chain opened read-only.
+    pub fn open_qcow2(&mut self) -> Result<(), DiskError> {
+        let image_err = |source| DiskError::Image { path: self.path.clone(), source };
+        if self.direct_align.is_some() {
+            return Err(image_err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cache=none/directsync (O_DIRECT) with a qcow2 image is not supported yet",
+            )));
+        }
+        let image = super::qcow2::Qcow2Image::open(&self.file, &self.path, !self.read_only)
+            .map_err(image_err)?;
+        self.size = image.size();
+        self.qcow2 = Some(image);
+        Ok(())
+    }
+
+    /// Whether the guest's sectors are the file's bytes (a raw image), so
+    /// an engine may read and write the descriptor directly.
+    pub fn is_raw(&self) -> bool {
+        self.qcow2.is_none()
     }
 
     pub fn size(&self) -> u64 {
@@ -335,6 +367,9 @@ impl Disk {
     /// Reads `buf.len()` bytes at `offset` (zeros past the end of the
     /// file never happen: callers check the range).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(q) = &self.qcow2 {
+            return q.read_at(buf, offset);
+        }
         match self.direct_align {
             None => self.file.read_exact_at(buf, offset),
             Some(align) => {
@@ -353,6 +388,9 @@ impl Disk {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if let Some(q) = &self.qcow2 {
+            return q.write_at(buf, offset);
         }
         match self.direct_align {
             None => self.file.write_all_at(buf, offset),
@@ -407,6 +445,9 @@ impl Disk {
         if !self.flushes() {
             return Ok(());
         }
+        if let Some(q) = &self.qcow2 {
+            return q.flush();
+        }
         self.file.sync_data()
     }
 
@@ -418,11 +459,23 @@ impl Disk {
 
     /// Deallocates `[offset, offset + len)`; it then reads as zeros.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(q) = &self.qcow2 {
+            if self.read_only {
+                return Err(io::Error::from_raw_os_error(libc::EROFS));
+            }
+            return q.discard(offset, len);
+        }
         self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
     /// Makes `[offset, offset + len)` read as zeros, keeping it allocated.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(q) = &self.qcow2 {
+            if self.read_only {
+                return Err(io::Error::from_raw_os_error(libc::EROFS));
+            }
+            return q.write_zeroes(offset, len);
+        }
         match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
             // Not every filesystem zeroes ranges: write them.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {

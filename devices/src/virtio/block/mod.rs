@@ -10,6 +10,7 @@
 pub mod disk;
 mod moderation;
 mod pool;
+pub mod qcow2;
 pub mod request;
 mod uring;
 
@@ -229,7 +230,9 @@ fn engine(
     size: u16,
 ) -> Option<Engine> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if aio == Aio::IoUring {
+    // A ring reads and writes the file's bytes; a qcow2 image's guest
+    // sectors are not those: the pool serves it through its metadata.
+    if aio == Aio::IoUring && disk.is_raw() {
         match Uring::new(size) {
             Ok(u) => return Some(Engine::Uring(Box::new(u))),
             Err(e) => {
