@@ -52,3 +52,8 @@ pub fn fw_cfg(rng: &mut Rng) {
 pub fn virtio_balloon_queues(rng: &mut Rng) {
     crate::virtio::balloon::tests::fuzz_queues(rng);
 }
+
+/// A hostile qcow2 image opened and used (`fuzz_qcow2_image`).
+pub fn qcow2_image(rng: &mut Rng) {
+    crate::virtio::block::qcow2::fuzz_image(rng);
+}
