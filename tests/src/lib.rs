@@ -391,6 +391,22 @@ fn newest_source() -> Option<SystemTime> {
     newest
 }
 
+/// Waits for `child` to exit, at most `secs` seconds; past that it is
+/// killed and None comes back (a test then fails: skiff did not end).
+pub fn exit_within(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Checks that the skiff binary exists (and warns when it looks older than
 /// its sources).
 pub fn check_skiff() -> Result<PathBuf, Error> {

@@ -97,15 +97,19 @@ fn safety_script() -> String {
     let cmd = command(true, &format!("{drive} -device virtio-blk-pci,drive=vda"), "safe");
     format!(
         "dd if=/dev/zero of=safe.img bs=1M count=0 seek=80 2>/dev/null\n\
-         : > out.txt\n\
-         {cmd} > out.txt 2>&1 &\n\
-         pid=$!\n\
-         wait_for SKIFF-SAFE-DONE out.txt {SECS}\n\
-         kill -KILL $pid\n\
-         wait $pid\n\
-         echo \"KILL-RC=$?\"\n\
+         {}\
          echo \"IMAGE-SHA=$(head -c 67108864 safe.img | sha256sum | cut -d' ' -f1)\"\n\
-         cat out.txt\n"
+         cat out.txt\n",
+        killed_after_the_guests_fsync(&cmd)
+    )
+}
+
+/// Starts `cmd` (the guest action `safe`: 64 MiB written and fsynced),
+/// and SIGKILLs skiff once the guest says it is done.
+fn killed_after_the_guests_fsync(cmd: &str) -> String {
+    format!(
+        ": > out.txt\n{cmd} > out.txt 2>&1 &\npid=$!\nwait_for SKIFF-SAFE-DONE out.txt {SECS}\n\
+         kill -KILL $pid\nwait $pid\necho \"KILL-RC=$?\"\n"
     )
 }
 
@@ -123,18 +127,13 @@ fn qcow2_safety_script() -> String {
          dd if=/dev/zero of=base.raw bs=1M count=0 seek=80 2>/dev/null\n\
          echo \"BASE-BEFORE=$(sha256sum base.raw | cut -d' ' -f1)\"\n\
          qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2\n\
-         : > out.txt\n\
-         {cmd} > out.txt 2>&1 &\n\
-         pid=$!\n\
-         wait_for SKIFF-SAFE-DONE out.txt {SECS}\n\
-         kill -KILL $pid\n\
-         wait $pid\n\
-         echo \"KILL-RC=$?\"\n\
+         {}\
          qemu-img check top.qcow2 > check.txt 2>&1; echo \"CHECK-RC=$?\"; cat check.txt\n\
          qemu-img convert -O raw top.qcow2 flat.raw; echo \"CONVERT-RC=$?\"\n\
          echo \"IMAGE-SHA=$(head -c 67108864 flat.raw | sha256sum | cut -d' ' -f1)\"\n\
          echo \"BASE-AFTER=$(sha256sum base.raw | cut -d' ' -f1)\"\n\
-         cat out.txt\n"
+         cat out.txt\n",
+        killed_after_the_guests_fsync(&cmd)
     )
 }
 

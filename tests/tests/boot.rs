@@ -78,13 +78,15 @@ fn scenarios() -> Vec<Scenario> {
              -fw_cfg name=opt/x,file=/nonexistent/cred",
         ),
         // A FIFO (open(2) would block on it) and a directory as drives; a
-        // qcow2 image without format= (probed: not raw).
+        // vmdk image without format= (probed: not raw, not qcow2); a
+        // broken qcow2 header (probed as qcow2, refused by its checks).
         Scenario::script(
             "bad-drive-kinds",
             CLI_SECS,
             "mkfifo fifo; mkdir dir\n\
+             printf 'KDMV' > vmdk; truncate -s 1M vmdk\n\
              printf 'QFI\\373\\000\\000\\000\\003' > qcow2; truncate -s 1M qcow2\n\
-             for f in fifo dir qcow2; do\n\
+             for f in fifo dir vmdk qcow2; do\n\
              $SKIFF -M microvm -m 512M -kernel $BZIMAGE -nographic \
              -drive file=$f,if=none,id=d0,read-only=on -device virtio-blk-device,drive=d0\n\
              echo \"RC-$f=$?\"\n\
@@ -380,15 +382,22 @@ fn fw_cfg_files_reach_the_guest() {
 
 /// A FIFO or a directory given as a drive: exit 1 at once, naming it and
 /// what it is (a FIFO once hung skiff in open(2); a directory was taken
-/// for an 8 EiB disk). A qcow2 image without format= is probed, not
-/// shown to the guest as raw.
+/// for an 8 EiB disk). A vmdk image without format= is probed, not shown
+/// to the guest as raw; a qcow2 header that does not hold together is
+/// refused by name.
 #[test]
-fn a_fifo_a_directory_or_a_qcow2_image_is_not_a_raw_drive() {
+fn a_fifo_a_directory_a_vmdk_or_a_broken_qcow2_is_not_a_drive() {
     let r = result("bad-drive-kinds");
     assert_eq!((r.value("RC-fifo"), r.value("RC-dir")), (Some("1"), Some("1")), "{}", r.describe());
+    assert_eq!(r.value("RC-vmdk"), Some("1"), "{}", r.describe());
+    assert!(
+        r.contains("/vmdk' is a vmdk image; skiff reads raw and qcow2 images only"),
+        "{}",
+        r.describe()
+    );
     assert_eq!(r.value("RC-qcow2"), Some("1"), "{}", r.describe());
     assert!(
-        r.contains("/qcow2' is a qcow2 image; skiff reads raw images only"),
+        r.contains("Could not open the qcow2 image") && r.contains("cluster_bits 0 out of range"),
         "{}",
         r.describe()
     );

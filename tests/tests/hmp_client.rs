@@ -112,17 +112,7 @@ fn the_test_drivers_monitor_and_shell_sockets() {
     assert_eq!(command(&mut m, "info status"), "info status\r\nVM status: running\r\n(qemu) ");
     // `crash()`: quit ends skiff, status 0.
     m.write_all(b"quit\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = vm.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = vm.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = skiff_tests::exit_within(&mut vm, 20);
     let out = vm.wait_with_output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(

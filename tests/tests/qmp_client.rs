@@ -54,17 +54,7 @@ fn qemu_qmp_client_drives_skiff() {
     let out = String::from_utf8_lossy(&client.stdout).into_owned();
     let err = String::from_utf8_lossy(&client.stderr).into_owned();
     // quit ends skiff; a client that failed leaves it running: end it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = vm.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = vm.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = skiff_tests::exit_within(&mut vm, 10);
     let vm_out = vm.wait_with_output().unwrap();
     let describe = format!(
         "client stdout:\n{out}\nclient stderr:\n{err}\nskiff stderr:\n{}",
