@@ -130,11 +130,13 @@ fn scenarios() -> Vec<Scenario> {
 /// to both; the monitor greets and answers; the guest's backdoor shell on
 /// the virtconsole announces itself and runs what the driver sends; HMP
 /// `sendkey` reaches the virtio keyboard once its driver runs, `set_link`
-/// pulls and plugs the vlan NIC's cable (a vde_switch port), and
+/// pulls and plugs the vlan NIC's cable (a vde_switch port), `hostfwd_add`
+/// forwards a host port to the guest's listener (`forward_port()`), and
 /// `sendkey ctrl-alt-delete` (the driver's reboot()) the guest,
 /// whose restart ends skiff with 0 under -no-reboot (HMP `quit` is the
 /// fallback, and the test fails if it was needed).
 const NIXOS_DRIVER_SOCKETS: &str = r#"rm -f monitor shell min sin
+ip link set lo up
 mkfifo min sin
 vde_switch -s $PWD/vde1 --dirmode 0700 --hub -d -p $PWD/vde1.pid
 i=0; while [ ! -e vde1/ctl ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
@@ -170,6 +172,15 @@ echo 'set_link vlan1 on' >&3
 sleep 1
 echo 'echo "CARRIER-UNBLOCKED""=$(cat /sys/class/net/$vl/carrier)"' >&4
 wait_for CARRIER-UNBLOCKED= shell.txt 10
+echo 'for i in /sys/class/net/eth*; do [ "$(cat $i/address)" = 52:54:00:12:34:56 ] && un=${i##*/}; done; ip link set $un up; ip addr add 10.0.2.15/24 dev $un; (echo guest-fwd-line | nc -l -p 22) & echo "USERNET""=$un"' >&4
+wait_for USERNET= shell.txt 15
+echo 'hostfwd_add tcp:127.0.0.1:2222-:22' >&3
+sleep 1
+line=
+for i in 1 2 3 4 5; do line=$(socat -t 5 - TCP:127.0.0.1:2222 </dev/null 2>/dev/null); [ -n "$line" ] && break; sleep 1; done
+echo "FWD-LINE=$line"
+echo 'hostfwd_remove tcp:127.0.0.1:2222' >&3
+sleep 1
 echo 'sendkey ctrl-alt-delete' >&3
 wait_for 'reboot: Restarting system' out.txt 30
 i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -245,6 +256,14 @@ fn the_nixos_test_drivers_monitor_and_backdoor_shell() {
     assert_eq!(carrier("CARRIER-BLOCKED=").as_deref(), Some("0"), "{}", r.describe());
     assert_eq!(carrier("CARRIER-UNBLOCKED=").as_deref(), Some("1"), "{}", r.describe());
     assert!(monitor.contains("Error: Device 'nosuchnic' not found"), "{}", r.describe());
+    // forward_port(): hostfwd_add while the guest runs reaches its
+    // listener through user networking; hostfwd_remove lets it go.
+    assert_eq!(r.value("FWD-LINE"), Some("guest-fwd-line"), "{}", r.describe());
+    assert!(
+        monitor.contains("host forwarding rule for tcp:127.0.0.1:2222 removed"),
+        "{}",
+        r.describe()
+    );
     // The driver of -device virtio-keyboard runs: sendkey goes to it.
     assert!(shell.lines().any(|l| l.trim().ends_with("VIRTIO-KEY-SEEN")), "{}", r.describe());
     assert!(r.output.contains("usb-tablet: left out"), "said on stderr\n{}", r.describe());

@@ -13,7 +13,7 @@ mod fsdev;
 mod help;
 mod machine;
 mod memory;
-mod netdev;
+pub(crate) mod netdev;
 mod opts;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod tests;

@@ -234,8 +234,27 @@ fn parse_net_mask(s: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((addr, mask))
 }
 
-/// QEMU's `hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT`.
-fn parse_hostfwd(rule: &str) -> Option<HostFwd> {
+/// QEMU's `hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT` (also the
+/// monitor's `hostfwd_add` rule).
+pub(crate) fn parse_hostfwd(rule: &str) -> Option<HostFwd> {
+    parse_hostfwd_inner(rule)
+}
+
+/// The monitor's `hostfwd_remove [tcp|udp]:[HADDR]:HPORT`: (udp, address,
+/// port).
+pub(crate) fn parse_hostfwd_host(rule: &str) -> Option<(bool, Ipv4Addr, u16)> {
+    let (proto, rest) = rule.split_once(':')?;
+    let udp = match proto {
+        "" | "tcp" => false,
+        "udp" => true,
+        _ => return None,
+    };
+    let (haddr, hport) = rest.rsplit_once(':')?;
+    let addr = if haddr.is_empty() { Ipv4Addr::UNSPECIFIED } else { haddr.parse().ok()? };
+    Some((udp, addr, hport.parse().ok()?))
+}
+
+fn parse_hostfwd_inner(rule: &str) -> Option<HostFwd> {
     let (proto, rest) = rule.split_once(':')?;
     let udp = match proto {
         "" | "tcp" => false,

@@ -29,6 +29,10 @@ pub enum Command {
     QueryBalloon,
     /// Plugs a NIC's cable in or pulls it (`set_link`).
     SetLink { up: bool },
+    /// A host port forwarded to the guest from now on (`hostfwd_add`).
+    HostFwdAdd(crate::config::HostFwd),
+    /// A forwarded host port let go (`hostfwd_remove`).
+    HostFwdRemove { udp: bool, addr: std::net::Ipv4Addr, port: u16 },
 }
 
 impl Command {
@@ -39,6 +43,7 @@ impl Command {
             Command::Keys(_) => Class::Keyboard,
             Command::BalloonTarget(_) | Command::QueryBalloon => Class::Balloon,
             Command::SetLink { .. } => Class::Link,
+            Command::HostFwdAdd(_) | Command::HostFwdRemove { .. } => Class::UserNet,
         }
     }
 }
@@ -51,6 +56,8 @@ pub enum Class {
     Balloon,
     /// A NIC's link, addressed by name.
     Link,
+    /// User networking's forwarded ports.
+    UserNet,
 }
 
 impl Class {
@@ -62,6 +69,7 @@ impl Class {
             // QEMU's words (qmp_balloon's DeviceNotActive).
             Class::Balloon => "No balloon device has been activated",
             Class::Link => "no such network device",
+            Class::UserNet => "no user networking (-netdev user)",
         }
     }
 }
@@ -85,6 +93,8 @@ pub enum Answer {
     Balloon {
         actual: u64,
     },
+    /// Done, with a line for a human (the monitor's).
+    Message(String),
 }
 
 /// A device's control face.

@@ -26,6 +26,12 @@ pub enum Line {
         name: String,
         up: bool,
     },
+    /// `hostfwd_add [NETDEV] RULE` / `hostfwd_remove [NETDEV] RULE`: on
+    /// the named user netdev, or the first.
+    HostFwd {
+        netdev: Option<String>,
+        command: crate::ctl::Command,
+    },
 }
 
 /// QEMU's default `sendkey` hold time.
@@ -39,6 +45,8 @@ quit|q  -- quit the emulator
 screendump filename -- save screen (no display: always an error)
 sendkey keys [hold_ms] -- send keys to the VM (e.g. 'sendkey ctrl-alt-f1', default hold time=100 ms)
 set_link name on|off -- change the link status of a network adapter
+hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport -- redirect TCP or UDP connections from host to guest (requires -net user)
+hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport -- remove host-to-guest TCP or UDP redirection
 system_powerdown  -- send system power down event
 system_reset  -- reset the system
 ";
@@ -77,8 +85,22 @@ pub fn parse(line: &str) -> Line {
             "off" => Line::SetLink { name: (*name).to_owned(), up: false },
             _ => Line::Say(format!("Error: invalid parameter value: {state} (on or off)\n")),
         },
-        ("hostfwd_add" | "hostfwd_remove", _) => {
-            Line::Say(format!("Error: {cmd} is not supported by skiff yet\n"))
+        ("hostfwd_add", [rule]) | ("hostfwd_add", [_, rule]) => {
+            let netdev = (args.len() == 2).then(|| args[0].to_owned());
+            match crate::cli::netdev::parse_hostfwd(rule) {
+                Some(f) => Line::HostFwd { netdev, command: crate::ctl::Command::HostFwdAdd(f) },
+                None => Line::Say("invalid host forwarding rule '".to_owned() + rule + "'\n"),
+            }
+        }
+        ("hostfwd_remove", [rule]) | ("hostfwd_remove", [_, rule]) => {
+            let netdev = (args.len() == 2).then(|| args[0].to_owned());
+            match crate::cli::netdev::parse_hostfwd_host(rule) {
+                Some((udp, addr, port)) => Line::HostFwd {
+                    netdev,
+                    command: crate::ctl::Command::HostFwdRemove { udp, addr, port },
+                },
+                None => Line::Say("invalid format\n".to_owned()),
+            }
         }
         (
             "quit" | "q" | "system_reset" | "system_powerdown" | "sendkey" | "screendump"
@@ -162,5 +184,24 @@ mod tests {
         assert_eq!(parse("set_link vlan1 on"), Line::SetLink { name: "vlan1".into(), up: true });
         assert!(matches!(parse("set_link x maybe"), Line::Say(s) if s.contains("on or off")));
         assert!(matches!(parse("set_link x"), Line::Say(s) if s.contains("wrong arguments")));
+        // The NixOS test driver's forward_port().
+        match parse("hostfwd_add tcp::2222-:22") {
+            Line::HostFwd { netdev: None, command: crate::ctl::Command::HostFwdAdd(f) } => {
+                assert_eq!((f.host_port, f.guest_port, f.udp), (2222, 22, false));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse("hostfwd_add user.0 udp:127.0.0.1:53-:53"),
+            Line::HostFwd { netdev: Some(n), .. } if n == "user.0"
+        ));
+        assert!(matches!(
+            parse("hostfwd_remove tcp::2222"),
+            Line::HostFwd { command: crate::ctl::Command::HostFwdRemove { port: 2222, .. }, .. }
+        ));
+        assert!(matches!(parse("hostfwd_add nonsense"), Line::Say(s) if s.contains("invalid")));
+        assert!(
+            matches!(parse("hostfwd_remove x:y"), Line::Say(s) if s.contains("invalid format"))
+        );
     }
 }

@@ -187,6 +187,17 @@ impl HmpHandler {
                 Ok(_) => String::new(),
                 Err(e) => format!("Error: {e}\n"),
             },
+            Line::HostFwd { netdev, command } => {
+                let sent = match &netdev {
+                    Some(id) => self.vm.faces.send_to(id, &command),
+                    None => self.vm.faces.send(&command),
+                };
+                match sent {
+                    Ok(crate::ctl::Answer::Message(m)) => format!("{m}\n"),
+                    Ok(_) => String::new(),
+                    Err(e) => format!("{e}\n"),
+                }
+            }
             Line::SetLink { name, up } => {
                 match self.vm.faces.send_to(&name, &Command::SetLink { up }) {
                     Ok(_) => String::new(),

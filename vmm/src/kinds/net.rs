@@ -221,7 +221,46 @@ impl HostSide for Opened {
     }
     fn build(&self, run: &mut RunContext<'_>) -> crate::vm::Result<Built> {
         run.faces.offer_named(self.names.clone(), Arc::new(Cable(self.backend.link.clone())));
+        if self.backend.user.is_some() {
+            // Its netdev's id names it (`hostfwd_add ID RULE`).
+            let id = self.names.last().cloned().into_iter().collect();
+            run.faces.offer_named(id, Arc::new(Forwards(self.backend.clone())));
+        }
         Ok(Built::Virtio(Arc::new(Mutex::new(Net::new(self.backend.clone(), &self.params)))))
+    }
+}
+
+/// User networking's forwarded ports, for `hostfwd_add`/`hostfwd_remove`.
+struct Forwards(Arc<NetBackend>);
+
+impl crate::ctl::DeviceControl for Forwards {
+    fn classes(&self) -> &'static [crate::ctl::Class] {
+        &[crate::ctl::Class::UserNet]
+    }
+    fn command(
+        &self,
+        cmd: &crate::ctl::Command,
+    ) -> Result<crate::ctl::Answer, crate::ctl::CtlError> {
+        use crate::ctl::{Answer, Command, CtlError};
+        let Some(user) = &self.0.user else {
+            return Err(CtlError::NoDevice("no user networking (-netdev user)"));
+        };
+        match cmd {
+            // QEMU's words (hmp_hostfwd_add, hmp_hostfwd_remove).
+            Command::HostFwdAdd(f) if user.add_hostfwd(f) => Ok(Answer::Done),
+            Command::HostFwdAdd(f) => {
+                Err(CtlError::Failed(format!("Could not set up host forwarding rule '{}'", f.text)))
+            }
+            Command::HostFwdRemove { udp, addr, port } => {
+                let rule = format!("{}:{addr}:{port}", if *udp { "udp" } else { "tcp" });
+                if user.remove_hostfwd(*udp, *addr, *port) {
+                    Ok(Answer::Message(format!("host forwarding rule for {rule} removed")))
+                } else {
+                    Err(CtlError::Failed(format!("could not remove host forwarding rule '{rule}'")))
+                }
+            }
+            _ => Err(CtlError::Failed("user networking takes only hostfwd commands".into())),
+        }
     }
 }
 

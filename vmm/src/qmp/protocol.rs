@@ -375,7 +375,7 @@ impl Reply {
     pub fn answer(&self, result: Result<crate::ctl::Answer, crate::ctl::CtlError>) -> Value {
         use crate::ctl::{Answer, CtlError};
         let mut response = match result {
-            Ok(Answer::Done) => json!({ "return": {} }),
+            Ok(Answer::Done | Answer::Message(_)) => json!({ "return": {} }),
             Ok(Answer::Balloon { actual }) => json!({ "return": { "actual": actual } }),
             Err(CtlError::NoDevice(desc)) => error("DeviceNotActive", desc),
             Err(CtlError::NotFound(desc)) => error("DeviceNotFound", desc),

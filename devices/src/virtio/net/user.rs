@@ -85,6 +85,87 @@ pub enum UserError {
 pub struct UserNet {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Forwarding changes for the network thread (the monitors'
+    /// `hostfwd_add`/`hostfwd_remove`): libslirp is the thread's alone.
+    changes: std::sync::Arc<Changes>,
+}
+
+/// A forwarding change and where its outcome goes.
+enum Change {
+    Add(HostFwd, std::sync::mpsc::Sender<bool>),
+    Remove { udp: bool, host_addr: Ipv4Addr, host_port: u16, done: std::sync::mpsc::Sender<bool> },
+}
+
+/// Changes waiting for the network thread, and its wakeup.
+struct Changes {
+    queue: std::sync::Mutex<Vec<Change>>,
+    wake: EventFd,
+    /// Where a rule without a guest address goes (the DHCP server's first).
+    default_guest: Ipv4Addr,
+}
+
+/// How long a monitor waits for the network thread to carry a change out.
+const CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl UserNet {
+    /// Adds a forwarding rule while the network runs; false when libslirp
+    /// refused it (a busy port) or the thread did not answer.
+    pub fn add_hostfwd(&self, f: &HostFwd) -> bool {
+        let (done, answer) = std::sync::mpsc::channel();
+        self.change(Change::Add(f.clone(), done));
+        answer.recv_timeout(CHANGE_WAIT).unwrap_or(false)
+    }
+
+    /// Removes the rule on `host_addr:host_port`; false when there was none.
+    pub fn remove_hostfwd(&self, udp: bool, host_addr: Ipv4Addr, host_port: u16) -> bool {
+        let (done, answer) = std::sync::mpsc::channel();
+        self.change(Change::Remove { udp, host_addr, host_port, done });
+        answer.recv_timeout(CHANGE_WAIT).unwrap_or(false)
+    }
+
+    fn change(&self, c: Change) {
+        self.changes.queue.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        if let Err(e) = self.changes.wake.write(1) {
+            crate::error_limited!("netdev user: cannot wake the network thread: {e}");
+        }
+    }
+}
+
+/// Carries the waiting forwarding changes out (on the network thread).
+fn apply_changes(slirp: *mut sys::Slirp, changes: &Changes) {
+    let _ = changes.wake.read();
+    let queue = std::mem::take(&mut *changes.queue.lock().unwrap_or_else(|e| e.into_inner()));
+    for c in queue {
+        match c {
+            Change::Add(f, done) => {
+                let guest = f.guest_addr.unwrap_or(changes.default_guest);
+                // SAFETY: a live instance, on its own thread; plain values.
+                let ret = unsafe {
+                    sys::slirp_add_hostfwd(
+                        slirp,
+                        c_int::from(f.udp),
+                        f.host_addr.into(),
+                        c_int::from(f.host_port),
+                        guest.into(),
+                        c_int::from(f.guest_port),
+                    )
+                };
+                let _ = done.send(ret >= 0);
+            }
+            Change::Remove { udp, host_addr, host_port, done } => {
+                // SAFETY: as above.
+                let ret = unsafe {
+                    sys::slirp_remove_hostfwd(
+                        slirp,
+                        c_int::from(udp),
+                        host_addr.into(),
+                        c_int::from(host_port),
+                    )
+                };
+                let _ = done.send(ret >= 0);
+            }
+        }
+    }
 }
 
 /// A timer libslirp asked for: a callback and when it is due (ms).
@@ -346,16 +427,26 @@ impl UserNet {
             Ok(pair) => pair,
             Err(e) => return Err(give_up(UserError::Thread(e))),
         };
+        let wake = match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
+            Ok(w) => w,
+            Err(e) => return Err(give_up(UserError::Thread(e))),
+        };
+        let changes = std::sync::Arc::new(Changes {
+            queue: std::sync::Mutex::new(Vec::new()),
+            wake,
+            default_guest: config.dhcp_start,
+        });
+        let thread_changes = changes.clone();
         // If the spawn fails, the closure (and with it the instance and the
         // stack) is dropped unrun: both leak rather than be freed twice.
         let thread = std::thread::Builder::new()
             .name("netdev-user".to_owned())
             .spawn(move || {
                 let (instance, stack) = (instance, stack);
-                run(&instance, &stack, &stop_thread);
+                run(&instance, &stack, &stop_thread, &thread_changes);
             })
             .map_err(UserError::Thread)?;
-        Ok((UserNet { stop, thread: Some(thread) }, OwnedFd::from(device)))
+        Ok((UserNet { stop, thread: Some(thread), changes }, OwnedFd::from(device)))
     }
 }
 
@@ -378,7 +469,7 @@ fn set_buffers(s: &UnixDatagram) {
 
 /// The network thread: frames from the device into libslirp, libslirp's
 /// sockets and timers, until `stop`.
-fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
+fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd, changes: &Changes) {
     let slirp = instance.0;
     // SAFETY: the stack lives until the Box::from_raw below; shared
     // references only (libslirp's callbacks make their own).
@@ -395,6 +486,7 @@ fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
         fds.clear();
         fds.push(libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         fds.push(libc::pollfd { fd: stack.wire.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        fds.push(libc::pollfd { fd: changes.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         // The next timer bounds the wait.
         let now_ms = stack.now_ns() / 1_000_000;
         let mut timeout: u32 = stack
@@ -427,6 +519,9 @@ fn run(instance: &Instance, stack_ptr: &StackPtr, stop: &EventFd) {
         // its connections received.
         if !confined {
             confined = crate::threads::started(crate::threads::ThreadKind::Network);
+        }
+        if fds[2].revents & libc::POLLIN != 0 {
+            apply_changes(slirp, changes);
         }
         if fds[1].revents & libc::POLLIN != 0 {
             while let Some(n) = frames.receive(&stack.wire) {
@@ -655,5 +750,22 @@ mod tests {
         assert!(TcpListener::bind(("127.0.0.1", port)).is_err(), "libslirp holds the port");
         drop(net);
         assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "released");
+    }
+
+    /// `hostfwd_add`/`hostfwd_remove` while the network runs: the port is
+    /// taken and let go on the thread; a busy port and a rule that is not
+    /// there say so.
+    #[test]
+    fn forwarding_changes_while_running() {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let (net, _device) = UserNet::start(&UserConfig::default()).unwrap();
+        assert!(net.add_hostfwd(&fwd(port)));
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_err(), "libslirp holds the port");
+        assert!(!net.add_hostfwd(&fwd(port)), "the port is taken");
+        assert!(net.remove_hostfwd(false, Ipv4Addr::LOCALHOST, port));
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "released");
+        assert!(!net.remove_hostfwd(false, Ipv4Addr::LOCALHOST, port), "no such rule");
     }
 }
