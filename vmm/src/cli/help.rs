@@ -118,9 +118,9 @@ Monitor:
                          with server=on; banner, echo and '(qemu) ' prompt
                          as QEMU's. Commands: help, info status, info
                          version, quit, system_reset, system_powerdown,
-                         sendkey KEYS [HOLD_MS], screendump (no display:
-                         QEMU's error); hostfwd_add/remove and set_link say
-                         they are not supported yet
+                         sendkey KEYS [HOLD_MS], set_link NAME on|off,
+                         hostfwd_add/hostfwd_remove [NETDEV] RULE (user
+                         networking), screendump (no display: QEMU's error)
 -monitor none            no human monitor
 
 Every other QEMU option (for example -blockdev, -fw_cfg), every other
