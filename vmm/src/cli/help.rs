@@ -110,8 +110,8 @@ Monitor:
                          commands: qmp_capabilities, query-status,
                          query-version, query-commands, system_powerdown,
                          system_reset, quit, input-send-event, balloon,
-                         query-balloon; events SHUTDOWN, RESET, POWERDOWN,
-                         BALLOON_CHANGE
+                         query-balloon, set_link; events SHUTDOWN, RESET,
+                         POWERDOWN, BALLOON_CHANGE
 -monitor unix:PATH[,server=on[,wait=off]][,reconnect=S]
                          QEMU's human monitor (HMP): skiff connects to PATH
                          (the NixOS test driver listens there), or listens
