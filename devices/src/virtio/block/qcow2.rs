@@ -450,6 +450,22 @@ mod tests {
         let mut dirty = header.clone();
         dirty[79] |= 1; // incompatible_features: dirty
         assert!(try_open("dirty.qcow2", &dirty).is_err());
+        // The L1 table past the end of the file (imago would open it, and
+        // its allocator recurse without end on the first write).
+        let mut far = super::template();
+        far[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        let e = try_open("l1-far.qcow2", &far).unwrap_err();
+        assert!(e.contains("L1 table") && e.contains("not inside"), "{e}");
+        // A metadata cluster the refcounts say is free.
+        let mut free = super::template();
+        free[1024 + 7] = 0; // the L1 table's cluster (3): refcount 0
+        let e = try_open("free.qcow2", &free).unwrap_err();
+        assert!(e.contains("refcount 0"), "{e}");
+        // A refcount block past the end of the file.
+        let mut rb = super::template();
+        rb[512..520].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        let e = try_open("rb-far.qcow2", &rb).unwrap_err();
+        assert!(e.contains("refcount block 0"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
