@@ -72,6 +72,23 @@ fn writable_virtfs_on_mmio() -> String {
     )
 }
 
+/// qemu-vm.nix's shape: no machine type (the default machine, with PCI),
+/// virtio-rng-pci, `-net nic` with user networking and `-virtfs`, which
+/// lands on PCI: the guest reads the share and writes to it.
+fn default_machine_virtfs() -> String {
+    format!(
+        "{SHARE_FN}share xchg\n\
+         echo \"EXPECTED=$(sha256sum xchg/data.bin | cut -d' ' -f1)\"\n\
+         $SKIFF -machine accel=kvm:tcg -cpu max -m 512 -smp 1 -device virtio-rng-pci \
+         -net nic,netdev=user.0,model=virtio -netdev user,id=user.0 \
+         -virtfs local,path=$PWD/xchg,security_model=none,mount_tag=xchg \
+         -kernel $BZIMAGE_GENERIC -initrd $INITRD -no-reboot -nographic \
+         -append \"console=ttyS0 panic=-1 skiff.test=9p skiff.fs=xchg:rw\"\n\
+         echo \"SKIFF-RC=$?\"\n\
+         echo \"HOST-SEES=$(sha256sum xchg/from-guest.bin 2>/dev/null | cut -d' ' -f1)\"\n"
+    )
+}
+
 /// A mapped-xattr share on an ext4 loop mount (the test host's tmpfs takes
 /// no user xattrs), with skiff chrooted into an empty directory once set up
 /// (`-run-with chroot=`: the xattrs were read through an absolute
@@ -127,6 +144,7 @@ fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::script("9p-ro-pci", SECS, &read_only_on_pci()),
         Scenario::script("9p-rw-mmio", SECS, &writable_virtfs_on_mmio()),
+        Scenario::script("9p-default-machine", SECS, &default_machine_virtfs()),
         Scenario::script("9p-mapped-xattr", SECS, &mapped_xattr()),
         Scenario::script("sandbox-every-worker", SECS, &one_guest_every_worker()),
     ]
@@ -171,6 +189,19 @@ fn nixos_test_vm_virtfs_is_writable_and_kept_inside() {
     assert_eq!(r.value("HOST-UP"), Some("../outside.txt"), "{}", r.describe());
     assert_eq!(r.value("OUTSIDE"), Some("original"), "{}", r.describe());
     assert_eq!(r.line_value("BESIDE"), Some("data outside.txt script.sh"), "{}", r.describe());
+    assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
+}
+
+/// The issue's "boots" line: `-machine accel=kvm:tcg` with
+/// virtio-rng-pci, `-virtfs` and `-net nic` runs a guest that uses the
+/// share.
+#[test]
+fn the_default_machine_boots_qemu_vm_nix_devices() {
+    let r = result("9p-default-machine");
+    let expected = r.value("EXPECTED").expect("the host's checksum");
+    assert_eq!(r.value("SKIFF-9P-xchg-SHA"), Some(expected), "{}", r.describe());
+    let wrote = r.value("SKIFF-9P-xchg-WROTE").expect("the guest wrote");
+    assert_eq!(r.value("HOST-SEES"), Some(wrote), "{}", r.describe());
     assert_eq!(r.value("SKIFF-RC"), Some("0"), "{}", r.describe());
 }
 
